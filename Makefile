@@ -1,0 +1,25 @@
+# Two commands for a new user: `make demo` (set up, then back up, change, back up again and
+# mount a sample disk) and `make test` (set up, then run the whole test suite).
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: setup demo test lint bench clean
+
+setup:
+	@bash scripts/setup.sh
+
+demo: setup
+	@bash scripts/demo.sh
+
+test: setup
+	@bash scripts/test.sh
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+bench: setup
+	$(BIN)/python tests/bench/run.py $(BENCH_ARGS)
+
+clean:
+	rm -rf $(VENV) demo-work .pytest_cache .mypy_cache .ruff_cache

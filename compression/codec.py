@@ -1,0 +1,86 @@
+"""Chunk codecs: how one chunk's bytes are stored (pure, thread-aware).
+
+A chunk is stored as nothing (all zeros), as a zstd frame, or raw when zstd does not save at
+least 1/32 of it (random data: storing raw keeps reads a plain pread). zstandard's compressor
+and decompressor objects are not thread-safe, so each thread gets its own.
+"""
+
+from __future__ import annotations
+
+import threading
+from enum import IntEnum
+
+import zstandard
+
+DEFAULT_LEVEL = 1  # measured: ~390 MB/s compress, ~1.6 GB/s decompress at 128 KiB, ratio 0.40
+
+
+class Kind(IntEnum):
+    """What an index entry points at."""
+
+    ZERO = 0  # all-zero chunk, nothing stored
+    RAW = 1  # chunk bytes as they are
+    ZSTD = 2  # one zstd frame
+    PAGE = 3  # a child index page (inner pages only)
+
+
+_ZEROS: dict[int, bytes] = {}
+_local = threading.local()
+
+
+def zeros(length: int) -> bytes:
+    """A shared immutable block of zeros (compare against it: ~2 µs per 128 KiB)."""
+    z = _ZEROS.get(length)
+    if z is None:
+        z = _ZEROS[length] = bytes(length)
+    return z
+
+
+def is_zero(data: bytes | bytearray | memoryview) -> bool:
+    """True when every byte is zero, at memcmp speed (``any()`` is ~400x slower)."""
+    if isinstance(data, memoryview):
+        data = data.tobytes()  # a memoryview compares element by element; a copy is faster
+    return data == zeros(len(data))
+
+
+def _compressor(level: int) -> zstandard.ZstdCompressor:
+    key = f"c{level}"
+    c = getattr(_local, key, None)
+    if c is None:
+        c = zstandard.ZstdCompressor(level=level, write_content_size=True, write_checksum=False)
+        setattr(_local, key, c)
+    return c
+
+
+def _decompressor() -> zstandard.ZstdDecompressor:
+    d = getattr(_local, "d", None)
+    if d is None:
+        d = _local.d = zstandard.ZstdDecompressor()
+    return d
+
+
+def encode(data: bytes | bytearray | memoryview, level: int = DEFAULT_LEVEL) -> tuple[Kind, bytes]:
+    """Choose the cheapest stored form of a chunk; the caller has already excluded zeros."""
+    frame = _compressor(level).compress(data)
+    if len(frame) <= len(data) - (len(data) >> 5):
+        return Kind.ZSTD, frame
+    return Kind.RAW, bytes(data)
+
+
+def decode(kind: Kind | int, stored: bytes, length: int) -> bytes:
+    """The chunk's bytes from its stored form; raises ValueError when they cannot be right."""
+    if kind == Kind.RAW:
+        if len(stored) != length:
+            raise ValueError(f"raw chunk holds {len(stored)} bytes, expected {length}")
+        return stored
+    if kind == Kind.ZSTD:
+        try:
+            out = _decompressor().decompress(stored, max_output_size=length)
+        except zstandard.ZstdError as e:
+            raise ValueError(f"zstd frame does not decode: {e}") from None
+        if len(out) != length:
+            raise ValueError(f"zstd frame gives {len(out)} bytes, expected {length}")
+        return out
+    if kind == Kind.ZERO:
+        return zeros(length)
+    raise ValueError(f"unknown chunk kind {kind}")

@@ -1,0 +1,915 @@
+"""Crash-safe, copy-on-write disk images with generations.
+
+Design note
+-----------
+An image is a file holding chunk data, index pages and generation tables anywhere past
+``DATA_START``, and two superblock slots at the front. A superblock names one generation table;
+the table lists the retained generations (each the top page of a Merkle-tree index, see
+``synccore/merkle.py``), pruned generations that a reader may still pin ("zombies"), and an
+optional checkpoint: a pending generation a killed push resumes from.
+
+Nothing that a valid superblock can reach is ever overwritten. A writer computes free space as
+the file minus everything reachable from *both* superblock slots (so falling back to the older
+slot after damage still finds intact data) and from pinned zombies. A commit writes new chunks,
+new index pages along the changed paths and a new table into free space, fsyncs, then writes the
+superblock slot not holding the newest valid copy and fsyncs again: two fsyncs per commit. A
+crash at any point leaves the previous superblock, and so the previous generation, intact.
+
+Locks are open-file-description byte-range locks (``F_OFD_SETLK``): they belong to one open of
+the file and vanish when it is closed or the process dies. One exclusive lock on
+``WRITER_LOCK`` admits one writer. A reader pins generation G with a shared lock on
+``PIN_BASE + G`` through its own open of the file, then re-reads the superblock and proceeds
+only if G is still retained. A writer prunes G by first publishing it as a zombie, and frees a
+zombie's space only when, in a later transaction, no pin lock on it is found. A reader that
+pins after that check re-reads the table, sees the zombie and retries, so space is never
+reused under a reader.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import errno
+import fcntl
+import json
+import os
+import socket
+import struct
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from typing import Any
+
+from diskrsync.compression import codec
+from diskrsync.compression.alloc import FreeSpace
+from diskrsync.compression.api import GenerationInfo
+from diskrsync.compression.codec import Kind
+from diskrsync.compression.format import (
+    DATA_START,
+    DEFAULT_CHUNK,
+    DEFAULT_FANOUT,
+    ENTRY_SIZE,
+    MAGIC,
+    MAX_CHUNK,
+    MIN_CHUNK,
+    SLOT_SIZE,
+    SUPERBLOCK_SLOTS,
+    WRITER_SLOT,
+    Entry,
+    GenRecord,
+    GenTable,
+    Superblock,
+    TreeRef,
+    checksum,
+    decode_page,
+    encode_page,
+    entry_hash,
+    pack_entry,
+    page_length,
+    unpack_entry,
+)
+from diskrsync.errors import (
+    BusyError,
+    CorruptChunkError,
+    DataError,
+    DiskrsyncError,
+    LocalError,
+    UsageError,
+    from_oserror,
+)
+from diskrsync.synccore.merkle import Shape, node_hash_packed, root_hash, zero_hash
+
+WRITER_LOCK = (1 << 40) - 1
+PIN_BASE = 1 << 40
+DEFAULT_KEEP = 2
+
+# struct flock on Linux x86_64/aarch64: type, whence, start, len, pid
+_flock = struct.Struct("hhqqi4x")
+
+
+def _ofd_lock(fd: int, kind: int, start: int, *, probe: bool = False) -> int:
+    """Set (or with ``probe``, test) an OFD lock on one byte; returns the conflicting type."""
+    req = _flock.pack(kind, os.SEEK_SET, start, 1, 0)
+    res = fcntl.fcntl(fd, fcntl.F_OFD_GETLK if probe else fcntl.F_OFD_SETLK, req)
+    return int(_flock.unpack(res)[0])
+
+
+def _try_lock(fd: int, kind: int, start: int) -> bool:
+    try:
+        _ofd_lock(fd, kind, start)
+        return True
+    except OSError as e:
+        if e.errno in (errno.EAGAIN, errno.EACCES):
+            return False
+        raise
+
+
+def _is_pinned(fd: int, number: int) -> bool:
+    return _ofd_lock(fd, fcntl.F_WRLCK, PIN_BASE + number, probe=True) != fcntl.F_UNLCK
+
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_FALLOC_PUNCH = 0x01 | 0x02  # FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE
+
+
+def punch_hole(fd: int, offset: int, length: int) -> bool:
+    """Deallocate the whole 4 KiB blocks of a range; False where the filesystem cannot."""
+    start = -(-offset // 4096) * 4096
+    end = (offset + length) // 4096 * 4096
+    if end <= start:
+        return True
+    r = _libc.fallocate(fd, _FALLOC_PUNCH, ctypes.c_long(start), ctypes.c_long(end - start))
+    return r == 0
+
+
+def _pread_exact(fd: int, length: int, offset: int, what: str) -> bytes:
+    data = os.pread(fd, length, offset)
+    if len(data) != length:
+        raise DataError(f"{what} at offset {offset} is cut short (image truncated?)")
+    return data
+
+
+@dataclass(frozen=True)
+class _State:
+    """What the newest valid superblock commits to, plus the older copy's references."""
+
+    sb: Superblock
+    table: GenTable
+    older: GenTable | None  # table of the other slot, when it is valid too
+    older_table_extent: tuple[int, int] | None
+    damaged_slots: tuple[int, ...]
+
+
+def _read_state(fd: int, path: str) -> _State:
+    found: list[tuple[Superblock, GenTable, int]] = []
+    problems: list[str] = []
+    head = os.pread(fd, SLOT_SIZE * 2, 0)
+    for slot, off in enumerate(SUPERBLOCK_SLOTS):
+        raw = head[off : off + SLOT_SIZE]
+        try:
+            sb = Superblock.decode(raw)
+            blob = _pread_exact(fd, sb.table_length, sb.table_offset, "generation table")
+            if checksum(blob) != sb.table_checksum:
+                raise DataError("generation table checksum mismatch")
+            found.append((sb, GenTable.decode(blob), slot))
+        except DataError as e:
+            if "format version" in e.message:
+                raise DataError(f"{path}: {e.message}") from None
+            problems.append(f"superblock {slot}: {e.message}")
+    if not found:
+        if not any(head[o : o + len(MAGIC)] == MAGIC for o in SUPERBLOCK_SLOTS):
+            raise DataError(f"{path} is not a diskrsync image (no DSKRSYNC magic)")
+        raise DataError(f"{path}: no valid superblock ({'; '.join(problems)})")
+    found.sort(key=lambda f: f[0].counter, reverse=True)
+    sb, table, slot = found[0]
+    older = found[1] if len(found) > 1 else None
+    damaged = tuple(s for s in range(2) if s not in {f[2] for f in found})
+    return _State(
+        sb,
+        table,
+        older[1] if older else None,
+        (older[0].table_offset, older[0].table_length) if older else None,
+        damaged,
+    )
+
+
+class TreeView:
+    """Read access to one tree of the index; pages are loaded on demand and checked both by
+    their own checksum and against the digest their parent records."""
+
+    def __init__(self, fd: int, ref: TreeRef, chunk_size: int, fanout: int) -> None:
+        self.fd = fd
+        self.ref = ref
+        self.shape = Shape(ref.size, chunk_size, fanout)
+        self._pages: dict[tuple[int, int], bytes] = {}
+        self._lock = threading.Lock()
+
+    def page(self, level: int, index: int) -> bytes:
+        """Packed entries of index page (level, index), level >= 1."""
+        key = (level, index)
+        got = self._pages.get(key)
+        if got is not None:
+            return got
+        shape = self.shape
+        top = shape.top_level
+        if level == top:
+            if index != 0:
+                raise IndexError(key)
+            off, length, want = self.ref.offset, self.ref.length, self.ref.hash
+        else:
+            parent = self.page(level + 1, index // shape.fanout)
+            e = unpack_entry(parent, index % shape.fanout)
+            if e.kind != Kind.PAGE:
+                raise DataError(f"index page ({level + 1},{index // shape.fanout}) is damaged")
+            off, length, want = e.offset, e.length, e.hash
+        count = len(shape.children(level, index))
+        if length != page_length(count):
+            raise DataError(f"index page ({level},{index}) has the wrong length")
+        raw = _pread_exact(self.fd, length, off, f"index page ({level},{index})")
+        try:
+            entries = decode_page(raw, level=level, count=count)
+        except DataError as e:
+            raise DataError(f"index page ({level},{index}) at offset {off}: {e.message}") from None
+        digests = b"".join(entries[k * ENTRY_SIZE : k * ENTRY_SIZE + 32] for k in range(count))
+        if node_hash_packed(digests) != want:
+            raise DataError(f"index page ({level},{index}) at offset {off} fails its Merkle hash")
+        with self._lock:
+            self._pages[key] = entries
+        return entries
+
+    def entry(self, chunk: int) -> Entry:
+        if not 0 <= chunk < self.shape.chunks:
+            raise IndexError(f"chunk {chunk} outside the disk")
+        f = self.shape.fanout
+        return unpack_entry(self.page(1, chunk // f), chunk % f)
+
+    def node_hashes(self, level: int) -> list[bytes]:
+        """Digests of every node of ``level`` (0 = chunks), from the pages one level up."""
+        shape = self.shape
+        if level > shape.top_level or shape.chunks == 0:
+            return []
+        if level == shape.top_level:
+            return [self.ref.hash]
+        out: list[bytes] = []
+        for j in range(shape.count(level + 1)):
+            entries = self.page(level + 1, j)
+            out.extend(entry_hash(entries, k) for k in range(len(entries) // ENTRY_SIZE))
+        return out
+
+    def leaf_hashes(self, page: int) -> list[bytes]:
+        """Chunk digests under level-1 node ``page``."""
+        entries = self.page(1, page)
+        return [entry_hash(entries, k) for k in range(len(entries) // ENTRY_SIZE)]
+
+    def extents(self, seen: set[int]) -> Iterator[tuple[int, int]]:
+        """Every stored extent this tree references; subtrees whose page offset is already in
+        ``seen`` are skipped (copy-on-write: a page is immutable, so is what it points to)."""
+        shape = self.shape
+        if shape.chunks == 0:
+            return
+        stack = [(shape.top_level, 0, self.ref.offset, self.ref.length)]
+        while stack:
+            level, index, off, length = stack.pop()
+            if off in seen:
+                continue
+            seen.add(off)
+            yield off, length
+            entries = self.page(level, index)
+            for k in range(len(entries) // ENTRY_SIZE):
+                e = unpack_entry(entries, k)
+                if level == 1:
+                    if e.kind != Kind.ZERO:
+                        yield e.offset, e.length
+                else:
+                    stack.append((level - 1, index * shape.fanout + k, e.offset, e.length))
+
+
+def _info(rec: GenRecord) -> GenerationInfo:
+    return GenerationInfo(rec.number, rec.time, rec.tree.size, rec.root_hash, rec.source, rec.meta)
+
+
+def _open_fd(path: str, flags: int) -> int:
+    try:
+        fd = os.open(path, flags | os.O_CLOEXEC)
+    except OSError as e:
+        raise from_oserror(e, f"cannot open {path}") from None
+    if not os.path.isfile(path):
+        with contextlib.suppress(OSError):
+            st = os.fstat(fd)
+            import stat
+
+            if not stat.S_ISREG(st.st_mode):
+                os.close(fd)
+                raise UsageError(f"{path} is not a regular file, so not an image")
+    return fd
+
+
+class Image:
+    """An image file: lists generations, hands out pinned snapshots, and begins transactions."""
+
+    def __init__(self, path: str, fd: int, state: _State) -> None:
+        self.path = path
+        self._fd = fd
+        self._state = state
+
+    # -- opening -------------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, path: str) -> Image:
+        path = os.fspath(path)
+        if os.path.isdir(path):
+            raise UsageError(f"{path} is a directory, not an image")
+        fd = _open_fd(path, os.O_RDONLY)
+        try:
+            return cls(path, fd, _read_state(fd, path))
+        except BaseException:
+            os.close(fd)
+            raise
+
+    @classmethod
+    def create(
+        cls, path: str, *, chunk_size: int = DEFAULT_CHUNK, fanout: int = DEFAULT_FANOUT
+    ) -> Image:
+        """A new, empty image (no generation yet); fails if ``path`` exists."""
+        path = os.fspath(path)
+        if not (MIN_CHUNK <= chunk_size <= MAX_CHUNK and chunk_size & (chunk_size - 1) == 0):
+            raise UsageError(
+                f"chunk size must be a power of two from {MIN_CHUNK} to {MAX_CHUNK}, "
+                f"not {chunk_size}"
+            )
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        except FileExistsError:
+            raise UsageError(f"{path} already exists") from None
+        except OSError as e:
+            raise from_oserror(e, f"cannot create {path}") from None
+        try:
+            table = GenTable().encode()
+            os.pwrite(fd, table, DATA_START)
+            sb = Superblock(chunk_size, fanout, 1, DATA_START, len(table), checksum(table))
+            os.pwrite(fd, sb.encode(), SUPERBLOCK_SLOTS[1])
+            os.pwrite(fd, replace(sb, counter=0).encode(), SUPERBLOCK_SLOTS[0])
+            os.fsync(fd)
+        except OSError as e:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            raise from_oserror(e, f"cannot create {path}") from None
+        os.close(fd)
+        return cls.open(path)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> Image:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- reading ---------------------------------------------------------------------------
+
+    @property
+    def chunk_size(self) -> int:
+        return self._state.sb.chunk_size
+
+    @property
+    def fanout(self) -> int:
+        return self._state.sb.fanout
+
+    @property
+    def table(self) -> GenTable:
+        return self._state.table
+
+    @property
+    def damaged_slots(self) -> tuple[int, ...]:
+        return self._state.damaged_slots
+
+    def refresh(self) -> None:
+        self._state = _read_state(self._fd, self.path)
+
+    def generations(self) -> list[GenerationInfo]:
+        return [_info(r) for r in self._state.table.generations]
+
+    def record(self, number: int | None = None) -> GenRecord:
+        gens = self._state.table.generations
+        if not gens:
+            raise UsageError(f"{self.path} has no committed generation yet")
+        if number is None:
+            return gens[-1]
+        for r in gens:
+            if r.number == number:
+                return r
+        have = ", ".join(str(r.number) for r in gens)
+        raise UsageError(f"{self.path} has no generation {number} (retained: {have})")
+
+    def snapshot(self, number: int | None = None) -> Snapshot:
+        """Pin a generation (default: current) for reading until the snapshot is closed."""
+        for _attempt in range(20):
+            rec = self.record(number)
+            fd = _open_fd(self.path, os.O_RDONLY)
+            try:
+                _ofd_lock(fd, fcntl.F_RDLCK, PIN_BASE + rec.number)
+                state = _read_state(fd, self.path)  # the pin counts only if rec is still live
+            except BaseException:
+                os.close(fd)
+                raise
+            self._state = state
+            if any(r.number == rec.number for r in state.table.generations):
+                return Snapshot(self.path, fd, rec, state.sb.chunk_size, state.sb.fanout)
+            os.close(fd)
+            if number is not None:
+                raise UsageError(f"generation {number} of {self.path} was pruned")
+        raise LocalError(f"{self.path}: generations change too fast to pin one")
+
+    def usage(self) -> dict[str, int]:
+        """Stored bytes (data and index reachable from retained generations) and allocation."""
+        seen: set[int] = set()
+        extents: set[tuple[int, int]] = set()
+        for rec in self._state.table.generations:
+            extents.update(TreeView(self._fd, rec.tree, self.chunk_size, self.fanout).extents(seen))
+        stored = sum(length for _o, length in extents)
+        st = os.fstat(self._fd)
+        return {"stored": stored, "allocated": st.st_blocks * 512, "file_size": st.st_size}
+
+    # -- writing ---------------------------------------------------------------------------
+
+    def begin(self, *, resume: bool = True, what: str = "push") -> Transaction:
+        """Start the one write transaction this image admits; fails at once if another runs.
+
+        With ``resume`` the transaction starts from the checkpoint a killed push left (if
+        any), so its chunks count as already there; the current generation is untouched.
+        """
+        fd = _open_fd(self.path, os.O_RDWR)
+        try:
+            if not _try_lock(fd, fcntl.F_WRLCK, WRITER_LOCK):
+                holder = ""
+                with contextlib.suppress(Exception):
+                    raw = os.pread(fd, 1024, WRITER_SLOT).rstrip(b"\0")
+                    w = json.loads(raw)
+                    holder = f" ({w['what']} by pid {w['pid']} on {w['host']} since {w['since']})"
+                raise BusyError(f"{self.path} is being written by another process{holder}")
+            info = {
+                "pid": os.getpid(),
+                "host": socket.gethostname(),
+                "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "what": what,
+            }
+            os.pwrite(fd, json.dumps(info).encode().ljust(1024, b"\0"), WRITER_SLOT)
+            state = _read_state(fd, self.path)
+            self._state = state
+            return Transaction(self, fd, state, resume=resume)
+        except OSError as e:
+            os.close(fd)
+            raise from_oserror(e, f"cannot write {self.path}") from None
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def prune(self, keep: int) -> list[int]:
+        """Keep the newest ``keep`` generations; returns the numbers pruned."""
+        if keep < 1:
+            raise UsageError("--keep must be at least 1")
+        tx = self.begin(what="prune")
+        try:
+            return tx.commit_prune(keep)
+        finally:
+            tx.close()
+
+
+class Snapshot:
+    """A pinned generation (implements DiskSnapshot). Thread-safe: reads use ``os.pread``."""
+
+    def __init__(self, path: str, fd: int, rec: GenRecord, chunk_size: int, fanout: int) -> None:
+        self.path = path
+        self._fd = fd
+        self.record = rec
+        self.tree = TreeView(fd, rec.tree, chunk_size, fanout)
+
+    @property
+    def info(self) -> GenerationInfo:
+        return _info(self.record)
+
+    @property
+    def size(self) -> int:
+        return self.record.tree.size
+
+    @property
+    def chunk_size(self) -> int:
+        return self.tree.shape.chunk_size
+
+    @property
+    def chunk_count(self) -> int:
+        return self.tree.shape.chunks
+
+    def chunk_is_zero(self, index: int) -> bool:
+        return self.tree.entry(index).kind == Kind.ZERO
+
+    def chunk_hash(self, index: int) -> bytes:
+        return self.tree.entry(index).hash
+
+    def read_stored(self, index: int) -> tuple[Kind, bytes]:
+        """The chunk as stored (for sending it on without recompressing)."""
+        e = self.tree.entry(index)
+        if e.kind == Kind.ZERO:
+            return Kind.ZERO, b""
+        try:
+            return e.kind, _pread_exact(self._fd, e.length, e.offset, f"chunk {index}")
+        except DataError:
+            offset = index * self.chunk_size
+            raise CorruptChunkError(index, offset, "stored bytes missing") from None
+
+    def read_chunk(self, index: int) -> bytes:
+        e = self.tree.entry(index)
+        length = self.tree.shape.chunk_length(index)
+        if e.kind == Kind.ZERO:
+            return codec.zeros(length)
+        return decode_checked(self._fd, index, e, length, self.chunk_size)
+
+    def read(self, offset: int, length: int) -> bytes:
+        end = min(offset + length, self.size)
+        if offset >= end:
+            return b""
+        cs = self.chunk_size
+        parts = []
+        for i in range(offset // cs, (end - 1) // cs + 1):
+            data = self.read_chunk(i)
+            base = i * cs
+            parts.append(data[max(offset - base, 0) : end - base])
+        return b"".join(parts)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)  # releases the pin
+            self._fd = -1
+
+    def __enter__(self) -> Snapshot:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def decode_checked(fd: int, index: int, e: Entry, length: int, chunk_size: int) -> bytes:
+    """Read, decode and hash-check one stored chunk; wrong bytes never leave this function."""
+    from diskrsync.synccore.merkle import leaf_hash
+
+    try:
+        stored = _pread_exact(fd, e.length, e.offset, f"chunk {index}")
+        data = codec.decode(e.kind, stored, length)
+    except (DataError, ValueError) as err:
+        detail = err.message if isinstance(err, DiskrsyncError) else str(err)
+        raise CorruptChunkError(index, index * chunk_size, detail) from None
+    if leaf_hash(data) != e.hash:
+        raise CorruptChunkError(index, index * chunk_size)
+    return data
+
+
+class Transaction:
+    """One writer's pending changes: chunk writes, a resize, checkpoints, then a commit.
+
+    Level-1 index pages that changed are kept in memory as packed entries until a checkpoint
+    or the commit writes them (with their paths to the top) into free space.
+    """
+
+    def __init__(self, image: Image, fd: int, state: _State, *, resume: bool) -> None:
+        self.image = image
+        self.path = image.path
+        self._fd = fd
+        sb = state.sb
+        self.chunk_size = sb.chunk_size
+        self.fanout = sb.fanout
+        self._counter = sb.counter
+        self._table = state.table
+        self.resumed_from: GenRecord | None = None
+        base = state.table.checkpoint if (resume and state.table.checkpoint) else None
+        if base is not None:
+            self.resumed_from = base
+        elif state.table.generations:
+            base = state.table.generations[-1]
+        self._base_ref = base.tree if base else TreeRef(0)
+        self.base = TreeView(fd, self._base_ref, self.chunk_size, self.fanout)
+        self.shape = self.base.shape
+        self._dirty: dict[int, bytearray] = {}  # level-1 page -> entries in the new shape
+        self._base_limit = self.shape.chunks  # base chunks past this were cut by a resize
+        self._fresh: dict[int, tuple[int, int]] = {}  # chunk -> extent written since checkpoint
+        self._free = self._compute_free(state)
+        self.bytes_written = 0
+        self._closed = False
+
+    # -- free space ----------------------------------------------------------------------
+
+    def _compute_free(self, state: _State) -> FreeSpace:
+        fd = self._fd
+        cs, fo = self.chunk_size, self.fanout
+        live: list[GenRecord] = list(state.table.generations)
+        if state.table.checkpoint:
+            live.append(state.table.checkpoint)
+        zombies = []
+        for z in state.table.zombies:
+            if _is_pinned(fd, z.number):
+                live.append(z)
+                zombies.append(z)
+        self._table = replace(self._table, zombies=tuple(zombies))
+        used: list[tuple[int, int]] = [(state.sb.table_offset, state.sb.table_length)]
+        if state.older is not None and state.older_table_extent:
+            used.append(state.older_table_extent)
+            older = state.older
+            live += list(older.generations) + list(older.zombies)
+            if older.checkpoint:
+                live.append(older.checkpoint)
+        seen: set[int] = set()
+        for rec in live:
+            try:
+                used.extend(TreeView(fd, rec.tree, cs, fo).extents(seen))
+            except DataError:
+                if rec in state.table.generations or rec is state.table.checkpoint:
+                    raise
+                # an unreadable tree of the older slot: keep its top, the rest is unknowable
+                used.append((rec.tree.offset, rec.tree.length))
+        end = os.fstat(fd).st_size
+        free = FreeSpace.from_used(DATA_START, end, used)
+        for off, length in free.extents():
+            punch_hole(fd, off, length)
+        new_end = free.trim_end()
+        if new_end < end:
+            os.ftruncate(fd, new_end)
+        return free
+
+    def _alloc(self, length: int) -> int:
+        return self._free.allocate(length)
+
+    def _write(self, data: bytes, what: str) -> tuple[int, int]:
+        off = self._alloc(len(data))
+        try:
+            n = os.pwrite(self._fd, data, off)
+        except OSError as e:
+            self._free.release(off, len(data))
+            raise from_oserror(e, f"writing {what} to {self.path}") from None
+        if n != len(data):
+            raise LocalError(f"writing {what} to {self.path}: short write")
+        self.bytes_written += n
+        return off, n
+
+    # -- the tree being built ----------------------------------------------------------
+
+    @property
+    def size(self) -> int:
+        return self.shape.size
+
+    def _base_entry(self, chunk: int) -> bytes | None:
+        """Packed base entry for a chunk whose length is the same in base and new shape."""
+        bs = self.base.shape
+        if chunk >= self._base_limit or bs.chunk_length(chunk) != self.shape.chunk_length(chunk):
+            return None
+        f = self.fanout
+        page = self.base.page(1, chunk // f)
+        k = chunk % f
+        return bytes(page[k * ENTRY_SIZE : (k + 1) * ENTRY_SIZE])
+
+    def _page_entries(self, page: int) -> bytearray:
+        """Entries of level-1 page ``page`` in the new shape, dirty or derived from the base."""
+        got = self._dirty.get(page)
+        if got is not None:
+            return got
+        start, stop = self.shape.chunk_range(1, page)
+        bs = self.base.shape
+        out = bytearray()
+        if bs.chunk_range(1, page) == (start, stop) and stop <= self._base_limit:
+            return bytearray(self.base.page(1, page))
+        for c in range(start, stop):
+            e = self._base_entry(c)
+            if e is None:
+                e = pack_entry(zero_hash(self.shape.chunk_length(c)), 0, 0, Kind.ZERO)
+            out += e
+        return out
+
+    def _set_entry(self, chunk: int, entry: bytes) -> None:
+        f = self.fanout
+        page = chunk // f
+        entries = self._dirty.get(page)
+        if entries is None:
+            entries = self._dirty[page] = self._page_entries(page)
+        k = chunk % f
+        entries[k * ENTRY_SIZE : (k + 1) * ENTRY_SIZE] = entry
+
+    def entry(self, chunk: int) -> Entry:
+        """The chunk's entry as this transaction currently has it."""
+        f = self.fanout
+        page = chunk // f
+        entries = self._dirty.get(page)
+        if entries is not None:
+            return unpack_entry(entries, chunk % f)
+        e = self._base_entry(chunk)
+        if e is None:
+            return Entry(zero_hash(self.shape.chunk_length(chunk)), 0, 0, Kind.ZERO)
+        return unpack_entry(e, 0)
+
+    def chunk_hash(self, chunk: int) -> bytes:
+        return self.entry(chunk).hash
+
+    def read_chunk(self, chunk: int) -> bytes:
+        e = self.entry(chunk)
+        length = self.shape.chunk_length(chunk)
+        if e.kind == Kind.ZERO:
+            return codec.zeros(length)
+        return decode_checked(self._fd, chunk, e, length, self.chunk_size)
+
+    def node_hashes(self, level: int) -> list[bytes]:
+        """Digests of the base tree's nodes at ``level`` (what a push compares against)."""
+        return self.base.node_hashes(level)
+
+    def resize(self, new_size: int) -> None:
+        """Change the logical size; chunks that appear read as zeros, a boundary chunk keeps
+        its bytes (re-stored at its new length)."""
+        if new_size < 0:
+            raise UsageError("size must not be negative")
+        old = self.shape
+        if new_size == old.size:
+            return
+        keep: dict[int, bytes] = {}
+        cs = self.chunk_size
+        for c in {old.size // cs, new_size // cs, (new_size - 1) // cs if new_size else 0}:
+            # chunks whose length changes but which exist on both sides keep their bytes
+            if 0 <= c < old.chunks and c * cs < new_size:
+                new_len = min(cs, new_size - c * cs)
+                if old.chunk_length(c) != new_len:
+                    data = self.read_chunk(c)
+                    keep[c] = data[:new_len].ljust(new_len, b"\0")
+        self._dirty = {
+            p: e for p, e in self._dirty.items() if p * self.fanout * cs < new_size
+        }
+        self.shape = Shape(new_size, cs, self.fanout)
+        self._base_limit = min(self._base_limit, self.shape.chunks)
+        for p in list(self._dirty):
+            start, stop = self.shape.chunk_range(1, p)
+            self._dirty[p] = self._dirty[p][: (stop - start) * ENTRY_SIZE]
+            have = len(self._dirty[p]) // ENTRY_SIZE
+            for c in range(start + have, stop):
+                z = pack_entry(zero_hash(self.shape.chunk_length(c)), 0, 0, Kind.ZERO)
+                self._dirty[p] += z
+        for c in list(self._fresh):
+            if c >= self.shape.chunks:
+                self._free.release(*self._fresh.pop(c))
+        for c, data in keep.items():
+            self.write_chunk(c, data)
+
+    def write_chunk(self, chunk: int, data: bytes | bytearray | memoryview) -> bytes:
+        """Store a chunk's bytes (compressing in this thread); returns its digest."""
+        from diskrsync.synccore.merkle import leaf_hash
+
+        if codec.is_zero(data):
+            h = zero_hash(len(data))
+            self.put_chunk(chunk, Kind.ZERO, b"", h, len(data))
+            return h
+        kind, stored = codec.encode(data)
+        h = leaf_hash(data)
+        self.put_chunk(chunk, kind, stored, h, len(data))
+        return h
+
+    def put_chunk(self, chunk: int, kind: Kind, stored: bytes, digest: bytes, length: int) -> None:
+        """Store an already encoded chunk whose digest the caller has computed."""
+        want = self.shape.chunk_length(chunk)
+        if length != want:
+            raise UsageError(f"chunk {chunk} must hold {want} bytes, not {length}")
+        old = self._fresh.pop(chunk, None)
+        if old is not None:
+            self._free.release(*old)
+        if kind == Kind.ZERO:
+            self._set_entry(chunk, pack_entry(digest, 0, 0, Kind.ZERO))
+            return
+        off, n = self._write(stored, f"chunk {chunk}")
+        self._fresh[chunk] = (off, n)
+        self._set_entry(chunk, pack_entry(digest, off, n, kind))
+
+    # -- committing ----------------------------------------------------------------------
+
+    def _write_tree(self) -> TreeRef:
+        """Write dirty level-1 pages and every page above them; returns the new top."""
+        shape, base = self.shape, self.base.shape
+        if shape.chunks == 0:
+            return TreeRef(0)
+        if not self._dirty and shape == base:
+            return self._base_ref
+        f = self.fanout
+        # pages whose covered range differs from the base tree must be rewritten too
+        lo = max(min(base.count(1), shape.count(1)) - 1, 0)
+        pages = set(self._dirty)
+        for j in range(lo, shape.count(1)):
+            if j >= base.count(1) or base.chunk_range(1, j) != shape.chunk_range(1, j):
+                pages.add(j)
+        rebuilt: dict[int, bytes] = {}  # index -> packed pointer entry, for the current level
+        for j in sorted(pages):
+            entries = self._page_entries(j)
+            digests = b"".join(
+                entries[k * ENTRY_SIZE : k * ENTRY_SIZE + 32]
+                for k in range(len(entries) // ENTRY_SIZE)
+            )
+            off, n = self._write(encode_page(1, entries), "index page")
+            rebuilt[j] = pack_entry(node_hash_packed(digests), off, n, Kind.PAGE)
+        for level in range(2, shape.top_level + 1):
+            parents = {j // f for j in rebuilt}
+            lo = max(min(base.count(level), shape.count(level)) - 1, 0)
+            for j in range(lo, shape.count(level)):
+                if j >= base.count(level) or base.chunk_range(level, j) != shape.chunk_range(
+                    level, j
+                ):
+                    parents.add(j)
+            above: dict[int, bytes] = {}
+            for j in sorted(parents):
+                entries = bytearray()
+                for k in shape.children(level, j):
+                    e = rebuilt.get(k)
+                    if e is None:
+                        e = self._base_pointer(level - 1, k)
+                    entries += e
+                digests = b"".join(
+                    entries[i * ENTRY_SIZE : i * ENTRY_SIZE + 32]
+                    for i in range(len(entries) // ENTRY_SIZE)
+                )
+                off, n = self._write(encode_page(level, entries), "index page")
+                above[j] = pack_entry(node_hash_packed(digests), off, n, Kind.PAGE)
+            rebuilt = above
+        # an unchanged top is still the base's node of that level (which may not be its top)
+        top = unpack_entry(rebuilt.get(0) or self._base_pointer(shape.top_level, 0), 0)
+        return TreeRef(shape.size, top.offset, top.length, top.hash)
+
+    def _base_pointer(self, level: int, index: int) -> bytes:
+        """Packed pointer to an unchanged base node, from its parent page or the base top."""
+        if level == self.base.shape.top_level:
+            r = self._base_ref
+            return pack_entry(r.hash, r.offset, r.length, Kind.PAGE)
+        f = self.fanout
+        page = self.base.page(level + 1, index // f)
+        k = index % f
+        return bytes(page[k * ENTRY_SIZE : (k + 1) * ENTRY_SIZE])
+
+    def _publish(self, table: GenTable) -> None:
+        """Write the table, fsync, write the other superblock slot, fsync."""
+        blob = table.encode()
+        off, n = self._write(blob, "generation table")
+        try:
+            os.fsync(self._fd)
+            counter = self._counter + 1
+            sb = Superblock(self.chunk_size, self.fanout, counter, off, n, checksum(blob))
+            os.pwrite(self._fd, sb.encode(), SUPERBLOCK_SLOTS[counter % 2])
+            os.fsync(self._fd)
+        except OSError as e:
+            raise from_oserror(e, f"committing {self.path}") from None
+        self._counter = counter
+        self._table = table
+
+    def _record(self, number: int, source: str, meta: dict[str, Any]) -> GenRecord:
+        ref = self._write_tree()
+        root = root_hash(ref.size, self.chunk_size, self.fanout, ref.hash)
+        return GenRecord(number, time.time(), ref, root, source, meta)
+
+    def checkpoint(self, source: str = "", meta: dict[str, Any] | None = None) -> None:
+        """Make what was written so far durable as a resumable checkpoint (not current)."""
+        self._check_open()
+        rec = self._record(0, source, dict(meta or {}))
+        self._publish(replace(self._table, checkpoint=rec))
+        self._base_ref = rec.tree
+        self.base = TreeView(self._fd, rec.tree, self.chunk_size, self.fanout)
+        self._dirty.clear()
+        self._fresh.clear()
+
+    def commit(
+        self,
+        source: str = "",
+        meta: dict[str, Any] | None = None,
+        keep: int = DEFAULT_KEEP,
+        expect_root: bytes | None = None,
+    ) -> GenerationInfo:
+        """Make the new generation current, pruning beyond the newest ``keep``.
+
+        With ``expect_root`` nothing is published unless the new tree's root equals it (the
+        pages written for the check lie in free space and cost nothing to drop).
+        """
+        self._check_open()
+        if keep < 1:
+            raise UsageError("--keep must be at least 1")
+        t = self._table
+        rec = self._record(t.next_number, source, dict(meta or {}))
+        if expect_root is not None and rec.root_hash != expect_root:
+            raise DataError(
+                f"new root hash {rec.root_hash.hex()[:16]}… differs from the source's "
+                f"{expect_root.hex()[:16]}…; nothing committed"
+            )
+        gens = (*t.generations, rec)
+        zombies = t.zombies + gens[:-keep]
+        table = GenTable(gens[-keep:], zombies, None, t.next_number + 1)
+        self._publish(table)
+        self.close()
+        return _info(rec)
+
+    def commit_prune(self, keep: int) -> list[int]:
+        """Publish a table that keeps only the newest ``keep`` generations (no new one)."""
+        t = self._table
+        cut = t.generations[:-keep] if len(t.generations) > keep else ()
+        if cut:
+            self._publish(replace(t, generations=t.generations[-keep:], zombies=t.zombies + cut))
+        return [r.number for r in cut]
+
+    def abort(self) -> None:
+        """Drop everything written since the last checkpoint (nothing references it)."""
+        self.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise LocalError("transaction already finished")
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            os.close(self._fd)  # releases the writer lock
+
+    def __enter__(self) -> Transaction:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
