@@ -19,13 +19,13 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support.paths import VECTORS
 
 from diskrsync.compression import spgz as spgz_mod
 from diskrsync.compression.api import DiskImage, DiskSnapshot
 from diskrsync.compression.spgz import MAGIC, SpgzImage, SpgzSnapshot, is_spgz
 from diskrsync.errors import CorruptChunkError, DataError, DiskrsyncError, UsageError
 
-VECTORS = Path("/work/shared/vectors")
 BS = 131071  # block size of every vector (header field 32)
 SLOT = BS + 1
 HDR = 4096
