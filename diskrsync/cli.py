@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -154,7 +155,116 @@ def cmd_prune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _push_request(args: argparse.Namespace) -> Any:
+    from diskrsync.synccore.push import PushRequest
+    from diskrsync.synccore.source import SourceOptions
+    from diskrsync.synccore.target import TargetOptions
+
+    target = TargetOptions(keep=args.keep, dry_run=args.dry_run)
+    if getattr(args, "checkpoint_interval", None):
+        target = TargetOptions(keep=args.keep, dry_run=args.dry_run,
+                               checkpoint_bytes=args.checkpoint_interval)
+    return PushRequest(
+        source=SourceOptions(chunk_size=args.chunk_size, dry_run=args.dry_run,
+                             ignore_read_errors=getattr(args, "ignore_read_errors", False)),
+        target=target,
+        raw_target=args.no_compress,
+        generation=getattr(args, "generation", None),
+    )
+
+
+def _push_summary(stats: Any, args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from diskrsync.errors import EXIT_READ_ERRORS_IGNORED, EXIT_SOURCE_CHANGED
+
+    warnings = stats.warnings
+    if stats.source_changed_chunks:
+        warnings.append(f"the source changed during the push: {len(stats.source_changed_chunks)}"
+                        f" chunk(s) differ from the scan (use a snapshot); the backup holds what "
+                        f"was read when each chunk was sent")
+    if stats.read_errors:
+        ranges = ", ".join(f"{o}+{n}" for o, n in stats.read_errors[:10])
+        warnings.append(f"{len(stats.read_errors)} unreadable chunk(s) stored as zeros: {ranges}")
+    if args.json:
+        print(json.dumps(asdict(stats), indent=2))
+    elif not args.quiet:
+        if stats.dry_run:
+            print(f"dry run: {stats.chunks_differing} of {stats.chunks} chunks differ "
+                  f"({human(stats.chunk_bytes_differing)} would move before compression)")
+            for off, n in stats.differing_ranges[:50]:
+                print(f"  differs: bytes {off}-{off + n - 1}")
+            if len(stats.differing_ranges) > 50:
+                print(f"  ... {len(stats.differing_ranges) - 50} more ranges")
+            print(f"source root: {stats.root_hash}")
+            print(f"target root: {stats.target_root_hash}")
+        else:
+            gen = f"generation {stats.generation}" if stats.generation else "updated in place"
+            print(f"{gen}, root {stats.root_hash[:16]}…: {stats.chunks_differing} of "
+                  f"{stats.chunks} chunks differed, {human(stats.bytes_sent)} sent in "
+                  f"{stats.duration:.1f} s")
+    for w in warnings:
+        print(f"diskrsync: warning: {w}", file=sys.stderr)
+    if stats.source_changed_chunks:
+        return EXIT_SOURCE_CHANGED
+    if stats.read_errors:
+        return EXIT_READ_ERRORS_IGNORED
+    return 0
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    from diskrsync.synccore.push import local_push, open_source
+
+    req = _push_request(args)
+    total = 0
+    if not args.quiet and not args.json and sys.stderr.isatty():
+        with contextlib.suppress(DiskrsyncError):
+            r = open_source(args.src, args.generation)
+            total = r.size
+            r.close()
+    bar = Progress(total, "push", bool(total))
+    try:
+        stats = local_push(args.src, args.dst, req, progress=bar.update)
+    finally:
+        bar.close()
+    return _push_summary(stats, args)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from diskrsync.synccore.channel import FdStream, FramedChannel
+    from diskrsync.synccore.push import run_target_end, serve_source
+
+    # stdout carries the protocol: nothing else may be printed there
+    out_fd = os.dup(1)
+    os.dup2(2, 1)
+    channel = FramedChannel(FdStream(0, out_fd))
+    if args.target:
+        run_target_end(channel, args.target, _push_request(args), verify=True)
+    else:
+        from diskrsync.synccore.source import SourceOptions
+
+        serve_source(channel, args.source, args.generation, SourceOptions())
+    return 0
+
+
 # -- parser ----------------------------------------------------------------------------
+
+
+def _push_options(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--no-compress", action="store_true",
+                    help="DST is a raw file or device updated in place, not an image")
+    sp.add_argument("--chunk-size", type=parse_size, default=128 * 1024, metavar="N",
+                    help="chunk size of a new image (power of two, 16K-4M; default 128K)")
+    sp.add_argument("--keep", type=int, default=2, metavar="N",
+                    help="generations to keep in the image (default 2)")
+    sp.add_argument("--generation", "-g", type=int, metavar="G",
+                    help="when SRC is an image: push its generation G (default: newest)")
+    sp.add_argument("--dry-run", "-n", action="store_true",
+                    help="compare only: report what differs, change nothing")
+    sp.add_argument("--ignore-read-errors", action="store_true",
+                    help="store unreadable source chunks as zeros and list them")
+    sp.add_argument("--checkpoint-interval", type=parse_size, metavar="BYTES",
+                    help=argparse.SUPPRESS)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -194,6 +304,24 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("prune", cmd_prune, "Keep only the newest N generations of an image.")
     sp.add_argument("image", metavar="IMAGE")
     sp.add_argument("--keep", type=int, required=True, metavar="N")
+
+    sp = add("push", cmd_push,
+             "Make DST equal to SRC, sending only the chunks that differ.")
+    sp.add_argument("src", metavar="SRC", help="a file, a block device, or an image")
+    sp.add_argument("dst", metavar="DST",
+                    help="an image (created if missing), or with --no-compress a raw file; "
+                         "a directory means DIR/<name of SRC>.spgz")
+    _push_options(sp)
+    sp.add_argument("--json", action="store_true", help="print a machine-readable summary")
+    sp.add_argument("--quiet", "-q", action="store_true", help="no progress, no summary")
+    sp.add_argument("--verbose", "-v", action="store_true", help="say more")
+
+    sp = sub.add_parser("serve", help=argparse.SUPPRESS)  # the remote end, over SSH
+    sp.set_defaults(func=cmd_serve)
+    g = sp.add_mutually_exclusive_group(required=True)
+    g.add_argument("--target", metavar="PATH")
+    g.add_argument("--source", metavar="PATH")
+    _push_options(sp)
 
     for extra in _EXTRA_COMMANDS:
         extra(sub, add)

@@ -1,0 +1,238 @@
+"""Message channels between a source and a target: the thin I/O layer around the protocol.
+
+``FramedChannel`` speaks the wire format over any byte stream (pipes, a socket, an SSH
+channel). ``channel_pair`` connects two ends in one process with bounded queues and no encoding.
+``DelayedChannel`` adds one-way latency to every message while keeping the link pipelined, and
+counts causal hops, so tests can count round trips instead of timing them.
+
+All channels are safe to ``send`` from several threads and ``recv`` from one other thread.
+"""
+
+from __future__ import annotations
+
+import heapq
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from typing import Protocol
+
+from diskrsync.errors import PeerError
+from diskrsync.synccore import protocol as p
+
+_EOF = object()
+
+
+class Stream(Protocol):
+    """A bidirectional byte pipe (an SSH RemoteProcess fits this)."""
+
+    def send(self, data: bytes) -> None: ...
+
+    def recv(self, max_bytes: int) -> bytes: ...
+
+    def close_send(self) -> None: ...
+
+
+class Channel(Protocol):
+    bytes_sent: int
+    bytes_received: int
+
+    def send(self, msg: p.Message) -> None: ...
+
+    def recv(self) -> p.Message | None:
+        """The next message, or None when the peer closed cleanly between messages."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class FdStream:
+    """A Stream over two file descriptors (our stdin/stdout, or a child's pipes)."""
+
+    def __init__(self, rfd: int, wfd: int) -> None:
+        self.rfd, self.wfd = rfd, wfd
+
+    def send(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            try:
+                n = os.write(self.wfd, view)
+            except BrokenPipeError:
+                raise PeerError("the peer closed the connection") from None
+            view = view[n:]
+
+    def recv(self, max_bytes: int) -> bytes:
+        return os.read(self.rfd, max_bytes)
+
+    def close_send(self) -> None:
+        if self.wfd >= 0:
+            try:
+                os.close(self.wfd)
+            finally:
+                self.wfd = -1
+
+
+class FramedChannel:
+    """Messages over a byte stream, with the preamble sent first and checked on receipt."""
+
+    def __init__(self, stream: Stream, *, recv_size: int = 1 << 20) -> None:
+        self.stream = stream
+        self._decoder = p.Decoder()
+        self._send_lock = threading.Lock()
+        self._greeted = False
+        self._recv_size = recv_size
+        self.bytes_sent = 0
+        self.bytes_received = 0
+
+    def send(self, msg: p.Message) -> None:
+        frame = p.encode(msg)
+        with self._send_lock:
+            if not self._greeted:
+                frame = p.preamble() + frame
+                self._greeted = True
+            self.stream.send(frame)
+            self.bytes_sent += len(frame)
+
+    def recv(self) -> p.Message | None:
+        while True:
+            msg = self._decoder.next()
+            if msg is not None:
+                return msg
+            data = self.stream.recv(self._recv_size)
+            if not data:
+                if self._decoder.pending:
+                    raise PeerError("the peer closed the connection in the middle of a message")
+                return None
+            self.bytes_received += len(data)
+            self._decoder.feed(data)
+
+    def close(self) -> None:
+        with self._send_lock:
+            self.stream.close_send()
+
+
+class QueueChannel:
+    """One end of an in-process pair: messages pass as objects through bounded queues."""
+
+    def __init__(self, inbox: queue.Queue[object], outbox: queue.Queue[object]) -> None:
+        self._in, self._out = inbox, outbox
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        self._closed = False
+
+    def send(self, msg: p.Message) -> None:
+        if self._closed:
+            raise PeerError("channel closed")
+        self._out.put(msg)
+        self.bytes_sent += p.wire_size(getattr(msg, "msg", msg))
+
+    def recv(self) -> p.Message | None:
+        item = self._in.get()
+        if item is _EOF:
+            self._in.put(_EOF)  # later recv calls see EOF too
+            return None
+        self.bytes_received += p.wire_size(getattr(item, "msg", item))  # type: ignore[arg-type]
+        return item  # type: ignore[return-value]
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._out.put(_EOF)
+
+
+def channel_pair(maxsize: int = 64) -> tuple[QueueChannel, QueueChannel]:
+    """Two connected in-process ends; each direction holds at most ``maxsize`` messages."""
+    a: queue.Queue[object] = queue.Queue(maxsize)
+    b: queue.Queue[object] = queue.Queue(maxsize)
+    return QueueChannel(a, b), QueueChannel(b, a)
+
+
+@dataclass
+class HopCounter:
+    """Longest causal chain of messages seen so far, in one-way hops (2 hops = 1 round trip)."""
+
+    max_hops: int = 0
+
+    def __post_init__(self) -> None:
+        self._lock = threading.Lock()
+
+    def saw(self, hops: int) -> None:
+        with self._lock:
+            self.max_hops = max(self.max_hops, hops)
+
+
+class DelayedChannel:
+    """Wraps one end so every message it sends arrives ``delay`` seconds later (pipelined, like
+    a long link), and tags messages with causal hop counts: a message sent after receiving
+    one with ``h`` hops carries ``h + 1``."""
+
+    def __init__(self, inner: Channel, delay: float, counter: HopCounter) -> None:
+        self.inner = inner
+        self.delay = delay
+        self.counter = counter
+        self._seen = 0
+        self._lock = threading.Lock()
+        self._heap: list[tuple[float, int, object]] = []
+        self._seq = 0
+        self._cv = threading.Condition()
+        self._thread = threading.Thread(target=self._pump, daemon=True, name="delay")
+        self._thread.start()
+
+    @property
+    def bytes_sent(self) -> int:
+        return self.inner.bytes_sent
+
+    @property
+    def bytes_received(self) -> int:
+        return self.inner.bytes_received
+
+    def send(self, msg: p.Message) -> None:
+        with self._lock:
+            hops = self._seen + 1
+        self.counter.saw(hops)
+        with self._cv:
+            self._seq += 1
+            heapq.heappush(self._heap, (time.monotonic() + self.delay, self._seq, (hops, msg)))
+            self._cv.notify()
+
+    def _pump(self) -> None:
+        while True:
+            with self._cv:
+                while not self._heap or self._heap[0][0] > time.monotonic():
+                    timeout = self._heap[0][0] - time.monotonic() if self._heap else None
+                    self._cv.wait(timeout)
+                _, _, item = heapq.heappop(self._heap)
+            if item is _EOF:
+                self.inner.close()
+                return
+            assert isinstance(item, tuple)
+            self.inner.send(_Tagged(item[0], item[1]))  # type: ignore[arg-type]
+
+    def recv(self) -> p.Message | None:
+        msg = self.inner.recv()
+        if isinstance(msg, _Tagged):
+            with self._lock:
+                self._seen = max(self._seen, msg.hops)
+            return msg.msg
+        return msg
+
+    def close(self) -> None:
+        with self._cv:
+            self._seq += 1
+            heapq.heappush(self._heap, (time.monotonic() + self.delay, self._seq, _EOF))
+            self._cv.notify()
+
+
+@dataclass(frozen=True)
+class _Tagged:
+    hops: int
+    msg: p.Message
+
+
+def delayed_pair(delay: float, maxsize: int = 64) -> tuple[DelayedChannel, DelayedChannel,
+                                                           HopCounter]:
+    """An in-process pair whose every message takes ``delay`` seconds one way."""
+    a, b = channel_pair(maxsize)
+    counter = HopCounter()
+    return DelayedChannel(a, delay, counter), DelayedChannel(b, delay, counter), counter

@@ -1,0 +1,245 @@
+"""The diskrsync sync protocol, version 1: messages and their framing, without I/O.
+
+Each side opens with an 8-byte preamble, ``DRSYNC`` and a big-endian u16 protocol version, then
+sends frames: ``u32 length | u8 type | payload`` (length counts type and payload). The frame
+decoder is fed bytes in any split and yields messages, like h11. See docs/protocol.md for the
+conversation; in short the source says Hello, the target answers Hello and the digests of its
+level-1 tree nodes (PageHashes), the source asks for the leaf digests of pages that differ
+(NeedLeaves/Leaves), streams differing chunks (Chunk), and ends with Done carrying its root
+hash; the target commits only when its new root equals it and answers Committed.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass, field
+from typing import Any
+
+from diskrsync.errors import PeerError
+
+PROTOCOL_VERSION = 1
+PREAMBLE = b"DRSYNC"
+PREAMBLE_SIZE = len(PREAMBLE) + 2
+GO_MAGIC = b"BSNC0002"  # what the original Go diskrsync sends first
+MAX_FRAME = 16 << 20  # bounds memory: a chunk is at most 4 MiB plus a header
+HASH_SIZE = 32
+
+_FRAME = struct.Struct("<IB")
+_CHUNK = struct.Struct("<QB32s")
+_PAGE = struct.Struct("<Q")
+
+
+def preamble() -> bytes:
+    return PREAMBLE + struct.pack(">H", PROTOCOL_VERSION)
+
+
+@dataclass(frozen=True)
+class Hello:
+    """First frame of each side: who it is and what it has."""
+
+    role: str  # "source" or "target"
+    size: int  # source: bytes it will send; target: size of what it compares against
+    chunk_size: int  # source: preferred; target: the one both must use
+    fanout: int
+    software: str = ""  # e.g. "diskrsync 0.1.0"
+    info: dict[str, Any] = field(default_factory=dict)  # options, descriptions, resume state
+
+
+@dataclass(frozen=True)
+class PageHashes:
+    """Target → source: digests of level-1 nodes ``start, start+1, ...`` of the target tree."""
+
+    start: int
+    hashes: bytes  # 32 bytes each
+
+
+@dataclass(frozen=True)
+class NeedLeaves:
+    """Source → target: send the chunk digests under level-1 node ``page``."""
+
+    page: int
+
+
+@dataclass(frozen=True)
+class Leaves:
+    page: int
+    hashes: bytes
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Source → target: one chunk's new content. ``kind`` as in the image (0 zero, 1 raw,
+    2 zstd); ``digest`` is the BLAKE3 of the uncompressed bytes."""
+
+    index: int
+    kind: int
+    digest: bytes
+    payload: bytes
+
+
+@dataclass(frozen=True)
+class Done:
+    """Source → target: everything is sent; commit if your root equals ``root``."""
+
+    root: bytes
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Committed:
+    generation: int
+    root: bytes
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Error:
+    """Either side: I am stopping because of this. ``kind`` names the error class."""
+
+    kind: str
+    message: str
+
+
+Message = Hello | PageHashes | NeedLeaves | Leaves | Chunk | Done | Committed | Error
+
+_TYPES: dict[type, int] = {
+    Hello: 1, PageHashes: 2, NeedLeaves: 3, Leaves: 4, Chunk: 5, Done: 6, Committed: 7, Error: 8,
+}
+
+
+def encode(msg: Message) -> bytes:
+    """One frame for ``msg``."""
+    t = _TYPES[type(msg)]
+    if isinstance(msg, Chunk):
+        payload = _CHUNK.pack(msg.index, msg.kind, msg.digest) + msg.payload
+    elif isinstance(msg, (PageHashes, Leaves)):
+        first = msg.start if isinstance(msg, PageHashes) else msg.page
+        payload = _PAGE.pack(first) + msg.hashes
+    elif isinstance(msg, NeedLeaves):
+        payload = _PAGE.pack(msg.page)
+    else:
+        payload = json.dumps(_to_json(msg), separators=(",", ":")).encode()
+    return _FRAME.pack(len(payload) + 1, t) + payload
+
+
+def wire_size(msg: Message) -> int:
+    """Bytes ``msg`` takes on the wire (cheap for the bulky kinds)."""
+    if isinstance(msg, Chunk):
+        return _FRAME.size + _CHUNK.size + len(msg.payload)
+    if isinstance(msg, (PageHashes, Leaves)):
+        return _FRAME.size + _PAGE.size + len(msg.hashes)
+    return len(encode(msg))
+
+
+def _to_json(msg: Message) -> dict[str, Any]:
+    if isinstance(msg, Hello):
+        return {"role": msg.role, "size": msg.size, "chunk_size": msg.chunk_size,
+                "fanout": msg.fanout, "software": msg.software, "info": msg.info}
+    if isinstance(msg, Done):
+        return {"root": msg.root.hex(), "info": msg.info}
+    if isinstance(msg, Committed):
+        return {"generation": msg.generation, "root": msg.root.hex(), "info": msg.info}
+    if isinstance(msg, Error):
+        return {"kind": msg.kind, "message": msg.message}
+    raise TypeError(msg)
+
+
+def _from_json(t: int, payload: bytes) -> Message:
+    try:
+        d = json.loads(payload)
+        if t == 1:
+            return Hello(str(d["role"]), int(d["size"]), int(d["chunk_size"]), int(d["fanout"]),
+                         str(d.get("software", "")), dict(d.get("info", {})))
+        if t == 6:
+            return Done(bytes.fromhex(d["root"]), dict(d.get("info", {})))
+        if t == 7:
+            return Committed(int(d["generation"]), bytes.fromhex(d["root"]),
+                             dict(d.get("info", {})))
+        return Error(str(d["kind"]), str(d["message"]))
+    except (ValueError, KeyError, TypeError) as e:
+        raise PeerError(f"peer sent a malformed message (type {t}): {e}") from None
+
+
+class Decoder:
+    """Turns the peer's byte stream into messages; feed with ``feed``, drain with ``next``."""
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self._pos = 0
+        self._greeted = False
+
+    def feed(self, data: bytes) -> None:
+        if self._pos > 1 << 20 and self._pos > len(self._buf) // 2:
+            del self._buf[: self._pos]
+            self._pos = 0
+        self._buf += data
+
+    def next(self) -> Message | None:
+        """The next complete message, or None until more bytes arrive."""
+        buf, pos = self._buf, self._pos
+        if not self._greeted:
+            if len(buf) - pos < PREAMBLE_SIZE:
+                if len(buf) - pos >= 4 and not GO_MAGIC.startswith(bytes(buf[pos : pos + 4])) \
+                        and not PREAMBLE.startswith(bytes(buf[pos : pos + 4])):
+                    raise PeerError(f"peer does not speak the diskrsync protocol "
+                                    f"(it sent {bytes(buf[pos:pos + 16])!r})")
+                return None
+            head = bytes(buf[pos : pos + PREAMBLE_SIZE])
+            check_preamble(head)
+            self._pos = pos = pos + PREAMBLE_SIZE
+            self._greeted = True
+        if len(buf) - pos < _FRAME.size:
+            return None
+        length, t = _FRAME.unpack_from(buf, pos)
+        if not 1 <= length <= MAX_FRAME or t not in _TYPE_BY_ID:
+            raise PeerError(f"peer sent garbage (frame length {length}, type {t})")
+        end = pos + 4 + length
+        if len(buf) < end:
+            return None
+        payload = bytes(buf[pos + _FRAME.size : end])
+        self._pos = end
+        return _decode(t, payload)
+
+    @property
+    def pending(self) -> int:
+        """Bytes received but not yet a whole message (non-zero at EOF means a cut stream)."""
+        return len(self._buf) - self._pos
+
+
+def check_preamble(head: bytes) -> None:
+    """Accept our preamble at our version; name what the peer is otherwise."""
+    if head == GO_MAGIC:
+        raise PeerError(
+            "the peer is the original Go diskrsync (it speaks BSNC0002): use --legacy"
+        )
+    if not head.startswith(PREAMBLE):
+        raise PeerError(f"peer does not speak the diskrsync protocol (it sent {head!r})")
+    (version,) = struct.unpack(">H", head[len(PREAMBLE) :])
+    if version != PROTOCOL_VERSION:
+        raise PeerError(
+            f"peer speaks diskrsync protocol version {version}, this diskrsync speaks "
+            f"version {PROTOCOL_VERSION}: install the same diskrsync release on both ends"
+        )
+
+
+_TYPE_BY_ID = {v: k for k, v in _TYPES.items()}
+
+
+def _decode(t: int, payload: bytes) -> Message:
+    cls = _TYPE_BY_ID[t]
+    if cls is Chunk:
+        if len(payload) < _CHUNK.size:
+            raise PeerError("peer sent a truncated chunk frame")
+        index, kind, digest = _CHUNK.unpack_from(payload)
+        return Chunk(index, kind, digest, payload[_CHUNK.size :])
+    if cls in (PageHashes, Leaves, NeedLeaves):
+        if len(payload) < _PAGE.size or (cls is not NeedLeaves
+                                          and (len(payload) - _PAGE.size) % HASH_SIZE):
+            raise PeerError("peer sent a malformed hash frame")
+        (first,) = _PAGE.unpack_from(payload)
+        if cls is NeedLeaves:
+            return NeedLeaves(first)
+        rest = payload[_PAGE.size :]
+        return PageHashes(first, rest) if cls is PageHashes else Leaves(first, rest)
+    return _from_json(t, payload)

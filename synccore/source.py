@@ -1,0 +1,583 @@
+"""The source side of a push: scan, compare against the target's tree, send what differs.
+
+Design note
+-----------
+The source reads its disk once, sequentially, in batches of chunks hashed (and, where the target
+has nothing to compare, compressed) on two worker threads. As each level-1 node ("page", fanout
+chunks) completes, its digest is compared with the one the target streamed at the start. Equal
+pages cost nothing more. A differing page sends ``NeedLeaves`` and the scan goes on; when the
+target's leaf digests arrive, a small pool re-reads just the differing chunks, checks each
+against the digest taken during the scan (a mismatch means the source is changing under us),
+compresses and sends it. Nothing waits for a reply except the very end, so a push costs the
+scan plus a constant number of round trips however many chunks differ, and every queue is
+bounded, so memory does not grow with the link's speed or the disk's size (bar 32 bytes of
+digest per chunk).
+
+When the source is an image with the target's geometry, its index already holds every digest:
+pages are compared without reading data at all, and differing chunks travel as stored.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import math
+import os
+import stat
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from diskrsync import __version__
+from diskrsync.compression import codec
+from diskrsync.compression.codec import Kind
+from diskrsync.compression.format import DEFAULT_CHUNK, DEFAULT_FANOUT
+from diskrsync.errors import DiskrsyncError, LocalError, PeerError, UsageError, from_oserror
+from diskrsync.parallel import ordered_map
+from diskrsync.synccore import protocol as p
+from diskrsync.synccore.channel import Channel
+from diskrsync.synccore.merkle import (
+    HASH_SIZE,
+    Shape,
+    leaf_hash,
+    node_hash_packed,
+    root_hash,
+    zero_hash,
+)
+
+BATCH_CHUNKS = 32  # at most this many chunks read and hashed per worker task
+SCAN_WINDOW = 6  # batches in flight
+MAX_PENDING_PAGES = 256  # NeedLeaves awaiting an answer
+
+
+# -- what a source reads -----------------------------------------------------------------
+
+
+class SourceReader:
+    """Bytes of the disk being pushed; subclasses add what they know without reading."""
+
+    size: int
+    description: str
+
+    def read(self, offset: int, length: int) -> bytes:
+        raise NotImplementedError
+
+    def index_for(self, chunk_size: int, fanout: int) -> Any:
+        """An object with ``node_hashes(level)`` and ``leaf_hashes(page)`` when this source
+        can answer digests from an index for that geometry, else None."""
+        return None
+
+    def read_stored(self, index: int) -> tuple[int, bytes] | None:
+        """The chunk in stored form (kind, bytes) when it can be sent without re-encoding."""
+        return None
+
+    def close(self) -> None:
+        pass
+
+
+class RawSource(SourceReader):
+    """A regular file or a block device."""
+
+    def __init__(self, path: str) -> None:
+        try:
+            st = os.stat(path)
+        except OSError as e:
+            raise from_oserror(e, f"cannot read {path}") from None
+        if stat.S_ISDIR(st.st_mode):
+            raise UsageError(f"{path} is a directory: give a file, a block device or an image")
+        if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+            raise UsageError(f"{path} is neither a regular file nor a block device")
+        try:
+            self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as e:
+            raise from_oserror(e, f"cannot read {path}") from None
+        self.size = os.lseek(self.fd, 0, os.SEEK_END)
+        self.description = path
+        with contextlib.suppress(OSError, AttributeError):
+            os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+
+    def read(self, offset: int, length: int) -> bytes:
+        data = os.pread(self.fd, length, offset)
+        if len(data) != length:
+            raise LocalError(
+                f"{self.description} shrank while being read (short read at offset {offset})"
+            )
+        return data
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class SnapshotSource(SourceReader):
+    """A pinned generation of an image (or an SPGZ0001 file) used as the source."""
+
+    def __init__(self, snapshot: Any, description: str, owner: Any = None) -> None:
+        self.snap = snapshot
+        self.size = snapshot.size
+        self.description = description
+        self._owner = owner
+
+    def read(self, offset: int, length: int) -> bytes:
+        data: bytes = self.snap.read(offset, length)
+        return data
+
+    def index_for(self, chunk_size: int, fanout: int) -> Any:
+        tree = getattr(self.snap, "tree", None)
+        if tree is not None and tree.shape.chunk_size == chunk_size \
+                and tree.shape.fanout == fanout:
+            return tree
+        return None
+
+    def read_stored(self, index: int) -> tuple[int, bytes] | None:
+        if hasattr(self.snap, "read_stored"):
+            kind, data = self.snap.read_stored(index)
+            return int(kind), data
+        return None
+
+    def close(self) -> None:
+        self.snap.close()
+        if self._owner is not None:
+            self._owner.close()
+
+
+# -- options and results ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SourceOptions:
+    chunk_size: int = DEFAULT_CHUNK  # used only when the target has no geometry yet
+    dry_run: bool = False
+    ignore_read_errors: bool = False
+    compress: bool = True
+    info: dict[str, Any] = field(default_factory=dict)  # passed to the target in Hello
+
+
+@dataclass
+class PushStats:
+    """What `push --json` reports."""
+
+    size: int = 0
+    chunk_size: int = 0
+    bytes_read: int = 0
+    bytes_hashed: int = 0
+    bytes_sent: int = 0  # on the wire, source to target
+    bytes_received: int = 0  # on the wire, target to source
+    chunks: int = 0
+    chunks_differing: int = 0
+    chunk_bytes_differing: int = 0
+    zero_chunks: int = 0
+    pages_compared: int = 0
+    pages_differing: int = 0
+    duration: float = 0.0
+    root_hash: str = ""
+    target_root_hash: str = ""
+    generation: int | None = None
+    resumed: bool = False
+    dry_run: bool = False
+    differing_ranges: list[tuple[int, int]] = field(default_factory=list)
+    source_changed_chunks: list[int] = field(default_factory=list)
+    read_errors: list[tuple[int, int]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Batch:
+    first: int
+    hashes: list[bytes]
+    zero: list[bool]
+    encoded: list[tuple[int, bytes] | None] | None  # (kind, payload) when sent straight away
+    bad: list[tuple[int, int]]  # unreadable ranges filled with zeros
+
+
+class _Failure:
+    """First error raised by any thread of the push; the others stop when it is set."""
+
+    def __init__(self) -> None:
+        self.exc: BaseException | None = None
+        self.event = threading.Event()
+
+    def set(self, exc: BaseException) -> None:
+        if self.exc is None:
+            self.exc = exc
+        self.event.set()
+
+    def check(self) -> None:
+        if self.exc is not None:
+            raise self.exc
+
+
+# -- the engine --------------------------------------------------------------------------
+
+
+class SourceSession:
+    """Runs the source side over a connected channel until the target commits."""
+
+    def __init__(self, channel: Channel, reader: SourceReader, options: SourceOptions,
+                 progress: Callable[[int], None] | None = None) -> None:
+        self.ch = channel
+        self.reader = reader
+        self.opts = options
+        self.progress = progress or (lambda n: None)
+        self.stats = PushStats(size=reader.size, dry_run=options.dry_run)
+        self.fail = _Failure()
+        self._cv = threading.Condition()
+        self._page_hashes = bytearray()  # target's level-1 digests as they arrive
+        self._leaves: bytearray = bytearray()  # our chunk digests, final (what was sent)
+        self._outstanding = 0  # NeedLeaves without Leaves, plus chunk sends in progress
+        self._result: p.Committed | None = None
+        self._slots = threading.BoundedSemaphore(MAX_PENDING_PAGES)
+        self._stats_lock = threading.Lock()
+
+    # .. handshake ..
+
+    def _handshake(self) -> p.Hello:
+        o = self.opts
+        info = {"dry_run": o.dry_run, "source": self.reader.description, **o.info}
+        self.ch.send(p.Hello("source", self.reader.size, o.chunk_size, DEFAULT_FANOUT,
+                             f"diskrsync {__version__}", info))
+        msg = self.ch.recv()
+        if isinstance(msg, p.Error):
+            raise _remote_error(msg)
+        if not isinstance(msg, p.Hello) or msg.role != "target":
+            raise PeerError(f"expected the target's hello, got {type(msg).__name__}")
+        if msg.info.get("hash", "blake3") != "blake3":
+            raise PeerError(f"target uses hash {msg.info.get('hash')!r}, we use blake3")
+        return msg
+
+    def run(self) -> PushStats:
+        t0 = time.monotonic()
+        hello = self._handshake()
+        self.cs, self.fanout = hello.chunk_size, hello.fanout
+        self.src = Shape(self.reader.size, self.cs, self.fanout)
+        self.dst = Shape(hello.size, self.cs, self.fanout)
+        self.stats.chunk_size = self.cs
+        self.stats.chunks = self.src.chunks
+        self.stats.target_root_hash = str(hello.info.get("root", ""))
+        self.stats.resumed = bool(hello.info.get("resumed"))
+        self._leaves = bytearray(HASH_SIZE * self.src.chunks)
+        receiver = threading.Thread(target=self._receive, name="push-recv", daemon=True)
+        receiver.start()
+        self.sender = ThreadPoolExecutor(2, thread_name_prefix="push-send")
+        try:
+            index = self.reader.index_for(self.cs, self.fanout)
+            if index is not None:
+                self._compare_by_index(index)
+            else:
+                self._scan()
+            with self._cv:
+                while self._outstanding and not self.fail.event.is_set():
+                    self._cv.wait(0.5)
+            self.fail.check()
+            root = self._root()
+            self.stats.root_hash = root.hex()
+            done_info = {
+                "dry_run": self.opts.dry_run,
+                "source_changed_chunks": len(self.stats.source_changed_chunks),
+                "read_errors": self.stats.read_errors,
+            }
+            self.ch.send(p.Done(root, done_info))
+            receiver.join()
+            self.fail.check()
+        except BaseException as e:
+            self.fail.set(e)
+            if not isinstance(e, PeerError):
+                with contextlib.suppress(Exception):
+                    self.ch.send(p.Error(type(e).__name__, str(e)))
+            raise
+        finally:
+            self.sender.shutdown(wait=True, cancel_futures=True)
+            with contextlib.suppress(Exception):
+                self.ch.close()
+        assert self._result is not None
+        res = self._result
+        if not self.opts.dry_run and res.root != root:
+            raise PeerError("the target committed a different root hash than ours")
+        self.stats.generation = res.generation if not self.opts.dry_run else None
+        if self.opts.dry_run:
+            self.stats.target_root_hash = res.root.hex()
+        self.stats.bytes_sent = self.ch.bytes_sent
+        self.stats.bytes_received = self.ch.bytes_received
+        self.stats.duration = time.monotonic() - t0
+        return self.stats
+
+    # .. receiving ..
+
+    def _receive(self) -> None:
+        try:
+            while True:
+                msg = self.ch.recv()
+                if msg is None:
+                    if self._result is None:
+                        raise PeerError("the target closed the connection before committing")
+                    return
+                if isinstance(msg, p.PageHashes):
+                    with self._cv:
+                        if msg.start * HASH_SIZE != len(self._page_hashes):
+                            raise PeerError("target sent page digests out of order")
+                        self._page_hashes += msg.hashes
+                        self._cv.notify_all()
+                elif isinstance(msg, p.Leaves):
+                    self._on_leaves(msg)
+                elif isinstance(msg, p.Committed):
+                    self._result = msg
+                elif isinstance(msg, p.Error):
+                    raise _remote_error(msg)
+                else:
+                    raise PeerError(f"unexpected {type(msg).__name__} from the target")
+        except BaseException as e:
+            self.fail.set(e)
+            with self._cv:
+                self._cv.notify_all()
+
+    def _target_page(self, j: int) -> bytes:
+        with self._cv:
+            while len(self._page_hashes) < (j + 1) * HASH_SIZE:
+                if self.fail.event.is_set():
+                    self.fail.check()
+                self._cv.wait(0.5)
+            return bytes(self._page_hashes[j * HASH_SIZE : (j + 1) * HASH_SIZE])
+
+    # .. deciding ..
+
+    def _comparable(self, c: int) -> bool:
+        return c < self.dst.chunks and self.dst.chunk_length(c) == self.src.chunk_length(c)
+
+    def _page_comparable(self, j: int) -> bool:
+        a, b = self.src.chunk_range(1, j)
+        return j < self.dst.count(1) and self.dst.chunk_range(1, j) == (a, b) \
+            and self._comparable(b - 1)
+
+    def _leaf(self, c: int) -> bytes:
+        return bytes(self._leaves[c * HASH_SIZE : (c + 1) * HASH_SIZE])
+
+    def _page_hash(self, j: int) -> bytes:
+        a, b = self.src.chunk_range(1, j)
+        return node_hash_packed(self._leaves[a * HASH_SIZE : b * HASH_SIZE])
+
+    def _decide_page(self, j: int, *, src_page_hash: bytes | None = None) -> None:
+        """After page j's digests are known: skip it, ask for its leaves, or (when the
+        target has none of it) send its non-zero chunks."""
+        a, b = self.src.chunk_range(1, j)
+        self.stats.pages_compared += 1
+        if self._page_comparable(j):
+            mine = src_page_hash or self._page_hash(j)
+            if mine == self._target_page(j):
+                return
+        self.stats.pages_differing += 1
+        if a >= self.dst.chunks:
+            for c in range(a, b):
+                if self._leaf(c) != zero_hash(self.src.chunk_length(c)):
+                    self._send_chunk(c)
+            return
+        self._slots.acquire()
+        with self._cv:
+            self._outstanding += 1
+        self.ch.send(p.NeedLeaves(j))
+
+    def _on_leaves(self, msg: p.Leaves) -> None:
+        j = msg.page
+        a, b = self.src.chunk_range(1, j)
+        ta, tb = self.dst.chunk_range(1, j) if j < self.dst.count(1) else (a, a)
+        if len(msg.hashes) != (tb - ta) * HASH_SIZE:
+            raise PeerError(f"target sent {len(msg.hashes) // HASH_SIZE} leaf digests for page "
+                            f"{j}, expected {tb - ta}")
+        for c in range(a, b):
+            if self._comparable(c):
+                theirs = msg.hashes[(c - ta) * HASH_SIZE : (c - ta + 1) * HASH_SIZE]
+                if theirs == self._leaf(c):
+                    continue
+            elif c >= self.dst.chunks and self._leaf(c) == zero_hash(self.src.chunk_length(c)):
+                continue  # new chunks start out as zeros on the target
+            self._send_chunk(c)
+        self._slots.release()
+        self._done_one()
+
+    def _done_one(self) -> None:
+        with self._cv:
+            self._outstanding -= 1
+            self._cv.notify_all()
+
+    # .. sending ..
+
+    def _count_differing(self, c: int) -> None:
+        length = self.src.chunk_length(c)
+        with self._stats_lock:
+            self.stats.chunks_differing += 1
+            self.stats.chunk_bytes_differing += length
+            r = self.stats.differing_ranges
+            off = c * self.cs
+            if r and r[-1][0] + r[-1][1] == off:
+                r[-1] = (r[-1][0], r[-1][1] + length)
+            else:
+                r.append((off, length))
+
+    def _send_chunk(self, c: int, encoded: tuple[int, bytes] | None = None) -> None:
+        """Send chunk c: now if already encoded, else re-read it on the sender pool."""
+        self._count_differing(c)
+        if self.opts.dry_run:
+            return
+        if encoded is not None:
+            self.ch.send(p.Chunk(c, encoded[0], self._leaf(c), encoded[1]))
+            return
+        with self._cv:
+            self._outstanding += 1
+        fut: Future[None] = self.sender.submit(self._reread_and_send, c)
+        fut.add_done_callback(self._sent)
+
+    def _sent(self, fut: Future[None]) -> None:
+        exc = fut.exception() if not fut.cancelled() else None
+        if exc is not None:
+            self.fail.set(exc)
+        self._done_one()
+
+    def _reread_and_send(self, c: int) -> None:
+        if self.fail.event.is_set():
+            return
+        length = self.src.chunk_length(c)
+        want = self._leaf(c)
+        stored = self.reader.read_stored(c)
+        if stored is not None and self.opts.compress:
+            kind, payload = stored
+            self.ch.send(p.Chunk(c, kind, want, payload))
+            return
+        data = self._read(c * self.cs, length)
+        if codec.is_zero(data):
+            digest, kind, payload = zero_hash(length), int(Kind.ZERO), b""
+        else:
+            digest = leaf_hash(data)
+            kind, payload = self._encode(data)
+        if digest != want:
+            # the disk changed since we scanned it: send what we read now, and say so
+            with self._stats_lock:
+                self.stats.source_changed_chunks.append(c)
+            self._leaves[c * HASH_SIZE : (c + 1) * HASH_SIZE] = digest
+        self.ch.send(p.Chunk(c, kind, digest, payload))
+
+    def _encode(self, data: bytes) -> tuple[int, bytes]:
+        if not self.opts.compress:
+            return int(Kind.RAW), bytes(data)
+        kind, payload = codec.encode(data)
+        return int(kind), payload
+
+    def _read(self, offset: int, length: int) -> bytes:
+        try:
+            return self.reader.read(offset, length)
+        except OSError as e:
+            raise LocalError(f"read error in {self.reader.description} at offset {offset}: "
+                             f"{os.strerror(e.errno or errno.EIO)}") from None
+
+    # .. scanning ..
+
+    def _scan(self) -> None:
+        # batches never straddle a page, so a page is either compared or sent while scanned
+        self.batch = math.gcd(self.fanout, BATCH_CHUNKS)
+        # pages wholly past the target's end have nothing to compare: sent as they are read
+        self.send_from = -(-self.dst.chunks // self.fanout) * self.fanout
+        batches = range(0, self.src.chunks, self.batch)
+        page = 0
+        try:
+            for batch in ordered_map(self._scan_batch, batches, window=SCAN_WINDOW):
+                self.fail.check()
+                first, end = batch.first, batch.first + len(batch.hashes)
+                self._leaves[first * HASH_SIZE : end * HASH_SIZE] = b"".join(batch.hashes)
+                length = min(end * self.cs, self.src.size) - first * self.cs
+                zero_bytes = sum(self.src.chunk_length(first + k)
+                                 for k, z in enumerate(batch.zero) if z)
+                self.stats.zero_chunks += sum(batch.zero)
+                self.stats.read_errors.extend(batch.bad)
+                self.stats.bytes_read += length
+                self.stats.bytes_hashed += length - zero_bytes
+                if batch.encoded is not None:
+                    for k, enc in enumerate(batch.encoded):
+                        if enc is not None:
+                            self._send_chunk(first + k, enc)
+                elif end % self.fanout == 0 or end == self.src.chunks:
+                    self._decide_page(page)
+                page = end // self.fanout
+                self.progress(length)
+        except _Stopped:
+            self.fail.check()
+            raise
+
+    def _scan_batch(self, first: int) -> _Batch:
+        if self.fail.event.is_set():
+            raise _Stopped()
+        last = min(first + self.batch, self.src.chunks)
+        cs = self.cs
+        send_now = first >= self.send_from
+        bad: list[tuple[int, int]] = []
+        start, stop = first * cs, min(last * cs, self.src.size)
+        try:
+            data = self.reader.read(start, stop - start)
+        except OSError:
+            data = self._read_salvaging(first, last, bad)
+        hashes: list[bytes] = []
+        zero: list[bool] = []
+        encoded: list[tuple[int, bytes] | None] | None = [] if send_now else None
+        for c in range(first, last):
+            blob = data[(c - first) * cs : (c - first) * cs + self.src.chunk_length(c)]
+            if codec.is_zero(blob):
+                hashes.append(zero_hash(len(blob)))
+                zero.append(True)
+                if encoded is not None:
+                    encoded.append(None)
+                continue
+            hashes.append(leaf_hash(blob))
+            zero.append(False)
+            if encoded is not None:
+                encoded.append(self._encode(blob) if not self.opts.dry_run else (0, b""))
+        return _Batch(first, hashes, zero, encoded, bad)
+
+    def _read_salvaging(self, first: int, last: int, bad: list[tuple[int, int]]) -> bytes:
+        """Read chunk by chunk to find the unreadable ones; zeros for them if allowed."""
+        parts = []
+        for c in range(first, last):
+            off, length = c * self.cs, self.src.chunk_length(c)
+            try:
+                parts.append(self.reader.read(off, length))
+            except OSError as e:
+                if not self.opts.ignore_read_errors:
+                    raise LocalError(
+                        f"read error in {self.reader.description} at offset {off}: "
+                        f"{os.strerror(e.errno or errno.EIO)} (--ignore-read-errors fills "
+                        f"unreadable chunks with zeros)"
+                    ) from None
+                bad.append((off, length))
+                parts.append(bytes(length))
+        return b"".join(parts)
+
+    def _compare_by_index(self, index: Any) -> None:
+        """Image source with the target's geometry: digests come from its index."""
+        for c_page, h in enumerate(index.node_hashes(1)):
+            a, b = self.src.chunk_range(1, c_page)
+            for k, leaf in enumerate(index.leaf_hashes(c_page)):
+                self._leaves[(a + k) * HASH_SIZE : (a + k + 1) * HASH_SIZE] = leaf
+            for c in range(a, b):
+                if self._leaf(c) == zero_hash(self.src.chunk_length(c)):
+                    self.stats.zero_chunks += 1
+            self._decide_page(c_page, src_page_hash=h)
+            self.progress(sum(self.src.chunk_length(c) for c in range(a, b)))
+            self.fail.check()
+
+    def _root(self) -> bytes:
+        shape = self.src
+        if shape.chunks == 0:
+            return root_hash(0, self.cs, self.fanout, b"")
+        level = [self._page_hash(j) for j in range(shape.count(1))]
+        f = self.fanout
+        while len(level) > 1:
+            level = [node_hash_packed(b"".join(level[i : i + f])) for i in range(0, len(level), f)]
+        return root_hash(shape.size, self.cs, self.fanout, level[0])
+
+
+class _Stopped(Exception):
+    """A worker noticed another thread failed; the real error is in _Failure."""
+
+
+def _remote_error(msg: p.Error) -> DiskrsyncError:
+    return PeerError(f"target: {msg.message}")
