@@ -124,6 +124,14 @@ def punch_hole(fd: int, offset: int, length: int) -> bool:
     return r == 0
 
 
+def pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
+    """pwrite until everything is written: a nearly full disk writes part and then fails."""
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
+
+
 def _pread_exact(fd: int, length: int, offset: int, what: str) -> bytes:
     data = os.pread(fd, length, offset)
     if len(data) != length:
@@ -139,25 +147,35 @@ class _State:
     table: GenTable
     older: GenTable | None  # table of the other slot, when it is valid too
     older_table_extent: tuple[int, int] | None
-    damaged_slots: tuple[int, ...]
+    damaged_slots: tuple[int, ...]  # torn or damaged superblocks: redundancy lost, data fine
+    lost_commits: tuple[str, ...] = ()  # valid superblocks newer than the one in use whose
+    # table is unreadable: a commit was made durable and then damaged, so data was lost
 
 
 def _read_state(fd: int, path: str) -> _State:
     found: list[tuple[Superblock, GenTable, int]] = []
     problems: list[str] = []
+    bad_tables: list[tuple[int, str]] = []  # (counter, message) of valid superblocks
     head = os.pread(fd, SLOT_SIZE * 2, 0)
     for slot, off in enumerate(SUPERBLOCK_SLOTS):
         raw = head[off : off + SLOT_SIZE]
         try:
             sb = Superblock.decode(raw)
+        except DataError as e:
+            if "format version" in e.message:
+                raise DataError(f"{path}: {e.message}") from None
+            problems.append(f"superblock {slot}: {e.message}")
+            continue
+        try:
+            # the table is fsynced before its superblock is written, so a valid superblock
+            # with a bad table is damage, never a crash
             blob = _pread_exact(fd, sb.table_length, sb.table_offset, "generation table")
             if checksum(blob) != sb.table_checksum:
                 raise DataError("generation table checksum mismatch")
             found.append((sb, GenTable.decode(blob), slot))
         except DataError as e:
-            if "format version" in e.message:
-                raise DataError(f"{path}: {e.message}") from None
             problems.append(f"superblock {slot}: {e.message}")
+            bad_tables.append((sb.counter, f"superblock {slot}: {e.message}"))
     if not found:
         if not any(head[o : o + len(MAGIC)] == MAGIC for o in SUPERBLOCK_SLOTS):
             raise DataError(f"{path} is not a diskrsync image (no DSKRSYNC magic)")
@@ -166,12 +184,18 @@ def _read_state(fd: int, path: str) -> _State:
     sb, table, slot = found[0]
     older = found[1] if len(found) > 1 else None
     damaged = tuple(s for s in range(2) if s not in {f[2] for f in found})
+    lost = tuple(
+        f"{msg}: the newest commit is unreadable, the previous one is in use"
+        for counter, msg in bad_tables
+        if counter > sb.counter
+    )
     return _State(
         sb,
         table,
         older[1] if older else None,
         (older[0].table_offset, older[0].table_length) if older else None,
         damaged,
+        lost,
     )
 
 
@@ -368,6 +392,10 @@ class Image:
     @property
     def damaged_slots(self) -> tuple[int, ...]:
         return self._state.damaged_slots
+
+    @property
+    def lost_commits(self) -> tuple[str, ...]:
+        return self._state.lost_commits
 
     def refresh(self) -> None:
         self._state = _read_state(self._fd, self.path)
@@ -626,14 +654,12 @@ class Transaction:
     def _write(self, data: bytes, what: str) -> tuple[int, int]:
         off = self._alloc(len(data))
         try:
-            n = os.pwrite(self._fd, data, off)
+            pwrite_all(self._fd, data, off)
         except OSError as e:
             self._free.release(off, len(data))
             raise from_oserror(e, f"writing {what} to {self.path}") from None
-        if n != len(data):
-            raise LocalError(f"writing {what} to {self.path}: short write")
-        self.bytes_written += n
-        return off, n
+        self.bytes_written += len(data)
+        return off, len(data)
 
     # -- the tree being built ----------------------------------------------------------
 
@@ -836,7 +862,7 @@ class Transaction:
             os.fsync(self._fd)
             counter = self._counter + 1
             sb = Superblock(self.chunk_size, self.fanout, counter, off, n, checksum(blob))
-            os.pwrite(self._fd, sb.encode(), SUPERBLOCK_SLOTS[counter % 2])
+            pwrite_all(self._fd, sb.encode(), SUPERBLOCK_SLOTS[counter % 2])
             os.fsync(self._fd)
         except OSError as e:
             raise from_oserror(e, f"committing {self.path}") from None
@@ -855,6 +881,7 @@ class Transaction:
         self._publish(replace(self._table, checkpoint=rec))
         self._base_ref = rec.tree
         self.base = TreeView(self._fd, rec.tree, self.chunk_size, self.fanout)
+        self._base_limit = self.shape.chunks  # the checkpoint tree has the current shape
         self._dirty.clear()
         self._fresh.clear()
 

@@ -84,6 +84,7 @@ def verify(img: Image | SpgzImage, generation: int | None = None) -> VerifyRepor
         return report
     for slot in img.damaged_slots:
         report.warnings.append(f"superblock copy {slot} is damaged (the other one is in use)")
+    report.problems.extend(img.lost_commits)
     records = [img.record(generation)] if generation is not None else img.table.generations
     done: set[int] = set()  # stored offsets already checked (generations share chunks)
     for rec in records:
@@ -213,9 +214,20 @@ def _stream(snap: Any, f: BinaryIO, *, sparse: bool,
             if sparse:
                 f.seek(length, os.SEEK_CUR)
             else:
-                f.write(zeros(length))
+                _write_all(f, zeros(length))
         else:
-            f.write(data)
+            _write_all(f, data)
         if progress:
             progress(len(data) if data is not None else min(cs, snap.size - i * cs))
 
+
+def _write_all(f: BinaryIO, data: bytes) -> None:
+    """Unbuffered writes may take part of the data (a nearly full disk): write the rest, so
+    a full disk ends in an error, never in a short file reported as restored."""
+    view = memoryview(data)
+    while view:
+        n = f.write(view)
+        if n is None:  # non-blocking stdout not ready: fall back to a blocking flush
+            f.flush()
+            continue
+        view = view[n:]
