@@ -2,8 +2,7 @@
 
 ``FramedChannel`` speaks the wire format over any byte stream (pipes, a socket, an SSH
 channel). ``channel_pair`` connects two ends in one process with bounded queues and no encoding.
-``DelayedChannel`` adds one-way latency to every message while keeping the link pipelined, and
-counts causal hops, so tests can count round trips instead of timing them.
+``DelayedChannel`` adds one-way latency to every message while keeping the link pipelined.
 
 All channels are safe to ``send`` from several threads and ``recv`` from one other thread.
 """
@@ -15,7 +14,6 @@ import os
 import queue
 import threading
 import time
-from dataclasses import dataclass
 from typing import Protocol
 
 from diskrsync.errors import PeerError
@@ -125,14 +123,14 @@ class QueueChannel:
         if self._closed:
             raise PeerError("channel closed")
         self._out.put(msg)
-        self.bytes_sent += p.wire_size(getattr(msg, "msg", msg))
+        self.bytes_sent += p.wire_size(msg)
 
     def recv(self) -> p.Message | None:
         item = self._in.get()
         if item is _EOF:
             self._in.put(_EOF)  # later recv calls see EOF too
             return None
-        self.bytes_received += p.wire_size(getattr(item, "msg", item))  # type: ignore[arg-type]
+        self.bytes_received += p.wire_size(item)  # type: ignore[arg-type]
         return item  # type: ignore[return-value]
 
     def close(self) -> None:
@@ -148,31 +146,13 @@ def channel_pair(maxsize: int = 64) -> tuple[QueueChannel, QueueChannel]:
     return QueueChannel(a, b), QueueChannel(b, a)
 
 
-@dataclass
-class HopCounter:
-    """Longest causal chain of messages seen so far, in one-way hops (2 hops = 1 round trip)."""
-
-    max_hops: int = 0
-
-    def __post_init__(self) -> None:
-        self._lock = threading.Lock()
-
-    def saw(self, hops: int) -> None:
-        with self._lock:
-            self.max_hops = max(self.max_hops, hops)
-
-
 class DelayedChannel:
-    """Wraps one end so every message it sends arrives ``delay`` seconds later (pipelined, like
-    a long link), and tags messages with causal hop counts: a message sent after receiving
-    one with ``h`` hops carries ``h + 1``."""
+    """Wraps one end so every message it sends arrives ``delay`` seconds later, pipelined like
+    a long link (a benchmark's stand-in for a WAN; tc netem is not available here)."""
 
-    def __init__(self, inner: Channel, delay: float, counter: HopCounter) -> None:
+    def __init__(self, inner: Channel, delay: float) -> None:
         self.inner = inner
         self.delay = delay
-        self.counter = counter
-        self._seen = 0
-        self._lock = threading.Lock()
         self._heap: list[tuple[float, int, object]] = []
         self._seq = 0
         self._cv = threading.Condition()
@@ -187,14 +167,14 @@ class DelayedChannel:
     def bytes_received(self) -> int:
         return self.inner.bytes_received
 
-    def send(self, msg: p.Message) -> None:
-        with self._lock:
-            hops = self._seen + 1
-        self.counter.saw(hops)
+    def _put(self, item: object) -> None:
         with self._cv:
             self._seq += 1
-            heapq.heappush(self._heap, (time.monotonic() + self.delay, self._seq, (hops, msg)))
+            heapq.heappush(self._heap, (time.monotonic() + self.delay, self._seq, item))
             self._cv.notify()
+
+    def send(self, msg: p.Message) -> None:
+        self._put(msg)
 
     def _pump(self) -> None:
         while True:
@@ -206,33 +186,16 @@ class DelayedChannel:
             if item is _EOF:
                 self.inner.close()
                 return
-            assert isinstance(item, tuple)
-            self.inner.send(_Tagged(item[0], item[1]))  # type: ignore[arg-type]
+            self.inner.send(item)  # type: ignore[arg-type]
 
     def recv(self) -> p.Message | None:
-        msg = self.inner.recv()
-        if isinstance(msg, _Tagged):
-            with self._lock:
-                self._seen = max(self._seen, msg.hops)
-            return msg.msg
-        return msg
+        return self.inner.recv()
 
     def close(self) -> None:
-        with self._cv:
-            self._seq += 1
-            heapq.heappush(self._heap, (time.monotonic() + self.delay, self._seq, _EOF))
-            self._cv.notify()
+        self._put(_EOF)
 
 
-@dataclass(frozen=True)
-class _Tagged:
-    hops: int
-    msg: p.Message
-
-
-def delayed_pair(delay: float, maxsize: int = 64) -> tuple[DelayedChannel, DelayedChannel,
-                                                           HopCounter]:
+def delayed_pair(delay: float, maxsize: int = 64) -> tuple[DelayedChannel, DelayedChannel]:
     """An in-process pair whose every message takes ``delay`` seconds one way."""
     a, b = channel_pair(maxsize)
-    counter = HopCounter()
-    return DelayedChannel(a, delay, counter), DelayedChannel(b, delay, counter), counter
+    return DelayedChannel(a, delay), DelayedChannel(b, delay)

@@ -251,19 +251,19 @@ class SourceSession:
 
     def run(self) -> PushStats:
         t0 = time.monotonic()
-        hello = self._handshake()
-        self.cs, self.fanout = hello.chunk_size, hello.fanout
-        self.src = Shape(self.reader.size, self.cs, self.fanout)
-        self.dst = Shape(hello.size, self.cs, self.fanout)
-        self.stats.chunk_size = self.cs
-        self.stats.chunks = self.src.chunks
-        self.stats.target_root_hash = str(hello.info.get("root", ""))
-        self.stats.resumed = bool(hello.info.get("resumed"))
-        self._leaves = bytearray(HASH_SIZE * self.src.chunks)
-        receiver = threading.Thread(target=self._receive, name="push-recv", daemon=True)
-        receiver.start()
         self.sender = ThreadPoolExecutor(2, thread_name_prefix="push-send")
         try:
+            hello = self._handshake()
+            self.cs, self.fanout = hello.chunk_size, hello.fanout
+            self.src = Shape(self.reader.size, self.cs, self.fanout)
+            self.dst = Shape(hello.size, self.cs, self.fanout)
+            self.stats.chunk_size = self.cs
+            self.stats.chunks = self.src.chunks
+            self.stats.target_root_hash = str(hello.info.get("root", ""))
+            self.stats.resumed = bool(hello.info.get("resumed"))
+            self._leaves = bytearray(HASH_SIZE * self.src.chunks)
+            receiver = threading.Thread(target=self._receive, name="push-recv", daemon=True)
+            receiver.start()
             index = self.reader.index_for(self.cs, self.fanout)
             if index is not None:
                 self._compare_by_index(index)

@@ -66,7 +66,13 @@ class TargetStore(Protocol):
 
     def finish(self, root: bytes, info: dict[str, Any]) -> p.Committed: ...
 
-    def abort(self, save: bool) -> None: ...
+    def abort(self, save: bool) -> None:
+        """Give up the push; with ``save``, keep what arrived as a checkpoint first."""
+        ...
+
+    def close(self) -> None:
+        """Release files and locks (idempotent; called after finish or abort)."""
+        ...
 
 
 def _check_geometry(hello: p.Hello) -> int:
@@ -124,7 +130,7 @@ class ImageStore:
             try:
                 self.tx.resize(hello.size)
             except BaseException:
-                self.abort(save=False)
+                self.close()
                 raise
         self.base_size = self.base.shape.size
         shape = self.base.shape
@@ -132,6 +138,10 @@ class ImageStore:
         self.info["root"] = root_hash(shape.size, shape.chunk_size, shape.fanout, top).hex()
         self._since_cp = 0
         self._cp_time = time.monotonic()
+        self._written = 0
+
+    def _checkpoint_meta(self) -> dict[str, Any]:
+        return {"checkpoint": True, "chunks_written": self._written}
 
     def send_page_hashes(self, send: Callable[[p.Message], None]) -> None:
         _send_packed(send, self.base.node_hashes(1))
@@ -147,11 +157,12 @@ class ImageStore:
         length = self.tx.shape.chunk_length(index)
         self.tx.put_chunk(index, Kind(kind), payload, digest, length)
         self._since_cp += len(payload)
+        self._written += 1
         o = self.opts
         if self._since_cp >= o.checkpoint_bytes or (
             self._since_cp and time.monotonic() - self._cp_time >= o.checkpoint_seconds
         ):
-            self.tx.checkpoint(source=self.source, meta={"checkpoint": True})
+            self.tx.checkpoint(source=self.source, meta=self._checkpoint_meta())
             self._since_cp = 0
             self._cp_time = time.monotonic()
 
@@ -162,14 +173,18 @@ class ImageStore:
         gen = self.tx.commit(source=self.source, meta=meta, keep=self.opts.keep,
                              expect_root=root)
         self.tx = None
-        self.abort(save=False)  # nothing left to abort: closes the image
         return p.Committed(gen.number, gen.root_hash, {"path": self.path})
 
     def abort(self, save: bool) -> None:
         if self.tx is not None:
             if save:
                 with contextlib.suppress(DiskrsyncError, OSError):
-                    self.tx.checkpoint(source=self.source, meta={"checkpoint": True})
+                    self.tx.checkpoint(source=self.source, meta=self._checkpoint_meta())
+            self.tx.abort()
+        self.close()
+
+    def close(self) -> None:
+        if self.tx is not None:
             self.tx.abort()
         self.tx = None
         snap = getattr(self, "_snap", None)
@@ -336,6 +351,9 @@ class RawStore:
         return p.Committed(0, mine, {"path": self.path})
 
     def abort(self, save: bool) -> None:
+        self.close()
+
+    def close(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
@@ -485,5 +503,7 @@ def serve_target(channel: Channel, opener: Callable[[p.Hello], TargetStore], *,
     finally:
         if verifier is not None:
             verifier.close()
+        if store is not None:
+            store.close()
         with contextlib.suppress(Exception):
             channel.close()

@@ -1,0 +1,531 @@
+"""The sync engine: protocol codec, pushes between in-memory ends, and the behaviour users rely
+on (round trips, a changing source, resume, read errors, dry runs, locking, bad input)."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import itertools
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import replace
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from support.causal import causal_pair
+
+from diskrsync.compression.image import Image
+from diskrsync.errors import BusyError, LocalError, PeerError, UsageError
+from diskrsync.synccore import protocol as p
+from diskrsync.synccore.channel import FdStream, FramedChannel, delayed_pair
+from diskrsync.synccore.merkle import leaf_hash, tree_root
+from diskrsync.synccore.push import PushRequest, local_push
+from diskrsync.synccore.source import RawSource, SourceOptions, SourceSession
+from diskrsync.synccore.target import TargetOptions
+
+CS = 16384
+REQ = PushRequest(source=SourceOptions(chunk_size=CS))
+DISKRSYNC = [sys.executable, "-m", "diskrsync.cli"]
+
+
+def current(path) -> bytes:
+    img = Image.open(str(path))
+    with img.snapshot() as s:
+        data = s.read(0, s.size)
+    img.close()
+    return data
+
+
+def root_of(data: bytes, cs: int = CS) -> str:
+    leaves = [leaf_hash(data[i : i + cs]) for i in range(0, len(data), cs)]
+    return tree_root(len(data), cs, 128, leaves).hex()
+
+
+def mixed(seed: int, size: int) -> bytes:
+    """Random, zero and text regions, in 8-chunk runs."""
+    r = random.Random(seed)
+    out = bytearray()
+    while len(out) < size:
+        kind = r.randrange(3)
+        n = CS * 8
+        text = (b"line %d\n" % r.randrange(99)) * (n // 8)
+        out += r.randbytes(n) if kind == 0 else bytes(n) if kind == 1 else text
+    return bytes(out[:size])
+
+
+# -- protocol codec ----------------------------------------------------------------------
+
+MESSAGES = [
+    p.Hello("source", 123, CS, 128, "diskrsync test", {"a": [1, 2]}),
+    p.PageHashes(5, os.urandom(64)),
+    p.NeedLeaves(7),
+    p.Leaves(7, os.urandom(96)),
+    p.Chunk(9, 2, os.urandom(32), os.urandom(1000)),
+    p.Done(os.urandom(32), {"x": 1}),
+    p.Committed(3, os.urandom(32), {"path": "/x"}),
+    p.Error("LocalError", "disk full"),
+]
+
+
+@given(st.lists(st.integers(1, 200), min_size=1, max_size=50))
+def test_codec_round_trip_in_any_split(cuts):
+    stream = p.preamble() + b"".join(p.encode(m) for m in MESSAGES)
+    dec = p.Decoder()
+    got = []
+    pos = 0
+    for cut in itertools.cycle(cuts):
+        dec.feed(stream[pos : pos + cut])
+        pos += cut
+        while (m := dec.next()) is not None:
+            got.append(m)
+        if pos >= len(stream):
+            break
+    assert got == MESSAGES
+    assert dec.pending == 0
+
+
+def test_codec_rejects_garbage_and_names_versions():
+    with pytest.raises(PeerError, match="does not speak the diskrsync protocol"):
+        d = p.Decoder()
+        d.feed(b"SSH-2.0-OpenSSH\r\n")
+        d.next()
+    with pytest.raises(PeerError, match="--legacy"):
+        d = p.Decoder()
+        d.feed(b"BSNC0002" + bytes(8))
+        d.next()
+    with pytest.raises(PeerError, match=r"version 9.*version 1"):
+        d = p.Decoder()
+        d.feed(b"DRSYNC\x00\x09")
+        d.next()
+    with pytest.raises(PeerError, match="garbage"):
+        d = p.Decoder()
+        d.feed(p.preamble() + b"\xff\xff\xff\xff\x01")
+        d.next()
+
+
+# -- pushes between two in-memory ends ---------------------------------------------------
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    old=st.tuples(st.integers(0, 10**6), st.integers(0, CS * 300)),
+    new_size=st.integers(0, CS * 300),
+    edits=st.lists(st.tuples(st.integers(0, CS * 300), st.binary(min_size=1, max_size=3000)),
+                   max_size=6),
+    raw=st.booleans(),
+)
+def test_push_makes_target_equal_to_source(tmp_path_factory, old, new_size, edits, raw):
+    """Whatever the sizes and edits, the target ends byte-equal with the source's root."""
+    d = tmp_path_factory.mktemp("push")
+    before = mixed(old[0], old[1])
+    after = bytearray(before[:new_size].ljust(new_size, b"\0"))
+    for off, blob in edits:
+        if off < new_size:
+            after[off : off + len(blob)] = blob[: new_size - off]
+    src, dst = d / "src", d / "dst"
+    src.write_bytes(before)
+    req = replace(REQ, raw_target=raw)
+    local_push(str(src), str(dst), req)
+    src.write_bytes(bytes(after))
+    stats = local_push(str(src), str(dst), req)
+    got = dst.read_bytes() if raw else current(dst)
+    assert got == after
+    assert stats.root_hash == root_of(bytes(after))
+
+
+def test_unchanged_push_sends_almost_nothing(tmp_path):
+    data = mixed(1, CS * 1000)
+    (tmp_path / "s").write_bytes(data)
+    local_push(str(tmp_path / "s"), str(tmp_path / "t"), REQ)
+    stats = local_push(str(tmp_path / "s"), str(tmp_path / "t"), REQ)
+    assert stats.chunks_differing == 0
+    assert stats.bytes_sent < 2000
+    assert stats.generation == 2
+
+
+def test_round_trips_do_not_grow_with_differences(tmp_path):
+    """Counted along the protocol's real dependencies (tests/support/causal.py): one changed
+    chunk, and changes in every page of a 20-page disk, take the same number of round trips,
+    and the many comparisons overlap instead of taking turns."""
+    base = mixed(2, CS * 128 * 20)
+    hops = {}
+    for name, changed in (("one", [5]), ("many", list(range(3, 128 * 20, 97)))):
+        src, dst = tmp_path / f"{name}.src", tmp_path / f"{name}.spgz"
+        src.write_bytes(base)
+        local_push(str(src), str(dst), REQ)
+        data = bytearray(base)
+        for c in changed:
+            data[c * CS : c * CS + 4] = b"XXXX"
+        src.write_bytes(bytes(data))
+        a, b, log = causal_pair()
+        stats = local_push(str(src), str(dst), REQ, channels=(a, b))
+        assert stats.chunks_differing == len(changed)
+        assert current(dst) == bytes(data)
+        hops[name] = log.max_hops
+        if name == "many":
+            assert log.max_outstanding > 1
+    # hello, hello+page digests, leaves request, leaves, chunks/done, committed
+    assert hops["one"] == hops["many"] == 6
+
+
+class ChangingSource(RawSource):
+    """Returns new bytes for some chunks once they have been read once (a live disk)."""
+
+    def __init__(self, path: str, changes: dict[int, bytes]) -> None:
+        super().__init__(path)
+        self.changes = changes
+        self.seen: set[int] = set()
+
+    def read(self, offset: int, length: int) -> bytes:
+        data = bytearray(super().read(offset, length))
+        for c, blob in self.changes.items():
+            lo = c * CS
+            if offset <= lo < offset + length:
+                if length == CS and lo in self.seen:
+                    data[lo - offset : lo - offset + CS] = blob
+                self.seen.add(lo)
+        return bytes(data)
+
+
+def test_source_changing_during_push_is_detected(tmp_path):
+    src, dst = tmp_path / "s", tmp_path / "d.spgz"
+    old = mixed(3, CS * 256)
+    src.write_bytes(old)
+    local_push(str(src), str(dst), REQ)
+    new = bytearray(old)
+    new[10 * CS : 10 * CS + 5] = b"first"  # a real change, found by the scan
+    src.write_bytes(bytes(new))
+    later = os.urandom(CS)  # chunk 10 changes again between the scan and the re-read
+    from diskrsync.synccore.channel import channel_pair
+    from diskrsync.synccore.push import open_store, serve_target
+
+    a, b = channel_pair()
+    out = {}
+    t = threading.Thread(target=lambda: out.setdefault("c", serve_target(
+        b, lambda h: open_store(str(dst), h, TargetOptions(), raw=False), verify=True)))
+    t.start()
+    reader = ChangingSource(str(src), {10: later})
+    stats = SourceSession(a, reader, SourceOptions(chunk_size=CS)).run()
+    t.join()
+    reader.close()
+    assert stats.source_changed_chunks == [10]
+    expect = bytearray(new)
+    expect[10 * CS : 11 * CS] = later
+    assert current(dst) == bytes(expect)  # exactly what was sent
+    img = Image.open(str(dst))
+    assert img.generations()[-1].meta["source_changed_chunks"] == 1
+
+
+class FailingSource(RawSource):
+    def __init__(self, path: str, bad: range) -> None:
+        super().__init__(path)
+        self.bad = bad
+
+    def read(self, offset: int, length: int) -> bytes:
+        if any(o in self.bad for o in range(offset, offset + length, CS)):
+            raise OSError(errno.EIO, "Input/output error")
+        return super().read(offset, length)
+
+
+def _push_reader(reader, dst, opts):
+    from diskrsync.synccore.channel import channel_pair
+    from diskrsync.synccore.push import open_store, serve_target
+
+    a, b = channel_pair()
+    err = []
+
+    def target():
+        try:
+            serve_target(b, lambda h: open_store(str(dst), h, TargetOptions(), raw=False))
+        except Exception as e:
+            err.append(e)
+            while b.recv() is not None:
+                pass
+
+    t = threading.Thread(target=target)
+    t.start()
+    try:
+        return SourceSession(a, reader, opts).run()
+    finally:
+        t.join()
+
+
+def test_read_errors_name_the_offset_or_become_zeros(tmp_path):
+    src, dst = tmp_path / "s", tmp_path / "d.spgz"
+    data = os.urandom(CS * 64)
+    src.write_bytes(data)
+    bad = range(20 * CS, 22 * CS)
+    with pytest.raises(LocalError, match=f"at offset {20 * CS}.*--ignore-read-errors"):
+        _push_reader(FailingSource(str(src), bad), dst, SourceOptions(chunk_size=CS))
+    assert Image.open(str(dst)).generations() == []  # nothing committed
+    stats = _push_reader(FailingSource(str(src), bad), dst,
+                         SourceOptions(chunk_size=CS, ignore_read_errors=True))
+    assert stats.read_errors == [(20 * CS, CS), (21 * CS, CS)]
+    expect = data[: 20 * CS] + bytes(2 * CS) + data[22 * CS :]
+    assert current(dst) == expect
+    assert Image.open(str(dst)).generations()[-1].meta["read_errors"] == [
+        [20 * CS, CS], [21 * CS, CS]]
+
+
+def test_dry_run_changes_nothing_and_reports(tmp_path):
+    src, dst = tmp_path / "s", tmp_path / "d.spgz"
+    data = mixed(4, CS * 200)
+    src.write_bytes(data)
+    local_push(str(src), str(dst), REQ)
+    before = dst.read_bytes()
+    changed = bytearray(data)
+    changed[CS * 50 : CS * 50 + 3] = b"abc"
+    changed[CS * 51 : CS * 51 + 3] = b"abc"
+    src.write_bytes(bytes(changed))
+    req = replace(REQ, source=replace(REQ.source, dry_run=True),
+                  target=TargetOptions(dry_run=True))
+    stats = local_push(str(src), str(dst), req)
+    assert dst.read_bytes() == before
+    assert stats.differing_ranges == [(CS * 50, CS * 2)]
+    assert stats.root_hash == root_of(bytes(changed))
+    assert stats.target_root_hash == root_of(data)
+    assert stats.generation is None
+
+
+def _writer_active(path) -> bool:
+    import fcntl
+    import struct
+
+    from diskrsync.compression.image import WRITER_LOCK
+
+    fd = os.open(str(path), os.O_RDONLY)
+    try:
+        req = struct.pack("hhqqi4x", fcntl.F_WRLCK, 0, WRITER_LOCK, 1, 0)
+        res = fcntl.fcntl(fd, fcntl.F_OFD_GETLK, req)
+        return struct.unpack("hhqqi4x", res)[0] != fcntl.F_UNLCK
+    finally:
+        os.close(fd)
+
+
+def test_second_push_fails_at_once_naming_the_first(tmp_path):
+    src, dst = tmp_path / "s", tmp_path / "d.spgz"
+    src.write_bytes(os.urandom(CS * 512))
+    local_push(str(src), str(dst), REQ)
+    src.write_bytes(os.urandom(CS * 512))
+    a, b = delayed_pair(0.3)  # a slow link keeps the first push busy
+    t = threading.Thread(target=local_push, args=(str(src), str(dst), REQ),
+                         kwargs={"channels": (a, b)})
+    t.start()
+    deadline = time.monotonic() + 10
+    while not _writer_active(dst) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    t0 = time.monotonic()
+    with pytest.raises(BusyError, match=rf"push by pid {os.getpid()}"):
+        local_push(str(src), str(dst), REQ)
+    assert time.monotonic() - t0 < 2
+    t.join()
+
+
+def test_bad_input_is_refused_clearly(tmp_path):
+    (tmp_path / "s").write_bytes(b"x" * 1000)
+    with pytest.raises(UsageError, match="No such file"):
+        local_push(str(tmp_path / "missing"), str(tmp_path / "d"), REQ)
+    with pytest.raises(UsageError, match="is a directory"):
+        local_push(str(tmp_path), str(tmp_path / "d"), REQ)
+    with pytest.raises(UsageError, match="does not exist"):
+        local_push(str(tmp_path / "s"), str(tmp_path / "nodir" / "d"), REQ)
+    precious = tmp_path / "notes.txt"
+    precious.write_bytes(b"my notes")
+    with pytest.raises(UsageError, match="not a diskrsync image; refusing"):
+        local_push(str(tmp_path / "s"), str(precious), REQ)
+    assert precious.read_bytes() == b"my notes"
+    # a directory as DST means DST/<name of SRC>.spgz
+    local_push(str(tmp_path / "s"), str(tmp_path), REQ)
+    assert current(tmp_path / "s.spgz") == b"x" * 1000
+
+
+def test_empty_source(tmp_path):
+    (tmp_path / "s").write_bytes(b"")
+    stats = local_push(str(tmp_path / "s"), str(tmp_path / "d"), REQ)
+    assert current(tmp_path / "d") == b""
+    assert stats.root_hash == root_of(b"")
+
+
+# -- the framed protocol against a real `diskrsync serve` process -------------------------
+
+
+def _serve(dst, *extra):
+    return subprocess.Popen([*DISKRSYNC, "serve", "--target", str(dst), *extra],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+
+
+def test_serve_over_pipes_verifies_and_commits(tmp_path):
+    src, dst = tmp_path / "s", tmp_path / "d.spgz"
+    data = mixed(5, CS * 300)
+    src.write_bytes(data)
+    proc = _serve(dst, "--chunk-size", str(CS))
+    ch = FramedChannel(FdStream(proc.stdout.fileno(), proc.stdin.fileno()))
+    reader = RawSource(str(src))
+    stats = SourceSession(ch, reader, SourceOptions(chunk_size=CS)).run()
+    reader.close()
+    assert proc.wait(10) == 0
+    assert stats.generation == 1
+    assert current(dst) == data
+
+
+def test_serve_rejects_a_chunk_that_lies_about_its_digest(tmp_path):
+    dst = tmp_path / "d.spgz"
+    src = tmp_path / "s"
+    src.write_bytes(b"a" * CS * 4)
+    local_push(str(src), str(dst), REQ)
+    proc = _serve(dst)
+    ch = FramedChannel(FdStream(proc.stdout.fileno(), proc.stdin.fileno()))
+    ch.send(p.Hello("source", CS * 4, CS, 128, "evil", {}))
+    assert isinstance(ch.recv(), p.Hello)
+    ch.send(p.Chunk(0, 1, leaf_hash(b"a" * CS), b"b" * CS))
+    ch.send(p.Done(b"\0" * 32))
+    msgs = []
+    while (m := ch.recv()) is not None:
+        msgs.append(m)
+    errors = [m for m in msgs if isinstance(m, p.Error)]
+    assert proc.wait(10) != 0
+    assert errors == [] or "does not match its digest" in errors[0].message
+    assert b"does not match its digest" in proc.stderr.read()
+    assert current(dst) == b"a" * CS * 4
+
+
+def test_serve_survives_garbage_and_early_close(tmp_path):
+    dst = tmp_path / "d.spgz"
+    (tmp_path / "s").write_bytes(b"a" * CS * 4)
+    local_push(str(tmp_path / "s"), str(dst), REQ)
+    for junk in (b"GET / HTTP/1.1\r\n\r\n", p.preamble() + p.encode(
+            p.Hello("source", CS * 4, CS, 128, "x", {}))[:-3]):
+        proc = _serve(dst)
+        _out, err = proc.communicate(junk, timeout=10)
+        assert proc.returncode != 0
+        assert b"Traceback" not in err
+        assert err.decode().strip().count("\n") == 0  # one line
+        assert err.startswith(b"diskrsync: ")
+    assert current(dst) == b"a" * CS * 4
+
+
+# -- resume after a kill -------------------------------------------------------------------
+
+
+def test_killed_push_resumes_without_resending(tmp_path):
+    """SIGKILL a push at about half (after a checkpoint), re-run: it resumes from the
+    checkpoint and sends roughly the other half only."""
+    src, dst = tmp_path / "s", tmp_path / "d.spgz"
+    size = 192 << 20
+    with open(src, "wb") as f:
+        for _ in range(size >> 20):
+            f.write(os.urandom(1 << 20))  # incompressible: bytes sent ~ data
+    proc = subprocess.Popen([*DISKRSYNC, "push", "--quiet", "--checkpoint-interval", "4M",
+                             str(src), str(dst)])
+    half = (size // (128 * 1024)) // 2
+    killed_at = None
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            img = Image.open(str(dst))
+            cp = img.table.checkpoint
+            img.close()
+        except Exception:
+            cp = None
+        if cp is not None and cp.meta.get("chunks_written", 0) >= half:
+            proc.send_signal(signal.SIGKILL)
+            killed_at = cp.meta["chunks_written"]
+            break
+        time.sleep(0.002)
+    proc.wait()
+    if killed_at is None:
+        pytest.fail("the push finished before it could be killed half way")
+    assert Image.open(str(dst)).generations() == []  # nothing current yet
+    out = subprocess.run([*DISKRSYNC, "push", "--json", str(src), str(dst)],
+                         capture_output=True, check=True)
+    import json
+
+    stats = json.loads(out.stdout)
+    assert stats["resumed"] is True
+    chunks = size // (128 * 1024)
+    assert stats["chunks_differing"] <= chunks - killed_at
+    assert stats["bytes_sent"] < (chunks - killed_at + 8) * 128 * 1024 * 1.01
+    assert current(dst) == src.read_bytes()
+
+
+# -- ENOSPC on the target ----------------------------------------------------------------
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
+def test_target_disk_full_keeps_previous_generation(tmp_path):
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mnt)], check=True)
+    try:
+        src = tmp_path / "s"
+        first = os.urandom(CS * 64)  # 1 MiB
+        src.write_bytes(first)
+        dst = mnt / "d.spgz"
+        local_push(str(src), str(dst), REQ)
+        src.write_bytes(os.urandom(CS * 200))  # 3.1 MiB: cannot fit beside the first
+        with pytest.raises(LocalError, match="no space left on device"):
+            local_push(str(src), str(dst), REQ)
+        assert current(dst) == first
+        r = subprocess.run([*DISKRSYNC, "verify", str(dst)], capture_output=True)
+        assert r.returncode == 0, r.stdout + r.stderr
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_socket_peer_closing_early_keeps_previous(tmp_path):
+    """The source dies after sending a few chunks: no commit, a checkpoint remains."""
+    dst = tmp_path / "d.spgz"
+    (tmp_path / "s").write_bytes(b"a" * CS * 8)
+    local_push(str(tmp_path / "s"), str(dst), REQ)
+    a, b = socket.socketpair()
+    from diskrsync.synccore.push import open_store, serve_target
+
+    err = []
+
+    def target():
+        try:
+            serve_target(FramedChannel(_Sock(b)),
+                         lambda h: open_store(str(dst), h, TargetOptions(), raw=False))
+        except PeerError as e:
+            err.append(e)
+
+    t = threading.Thread(target=target)
+    t.start()
+    ch = FramedChannel(_Sock(a))
+    ch.send(p.Hello("source", CS * 8, CS, 128, "x", {}))
+    ch.recv()
+    ch.send(p.Chunk(0, 1, leaf_hash(b"b" * CS), b"b" * CS))
+    a.shutdown(socket.SHUT_RDWR)
+    a.close()
+    t.join(10)
+    assert err and "closed the connection before finishing" in str(err[0])
+    img = Image.open(str(dst))
+    assert img.table.checkpoint is not None  # chunk 0 kept for the next push
+    with img.snapshot() as s:
+        assert s.read(0, s.size) == b"a" * CS * 8
+
+
+class _Sock:
+    def __init__(self, s: socket.socket) -> None:
+        self.s = s
+
+    def send(self, data: bytes) -> None:
+        self.s.sendall(data)
+
+    def recv(self, n: int) -> bytes:
+        try:
+            return self.s.recv(n)
+        except OSError:
+            return b""
+
+    def close_send(self) -> None:
+        with contextlib.suppress(OSError):
+            self.s.shutdown(socket.SHUT_WR)
