@@ -1,0 +1,659 @@
+"""SSH transport: location parsing (pure) and the byte pipe against a real OpenSSH sshd."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from support.sshd import SSH_KEYGEN, SshServer, free_port, make_key, public_line
+
+from diskrsync.errors import PeerError, UsageError
+from diskrsync.synccore.ssh import (
+    AuthError,
+    ConnectError,
+    HostKeyChangedError,
+    LinkError,
+    LocalPath,
+    RemoteCommandError,
+    RemotePath,
+    RemoteProcess,
+    SshConnection,
+    SshOptions,
+    UnknownHostKeyError,
+    _host_matches,
+    connect,
+    parse_location,
+    remote_command_line,
+)
+
+MiB = 1024 * 1024
+
+# --------------------------------------------------------------------------------------
+# Location parsing
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("disk.img", LocalPath("disk.img")),
+        ("/dev/sda", LocalPath("/dev/sda")),
+        ("./a:b", LocalPath("./a:b")),
+        ("/abs:x", LocalPath("/abs:x")),
+        ("dir/a:b", LocalPath("dir/a:b")),
+        (":foo", LocalPath(":foo")),
+        ("host:img.spgz", RemotePath(None, "host", None, "img.spgz")),
+        ("host:/srv/x.spgz", RemotePath(None, "host", None, "/srv/x.spgz")),
+        ("backup@host:/srv/x", RemotePath("backup", "host", None, "/srv/x")),
+        ("host:a:b", RemotePath(None, "host", None, "a:b")),
+        ("host:~/x", RemotePath(None, "host", None, "x")),
+        ("host:with space/x", RemotePath(None, "host", None, "with space/x")),
+        ("[::1]:/x", RemotePath(None, "::1", None, "/x")),
+        ("u@[fe80::1]:x", RemotePath("u", "fe80::1", None, "x")),
+        ("ssh://host/srv/x.spgz", RemotePath(None, "host", None, "/srv/x.spgz")),
+        ("ssh://host:2222/srv/x", RemotePath(None, "host", 2222, "/srv/x")),
+        ("ssh://backup@[::1]:2222/srv/x.spgz", RemotePath("backup", "::1", 2222, "/srv/x.spgz")),
+        ("ssh://[::1]/x", RemotePath(None, "::1", None, "/x")),
+        ("ssh://h/~/rel/x", RemotePath(None, "h", None, "rel/x")),
+        ("ssh://h/~bob/x", RemotePath(None, "h", None, "~bob/x")),
+        ("ssh://u@h:22//double", RemotePath("u", "h", 22, "//double")),
+    ],
+)
+def test_parse_location_table(text: str, expected: object) -> None:
+    assert parse_location(text) == expected
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "host:",
+        "host:~/",
+        "@host:x",
+        "ssh://host",
+        "ssh://host/",
+        "ssh://host:port/x",
+        "ssh://host:0/x",
+        "ssh://host:65536/x",
+        "ssh://[::1/x",
+        "ssh://[::1]x/y",
+        "ssh:///x",
+        "-oProxyCommand=evil:x",
+        "[notv6]:x",
+    ],
+)
+def test_parse_location_rejects(text: str) -> None:
+    with pytest.raises(UsageError):
+        parse_location(text)
+
+
+_label = st.from_regex(r"[a-z0-9]([a-z0-9-]{0,10}[a-z0-9])?", fullmatch=True)
+_hostname = st.lists(_label, min_size=1, max_size=3).map(".".join)
+_ipv6 = st.ip_addresses(v=6).map(str)
+_user = st.from_regex(r"[a-z_][a-z0-9_.-]{0,15}", fullmatch=True)
+_path = st.text(
+    st.characters(exclude_characters="\0", exclude_categories=["Cs"]), min_size=1
+).filter(lambda p: not p.startswith("~/"))
+
+
+@given(
+    user=st.none() | _user,
+    host=_hostname | _ipv6,
+    port=st.none() | st.integers(1, 65535),
+    path=_path,
+)
+def test_remote_path_round_trip(user: str | None, host: str, port: int | None, path: str) -> None:
+    loc = RemotePath(user, host, port, path)
+    assert parse_location(str(loc)) == loc
+
+
+@given(st.sampled_from(["/", "./", "../"]), _path)
+def test_paths_with_a_slash_before_any_colon_are_local(prefix: str, rest: str) -> None:
+    assert parse_location(prefix + rest) == LocalPath(prefix + rest)
+
+
+@given(st.lists(st.text(st.characters(exclude_characters="\0", exclude_categories=["Cs"]))))
+def test_command_line_quotes_every_word(argv: list[str]) -> None:
+    line = remote_command_line("/opt/my tools/diskrsync", argv)
+    assert shlex.split(line) == ["/opt/my tools/diskrsync", *argv]
+
+
+def test_known_hosts_patterns() -> None:
+    from paramiko import HostKeys
+
+    assert _host_matches("[127.0.0.1]:2222", "[127.0.0.1]:2222")
+    assert not _host_matches("[127.0.0.1]:2222", "[127.0.0.1]:2223")
+    assert not _host_matches("[127.0.0.1]:2222", "1")  # brackets are not a char class
+    assert _host_matches("a.example,b.example", "b.example")
+    assert _host_matches("*.example", "x.example")
+    assert _host_matches("host?", "host1")
+    assert not _host_matches("*.example,!bad.example", "bad.example")
+    assert _host_matches("A.Example", "a.example")
+    hashed = HostKeys.hash_host("[h]:22")
+    assert _host_matches(hashed, "[h]:22")
+    assert not _host_matches(hashed, "[h]:23")
+
+
+# --------------------------------------------------------------------------------------
+# Against a real sshd
+
+
+@pytest.fixture(autouse=True)
+def _hermetic_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No test may see the developer's ~/.ssh or ssh-agent."""
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.delenv("SSH_AUTH_SOCK", raising=False)
+
+
+@pytest.fixture
+def srv(tmp_path: Path) -> Iterator[SshServer]:
+    with SshServer(tmp_path / "sshd") as server:
+        server.write_known_hosts()
+        yield server
+
+
+def options(srv: SshServer, **kw: object) -> SshOptions:
+    base = SshOptions(
+        identity_files=(srv.client_key,),
+        ssh_config=None,
+        known_hosts=srv.known_hosts,
+        use_agent=False,
+        global_known_hosts=None,
+        connect_timeout=10.0,
+    )
+    return replace(base, **kw)  # type: ignore[arg-type]
+
+
+def remote(srv: SshServer, host: str | None = None) -> RemotePath:
+    return RemotePath(None, host or srv.host, srv.port, "/unused")
+
+
+@pytest.fixture
+def conn(srv: SshServer) -> Iterator[SshConnection]:
+    with connect(remote(srv), options(srv, remote_cmd="sh")) as c:
+        yield c
+
+
+def read_all(proc: RemoteProcess) -> bytes:
+    out = bytearray()
+    while chunk := proc.recv(MiB):
+        out += chunk
+    return bytes(out)
+
+
+def sh(conn: SshConnection, script: str, **kw: Callable[[str], None]) -> RemoteProcess:
+    """Run a shell snippet (the connection's remote_cmd is ``sh``)."""
+    return conn.run(["-c", script], **kw)
+
+
+def round_trip(conn: SshConnection, total: int) -> float:
+    """Push ``total`` random bytes through remote ``cat`` from one thread while another
+    reads them back; asserts the SHA-256 matches; returns MB/s (each direction)."""
+    proc = conn.run(["-c", "exec cat"])
+    block = os.urandom(MiB)
+    sent, got = hashlib.sha256(), hashlib.sha256()
+    errors: list[BaseException] = []
+
+    def sender() -> None:
+        try:
+            for i in range(total // MiB):
+                piece = block[i % 7 :] + block[: i % 7]  # not one repeated block
+                proc.send(piece)
+                sent.update(piece)
+            proc.close_send()
+        except BaseException as e:
+            errors.append(e)
+
+    start = time.monotonic()
+    th = threading.Thread(target=sender)
+    th.start()
+    n = 0
+    while chunk := proc.recv(4 * MiB):
+        got.update(chunk)
+        n += len(chunk)
+    th.join()
+    elapsed = time.monotonic() - start
+    assert not errors
+    assert n == total
+    assert got.hexdigest() == sent.hexdigest()
+    assert proc.wait(10) == 0
+    return total / elapsed / 1e6
+
+
+@pytest.mark.ssh
+def test_cat_round_trip_concurrent(conn: SshConnection) -> None:
+    rate = round_trip(conn, 128 * MiB)
+    assert conn.cipher == "aes128-gcm@openssh.com"
+    print(f"cat round trip: {rate:.0f} MB/s each way")
+
+
+class _KexCounter(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.rekeys = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.getMessage().startswith("Rekeying"):
+            self.rekeys += 1
+
+
+@pytest.fixture
+def kex_counter() -> Iterator[_KexCounter]:
+    log = logging.getLogger("paramiko.transport")
+    counter = _KexCounter()
+    old = log.level
+    log.setLevel(logging.DEBUG)
+    log.addHandler(counter)
+    yield counter
+    log.removeHandler(counter)
+    log.setLevel(old)
+
+
+@pytest.mark.ssh
+@pytest.mark.slow
+def test_round_trip_across_rekey_does_not_stall(
+    conn: SshConnection, kex_counter: _KexCounter
+) -> None:
+    start = time.monotonic()
+    round_trip(conn, 640 * MiB)
+    assert kex_counter.rekeys >= 1  # paramiko re-keys every 512 MiB
+    assert time.monotonic() - start < 20
+
+
+@pytest.mark.ssh
+@pytest.mark.slow
+def test_pull_across_rekey_does_not_stall(conn: SshConnection, kex_counter: _KexCounter) -> None:
+    total = 640 * MiB
+    start = time.monotonic()
+    proc = sh(conn, f"head -c {total} /dev/zero")
+    n = 0
+    while chunk := proc.recv(256 * 1024):  # small reads: many window adjusts
+        n += len(chunk)
+    assert n == total
+    assert proc.wait(10) == 0
+    assert kex_counter.rekeys >= 1
+    assert time.monotonic() - start < 20
+
+
+@pytest.mark.ssh
+def test_stderr_relayed_line_by_line(conn: SshConnection) -> None:
+    lines: list[str] = []
+    proc = sh(conn, "echo one >&2; printf 'two\\nthree' >&2; echo out", on_stderr=lines.append)
+    assert read_all(proc) == b"out\n"
+    assert proc.wait(5) == 0
+    assert lines == ["one", "two", "three"]
+
+
+@pytest.mark.ssh
+def test_stderr_default_prefix(conn: SshConnection, capfd: pytest.CaptureFixture[str]) -> None:
+    proc = sh(conn, "echo 'disk full' >&2")
+    assert read_all(proc) == b""
+    assert proc.wait(5) == 0
+    assert capfd.readouterr().err == f"{conn.host}: disk full\n"
+
+
+@pytest.mark.ssh
+@pytest.mark.parametrize("status", [0, 1, 3, 126])
+def test_exit_status(conn: SshConnection, status: int) -> None:
+    proc = sh(conn, f"exit {status}")
+    assert read_all(proc) == b""
+    assert proc.wait(5) == status
+
+
+@pytest.mark.ssh
+def test_arguments_arrive_literally(srv: SshServer, tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    args = [
+        "a b",
+        "it's",
+        '"dq"',
+        f"$(touch {marker})",
+        f"`touch {marker}`",
+        "*",
+        "",
+        "semi;colon",
+        "new\nline",
+        "$HOME",
+        "-n",
+    ]
+    with connect(remote(srv), options(srv, remote_cmd="printf")) as c:
+        proc = c.run(["%s\\0", *args])
+        out = read_all(proc)
+        assert proc.wait(5) == 0
+    assert out.split(b"\0")[:-1] == [a.encode() for a in args]
+    assert not marker.exists()
+
+
+@pytest.mark.ssh
+def test_remote_cmd_path_with_spaces(srv: SshServer, tmp_path: Path) -> None:
+    tool = tmp_path / "my tools" / "fake diskrsync"
+    tool.parent.mkdir()
+    tool.write_text('#!/bin/sh\necho "[$0] $#: $1"\n')
+    tool.chmod(0o755)
+    with connect(remote(srv), options(srv, remote_cmd=str(tool))) as c:
+        proc = c.run(["serve", "--x"])
+        assert read_all(proc) == f"[{tool}] 2: serve\n".encode()
+        assert proc.wait(5) == 0
+
+
+@pytest.mark.ssh
+def test_missing_remote_command_is_explained(srv: SshServer) -> None:
+    lines: list[str] = []
+    opts = options(srv, remote_cmd="diskrsync-not-here")
+    want = (
+        f"diskrsync-not-here not found on {srv.host} (exit 127): "
+        "install it there or pass --remote-cmd"
+    )
+    with connect(remote(srv), opts) as c:
+        proc = c.run(["serve"], on_stderr=lines.append)
+        with pytest.raises(RemoteCommandError) as info:
+            proc.recv(100)
+        assert str(info.value) == want
+        with pytest.raises(RemoteCommandError, match="exit 127"):
+            proc.wait(5)
+        # a sender learns the same thing
+        proc2 = c.run(["serve"], on_stderr=lines.append)
+        with pytest.raises(RemoteCommandError) as info2:
+            for _ in range(100):
+                proc2.send(b"x" * MiB)
+        assert str(info2.value) == want
+    assert any("not found" in line for line in lines)
+
+
+def _fingerprint_of(pub: Path) -> str:
+    out = subprocess.run([SSH_KEYGEN, "-lf", str(pub)], capture_output=True, text=True, check=True)
+    return out.stdout.split()[1]
+
+
+@pytest.mark.ssh
+def test_unknown_host_key_fails_with_fingerprint(srv: SshServer, tmp_path: Path) -> None:
+    known = tmp_path / "home" / ".ssh" / "known_hosts"
+    with pytest.raises(UnknownHostKeyError) as info:
+        connect(remote(srv), options(srv, known_hosts=known))
+    msg = str(info.value)
+    assert "ssh-ed25519" in msg
+    assert _fingerprint_of(Path(f"{srv.host_key}.pub")) in msg
+    assert "--accept-new-host-key" in msg
+    assert "\n" not in msg
+    assert not known.exists()
+
+
+@pytest.mark.ssh
+@pytest.mark.parametrize("hashed", [False, True])
+def test_accept_new_host_key_adds_it(srv: SshServer, tmp_path: Path, hashed: bool) -> None:
+    known = tmp_path / "home" / ".ssh" / "known_hosts"
+    cfg = tmp_path / "ssh_config"
+    cfg.write_text(f"Host *\n    HashKnownHosts {'yes' if hashed else 'no'}\n")
+    opts = options(srv, known_hosts=known, ssh_config=cfg, remote_cmd="true")
+    with connect(remote(srv), replace(opts, accept_new_host_key=True)) as c:
+        assert c.run([]).wait(5) == 0
+    line = known.read_text()
+    assert line.endswith(public_line(srv.host_key).rsplit(" ", 1)[0] + "\n")
+    assert line.startswith("|1|") == hashed
+    assert oct(known.stat().st_mode & 0o777) == "0o600"
+    # OpenSSH finds the entry we wrote
+    found = subprocess.run([SSH_KEYGEN, "-F", srv.host_pattern, "-f", str(known)], check=False)
+    assert found.returncode == 0
+    # and the next connection needs no flag
+    with connect(remote(srv), opts) as c:
+        assert c.run([]).wait(5) == 0
+    assert known.read_text() == line
+
+
+@pytest.mark.ssh
+@pytest.mark.parametrize("kind", ["ed25519", "ecdsa"])
+def test_changed_host_key_fails_even_with_accept_new(
+    srv: SshServer, tmp_path: Path, kind: str
+) -> None:
+    other = make_key(tmp_path / "other_host_key", kind)
+    srv.write_known_hosts(key=other)
+    before = srv.known_hosts.read_text()
+    with pytest.raises(HostKeyChangedError) as info:
+        connect(remote(srv), options(srv, accept_new_host_key=True))
+    msg = str(info.value)
+    assert _fingerprint_of(Path(f"{srv.host_key}.pub")) in msg
+    assert "ssh-keygen -R" in msg
+    assert srv.known_hosts.read_text() == before
+
+
+@pytest.mark.ssh
+def test_wrong_client_key_is_an_auth_failure(srv: SshServer, tmp_path: Path) -> None:
+    wrong = make_key(tmp_path / "wrong_key")
+    with pytest.raises(AuthError) as info:
+        connect(remote(srv), options(srv, identity_files=(wrong,)))
+    msg = str(info.value)
+    assert f"authentication as {srv.user}@{srv.host} failed" in msg
+    assert str(wrong) in msg
+    assert "publickey" in msg
+
+
+@pytest.mark.ssh
+def test_no_keys_at_all_says_so(srv: SshServer) -> None:
+    with pytest.raises(AuthError, match="no keys"):
+        connect(remote(srv), options(srv, identity_files=()))
+
+
+@pytest.mark.ssh
+def test_unreadable_key_file_is_reported(srv: SshServer, tmp_path: Path) -> None:
+    missing = tmp_path / "nope"
+    with pytest.raises(AuthError, match=f"{missing} missing"):
+        connect(remote(srv), options(srv, identity_files=(missing,)))
+
+
+@pytest.mark.ssh
+def test_agent_keys_are_used(
+    srv: SshServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sock = tmp_path / "agent.sock"
+    agent = subprocess.Popen(["ssh-agent", "-D", "-a", str(sock)], stdout=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 5
+        while not sock.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        env = {**os.environ, "SSH_AUTH_SOCK": str(sock)}
+        subprocess.run(["ssh-add", "-q", str(srv.client_key)], env=env, check=True)
+        monkeypatch.setenv("SSH_AUTH_SOCK", str(sock))
+        opts = options(srv, identity_files=(), use_agent=True, remote_cmd="true")
+        with connect(remote(srv), opts) as c:
+            assert c.run([]).wait(5) == 0
+    finally:
+        agent.terminate()
+        agent.wait(5)
+
+
+def test_connection_refused() -> None:
+    port = free_port()
+    with pytest.raises(ConnectError, match=f"127.0.0.1 port {port}: connection refused"):
+        connect(RemotePath(None, "127.0.0.1", port, "/x"), SshOptions(ssh_config=None))
+
+
+def test_unknown_host_name() -> None:
+    with pytest.raises(ConnectError, match=r"cannot resolve host name 'no-such-host\.invalid'"):
+        connect(parse_location("no-such-host.invalid:/x"), SshOptions(ssh_config=None))  # type: ignore[arg-type]
+
+
+def test_silent_server_times_out() -> None:
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        start = time.monotonic()
+        with pytest.raises(ConnectError, match="no SSH banner"):
+            connect(
+                RemotePath(None, "127.0.0.1", port, "/x"),
+                SshOptions(ssh_config=None, connect_timeout=1.0),
+            )
+        assert time.monotonic() - start < 5
+
+
+@pytest.mark.ssh
+def test_ssh_config_hostname_user_port_identityfile(srv: SshServer, tmp_path: Path) -> None:
+    cfg = srv.write_ssh_config(tmp_path / "ssh_config", alias="backup")
+    opts = options(srv, identity_files=(), ssh_config=cfg, remote_cmd="sh")
+    with connect(parse_location("backup:/srv/x.spgz"), opts) as c:  # type: ignore[arg-type]
+        proc = sh(c, 'echo "$(id -un)"')
+        assert read_all(proc) == f"{srv.user}\n".encode()
+    # an explicit port beats the config's
+    cfg = srv.write_ssh_config(tmp_path / "ssh_config", alias="backup", Port=str(free_port()))
+    with connect(RemotePath(None, "backup", srv.port, "/x"), replace(opts, ssh_config=cfg)):
+        pass
+    with pytest.raises(ConnectError, match="refused"):
+        connect(RemotePath(None, "backup", None, "/x"), replace(opts, ssh_config=cfg))
+
+
+@pytest.mark.ssh
+def test_ssh_config_user_is_used(srv: SshServer, tmp_path: Path) -> None:
+    cfg = srv.write_ssh_config(tmp_path / "ssh_config", alias="backup", User="nobody-here")
+    with pytest.raises(AuthError, match="nobody-here@"):
+        connect(RemotePath(None, "backup", None, "/x"), options(srv, ssh_config=cfg))
+
+
+@pytest.mark.ssh
+def test_proxy_jump(srv: SshServer, tmp_path: Path) -> None:
+    cfg = tmp_path / "ssh_config"
+    srv.write_ssh_config(cfg, alias="jump")
+    text = cfg.read_text()
+    srv.write_ssh_config(cfg, alias="inner", HostName="localhost", ProxyJump="jump")
+    cfg.write_text(text + cfg.read_text())
+    # the target is reached as "localhost" through the jump: file its key under that name
+    kind, blob = public_line(srv.host_key).split()[:2]
+    with srv.known_hosts.open("a") as f:
+        f.write(f"[localhost]:{srv.port} {kind} {blob}\n")
+    opts = options(srv, identity_files=(), ssh_config=cfg, remote_cmd="sh")
+    with connect(RemotePath(None, "inner", None, "/x"), opts) as c:
+        proc = sh(c, "echo via-jump")
+        assert read_all(proc) == b"via-jump\n"
+        sessions = [p for p in srv.descendants() if p.comm == "sshd"]
+        assert len(sessions) >= 2  # one for the jump, one for the target
+
+
+@pytest.mark.ssh
+def test_proxy_command(srv: SshServer, tmp_path: Path) -> None:
+    proxy = (
+        f"ssh -q -o BatchMode=yes -o UserKnownHostsFile={srv.known_hosts} "
+        f"-i {srv.client_key} -p {srv.port} {srv.user}@127.0.0.1 -W %h:%p"
+    )
+    cfg = srv.write_ssh_config(tmp_path / "ssh_config", alias="viaproxy", ProxyCommand=proxy)
+    opts = options(srv, identity_files=(), ssh_config=cfg, remote_cmd="echo")
+    with connect(RemotePath(None, "viaproxy", None, "/x"), opts) as c:
+        proc = c.run(["proxied"])
+        assert read_all(proc) == b"proxied\n"
+
+
+def _transfer_until_error(proc: RemoteProcess, on_started: Callable[[], None]) -> list[Exception]:
+    """Stream through the pipe from two threads; call ``on_started`` once data flows;
+    return the errors both threads raised (they must raise, not hang)."""
+    errors: list[Exception] = []
+    started = threading.Event()
+
+    def sender() -> None:
+        try:
+            while True:
+                proc.send(b"z" * MiB)
+        except Exception as e:
+            errors.append(e)
+
+    def receiver() -> None:
+        try:
+            while True:
+                if not proc.recv(MiB):
+                    errors.append(EOFError("clean EOF"))
+                    return
+                started.set()
+        except Exception as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=f, daemon=True) for f in (sender, receiver)]
+    for t in threads:
+        t.start()
+    assert started.wait(10)
+    on_started()
+    for t in threads:
+        t.join(10)
+        assert not t.is_alive(), "send/recv hung after the link broke"
+    return errors
+
+
+@pytest.mark.ssh
+def test_remote_killed_mid_transfer(conn: SshConnection, srv: SshServer) -> None:
+    proc = sh(conn, "exec cat")
+
+    def kill_cat() -> None:
+        (cat,) = srv.wait_for("cat")
+        os.kill(cat.pid, signal.SIGKILL)
+
+    start = time.monotonic()
+    errors = _transfer_until_error(proc, kill_cat)
+    assert time.monotonic() - start < 10
+    assert len(errors) == 2
+    assert all(isinstance(e, PeerError) for e in errors), errors
+    assert any("killed by a signal" in str(e) for e in errors)
+
+
+@pytest.mark.ssh
+def test_sshd_session_killed_mid_transfer(conn: SshConnection, srv: SshServer) -> None:
+    proc = sh(conn, "exec cat")
+
+    def kill_session() -> None:
+        for pid in srv.session_pids():
+            os.kill(pid, signal.SIGKILL)
+
+    errors = _transfer_until_error(proc, kill_session)
+    assert len(errors) == 2
+    assert all(isinstance(e, LinkError) for e in errors), errors
+    assert all("lost connection" in str(e) for e in errors)
+
+
+@pytest.mark.ssh
+def test_silent_link_detected_by_keepalive(srv: SshServer) -> None:
+    opts = options(srv, remote_cmd="sh", keepalive_interval=0.5, keepalive_count=3)
+    with connect(remote(srv), opts) as c:
+        proc = sh(c, "exec cat")
+        stopped_at: list[float] = []
+
+        def freeze_session() -> None:
+            for pid in srv.session_pids():
+                os.kill(pid, signal.SIGSTOP)
+            stopped_at.append(time.monotonic())
+
+        errors = _transfer_until_error(proc, freeze_session)
+        elapsed = time.monotonic() - stopped_at[0]
+    assert len(errors) == 2
+    assert all(isinstance(e, LinkError) for e in errors), errors
+    assert all("no response" in str(e) for e in errors)
+    assert 1.0 < elapsed < 4.0  # 0.5 s x 3, plus a tick
+
+
+@pytest.mark.ssh
+def test_idle_but_alive_link_survives_keepalive(srv: SshServer) -> None:
+    opts = options(srv, remote_cmd="sh", keepalive_interval=0.5, keepalive_count=3)
+    with connect(remote(srv), opts) as c:
+        proc = sh(c, "sleep 3; echo alive")  # twice the silence limit, answered probes
+        assert read_all(proc) == b"alive\n"
+        assert proc.wait(5) == 0
+
+
+@pytest.mark.ssh
+def test_send_lands_exactly_for_odd_sizes(conn: SshConnection) -> None:
+    proc = sh(conn, "exec sha256sum")
+    data = os.urandom(3 * MiB + 12345)
+    proc.send(memoryview(data)[:1])
+    proc.send(bytearray(data[1:70000]))
+    proc.send(data[70000:])
+    proc.close_send()
+    assert read_all(proc).split()[0].decode() == hashlib.sha256(data).hexdigest()
+    assert proc.wait(5) == 0
