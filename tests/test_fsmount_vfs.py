@@ -1,0 +1,326 @@
+"""The mount's tree and read-range logic over a fake image (no FUSE)."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import trio
+from support import diskbuild
+from support.fakeimage import FakeImage
+
+from diskrsync.errors import CorruptChunkError
+from diskrsync.fsmount.cache import ChunkCache
+from diskrsync.fsmount.reader import ChunkReader
+from diskrsync.fsmount.vfs import (
+    ROOT_INODE,
+    Changes,
+    DirNode,
+    FileNode,
+    IsADirectory,
+    LinkNode,
+    MountVFS,
+    NoSuchEntry,
+    NotADirectory,
+    ReadOnly,
+    chunk_ranges,
+    generation_dir_name,
+    load_generation,
+)
+
+CHUNK = 64 * 1024
+T0 = 1_795_000_000.0  # 2026-11-19T...
+
+
+@pytest.fixture(scope="module")
+def disk(tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    if diskbuild.missing_tools("sgdisk"):
+        pytest.skip("needs sgdisk (Debian: gdisk)")
+    built = diskbuild.build_pattern_gpt_disk(tmp_path_factory.mktemp("d") / "p.img")
+    return built.path.read_bytes()
+
+
+def sync(vfs: MountVFS, image: FakeImage) -> Changes:
+    """What DiskOperations.refresh does, synchronously."""
+    infos = image.generations()
+    known = vfs.generation_numbers()
+    loaded = {i.number: load_generation(image, i.number) for i in infos if i.number not in known}
+    return vfs.apply_generations(infos, loaded)
+
+
+def make(disk: bytes, generations: int = 1) -> tuple[FakeImage, MountVFS]:
+    image = FakeImage(CHUNK)
+    for n in range(generations):
+        image.add_generation(disk, commit_time=T0 + 60 * n)
+    vfs = MountVFS(uid=0, gid=0)
+    sync(vfs, image)
+    return image, vfs
+
+
+def test_chunk_ranges_cover_exactly() -> None:
+    rng = random.Random(1)
+    for _ in range(500):
+        size = rng.randrange(1, 10_000)
+        chunk = rng.choice([1, 7, 512, 4096])
+        offset, length = rng.randrange(0, size + 10), rng.randrange(0, 5000)
+        ranges = chunk_ranges(offset, length, chunk, size)
+        covered = [i * chunk + p for i, a, b in ranges for p in range(a, b)]
+        assert covered == list(range(offset, min(offset + length, size)))
+    assert chunk_ranges(100, 200, 64, 1000) == [(1, 36, 64), (2, 0, 64), (3, 0, 64), (4, 0, 44)]
+
+
+def test_generation_dir_name() -> None:
+    image = FakeImage()
+    image.add_generation(bytes(10), commit_time=1795698300.0)
+    assert generation_dir_name(image.generations()[0]) == "1-2026-11-26T13-05-00Z"
+
+
+def test_tree_layout(disk: bytes) -> None:
+    image, vfs = make(disk, 2)
+    assert sorted(vfs.root.children) == ["disk.raw", "generations", "partitions"]
+    names = sorted(vfs.resolve("/generations").children)  # type: ignore[attr-defined]
+    assert names == [generation_dir_name(i) for i in image.generations()]
+    top = vfs.resolve("/disk.raw")
+    assert isinstance(top, FileNode) and top.size == len(disk)
+    assert top is vfs.resolve(f"/generations/{names[1]}/disk.raw")  # newest; same inode
+    assert vfs.getattr(top.inode).mtime_ns == int((T0 + 60) * 1e9)
+    p2 = vfs.resolve("/partitions/p2")
+    assert isinstance(p2, FileNode) and (p2.start, p2.size) == (4101 * 512, 1536 * 1024)
+    link = vfs.resolve("/partitions/by-label/data")
+    assert isinstance(link, LinkNode) and vfs.readlink(link.inode) == b"../p2"
+    assert sorted(vfs.resolve("/partitions/by-label").children) == ["data", "root"]  # type: ignore[attr-defined]
+    attr = vfs.getattr(ROOT_INODE)
+    assert attr.nlink == 4 and attr.mode & 0o777 == 0o555
+    assert vfs.getattr(p2.inode).mode & 0o777 == 0o444
+
+
+def test_lookup_errors_and_stable_inodes(disk: bytes) -> None:
+    _, vfs = make(disk)
+    a = vfs.lookup(ROOT_INODE, "disk.raw")
+    assert vfs.lookup(ROOT_INODE, "disk.raw") is a
+    with pytest.raises(NoSuchEntry):
+        vfs.lookup(ROOT_INODE, "nope")
+    with pytest.raises(NotADirectory):
+        vfs.lookup(a.inode, "x")
+    with pytest.raises(NoSuchEntry):
+        vfs.getattr(10_000)
+    with pytest.raises(ReadOnly):
+        vfs.open(a.inode, write=True)
+    with pytest.raises(IsADirectory):
+        vfs.open(ROOT_INODE)
+
+
+def test_readdir_offsets(disk: bytes) -> None:
+    _, vfs = make(disk)
+    fh = vfs.opendir(vfs.resolve("/partitions").inode)
+    entries = vfs.readdir(fh, 0)
+    assert [e.name for e in entries] == ["p1", "p2", "by-label"]
+    assert [e.next_id for e in entries] == [1, 2, 3]
+    assert [e.name for e in vfs.readdir(fh, 2)] == ["by-label"]
+    vfs.releasedir(fh)
+
+
+def test_no_table_means_no_partition_files() -> None:
+    image = FakeImage(CHUNK)
+    image.add_generation(bytes(1024 * 1024))
+    vfs = MountVFS()
+    sync(vfs, image)
+    assert vfs.resolve("/partitions").children == {}  # type: ignore[attr-defined]
+
+
+def test_generations_appear_and_top_moves(disk: bytes) -> None:
+    image, vfs = make(disk)
+    old_top = vfs.resolve("/disk.raw")
+    handle = vfs.open(old_top.inode)
+    image.add_generation(disk[::-1], commit_time=T0 + 3600)
+    changes = sync(vfs, image)
+    assert vfs.generation_numbers() == {1, 2}
+    new_top = vfs.resolve("/disk.raw")
+    assert new_top is not old_top and vfs.top_generation == 2
+    assert (ROOT_INODE, "disk.raw") in changes.invalidate
+    assert handle.view.number == 1  # the open file keeps its generation
+    assert vfs.getattr(old_top.inode).size == len(disk)  # old inode still answers
+
+
+def test_pinned_generation_top(disk: bytes) -> None:
+    image = FakeImage(CHUNK)
+    image.add_generation(disk)
+    image.add_generation(disk)
+    vfs = MountVFS(generation=1)
+    sync(vfs, image)
+    assert vfs.top_generation == 1
+    image.add_generation(disk)
+    sync(vfs, image)
+    assert vfs.top_generation == 1
+    image.prune(1)
+    sync(vfs, image)
+    assert vfs.top_generation is None and "disk.raw" not in vfs.root.children
+
+
+def test_pruned_generation_stays_while_open(disk: bytes) -> None:
+    image, vfs = make(disk, 2)
+    name = generation_dir_name(image.generations()[0])
+    node = vfs.resolve(f"/generations/{name}/partitions/p1")
+    handle = vfs.open(node.inode)
+    assert image.pins(1) == 1
+    image.prune(1)
+    changes = sync(vfs, image)
+    assert changes.dropped == [] and name in vfs.generations_dir.children
+    assert image.pins(1) == 1 and vfs.view(1).removed
+    with pytest.raises(KeyError):
+        vfs.view(3)
+    changes = vfs.release(handle.fh)
+    assert changes.dropped == [1]
+    assert (vfs.generations_dir.inode, name) in changes.invalidate
+    assert name not in vfs.generations_dir.children
+    assert image.pins(1) == 0
+    with pytest.raises(NoSuchEntry):
+        vfs.open(node.inode)  # the snapshot is closed
+    # A pruned generation nobody has open goes at once.
+    image.prune(2)
+    assert sync(vfs, image).dropped == [2]
+    assert vfs.generations_dir.children == {} and image.open_snapshots() == 0
+
+
+def test_close_unpins_everything(disk: bytes) -> None:
+    image, vfs = make(disk, 3)
+    assert image.open_snapshots() == 3
+    vfs.close()
+    assert image.open_snapshots() == 0
+
+
+def test_unused_loaded_views_are_closed(disk: bytes) -> None:
+    image, vfs = make(disk)
+    extra = load_generation(image, 1)  # already in the tree
+    vfs.apply_generations(image.generations(), {1: extra})
+    assert extra.closed and image.open_snapshots() == 1
+
+
+# --- reads -------------------------------------------------------------------------------------
+
+
+async def _read(reader: ChunkReader, vfs: MountVFS, path: str, off: int, size: int) -> bytes:
+    handle = vfs.open(vfs.resolve(path).inode)
+    try:
+        return await reader.read(handle, off, size)
+    finally:
+        vfs.release(handle.fh)
+
+
+def test_reads_across_chunk_boundaries(disk: bytes) -> None:
+    image, vfs = make(disk)
+    reader = ChunkReader(ChunkCache(1 << 20))
+    p2 = 4101 * 512
+    rng = random.Random(2)
+
+    async def main() -> None:
+        for _ in range(200):
+            off = rng.randrange(0, 1536 * 1024 + 100)
+            size = rng.choice([1, 511, 4096, CHUNK, 3 * CHUNK + 17, 131072])
+            got = await _read(reader, vfs, "/partitions/p2", off, size)
+            assert got == disk[p2 + off : p2 + min(off + size, 1536 * 1024)]
+        whole = await _read(reader, vfs, "/disk.raw", 0, len(disk) + 100)
+        assert whole == disk
+        assert await _read(reader, vfs, "/disk.raw", len(disk), 10) == b""
+
+    trio.run(main)
+    assert image.chunk_reads > 0
+
+
+def test_zero_chunks_read_without_io(disk: bytes) -> None:
+    image, vfs = make(disk)
+    reader = ChunkReader(ChunkCache(1 << 20))
+    before = image.chunk_reads
+    data = trio.run(_read, reader, vfs, "/disk.raw", 58 * CHUNK, 4 * CHUNK)
+    assert data == bytes(4 * CHUNK) and image.chunk_reads == before
+    assert reader.stats.zero_chunks == 4
+
+
+def test_concurrent_misses_of_one_chunk_fetch_once(disk: bytes) -> None:
+    image, vfs = make(disk)
+    before = image.chunk_reads  # the partition table was read while loading
+    image.read_delay = 0.05
+    reader = ChunkReader(ChunkCache(1 << 20))
+    results: list[bytes] = []
+
+    async def main() -> None:
+        async def one(off: int) -> None:
+            results.append(await _read(reader, vfs, "/partitions/p1", off, 4096))
+
+        async with trio.open_nursery() as nursery:
+            for i in range(10):
+                nursery.start_soon(one, i * 4096)
+
+    trio.run(main)
+    assert image.chunk_reads - before == 1 and reader.stats.coalesced == 9
+    assert sorted(results) == sorted(disk[(1 << 20) + i * 4096 :][:4096] for i in range(10))
+
+
+def test_sequential_reader_gets_read_ahead(disk: bytes) -> None:
+    image, vfs = make(disk)
+    reader = ChunkReader(ChunkCache(8 << 20), readahead_bytes=4 * CHUNK)
+    before = image.chunk_reads
+    out = bytearray()
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            reader.start_readahead(nursery)
+            handle = vfs.open(vfs.resolve("/partitions/p1").inode)
+            for off in range(0, 1 << 20, 32 * 1024):
+                out.extend(await reader.read(handle, off, 32 * 1024))
+                await trio.sleep(0.001)  # let read-ahead threads finish
+            vfs.release(handle.fh)
+
+    trio.run(main)
+    assert bytes(out) == disk[1 << 20 : 2 << 20]
+    assert reader.stats.readahead_started >= 10
+    assert image.chunk_reads - before == 16  # each chunk once, mostly by read-ahead
+    assert reader.cache.stats().hits >= 16
+
+
+def test_read_ahead_over_a_corrupt_chunk(disk: bytes) -> None:
+    image, vfs = make(disk)
+    image.corrupt_chunk(1, 20)
+    reader = ChunkReader(ChunkCache(8 << 20), readahead_bytes=8 * CHUNK)
+    failed: list[int] = []
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            reader.start_readahead(nursery)
+            handle = vfs.open(vfs.resolve("/disk.raw").inode)
+            for off in range(16 * CHUNK, 32 * CHUNK, 16 * 1024):
+                try:
+                    data = await reader.read(handle, off, 16 * 1024)
+                except CorruptChunkError as exc:
+                    assert exc.chunk == 20
+                    failed.append(off // CHUNK)
+                else:
+                    assert data == disk[off : off + 16 * 1024]
+
+    trio.run(main)
+    assert failed == [20] * 4 and reader.stats.readahead_started > 0
+
+
+def test_random_reader_gets_no_read_ahead(disk: bytes) -> None:
+    _, vfs = make(disk)
+    reader = ChunkReader(ChunkCache(8 << 20))
+    rng = random.Random(3)
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            reader.start_readahead(nursery)
+            handle = vfs.open(vfs.resolve("/partitions/p1").inode)
+            for index in [0, 8, 3, 12, 6, 15, 1, 10, 4, 13, 7, 2, 11, 5, 14, 9]:
+                await reader.read(handle, index * CHUNK + rng.randrange(CHUNK - 4096), 4096)
+
+    trio.run(main)
+    assert reader.stats.readahead_started == 0
+
+
+def test_image_snapshot_read_matches(disk: bytes, tmp_path: Path) -> None:
+    image, _ = make(disk)
+    snap = image.snapshot()
+    assert snap.read(CHUNK - 3, 10) == disk[CHUNK - 3 : CHUNK + 7]
+    snap.close()
+    assert isinstance(MountVFS().root, DirNode)
