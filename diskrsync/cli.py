@@ -214,8 +214,14 @@ def _push_summary(stats: Any, args: argparse.Namespace) -> int:
 
 def cmd_push(args: argparse.Namespace) -> int:
     from diskrsync.synccore.push import local_push, open_source
+    from diskrsync.synccore.ssh import LocalPath, parse_location
 
     req = _push_request(args)
+    src, dst = parse_location(args.src), parse_location(args.dst)
+    if not (isinstance(src, LocalPath) and isinstance(dst, LocalPath)) or args.legacy:
+        from diskrsync.remote import remote_push
+
+        return _push_summary(remote_push(src, dst, req, args), args)
     total = 0
     if not args.quiet and not args.json and sys.stderr.isatty():
         with contextlib.suppress(DiskrsyncError):
@@ -238,6 +244,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     out_fd = os.dup(1)
     os.dup2(2, 1)
     channel = FramedChannel(FdStream(0, out_fd))
+    if args.restrict_to or os.environ.get("SSH_ORIGINAL_COMMAND"):
+        from diskrsync.remote import restricted_serve
+
+        return restricted_serve(args)
     if args.target:
         run_target_end(channel, args.target, _push_request(args), verify=True)
     else:
@@ -247,7 +257,43 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_mount(args: argparse.Namespace) -> int:
+    from diskrsync.compression.container import open_image
+    from diskrsync.fsmount.mount import mount_main
+
+    path = os.path.abspath(args.image)
+    return mount_main(lambda: open_image(path), args.mountpoint, foreground=args.foreground,
+                      generation=args.generation, allow_other=args.allow_other,
+                      cache_size=args.cache_size, verbose=args.verbose)
+
+
+def cmd_umount(args: argparse.Namespace) -> int:
+    from diskrsync.fsmount.mount import umount_main
+
+    return umount_main(args.mountpoint)
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from diskrsync.legacy_cmd import convert
+
+    return convert(args.old, args.new, chunk_size=args.chunk_size)
+
+
 # -- parser ----------------------------------------------------------------------------
+
+
+def _ssh_options(sp: argparse.ArgumentParser) -> None:
+    g = sp.add_argument_group("remote ends (SRC or DST as [user@]host:path or ssh://...)")
+    g.add_argument("--identity", "-i", action="append", default=[], metavar="FILE",
+                   help="private key to try (repeatable); the ssh agent is tried too")
+    g.add_argument("--ssh-config", "-F", metavar="FILE",
+                   help="ssh client config to read (default ~/.ssh/config)")
+    g.add_argument("--accept-new-host-key", action="store_true",
+                   help="trust and remember an unknown host's key (never a changed one)")
+    g.add_argument("--remote-cmd", default="diskrsync", metavar="PATH",
+                   help="diskrsync on the remote host (default: found on its PATH)")
+    g.add_argument("--legacy", action="store_true",
+                   help="the remote end is the original Go diskrsync (BSNC0002 protocol)")
 
 
 def _push_options(sp: argparse.ArgumentParser) -> None:
@@ -315,13 +361,45 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", action="store_true", help="print a machine-readable summary")
     sp.add_argument("--quiet", "-q", action="store_true", help="no progress, no summary")
     sp.add_argument("--verbose", "-v", action="store_true", help="say more")
+    _ssh_options(sp)
 
-    sp = sub.add_parser("serve", help=argparse.SUPPRESS)  # the remote end, over SSH
+    sp = sub.add_parser("serve", description="The remote end of a push (started over SSH).")
     sp.set_defaults(func=cmd_serve)
-    g = sp.add_mutually_exclusive_group(required=True)
+    # hidden from the command list: users never run it themselves
+    sub._choices_actions = [a for a in sub._choices_actions if a.dest != "serve"]
+    g = sp.add_mutually_exclusive_group()
     g.add_argument("--target", metavar="PATH")
     g.add_argument("--source", metavar="PATH")
+    sp.add_argument("--restrict-to", metavar="DIR",
+                    help="forced-command mode: take the request from SSH_ORIGINAL_COMMAND and "
+                         "refuse paths outside DIR")
+    sp.add_argument("--write-only", action="store_true",
+                    help="with --restrict-to: refuse to act as a source (no reads)")
     _push_options(sp)
+
+    sp = add("mount", cmd_mount,
+             "Mount an image read-only: disk.raw, partitions/ and generations/.")
+    sp.add_argument("image", metavar="IMAGE")
+    sp.add_argument("mountpoint", metavar="MOUNTPOINT")
+    sp.add_argument("--foreground", "-f", action="store_true",
+                    help="stay in the foreground and log to stderr")
+    sp.add_argument("--generation", "-g", type=int, metavar="G",
+                    help="show generation G at the top level (default: the newest)")
+    sp.add_argument("--allow-other", action="store_true",
+                    help="let other users read the mount (needs user_allow_other)")
+    sp.add_argument("--cache-size", type=parse_size, default=256 << 20, metavar="SIZE",
+                    help="decompressed-chunk cache (default 256M)")
+    sp.add_argument("--verbose", "-v", action="store_true", help="log every error in detail")
+
+    sp = add("umount", cmd_umount, "Unmount a diskrsync mount (also a stale one).")
+    sp.add_argument("mountpoint", metavar="MOUNTPOINT")
+
+    sp = add("convert", cmd_convert,
+             "Convert a Go diskrsync SPGZ0001 file into a diskrsync image.")
+    sp.add_argument("old", metavar="OLD.spgz")
+    sp.add_argument("new", metavar="NEW.spgz")
+    sp.add_argument("--chunk-size", type=parse_size, default=128 * 1024, metavar="N",
+                    help="chunk size of the new image (default 128K)")
 
     for extra in _EXTRA_COMMANDS:
         extra(sub, add)
@@ -333,10 +411,22 @@ _EXTRA_COMMANDS: list[Callable[..., None]] = []
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    from diskrsync.legacy_cmd import looks_like_go_remote
+
+    if looks_like_go_remote(argv):
+        # started by an original Go diskrsync client as `CMD --target|--source ... PATH`
+        from diskrsync.legacy_cmd import go_remote_main
+
+        return _run(lambda: go_remote_main(argv))
     parser = build_parser()
     args = parser.parse_args(argv)
+    return _run(lambda: int(args.func(args)))
+
+
+def _run(func: Callable[[], int]) -> int:
     try:
-        return int(args.func(args))
+        return int(func())
     except DiskrsyncError as e:
         print(f"diskrsync: {e.message}", file=sys.stderr)
         return e.exit_code
