@@ -24,8 +24,12 @@ fi
 stamp=.venv/.diskrsync-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     echo "setup: installing diskrsync and its dependencies into .venv"
-    .venv/bin/pip install -q --upgrade pip
-    .venv/bin/pip install -q -e '.[dev]'
+    if ! { .venv/bin/pip install -q --upgrade pip && .venv/bin/pip install -q -e '.[dev]'; } \
+            > .venv/install.log 2>&1; then
+        cat .venv/install.log >&2
+        echo "setup: pip install failed (log above)" >&2
+        exit 1
+    fi
     touch "$stamp"
 fi
 echo "setup: ready (.venv/bin/diskrsync)"
