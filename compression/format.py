@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import struct
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
+from functools import lru_cache
 from typing import Any
 
 import blake3
@@ -131,6 +133,22 @@ def unpack_entry(entries: bytes | bytearray, k: int) -> Entry:
 
 def entry_hash(entries: bytes | bytearray, k: int) -> bytes:
     return bytes(entries[k * ENTRY_SIZE : k * ENTRY_SIZE + 32])
+
+
+@lru_cache(maxsize=16)
+def _digests_struct(count: int) -> struct.Struct:
+    return struct.Struct("<" + "32s16x" * count)
+
+
+def entry_digests(entries: bytes | bytearray) -> bytes:
+    """The entries' hashes laid end to end: what a node's Merkle digest is computed over."""
+    count = len(entries) // ENTRY_SIZE
+    return b"".join(_digests_struct(count).unpack_from(entries)) if count else b""
+
+
+def iter_entries(entries: bytes | bytearray) -> Iterator[tuple[bytes, int, int, int]]:
+    """(hash, offset, length, kind) of every entry, without building objects (hot loops)."""
+    return ENTRY.iter_unpack(entries)
 
 
 @dataclass(frozen=True)

@@ -65,7 +65,9 @@ from diskrsync.compression.format import (
     checksum,
     decode_page,
     encode_page,
+    entry_digests,
     entry_hash,
+    iter_entries,
     pack_entry,
     page_length,
     unpack_entry,
@@ -236,8 +238,7 @@ class TreeView:
             entries = decode_page(raw, level=level, count=count)
         except DataError as e:
             raise DataError(f"index page ({level},{index}) at offset {off}: {e.message}") from None
-        digests = b"".join(entries[k * ENTRY_SIZE : k * ENTRY_SIZE + 32] for k in range(count))
-        if node_hash_packed(digests) != want:
+        if node_hash_packed(entry_digests(entries)) != want:
             raise DataError(f"index page ({level},{index}) at offset {off} fails its Merkle hash")
         with self._lock:
             self._pages[key] = entries
@@ -281,13 +282,13 @@ class TreeView:
             seen.add(off)
             yield off, length
             entries = self.page(level, index)
-            for k in range(len(entries) // ENTRY_SIZE):
-                e = unpack_entry(entries, k)
-                if level == 1:
-                    if e.kind != Kind.ZERO:
-                        yield e.offset, e.length
-                else:
-                    stack.append((level - 1, index * shape.fanout + k, e.offset, e.length))
+            if level == 1:
+                for _h, offset, length, kind in iter_entries(entries):
+                    if kind != Kind.ZERO:
+                        yield offset, length
+            else:
+                for k, (_h, offset, length, _kind) in enumerate(iter_entries(entries)):
+                    stack.append((level - 1, index * shape.fanout + k, offset, length))
 
 
 def _info(rec: GenRecord) -> GenerationInfo:
@@ -811,12 +812,8 @@ class Transaction:
         rebuilt: dict[int, bytes] = {}  # index -> packed pointer entry, for the current level
         for j in sorted(pages):
             entries = self._page_entries(j)
-            digests = b"".join(
-                entries[k * ENTRY_SIZE : k * ENTRY_SIZE + 32]
-                for k in range(len(entries) // ENTRY_SIZE)
-            )
             off, n = self._write(encode_page(1, entries), "index page")
-            rebuilt[j] = pack_entry(node_hash_packed(digests), off, n, Kind.PAGE)
+            rebuilt[j] = pack_entry(node_hash_packed(entry_digests(entries)), off, n, Kind.PAGE)
         for level in range(2, shape.top_level + 1):
             parents = {j // f for j in rebuilt}
             lo = max(min(base.count(level), shape.count(level)) - 1, 0)
@@ -833,12 +830,8 @@ class Transaction:
                     if e is None:
                         e = self._base_pointer(level - 1, k)
                     entries += e
-                digests = b"".join(
-                    entries[i * ENTRY_SIZE : i * ENTRY_SIZE + 32]
-                    for i in range(len(entries) // ENTRY_SIZE)
-                )
                 off, n = self._write(encode_page(level, entries), "index page")
-                above[j] = pack_entry(node_hash_packed(digests), off, n, Kind.PAGE)
+                above[j] = pack_entry(node_hash_packed(entry_digests(entries)), off, n, Kind.PAGE)
             rebuilt = above
         # an unchanged top is still the base's node of that level (which may not be its top)
         top = unpack_entry(rebuilt.get(0) or self._base_pointer(shape.top_level, 0), 0)
