@@ -280,6 +280,12 @@ class SourceSession:
                 "source_changed_chunks": len(self.stats.source_changed_chunks),
                 "read_errors": self.stats.read_errors,
             }
+            if self.opts.dry_run:
+                # no chunks travel in a dry run: tell a pulling target what would have
+                # (a dry run commits nothing, so this never reaches an image's metadata)
+                done_info.update(chunks_differing=self.stats.chunks_differing,
+                                 chunk_bytes_differing=self.stats.chunk_bytes_differing,
+                                 differing_ranges=self.stats.differing_ranges[:1000])
             self.ch.send(p.Done(root, done_info))
             receiver.join()
             self.fail.check()
@@ -458,7 +464,7 @@ class SourceSession:
             self._leaves[c * HASH_SIZE : (c + 1) * HASH_SIZE] = digest
         self.ch.send(p.Chunk(c, kind, digest, payload))
 
-    def _encode(self, data: bytes) -> tuple[int, bytes]:
+    def _encode(self, data: bytes | memoryview) -> tuple[int, bytes]:
         if not self.opts.compress:
             return int(Kind.RAW), bytes(data)
         kind, payload = codec.encode(data)
@@ -519,18 +525,20 @@ class SourceSession:
         hashes: list[bytes] = []
         zero: list[bool] = []
         encoded: list[tuple[int, bytes] | None] | None = [] if send_now else None
+        view = memoryview(data)
         for c in range(first, last):
-            blob = data[(c - first) * cs : (c - first) * cs + self.src.chunk_length(c)]
-            if codec.is_zero(blob):
-                hashes.append(zero_hash(len(blob)))
+            at, length = (c - first) * cs, self.src.chunk_length(c)
+            if data.startswith(codec.zeros(length), at):  # memcmp, no copy
+                hashes.append(zero_hash(length))
                 zero.append(True)
                 if encoded is not None:
                     encoded.append(None)
                 continue
-            hashes.append(leaf_hash(blob))
+            piece = view[at : at + length]
+            hashes.append(leaf_hash(piece))
             zero.append(False)
             if encoded is not None:
-                encoded.append(self._encode(blob) if not self.opts.dry_run else (0, b""))
+                encoded.append(self._encode(piece) if not self.opts.dry_run else (0, b""))
         return _Batch(first, hashes, zero, encoded, bad)
 
     def _read_salvaging(self, first: int, last: int, bad: list[tuple[int, int]]) -> bytes:
