@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import math
 import os
 import stat
@@ -50,7 +51,7 @@ from diskrsync.synccore.merkle import (
 
 BATCH_CHUNKS = 32  # at most this many chunks read and hashed per worker task
 SCAN_WINDOW = 6  # batches in flight
-MAX_PENDING_PAGES = 256  # NeedLeaves awaiting an answer
+MAX_PENDING_PAGES = 256  # pages asked about or being sent; bounds the source's backlog
 
 
 # -- what a source reads -----------------------------------------------------------------
@@ -231,6 +232,7 @@ class SourceSession:
         self._outstanding = 0  # NeedLeaves without Leaves, plus chunk sends in progress
         self._result: p.Committed | None = None
         self._slots = threading.BoundedSemaphore(MAX_PENDING_PAGES)
+        self._page_left: dict[int, int] = {}  # page -> chunk sends not yet done
         self._stats_lock = threading.Lock()
 
     # .. handshake ..
@@ -375,12 +377,11 @@ class SourceSession:
             if mine == self._target_page(j):
                 return
         self.stats.pages_differing += 1
+        self._slots.acquire()  # held until the page's chunks are sent: bounds the backlog
         if a >= self.dst.chunks:
-            for c in range(a, b):
-                if self._leaf(c) != zero_hash(self.src.chunk_length(c)):
-                    self._send_chunk(c)
+            self._send_page(j, [c for c in range(a, b)
+                                if self._leaf(c) != zero_hash(self.src.chunk_length(c))])
             return
-        self._slots.acquire()
         with self._cv:
             self._outstanding += 1
         self.ch.send(p.NeedLeaves(j))
@@ -392,6 +393,7 @@ class SourceSession:
         if len(msg.hashes) != (tb - ta) * HASH_SIZE:
             raise PeerError(f"target sent {len(msg.hashes) // HASH_SIZE} leaf digests for page "
                             f"{j}, expected {tb - ta}")
+        send = []
         for c in range(a, b):
             if self._comparable(c):
                 theirs = msg.hashes[(c - ta) * HASH_SIZE : (c - ta + 1) * HASH_SIZE]
@@ -399,8 +401,8 @@ class SourceSession:
                     continue
             elif c >= self.dst.chunks and self._leaf(c) == zero_hash(self.src.chunk_length(c)):
                 continue  # new chunks start out as zeros on the target
-            self._send_chunk(c)
-        self._slots.release()
+            send.append(c)
+        self._send_page(j, send)
         self._done_one()
 
     def _done_one(self) -> None:
@@ -422,23 +424,36 @@ class SourceSession:
             else:
                 r.append((off, length))
 
-    def _send_chunk(self, c: int, encoded: tuple[int, bytes] | None = None) -> None:
-        """Send chunk c: now if already encoded, else re-read it on the sender pool."""
+    def _send_chunk(self, c: int, encoded: tuple[int, bytes]) -> None:
+        """Send a chunk encoded during the scan."""
         self._count_differing(c)
-        if self.opts.dry_run:
-            return
-        if encoded is not None:
+        if not self.opts.dry_run:
             self.ch.send(p.Chunk(c, encoded[0], self._leaf(c), encoded[1]))
+
+    def _send_page(self, j: int, chunks: list[int]) -> None:
+        """Re-read and send ``chunks`` of page j on the sender pool; the page's slot is freed
+        when the last one is sent. Never blocks: it runs on the receiver thread too."""
+        for c in chunks:
+            self._count_differing(c)
+        if self.opts.dry_run or not chunks:
+            self._slots.release()
             return
         with self._cv:
-            self._outstanding += 1
-        fut: Future[None] = self.sender.submit(self._reread_and_send, c)
-        fut.add_done_callback(self._sent)
+            self._page_left[j] = len(chunks)
+            self._outstanding += len(chunks)
+        for c in chunks:
+            fut: Future[None] = self.sender.submit(self._reread_and_send, c)
+            fut.add_done_callback(functools.partial(self._sent, j))
 
-    def _sent(self, fut: Future[None]) -> None:
+    def _sent(self, j: int, fut: Future[None]) -> None:
         exc = fut.exception() if not fut.cancelled() else None
         if exc is not None:
             self.fail.set(exc)
+        with self._cv:
+            self._page_left[j] -= 1
+            if not self._page_left[j]:
+                del self._page_left[j]
+                self._slots.release()
         self._done_one()
 
     def _reread_and_send(self, c: int) -> None:
