@@ -240,20 +240,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from diskrsync.synccore.channel import FdStream, FramedChannel
     from diskrsync.synccore.push import run_target_end, serve_source
 
+    if args.restrict_to or os.environ.get("SSH_ORIGINAL_COMMAND"):
+        from diskrsync.remote import restricted_serve
+
+        return restricted_serve(args)  # owns stdout: it may have to send a refusal
+    if not (args.target or args.source):
+        raise UsageError("serve needs --target PATH or --source PATH")
     # stdout carries the protocol: nothing else may be printed there
     out_fd = os.dup(1)
     os.dup2(2, 1)
     channel = FramedChannel(FdStream(0, out_fd))
-    if args.restrict_to or os.environ.get("SSH_ORIGINAL_COMMAND"):
-        from diskrsync.remote import restricted_serve
-
-        return restricted_serve(args)
     if args.target:
         run_target_end(channel, args.target, _push_request(args), verify=True)
     else:
-        from diskrsync.synccore.source import SourceOptions
-
-        serve_source(channel, args.source, args.generation, SourceOptions())
+        # the source's options (--dry-run, --ignore-read-errors) come from the pulling client
+        serve_source(channel, args.source, args.generation, _push_request(args).source)
     return 0
 
 

@@ -843,7 +843,7 @@ class SshConnection:
         exc = None
         with contextlib.suppress(Exception):
             exc = self.transport.get_exception()
-        why = f": {exc}" if exc else ""
+        why = f": {exc}" if exc is not None and str(exc) else ""  # EOFError() says nothing
         return LinkError(f"lost connection to {self.host} while {doing}{why}")
 
     def run(self, argv: list[str], on_stderr: Callable[[str], None] | None = None) -> RemoteProcess:

@@ -1,0 +1,143 @@
+#!/usr/bin/env python3
+"""Remote pushes over a loopback sshd this script starts itself, each next to the link's
+limit and to the same push done locally, measured in one run (medians, then ratios).
+
+    .venv/bin/python tests/bench/bench_ssh.py --data bench-data [--runs 3]
+
+DIR holds synth.img and synth2.img from /work/shared/bench/gen_synth.py. Cases:
+
+* first: synth.img into a new remote image;
+* 1%: synth2.img over an image holding synth.img;
+* same: synth.img over an image holding synth.img.
+
+Each is timed as a whole ``diskrsync push`` command (interpreter start-up and the SSH
+handshake included), next to ``ssh -c aes128-gcm@openssh.com host 'cat > /dev/null' <
+synth.img`` (OpenSSH's own throughput with our cipher: the link's limit) and to the same
+push between two local paths. Page cache warm; not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "tests"))
+
+from support.sshd import SshServer  # noqa: E402
+
+CIPHER = "aes128-gcm@openssh.com"
+
+
+def remote_cmd() -> str:
+    exe = REPO / ".venv" / "bin" / "diskrsync"
+    return str(exe) if exe.exists() else f"{sys.executable} -m diskrsync.cli"
+
+
+def warm(path: Path) -> None:
+    with open(path, "rb") as f:
+        while f.read(16 << 20):
+            pass
+
+
+def timed(cmd: list[str], **kw: object) -> tuple[float, dict[str, object]]:
+    t = time.perf_counter()
+    res = subprocess.run(cmd, capture_output=True, text=True, **kw)  # type: ignore[call-overload]
+    elapsed = time.perf_counter() - t
+    if res.returncode:
+        sys.exit(f"failed ({res.returncode}): {' '.join(cmd)}\n{res.stderr}")
+    stats = json.loads(res.stdout) if res.stdout.strip().startswith("{") else {}
+    return elapsed, stats
+
+
+def synced_copy(src: Path, dst: Path) -> None:
+    """Copy a prepared image and flush it, so a timed commit flushes only its own writes."""
+    shutil.copyfile(src, dst)
+    fd = os.open(dst, os.O_RDONLY)
+    os.fsync(fd)
+    os.close(fd)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data", type=Path, default=REPO / "bench-data")
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--work", type=Path, help="scratch dir (default: DATA/ssh-bench)")
+    a = ap.parse_args()
+    a.data = a.data.resolve()
+    synth, synth2 = a.data / "synth.img", a.data / "synth2.img"
+    for f in (synth, synth2):
+        if not f.exists():
+            sys.exit(f"{f} missing: generate it with /work/shared/bench/gen_synth.py {a.data}")
+    work = (a.work or a.data / "ssh-bench").resolve()
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    py = [sys.executable, "-m", "diskrsync.cli"]
+    results: dict[str, dict[str, list[float]]] = {}
+    sent: dict[str, int] = {}
+    try:
+        warm(synth)
+        warm(synth2)
+        base = work / "base.spgz"
+        timed([*py, "push", str(synth), str(base), "-q"])
+        with SshServer(Path(tempfile.mkdtemp(prefix="bench-sshd-"))) as srv:
+            srv.write_known_hosts()
+            cfg = srv.write_ssh_config(work / "ssh_config",
+                                       UserKnownHostsFile=str(srv.known_hosts))
+            env = {k: v for k, v in os.environ.items() if k != "SSH_AUTH_SOCK"}
+            ssh_cat = ["ssh", "-F", str(cfg), "-c", CIPHER, "-o", "BatchMode=yes",
+                       "testhost", "cat > /dev/null"]
+            push = [*py, "push", "--json", "-F", str(cfg), "--remote-cmd", remote_cmd()]
+            cases = {"first": (synth, None), "1%": (synth2, base), "same": (synth, base)}
+            for run in range(a.runs):
+                for name, (src, start) in cases.items():
+                    r = results.setdefault(name, {"remote": [], "local": [], "ssh cat": []})
+                    for kind in ("remote", "local"):
+                        img = work / f"{kind}.spgz"
+                        img.unlink(missing_ok=True)
+                        if start is not None:
+                            synced_copy(start, img)
+                        dst = f"testhost:{img}" if kind == "remote" else str(img)
+                        cmd = push if kind == "remote" else [*py, "push", "--json"]
+                        secs, stats = timed([*cmd, str(src), dst], env=env)
+                        r[kind].append(secs)
+                        sent[f"{name} {kind}"] = int(stats.get("bytes_sent", 0))  # type: ignore[call-overload]
+                    with open(synth, "rb") as f:
+                        secs, _ = timed(ssh_cat, stdin=f, env=env)
+                    r["ssh cat"].append(secs)
+                print(f"run {run + 1}/{a.runs} done", file=sys.stderr)
+            cipher = _negotiated(cfg, env)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    size = synth.stat().st_size
+    print(f"\n2 GiB synth images, loopback sshd, {cipher}, median of {a.runs} "
+          f"(whole commands, warm page cache, {os.cpu_count()} CPUs)\n")
+    print("| case | remote push | local push | ssh cat of synth.img | remote/local "
+          "| remote/ssh cat | bytes sent (remote) |")
+    print("|---|---|---|---|---|---|---|")
+    for name, r in results.items():
+        rem, loc, cat = (statistics.median(r[k]) for k in ("remote", "local", "ssh cat"))
+        print(f"| {name} | {rem:.2f} s | {loc:.2f} s | {cat:.2f} s ({size / cat / 1e6:.0f} MB/s)"
+              f" | {rem / loc:.2f} | {rem / cat:.2f} | {sent[f'{name} remote']:,} |")
+
+
+def _negotiated(cfg: Path, env: dict[str, str]) -> str:
+    """The cipher our paramiko client negotiates with this sshd (it should be gcm too)."""
+    from diskrsync.synccore.ssh import SshOptions, connect, parse_location
+
+    loc = parse_location("testhost:/x")
+    assert not isinstance(loc, str)
+    with connect(loc, SshOptions(ssh_config=cfg)) as c:  # type: ignore[arg-type]
+        return f"diskrsync cipher {c.cipher}, ssh cat cipher {CIPHER}"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,555 @@
+"""Remote pushes and pulls through the real CLI against a real sshd (tests/support/sshd.py).
+
+Every case drives ``python -m diskrsync.cli push`` in a subprocess, exactly as a user would,
+with this checkout's diskrsync as the remote command. The server re-keys every 8 MiB, so
+each transfer here also crosses several re-keys. Failures must end with exit status != 0,
+exactly one ``diskrsync: ...`` line on stderr and no traceback, and leave the previous
+generation of the image untouched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from support.sshd import SshServer, free_port, make_key
+
+from diskrsync.remote import _parse_request
+from diskrsync.synccore import protocol as p
+
+pytestmark = pytest.mark.ssh
+
+MiB = 1 << 20
+REPO = Path(__file__).resolve().parents[1]
+ODD = "dir with space 'and' \"quotes\""  # a path component that needs quoting everywhere
+
+
+def remote_cmd() -> str:
+    """This checkout's diskrsync, as the remote host runs it (no installed copy needed)."""
+    exe = REPO / ".venv" / "bin" / "diskrsync"
+    if exe.exists():
+        return str(exe)
+    return f"{shlex.quote(sys.executable)} -m diskrsync.cli"
+
+
+class RekeyingServer(SshServer):
+    """The harness's sshd, re-keying every 8 MiB so pushes cross many key exchanges."""
+
+    def _write_config(self, port: int, extra: list[str]) -> None:
+        super()._write_config(port, [*extra, "RekeyLimit 8M"])
+
+
+@pytest.fixture(scope="module")
+def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SshServer]:
+    with RekeyingServer(tmp_path_factory.mktemp("sshd")) as s:
+        s.write_known_hosts()
+        yield s
+
+
+class Env:
+    """A client set-up: private HOME, no agent, an ssh_config naming the server testhost."""
+
+    def __init__(self, srv: SshServer, tmp: Path) -> None:
+        self.srv = srv
+        self.tmp = tmp
+        self.home = tmp / "home"
+        (self.home / ".ssh").mkdir(parents=True)
+        self.config = srv.write_ssh_config(
+            tmp / "ssh_config", UserKnownHostsFile=str(srv.known_hosts))
+        self.remote = tmp / ODD
+        self.remote.mkdir()
+        self.env = {k: v for k, v in os.environ.items()
+                    if k not in ("SSH_AUTH_SOCK", "DISKRSYNC_SSH_KEEPALIVE")}
+        self.env["HOME"] = str(self.home)
+
+    def rpath(self, name: str) -> str:
+        return f"testhost:{self.remote / name}"
+
+    def popen(self, *args: str, env: dict[str, str] | None = None,
+              ssh: list[str] | None = None, cmd: str | None = None) -> subprocess.Popen[str]:
+        ssh = ["-F", str(self.config)] if ssh is None else ssh
+        cmd = [sys.executable, "-m", "diskrsync.cli", "push", *args, *ssh,
+               "--remote-cmd", cmd or remote_cmd()]
+        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, env={**self.env, **(env or {})}, cwd=self.tmp)
+
+    def push(self, *args: str, **kw: Any) -> subprocess.CompletedProcess[str]:
+        proc = self.popen(*args, **kw)
+        out, err = proc.communicate(timeout=60)
+        return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+    def ok(self, *args: str, **kw: Any) -> dict[str, Any]:
+        res = self.push(*args, "--json", **kw)
+        assert res.returncode == 0, res.stderr
+        assert "Traceback" not in res.stderr
+        stats: dict[str, Any] = json.loads(res.stdout)
+        return stats
+
+
+@pytest.fixture
+def env(srv: SshServer, tmp_path: Path) -> Env:
+    return Env(srv, tmp_path)
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "diskrsync.cli", *args],
+                          capture_output=True, text=True, timeout=60)
+
+
+def content(image: Path, tmp: Path, generation: int | None = None) -> bytes:
+    out = tmp / f"restored-{time.monotonic_ns()}"
+    gen = ["-g", str(generation)] if generation is not None else []
+    res = cli("restore", str(image), str(out), *gen, "-q")
+    assert res.returncode == 0, res.stderr
+    data = out.read_bytes()
+    out.unlink()
+    return data
+
+
+def info(image: Path) -> dict[str, Any]:
+    res = cli("info", str(image), "--json")
+    assert res.returncode == 0, res.stderr
+    data: dict[str, Any] = json.loads(res.stdout)
+    return data
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def disk(path: Path, size: int, seed: int = 0) -> bytes:
+    """A disk-like file: incompressible data, text, and zero runs."""
+    rnd = hashlib.shake_256(str(seed).encode()).digest(size // 2)
+    data = bytearray(size)
+    data[: len(rnd)] = rnd
+    text = b"".join(b"block %d of seed %d\n" % (i, seed) for i in range(size // 64))
+    data[size // 2 : size // 2 + size // 4] = text[: size // 4]
+    path.write_bytes(bytes(data))
+    return bytes(data)
+
+
+def patch(path: Path, offsets: list[int], tag: bytes = b"CHANGED") -> bytes:
+    data = bytearray(path.read_bytes())
+    for off in offsets:
+        data[off : off + len(tag)] = tag
+    path.write_bytes(bytes(data))
+    return bytes(data)
+
+
+def failed(res: subprocess.CompletedProcess[str], *needles: str) -> str:
+    """Assert a clean failure: status != 0, no traceback, one ``diskrsync:`` line last;
+    anything before it is the remote's own stderr, relayed as ``testhost: ...``."""
+    assert res.returncode != 0, res.stderr
+    assert "Traceback" not in res.stderr, res.stderr
+    *relayed, last = res.stderr.splitlines() or [""]
+    assert last.startswith("diskrsync: "), res.stderr
+    assert all(line.startswith("testhost: ") for line in relayed), res.stderr
+    assert not any(line.startswith("testhost: diskrsync:") for line in relayed), res.stderr
+    for n in needles:
+        assert n in last, last
+    if os.environ.get("SHOW_ERRORS"):
+        print(f"\n{res.stderr}", end="")
+    return last
+
+
+# -- working pushes ------------------------------------------------------------------------
+
+
+def test_push_then_pull_first_and_incremental(env: Env, tmp_path: Path) -> None:
+    src = tmp_path / f"src {ODD}.img"
+    size = 24 * MiB + 12345  # a short last chunk
+    data = disk(src, size)
+    image = env.remote / "web 1.spgz"
+
+    first = env.ok(str(src), env.rpath("web 1.spgz"))
+    assert first["generation"] == 1 and not first["resumed"]
+    assert first["bytes_sent"] > 12 * MiB  # the random half cannot compress
+    assert content(image, tmp_path) == data
+
+    data = patch(src, [5 * MiB, 13 * MiB + 7, size - 10])
+    second = env.ok(str(src), env.rpath("web 1.spgz"))
+    assert second["generation"] == 2
+    assert second["chunks_differing"] == 3
+    assert second["bytes_sent"] < 1 * MiB
+    assert content(image, tmp_path) == data
+    assert content(image, tmp_path, 1) != data  # the older generation is still there
+
+    # the backup server pulls the image (and a raw file) from the remote host
+    local = tmp_path / "pulled.spgz"
+    pulled = env.ok(env.rpath("web 1.spgz"), str(local))
+    assert pulled["generation"] == 1
+    assert pulled["size"] == size and pulled["root_hash"] == second["root_hash"]
+    assert pulled["bytes_sent"] > 12 * MiB  # source-to-target bytes, as for a push
+    assert content(local, tmp_path) == data
+
+    data = patch(src, [1 * MiB])
+    env.ok(str(src), env.rpath("web 1.spgz"))
+    again = env.ok(env.rpath("web 1.spgz"), str(local))
+    assert again["generation"] == 2 and again["chunks_differing"] == 1
+    assert again["bytes_sent"] < 1 * MiB
+    assert content(local, tmp_path) == data
+
+    raw_remote = env.remote / "disk.raw"
+    raw_remote.write_bytes(data)
+    from_raw = env.ok(f"testhost:{raw_remote}", str(local))
+    assert from_raw["chunks_differing"] == 0 and from_raw["bytes_sent"] < 1 * MiB
+
+
+def test_raw_target_no_compress_and_dry_run(env: Env, tmp_path: Path) -> None:
+    src = tmp_path / "src.img"
+    data = disk(src, 8 * MiB, seed=1)
+    raw = env.remote / "copy 'of' disk.raw"
+    env.ok(str(src), env.rpath(raw.name), "--no-compress")
+    assert raw.read_bytes() == data
+
+    data = patch(src, [2 * MiB, 6 * MiB])
+    image_before = sha(raw)
+    dry = env.ok(str(src), env.rpath(raw.name), "--no-compress", "--dry-run")
+    assert dry["dry_run"] and dry["chunks_differing"] == 2
+    assert sha(raw) == image_before  # nothing written
+
+    inc = env.ok(str(src), env.rpath(raw.name), "--no-compress")
+    assert inc["chunks_differing"] == 2 and inc["bytes_sent"] < 1 * MiB
+    assert raw.read_bytes() == data
+
+    # dry runs of a push to an image and of a pull change nothing either
+    env.ok(str(src), env.rpath("img.spgz"))
+    image = env.remote / "img.spgz"
+    patch(src, [3 * MiB])
+    before = sha(image)
+    dry = env.ok(str(src), env.rpath("img.spgz"), "-n")
+    assert dry["chunks_differing"] == 1 and dry["generation"] is None
+    assert sha(image) == before
+    local = tmp_path / "local.raw"
+    local.write_bytes(data)
+    mine = patch(local, [7 * MiB])  # the image holds `data`: one chunk differs
+    dry_pull = env.ok(env.rpath("img.spgz"), str(local), "--no-compress", "-n")
+    assert dry_pull["dry_run"] and dry_pull["generation"] is None
+    assert dry_pull["chunks_differing"] == 1  # counted by the remote source
+    assert dry_pull["differing_ranges"] == [[7 * MiB, 128 * 1024]]
+    assert local.read_bytes() == mine
+
+
+# -- failures ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def committed(env: Env, tmp_path: Path) -> tuple[Path, Path, str]:
+    """A source and a remote image with one generation; returns (src, image, image sha)."""
+    src = tmp_path / "src.img"
+    disk(src, 2 * MiB, seed=2)
+    env.ok(str(src), env.rpath("keep.spgz"))
+    patch(src, [MiB])
+    image = env.remote / "keep.spgz"
+    return src, image, sha(image)
+
+
+def _bad_config(env: Env, **extra: str) -> list[str]:
+    cfg = env.srv.write_ssh_config(env.tmp / "bad_config", **extra)
+    return ["-F", str(cfg)]
+
+
+def test_connection_failures(env: Env, committed: tuple[Path, Path, str]) -> None:
+    src, image, before = committed
+    srv = env.srv
+    known = {"UserKnownHostsFile": str(srv.known_hosts)}
+    # connection refused
+    res = env.push(str(src), env.rpath("keep.spgz"),
+                   ssh=_bad_config(env, Port=str(free_port()), **known))
+    failed(res, "connection refused")
+    # unknown host name
+    res = env.push(str(src), f"no-such-host.invalid:{image}", ssh=["-i", str(srv.client_key)])
+    failed(res, "cannot resolve host name 'no-such-host.invalid'")
+    # authentication failure: a key the server does not know
+    stranger = make_key(env.tmp / "stranger")
+    res = env.push(str(src), env.rpath("keep.spgz"),
+                   ssh=_bad_config(env, IdentityFile=str(stranger), **known))
+    failed(res, f"authentication as {srv.user}@127.0.0.1 failed", str(stranger), "-i KEY")
+    # unknown host key: fingerprint and the flag that accepts it
+    empty = env.tmp / "empty_known_hosts"
+    res = env.push(str(src), env.rpath("keep.spgz"),
+                   ssh=_bad_config(env, UserKnownHostsFile=str(empty)))
+    fp = subprocess.run(["ssh-keygen", "-lf", f"{srv.host_key}.pub"], capture_output=True,
+                        text=True, check=True).stdout.split()[1]
+    failed(res, "unknown host key", fp, "--accept-new-host-key")
+    # changed host key
+    other = make_key(env.tmp / "other_host_key")
+    wrong = srv.write_known_hosts(env.tmp / "wrong_known_hosts", key=other)
+    res = env.push(str(src), env.rpath("keep.spgz"),
+                   ssh=_bad_config(env, UserKnownHostsFile=str(wrong)))
+    failed(res, "HOST KEY OF", "HAS CHANGED", fp, "ssh-keygen -R")
+    # remote command missing (exit 127)
+    res = env.push(str(src), env.rpath("keep.spgz"), cmd="/nonexistent/diskrsync")
+    failed(res, "/nonexistent/diskrsync not found on testhost (exit 127)", "--remote-cmd")
+    assert sha(image) == before
+    # with --accept-new-host-key the unknown key is learnt and the push goes through
+    fresh = env.tmp / "fresh_known_hosts"
+    res = env.push(str(src), env.rpath("keep.spgz"), "--accept-new-host-key",
+                   ssh=_bad_config(env, UserKnownHostsFile=str(fresh)))
+    assert res.returncode == 0, res.stderr
+    assert fresh.read_text().startswith(f"{srv.host_pattern} ssh-ed25519 ")
+
+
+def _fake_remote(tmp: Path, name: str, script: str) -> str:
+    tool = tmp / name
+    tool.write_text("#!/bin/sh\n" + script)
+    tool.chmod(0o755)
+    return str(tool)
+
+
+def test_foreign_or_other_version_remote(env: Env, committed: tuple[Path, Path, str]) -> None:
+    src, image, before = committed
+    cases = {
+        # the original Go tool answers its own magic
+        "go": ("printf BSNC0002; cat >/dev/null", ["original Go diskrsync", "--legacy"]),
+        # ... or rejects `serve` as a usage error
+        "go-usage": ("echo 'Usage: diskrsync [--ssh-flags=...] src dst' >&2; exit 2",
+                     ["exited with status 2 before speaking the diskrsync protocol", "Usage:",
+                      "--legacy"]),
+        # a newer diskrsync: the decoder names both versions
+        "newer": ("printf 'DRSYNC\\000\\011'; cat >/dev/null",
+                  ["testhost:", "protocol version 9", "version 1"]),
+    }
+    for name, (script, needles) in cases.items():
+        res = env.push(str(src), env.rpath("keep.spgz"),
+                       cmd=_fake_remote(env.tmp, name, script))
+        failed(res, *needles)
+    assert sha(image) == before
+
+
+@contextlib.contextmanager
+def tmpfs(path: Path, size: str) -> Iterator[Path]:
+    path.mkdir(exist_ok=True)
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                         capture_output=True, text=True)
+    if res.returncode:
+        pytest.skip(f"cannot mount a tmpfs: {res.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def test_remote_disk_full(env: Env, tmp_path: Path) -> None:
+    src = tmp_path / "src.img"
+    with tmpfs(env.remote / "small fs", "6m") as small:
+        first = os.urandom(2 * MiB)
+        src.write_bytes(first)
+        env.ok(str(src), f"testhost:{small}/full.spgz")
+        image = small / "full.spgz"
+        src.write_bytes(os.urandom(16 * MiB))
+        res = env.push(str(src), f"testhost:{small}/full.spgz")
+        failed(res, "diskrsync: testhost: ", "no space left on device")
+        assert res.returncode == 5
+        assert content(image, tmp_path) == first
+        assert [g["number"] for g in info(image)["generations"]] == [1]
+
+
+def _serve_pids(srv: SshServer, what: str) -> list[int]:
+    return [q.pid for q in srv.descendants() if "serve" in q.cmdline and what in q.cmdline]
+
+
+def _wait_growth(path: Path, proc: subprocess.Popen[str], at_least: int) -> None:
+    deadline = time.monotonic() + 30
+    start = path.stat().st_size if path.exists() else 0
+    while time.monotonic() < deadline:
+        if path.exists() and path.stat().st_size >= start + at_least:
+            return
+        if proc.poll() is not None:
+            pytest.fail(f"push ended early: {proc.communicate()}")
+        time.sleep(0.01)
+    pytest.fail("the remote image did not grow")
+
+
+def test_link_drop_keeps_checkpoint_and_resumes(env: Env, tmp_path: Path) -> None:
+    srv = env.srv
+    src = tmp_path / "big.img"
+    size = 128 * MiB
+    old = os.urandom(4 * MiB)
+    src.write_bytes(old)
+    image = env.remote / "big.spgz"
+    env.ok(str(src), env.rpath("big.spgz"))
+    new = os.urandom(size)
+    src.write_bytes(new)
+    args = (str(src), env.rpath("big.spgz"), "--checkpoint-interval", "1M")
+
+    # 1. the remote serve process is killed once checkpoints exist
+    proc = env.popen(*args)
+    _wait_growth(image, proc, 16 * MiB)
+    pids = _serve_pids(srv, "big.spgz")
+    assert pids
+    killed = time.monotonic()
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    out, err = proc.communicate(timeout=30)
+    assert time.monotonic() - killed < 10
+    failed(subprocess.CompletedProcess(proc.args, proc.returncode, out, err),
+           "testhost", "killed by a signal")
+    state = info(image)
+    assert state["checkpoint"]
+    assert [g["number"] for g in state["generations"]] == [1]
+    assert content(image, tmp_path) == old
+
+    # 2. the SSH session dies (network child killed): serve sees its stdin cut, saves a
+    # checkpoint of everything received, and the client notices the dropped link at once.
+    # No --checkpoint-interval here: only that final checkpoint can make step 3 cheap.
+    proc = env.popen(*args[:2])
+    _wait_growth(image, proc, 64 * MiB)
+    session = [q.pid for q in srv.descendants() if q.comm == "sshd" and "@notty" in q.cmdline]
+    assert session
+    killed = time.monotonic()
+    for pid in session:
+        os.kill(pid, signal.SIGKILL)
+    out, err = proc.communicate(timeout=30)
+    assert time.monotonic() - killed < 10
+    failed(subprocess.CompletedProcess(proc.args, proc.returncode, out, err),
+           "lost connection to testhost")
+    deadline = time.monotonic() + 10
+    while _serve_pids(srv, "big.spgz") and time.monotonic() < deadline:
+        time.sleep(0.05)  # the remote saves its checkpoint, then exits
+    assert info(image)["checkpoint"]
+    assert content(image, tmp_path) == old
+
+    # 3. the next push resumes and sends only what is missing
+    stats = env.ok(*args)
+    assert stats["resumed"]
+    assert stats["bytes_sent"] < size - 64 * MiB
+    assert content(image, tmp_path) == new
+    assert not info(image)["checkpoint"]
+
+
+def test_silent_link_detected_by_keepalive(env: Env, tmp_path: Path) -> None:
+    srv = env.srv
+    src = tmp_path / "big.img"
+    src.write_bytes(os.urandom(96 * MiB))
+    image = env.remote / "silent.spgz"
+    proc = env.popen(str(src), env.rpath("silent.spgz"), "--checkpoint-interval", "1M",
+                     env={"DISKRSYNC_SSH_KEEPALIVE": "0.5,3"})
+    _wait_growth(image, proc, 8 * MiB)
+    # the remote host freezes: its sshd session and the serve process stop answering
+    frozen = [q.pid for q in srv.descendants() if q.comm == "sshd" or "serve" in q.cmdline]
+    try:
+        for pid in frozen:
+            os.kill(pid, signal.SIGSTOP)
+        stopped = time.monotonic()
+        out, err = proc.communicate(timeout=30)
+        assert time.monotonic() - stopped < 8
+    finally:
+        for pid in frozen:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+    failed(subprocess.CompletedProcess(proc.args, proc.returncode, out, err),
+           "lost connection to testhost", "no response from testhost", "keepalives unanswered")
+
+
+# -- restricted forced command ----------------------------------------------------------------
+
+
+def test_restricted_forced_command(env: Env, tmp_path: Path) -> None:
+    srv = env.srv
+    backups = env.remote / "backups"
+    backups.mkdir()
+    outside = env.remote / "elsewhere"
+    outside.mkdir()
+    (backups / "link").symlink_to(outside)
+    (backups / "dangling.spgz").symlink_to(outside / "new.spgz")
+    forced = f"{remote_cmd()} serve --restrict-to {shlex.quote(str(backups))} --write-only"
+    src = tmp_path / "src.img"
+    data = disk(src, 4 * MiB, seed=3)
+    srv.set_authorized_keys(f'command="{forced.replace(chr(34), chr(92) + chr(34))}",restrict')
+    try:
+        # allowed: a file under DIR, then a directory (DIR/<name of SRC>.spgz)
+        env.ok(str(src), f"testhost:{backups}/web1.spgz", "--keep", "3")
+        assert content(backups / "web1.spgz", tmp_path) == data
+        env.ok(str(src), f"testhost:{backups}/")
+        assert (backups / "src.img.spgz").exists()
+        refusals = {
+            f"{outside}/x.spgz": "is outside",
+            f"{backups}/../escape.spgz": "is outside",
+            f"{backups}/link/x.spgz": "is outside",
+            f"{backups}/dangling.spgz": "is outside",
+        }
+        for path, why in refusals.items():
+            res = env.push(str(src), f"testhost:{path}")
+            failed(res, "diskrsync: testhost: refused:", why, str(backups))
+        res = env.push(f"testhost:{backups}/web1.spgz", str(tmp_path / "stolen.spgz"))
+        failed(res, "refused: this key is write-only")
+        assert not list(outside.iterdir())
+        assert not (tmp_path / "stolen.spgz").exists()
+        assert not (env.remote / "escape.spgz").exists()
+
+        # without --write-only the key may also pull, still only from under DIR
+        forced = forced.removesuffix(" --write-only")
+        srv.set_authorized_keys(f'command="{forced.replace(chr(34), chr(92) + chr(34))}"'
+                                f',restrict')
+        env.ok(f"testhost:{backups}/web1.spgz", str(tmp_path / "restored.spgz"))
+        assert content(tmp_path / "restored.spgz", tmp_path) == data
+        (outside / "secret.raw").write_bytes(b"secret" * 1000)
+        res = env.push(f"testhost:{outside}/secret.raw", str(tmp_path / "secret.spgz"))
+        failed(res, "refused:", "is outside")
+    finally:
+        srv.set_authorized_keys()
+
+
+def test_restricted_request_parsing() -> None:
+    ns = _parse_request("'/opt/x y/diskrsync' serve --target '/srv/b/a b.spgz' --keep=3 -n "
+                        "--chunk-size 64K --checkpoint-interval 1M --no-compress")
+    assert ns.target == "/srv/b/a b.spgz" and ns.keep == 3 and ns.dry_run
+    assert ns.chunk_size == 64 * 1024 and ns.checkpoint_interval == MiB and ns.no_compress
+    ns = _parse_request("diskrsync serve --source /srv/b/x.spgz -g 4")
+    assert ns.source == "/srv/b/x.spgz" and ns.generation == 4 and ns.target is None
+    from diskrsync.errors import UsageError
+
+    for bad in ["rm -rf /", "diskrsync serve", "diskrsync serve --target a --source b",
+                "diskrsync serve --target a --restrict-to /", "diskrsync serve --target",
+                "diskrsync serve --target a --keep x", "diskrsync serve --target 'a"]:
+        with pytest.raises(UsageError, match="refused"):
+            _parse_request(bad)
+
+
+def test_refusal_is_a_protocol_error_frame(tmp_path: Path) -> None:
+    """Without the client's bytes: serve --restrict-to answers a bad request with an Error
+    frame on stdout (what the waiting client decodes) and one line on stderr."""
+    res = subprocess.run(
+        [sys.executable, "-m", "diskrsync.cli", "serve", "--restrict-to", str(tmp_path)],
+        capture_output=True, timeout=30, stdin=subprocess.DEVNULL,
+        env={**os.environ, "SSH_ORIGINAL_COMMAND": "diskrsync serve --target /etc/x.spgz"})
+    assert res.returncode == 2
+    dec = p.Decoder()
+    dec.feed(res.stdout)
+    msg = dec.next()
+    assert isinstance(msg, p.Error) and "refused: /etc/x.spgz is outside" in msg.message
+    assert res.stderr.decode().count("\n") == 1
+
+
+def test_ssh_options_from_cli(monkeypatch: pytest.MonkeyPatch) -> None:
+    import argparse
+
+    from diskrsync.errors import UsageError
+    from diskrsync.remote import ssh_options
+
+    args = argparse.Namespace(identity=["k1", "k2"], ssh_config="/x/cfg",
+                              accept_new_host_key=True,
+                              remote_cmd="sudo -n '/opt/my tools/diskrsync'")
+    monkeypatch.setenv("DISKRSYNC_SSH_KEEPALIVE", "0.5,3")
+    opts, extra = ssh_options(args)
+    assert opts.remote_cmd == "sudo" and extra == ["-n", "/opt/my tools/diskrsync"]
+    assert opts.identity_files == (Path("k1"), Path("k2")) and opts.ssh_config == Path("/x/cfg")
+    assert opts.accept_new_host_key
+    assert (opts.keepalive_interval, opts.keepalive_count) == (0.5, 3)
+    monkeypatch.setenv("DISKRSYNC_SSH_KEEPALIVE", "fast")
+    with pytest.raises(UsageError, match="INTERVAL,COUNT"):
+        ssh_options(args)
