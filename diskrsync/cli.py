@@ -213,8 +213,8 @@ def _push_summary(stats: Any, args: argparse.Namespace) -> int:
 
 
 def cmd_push(args: argparse.Namespace) -> int:
+    from diskrsync.synccore.location import LocalPath, parse_location
     from diskrsync.synccore.push import local_push, open_source
-    from diskrsync.synccore.ssh import LocalPath, parse_location
 
     req = _push_request(args)
     src, dst = parse_location(args.src), parse_location(args.dst)
