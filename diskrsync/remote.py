@@ -348,7 +348,7 @@ def _run_conversation(r: _Remote, body: Callable[[], T]) -> T:
 def remote_push(src: Any, dst: Any, req: PushRequest, args: argparse.Namespace) -> PushStats:
     """``diskrsync push`` where SRC or DST is ``[user@]host:path`` (or ``--legacy``)."""
     if getattr(args, "legacy", False):
-        from diskrsync.legacy_cmd import legacy_push  # type: ignore[attr-defined]
+        from diskrsync.legacy_cmd import legacy_push
 
         stats: PushStats = legacy_push(src, dst, req, args)
         return stats
