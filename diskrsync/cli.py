@@ -263,15 +263,18 @@ def cmd_mount(args: argparse.Namespace) -> int:
     from diskrsync.fsmount.mount import mount_main
 
     path = os.path.abspath(args.image)
-    return mount_main(lambda: open_image(path), args.mountpoint, foreground=args.foreground,
-                      generation=args.generation, allow_other=args.allow_other,
-                      cache_size=args.cache_size, verbose=args.verbose)
+    log_file = os.path.abspath(args.log_file) if args.log_file else None
+    mount_main(lambda: open_image(path), args.mountpoint, foreground=args.foreground,
+               generation=args.generation, allow_other=args.allow_other,
+               cache_size=args.cache_size, verbose=args.verbose, log_file=log_file)
+    return 0
 
 
 def cmd_umount(args: argparse.Namespace) -> int:
     from diskrsync.fsmount.mount import umount_main
 
-    return umount_main(args.mountpoint)
+    umount_main(args.mountpoint)
+    return 0
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
@@ -391,6 +394,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--cache-size", type=parse_size, default=256 << 20, metavar="SIZE",
                     help="decompressed-chunk cache (default 256M)")
     sp.add_argument("--verbose", "-v", action="store_true", help="log every error in detail")
+    sp.add_argument("--log-file", metavar="FILE",
+                    help="log to FILE (default: stderr with -f, else syslog)")
 
     sp = add("umount", cmd_umount, "Unmount a diskrsync mount (also a stale one).")
     sp.add_argument("mountpoint", metavar="MOUNTPOINT")

@@ -21,7 +21,7 @@ import pyfuse3
 import trio
 
 from diskrsync.compression.api import DiskImage, GenerationInfo
-from diskrsync.errors import CorruptChunkError, DiskrsyncError
+from diskrsync.errors import CorruptChunkError, DiskrsyncError, UsageError
 from diskrsync.fsmount.reader import ChunkReader
 from diskrsync.fsmount.vfs import (
     ROOT_INODE,
@@ -145,7 +145,16 @@ class DiskOperations(pyfuse3.Operations):
             try:
                 for info in infos:
                     if info.number not in known:
-                        loaded[info.number] = load_generation(image, info.number)
+                        try:
+                            loaded[info.number] = load_generation(image, info.number)
+                        except UsageError:
+                            # Pruned by a push since the listing (a writer with --keep 1 can
+                            # do that within a second): skip it if it is really gone.
+                            image.refresh()
+                            if any(i.number == info.number for i in image.generations()):
+                                raise
+                            log.info("generation %d was pruned before it could be shown",
+                                     info.number)
             except BaseException:
                 for view in loaded.values():
                     view.close()

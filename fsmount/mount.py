@@ -2,9 +2,11 @@
 
 ``mount_main`` checks the mount point and FUSE first (clear one-line errors), then either serves
 in the foreground (``foreground=True``: logs to stderr, returns when unmounted) or forks: the
-child opens the image, mounts, and reports readiness through a pipe; the parent returns 0 only
-once the mount is ready, else prints the child's reason and returns its exit code. SIGINT and
-SIGTERM unmount cleanly; so does ``umount_main`` (``fusermount3 -u``).
+child opens the image, mounts, and reports readiness through a pipe; the parent returns only
+once the mount is ready, else raises the child's error again (same class and exit code). SIGINT
+and SIGTERM unmount cleanly; so does ``umount_main`` (``fusermount3 -u``).
+
+Nothing here prints or chooses an exit code: failures are ``DiskrsyncError`` raised to the CLI.
 """
 
 from __future__ import annotations
@@ -242,7 +244,7 @@ async def _serve(
         finally:
             ops.notify = False
             pyfuse3.close(unmount=True)
-            log.info("unmounted %s", mountpoint)
+            log.info("unmounted %s; served %s", mountpoint, reader.stats.summary())
     finally:
         vfs.close()
 
@@ -277,6 +279,37 @@ def _read_line(fd: int) -> str:
     return buf.decode(errors="replace").strip()
 
 
+def _error_classes() -> dict[str, type[DiskrsyncError]]:
+    found: dict[str, type[DiskrsyncError]] = {"DiskrsyncError": DiskrsyncError}
+    todo: list[type[DiskrsyncError]] = [DiskrsyncError]
+    while todo:
+        for sub in todo.pop().__subclasses__():
+            found.setdefault(sub.__name__, sub)
+            todo.append(sub)
+    return found
+
+
+def reported_error(line: str) -> DiskrsyncError:
+    """The error a daemon reported as ``ERROR <code> <class> <message>``, raised again in the
+    parent: same class where it is known here (else ``DiskrsyncError``), same exit code."""
+    code_text, _, rest = line.removeprefix("ERROR ").partition(" ")
+    name, _, message = rest.partition(" ")
+    code = int(code_text) if code_text.isdigit() else 1
+    cls = _error_classes().get(name, DiskrsyncError)
+    exc = Exception.__new__(cls)
+    DiskrsyncError.__init__(exc, message or "the mount failed", exit_code=code)
+    return exc
+
+
+def _report(exc: BaseException) -> tuple[int, str]:
+    """(exit code, one-line message) for any failure of the daemon."""
+    if isinstance(exc, DiskrsyncError):
+        return exc.exit_code, " ".join(str(exc).split())
+    if isinstance(exc, KeyboardInterrupt):
+        return 130, "interrupted"
+    return 1, " ".join(f"{type(exc).__name__}: {exc}".split())
+
+
 def mount_image(
     image: DiskImage | ImageOpener,
     mountpoint: str,
@@ -288,14 +321,17 @@ def mount_image(
     ready_fd: int | None = None,
     on_ready: Callable[[], None] | None = None,
     log_file: str | None = None,
+    verbose: bool = False,
     refresh_interval: float = REFRESH_INTERVAL,
-) -> int:
-    """Mount and serve; returns an exit code (raises ``DiskrsyncError`` on a failed check).
+) -> None:
+    """Mount and serve; raises ``DiskrsyncError`` when the mount cannot be made.
 
     ``image`` is best given as an opener: in the background the child process opens it after
     the fork (no file or thread state crosses the fork). ``ready_fd``: a file descriptor that
     gets "READY <pid>\\n" once the mount is ready (and is then closed); ``on_ready``: a callback
-    for the same moment. In the background the parent returns 0 once the child is ready.
+    for the same moment. In the foreground this returns once unmounted (also by SIGINT or
+    SIGTERM); in the background the parent returns once the child's mount is ready, and raises
+    the child's error again when it could not mount.
     """
     mountpoint = check_mountpoint(mountpoint)
     check_fuse(allow_other=allow_other)
@@ -318,13 +354,13 @@ def mount_image(
         finally:
             if callable(image):
                 opened.close()
-        return 0
+        return
 
     rfd, wfd = os.pipe()
     pid = os.fork()
     if pid == 0:  # the daemon
         os.close(rfd)
-        code = _daemon(image, mountpoint, wfd, ready, log_file, options)
+        code = _daemon(image, mountpoint, wfd, ready, (log_file, verbose), options)
         os._exit(code)
     os.close(wfd)
     try:
@@ -332,16 +368,15 @@ def mount_image(
     finally:
         os.close(rfd)
     if line.startswith("READY"):
-        return 0
+        return
     _, status = os.waitpid(pid, 0)
     if line.startswith("ERROR "):
-        code_text, _, message = line[6:].partition(" ")
-        print(f"diskrsync: error: {message}", file=sys.stderr)
-        return int(code_text) if code_text.isdigit() else 1
+        raise reported_error(line)
     code = os.waitstatus_to_exitcode(status)
-    print(f"diskrsync: error: the mount process ended before the mount was ready (status {code})",
-          file=sys.stderr)
-    return code if code > 0 else 1
+    raise LocalError(
+        f"the mount process ended before the mount was ready (status {code})",
+        exit_code=code if code > 0 else 1,
+    )
 
 
 def _daemon(
@@ -349,7 +384,7 @@ def _daemon(
     mountpoint: str,
     wfd: int,
     ready: Callable[[], None],
-    log_file: str | None,
+    logging_options: tuple[str | None, bool],
     options: dict[str, Any],
 ) -> int:
     reported = False
@@ -368,7 +403,8 @@ def _daemon(
         for fd in (0, 1, 2):
             os.dup2(devnull, fd)
         os.close(devnull)
-        _setup_logging(foreground=False, log_file=log_file)
+        log_file, verbose = logging_options
+        _setup_logging(foreground=False, log_file=log_file, verbose=verbose)
         opened = image() if callable(image) else image
         try:
             serve(opened, mountpoint, on_ready=daemon_ready, **options)
@@ -377,10 +413,10 @@ def _daemon(
                 opened.close()
         return 0
     except BaseException as exc:  # report anything to the waiting parent
-        code = exc.exit_code if isinstance(exc, DiskrsyncError) else 1
-        message = str(exc) if isinstance(exc, DiskrsyncError) else f"{type(exc).__name__}: {exc}"
+        code, message = _report(exc)
+        name = type(exc).__name__ if isinstance(exc, DiskrsyncError) else "DiskrsyncError"
         if not reported:
-            _write_all(wfd, f"ERROR {code} {' '.join(message.split())}\n".encode())
+            _write_all(wfd, f"ERROR {code} {name} {message}\n".encode())
         log.error("mount failed: %s", message)
         return code
 
@@ -405,19 +441,13 @@ def _setup_logging(*, foreground: bool, log_file: str | None = None, verbose: bo
     logger.addHandler(handler)
 
 
-def mount_main(image_opener: ImageOpener, mountpoint: str, **options: Any) -> int:
+def mount_main(image_opener: ImageOpener, mountpoint: str, **options: Any) -> None:
     """``diskrsync mount``: options as for ``mount_image`` (foreground, generation,
-    allow_other, cache_size, log_file, verbose...). Returns the exit code."""
-    verbose = bool(options.pop("verbose", False))
+    allow_other, cache_size, log_file, verbose...). Raises ``DiskrsyncError``."""
     if options.get("foreground"):
-        _setup_logging(foreground=True, log_file=options.get("log_file"), verbose=verbose)
-    try:
-        return mount_image(image_opener, mountpoint, **options)
-    except DiskrsyncError as exc:
-        print(f"diskrsync: error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        return 130
+        _setup_logging(foreground=True, log_file=options.get("log_file"),
+                       verbose=bool(options.get("verbose")))
+    mount_image(image_opener, mountpoint, **options)
 
 
 # --- unmounting -------------------------------------------------------------------------------
@@ -451,11 +481,6 @@ def umount_mountpoint(path: str) -> None:
         raise LocalError(f"cannot unmount {path}: {detail}")
 
 
-def umount_main(mountpoint: str) -> int:
-    """``diskrsync umount``; returns the exit code."""
-    try:
-        umount_mountpoint(mountpoint)
-    except DiskrsyncError as exc:
-        print(f"diskrsync: error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    return 0
+def umount_main(mountpoint: str) -> None:
+    """``diskrsync umount``; raises ``DiskrsyncError``."""
+    umount_mountpoint(mountpoint)

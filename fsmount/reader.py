@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import time
 from dataclasses import dataclass, field
 
 import trio
@@ -28,9 +29,20 @@ from diskrsync.fsmount.vfs import FileHandle, GenerationView, chunk_ranges
 
 log = logging.getLogger(__name__)
 
-READAHEAD_BYTES = 4 * 1024 * 1024
-READAHEAD_MAX_CHUNKS = 16
-READAHEAD_BATCH_BYTES = 256 * 1024
+READAHEAD_BYTES = 8 * 1024 * 1024
+READAHEAD_MAX_CHUNKS = 64
+READAHEAD_BATCH_BYTES = 1024 * 1024
+
+
+_ZEROS: dict[int, memoryview] = {}
+
+
+def _zeros(length: int) -> memoryview:
+    """A shared, read-only block of ``length`` zeros."""
+    z = _ZEROS.get(length)
+    if z is None:
+        z = _ZEROS[length] = memoryview(bytes(length))
+    return z
 
 
 @dataclass(eq=False)
@@ -47,6 +59,20 @@ class ReaderStats:
     coalesced: int = 0  # requests that waited on another request's fetch
     readahead_started: int = 0
     zero_chunks: int = 0
+    requests: int = 0  # read requests served
+    request_bytes: int = 0
+    waited: int = 0  # requests that had to wait for a chunk (not all cached or zero)
+    wait_seconds: float = 0.0  # time those requests spent waiting
+    fetch_seconds: float = 0.0  # worker-thread time in read_chunk
+
+    def summary(self) -> str:
+        avg = self.request_bytes // self.requests if self.requests else 0
+        return (
+            f"{self.requests} reads ({self.request_bytes >> 20} MiB, {avg >> 10} KiB average), "
+            f"{self.waited} waited {self.wait_seconds:.2f} s; {self.chunk_reads} chunk reads "
+            f"({self.readahead_started} by read-ahead, {self.fetch_seconds:.2f} s in threads), "
+            f"{self.coalesced} coalesced, {self.zero_chunks} zero chunks"
+        )
 
 
 class ChunkReader:
@@ -78,41 +104,49 @@ class ChunkReader:
             return b""
         size = min(size, handle.size - offset)
         start = handle.start + offset
-        data = await self.read_range(handle.view, start, size)
+        self.stats.requests += 1
+        self.stats.request_bytes += size
+        # Read-ahead first: its batches run on other cores while this request waits.
         self._note_access(handle, start, size)
-        return data
+        return await self.read_range(handle.view, start, size)
 
     async def read_range(self, view: GenerationView, offset: int, length: int) -> bytes:
         """Bytes [offset, offset+length) of the generation's disk (clipped to its size)."""
         snapshot = view.snapshot
         ranges = chunk_ranges(offset, length, view.chunk_size, view.size)
-        pieces: list[bytes | None] = []
+        # Pieces are views (no copy) of cached chunks and of one shared block of zeros; the one
+        # copy is the join below (pyfuse3 takes any buffer, but only one).
+        pieces: list[bytes | memoryview | None] = []
         missing: list[int] = []
         for pos, (index, a, b) in enumerate(ranges):
             if snapshot.chunk_is_zero(index):
                 self.stats.zero_chunks += 1
-                pieces.append(bytes(b - a))
+                pieces.append(_zeros(view.chunk_size)[: b - a])
                 continue
             data = self.cache.get((view.number, index))
             if data is None:
                 missing.append(pos)
                 pieces.append(None)
             else:
-                pieces.append(data[a:b])
-        if len(missing) == 1:
-            index, a, b = ranges[missing[0]]
-            pieces[missing[0]] = (await self._fetch(view, index))[a:b]
-        elif missing:
-            async def one(pos: int) -> None:
-                index, a, b = ranges[pos]
-                pieces[pos] = (await self._fetch(view, index))[a:b]
+                pieces.append(memoryview(data)[a:b])
+        if missing:
+            began = time.perf_counter()
+            if len(missing) == 1:
+                index, a, b = ranges[missing[0]]
+                pieces[missing[0]] = memoryview(await self._fetch(view, index))[a:b]
+            else:
+                async def one(pos: int) -> None:
+                    index, a, b = ranges[pos]
+                    pieces[pos] = memoryview(await self._fetch(view, index))[a:b]
 
-            async with trio.open_nursery() as nursery:
-                for pos in missing:
-                    nursery.start_soon(one, pos)
+                async with trio.open_nursery() as nursery:
+                    for pos in missing:
+                        nursery.start_soon(one, pos)
+            self.stats.waited += 1
+            self.stats.wait_seconds += time.perf_counter() - began
         if len(pieces) == 1:
             assert pieces[0] is not None
-            return pieces[0]
+            return bytes(pieces[0])
         return b"".join(p for p in pieces if p is not None)
 
     async def _fetch(self, view: GenerationView, index: int) -> bytes:
@@ -133,9 +167,11 @@ class ChunkReader:
         self._inflight[key] = flight
         try:
             self.stats.chunk_reads += 1
+            began = time.perf_counter()
             data = await trio.to_thread.run_sync(
                 view.snapshot.read_chunk, index, limiter=self._limiter
             )
+            self.stats.fetch_seconds += time.perf_counter() - began
             if not view.closed:  # a generation dropped meanwhile must not refill the cache
                 self.cache.put(key, data)
             flight.data = data
@@ -166,9 +202,12 @@ class ChunkReader:
     def _readahead(self, handle: FileHandle) -> None:
         view = handle.view
         chunk = view.chunk_size
-        count = max(2, min(READAHEAD_MAX_CHUNKS, math.ceil(self._readahead_bytes / chunk)))
-        if self.cache.max_bytes < 2 * count * chunk:
+        full = max(2, min(READAHEAD_MAX_CHUNKS, math.ceil(self._readahead_bytes / chunk)))
+        if self.cache.max_bytes < 2 * full * chunk:
             return  # read-ahead would only evict what it fetched
+        # The window doubles with each sequential request (4, 8, 16... chunks up to the full
+        # window), so that two nearby random reads do not start megabytes of decompression.
+        count = min(full, 2 << min(handle.streak, 16))
         end_of_file = (handle.start + handle.size - 1) // chunk + 1
         stop = min(handle.last_chunk + 1 + count, end_of_file, view.snapshot.chunk_count)
         begin = max(handle.last_chunk + 1, handle.readahead_until)
@@ -197,19 +236,23 @@ class ChunkReader:
         self.stats.chunk_reads += len(batch)
         snapshot = view.snapshot
 
-        def work() -> dict[int, bytes | Exception]:
+        def work() -> tuple[dict[int, bytes | Exception], float]:
+            began = time.perf_counter()
             out: dict[int, bytes | Exception] = {}
             for index in batch:
                 try:
                     out[index] = snapshot.read_chunk(index)
                 except Exception as exc:  # one bad chunk fails only itself
                     out[index] = exc
-            return out
+            return out, time.perf_counter() - began
 
         results: dict[int, bytes | Exception] = {}
         try:
             if not view.closed:
-                results = await trio.to_thread.run_sync(work, limiter=self._readahead_limiter)
+                results, seconds = await trio.to_thread.run_sync(
+                    work, limiter=self._readahead_limiter
+                )
+                self.stats.fetch_seconds += seconds
         finally:
             for index, flight in batch.items():
                 result = results.get(index)

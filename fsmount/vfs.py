@@ -17,7 +17,9 @@ names point at new inodes, and files that were open keep reading the generation 
 
 A generation is pinned (``DiskImage.snapshot``) while it is listed. When the image prunes it, it
 stays listed until no file of it is open (a loop device counts), then leaves the tree and its
-snapshot is closed. Inode numbers are never reused within a mount.
+snapshot is closed; one that was shown at the top level stays one refresh longer, so a path the
+kernel resolved just before the switch still opens. Inode numbers are never reused within a
+mount.
 """
 
 from __future__ import annotations
@@ -261,6 +263,7 @@ class MountVFS:
         self._files: dict[int, FileHandle] = {}
         self._dirs: dict[int, list[tuple[str, Node]]] = {}
         self._top: int | None = None
+        self._grace: set[int] = set()  # removed former tops kept until the next refresh
         now = time.time_ns()
         self.root = self._dir("/", now, VOLATILE_TIMEOUT, VOLATILE_TIMEOUT)
         assert self.root.inode == ROOT_INODE
@@ -357,6 +360,12 @@ class MountVFS:
         """
         changes = Changes()
         retained = {info.number for info in infos}
+        # Generations that left the top at the previous refresh, unused since: go now.
+        for number in sorted(self._grace):
+            gen = self._gens.get(number)
+            if gen is not None and gen.view.removed and gen.view.open_count == 0:
+                changes.extend(self._drop(number))
+        self._grace.clear()
         for number, view in loaded.items():
             if number in self._gens or number not in retained:
                 view.close()
@@ -368,7 +377,12 @@ class MountVFS:
         for number, gen in list(self._gens.items()):
             if number not in retained and not gen.view.removed:
                 gen.view.removed = True
-                if gen.view.open_count == 0:
+                if gen.view.open_count == 0 and number == self._top:
+                    # The kernel may hold top-level names resolved to it a moment ago (their
+                    # invalidation is asynchronous): keep it one more refresh so that an open
+                    # racing with the switch still gets the generation it looked up.
+                    self._grace.add(number)
+                elif gen.view.open_count == 0:
                     changes.extend(self._drop(number))
         changes.extend(self._choose_top())
         return changes
@@ -447,7 +461,9 @@ class MountVFS:
             )
         if isinstance(node, FileNode):
             assert node.view is not None
-            blksize = max(4096, min(node.view.chunk_size, 1024 * 1024))
+            # st_blksize is the preferred I/O size: a power of two (SPGZ0001 blocks are
+            # 131071 bytes), at least a page, at most 1 MiB.
+            blksize = 1 << max(12, min(node.view.chunk_size.bit_length() - 1, 20))
             return Attributes(
                 node.inode, FILE_MODE, node.size, 1, node.mtime_ns, self.uid, self.gid, blksize,
                 math.ceil(node.size / 512), node.entry_timeout, node.attr_timeout,
@@ -523,7 +539,10 @@ class MountVFS:
             return Changes()
         view = handle.view
         view.open_count -= 1
-        if view.open_count == 0 and view.removed and view.number in self._gens:
+        if (
+            view.open_count == 0 and view.removed and view.number in self._gens
+            and view.number not in self._grace
+        ):
             return self._drop(view.number)
         return Changes()
 

@@ -155,6 +155,8 @@ def test_pinned_generation_top(disk: bytes) -> None:
     assert vfs.top_generation == 1
     image.prune(1)
     sync(vfs, image)
+    assert vfs.top_generation == 1  # kept one refresh: it was the top
+    sync(vfs, image)
     assert vfs.top_generation is None and "disk.raw" not in vfs.root.children
 
 
@@ -177,10 +179,32 @@ def test_pruned_generation_stays_while_open(disk: bytes) -> None:
     assert image.pins(1) == 0
     with pytest.raises(NoSuchEntry):
         vfs.open(node.inode)  # the snapshot is closed
-    # A pruned generation nobody has open goes at once.
+    # A pruned generation nobody has open goes: at the next refresh when it was the top (the
+    # kernel may still open names it resolved to it a moment ago), at once otherwise.
     image.prune(2)
+    assert sync(vfs, image).dropped == []
+    assert vfs.top_generation == 2 and image.pins(2) == 1
     assert sync(vfs, image).dropped == [2]
     assert vfs.generations_dir.children == {} and image.open_snapshots() == 0
+    assert vfs.top_generation is None and "disk.raw" not in vfs.root.children
+
+
+def test_former_top_is_kept_one_refresh(disk: bytes) -> None:
+    image, vfs = make(disk, 2)
+    image.add_generation(disk)
+    image.prune(1)
+    assert sync(vfs, image).dropped == [1]  # not the top: at once
+    image.add_generation(disk)
+    image.prune(2)
+    image.prune(3)
+    changes = sync(vfs, image)
+    assert changes.dropped == [2]  # 3 was the top until now
+    assert vfs.top_generation == 4 and image.pins(3) == 1
+    node = vfs.resolve(f"/generations/{generation_dir_name(vfs.view(3).info)}/disk.raw")
+    vfs.release(vfs.open(node.inode).fh)  # still opens; its release does not drop it early
+    assert image.pins(3) == 1
+    assert sync(vfs, image).dropped == [3]
+    assert image.pins(3) == 0
 
 
 def test_close_unpins_everything(disk: bytes) -> None:

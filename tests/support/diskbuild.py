@@ -257,3 +257,36 @@ def build_pattern_gpt_disk(path: Path, *, seed: int = 5) -> BuiltDisk:
             f.write(rng.randbytes(length))
             parts.append(BuiltPartition(number, start * SECTOR, length, label, ""))
     return BuiltDisk(path, size, "gpt", tuple(parts))
+
+
+def clone_disk(disk: BuiltDisk, path: Path) -> BuiltDisk:
+    """A sparse copy of ``disk`` at ``path`` (to change without touching the original)."""
+    _run("cp", "--sparse=always", str(disk.path), str(path))
+    return BuiltDisk(path, disk.size, disk.scheme, disk.partitions)
+
+
+def write_whole(disk: Path, fs_image: Path, offset: int) -> None:
+    """Copy ``fs_image`` into ``disk`` at ``offset`` byte for byte, zeros included (so nothing
+    of an earlier file system at that place survives)."""
+    block = 1024 * 1024
+    with open(fs_image, "rb") as src, open(disk, "r+b") as dst:
+        dst.seek(offset)
+        while data := src.read(block):
+            dst.write(data)
+
+
+def replace_ext4(
+    disk: BuiltDisk, number: int, files: dict[str, bytes], work: Path
+) -> BuiltDisk:
+    """Make a fresh ext4 (same size and label) holding ``files`` in partition ``number`` of
+    ``disk``, in place; returns the disk with that partition's new file list."""
+    old = disk.partition(number)
+    fs = work / f"{disk.path.name}-p{number}-new.img"
+    label = old.label or f"mbr{number}"
+    make_ext4(fs, old.size, label, files, work)
+    write_whole(disk.path, fs, old.start)
+    fs.unlink()
+    shutil.rmtree(work / f"{fs.name}.src", ignore_errors=True)
+    new = BuiltPartition(number, old.start, old.size, old.label, "ext4", files)
+    parts = tuple(new if p.number == number else p for p in disk.partitions)
+    return BuiltDisk(disk.path, disk.size, disk.scheme, parts)

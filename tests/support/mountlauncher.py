@@ -5,7 +5,8 @@
 OPENER is ``module:callable`` (e.g. ``support.fakeimage:DirectoryImage``, or later the real
 image's opener); it is called as ``callable(ARG)`` to open the image, after the fork when
 mounting in the background. OPTIONS_JSON holds ``mount_main`` keyword options, e.g.
-``{"foreground": true, "ready_fd": 5, "generation": 2}``. Exits with ``mount_main``'s code.
+``{"foreground": true, "ready_fd": 5, "generation": 2}``. Like the CLI, prints
+``diskrsync: MESSAGE`` and exits with the error's code when ``mount_main`` raises.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # make `support` importable
 
 from diskrsync.compression.api import DiskImage
+from diskrsync.errors import DiskrsyncError
 from diskrsync.fsmount.mount import mount_main
 
 
@@ -31,7 +33,14 @@ def opener(spec: str, arg: str) -> Callable[[], DiskImage]:
 def main(argv: list[str]) -> int:
     spec, arg, mountpoint = argv[:3]
     options = json.loads(argv[3]) if len(argv) > 3 else {}
-    return mount_main(opener(spec, arg), mountpoint, **options)
+    try:
+        mount_main(opener(spec, arg), mountpoint, **options)
+    except DiskrsyncError as exc:
+        print(f"diskrsync: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+    return 0
 
 
 if __name__ == "__main__":
