@@ -83,6 +83,11 @@ from diskrsync.errors import (
 )
 from diskrsync.synccore.merkle import Shape, node_hash_packed, root_hash, zero_hash
 
+
+class GenerationGoneError(UsageError):
+    """The generation asked for is not (or no longer) retained: pruned, or never existed."""
+
+
 WRITER_LOCK = (1 << 40) - 1
 PIN_BASE = 1 << 40
 DEFAULT_KEEP = 2
@@ -414,7 +419,7 @@ class Image:
             if r.number == number:
                 return r
         have = ", ".join(str(r.number) for r in gens)
-        raise UsageError(f"{self.path} has no generation {number} (retained: {have})")
+        raise GenerationGoneError(f"{self.path} has no generation {number} (retained: {have})")
 
     def snapshot(self, number: int | None = None) -> Snapshot:
         """Pin a generation (default: current) for reading until the snapshot is closed."""
@@ -432,7 +437,7 @@ class Image:
                 return Snapshot(self.path, fd, rec, state.sb.chunk_size, state.sb.fanout)
             os.close(fd)
             if number is not None:
-                raise UsageError(f"generation {number} of {self.path} was pruned")
+                raise GenerationGoneError(f"generation {number} of {self.path} was pruned")
         raise LocalError(f"{self.path}: generations change too fast to pin one")
 
     def usage(self) -> dict[str, int]:

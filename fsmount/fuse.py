@@ -21,7 +21,8 @@ import pyfuse3
 import trio
 
 from diskrsync.compression.api import DiskImage, GenerationInfo
-from diskrsync.errors import CorruptChunkError, DiskrsyncError, UsageError
+from diskrsync.compression.image import GenerationGoneError
+from diskrsync.errors import CorruptChunkError, DiskrsyncError
 from diskrsync.fsmount.reader import ChunkReader
 from diskrsync.fsmount.vfs import (
     ROOT_INODE,
@@ -147,12 +148,9 @@ class DiskOperations(pyfuse3.Operations):
                     if info.number not in known:
                         try:
                             loaded[info.number] = load_generation(image, info.number)
-                        except UsageError:
-                            # Pruned by a push since the listing (a writer with --keep 1 can
-                            # do that within a second): skip it if it is really gone.
-                            image.refresh()
-                            if any(i.number == info.number for i in image.generations()):
-                                raise
+                        except GenerationGoneError:
+                            # pruned by a push since the listing (a writer with --keep 1 can
+                            # do that within a second)
                             log.info("generation %d was pruned before it could be shown",
                                      info.number)
             except BaseException:

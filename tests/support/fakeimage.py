@@ -24,6 +24,7 @@ from typing import Protocol
 import zstandard
 
 from diskrsync.compression.api import GenerationInfo
+from diskrsync.compression.image import GenerationGoneError
 from diskrsync.errors import CorruptChunkError, UsageError
 
 DEFAULT_CHUNK = 64 * 1024
@@ -248,7 +249,7 @@ class FakeImage:
             n = max(self._gens) if number is None else number
             gen = self._gens.get(n)
             if gen is None:
-                raise UsageError(f"generation {n} is not in the image")
+                raise GenerationGoneError(f"generation {n} is not in the image")
             gen.pins += 1
             if gen not in self._pinned:
                 self._pinned.append(gen)
