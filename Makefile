@@ -3,7 +3,7 @@
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint bench docs clean
 
 setup:
 	@bash scripts/setup.sh
@@ -20,6 +20,13 @@ lint: setup
 
 bench: setup
 	$(BIN)/python tests/bench/run.py $(BENCH_ARGS)
+
+# Regenerate the completions, man page and CLI reference from the CLI's parser.
+docs: setup
+	$(BIN)/python -m diskrsync.docgen bash > contrib/completion/diskrsync.bash
+	$(BIN)/python -m diskrsync.docgen zsh > contrib/completion/_diskrsync
+	$(BIN)/python -m diskrsync.docgen man > contrib/diskrsync.1
+	$(BIN)/python -m diskrsync.docgen markdown > docs/cli.md
 
 clean:
 	rm -rf $(VENV) demo-work .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,604 @@
+"""The operations kit in contrib/: snapshot wrappers, job wrapper, metrics hook, systemd units.
+
+The wrappers run against stand-in ``lvs``/``lvcreate``/``lvremove``/``virsh``/``diskrsync``
+programs put first on PATH: each appends its argv to a log and succeeds or fails as the test
+says (environment variables), so the tests see exactly which commands ran, with which
+arguments, in which order.
+"""
+
+from __future__ import annotations
+
+import importlib.machinery
+import importlib.util
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+CONTRIB = ROOT / "contrib"
+LVM = CONTRIB / "diskrsync-lvm-snapshot"
+LIBVIRT = CONTRIB / "diskrsync-libvirt"
+JOB = CONTRIB / "diskrsync-job"
+METRICS = CONTRIB / "diskrsync-metrics"
+SCRIPTS = [LVM, LIBVIRT, JOB]
+
+SUMMARY = {"size": 1 << 30, "chunk_size": 131072, "bytes_read": 1 << 30, "bytes_hashed": 5000,
+           "bytes_sent": 123456, "bytes_received": 999, "chunks": 8192, "chunks_differing": 17,
+           "chunk_bytes_differing": 17 * 131072, "zero_chunks": 10, "pages_compared": 70,
+           "pages_differing": 3, "duration": 12.5, "root_hash": "ab" * 32,
+           "target_root_hash": "ab" * 32, "generation": 4, "resumed": False, "dry_run": False,
+           "differing_ranges": [], "source_changed_chunks": [], "read_errors": [],
+           "warnings": []}
+
+# Each stand-in logs "NAME ARG..." (shell-quoted) and then behaves as the STUB_* variables say.
+LOG_LINE = ('printf "%s" "${0##*/}" >>"$STUB_LOG"; printf " %q" "$@" >>"$STUB_LOG"; '
+            'echo >>"$STUB_LOG"')
+STUBS = {
+    "lvs": "exit \"${STUB_LVS_RC:-5}\"",  # 5: no such LV (what lvs says for a missing one)
+    "lvcreate": "exit \"${STUB_LVCREATE_RC:-0}\"",
+    "lvremove": "exit \"${STUB_LVREMOVE_RC:-0}\"",
+    "diskrsync": """
+trap 'echo "# diskrsync got TERM" >>"$STUB_LOG"; kill "$sleeper" 2>/dev/null; exit 143' TERM
+if [ -n "${STUB_DISKRSYNC_SLEEP:-}" ]; then
+    sleep "$STUB_DISKRSYNC_SLEEP" & sleeper=$!
+    echo "# diskrsync sleeping" >>"$STUB_LOG"
+    wait "$sleeper"
+fi
+[ -z "${STUB_DISKRSYNC_JSON:-}" ] || printf '%s\\n' "$STUB_DISKRSYNC_JSON"
+exit "${STUB_DISKRSYNC_RC:-0}"
+""",
+    "virsh": """
+case " ${STUB_VIRSH_FAIL:-} " in *" $1 "*) echo "error: $1 failed (stand-in)" >&2; exit 1 ;; esac
+case "$1" in
+    domblklist) printf '%b' "$STUB_VIRSH_BLKLIST" ;;
+    domstate) echo "${STUB_VIRSH_STATE:-running}" ;;
+    snapshot-create-as)
+        for a in "$@"; do
+            case "$a" in *snapshot=external,file=*) : >"${a#*file=}" ;; esac
+        done ;;
+esac
+exit 0
+""",
+}
+
+
+class Stubs:
+    def __init__(self, tmp: Path) -> None:
+        self.bin = tmp / "stub-bin"
+        self.bin.mkdir()
+        self.log = tmp / "calls.log"
+        self.log.write_text("")
+        for name, body in STUBS.items():
+            path = self.bin / name
+            path.write_text(f"#!/bin/bash\n{LOG_LINE}\n{body}\n")
+            path.chmod(0o755)
+        self.images = tmp / "images"
+        self.images.mkdir()
+        self.env = {
+            **os.environ,
+            "PATH": f"{self.bin}:{os.environ['PATH']}",
+            "STUB_LOG": str(self.log),
+            "STUB_VIRSH_BLKLIST": (
+                " Type   Device   Target   Source\\n"
+                "------------------------------------------------\\n"
+                f" file   disk     vda      {self.images}/web1.img\\n"
+                " file   cdrom    sda      -\\n"
+                f" file   disk     vdb      {self.images}/web1-data.img\\n"),
+        }
+        self.env.pop("DISKRSYNC", None)
+
+    def calls(self) -> list[list[str]]:
+        # lines starting with # are events the stand-ins note (sleeping, got TERM)
+        return [shlex.split(line) for line in self.log.read_text().splitlines()
+                if not line.startswith("#")]
+
+    def names(self) -> list[str]:
+        return [" ".join(c[:2]) if c[0] == "virsh" else c[0] for c in self.calls()]
+
+    def run(self, *argv: str | Path, **env: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([str(a) for a in argv], env={**self.env, **env},
+                              capture_output=True, text=True, timeout=30)
+
+    def start(self, *argv: str | Path, **env: str) -> subprocess.Popen[str]:
+        return subprocess.Popen([str(a) for a in argv], env={**self.env, **env},
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def wait_for(self, text: str, timeout: float = 10) -> None:
+        deadline = time.monotonic() + timeout
+        while text not in self.log.read_text():
+            assert time.monotonic() < deadline, f"never logged {text!r}: {self.log.read_text()}"
+            time.sleep(0.02)
+
+
+@pytest.fixture
+def stubs(tmp_path: Path) -> Stubs:
+    return Stubs(tmp_path)
+
+
+# -- LVM snapshot wrapper ------------------------------------------------------------------
+
+
+def test_lvm_success_creates_pushes_and_removes(stubs):
+    r = stubs.run(LVM, "-L", "5G", "vg0/root", "/srv/b/root.spgz", "--keep", "3")
+    assert r.returncode == 0, r.stderr
+    assert stubs.calls() == [
+        ["lvs", "vg0/root-diskrsync"],
+        ["lvcreate", "-s", "-n", "root-diskrsync", "-L", "5G", "vg0/root"],
+        ["diskrsync", "push", "/dev/vg0/root-diskrsync", "/srv/b/root.spgz", "--keep", "3"],
+        ["lvremove", "-f", "vg0/root-diskrsync"],
+    ]
+
+
+def test_lvm_passes_the_json_summary_through_on_stdout(stubs):
+    r = stubs.run(LVM, "--name", "snap", "/dev/vg0/root", "b.spgz", "--json",
+                  STUB_DISKRSYNC_JSON=json.dumps(SUMMARY))
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout) == SUMMARY  # lvcreate/lvremove chatter goes to stderr
+    assert ["lvcreate", "-s", "-n", "snap", "-L", "1G", "vg0/root"] in stubs.calls()
+    assert stubs.calls()[-1] == ["lvremove", "-f", "vg0/snap"]
+
+
+@pytest.mark.parametrize("rc", [5, 10])
+def test_lvm_push_failure_removes_snapshot_and_passes_exit_code(stubs, rc):
+    r = stubs.run(LVM, "vg0/root", "b.spgz", STUB_DISKRSYNC_RC=str(rc))
+    assert r.returncode == rc
+    assert stubs.names() == ["lvs", "lvcreate", "diskrsync", "lvremove"]
+    assert f"push exited with status {rc}" in r.stderr
+
+
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_lvm_signal_during_push_stops_it_and_removes_snapshot(stubs, sig, code):
+    p = stubs.start(LVM, "vg0/root", "b.spgz", STUB_DISKRSYNC_SLEEP="30")
+    stubs.wait_for("diskrsync sleeping")
+    t0 = time.monotonic()
+    p.send_signal(sig)
+    _out, err = p.communicate(timeout=10)
+    assert time.monotonic() - t0 < 5, "the wrapper waited for the push instead of stopping it"
+    assert p.returncode == code, err
+    assert stubs.names() == ["lvs", "lvcreate", "diskrsync", "lvremove"]
+    assert "diskrsync got TERM" in stubs.log.read_text()
+    assert "removed snapshot vg0/root-diskrsync" in err
+
+
+def test_lvm_create_failure_pushes_nothing(stubs):
+    r = stubs.run(LVM, "vg0/root", "b.spgz", STUB_LVCREATE_RC="5")
+    assert r.returncode == 1
+    assert stubs.names() == ["lvs", "lvcreate"]
+    assert "lvcreate failed: no snapshot, nothing pushed" in r.stderr
+
+
+def test_lvm_removes_a_snapshot_left_by_a_killed_run_first(stubs):
+    r = stubs.run(LVM, "vg0/root", "b.spgz", STUB_LVS_RC="0")
+    assert r.returncode == 0, r.stderr
+    assert stubs.names() == ["lvs", "lvremove", "lvcreate", "diskrsync", "lvremove"]
+    assert "left by an earlier run" in r.stderr
+
+
+def test_lvm_usage_errors(stubs):
+    assert stubs.run(LVM, "root", "b.spgz").returncode == 2
+    assert stubs.run(LVM, "vg0/root").returncode == 2
+    assert stubs.calls() == []
+
+
+# -- libvirt wrapper -----------------------------------------------------------------------
+
+
+def test_libvirt_external_snapshot_push_and_merge_back(stubs):
+    r = stubs.run(LIBVIRT, "web1", "/srv/b/web1.spgz", "--keep", "4")
+    assert r.returncode == 0, r.stderr
+    base = f"{stubs.images}/web1.img"
+    overlay = f"{base}.diskrsync-overlay"
+    calls = stubs.calls()
+    assert stubs.names() == ["virsh domblklist", "virsh domstate", "virsh snapshot-create-as",
+                             "diskrsync", "virsh blockcommit"]
+    snap = calls[2]
+    for flag in ("--disk-only", "--atomic", "--no-metadata"):
+        assert flag in snap
+    assert snap[1:2] == ["web1"] or snap[2] == "web1"
+    specs = [snap[i + 1] for i, a in enumerate(snap) if a == "--diskspec"]
+    assert specs == [f"vda,snapshot=external,file={overlay}", "vdb,snapshot=no"]
+    assert calls[3] == ["diskrsync", "push", base, "/srv/b/web1.spgz", "--keep", "4"]
+    assert calls[4] == ["virsh", "blockcommit", "web1", "vda", "--active", "--pivot", "--wait"]
+    assert not Path(overlay).exists(), "overlay file left behind after the merge"
+
+
+def test_libvirt_external_push_failure_still_merges_back(stubs):
+    r = stubs.run(LIBVIRT, "--disk", "vdb", "web1", "b.spgz", STUB_DISKRSYNC_RC="3")
+    assert r.returncode == 3
+    assert stubs.names()[-1] == "virsh blockcommit"
+    assert stubs.calls()[-2][:3] == ["diskrsync", "push", f"{stubs.images}/web1-data.img"]
+    assert stubs.calls()[-1][3] == "vdb"
+
+
+def test_libvirt_failed_merge_keeps_overlay_and_fails(stubs):
+    r = stubs.run(LIBVIRT, "web1", "b.spgz", STUB_VIRSH_FAIL="blockcommit")
+    assert r.returncode == 1
+    assert Path(f"{stubs.images}/web1.img.diskrsync-overlay").exists()
+    assert "do not delete it" in r.stderr
+
+
+def test_libvirt_freeze_push_thaw(stubs):
+    r = stubs.run(LIBVIRT, "--mode", "freeze", "web1", "b.spgz")
+    assert r.returncode == 0, r.stderr
+    assert stubs.names() == ["virsh domblklist", "virsh domstate", "virsh domfsfreeze",
+                             "diskrsync", "virsh domfsthaw"]
+    assert stubs.calls()[-1] == ["virsh", "domfsthaw", "web1"]
+
+
+def test_libvirt_thaws_when_the_push_fails(stubs):
+    r = stubs.run(LIBVIRT, "-m", "freeze", "web1", "b.spgz", STUB_DISKRSYNC_RC="5")
+    assert r.returncode == 5
+    assert stubs.names()[-2:] == ["diskrsync", "virsh domfsthaw"]
+
+
+def test_libvirt_thaws_when_freeze_fails_and_pushes_nothing(stubs):
+    r = stubs.run(LIBVIRT, "-m", "freeze", "web1", "b.spgz", STUB_VIRSH_FAIL="domfsfreeze")
+    assert r.returncode == 1
+    assert "diskrsync" not in stubs.names()
+    assert stubs.names()[-1] == "virsh domfsthaw"
+
+
+@pytest.mark.parametrize("mode", ["freeze", "external"])
+def test_libvirt_sigterm_during_push_cleans_up(stubs, mode):
+    p = stubs.start(LIBVIRT, "-m", mode, "web1", "b.spgz", STUB_DISKRSYNC_SLEEP="30")
+    stubs.wait_for("diskrsync sleeping")
+    p.send_signal(signal.SIGTERM)
+    _out, err = p.communicate(timeout=10)
+    assert p.returncode == 143, err
+    assert "diskrsync got TERM" in stubs.log.read_text()
+    last = {"freeze": "virsh domfsthaw", "external": "virsh blockcommit"}[mode]
+    assert stubs.names()[-1] == last
+
+
+def test_libvirt_shut_off_domain_is_pushed_as_is(stubs):
+    r = stubs.run(LIBVIRT, "web1", "b.spgz", STUB_VIRSH_STATE="shut off")
+    assert r.returncode == 0, r.stderr
+    assert stubs.names() == ["virsh domblklist", "virsh domstate", "diskrsync"]
+
+
+def test_libvirt_refuses_a_disk_still_on_an_old_overlay(stubs):
+    blk = stubs.env["STUB_VIRSH_BLKLIST"].replace("web1.img", "web1.img.diskrsync-overlay")
+    r = stubs.run(LIBVIRT, "web1", "b.spgz", STUB_VIRSH_BLKLIST=blk)
+    assert r.returncode == 1
+    assert "merge it first" in r.stderr
+    assert "diskrsync" not in stubs.names()
+
+
+def test_libvirt_unknown_disk(stubs):
+    r = stubs.run(LIBVIRT, "--disk", "vdz", "web1", "b.spgz")
+    assert r.returncode == 1
+    assert "has no disk vdz (it has: vda vdb" in r.stderr
+
+
+# -- job wrapper ---------------------------------------------------------------------------
+
+
+def write_conf(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def test_job_reads_config_and_runs_lvm_wrapper_with_metrics(stubs, tmp_path):
+    metrics = tmp_path / "textfile"
+    metrics.mkdir()
+    conf = write_conf(tmp_path / "web1-root.conf", f"""
+# a comment, then blank lines
+
+SNAPSHOT=lvm
+LV=vg0/root
+SNAPSHOT_SIZE="5G"
+DEST='/srv/backups/web 1.spgz'
+KEEP=7
+   OPTIONS="-i /etc/diskrsync/id_ed25519 --chunk-size 256K"
+METRICS_DIR={metrics}
+""")
+    r = stubs.run(JOB, "--config", conf, STUB_DISKRSYNC_JSON=json.dumps(SUMMARY),
+                  STUB_DISKRSYNC_RC="0")
+    assert r.returncode == 0, r.stderr
+    assert stubs.calls() == [
+        ["lvs", "vg0/root-diskrsync"],
+        ["lvcreate", "-s", "-n", "root-diskrsync", "-L", "5G", "vg0/root"],
+        ["diskrsync", "push", "/dev/vg0/root-diskrsync", "/srv/backups/web 1.spgz", "--json",
+         "--keep", "7", "-i", "/etc/diskrsync/id_ed25519", "--chunk-size", "256K"],
+        ["lvremove", "-f", "vg0/root-diskrsync"],
+    ]
+    assert "diskrsync job web1-root: ok, generation 4, 17 of 8192 chunks differed" in r.stdout
+    values = parse_prom(metrics / "diskrsync_web1-root.prom")
+    assert values["diskrsync_exit_code", "web1-root"] == 0
+    assert values["diskrsync_bytes_sent", "web1-root"] == 123456
+
+
+def test_job_by_name_from_config_dir_and_exit_code(stubs, tmp_path):
+    confdir = tmp_path / "etc"
+    confdir.mkdir()
+    write_conf(confdir / "data.conf", "SOURCE=/dev/sdb\nDEST=host:/b/data.spgz\n"
+                                      "DISKRSYNC=diskrsync\n")
+    r = stubs.run(JOB, "data", DISKRSYNC_CONF_DIR=str(confdir), STUB_DISKRSYNC_RC="10")
+    assert r.returncode == 10
+    assert stubs.calls() == [["diskrsync", "push", "/dev/sdb", "host:/b/data.spgz", "--json"]]
+    assert "diskrsync job data: FAILED with exit status 10" in r.stdout
+
+
+def test_job_libvirt_config(stubs, tmp_path):
+    conf = write_conf(tmp_path / "vm.conf",
+                      "SNAPSHOT=libvirt\nDOMAIN=web1\nDISK=vdb\nLIBVIRT_MODE=freeze\n"
+                      "DEST=/b/vm.spgz\n")
+    r = stubs.run(JOB, "--config", conf)
+    assert r.returncode == 0, r.stderr
+    assert stubs.names() == ["virsh domblklist", "virsh domstate", "virsh domfsfreeze",
+                             "diskrsync", "virsh domfsthaw"]
+    assert stubs.calls()[3] == ["diskrsync", "push", f"{stubs.images}/web1-data.img",
+                                "/b/vm.spgz", "--json"]
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("DEST=/b\nSOURCE=/dev/sdb\nSOURCE_TYPO=1\n", "unknown key SOURCE_TYPO"),
+    ("SOURCE=/dev/sdb\n", "DEST is required"),
+    ("DEST=/b\nSNAPSHOT=lvm\n", "LV is required with SNAPSHOT=lvm"),
+    ("DEST=/b\nSNAPSHOT=zfs\n", "SNAPSHOT must be none, lvm or libvirt"),
+    ("DEST=/b\nSOURCE=/x\nKEEP=seven\n", "KEEP must be a number"),
+    ("DEST=/b\nrm -rf /\n", ":2: expected KEY=VALUE"),
+])
+def test_job_rejects_bad_config(stubs, tmp_path, text, message):
+    conf = write_conf(tmp_path / "bad.conf", text)
+    r = stubs.run(JOB, "--config", conf)
+    assert r.returncode == 2
+    assert message in r.stderr
+    assert stubs.calls() == []
+
+
+def test_job_config_is_not_executed(stubs, tmp_path):
+    marker = tmp_path / "pwned"
+    conf = write_conf(tmp_path / "x.conf", f"SOURCE=$(touch {marker})\nDEST=`touch {marker}`\n")
+    r = stubs.run(JOB, "--config", conf)
+    assert r.returncode == 0, r.stderr
+    assert not marker.exists()
+    assert stubs.calls()[0][2:4] == [f"$(touch {marker})", f"`touch {marker}`"]
+
+
+def test_job_sigterm_reaches_the_push_and_the_snapshot_goes(stubs, tmp_path):
+    conf = write_conf(tmp_path / "j.conf", "SNAPSHOT=lvm\nLV=vg0/root\nDEST=/b\n")
+    p = stubs.start(JOB, "--config", conf, STUB_DISKRSYNC_SLEEP="30")
+    stubs.wait_for("diskrsync sleeping")
+    p.send_signal(signal.SIGTERM)
+    _out, err = p.communicate(timeout=10)
+    assert p.returncode == 143, err
+    assert stubs.names()[-1] == "lvremove"
+    assert "diskrsync got TERM" in stubs.log.read_text()
+
+
+# -- metrics hook --------------------------------------------------------------------------
+
+
+PROM_LINE = re.compile(r'^(diskrsync_\w+)\{diskrsync_job="([^"]*)"\} (\S+)$')
+
+
+def parse_prom(path: Path) -> dict[tuple[str, str], float]:
+    values: dict[tuple[str, str], float] = {}
+    typed = set()
+    for line in path.read_text().splitlines():
+        if line.startswith("# TYPE "):
+            _h, _t, name, kind = line.split()
+            assert kind == "gauge"
+            typed.add(name)
+            continue
+        if line.startswith("#"):
+            continue
+        m = PROM_LINE.match(line)
+        assert m, f"not a metric line: {line!r}"
+        assert m.group(1) in typed, f"{m.group(1)} has no TYPE line"
+        values[m.group(1), m.group(2)] = float(m.group(3))
+    return values
+
+
+def run_metrics(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, str(METRICS), *args], input=stdin,
+                          capture_output=True, text=True, timeout=30)
+
+
+def test_metrics_from_a_summary(tmp_path):
+    summary = dict(SUMMARY, source_changed_chunks=[3, 4], read_errors=[[0, 4096]])
+    r = run_metrics("--job", "web1", "--exit-code", "10", "--dir", str(tmp_path),
+                    "--duration", "20.25", "--now", "1700000000", stdin=json.dumps(summary))
+    assert r.returncode == 0, r.stderr
+    assert "THE SOURCE CHANGED DURING THE PUSH" in r.stdout
+    v = parse_prom(tmp_path / "diskrsync_web1.prom")
+    assert v == {
+        ("diskrsync_last_run_timestamp_seconds", "web1"): 1700000000,
+        ("diskrsync_last_success_timestamp_seconds", "web1"): 0,  # exit 10 is no success
+        ("diskrsync_exit_code", "web1"): 10,
+        ("diskrsync_run_duration_seconds", "web1"): 20.25,
+        ("diskrsync_duration_seconds", "web1"): 12.5,
+        ("diskrsync_bytes_sent", "web1"): 123456,
+        ("diskrsync_bytes_read", "web1"): 1 << 30,
+        ("diskrsync_image_size_bytes", "web1"): 1 << 30,
+        ("diskrsync_chunks", "web1"): 8192,
+        ("diskrsync_chunks_differing", "web1"): 17,
+        ("diskrsync_generation", "web1"): 4,
+        ("diskrsync_source_changed", "web1"): 1,
+        ("diskrsync_read_errors", "web1"): 1,
+    }
+
+
+def test_metrics_keep_last_success_across_a_failure(tmp_path):
+    out = tmp_path / "diskrsync_db.prom"
+    ok = run_metrics("--job", "db", "--exit-code", "0", "--dir", str(tmp_path), "--now", "1000",
+                     stdin=json.dumps(SUMMARY))
+    assert ok.returncode == 0, ok.stderr
+    assert parse_prom(out)["diskrsync_last_success_timestamp_seconds", "db"] == 1000
+    # a push that died before printing a summary (e.g. SSH refused): exit code only
+    bad = run_metrics("--job", "db", "--exit-code", "5", "--dir", str(tmp_path), "--now", "2000")
+    assert bad.returncode == 0, bad.stderr
+    v = parse_prom(out)
+    assert v["diskrsync_last_success_timestamp_seconds", "db"] == 1000
+    assert v["diskrsync_last_run_timestamp_seconds", "db"] == 2000
+    assert v["diskrsync_exit_code", "db"] == 5
+    assert v["diskrsync_bytes_sent", "db"] == 123456  # figures of the last summary kept
+    # a later success moves it on
+    run_metrics("--job", "db", "--exit-code", "0", "--dir", str(tmp_path), "--now", "3000",
+                stdin=json.dumps(dict(SUMMARY, bytes_sent=7)))
+    v = parse_prom(out)
+    assert v["diskrsync_last_success_timestamp_seconds", "db"] == 3000
+    assert v["diskrsync_bytes_sent", "db"] == 7
+
+
+def test_metrics_garbage_summary_still_records_the_run(tmp_path):
+    r = run_metrics("--job", "x", "--exit-code", "3", "--output", str(tmp_path / "x.prom"),
+                    stdin="Traceback (most recent call last):\n")
+    assert r.returncode == 0
+    assert "not JSON" in r.stderr
+    assert parse_prom(tmp_path / "x.prom")["diskrsync_exit_code", "x"] == 3
+
+
+def test_metrics_rejects_a_job_name_that_would_break_the_file(tmp_path):
+    r = run_metrics("--job", 'a"b/c', "--exit-code", "0", "--dir", str(tmp_path))
+    assert r.returncode == 2
+    assert list(tmp_path.iterdir()) == []
+
+
+def load_metrics_module():
+    loader = importlib.machinery.SourceFileLoader("diskrsync_metrics_hook", str(METRICS))
+    spec = importlib.util.spec_from_loader(loader.name, loader)
+    assert spec is not None
+    module = importlib.util.module_from_spec(spec)
+    loader.exec_module(module)
+    return module
+
+
+def test_metrics_write_is_atomic(tmp_path, monkeypatch):
+    """The new file is complete and fsynced under a name the collector ignores, then renamed
+    over the old one in one step; readers of the old file keep seeing the old content."""
+    mod = load_metrics_module()
+    target = tmp_path / "diskrsync_j.prom"
+    target.write_text("old content\n")
+    reader = target.open()  # a collector in the middle of a read
+    seen = {}
+    real_replace, real_fsync = os.replace, os.fsync
+    fsynced = []
+
+    def spy_fsync(fd):
+        fsynced.append(fd)
+        real_fsync(fd)
+
+    def spy_replace(src, dst):
+        src, dst = Path(src), Path(dst)
+        seen.update(src=src, dst=dst, content=src.read_text(), fsynced=bool(fsynced),
+                    target_then=dst.read_text())
+        real_replace(src, dst)
+
+    monkeypatch.setattr(mod.os, "replace", spy_replace)
+    monkeypatch.setattr(mod.os, "fsync", spy_fsync)
+    mod.write_atomically(str(target), "new content\n")
+    assert seen["dst"] == target
+    assert seen["src"].parent == tmp_path  # same filesystem: rename is atomic
+    assert not seen["src"].name.endswith(".prom")  # node_exporter skips it
+    assert seen["content"] == "new content\n" and seen["fsynced"]
+    assert seen["target_then"] == "old content\n"
+    assert target.read_text() == "new content\n"
+    assert reader.read() == "old content\n"
+    reader.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["diskrsync_j.prom"]
+    assert oct(target.stat().st_mode & 0o777) == "0o644"
+
+    def failing_replace(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(mod.os, "replace", failing_replace)
+    with pytest.raises(OSError):
+        mod.write_atomically(str(target), "newer\n")
+    assert target.read_text() == "new content\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["diskrsync_j.prom"]
+
+
+# -- scripts and units, statically ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("script", [*SCRIPTS, METRICS], ids=lambda p: p.name)
+def test_scripts_have_help(script):
+    r = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0 and "sage" in r.stdout, r.stderr
+    assert os.access(script, os.X_OK)
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_scripts_are_strict_bash(script):
+    head = script.read_text().splitlines()[:10]
+    assert head[0] == "#!/usr/bin/env bash"
+    assert "set -euo pipefail" in head
+    r = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.skipif(not shutil.which("shellcheck"), reason="shellcheck not installed")
+def test_shellcheck():
+    files = [*SCRIPTS, CONTRIB / "completion" / "diskrsync.bash"]
+    r = subprocess.run(["shellcheck", "-s", "bash", *map(str, files)], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+UNITS = ["diskrsync-push@.service", "diskrsync-push@.timer", "diskrsync-failure@.service"]
+
+
+@pytest.mark.skipif(not shutil.which("systemd-analyze"), reason="systemd-analyze not installed")
+def test_units_pass_systemd_analyze_verify(tmp_path):
+    # the units name the installed path of diskrsync-job; point it at the repo's copy so that
+    # verify can check it is executable
+    for name in UNITS:
+        text = (CONTRIB / "systemd" / name).read_text()
+        text = text.replace("/usr/local/lib/diskrsync/", f"{CONTRIB}/")
+        (tmp_path / name).write_text(text)
+    r = subprocess.run(
+        ["systemd-analyze", "verify", "--man=no", "./diskrsync-push@web1.service",
+         "./diskrsync-push@web1.timer", "./diskrsync-failure@diskrsync-push@web1.service.service"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    # unknown keys and bad values are only warnings: any output is a failure
+    assert r.returncode == 0 and not r.stdout.strip() and not r.stderr.strip(), \
+        r.stdout + r.stderr
+
+
+def unit_settings(name: str) -> dict[str, list[str]]:
+    settings: dict[str, list[str]] = {}
+    for line in (CONTRIB / "systemd" / name).read_text().splitlines():
+        if "=" in line and not line.startswith(("#", "[")):
+            key, _, value = line.partition("=")
+            settings.setdefault(key.strip(), []).append(value.strip())
+    return settings
+
+
+def test_unit_settings_that_matter():
+    svc = unit_settings("diskrsync-push@.service")
+    assert svc["ExecStart"] == ["/usr/local/lib/diskrsync/diskrsync-job %i"]
+    assert svc["Type"] == ["oneshot"]
+    assert svc["OnFailure"] == ["diskrsync-failure@%n.service"]
+    assert svc["KillMode"] == ["mixed"]  # SIGTERM to the wrapper first: it cleans up
+    for key, value in [("NoNewPrivileges", "yes"), ("PrivateTmp", "yes"),
+                       ("ProtectSystem", "strict"), ("ProtectHome", "read-only")]:
+        assert svc[key] == [value]
+    # raw block devices must stay reachable
+    for key in ("PrivateDevices", "DeviceAllow", "ProtectClock", "DevicePolicy"):
+        assert key not in svc, f"{key}= would hide the block devices"
+    timer = unit_settings("diskrsync-push@.timer")
+    assert timer["Persistent"] == ["true"]
+    assert timer["RandomizedDelaySec"] and timer["OnCalendar"]
+    assert timer["WantedBy"] == ["timers.target"]
+
+
+def test_example_job_config_is_valid(stubs):
+    r = stubs.run(JOB, "--config", CONTRIB / "diskrsync-job.conf.example", "--dry-run")
+    assert r.returncode == 0, r.stderr
+    cmd = shlex.split(r.stdout)
+    assert cmd[0].endswith("/diskrsync-lvm-snapshot")
+    assert cmd[1:] == ["--diskrsync", "diskrsync", "--size", "4G", "vg0/root",
+                       "backup@vault:/srv/backups/web1-root.spgz", "--json", "--keep", "7",
+                       "-i", "/etc/diskrsync/id_ed25519", "--remote-cmd",
+                       "/usr/local/bin/diskrsync"]
