@@ -77,7 +77,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"image:        {info['path']} ({info['format']})")
     print(f"size:         {info['size']} bytes ({human(info['size'])})")
     print(f"chunk size:   {human(info['chunk_size'])}")
-    print(f"stored:       {human(info['stored_bytes'])} (ratio {info['ratio']})")
+    ratio = f"ratio {info['ratio']}" if info["ratio"] is not None else "no data yet"
+    print(f"stored:       {human(info['stored_bytes'])} ({ratio})")
     print(f"allocated:    {human(info['allocated_bytes'])} on disk")
     if info.get("checkpoint"):
         print("checkpoint:   a push was interrupted; the next push resumes from it")
@@ -88,6 +89,14 @@ def cmd_info(args: argparse.Namespace) -> int:
         root = g["root_hash"][:16] or "-"
         print(f"  {g['number']:>4}  {_when(g['time'])}  {human(g['size']):>10}  {root}  "
               f"{g['source']}")
+        meta = g.get("meta", {})
+        if meta.get("source_changed_chunks"):
+            print(f"        warning: the source changed during this push "
+                  f"({meta['source_changed_chunks']} chunk(s) differ from the scan)")
+        if meta.get("read_errors"):
+            ranges = ", ".join(f"{o}+{n}" for o, n in meta["read_errors"][:10])
+            print(f"        warning: {len(meta['read_errors'])} unreadable chunk(s) stored as "
+                  f"zeros: {ranges}")
     return 0
 
 
@@ -347,13 +356,15 @@ def build_parser() -> argparse.ArgumentParser:
              "Write a generation of an image to a file (sparse), a device, or - (stdout).")
     sp.add_argument("image", metavar="IMAGE")
     sp.add_argument("dest", metavar="DEST")
-    sp.add_argument("--generation", "-g", type=int, metavar="G", help="default: the newest")
+    sp.add_argument("--generation", "-g", type=int, metavar="G",
+                    help="restore generation G (default: the newest; see `diskrsync info`)")
     sp.add_argument("--force", action="store_true", help="overwrite a non-empty DEST file")
     sp.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
 
     sp = add("prune", cmd_prune, "Keep only the newest N generations of an image.")
     sp.add_argument("image", metavar="IMAGE")
-    sp.add_argument("--keep", type=int, required=True, metavar="N")
+    sp.add_argument("--keep", type=int, required=True, metavar="N",
+                    help="how many of the newest generations to keep (at least 1)")
 
     sp = add("push", cmd_push,
              "Make DST equal to SRC, sending only the chunks that differ.")

@@ -87,3 +87,24 @@ def from_oserror(exc: OSError, what: str) -> DiskrsyncError:
     if code == errno.ENOSPC:
         return LocalError(f"{what}: no space left on device")
     return LocalError(msg)
+
+
+def reported_error(kind: str, message: str) -> DiskrsyncError:
+    """The error the other end of a push reported (by its class name), classed by who can fix
+    it: a bad path or option is still the user's (exit 2), a lock held elsewhere is busy
+    (4), damaged stored data is data (6); anything else is the peer's (5)."""
+
+    def find(cls: type[DiskrsyncError]) -> type[DiskrsyncError] | None:
+        if cls.__name__ == kind:
+            return cls
+        for sub in cls.__subclasses__():
+            found = find(sub)
+            if found is not None:
+                return found
+        return None
+
+    cls = find(DiskrsyncError)
+    for category in (UsageError, BusyError, DataError):
+        if cls is not None and issubclass(cls, category):
+            return category(message)
+    return PeerError(message)

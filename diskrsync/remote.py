@@ -27,7 +27,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
-from diskrsync.errors import DiskrsyncError, LocalError, PeerError, UsageError
+from diskrsync.errors import DiskrsyncError, LocalError, PeerError, UsageError, reported_error
 from diskrsync.synccore import protocol as p
 from diskrsync.synccore.channel import Channel, FramedChannel
 from diskrsync.synccore.push import PushRequest
@@ -129,10 +129,6 @@ def _source_argv(path: str, req: PushRequest) -> list[str]:
 # -- the conversation's plumbing -------------------------------------------------------------
 
 
-class RemoteReportedError(PeerError):
-    """The far end stopped and said why (its Error message): shown verbatim with the host."""
-
-
 class _StderrRelay:
     """Relays the remote's stderr as ``host: line``, but holds back its final
     ``diskrsync: <error>`` lines: they usually become our own one-line error instead of
@@ -179,7 +175,7 @@ class _HostChannel:
     def __init__(self, inner: FramedChannel, host: str) -> None:
         self.inner = inner
         self.host = host
-        self.peer_error: RemoteReportedError | None = None
+        self.peer_error: DiskrsyncError | None = None
         self.protocol_error: PeerError | None = None
         self.peer_hello: p.Hello | None = None
         self.my_hello: p.Hello | None = None
@@ -212,7 +208,7 @@ class _HostChannel:
                 raise self.protocol_error from None
             raise
         if isinstance(msg, p.Error):
-            self.peer_error = RemoteReportedError(f"{self.host}: {msg.message}")
+            self.peer_error = reported_error(msg.kind, f"{self.host}: {msg.message}")
             raise self.peer_error
         if isinstance(msg, p.Hello):
             self.peer_hello = msg

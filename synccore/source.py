@@ -36,7 +36,14 @@ from diskrsync import __version__
 from diskrsync.compression import codec
 from diskrsync.compression.codec import Kind
 from diskrsync.compression.format import DEFAULT_CHUNK, DEFAULT_FANOUT
-from diskrsync.errors import DiskrsyncError, LocalError, PeerError, UsageError, from_oserror
+from diskrsync.errors import (
+    DiskrsyncError,
+    LocalError,
+    PeerError,
+    UsageError,
+    from_oserror,
+    reported_error,
+)
 from diskrsync.parallel import ordered_map
 from diskrsync.synccore import protocol as p
 from diskrsync.synccore.channel import Channel
@@ -603,4 +610,4 @@ class _Stopped(Exception):
 
 
 def _remote_error(msg: p.Error) -> DiskrsyncError:
-    return PeerError(f"target: {msg.message}")
+    return reported_error(msg.kind, f"target: {msg.message}")
