@@ -16,7 +16,7 @@ from diskrsync.compression.codec import Kind, zeros
 from diskrsync.compression.format import ENTRY_SIZE
 from diskrsync.compression.image import Image, Snapshot, TreeView, decode_checked
 from diskrsync.compression.spgz import SpgzImage
-from diskrsync.errors import CorruptChunkError, DataError, UsageError, from_oserror
+from diskrsync.errors import CorruptChunkError, DataError, UsageError, from_oserror, stat_or_none
 from diskrsync.parallel import ordered_map
 from diskrsync.synccore.merkle import root_hash
 
@@ -88,8 +88,9 @@ def verify(img: Image | SpgzImage, generation: int | None = None) -> VerifyRepor
     records = [img.record(generation)] if generation is not None else img.table.generations
     done: set[int] = set()  # stored offsets already checked (generations share chunks)
     for rec in records:
-        view = TreeView(os.open(img.path, os.O_RDONLY | os.O_CLOEXEC), rec.tree,
-                        img.chunk_size, img.fanout)
+        view = TreeView(
+            os.open(img.path, os.O_RDONLY | os.O_CLOEXEC), rec.tree, img.chunk_size, img.fanout
+        )
         try:
             _verify_tree(view, rec.number, rec.root_hash, report, done)
         finally:
@@ -97,8 +98,9 @@ def verify(img: Image | SpgzImage, generation: int | None = None) -> VerifyRepor
     return report
 
 
-def _verify_tree(view: TreeView, number: int, want_root: bytes, report: VerifyReport,
-                 done: set[int]) -> None:
+def _verify_tree(
+    view: TreeView, number: int, want_root: bytes, report: VerifyReport, done: set[int]
+) -> None:
     shape = view.shape
     got_root = root_hash(shape.size, shape.chunk_size, shape.fanout, view.ref.hash)
     if got_root != want_root:
@@ -151,18 +153,18 @@ def iter_chunks(snap: Snapshot | Any) -> Iterator[tuple[int, bytes | None]]:
         yield from out
 
 
-def restore(snap: Snapshot | Any, dest: str, *, force: bool = False,
-            progress: Callable[[int], None] | None = None) -> None:
+def restore(
+    snap: Snapshot | Any,
+    dest: str,
+    *,
+    force: bool = False,
+    progress: Callable[[int], None] | None = None,
+) -> None:
     """Write a snapshot's bytes to a file (sparse), a block or character device, or "-"."""
     if dest == "-":
         _stream(snap, sys.stdout.buffer, sparse=False, progress=progress)
         return
-    try:
-        st: os.stat_result | None = os.stat(dest)
-    except FileNotFoundError:
-        st = None
-    except OSError as e:
-        raise from_oserror(e, f"cannot restore to {dest}") from None
+    st = stat_or_none(dest, "cannot restore to")
     if st is not None and stat.S_ISDIR(st.st_mode):
         raise UsageError(f"{dest} is a directory; name the file to restore into")
     if st is not None and (stat.S_ISBLK(st.st_mode) or stat.S_ISCHR(st.st_mode)):
@@ -205,8 +207,9 @@ def restore(snap: Snapshot | Any, dest: str, *, force: bool = False,
         raise
 
 
-def _stream(snap: Any, f: BinaryIO, *, sparse: bool,
-            progress: Callable[[int], None] | None) -> None:
+def _stream(
+    snap: Any, f: BinaryIO, *, sparse: bool, progress: Callable[[int], None] | None
+) -> None:
     cs = snap.chunk_size
     for i, data in iter_chunks(snap):
         if data is None:

@@ -9,6 +9,9 @@ into errno values; nothing else does.
 
 from __future__ import annotations
 
+import errno
+import os
+
 
 class DiskrsyncError(Exception):
     """Base of every error diskrsync reports to a user."""
@@ -76,9 +79,6 @@ def from_oserror(exc: OSError, what: str) -> DiskrsyncError:
     The class follows who can fix it: a missing path or a directory is the user's input, the
     rest (space, permission, I/O) is our side's environment.
     """
-    import errno
-    import os
-
     code = exc.errno or 0
     reason = os.strerror(code) if code else str(exc)
     msg = f"{what}: {reason}"
@@ -108,3 +108,13 @@ def reported_error(kind: str, message: str) -> DiskrsyncError:
         if cls is not None and issubclass(cls, category):
             return category(message)
     return PeerError(message)
+
+
+def stat_or_none(path: str, what: str) -> os.stat_result | None:
+    """``os.stat(path)``, None when nothing is there yet, a clear error for anything else."""
+    try:
+        return os.stat(path)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise from_oserror(e, f"{what} {path}") from None

@@ -47,6 +47,7 @@ from diskrsync.errors import (
     PeerError,
     UsageError,
     from_oserror,
+    stat_or_none,
 )
 from diskrsync.synccore.legacy import (
     TAIL_BLOCK_SIZE,
@@ -511,12 +512,7 @@ def open_legacy_target(
     from diskrsync.compression.format import DEFAULT_CHUNK
 
     chunk_size = chunk_size or DEFAULT_CHUNK
-    try:
-        st: os.stat_result | None = os.stat(path)
-    except FileNotFoundError:
-        st = None
-    except OSError as e:
-        raise from_oserror(e, f"cannot open {path}") from None
+    st = stat_or_none(path, "cannot open")
     if st is not None and stat.S_ISDIR(st.st_mode):
         raise UsageError(f"{path} is a directory: give the target file's path")
     folder = os.path.dirname(os.path.abspath(path))

@@ -34,6 +34,7 @@ from diskrsync.errors import (
     PeerError,
     UsageError,
     from_oserror,
+    stat_or_none,
 )
 from diskrsync.parallel import ordered_map
 from diskrsync.synccore import protocol as p
@@ -377,12 +378,7 @@ def open_store(path: str, hello: p.Hello, opts: TargetOptions, *, raw: bool) -> 
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise UsageError(f"target directory {folder} does not exist")
-    try:
-        st: os.stat_result | None = os.stat(path)
-    except FileNotFoundError:
-        st = None
-    except OSError as e:
-        raise from_oserror(e, f"cannot open {path}") from None
+    st = stat_or_none(path, "cannot open")
     if st is not None and stat.S_ISBLK(st.st_mode):
         return RawStore(path, hello, opts)
     if raw:
