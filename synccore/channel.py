@@ -89,7 +89,10 @@ class FramedChannel:
             if not self._greeted:
                 frame = p.preamble() + frame
                 self._greeted = True
-            self.stream.send(frame)
+            try:
+                self.stream.send(frame)
+            except (BrokenPipeError, ConnectionError) as e:
+                raise PeerError(f"the peer closed the connection ({e.strerror or e})") from None
             self.bytes_sent += len(frame)
 
     def recv(self) -> p.Message | None:
@@ -97,7 +100,10 @@ class FramedChannel:
             msg = self._decoder.next()
             if msg is not None:
                 return msg
-            data = self.stream.recv(self._recv_size)
+            try:
+                data = self.stream.recv(self._recv_size)
+            except ConnectionError as e:
+                raise PeerError(f"the peer closed the connection ({e.strerror or e})") from None
             if not data:
                 if self._decoder.pending:
                     raise PeerError("the peer closed the connection in the middle of a message")

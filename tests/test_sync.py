@@ -164,7 +164,8 @@ def test_round_trips_do_not_grow_with_differences(tmp_path):
         for c in changed:
             data[c * CS : c * CS + 4] = b"XXXX"
         src.write_bytes(bytes(data))
-        a, b, log = causal_pair()
+        # a 50 ms link: replies cannot outrun the scan, so overlap is not left to timing
+        a, b, log = causal_pair(delay=0.05)
         stats = local_push(str(src), str(dst), REQ, channels=(a, b))
         assert stats.chunks_differing == len(changed)
         assert current(dst) == bytes(data)
@@ -501,7 +502,8 @@ def test_socket_peer_closing_early_keeps_previous(tmp_path):
     t.start()
     ch = FramedChannel(_Sock(a))
     ch.send(p.Hello("source", CS * 8, CS, 128, "x", {}))
-    ch.recv()
+    assert isinstance(ch.recv(), p.Hello)
+    assert isinstance(ch.recv(), p.PageHashes)  # the target is now reading our messages
     ch.send(p.Chunk(0, 1, leaf_hash(b"b" * CS), b"b" * CS))
     a.shutdown(socket.SHUT_RDWR)
     a.close()

@@ -15,7 +15,7 @@ from __future__ import annotations
 import threading
 
 from diskrsync.synccore import protocol as p
-from diskrsync.synccore.channel import channel_pair
+from diskrsync.synccore.channel import channel_pair, delayed_pair
 
 
 class _Log:
@@ -121,8 +121,9 @@ class _End:
         self.inner.close()
 
 
-def causal_pair():
-    """(source end, target end, log): log.max_hops and log.max_outstanding after the push."""
-    a, b = channel_pair()
+def causal_pair(delay: float = 0.0):
+    """(source end, target end, log): log.max_hops and log.max_outstanding after the push.
+    With ``delay``, every message takes that long one way (a long, pipelined link)."""
+    a, b = delayed_pair(delay) if delay else channel_pair()
     log = _Log()
     return _End(a, "source", log), _End(b, "target", log), log
