@@ -2,7 +2,7 @@
 """Benchmarks for the image format and the sync engine, each next to a physical reference
 measured in the same run (these machines are shared and noisy: medians and ratios count).
 
-    .venv/bin/python tests/bench/run.py [--data DIR] [--repeat 3] [--only NAME,...]
+    .venv/bin/python tests/bench/run.py [--data DIR] [--repeat 5] [--json FILE]
 
 DIR holds the images from ../shared/bench/gen_synth.py (generated there if missing: ~8 GiB).
 Every case runs in a fresh process (`run.py --case NAME`) that prints its own timing and peak
@@ -38,12 +38,10 @@ def _warm(path: Path) -> None:
 
 
 def _copy_synced(src: Path, dst: Path) -> None:
-    """Copy a base image and flush it, so the timed commit's fsync flushes only its own
-    writes, not the copy's."""
+    """Copy a base image and flush it, so the timed work's fsyncs flush only its own writes."""
     shutil.copyfile(src, dst)
-    fd = os.open(dst, os.O_RDONLY)
-    os.fsync(fd)
-    os.close(fd)
+    os.sync()
+    time.sleep(0.5)  # the copy's writeback and page reclaim are setup, not the measured work
 
 
 def ref_scan(data: Path) -> dict:
@@ -237,6 +235,8 @@ def child(name: str, data: Path) -> None:
 def run_case(name: str, data: Path, repeat: int) -> dict:
     results = []
     for _ in range(repeat):
+        os.sync()  # let the previous run's writeback finish: it would steal this run's time
+        time.sleep(1)
         r = subprocess.run([sys.executable, __file__, "--case", name, "--data", str(data)],
                            capture_output=True, text=True, check=False)
         if r.returncode:
@@ -261,7 +261,7 @@ def ensure_data(data: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--data", type=Path, default=REPO / "bench-data")
-    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--case")
     ap.add_argument("--json", type=Path, help="also write all results here")
     args = ap.parse_args()
