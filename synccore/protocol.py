@@ -24,6 +24,21 @@ PREAMBLE_SIZE = len(PREAMBLE) + 2
 GO_MAGIC = b"BSNC0002"  # what the original Go diskrsync sends first
 MAX_FRAME = 16 << 20  # bounds memory: a chunk is at most 4 MiB plus a header
 HASH_SIZE = 32
+HASH = "blake3"
+# What this release can do; each side lists them in its Hello and checks the other's.
+CAPABILITIES = ("zstd", "dry-run", "resume")
+
+
+def check_peer(hello: Hello, needed: tuple[str, ...]) -> None:
+    """Refuse a peer that hashes differently or lacks a capability this push needs."""
+    who = f"the {hello.role} ({hello.software or 'unknown software'})"
+    if hello.info.get("hash") != HASH:
+        raise PeerError(f"{who} uses hash {hello.info.get('hash')!r}, this diskrsync uses {HASH}")
+    caps = set(hello.info.get("caps", ()))
+    missing = [c for c in needed if c not in caps]
+    if missing:
+        raise PeerError(f"{who} cannot do {', '.join(missing)}: install the same diskrsync "
+                        f"release on both ends")
 
 _FRAME = struct.Struct("<IB")
 _CHUNK = struct.Struct("<QB32s")

@@ -246,7 +246,8 @@ class SourceSession:
 
     def _handshake(self) -> p.Hello:
         o = self.opts
-        info = {"dry_run": o.dry_run, "source": self.reader.description, **o.info}
+        info = {"dry_run": o.dry_run, "source": self.reader.description, "hash": p.HASH,
+                "caps": list(p.CAPABILITIES), **o.info}
         self.ch.send(p.Hello("source", self.reader.size, o.chunk_size, DEFAULT_FANOUT,
                              f"diskrsync {__version__}", info))
         msg = self.ch.recv()
@@ -254,8 +255,7 @@ class SourceSession:
             raise _remote_error(msg)
         if not isinstance(msg, p.Hello) or msg.role != "target":
             raise PeerError(f"expected the target's hello, got {type(msg).__name__}")
-        if msg.info.get("hash", "blake3") != "blake3":
-            raise PeerError(f"target uses hash {msg.info.get('hash')!r}, we use blake3")
+        p.check_peer(msg, ("zstd", "dry-run") if o.dry_run else ("zstd",))
         return msg
 
     def run(self) -> PushStats:
@@ -300,9 +300,8 @@ class SourceSession:
             self.fail.check()
         except BaseException as e:
             self.fail.set(e)
-            if not isinstance(e, PeerError):
-                with contextlib.suppress(Exception):
-                    self.ch.send(p.Error(type(e).__name__, str(e)))
+            with contextlib.suppress(Exception):  # the peer may be gone: then this just fails
+                self.ch.send(p.Error(type(e).__name__, str(e)))
             raise
         finally:
             self.sender.shutdown(wait=True, cancel_futures=True)

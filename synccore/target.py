@@ -117,7 +117,8 @@ class ImageStore:
         self._img = img
         self.chunk_size = img.chunk_size if img else _check_geometry(hello)
         self.fanout = img.fanout if img else DEFAULT_FANOUT
-        self.info: dict[str, Any] = {"hash": "blake3", "kind": "image"}
+        self.info: dict[str, Any] = {"hash": p.HASH, "caps": list(p.CAPABILITIES),
+                                     "kind": "image"}
         if img is None:
             self.base = TreeView(-1, _empty_ref(), self.chunk_size, self.fanout)
         elif opts.dry_run:
@@ -258,7 +259,8 @@ class RawStore:
         self._pages_ready = 0
         self._cv = threading.Condition()
         self._error: BaseException | None = None
-        self.info: dict[str, Any] = {"hash": "blake3", "kind": "raw"}
+        self.info: dict[str, Any] = {"hash": p.HASH, "caps": list(p.CAPABILITIES),
+                                     "kind": "raw"}
 
     def _set_leaf(self, c: int, digest: bytes) -> None:
         self.leaves[c * HASH_SIZE : (c + 1) * HASH_SIZE] = digest
@@ -461,6 +463,7 @@ def serve_target(channel: Channel, opener: Callable[[p.Hello], TargetStore], *,
     verifier: _Verifier | None = None
     committed = False
     try:
+        p.check_peer(msg, ())
         store = opener(msg)
         channel.send(p.Hello("target", store.base_size, store.chunk_size, store.fanout,
                              f"diskrsync {__version__}", store.info))
@@ -486,9 +489,8 @@ def serve_target(channel: Channel, opener: Callable[[p.Hello], TargetStore], *,
             else:
                 raise PeerError(f"unexpected {type(m).__name__} from the source")
     except BaseException as e:
-        if not isinstance(e, PeerError):
-            with contextlib.suppress(Exception):
-                channel.send(p.Error(type(e).__name__, str(e)))
+        with contextlib.suppress(Exception):  # the peer may be gone: then this just fails
+            channel.send(p.Error(type(e).__name__, str(e)))
         if store is not None and not committed:
             # keep what arrived when the link broke, so the next push resumes from it
             if verifier is not None and isinstance(e, PeerError):

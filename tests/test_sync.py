@@ -32,6 +32,7 @@ from diskrsync.synccore.target import TargetOptions
 
 CS = 16384
 REQ = PushRequest(source=SourceOptions(chunk_size=CS))
+SRC_INFO = {"hash": p.HASH, "caps": list(p.CAPABILITIES)}  # a hand-made source's Hello
 DISKRSYNC = [sys.executable, "-m", "diskrsync.cli"]
 
 
@@ -384,7 +385,7 @@ def test_serve_rejects_a_chunk_that_lies_about_its_digest(tmp_path):
     local_push(str(src), str(dst), REQ)
     proc = _serve(dst)
     ch = FramedChannel(FdStream(proc.stdout.fileno(), proc.stdin.fileno()))
-    ch.send(p.Hello("source", CS * 4, CS, 128, "evil", {}))
+    ch.send(p.Hello("source", CS * 4, CS, 128, "evil", SRC_INFO))
     assert isinstance(ch.recv(), p.Hello)
     ch.send(p.Chunk(0, 1, leaf_hash(b"a" * CS), b"b" * CS))
     ch.send(p.Done(b"\0" * 32))
@@ -403,7 +404,7 @@ def test_serve_survives_garbage_and_early_close(tmp_path):
     (tmp_path / "s").write_bytes(b"a" * CS * 4)
     local_push(str(tmp_path / "s"), str(dst), REQ)
     for junk in (b"GET / HTTP/1.1\r\n\r\n", p.preamble() + p.encode(
-            p.Hello("source", CS * 4, CS, 128, "x", {}))[:-3]):
+            p.Hello("source", CS * 4, CS, 128, "x", SRC_INFO))[:-3]):
         proc = _serve(dst)
         _out, err = proc.communicate(junk, timeout=10)
         assert proc.returncode != 0
@@ -411,6 +412,31 @@ def test_serve_survives_garbage_and_early_close(tmp_path):
         assert err.decode().strip().count("\n") == 0  # one line
         assert err.startswith(b"diskrsync: ")
     assert current(dst) == b"a" * CS * 4
+
+
+def test_serve_refuses_an_incompatible_source_and_says_why(tmp_path):
+    dst = tmp_path / "d.spgz"
+    for info, why in (({"hash": "sha1", "caps": ["zstd"]}, "uses hash 'sha1'"),
+                      ({}, "uses hash None")):
+        proc = _serve(dst)
+        ch = FramedChannel(FdStream(proc.stdout.fileno(), proc.stdin.fileno()))
+        ch.send(p.Hello("source", CS, CS, 128, "other 9.9", info))
+        reply = ch.recv()
+        assert isinstance(reply, p.Error) and why in reply.message
+        assert "other 9.9" in reply.message
+        assert proc.wait(10) != 0
+    assert not dst.exists()
+
+
+def test_source_refuses_a_target_without_a_needed_capability():
+    from diskrsync.synccore.channel import channel_pair
+
+    a, b = channel_pair()
+    b.send(p.Hello("target", 0, CS, 128, "old 0.0", {"hash": p.HASH, "caps": ["zstd"]}))
+    reader = RawSource(__file__)
+    with pytest.raises(PeerError, match=r"the target \(old 0.0\) cannot do dry-run"):
+        SourceSession(a, reader, SourceOptions(chunk_size=CS, dry_run=True)).run()
+    reader.close()
 
 
 # -- resume after a kill -------------------------------------------------------------------
@@ -501,7 +527,7 @@ def test_socket_peer_closing_early_keeps_previous(tmp_path):
     t = threading.Thread(target=target)
     t.start()
     ch = FramedChannel(_Sock(a))
-    ch.send(p.Hello("source", CS * 8, CS, 128, "x", {}))
+    ch.send(p.Hello("source", CS * 8, CS, 128, "x", SRC_INFO))
     assert isinstance(ch.recv(), p.Hello)
     assert isinstance(ch.recv(), p.PageHashes)  # the target is now reading our messages
     ch.send(p.Chunk(0, 1, leaf_hash(b"b" * CS), b"b" * CS))
