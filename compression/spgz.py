@@ -24,7 +24,7 @@ import struct
 import zlib
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Final
+from typing import Final, TypeVar
 
 from diskrsync.compression.api import GenerationInfo
 from diskrsync.errors import CorruptChunkError, DataError, LocalError, UsageError
@@ -38,6 +38,8 @@ __all__ = [
     "SpgzSnapshot",
     "is_spgz",
 ]
+
+_T = TypeVar("_T", bound="_OwnsFd")
 
 MAGIC: Final = b"SPGZ0001"
 HEADER_SIZE: Final = 4096  # blocks start here; bytes 12..4095 are ignored padding
@@ -221,7 +223,29 @@ def _generation(layout: SpgzLayout) -> GenerationInfo:
     )
 
 
-class SpgzSnapshot:
+class _OwnsFd:
+    """Closes its file descriptor once; usable as a context manager."""
+
+    _fd: int
+
+    def close(self) -> None:
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+    def __enter__(self: _T) -> _T:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class SpgzSnapshot(_OwnsFd):
     """The file's content as of ``open``/``refresh``; chunk ``i`` is spgz block ``i``.
 
     The file has no generations to pin, so a snapshot only pins the geometry; if another
@@ -374,24 +398,9 @@ class SpgzSnapshot:
                 problems.append((index, index * bs, e.message))
         return problems
 
-    def close(self) -> None:
-        fd, self._fd = self._fd, -1
-        if fd >= 0:
-            os.close(fd)
-
-    def __enter__(self) -> SpgzSnapshot:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
-class SpgzImage:
+class SpgzImage(_OwnsFd):
     """An ``SPGZ0001`` file seen as a ``DiskImage`` with exactly one generation (number 1)."""
 
     def __init__(self, fd: int, layout: SpgzLayout) -> None:
@@ -444,18 +453,3 @@ class SpgzImage:
         with self.snapshot() as snap:
             return snap.verify()
 
-    def close(self) -> None:
-        fd, self._fd = self._fd, -1
-        if fd >= 0:
-            os.close(fd)
-
-    def __enter__(self) -> SpgzImage:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()

@@ -318,6 +318,8 @@ class _Machine:
 
     def __init__(self, role: str) -> None:
         self._role = role
+        self._peer_size: int | None = None
+        self._position = 0
         self._out = bytearray()
         self._in = bytearray()
         self._eof = False
@@ -328,6 +330,20 @@ class _Machine:
         self._what = "the peer's header"
         self._gen = self._run()
         self._want = next(self._gen)
+
+    @property
+    def peer_size(self) -> int | None:
+        """The other side's size, once its header arrived."""
+        return self._peer_size
+
+    @property
+    def position(self) -> int:
+        """Bytes settled so far (for ``Update:`` progress lines)."""
+        return self._position
+
+    def _settle(self, offset: int, length: int, kind: Literal["equal", "data", "hole"]) -> None:
+        self._position = offset + length
+        self._events.append(RangeSynced(offset, length, kind))
 
     # -- subclass hook ----------------------------------------------------------------------
     def _run(self) -> _Step:
@@ -434,24 +450,8 @@ class LegacyTarget(_Machine):
     ) -> None:
         self._store = store
         self._local_size = store.size
-        self._peer_size: int | None = None
         self._leaf_hashes = leaf_hashes or (lambda shape: compute_leaf_hashes(shape, store.read))
-        self._position = 0
         super().__init__("legacy target")
-
-    @property
-    def peer_size(self) -> int | None:
-        """The source's size, once its header arrived."""
-        return self._peer_size
-
-    @property
-    def position(self) -> int:
-        """Bytes of the result settled so far (for ``Update:`` progress lines)."""
-        return self._position
-
-    def _settle(self, offset: int, length: int, kind: Literal["equal", "data", "hole"]) -> None:
-        self._position = offset + length
-        self._events.append(RangeSynced(offset, length, kind))
 
     def _run(self) -> _Step:
         self._out += _HEADER.pack(MAGIC, self._local_size)
@@ -547,25 +547,9 @@ class LegacySource(_Machine):
     ) -> None:
         self._reader = reader
         self._local_size = reader.size
-        self._peer_size: int | None = None
         self._leaf_hashes = leaf_hashes or (lambda shape: compute_leaf_hashes(shape, reader.read))
         self._max_send = max(max_send, TAIL_BLOCK_SIZE + 1)
-        self._position = 0
         super().__init__("legacy source")
-
-    @property
-    def peer_size(self) -> int | None:
-        """The target's size, once its header arrived."""
-        return self._peer_size
-
-    @property
-    def position(self) -> int:
-        """Bytes of the source accounted for so far (for ``Update:`` progress lines)."""
-        return self._position
-
-    def _settle(self, offset: int, length: int, kind: Literal["equal", "data", "hole"]) -> None:
-        self._position = offset + length
-        self._events.append(RangeSynced(offset, length, kind))
 
     def _read_local(self, offset: int, length: int) -> bytes:
         data = self._reader.read(offset, length)
