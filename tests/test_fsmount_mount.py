@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 from support import diskbuild
 from support.diskbuild import BuiltDisk, BuiltPartition
+from support.mounts import MountCleanup, build_disks, require_fuse_and_disk_tools
 
 from diskrsync.errors import UsageError
 from diskrsync.fsmount.mount import (
@@ -39,28 +40,8 @@ OPENER = "support.fakeimage:DirectoryImage"
 CHUNK = 64 * 1024
 
 
-def _require() -> None:
-    if not os.path.exists("/dev/fuse"):
-        pytest.skip("/dev/fuse is missing: no FUSE on this machine")
-    missing = diskbuild.missing_tools("sgdisk", "sfdisk", "mkfs.ext4", "mkfs.xfs", "losetup")
-    if missing:
-        pytest.skip(f"needs {', '.join(missing)} (Debian: gdisk, fdisk, e2fsprogs, xfsprogs)")
-    if os.geteuid() != 0:
-        pytest.skip("loop-mounting partitions needs root")
-
-
-def _quiet(*cmd: str) -> None:
-    subprocess.run(cmd, capture_output=True, check=False)
-
-
-class Mounts:
-    """Everything a test mounted or started, undone in reverse order even on failure."""
-
-    def __init__(self, base: Path) -> None:
-        self.base = base
-        self.fuse: list[Path] = []
-        self.loops: list[Path] = []
-        self.procs: list[subprocess.Popen[bytes]] = []
+class Mounts(MountCleanup):
+    """Mounts started through the test launcher (any DiskImage opener)."""
 
     def start(
         self, images: Path, mountpoint: Path, *, foreground: bool = True, **options: object
@@ -94,52 +75,24 @@ class Mounts:
 
     def loop_mount(self, image: Path, where: Path) -> None:
         where.mkdir(parents=True, exist_ok=True)
-        self.loops.append(where)
+        self.fs.append(where)
         subprocess.run(["mount", "-o", "loop,ro", str(image), str(where)], check=True,
                        capture_output=True)
 
     def umount_loop(self, where: Path) -> None:
         subprocess.run(["umount", str(where)], check=True, capture_output=True)
-        self.loops.remove(where)
-
-    def cleanup(self) -> None:
-        for where in reversed(self.loops):
-            if os.path.ismount(where):
-                _quiet("umount", str(where))
-            if os.path.ismount(where):
-                _quiet("umount", "-l", str(where))
-        for mp in self.fuse:
-            # Loop devices whose backing file is on this mount (mount -o loop auto-clears them
-            # on umount; this catches any left behind).
-            out = subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout
-            for line in out.splitlines():
-                if str(mp) in line:
-                    _quiet("losetup", "-d", line.split(":", 1)[0])
-            if os.path.ismount(mp) or is_stale_mount(str(mp)):
-                _quiet("fusermount3", "-u", "-z", str(mp))
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(5)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+        self.fs.remove(where)
 
 
 @pytest.fixture(scope="module")
 def disks(tmp_path_factory: pytest.TempPathFactory) -> dict[str, BuiltDisk]:
-    _require()
-    work = tmp_path_factory.mktemp("disks")
-    return {
-        "gpt": diskbuild.build_gpt_disk(work / "gpt.img", work),
-        "mbr": diskbuild.build_mbr_disk(work / "mbr.img", work),
-    }
+    require_fuse_and_disk_tools()
+    return build_disks(tmp_path_factory.mktemp("disks"))
 
 
 @pytest.fixture
 def mounts(tmp_path: Path) -> Iterator[Mounts]:
-    _require()
+    require_fuse_and_disk_tools()
     m = Mounts(tmp_path)
     try:
         yield m

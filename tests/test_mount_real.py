@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 from support import diskbuild
 from support.diskbuild import BuiltDisk, BuiltPartition
+from support.mounts import MountCleanup, build_disks, require_fuse_and_disk_tools
 from support.paths import VECTORS
 
 from diskrsync.compression.codec import Kind
@@ -32,16 +33,6 @@ from diskrsync.fsmount.vfs import generation_dir_name
 pytestmark = [pytest.mark.fuse, pytest.mark.root, pytest.mark.slow]
 
 CHUNK = 64 * 1024  # image chunk size used here: small disks still span many chunks
-
-
-def _require() -> None:
-    if not os.path.exists("/dev/fuse"):
-        pytest.skip("/dev/fuse is missing: no FUSE on this machine")
-    missing = diskbuild.missing_tools("sgdisk", "sfdisk", "mkfs.ext4", "mkfs.xfs", "losetup")
-    if missing:
-        pytest.skip(f"needs {', '.join(missing)} (Debian: gdisk, fdisk, e2fsprogs, xfsprogs)")
-    if os.geteuid() != 0:
-        pytest.skip("loop-mounting partitions needs root")
 
 
 def _env() -> dict[str, str]:
@@ -64,10 +55,6 @@ def cli_ok(*args: str | Path, timeout: float = 60) -> str:
 
 def push(src: Path, image: Path, *extra: str) -> None:
     cli_ok("push", src, image, "--chunk-size", str(CHUNK), "-q", *extra)
-
-
-def _quiet(*cmd: str) -> None:
-    subprocess.run(cmd, capture_output=True, check=False)
 
 
 def sha_file(path: Path) -> str:
@@ -101,15 +88,8 @@ def wait_for(cond: Callable[[], bool], what: str, timeout: float = 10.0) -> None
         time.sleep(0.05)
 
 
-class Mounts:
-    """Every mount, loop device and process a test made, undone in reverse even on failure."""
-
-    def __init__(self, base: Path) -> None:
-        self.base = base
-        self.fuse: list[Path] = []
-        self.fs: list[Path] = []  # loop-mounted file systems
-        self.devices: list[str] = []  # loop devices attached by hand
-        self.procs: list[subprocess.Popen[bytes]] = []
+class Mounts(MountCleanup):
+    """Mounts made with the real CLI (`diskrsync mount`)."""
 
     def mount(self, image: Path, mp: Path, *extra: str) -> None:
         """``diskrsync mount`` in the background: returns once the mount is ready."""
@@ -157,43 +137,16 @@ class Mounts:
         subprocess.run(["losetup", "-d", dev], check=True, capture_output=True)
         self.devices.remove(dev)
 
-    def cleanup(self) -> None:
-        for where in reversed(self.fs):
-            _quiet("umount", str(where))
-            if os.path.ismount(where):
-                _quiet("umount", "-l", str(where))
-        for dev in reversed(self.devices):
-            _quiet("losetup", "-d", dev)
-        listing = subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout
-        for line in listing.splitlines():  # any loop device left on a file of our mounts
-            if any(str(mp) in line for mp in self.fuse):
-                _quiet("losetup", "-d", line.split(":", 1)[0])
-        for mp in self.fuse:
-            if os.path.ismount(mp) or is_stale_mount(str(mp)):
-                _quiet("fusermount3", "-u", "-z", str(mp))
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(5)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
-
 
 @pytest.fixture(scope="module")
 def disks(tmp_path_factory: pytest.TempPathFactory) -> dict[str, BuiltDisk]:
-    _require()
-    work = tmp_path_factory.mktemp("realdisks")
-    return {
-        "gpt": diskbuild.build_gpt_disk(work / "gpt.img", work),
-        "mbr": diskbuild.build_mbr_disk(work / "mbr.img", work),
-    }
+    require_fuse_and_disk_tools()
+    return build_disks(tmp_path_factory.mktemp("realdisks"))
 
 
 @pytest.fixture
 def mounts(tmp_path: Path) -> Iterator[Mounts]:
-    _require()
+    require_fuse_and_disk_tools()
     m = Mounts(tmp_path)
     try:
         yield m
