@@ -93,9 +93,11 @@ def local_push(src: str, dst: str, req: PushRequest,
     session = SourceSession(a, reader, _with_info(opts, info), progress)
     try:
         stats = session.run()
-    except DiskrsyncError:
-        thread.join(30)
-        if failure and isinstance(failure[0], DiskrsyncError):
+    except BaseException as e:
+        # let the target finish aborting: it keeps what arrived as a checkpoint (also on
+        # Ctrl-C), so the next push resumes instead of starting over
+        thread.join(60)
+        if isinstance(e, DiskrsyncError) and failure and isinstance(failure[0], DiskrsyncError):
             raise failure[0] from None  # the target's own error says more than "peer: ..."
         raise
     finally:

@@ -483,6 +483,39 @@ def test_killed_push_resumes_without_resending(tmp_path):
     assert current(dst) == src.read_bytes()
 
 
+def test_ctrl_c_keeps_a_checkpoint_and_says_one_line(tmp_path):
+    src, dst = tmp_path / "s", tmp_path / "d.spgz"
+    size = 128 << 20
+    with open(src, "wb") as f:
+        for _ in range(size >> 20):
+            f.write(os.urandom(1 << 20))
+    proc = subprocess.Popen([*DISKRSYNC, "push", "--quiet", str(src), str(dst)],
+                            stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and proc.poll() is None:
+        if dst.exists() and dst.stat().st_size > size // 4:
+            proc.send_signal(signal.SIGINT)
+            break
+        time.sleep(0.002)
+    _out, err = proc.communicate(timeout=60)
+    if proc.returncode == 0:
+        pytest.skip("the push finished before it could be interrupted")
+    assert proc.returncode == 130
+    assert err.decode().strip() == "diskrsync: interrupted"
+    img = Image.open(str(dst))
+    assert img.generations() == [] and img.table.checkpoint is not None
+    img.close()
+    out = subprocess.run([*DISKRSYNC, "push", "--json", str(src), str(dst)],
+                         capture_output=True, check=True)
+    import json
+
+    stats = json.loads(out.stdout)
+    assert stats["resumed"] is True
+    assert stats["chunks_differing"] < size // (128 * 1024)
+    assert current(dst) == src.read_bytes()
+
+
 # -- ENOSPC on the target ----------------------------------------------------------------
 
 
