@@ -441,7 +441,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     return _run(lambda: int(args.func(args)))
 
 
+class Terminated(BaseException):
+    """SIGTERM arrived: stop like on Ctrl-C (a push keeps a checkpoint), exit 143."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
 def _run(func: Callable[[], int]) -> int:
+    import signal
+
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         return int(func())
     except DiskrsyncError as e:
@@ -450,6 +462,9 @@ def _run(func: Callable[[], int]) -> int:
     except KeyboardInterrupt:
         print("diskrsync: interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print("diskrsync: terminated", file=sys.stderr)
+        return 143
     except BrokenPipeError:
         # the reader of our stdout went away (e.g. `restore IMAGE - | head`)
         devnull = os.open(os.devnull, os.O_WRONLY)

@@ -483,7 +483,9 @@ def test_killed_push_resumes_without_resending(tmp_path):
     assert current(dst) == src.read_bytes()
 
 
-def test_ctrl_c_keeps_a_checkpoint_and_says_one_line(tmp_path):
+@pytest.mark.parametrize(("sig", "code", "said"), [(signal.SIGINT, 130, "interrupted"),
+                                                    (signal.SIGTERM, 143, "terminated")])
+def test_interrupt_keeps_a_checkpoint_and_says_one_line(tmp_path, sig, code, said):
     src, dst = tmp_path / "s", tmp_path / "d.spgz"
     size = 128 << 20
     with open(src, "wb") as f:
@@ -495,14 +497,14 @@ def test_ctrl_c_keeps_a_checkpoint_and_says_one_line(tmp_path):
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and proc.poll() is None:
         if dst.exists() and dst.stat().st_size > size // 4:
-            proc.send_signal(signal.SIGINT)
+            proc.send_signal(sig)
             break
         time.sleep(0.002)
     _out, err = proc.communicate(timeout=60)
     if proc.returncode == 0:
         pytest.skip("the push finished before it could be interrupted")
-    assert proc.returncode == 130
-    assert err.decode().strip() == "diskrsync: interrupted"
+    assert proc.returncode == code
+    assert err.decode().strip() == f"diskrsync: {said}"
     img = Image.open(str(dst))
     assert img.generations() == [] and img.table.checkpoint is not None
     img.close()
