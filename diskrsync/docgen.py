@@ -46,7 +46,8 @@ EXIT_CODES: list[tuple[int, str]] = [
                           "snapshot)"),
     (EXIT_READ_ERRORS_IGNORED, "push committed with --ignore-read-errors and some source "
                                "chunks were unreadable (stored as zeros)"),
-    (130, "interrupted (SIGINT)"),
+    (130, "interrupted (SIGINT); a push keeps a checkpoint"),
+    (143, "terminated (SIGTERM); a push keeps a checkpoint"),
     (141, "the reader of stdout went away (e.g. `restore IMAGE - | head`)"),
 ]
 
