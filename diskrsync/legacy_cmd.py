@@ -41,7 +41,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from diskrsync.errors import (
-    DataError,
     DiskrsyncError,
     LocalError,
     PeerError,
@@ -94,7 +93,6 @@ GO_CLIENT_SOURCE = "Go diskrsync client"
 CONVERT_SOURCE = "converted from SPGZ0001"
 
 _LEAF_BATCH_BYTES = 4 << 20  # bytes per hashing task: amortises the thread hand-off
-_CONVERT_BATCH_CHUNKS = 32  # image chunks per conversion task (an spgz block spans two)
 _RECV_SIZE = 1 << 20
 
 
@@ -598,56 +596,12 @@ def convert_snapshot(
     progress: Callable[[int], None] | None = None,
 ) -> GenerationInfo:
     """Write ``snap``'s content (anything with ``size`` and thread-safe ``read``) into a new
-    image at ``path`` as its first generation; ``path`` must not exist.
+    image at ``path`` as its first generation; ``path`` must not exist. The caller removes
+    ``path`` if this fails."""
+    from diskrsync.compression.importer import write_new_image
 
-    Runs of chunks are read, hashed and compressed on two threads and stored in order. The
-    caller removes ``path`` if this fails.
-    """
-    from diskrsync.compression import codec
-    from diskrsync.compression.codec import Kind
-    from diskrsync.compression.image import Image
-    from diskrsync.parallel import ordered_map
-    from diskrsync.synccore import merkle
-
-    img = Image.create(path, chunk_size=chunk_size)
-    try:
-        tx = img.begin(what="convert")
-        try:
-            tx.resize(snap.size)
-            shape = tx.shape
-            cs = chunk_size
-
-            def work(first: int) -> list[tuple[int, Kind, bytes, bytes, int]]:
-                last = min(first + _CONVERT_BATCH_CHUNKS, shape.chunks)
-                start = first * cs
-                stop = min(last * cs, shape.size)
-                data = snap.read(start, stop - start)
-                if len(data) != stop - start:
-                    raise DataError(f"{getattr(snap, 'path', 'source')}: short read at offset "
-                                    f"{start} while converting")
-                view = memoryview(data)
-                out = []
-                for c in range(first, last):
-                    n = shape.chunk_length(c)
-                    piece = view[(c - first) * cs : (c - first) * cs + n]
-                    if codec.is_zero(piece):
-                        out.append((c, Kind.ZERO, b"", merkle.zero_hash(n), n))
-                    else:
-                        kind, stored = codec.encode(piece)
-                        out.append((c, kind, stored, merkle.leaf_hash(piece), n))
-                return out
-
-            firsts = range(0, shape.chunks, _CONVERT_BATCH_CHUNKS)
-            for batch in ordered_map(work, firsts):
-                for c, kind, stored, digest, n in batch:
-                    tx.put_chunk(c, kind, stored, digest, n)
-                if progress and batch:
-                    progress(sum(item[4] for item in batch))
-            return tx.commit(source=source, meta=dict(meta or {}), keep=2)
-        finally:
-            tx.close()
-    finally:
-        img.close()
+    return write_new_image(snap.read, snap.size, path, chunk_size=chunk_size, source=source,
+                           meta=meta, progress=progress)
 
 
 def _convert_file(old: str, new: str, *, chunk_size: int,

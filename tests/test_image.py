@@ -151,3 +151,25 @@ def test_bad_paths(tmp_path):
     junk.write_bytes(b"hello world" * 1000)
     with pytest.raises(DataError, match="not a diskrsync image"):
         Image.open(str(junk))
+
+
+def test_write_new_image_in_one_pass(tmp_path):
+    from diskrsync.compression.importer import BATCH_CHUNKS, write_new_image
+
+    rnd = random.Random(7)
+    data = (rnd.randbytes(CS * 40) + bytes(CS * 30) + b"text " * (CS * 3) + b"tail")
+    assert len(data) > CS * BATCH_CHUNKS * 2  # several batches, a short last chunk
+    seen = []
+    path = str(tmp_path / "n.spgz")
+    g = write_new_image(lambda o, n: data[o : o + n], len(data), path, chunk_size=CS,
+                        source="unit", progress=seen.append)
+    assert sum(seen) == len(data)
+    img = Image.open(path)
+    assert content(img) == data
+    leaves = [leaf_hash(data[i : i + CS]) for i in range(0, len(data), CS)]
+    assert g.root_hash == tree_root(len(data), CS, 128, leaves)
+    assert img.generations()[0].source == "unit"
+    with img.snapshot() as s:
+        assert sum(s.chunk_is_zero(i) for i in range(s.chunk_count)) == 30
+    with pytest.raises(UsageError, match="already exists"):
+        write_new_image(lambda o, n: data[o : o + n], len(data), path, chunk_size=CS)

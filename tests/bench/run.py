@@ -90,39 +90,17 @@ def ref_zstd(data: Path) -> dict:
 
 
 def write_direct(data: Path) -> dict:
-    """The image format's own write speed: read, hash, compress on two threads, store."""
-    from diskrsync.compression import codec
-    from diskrsync.compression.image import Image
-    from diskrsync.parallel import ordered_map
-    from diskrsync.synccore.merkle import leaf_hash, zero_hash
+    """The image format's own write speed: read, hash, compress on two threads, store
+    (compression.importer, what `convert` uses)."""
+    from diskrsync.compression.importer import write_new_image
 
     src, dst = data / "synth.img", data / "bench-direct.spgz"
     dst.unlink(missing_ok=True)
     _warm(src)
-    t = time.perf_counter()
     fd = os.open(src, os.O_RDONLY)
-    size = os.fstat(fd).st_size
-
-    def encode(first: int) -> list[tuple[int, object, bytes, bytes, int]]:
-        blob = os.pread(fd, 32 * CS, first * CS)
-        out = []
-        for k in range(0, len(blob), CS):
-            piece = blob[k : k + CS]
-            if codec.is_zero(piece):
-                out.append((first + k // CS, codec.Kind.ZERO, b"", zero_hash(len(piece)),
-                            len(piece)))
-            else:
-                kind, stored = codec.encode(piece)
-                out.append((first + k // CS, kind, stored, leaf_hash(piece), len(piece)))
-        return out
-
-    img = Image.create(str(dst))
-    tx = img.begin()
-    tx.resize(size)
-    for batch in ordered_map(encode, range(0, -(-size // CS), 32)):
-        for c, kind, stored, digest, length in batch:
-            tx.put_chunk(c, kind, stored, digest, length)  # type: ignore[arg-type]
-    tx.commit(source="bench")
+    t = time.perf_counter()
+    write_new_image(lambda off, n: os.pread(fd, n, off), os.fstat(fd).st_size, str(dst),
+                    source="bench")
     secs = time.perf_counter() - t
     return {"seconds": secs, "file_size": dst.stat().st_size,
             "allocated": dst.stat().st_blocks * 512}
