@@ -418,29 +418,25 @@ class SourceSession:
 
     # .. sending ..
 
-    def _count_differing(self, c: int) -> None:
-        length = self.src.chunk_length(c)
+    def _count_differing(self, chunks: list[int]) -> None:
+        """Add chunks (in ascending order) to the differing counts and ranges."""
+        cs, shape = self.cs, self.src
         with self._stats_lock:
-            self.stats.chunks_differing += 1
-            self.stats.chunk_bytes_differing += length
             r = self.stats.differing_ranges
-            off = c * self.cs
-            if r and r[-1][0] + r[-1][1] == off:
-                r[-1] = (r[-1][0], r[-1][1] + length)
-            else:
-                r.append((off, length))
-
-    def _send_chunk(self, c: int, encoded: tuple[int, bytes]) -> None:
-        """Send a chunk encoded during the scan."""
-        self._count_differing(c)
-        if not self.opts.dry_run:
-            self.ch.send(p.Chunk(c, encoded[0], self._leaf(c), encoded[1]))
+            for c in chunks:
+                length = shape.chunk_length(c)
+                self.stats.chunk_bytes_differing += length
+                off = c * cs
+                if r and r[-1][0] + r[-1][1] == off:
+                    r[-1] = (r[-1][0], r[-1][1] + length)
+                else:
+                    r.append((off, length))
+            self.stats.chunks_differing += len(chunks)
 
     def _send_page(self, j: int, chunks: list[int]) -> None:
         """Re-read and send ``chunks`` of page j on the sender pool; the page's slot is freed
         when the last one is sent. Never blocks: it runs on the receiver thread too."""
-        for c in chunks:
-            self._count_differing(c)
+        self._count_differing(chunks)
         if self.opts.dry_run or not chunks:
             self._slots.release()
             return
@@ -519,10 +515,13 @@ class SourceSession:
                 self.stats.read_errors.extend(batch.bad)
                 self.stats.bytes_read += length
                 self.stats.bytes_hashed += length - zero_bytes
-                if batch.encoded is not None:
-                    for k, enc in enumerate(batch.encoded):
-                        if enc is not None:
-                            self._send_chunk(first + k, enc)
+                if batch.encoded is not None:  # past the target's end: send as scanned
+                    sent = [first + k for k, enc in enumerate(batch.encoded) if enc is not None]
+                    self._count_differing(sent)
+                    if not self.opts.dry_run:
+                        for c in sent:
+                            kind, payload = batch.encoded[c - first]  # type: ignore[misc]
+                            self.ch.send(p.Chunk(c, kind, self._leaf(c), payload))
                 elif end % self.fanout == 0 or end == self.src.chunks:
                     self._decide_page(page)
                 page = end // self.fanout
