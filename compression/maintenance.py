@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
-from diskrsync.compression.codec import Kind, zeros
+from diskrsync.compression.codec import Kind, is_zero, zeros
 from diskrsync.compression.format import ENTRY_SIZE
 from diskrsync.compression.image import Image, Snapshot, TreeView, decode_checked
 from diskrsync.compression.spgz import SpgzImage
@@ -142,10 +142,17 @@ def _verify_tree(
 
 
 def iter_chunks(snap: Snapshot | Any) -> Iterator[tuple[int, bytes | None]]:
-    """(index, bytes) of every chunk in order, decoded on both cores; None for zero chunks."""
+    """(index, bytes) of every chunk in order, decoded on both cores; None for zero chunks.
+
+    Each chunk is read once and its bytes compared with zeros (a memcmp): an image answers a
+    zero chunk without I/O anyway, and an SPGZ0001 raw slot is not read twice."""
 
     def load(batch: range) -> list[tuple[int, bytes | None]]:
-        return [(i, None if snap.chunk_is_zero(i) else snap.read_chunk(i)) for i in batch]
+        out: list[tuple[int, bytes | None]] = []
+        for i in batch:
+            data = snap.read_chunk(i)
+            out.append((i, None if is_zero(data) else data))
+        return out
 
     n = snap.chunk_count
     batches = [range(i, min(i + BATCH, n)) for i in range(0, n, BATCH)]
