@@ -399,7 +399,7 @@ def _pull(remote: RemotePath, local: str, req: PushRequest,
     t0 = time.monotonic()
     ch = r.channel
     committed = _run_conversation(
-        r, lambda: run_target_end(ch, local, req, verify=True))  # type: ignore[arg-type]
+        r, lambda: run_target_end(ch, local, req, verify=True))
     stats = PushStats(dry_run=req.target.dry_run, duration=time.monotonic() - t0)
     # What a target can know: sizes, what arrived, the roots and the commit. The byte
     # counts keep PushStats' meaning: "sent" is source to target, here what we received.

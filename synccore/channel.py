@@ -136,8 +136,8 @@ class QueueChannel:
         if item is _EOF:
             self._in.put(_EOF)  # later recv calls see EOF too
             return None
-        self.bytes_received += p.wire_size(item)  # type: ignore[arg-type]
-        return item  # type: ignore[return-value]
+        self.bytes_received += p.wire_size(item)
+        return item
 
     def close(self) -> None:
         if not self._closed:
@@ -192,7 +192,7 @@ class DelayedChannel:
             if item is _EOF:
                 self.inner.close()
                 return
-            self.inner.send(item)  # type: ignore[arg-type]
+            self.inner.send(item)
 
     def recv(self) -> p.Message | None:
         return self.inner.recv()
