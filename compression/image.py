@@ -564,9 +564,6 @@ class Snapshot:
     def chunk_is_zero(self, index: int) -> bool:
         return self.tree.entry(index).kind == Kind.ZERO
 
-    def chunk_hash(self, index: int) -> bytes:
-        return self.tree.entry(index).hash
-
     def read_stored(self, index: int) -> tuple[Kind, bytes]:
         """The chunk as stored (for sending it on without recompressing)."""
         e = self.tree.entry(index)
@@ -654,7 +651,6 @@ class Transaction:
         self._fresh: dict[int, tuple[int, int]] = {}  # chunk -> extent written since checkpoint
         self._free = self._compute_free(state)
         self._writeback = _Writeback(fd)
-        self.bytes_written = 0
         self._closed = False
 
     # -- free space ----------------------------------------------------------------------
@@ -707,7 +703,6 @@ class Transaction:
             self._free.release(off, len(data))
             raise from_oserror(e, f"writing {what} to {self.path}") from None
         self._writeback.wrote(off, len(data))
-        self.bytes_written += len(data)
         return off, len(data)
 
     # -- the tree being built ----------------------------------------------------------
@@ -773,10 +768,6 @@ class Transaction:
         if e.kind == Kind.ZERO:
             return codec.zeros(length)
         return decode_checked(self._fd, chunk, e, length, self.chunk_size)
-
-    def node_hashes(self, level: int) -> list[bytes]:
-        """Digests of the base tree's nodes at ``level`` (what a push compares against)."""
-        return self.base.node_hashes(level)
 
     def resize(self, new_size: int) -> None:
         """Change the logical size; chunks that appear read as zeros, a boundary chunk keeps

@@ -161,7 +161,6 @@ class SourceOptions:
     chunk_size: int = DEFAULT_CHUNK  # used only when the target has no geometry yet
     dry_run: bool = False
     ignore_read_errors: bool = False
-    compress: bool = True
     info: dict[str, Any] = field(default_factory=dict)  # passed to the target in Hello
 
 
@@ -464,7 +463,7 @@ class SourceSession:
         length = self.src.chunk_length(c)
         want = self._leaf(c)
         stored = self.reader.read_stored(c)
-        if stored is not None and self.opts.compress:
+        if stored is not None:
             kind, payload = stored
             self.ch.send(p.Chunk(c, kind, want, payload))
             return
@@ -482,8 +481,6 @@ class SourceSession:
         self.ch.send(p.Chunk(c, kind, digest, payload))
 
     def _encode(self, data: bytes | memoryview) -> tuple[int, bytes]:
-        if not self.opts.compress:
-            return int(Kind.RAW), bytes(data)
         kind, payload = codec.encode(data)
         return int(kind), payload
 
