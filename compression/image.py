@@ -114,6 +114,21 @@ def _try_lock(fd: int, kind: int, start: int) -> bool:
         raise
 
 
+def take_writer_lock(fd: int) -> bool:
+    """Take the one-writer lock (of an image, or of a raw target) through this open file; it
+    is held until the file is closed. False when another open holds it."""
+    return _try_lock(fd, fcntl.F_WRLCK, WRITER_LOCK)
+
+
+def writer_active(path: str) -> bool:
+    """True while some process holds the writer lock of ``path``."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return _ofd_lock(fd, fcntl.F_WRLCK, WRITER_LOCK, probe=True) != fcntl.F_UNLCK
+    finally:
+        os.close(fd)
+
+
 def _is_pinned(fd: int, number: int) -> bool:
     return _ofd_lock(fd, fcntl.F_WRLCK, PIN_BASE + number, probe=True) != fcntl.F_UNLCK
 
@@ -501,7 +516,7 @@ class Image:
         """
         fd = _open_fd(self.path, os.O_RDWR)
         try:
-            if not _try_lock(fd, fcntl.F_WRLCK, WRITER_LOCK):
+            if not take_writer_lock(fd):
                 holder = ""
                 with contextlib.suppress(Exception):
                     raw = os.pread(fd, 1024, WRITER_SLOT).rstrip(b"\0")

@@ -557,9 +557,7 @@ def open_legacy_target(
 
 
 def _open_raw_end(path: str, *, is_file: bool) -> LegacyTargetEnd:
-    import fcntl
 
-    from diskrsync.compression.image import WRITER_LOCK
     from diskrsync.errors import BusyError
 
     try:
@@ -567,13 +565,10 @@ def _open_raw_end(path: str, *, is_file: bool) -> LegacyTargetEnd:
     except OSError as e:
         raise from_oserror(e, f"cannot open {path}") from None
     try:
-        import struct
+        from diskrsync.compression.image import take_writer_lock
 
-        lock = struct.pack("hhqqi4x", fcntl.F_WRLCK, os.SEEK_SET, WRITER_LOCK, 1, 0)
-        try:
-            fcntl.fcntl(fd, fcntl.F_OFD_SETLK, lock)
-        except OSError:
-            raise BusyError(f"{path} is being written by another push") from None
+        if not take_writer_lock(fd):
+            raise BusyError(f"{path} is being written by another push")
         store = RawTargetStore(path, fd, is_file=is_file)
     except BaseException:
         os.close(fd)

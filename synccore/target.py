@@ -9,7 +9,6 @@ in place). ``serve_target`` runs the conversation for either over any channel.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import stat
 import threading
@@ -24,8 +23,20 @@ from diskrsync import __version__
 from diskrsync.compression import codec
 from diskrsync.compression.codec import Kind
 from diskrsync.compression.container import sniff
-from diskrsync.compression.format import DEFAULT_CHUNK, DEFAULT_FANOUT, MAX_CHUNK, MIN_CHUNK
-from diskrsync.compression.image import WRITER_LOCK, Image, Transaction, TreeView, punch_hole
+from diskrsync.compression.format import (
+    DEFAULT_CHUNK,
+    DEFAULT_FANOUT,
+    MAX_CHUNK,
+    MIN_CHUNK,
+    TreeRef,
+)
+from diskrsync.compression.image import (
+    Image,
+    Transaction,
+    TreeView,
+    punch_hole,
+    take_writer_lock,
+)
 from diskrsync.errors import (
     BusyError,
     DataError,
@@ -120,11 +131,11 @@ class ImageStore:
         self.info: dict[str, Any] = {"hash": p.HASH, "caps": list(p.CAPABILITIES),
                                      "kind": "image"}
         if img is None:
-            self.base = TreeView(-1, _empty_ref(), self.chunk_size, self.fanout)
+            self.base = TreeView(-1, TreeRef(0), self.chunk_size, self.fanout)
         elif opts.dry_run:
             self._snap = img.snapshot() if img.generations() else None
             self.base = self._snap.tree if self._snap else TreeView(
-                -1, _empty_ref(), self.chunk_size, self.fanout)
+                -1, TreeRef(0), self.chunk_size, self.fanout)
         else:
             self.tx = img.begin()
             self.base = self.tx.base
@@ -198,12 +209,6 @@ class ImageStore:
             self._img = None
 
 
-def _empty_ref() -> Any:
-    from diskrsync.compression.format import TreeRef
-
-    return TreeRef(0)
-
-
 class RawStore:
     """Target is a raw file or block device, updated in place.
 
@@ -234,12 +239,8 @@ class RawStore:
         self.is_file = stat.S_ISREG(st.st_mode)
         if not self.is_file and not stat.S_ISBLK(st.st_mode):
             raise UsageError(f"{self.path} is neither a regular file nor a block device")
-        if not self.opts.dry_run:
-            try:
-                fcntl.fcntl(fd, fcntl.F_OFD_SETLK,
-                            _flock_bytes(fcntl.F_WRLCK, WRITER_LOCK))
-            except OSError:
-                raise BusyError(f"{self.path} is being written by another push") from None
+        if not self.opts.dry_run and not take_writer_lock(fd):
+            raise BusyError(f"{self.path} is being written by another push")
         old = os.lseek(fd, 0, os.SEEK_END)
         new = hello.size
         if not self.is_file and new > old:
@@ -360,12 +361,6 @@ class RawStore:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
-
-
-def _flock_bytes(kind: int, start: int) -> bytes:
-    import struct
-
-    return struct.pack("hhqqi4x", kind, os.SEEK_SET, start, 1, 0)
 
 
 def open_store(path: str, hello: p.Hello, opts: TargetOptions, *, raw: bool) -> TargetStore:

@@ -25,7 +25,6 @@ import re
 import shlex
 import shutil
 import signal
-import struct
 import subprocess
 import sys
 import threading
@@ -366,17 +365,9 @@ def make_sample(work: Path) -> None:
 
 
 def writer_locked(path: Path) -> bool:
-    import fcntl
+    from diskrsync.compression.image import writer_active
 
-    from diskrsync.compression.image import WRITER_LOCK
-
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        req = struct.pack("hhqqi4x", fcntl.F_WRLCK, 0, WRITER_LOCK, 1, 0)
-        res = fcntl.fcntl(fd, fcntl.F_OFD_GETLK, req)
-        return struct.unpack("hhqqi4x", res)[0] != fcntl.F_UNLCK
-    finally:
-        os.close(fd)
+    return writer_active(str(path))
 
 
 Scenario = Callable[[Block, Path], None]

@@ -297,18 +297,9 @@ def test_dry_run_changes_nothing_and_reports(tmp_path):
 
 
 def _writer_active(path) -> bool:
-    import fcntl
-    import struct
+    from diskrsync.compression.image import writer_active
 
-    from diskrsync.compression.image import WRITER_LOCK
-
-    fd = os.open(str(path), os.O_RDONLY)
-    try:
-        req = struct.pack("hhqqi4x", fcntl.F_WRLCK, 0, WRITER_LOCK, 1, 0)
-        res = fcntl.fcntl(fd, fcntl.F_OFD_GETLK, req)
-        return struct.unpack("hhqqi4x", res)[0] != fcntl.F_UNLCK
-    finally:
-        os.close(fd)
+    return writer_active(str(path))
 
 
 def test_second_push_fails_at_once_naming_the_first(tmp_path):
