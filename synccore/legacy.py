@@ -345,7 +345,29 @@ class _Machine:
         self._position = offset + length
         self._events.append(RangeSynced(offset, length, kind))
 
-    # -- subclass hook ----------------------------------------------------------------------
+    def _header_and_tree(self) -> Generator[int | None, bytes, tuple[int, int]]:
+        """Both roles open the same way: swap headers, then walk the tree over the common
+        size (each role walks its side of it). Returns (peer size, common size)."""
+        self._out += _HEADER.pack(MAGIC, self._local_size)
+        peer = yield from self._read_header()
+        self._peer_size = peer
+        common = min(peer, self._local_size)
+        shape = go_tree_shape(common) if common > 0 else None
+        self._events.append(HeaderExchanged(self._local_size, peer, shape))
+        if shape is not None:
+            digests = tree_digests(shape, self._leaf_hashes(shape))
+            yield from self._walk(shape, digests, 0, 0)
+        return peer, common
+
+    # -- subclass hooks ---------------------------------------------------------------------
+    _local_size: int
+    _leaf_hashes: LeafHashProvider
+
+    def _walk(
+        self, shape: TreeShape, digests: list[list[bytes]], depth: int, index: int
+    ) -> Generator[int | None, bytes, None]:
+        raise NotImplementedError
+
     def _run(self) -> _Step:
         raise NotImplementedError
 
@@ -454,15 +476,7 @@ class LegacyTarget(_Machine):
         super().__init__("legacy target")
 
     def _run(self) -> _Step:
-        self._out += _HEADER.pack(MAGIC, self._local_size)
-        peer = yield from self._read_header()
-        self._peer_size = peer
-        common = min(peer, self._local_size)
-        shape = go_tree_shape(common) if common > 0 else None
-        self._events.append(HeaderExchanged(self._local_size, peer, shape))
-        if shape is not None:
-            digests = tree_digests(shape, self._leaf_hashes(shape))
-            yield from self._walk(shape, digests, 0, 0)
+        peer, common = yield from self._header_and_tree()
         if peer > self._local_size:
             yield from self._tail(common, peer)
         elif peer < self._local_size:
@@ -561,15 +575,7 @@ class LegacySource(_Machine):
         return data
 
     def _run(self) -> _Step:
-        self._out += _HEADER.pack(MAGIC, self._local_size)
-        peer = yield from self._read_header()
-        self._peer_size = peer
-        common = min(peer, self._local_size)
-        shape = go_tree_shape(common) if common > 0 else None
-        self._events.append(HeaderExchanged(self._local_size, peer, shape))
-        if shape is not None:
-            digests = tree_digests(shape, self._leaf_hashes(shape))
-            yield from self._walk(shape, digests, 0, 0)
+        _peer, common = yield from self._header_and_tree()
         if self._local_size > common:
             yield from self._tail(common, self._local_size)
         self._position = self._local_size
