@@ -126,6 +126,19 @@ def _level_counts(chunks: int, fanout: int) -> tuple[int, ...]:
             return tuple(counts)
 
 
+def root_from_leaves(shape: Shape, leaves: bytes | bytearray | memoryview) -> bytes:
+    """Root hash from every chunk digest laid end to end (what a source or a raw target
+    holds in memory), computing only the inner nodes."""
+    level = [
+        node_hash_packed(leaves[a * HASH_SIZE : b * HASH_SIZE])
+        for a, b in (shape.chunk_range(1, j) for j in range(shape.count(1)))
+    ]
+    while len(level) > 1:
+        f = shape.fanout
+        level = [node_hash_packed(b"".join(level[i : i + f])) for i in range(0, len(level), f)]
+    return root_hash(shape.size, shape.chunk_size, shape.fanout, level[0] if level else b"")
+
+
 def tree_hashes(leaves: list[bytes], fanout: int) -> list[list[bytes]]:
     """Every level's digests from the leaves up (reference implementation for tests and raw
     targets that hold all leaf hashes in memory)."""

@@ -52,7 +52,7 @@ from diskrsync.synccore.merkle import (
     Shape,
     leaf_hash,
     node_hash_packed,
-    root_hash,
+    root_from_leaves,
     zero_hash,
 )
 
@@ -590,14 +590,7 @@ class SourceSession:
             self.fail.check()
 
     def _root(self) -> bytes:
-        shape = self.src
-        if shape.chunks == 0:
-            return root_hash(0, self.cs, self.fanout, b"")
-        level = [self._page_hash(j) for j in range(shape.count(1))]
-        f = self.fanout
-        while len(level) > 1:
-            level = [node_hash_packed(b"".join(level[i : i + f])) for i in range(0, len(level), f)]
-        return root_hash(shape.size, self.cs, self.fanout, level[0])
+        return root_from_leaves(self.src, self._leaves)
 
 
 class _Stopped(Exception):

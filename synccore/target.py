@@ -55,6 +55,7 @@ from diskrsync.synccore.merkle import (
     Shape,
     leaf_hash,
     node_hash_packed,
+    root_from_leaves,
     root_hash,
     zero_hash,
 )
@@ -336,13 +337,7 @@ class RawStore:
         with self._cv:
             while self._pages_ready < self.base.count(1) and self._error is None:
                 self._cv.wait(0.5)
-        shape = self.new
-        level = [node_hash_packed(self.leaves[a * HASH_SIZE : b * HASH_SIZE])
-                 for a, b in (shape.chunk_range(1, j) for j in range(shape.count(1)))]
-        while len(level) > 1:
-            f = self.fanout
-            level = [node_hash_packed(b"".join(level[i : i + f])) for i in range(0, len(level), f)]
-        mine = root_hash(shape.size, self.chunk_size, self.fanout, level[0] if level else b"")
+        mine = root_from_leaves(self.new, self.leaves)
         if self.opts.dry_run:
             return p.Committed(0, mine, {"dry_run": True})
         if mine != root:
