@@ -50,8 +50,11 @@ class Progress:
             self.bar = tqdm(total=total, desc=desc, unit="B", unit_scale=True,
                             unit_divisor=1024, leave=False, file=sys.stderr)
 
-    def update(self, n: int) -> None:
+    def update(self, n: int, sent: int | None = None) -> None:
+        """Advance by ``n`` bytes (read or written); ``sent``: bytes sent so far (pushes)."""
         if self.bar is not None:
+            if sent is not None:
+                self.bar.set_postfix_str(f"sent {human(sent)}", refresh=False)
             self.bar.update(n)
 
     def close(self) -> None:

@@ -63,7 +63,7 @@ def _same_file(a: str, b: str) -> bool:
 
 
 def local_push(src: str, dst: str, req: PushRequest,
-               progress: Callable[[int], None] | None = None,
+               progress: Callable[[int, int], None] | None = None,
                channels: tuple[Channel, Channel] | None = None) -> PushStats:
     """Push between two paths of this machine. ``channels`` lets tests put a delaying
     link in between."""

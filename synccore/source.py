@@ -225,11 +225,12 @@ class SourceSession:
     """Runs the source side over a connected channel until the target commits."""
 
     def __init__(self, channel: Channel, reader: SourceReader, options: SourceOptions,
-                 progress: Callable[[int], None] | None = None) -> None:
+                 progress: Callable[[int, int], None] | None = None) -> None:
         self.ch = channel
         self.reader = reader
         self.opts = options
-        self.progress = progress or (lambda n: None)
+        # progress(bytes scanned since the last call, bytes sent so far)
+        self.progress = progress or (lambda scanned, sent: None)
         self.stats = PushStats(size=reader.size, dry_run=options.dry_run)
         self.fail = _Failure()
         self._cv = threading.Condition()
@@ -522,7 +523,7 @@ class SourceSession:
                 elif end % self.fanout == 0 or end == self.src.chunks:
                     self._decide_page(page)
                 page = end // self.fanout
-                self.progress(length)
+                self.progress(length, self.ch.bytes_sent)
         except _Stopped:
             self.fail.check()
             raise
@@ -586,7 +587,8 @@ class SourceSession:
                 if self._leaf(c) == zero_hash(self.src.chunk_length(c)):
                     self.stats.zero_chunks += 1
             self._decide_page(c_page, src_page_hash=h)
-            self.progress(sum(self.src.chunk_length(c) for c in range(a, b)))
+            self.progress(sum(self.src.chunk_length(c) for c in range(a, b)),
+                          self.ch.bytes_sent)
             self.fail.check()
 
     def _root(self) -> bytes:
