@@ -7,6 +7,7 @@ new container kind only has to provide them. Reads are thread-safe: the mount ca
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -69,3 +70,18 @@ class DiskImage(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+def read_span(
+    read_chunk: Callable[[int], bytes | bytearray], size: int, chunk_size: int,
+    offset: int, length: int,
+) -> bytes:
+    """Bytes [offset, offset+length) clipped to ``size``, assembled from whole chunks."""
+    end = min(offset + length, size)
+    if offset >= end:
+        return b""
+    parts = []
+    for i in range(offset // chunk_size, (end - 1) // chunk_size + 1):
+        base = i * chunk_size
+        parts.append(bytes(read_chunk(i)[max(offset - base, 0) : end - base]))
+    return b"".join(parts)

@@ -45,7 +45,7 @@ from typing import Any
 
 from diskrsync.compression import codec
 from diskrsync.compression.alloc import FreeSpace
-from diskrsync.compression.api import GenerationInfo
+from diskrsync.compression.api import GenerationInfo, read_span
 from diskrsync.compression.codec import Kind
 from diskrsync.compression.format import (
     DATA_START,
@@ -598,16 +598,7 @@ class Snapshot:
         return decode_checked(self._fd, index, e, length, self.chunk_size)
 
     def read(self, offset: int, length: int) -> bytes:
-        end = min(offset + length, self.size)
-        if offset >= end:
-            return b""
-        cs = self.chunk_size
-        parts = []
-        for i in range(offset // cs, (end - 1) // cs + 1):
-            data = self.read_chunk(i)
-            base = i * cs
-            parts.append(data[max(offset - base, 0) : end - base])
-        return b"".join(parts)
+        return read_span(self.read_chunk, self.size, self.chunk_size, offset, length)
 
     def close(self) -> None:
         if self._fd >= 0:

@@ -196,15 +196,9 @@ class ImageTargetStore:
 
     def read(self, offset: int, length: int) -> bytes:
         """Bytes of the target as the transaction has them (thread-safe while not writing)."""
-        end = min(offset + length, self.size)
-        if offset >= end:
-            return b""
-        cs = self.chunk_size
-        parts = []
-        for c in range(offset // cs, (end - 1) // cs + 1):
-            base = c * cs
-            parts.append(bytes(self._chunk(c)[max(offset - base, 0) : end - base]))
-        return b"".join(parts)
+        from diskrsync.compression.api import read_span
+
+        return read_span(self._chunk, self.size, self.chunk_size, offset, length)
 
     def flush(self) -> None:
         """Store the chunk held in memory, if any."""
