@@ -109,14 +109,21 @@ class Stubs:
                               capture_output=True, text=True, timeout=30)
 
     def start(self, *argv: str | Path, **env: str) -> subprocess.Popen[str]:
+        # a suite started in the background inherits SIGINT ignored, and bash cannot trap a
+        # signal that was ignored when it started: give the wrapper the default disposition
         return subprocess.Popen([str(a) for a in argv], env={**self.env, **env},
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                preexec_fn=_default_sigint)
 
     def wait_for(self, text: str, timeout: float = 10) -> None:
         deadline = time.monotonic() + timeout
         while text not in self.log.read_text():
             assert time.monotonic() < deadline, f"never logged {text!r}: {self.log.read_text()}"
             time.sleep(0.02)
+
+
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 @pytest.fixture
