@@ -663,9 +663,11 @@ class GoProgressLines:
     """The stderr lines a Go client parses with ``--calc-progress`` / ``--sync-progress``.
 
     The Go client reads "[Start calc]", "Size: N", then "Update: P" lines until P reaches N;
-    then, with ``--sync-progress``, the same for "sync". So the calc phase always comes first
-    (with size 0 when there is nothing to hash), each phase ends with ``Update: <size>``, and
-    sync lines are written only when asked for (the Go client would echo them otherwise).
+    then, with ``--sync-progress``, the same for "sync". Each phase ends with
+    ``Update: <size>``, and sync lines are written only when asked for (the Go client would
+    echo them otherwise). As the Go tool, nothing is written for a calc phase with nothing to
+    hash (a new or empty target): a Go client with ``--verbose`` that reads "Size: 0" for
+    calc draws a bar of total 0 that never completes, and waits for it forever.
     """
 
     def __init__(
@@ -682,13 +684,11 @@ class GoProgressLines:
         self._sync = ProgressLineWriter("sync") if sync else None
         self._sync_total = sync_total
         self._clock = clock
-        self.calc_started = False
         self.sync_started = False
         self._sync_size = 0
 
     def calc_start(self, size: int) -> None:
         """The calc phase starts hashing ``size`` bytes."""
-        self.calc_started = True
         if self._calc:
             self._write(self._calc.start(size, self._clock()))
 
@@ -698,9 +698,7 @@ class GoProgressLines:
             self._write(self._calc.update(position, self._clock()))
 
     def calc_done(self) -> None:
-        """Hashing is over: the sync phase starts."""
-        if not self.calc_started:
-            self.calc_start(0)
+        """Hashing is over (or there was nothing to hash): the sync phase starts."""
         if not self.sync_started:
             self.sync_started = True
             self._sync_size = self._sync_total()

@@ -131,8 +131,9 @@ def progress_phases(stderr: bytes) -> dict[str, tuple[int, list[int]]]:
     """Parse stderr as the Go client does; every line must be well formed.
 
     Returns {phase: (size, [update positions])}, and checks the rules the Go client relies
-    on: calc first, each phase starts with [Start NAME] + Size, updates never go backwards
-    and the last one equals the size (when the size is not 0).
+    on: calc first (if at all: none when there is nothing to hash), each phase starts with
+    [Start NAME] + Size, updates never go backwards and the last one equals the size (when
+    the size is not 0).
     """
     lines = stderr.decode().splitlines()
     phases: dict[str, tuple[int, list[int]]] = {}
@@ -154,7 +155,7 @@ def progress_phases(stderr: bytes) -> dict[str, tuple[int, list[int]]]:
             assert current is not None
             phases[current][1].append(int(line[8:]))
         i += 1
-    assert order and order[0] == "calc", order
+    assert "calc" not in order[1:], order
     for name, (size, updates) in phases.items():
         assert updates == sorted(updates), (name, updates)
         if size > 0:
@@ -232,7 +233,8 @@ def test_remote_target_image_is_byte_exact(case: Case, tmp_path: Path) -> None:
     assert r.stdout == d2s
     phases = progress_phases(r.stderr)
     common = min(len(before or b""), len(vector_input(case.source_input)))
-    assert phases["calc"][0] == common and "sync" not in phases
+    assert phases == ({"calc": phases["calc"]} if common else {})
+    assert not common or phases["calc"][0] == common
     assert sha256(image_content(path)) == case.source_sha256
     gens = generations(path)
     assert len(gens) == (1 if before is None else 2)
@@ -298,6 +300,35 @@ def test_sync_progress_lines_follow_the_go_client_reader(tmp_path: Path) -> None
     phases = progress_phases(r.stderr)
     assert phases["calc"][0] == 2 * M
     assert phases["sync"][0] == len(vector_input("v1_grow"))
+
+
+@needs_vectors
+@pytest.mark.parametrize("role", ["target", "source"])
+@pytest.mark.parametrize("case", ["b1_new_target", "b3_changed"])
+def test_go_verbose_client_progress_lines_match_the_go_tool(role: str, case: str,
+                                                           tmp_path: Path) -> None:
+    """A Go client with --verbose runs the remote with --calc-progress and draws a bar for
+    each phase it reads. The Go tool writes no calc phase when there is nothing in common to
+    hash (a new target: common size 0); a "Size: 0" calc phase made the Go client wait
+    forever on a bar of total 0. Push (our remote is the target) and pull (the source)."""
+    s2d, d2s = transcript(case)
+    c = next(c for c in CASES if c.name == case)
+    path = tmp_path / "disk.img"
+    if role == "target":
+        if c.target_before is not None:
+            make_image(path, vector_input(c.target_before))
+        r = run_remote(["--target", "--calc-progress", str(path)], s2d, tmp_path)
+        assert r.stdout == d2s
+    else:
+        make_image(path, vector_input(c.source_input))
+        r = run_remote(["--source", "--calc-progress", str(path)], d2s, tmp_path)
+        assert r.stdout == s2d
+    assert r.returncode == 0, r.stderr
+    if c.target_before is None:
+        assert r.stderr == b""
+    else:
+        common = min(len(vector_input(c.target_before)), len(vector_input(c.source_input)))
+        assert progress_phases(r.stderr) == {"calc": (common, [common])}
 
 
 @needs_vectors
@@ -702,9 +733,14 @@ def test_progress_lines_order_and_suppression() -> None:
     clock = iter(range(100))
     p = GoProgressLines(out.append, calc=True, sync=False, sync_total=lambda: 10,
                         clock=lambda: float(next(clock)))
-    p.calc_done()  # nothing to hash: an empty calc phase, no sync lines without the flag
+    p.calc_done()  # nothing to hash: no calc phase at all (as the Go target), no sync lines
     p.sync_update(10)
-    assert "".join(out) == "[Start calc]\nSize: 0\n"
+    assert "".join(out) == ""
+    p = GoProgressLines(out.append, calc=True, sync=True, sync_total=lambda: 10,
+                        clock=lambda: float(next(clock)))
+    p.calc_done()  # a new target with --sync-progress: only the sync phase
+    p.sync_update(10)
+    assert "".join(out) == "[Start sync]\nSize: 10\nUpdate: 10\n"
     out.clear()
     p = GoProgressLines(out.append, calc=True, sync=True, sync_total=lambda: 10,
                         clock=lambda: float(next(clock)))
