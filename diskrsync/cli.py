@@ -252,10 +252,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from diskrsync.synccore.channel import FdStream, FramedChannel
     from diskrsync.synccore.push import run_target_end, serve_source
 
-    if args.restrict_to or os.environ.get("SSH_ORIGINAL_COMMAND"):
+    if args.restrict_to or args.append_only or os.environ.get("SSH_ORIGINAL_COMMAND"):
         from diskrsync.remote import restricted_serve
 
         return restricted_serve(args)  # owns stdout: it may have to send a refusal
+    if args.keep is None:
+        args.keep = 2  # the client always names it; a person typing serve may not
     if not (args.target or args.source):
         raise UsageError("serve needs --target PATH or --source PATH")
     # stdout carries the protocol: nothing else may be printed there
@@ -393,7 +395,11 @@ def build_parser() -> argparse.ArgumentParser:
                          "refuse paths outside DIR")
     sp.add_argument("--write-only", action="store_true",
                     help="with --restrict-to: refuse to act as a source (no reads)")
+    sp.add_argument("--append-only", action="store_true",
+                    help="never prune a generation for a client (nor --no-compress)")
     _push_options(sp)
+    # in a forced command --keep N is a floor: clients may ask to keep more, never less
+    sp.set_defaults(keep=None)
 
     sp = add("mount", cmd_mount,
              "Mount an image read-only: disk.raw, partitions/ and generations/.")

@@ -9,7 +9,9 @@ one ``PeerError`` line naming the host.
 
 ``restricted_serve`` is the server side for an ``authorized_keys`` forced command: it reads
 what the client asked for from ``SSH_ORIGINAL_COMMAND`` and refuses paths outside one
-directory (and reads, with ``--write-only``), so a leaked backup key cannot touch anything else.
+directory (and reads, with ``--write-only``), so a leaked backup key cannot touch anything else;
+the server's retention policy (``--keep`` as a floor, ``--append-only``) keeps such a key from
+pruning history.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
+from diskrsync.compression.image import DEFAULT_KEEP
 from diskrsync.errors import DiskrsyncError, LocalError, PeerError, UsageError, reported_error
 from diskrsync.synccore import protocol as p
 from diskrsync.synccore.channel import Channel, FramedChannel
@@ -505,6 +508,42 @@ def _parse_request(command: str) -> argparse.Namespace:
         raise UsageError(f"refused: bad option value in the request ({e})") from None
 
 
+#: What an append-only server commits with: "keep the newest 2**62", i.e. every generation.
+KEEP_ALL = 1 << 62
+
+
+def _note(message: str) -> None:
+    """A line for the client (relayed there as ``HOST: ...``), not an error."""
+    sys.stderr.write(f"diskrsync: note: {message}\n")
+    sys.stderr.flush()
+
+
+def apply_retention(req: argparse.Namespace, *, floor: int | None, append_only: bool) -> None:
+    """The server's retention policy over a client's target request (``req``, in place).
+
+    A stolen client key must not shrink what the server keeps: with ``--append-only`` no
+    generation is pruned on a client's behalf (pruning is the administrator's ``prune``), with
+    ``--keep N`` at least N are kept (clients may ask for more). Either way a raw target
+    (``--no-compress``), which keeps no history and is overwritten in place, is refused.
+    """
+    if floor is not None and floor < 1:
+        raise UsageError("serve --keep must be at least 1")
+    if not (append_only or floor):
+        return
+    if req.no_compress:
+        raise UsageError("refused: this key keeps the backups' history (serve "
+                         f"{'--append-only' if append_only else f'--keep {floor}'}): "
+                         "--no-compress would overwrite a file in place")
+    if append_only:
+        _note(f"this server keeps every generation (serve --append-only): --keep {req.keep} "
+              f"is ignored; pruning is the server administrator's job")
+        req.keep = KEEP_ALL
+    elif floor is not None and req.keep < floor:
+        _note(f"this server keeps at least {floor} generations: --keep {req.keep} raised "
+              f"to {floor}")
+        req.keep = floor
+
+
 def _inside(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip("/") + "/")
 
@@ -556,7 +595,11 @@ def _plan_restricted(args: argparse.Namespace) -> tuple[argparse.Namespace, str 
         if args.source and args.write_only:
             raise UsageError("refused: this key is write-only: it may push backups but "
                              "not read them (--source)")
-        return args, None
+        fixed = argparse.Namespace(**vars(args))
+        fixed.keep = DEFAULT_KEEP if args.keep is None else args.keep
+        if args.target:
+            apply_retention(fixed, floor=None, append_only=args.append_only)
+        return fixed, None
     if not command:
         raise UsageError("serve --restrict-to is meant as a forced command in "
                          "authorized_keys: SSH_ORIGINAL_COMMAND is not set")
@@ -564,6 +607,8 @@ def _plan_restricted(args: argparse.Namespace) -> tuple[argparse.Namespace, str 
     if req.source is not None and args.write_only:
         raise UsageError("refused: this key is write-only: it may push backups but not read "
                          "them (--source)")
+    if req.target is not None:
+        apply_retention(req, floor=args.keep, append_only=args.append_only)
     path = req.target or req.source
     real = _guard(path, root)
     if req.source is not None:

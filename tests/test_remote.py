@@ -504,6 +504,41 @@ def test_restricted_forced_command(env: Env, tmp_path: Path) -> None:
         srv.set_authorized_keys()
 
 
+@pytest.mark.parametrize("policy", [["--keep", "4"], ["--append-only"]],
+                         ids=["keep-floor", "append-only"])
+def test_restricted_key_cannot_shrink_history(env: Env, tmp_path: Path,
+                                              policy: list[str]) -> None:
+    """A stolen write-only key pushing zeros with --keep 1 (ransomware) adds a generation;
+    with the server's --keep floor or --append-only it cannot prune the good ones, nor
+    overwrite the image in place with --no-compress."""
+    srv = env.srv
+    backups = env.remote / "backups"
+    backups.mkdir()
+    forced = (f"{remote_cmd()} serve --restrict-to {shlex.quote(str(backups))} --write-only "
+              f"{' '.join(policy)}")
+    srv.set_authorized_keys(f'command="{forced.replace(chr(34), chr(92) + chr(34))}",restrict')
+    src = tmp_path / "src.img"
+    image = backups / "web1.spgz"
+    dst = f"testhost:{image}"
+    try:
+        good = [disk(src, 2 * MiB, seed=seed) for seed in range(3)]
+        for data in good:
+            src.write_bytes(data)
+            env.ok(str(src), dst, "--keep", "3")
+        src.write_bytes(bytes(2 * MiB))
+        res = env.push(str(src), dst, "--keep", "1")
+        assert res.returncode == 0, res.stderr
+        assert "testhost: diskrsync: note: this server keeps" in res.stderr
+        gens = [g["number"] for g in info(image)["generations"]]
+        assert gens == [1, 2, 3, 4]
+        for number, data in zip(gens, good, strict=False):
+            assert content(image, tmp_path, number) == data
+        failed(env.push(str(src), dst, "--no-compress"), "refused:", "--no-compress")
+        assert [g["number"] for g in info(image)["generations"]] == gens
+    finally:
+        srv.set_authorized_keys()
+
+
 def test_restricted_request_parsing() -> None:
     ns = _parse_request("'/opt/x y/diskrsync' serve --target '/srv/b/a b.spgz' --keep=3 -n "
                         "--chunk-size 64K --checkpoint-interval 1M --no-compress")
