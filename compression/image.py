@@ -383,11 +383,12 @@ class Image:
     # -- opening -------------------------------------------------------------------------
 
     @classmethod
-    def open(cls, path: str) -> Image:
+    def open(cls, path: str, *, nofollow: bool = False) -> Image:
+        """``nofollow``: refuse a symlink as the final component (ELOOP)."""
         path = os.fspath(path)
         if os.path.isdir(path):
             raise UsageError(f"{path} is a directory, not an image")
-        fd = _open_fd(path, os.O_RDONLY)
+        fd = _open_fd(path, os.O_RDONLY | (os.O_NOFOLLOW if nofollow else 0))
         try:
             return cls(path, fd, _read_state(fd, path))
         except BaseException:

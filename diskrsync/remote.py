@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import logging
 import os
 import shlex
+import stat
 import sys
 import threading
 import time
@@ -548,6 +550,49 @@ def _inside(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip("/") + "/")
 
 
+def _open_dir_beneath(root: str, folder: str) -> int:
+    """An fd of ``folder`` (a directory under ``root``, symlinks already resolved), opened one
+    component at a time from ``root`` without following a symlink: someone who may write
+    under ``root`` cannot swap a directory for a symlink between the check and the open."""
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for part in Path(os.path.relpath(folder, root)).parts:
+            if part == ".":
+                continue
+            step = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                           dir_fd=fd)
+            os.close(fd)
+            fd = step
+    except OSError as e:
+        os.close(fd)
+        if e.errno == errno.ENOENT:
+            raise UsageError(f"directory {folder} does not exist") from None
+        raise UsageError(f"refused: {folder} changed while being opened (a symlink or "
+                         f"non-directory appeared in it: {e.strerror})") from None
+    return fd
+
+
+def _enter_beneath(real: str, root: str) -> str:
+    """Make the directory of ``real`` (or ``real`` itself, a directory) the working
+    directory, opened beneath ``root``; returns the name to use from there on ("." for a
+    directory). Later opens then cannot be redirected by swapping an ancestor."""
+    folder, name = (real, ".") if os.path.isdir(real) else os.path.split(real)
+    fd = _open_dir_beneath(root, folder)
+    try:
+        os.fchdir(fd)
+    finally:
+        os.close(fd)
+    _refuse_symlink(name)
+    return name
+
+
+def _refuse_symlink(name: str) -> None:
+    """The final component is never followed: a symlink there could point anywhere."""
+    with contextlib.suppress(FileNotFoundError):
+        if stat.S_ISLNK(os.lstat(name).st_mode):
+            raise UsageError(f"refused: {os.path.abspath(name)} is a symbolic link")
+
+
 def _guard(path: str, root: str | None) -> str:
     """``path`` with every symlink and ``..`` resolved (the parent's, for a file not created
     yet; realpath also follows a dangling link); refused unless it lies under ``root``."""
@@ -611,6 +656,8 @@ def _plan_restricted(args: argparse.Namespace) -> tuple[argparse.Namespace, str 
         apply_retention(req, floor=args.keep, append_only=args.append_only)
     path = req.target or req.source
     real = _guard(path, root)
+    if root is not None:
+        real = _enter_beneath(real, root)
     if req.source is not None:
         req.source = real
     else:
@@ -638,8 +685,18 @@ def _serve_restricted(req: argparse.Namespace, root: str | None) -> int:
         path = req.target
         if os.path.isdir(path):
             name = os.path.basename(str(hello.info.get("name", "")).rstrip("/")) or "disk"
-            path = _guard(os.path.join(path, name + ".spgz"), root)
-        return open_store(path, hello, push_req.target, raw=push_req.raw_target)
+            path = os.path.join(path, name + ".spgz")
+            real = _guard(path, root)
+            if root is None:
+                path = real
+            elif os.path.isdir(path):
+                raise UsageError(f"refused: {real} is a directory")
+        if root is None:
+            return open_store(path, hello, push_req.target, raw=push_req.raw_target)
+        # beneath DIR (the working directory): never follow the final component
+        _refuse_symlink(path)
+        return open_store(path, hello, replace(push_req.target, nofollow=True),
+                          raw=push_req.raw_target)
 
     serve_target(channel, opener, verify=True)
     return 0

@@ -107,6 +107,7 @@ class TargetOptions:
     dry_run: bool = False
     checkpoint_bytes: int = CHECKPOINT_BYTES
     checkpoint_seconds: float = CHECKPOINT_SECONDS
+    nofollow: bool = False  # never open the target through a symlink (a restricted serve)
 
 
 class ImageStore:
@@ -119,7 +120,7 @@ class ImageStore:
         self._img: Image | None = None
         self.source = str(hello.info.get("source", ""))
         if os.path.exists(path) and os.path.getsize(path) > 0:
-            img = Image.open(path)
+            img = Image.open(path, nofollow=opts.nofollow)
         elif opts.dry_run:
             img = None
         else:
@@ -224,6 +225,7 @@ class RawStore:
         self.chunk_size = _check_geometry(hello)
         self.fanout = DEFAULT_FANOUT
         flags = os.O_RDONLY if opts.dry_run else os.O_RDWR | os.O_CREAT
+        flags |= os.O_NOFOLLOW if opts.nofollow else 0
         try:
             self.fd = os.open(path, flags | os.O_CLOEXEC, 0o644)
         except OSError as e:

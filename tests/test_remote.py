@@ -539,6 +539,115 @@ def test_restricted_key_cannot_shrink_history(env: Env, tmp_path: Path,
         srv.set_authorized_keys()
 
 
+# The server side of a restricted push, with a swap made between the path check (the plan,
+# before the client's Hello) and the open (after it): deterministic, no timing involved.
+_SWAP_SERVE = """
+import argparse, json, os, sys
+from diskrsync.cli import _run
+from diskrsync.remote import _plan_restricted, _serve_restricted
+root, swaps = sys.argv[1], json.loads(sys.argv[2])
+args = argparse.Namespace(restrict_to=root, target=None, source=None, write_only=True,
+                          keep=None, append_only=False)
+def main():
+    plan = _plan_restricted(args)
+    for kind, a, b in swaps:
+        os.rename(a, b) if kind == "rename" else os.symlink(a, b)
+    return _serve_restricted(*plan)
+sys.exit(_run(main))
+"""
+
+
+def _push_with_swap(tmp: Path, root: Path, request: str, swaps: list[tuple[str, str, str]],
+                    data: bytes, options: str = "") -> tuple[int, str]:
+    """Push ``data`` through a restricted serve of ``root`` asked for ``request``; returns
+    the serve's exit status and stderr."""
+    from diskrsync.errors import DiskrsyncError
+    from diskrsync.synccore.channel import FdStream, FramedChannel
+    from diskrsync.synccore.push import serve_source
+    from diskrsync.synccore.source import SourceOptions
+
+    src = tmp / "src.img"
+    src.write_bytes(data)
+    to_serve, from_serve = os.pipe(), os.pipe()
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _SWAP_SERVE, str(root), json.dumps(swaps)],
+        stdin=to_serve[0], stdout=from_serve[1], stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "SSH_ORIGINAL_COMMAND": f"diskrsync serve --target "
+                                                   f"{shlex.quote(request)} {options}"})
+    os.close(to_serve[0])
+    os.close(from_serve[1])
+    try:
+        with contextlib.suppress(DiskrsyncError):
+            serve_source(FramedChannel(FdStream(from_serve[0], to_serve[1])), str(src), None,
+                         SourceOptions())
+    finally:
+        os.close(from_serve[0])
+        with contextlib.suppress(OSError):
+            os.close(to_serve[1])
+        _out, err = proc.communicate(timeout=60)
+    return proc.returncode, err
+
+
+def test_restricted_ancestor_swapped_for_a_symlink_stays_beneath(tmp_path: Path) -> None:
+    """DIR/sub is checked, then swapped for a symlink to outside before the open: the push
+    lands in the directory that was checked (held open), nothing outside."""
+    root, outside = tmp_path / "backups", tmp_path / "outside"
+    (root / "sub").mkdir(parents=True)
+    outside.mkdir()
+    data = os.urandom(MiB)
+    rc, err = _push_with_swap(tmp_path, root, f"{root}/sub/web1.spgz",
+                              [("rename", f"{root}/sub", f"{root}/sub.old"),
+                               ("symlink", str(outside), f"{root}/sub")], data)
+    assert rc == 0, err
+    assert list(outside.iterdir()) == []
+    assert content(root / "sub.old" / "web1.spgz", tmp_path) == data
+
+
+@pytest.mark.parametrize("raw", [False, True], ids=["image", "raw"])
+def test_restricted_final_symlink_is_refused(tmp_path: Path, raw: bool) -> None:
+    """The image's own name becomes a symlink to a file outside after the check: refused
+    (exit 2), the file outside untouched."""
+    root, outside = tmp_path / "backups", tmp_path / "outside"
+    root.mkdir()
+    outside.mkdir()
+    victim = outside / ("secret.raw" if raw else "other.spgz")
+    if raw:
+        victim.write_bytes(b"secret" * 1000)
+    else:
+        (tmp_path / "other.img").write_bytes(os.urandom(MiB))
+        assert cli("push", "-q", str(tmp_path / "other.img"), str(victim)).returncode == 0
+    before = victim.read_bytes()
+    request = f"{root}/web1.{'raw' if raw else 'spgz'}"
+    rc, err = _push_with_swap(tmp_path, root, request, [("symlink", str(victim), request)],
+                              os.urandom(MiB), "--no-compress" if raw else "")
+    assert rc == 2, err
+    assert "refused:" in err and "symbolic link" in err
+    assert victim.read_bytes() == before
+    assert sorted(outside.iterdir()) == [victim]
+
+
+@pytest.mark.parametrize("raw", [False, True], ids=["image", "raw"])
+def test_nofollow_store_refuses_a_final_symlink(tmp_path: Path, raw: bool) -> None:
+    """The last line of defence when the symlink appears after the serve's own check: the
+    stores open the final component with O_NOFOLLOW."""
+    from diskrsync.errors import UsageError
+    from diskrsync.synccore.target import TargetOptions, open_store
+
+    victim = tmp_path / "victim"
+    if raw:
+        victim.write_bytes(b"secret")
+    else:
+        (tmp_path / "v.img").write_bytes(os.urandom(MiB))
+        assert cli("push", "-q", str(tmp_path / "v.img"), str(victim)).returncode == 0
+    before = victim.read_bytes()
+    link = tmp_path / "link"
+    link.symlink_to(victim)
+    hello = p.Hello("source", MiB, 128 * 1024, 64, "test", {"hash": p.HASH})
+    with pytest.raises(UsageError, match="symbolic links"):
+        open_store(str(link), hello, TargetOptions(nofollow=True), raw=raw).close()
+    assert victim.read_bytes() == before
+
+
 def test_restricted_request_parsing() -> None:
     ns = _parse_request("'/opt/x y/diskrsync' serve --target '/srv/b/a b.spgz' --keep=3 -n "
                         "--chunk-size 64K --checkpoint-interval 1M --no-compress")
