@@ -17,6 +17,17 @@ from diskrsync.errors import DiskrsyncError, UsageError
 SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
+def parse_seconds(text: str) -> float:
+    """A non-negative number of seconds (0: never)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < 1e9:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}")
+    return value
+
+
 def parse_size(text: str) -> int:
     """'128K', '256M', '1G' or plain bytes."""
     t = text.strip().upper().removesuffix("IB").removesuffix("B")
@@ -263,7 +274,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # stdout carries the protocol: nothing else may be printed there
     out_fd = os.dup(1)
     os.dup2(2, 1)
-    channel = FramedChannel(FdStream(0, out_fd))
+    channel = FramedChannel(FdStream(0, out_fd, args.timeout))
     if args.target:
         run_target_end(channel, args.target, _push_request(args), verify=True)
     else:
@@ -329,6 +340,9 @@ def _push_options(sp: argparse.ArgumentParser) -> None:
                     help="store unreadable source chunks as zeros and list them")
     sp.add_argument("--checkpoint-interval", type=parse_size, metavar="BYTES",
                     help=argparse.SUPPRESS)
+    sp.add_argument("--timeout", type=parse_seconds, default=0, metavar="SECONDS",
+                    help="with a remote end: fail when it sends nothing for SECONDS "
+                         "(default 0: never)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -398,8 +412,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--append-only", action="store_true",
                     help="never prune a generation for a client (nor --no-compress)")
     _push_options(sp)
-    # in a forced command --keep N is a floor: clients may ask to keep more, never less
-    sp.set_defaults(keep=None)
+    # in a forced command --keep N is a floor: clients may ask to keep more, never less;
+    # a frozen client must not hold an image's writer lock for hours
+    sp.set_defaults(keep=None, timeout=600)
 
     sp = add("mount", cmd_mount,
              "Mount an image read-only: disk.raw, partitions/ and generations/.")

@@ -314,14 +314,15 @@ class _Remote:
         self.conn.close()
 
 
-def _start(remote: RemotePath, opts: SshOptions, extra: list[str], argv: list[str]) -> _Remote:
+def _start(remote: RemotePath, opts: SshOptions, extra: list[str], argv: list[str],
+           timeout: float | None) -> _Remote:
     # paramiko logs socket errors it also raises; with no handler Python would print them
     # ("Socket exception: ...") next to our one-line error
     logging.getLogger("paramiko").addHandler(logging.NullHandler())
     conn = connect(remote, opts)
     try:
         relay = _StderrRelay(conn.host)
-        proc = conn.run([*extra, *argv], on_stderr=relay)
+        proc = conn.run([*extra, *argv], on_stderr=relay, timeout=timeout)
     except BaseException:
         conn.close()
         raise
@@ -377,7 +378,8 @@ def _push(local: str, remote: RemotePath, req: PushRequest,
         info = {"name": os.path.basename(local.rstrip("/")), **req.source.info}
         src_opts = replace(req.source, info=info)
         quiet = getattr(args, "quiet", False) or getattr(args, "json", False)
-        r = _start(remote, opts, extra, _target_argv(remote.path, req))
+        r = _start(remote, opts, extra, _target_argv(remote.path, req),
+                   getattr(args, "timeout", None))
         bar = Progress(reader.size, "push", not quiet)
         try:
             stats: PushStats = _run_conversation(
@@ -400,7 +402,8 @@ def _pull(remote: RemotePath, local: str, req: PushRequest,
     if not os.path.isdir(folder):
         raise UsageError(f"target directory {folder} does not exist")
     opts, extra = ssh_options(args)
-    r = _start(remote, opts, extra, _source_argv(remote.path, req))
+    r = _start(remote, opts, extra, _source_argv(remote.path, req),
+               getattr(args, "timeout", None))
     t0 = time.monotonic()
     ch = r.channel
     committed = _run_conversation(
@@ -649,6 +652,7 @@ def _plan_restricted(args: argparse.Namespace) -> tuple[argparse.Namespace, str 
         raise UsageError("serve --restrict-to is meant as a forced command in "
                          "authorized_keys: SSH_ORIGINAL_COMMAND is not set")
     req = _parse_request(command)
+    req.timeout = args.timeout  # the server's, never the client's
     if req.source is not None and args.write_only:
         raise UsageError("refused: this key is write-only: it may push backups but not read "
                          "them (--source)")
@@ -675,7 +679,7 @@ def _serve_restricted(req: argparse.Namespace, root: str | None) -> int:
 
     out_fd = os.dup(1)
     os.dup2(2, 1)  # stdout carries the protocol: nothing else may be printed there
-    channel: Channel = FramedChannel(FdStream(0, out_fd))
+    channel: Channel = FramedChannel(FdStream(0, out_fd, req.timeout))
     push_req = _push_request(req)
     if req.source:
         serve_source(channel, req.source, req.generation, push_req.source)

@@ -1,7 +1,10 @@
 """Message channels between a source and a target: the thin I/O layer around the protocol.
 
 ``FramedChannel`` speaks the wire format over any byte stream (pipes, a socket, an SSH
-channel). ``channel_pair`` connects two ends in one process with bounded queues and no encoding.
+channel); once the peer's Hello says it understands them, it sends ``Alive`` frames after a
+quiet second, so a peer's ``--timeout`` (a stream that raises ``TimeoutError`` when nothing
+arrives for that long) catches a frozen peer but never a long scan of unchanged data.
+``channel_pair`` connects two ends in one process with bounded queues and no encoding.
 ``DelayedChannel`` adds one-way latency to every message while keeping the link pipelined.
 
 All channels are safe to ``send`` from several threads and ``recv`` from one other thread.
@@ -12,6 +15,7 @@ from __future__ import annotations
 import heapq
 import os
 import queue
+import select
 import threading
 import time
 from typing import Protocol
@@ -20,6 +24,8 @@ from diskrsync.errors import PeerError
 from diskrsync.synccore import protocol as p
 
 _EOF = object()
+#: A FramedChannel that has sent nothing for this long sends an Alive frame.
+ALIVE_INTERVAL = 1.0
 
 
 class Stream(Protocol):
@@ -45,11 +51,26 @@ class Channel(Protocol):
     def close(self) -> None: ...
 
 
-class FdStream:
-    """A Stream over two file descriptors (our stdin/stdout, or a child's pipes)."""
+def _wait(fd: int, event: int, timeout: float) -> bool:
+    """Whether ``fd`` became ready for ``event`` (or hung up) within ``timeout`` seconds."""
+    poller = select.poll()
+    poller.register(fd, event)
+    return bool(poller.poll(timeout * 1000))
 
-    def __init__(self, rfd: int, wfd: int) -> None:
+
+class FdStream:
+    """A Stream over two file descriptors (our stdin/stdout, or a child's pipes).
+
+    With ``timeout`` (seconds), a peer that sends nothing, or takes nothing we send, for that
+    long raises ``TimeoutError`` instead of blocking forever (the write end is made
+    non-blocking for that).
+    """
+
+    def __init__(self, rfd: int, wfd: int, timeout: float | None = None) -> None:
         self.rfd, self.wfd = rfd, wfd
+        self.timeout = timeout or None
+        if self.timeout:
+            os.set_blocking(wfd, False)
 
     def send(self, data: bytes) -> None:
         view = memoryview(data)
@@ -58,9 +79,22 @@ class FdStream:
                 n = os.write(self.wfd, view)
             except BrokenPipeError:
                 raise PeerError("the peer closed the connection") from None
+            except BlockingIOError:
+                assert self.timeout is not None
+                if not _wait(self.wfd, select.POLLOUT, self.timeout):
+                    raise TimeoutError(f"the peer took no data for {self.timeout:g} s") \
+                        from None
+                continue
             view = view[n:]
 
     def recv(self, max_bytes: int) -> bytes:
+        while self.timeout:
+            if not _wait(self.rfd, select.POLLIN, self.timeout):
+                raise TimeoutError(f"no data from the peer for {self.timeout:g} s")
+            try:  # rfd may share the non-blocking write end's file (one socket for both)
+                return os.read(self.rfd, max_bytes)
+            except BlockingIOError:
+                continue
         return os.read(self.rfd, max_bytes)
 
     def close_send(self) -> None:
@@ -80,6 +114,9 @@ class FramedChannel:
         self._send_lock = threading.Lock()
         self._greeted = False
         self._recv_size = recv_size
+        self._last_send = time.monotonic()
+        self._closed = threading.Event()
+        self._alive: threading.Thread | None = None
         self.bytes_sent = 0
         self.bytes_received = 0
 
@@ -91,17 +128,37 @@ class FramedChannel:
                 self._greeted = True
             try:
                 self.stream.send(frame)
+            except TimeoutError as e:
+                raise PeerError(str(e)) from None
             except (BrokenPipeError, ConnectionError) as e:
                 raise PeerError(f"the peer closed the connection ({e.strerror or e})") from None
             self.bytes_sent += len(frame)
+            self._last_send = time.monotonic()
+
+    def _keep_alive(self) -> None:
+        while not self._closed.wait(ALIVE_INTERVAL / 4):
+            if time.monotonic() - self._last_send >= ALIVE_INTERVAL:
+                try:
+                    self.send(p.Alive())
+                except Exception:  # the link is gone: the conversation will say so
+                    return
 
     def recv(self) -> p.Message | None:
         while True:
             msg = self._decoder.next()
+            if isinstance(msg, p.Alive):
+                continue
+            if isinstance(msg, p.Hello) and "alive" in msg.info.get("caps", ()) \
+                    and self._alive is None:
+                self._alive = threading.Thread(target=self._keep_alive, daemon=True,
+                                               name="channel-alive")
+                self._alive.start()
             if msg is not None:
                 return msg
             try:
                 data = self.stream.recv(self._recv_size)
+            except TimeoutError as e:
+                raise PeerError(str(e)) from None
             except ConnectionError as e:
                 raise PeerError(f"the peer closed the connection ({e.strerror or e})") from None
             if not data:
@@ -112,6 +169,7 @@ class FramedChannel:
             self._decoder.feed(data)
 
     def close(self) -> None:
+        self._closed.set()
         with self._send_lock:
             self.stream.close_send()
 

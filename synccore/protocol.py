@@ -26,7 +26,7 @@ MAX_FRAME = 16 << 20  # bounds memory: a chunk is at most 4 MiB plus a header
 HASH_SIZE = 32
 HASH = "blake3"
 # What this release can do; each side lists them in its Hello and checks the other's.
-CAPABILITIES = ("zstd", "dry-run", "resume")
+CAPABILITIES = ("zstd", "dry-run", "resume", "alive")
 
 
 def check_peer(hello: Hello, needed: tuple[str, ...]) -> None:
@@ -116,10 +116,18 @@ class Error:
     message: str
 
 
-Message = Hello | PageHashes | NeedLeaves | Leaves | Chunk | Done | Committed | Error
+@dataclass(frozen=True)
+class Alive:
+    """Either side, after a quiet spell, to peers whose Hello lists the "alive" capability:
+    I am still here (so the peer's ``--timeout`` measures a frozen peer, not a long scan of
+    unchanged data). Channels consume it; the conversation never sees it."""
+
+
+Message = Hello | PageHashes | NeedLeaves | Leaves | Chunk | Done | Committed | Error | Alive
 
 _TYPES: dict[type, int] = {
     Hello: 1, PageHashes: 2, NeedLeaves: 3, Leaves: 4, Chunk: 5, Done: 6, Committed: 7, Error: 8,
+    Alive: 9,
 }
 
 
@@ -133,6 +141,8 @@ def encode(msg: Message) -> bytes:
         payload = _PAGE.pack(first) + msg.hashes
     elif isinstance(msg, NeedLeaves):
         payload = _PAGE.pack(msg.page)
+    elif isinstance(msg, Alive):
+        payload = b""
     else:
         payload = json.dumps(_to_json(msg), separators=(",", ":")).encode()
     return _FRAME.pack(len(payload) + 1, t) + payload
@@ -243,6 +253,10 @@ _TYPE_BY_ID = {v: k for k, v in _TYPES.items()}
 
 def _decode(t: int, payload: bytes) -> Message:
     cls = _TYPE_BY_ID[t]
+    if cls is Alive:
+        if payload:
+            raise PeerError("peer sent a malformed alive frame")
+        return Alive()
     if cls is Chunk:
         if len(payload) < _CHUNK.size:
             raise PeerError("peer sent a truncated chunk frame")

@@ -709,10 +709,13 @@ class SshConnection:
         why = f": {exc}" if exc is not None and str(exc) else ""  # EOFError() says nothing
         return LinkError(f"lost connection to {self.host} while {doing}{why}")
 
-    def run(self, argv: list[str], on_stderr: Callable[[str], None] | None = None) -> RemoteProcess:
+    def run(self, argv: list[str], on_stderr: Callable[[str], None] | None = None,
+            timeout: float | None = None) -> RemoteProcess:
         """Start ``remote_cmd argv...`` remotely; its stdin/stdout become the byte pipe.
 
         Each stderr line goes to ``on_stderr`` (default: our stderr, prefixed ``host: ``).
+        With ``timeout``, a remote that sends nothing (or takes nothing) for that many
+        seconds makes ``recv``/``send`` raise ``TimeoutError``.
         """
         command = remote_command_line(self.opts.remote_cmd, argv)
         if not self.transport.is_active():
@@ -730,6 +733,7 @@ class SshConnection:
             raise RemoteCommandError(
                 f"{self.host} refused to run {self.opts.remote_cmd}: {e or 'refused'}"
             ) from None
+        chan.settimeout(timeout or None)
         return RemoteProcess(self, chan, on_stderr or self._default_stderr)
 
     def _default_stderr(self, line: str) -> None:
@@ -783,6 +787,8 @@ class RemoteProcess:
         while True:
             try:
                 data = self._chan.recv_stderr(65536)
+            except TimeoutError:  # the channel's --timeout: a quiet stderr is no failure
+                continue
             except Exception:
                 data = b""
             if not data:
@@ -809,6 +815,9 @@ class RemoteProcess:
                 piece = bytes(view[off : off + step])
                 try:
                     n = self._chan.send(piece)
+                except TimeoutError:
+                    raise TimeoutError(f"the peer took no data for {self._chan.gettimeout():g} "
+                                       f"s") from None
                 except (OSError, EOFError, paramiko.SSHException):
                     raise self._failure("sending") from None
                 if n <= 0:
@@ -820,6 +829,9 @@ class RemoteProcess:
         with self._recv_lock:
             try:
                 data: bytes = self._chan.recv(max_bytes)
+            except TimeoutError:
+                raise TimeoutError(f"no data from the peer for {self._chan.gettimeout():g} s") \
+                    from None
             except (OSError, EOFError, paramiko.SSHException):
                 raise self._failure("receiving") from None
             if data:

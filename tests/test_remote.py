@@ -455,6 +455,186 @@ def test_silent_link_detected_by_keepalive(env: Env, tmp_path: Path) -> None:
            "lost connection to testhost", "no response from testhost", "keepalives unanswered")
 
 
+def test_serve_timeout_frees_a_frozen_clients_lock(tmp_path: Path) -> None:
+    """A client that says hello, sends two chunks and then nothing (frozen, or a dead link
+    TCP has not noticed): serve --timeout 2 gives up with exit 5, keeps what arrived as a
+    checkpoint and releases the image's writer lock, so the next push works."""
+    from diskrsync.compression.codec import Kind
+    from diskrsync.synccore.channel import FdStream, FramedChannel
+    from diskrsync.synccore.merkle import leaf_hash
+
+    src, image = tmp_path / "src.img", tmp_path / "img.spgz"
+    data = disk(src, 4 * MiB, seed=5)
+    assert cli("push", "-q", str(src), str(image)).returncode == 0
+    src.write_bytes(os.urandom(4 * MiB))
+    new = src.read_bytes()
+    to_serve, from_serve = os.pipe(), os.pipe()
+    proc = subprocess.Popen([sys.executable, "-m", "diskrsync.cli", "serve", "--target",
+                             str(image), "--timeout", "2"],
+                            stdin=to_serve[0], stdout=from_serve[1], stderr=subprocess.PIPE,
+                            text=True)
+    os.close(to_serve[0])
+    os.close(from_serve[1])
+    try:
+        ch = FramedChannel(FdStream(from_serve[0], to_serve[1]))
+        ch.send(p.Hello("source", len(new), 128 * 1024, 128, "frozen test",
+                        {"hash": p.HASH, "caps": ["zstd"]}))
+        cs = 128 * 1024
+        for c in range(2):
+            piece = new[c * cs : (c + 1) * cs]
+            ch.send(p.Chunk(c, Kind.RAW, leaf_hash(piece), piece))
+        _out, err = proc.communicate(timeout=60)  # generous: "did not hang"
+    finally:
+        os.close(from_serve[0])
+        os.close(to_serve[1])
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 5, err
+    assert err.splitlines()[-1] == "diskrsync: no data from the peer for 2 s"
+    state = info(image)
+    assert state["checkpoint"] and [g["number"] for g in state["generations"]] == [1]
+    assert content(image, tmp_path) == data
+    res = cli("push", "--json", str(src), str(image))
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["resumed"]
+    assert content(image, tmp_path) == new
+
+
+def test_alive_frames_keep_a_quiet_conversation_within_the_timeout() -> None:
+    """Both ends with a 2 s timeout stay quiet for longer (a long scan of unchanged data):
+    the Alive frames keep them connected, and neither end ever sees one."""
+    from diskrsync.synccore.channel import FdStream, FramedChannel
+
+    a_to_b, b_to_a = os.pipe(), os.pipe()
+    a = FramedChannel(FdStream(b_to_a[0], a_to_b[1], timeout=2))
+    b = FramedChannel(FdStream(a_to_b[0], b_to_a[1], timeout=2))
+    caps = {"hash": p.HASH, "caps": list(p.CAPABILITIES)}
+    try:
+        a.send(p.Hello("source", 0, 128 * 1024, 128, "a", caps))
+        assert isinstance(b.recv(), p.Hello)
+        b.send(p.Hello("target", 0, 128 * 1024, 128, "b", caps))
+        assert isinstance(a.recv(), p.Hello)
+        time.sleep(5)  # longer than the timeout: only Alive frames cross meanwhile
+        a.send(p.NeedLeaves(7))
+        assert b.recv() == p.NeedLeaves(7)
+        b.send(p.Leaves(7, b""))
+        assert a.recv() == p.Leaves(7, b"")
+        a.close()
+        assert b.recv() is None
+    finally:
+        b.close()
+        for fd in (a_to_b[0], b_to_a[0]):
+            os.close(fd)
+
+
+def test_source_stops_when_the_target_closes_early(tmp_path: Path) -> None:
+    """A target that answers hello and then goes away: the source stops scanning at once
+    with a clear error, rather than reading the whole disk first."""
+    import threading
+
+    from diskrsync.errors import PeerError
+    from diskrsync.synccore.channel import FdStream, FramedChannel
+    from diskrsync.synccore.source import RawSource, SourceOptions, SourceSession
+
+    src = tmp_path / "src.img"
+    with src.open("wb") as f:
+        for _ in range(64):
+            f.write(os.urandom(MiB))
+
+    class Counting(RawSource):
+        read_bytes = 0
+
+        def read(self, offset: int, length: int) -> bytes:
+            Counting.read_bytes += length
+            time.sleep(0.002)  # a disk, not a page cache
+            return super().read(offset, length)
+
+    to_target, to_source = os.pipe(), os.pipe()
+
+    def target() -> None:
+        ch = FramedChannel(FdStream(to_target[0], to_source[1]))
+        assert isinstance(ch.recv(), p.Hello)
+        ch.send(p.Hello("target", 0, 128 * 1024, 128, "gone",
+                        {"hash": p.HASH, "caps": ["zstd"]}))
+        os.close(to_target[0])
+        os.close(to_source[1])
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    reader = Counting(str(src))
+    try:
+        with pytest.raises(PeerError, match=r"the peer closed the connection|before committing"):
+            SourceSession(FramedChannel(FdStream(to_source[0], to_target[1])), reader,
+                          SourceOptions()).run()
+    finally:
+        reader.close()
+        thread.join(10)
+        for fd in (to_source[0], to_target[1]):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+    assert Counting.read_bytes < 32 * MiB
+
+
+def test_client_timeout_when_the_serve_process_freezes(env: Env, tmp_path: Path) -> None:
+    """The remote serve is stopped while its sshd still answers keepalives: push --timeout 2
+    fails with a clear one-line error instead of waiting forever."""
+    src = tmp_path / "big.img"
+    src.write_bytes(os.urandom(64 * MiB))
+    image = env.remote / "frozen.spgz"
+    proc = env.popen(str(src), env.rpath("frozen.spgz"), "--timeout", "2")
+    _wait_growth(image, proc, 4 * MiB)
+    frozen = _serve_pids(env.srv, "frozen.spgz")
+    assert frozen
+    try:
+        for pid in frozen:
+            os.kill(pid, signal.SIGSTOP)
+        out, err = proc.communicate(timeout=60)  # generous: "did not hang"
+    finally:
+        for pid in frozen:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+                os.kill(pid, signal.SIGCONT)
+    last = failed(subprocess.CompletedProcess(proc.args, proc.returncode, out, err),
+                  "testhost")
+    assert proc.returncode == 5
+    assert "for 2 s" in last, last
+
+
+def test_serve_timeout_ends_a_frozen_clients_push(env: Env, tmp_path: Path) -> None:
+    """The client is SIGSTOPped mid-push (its sshd session lives on): the forced command's
+    serve --timeout 2 exits, keeping a checkpoint and freeing the lock; the client, once
+    continued, reports the server's reason; the next push resumes."""
+    srv = env.srv
+    backups = env.remote / "backups"
+    backups.mkdir()
+    forced = f"{remote_cmd()} serve --restrict-to {shlex.quote(str(backups))} --timeout 2"
+    srv.set_authorized_keys(f'command="{forced.replace(chr(34), chr(92) + chr(34))}",restrict')
+    src = tmp_path / "big.img"
+    src.write_bytes(os.urandom(64 * MiB))
+    image = backups / "big.spgz"
+    try:
+        proc = env.popen(str(src), f"testhost:{image}", "--checkpoint-interval", "1M")
+        _wait_growth(image, proc, 4 * MiB)
+        os.kill(proc.pid, signal.SIGSTOP)
+        try:
+            deadline = time.monotonic() + 60  # generous: "did not hang"
+            while _serve_pids(srv, "--timeout 2") and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert not _serve_pids(srv, "--timeout 2")
+        finally:
+            os.kill(proc.pid, signal.SIGCONT)
+        out, err = proc.communicate(timeout=60)
+        failed(subprocess.CompletedProcess(proc.args, proc.returncode, out, err),
+               "testhost: no data from the peer for 2 s")
+        assert proc.returncode == 5
+        assert info(image)["checkpoint"]
+        stats = env.ok(str(src), f"testhost:{image}")
+        assert stats["resumed"]
+        assert content(image, tmp_path) == src.read_bytes()
+    finally:
+        srv.set_authorized_keys()
+
+
 # -- restricted forced command ----------------------------------------------------------------
 
 
@@ -547,7 +727,7 @@ from diskrsync.cli import _run
 from diskrsync.remote import _plan_restricted, _serve_restricted
 root, swaps = sys.argv[1], json.loads(sys.argv[2])
 args = argparse.Namespace(restrict_to=root, target=None, source=None, write_only=True,
-                          keep=None, append_only=False)
+                          keep=None, append_only=False, timeout=600)
 def main():
     plan = _plan_restricted(args)
     for kind, a, b in swaps:
