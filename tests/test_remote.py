@@ -828,6 +828,31 @@ def test_nofollow_store_refuses_a_final_symlink(tmp_path: Path, raw: bool) -> No
     assert victim.read_bytes() == before
 
 
+def test_retention_policy_over_a_client_request(capsys: pytest.CaptureFixture[str]) -> None:
+    """Clients may ask to keep more than the server's floor, never less; append-only keeps
+    everything; either refuses a raw target (no history)."""
+    from diskrsync.errors import UsageError
+    from diskrsync.remote import KEEP_ALL, apply_retention
+
+    def keep(client: int, **policy: Any) -> int:
+        req = _parse_request(f"diskrsync serve --target /b/x.spgz --keep {client}")
+        apply_retention(req, **policy)
+        return int(req.keep)
+
+    assert keep(1, floor=None, append_only=False) == 1
+    assert keep(1, floor=3, append_only=False) == 3
+    assert keep(9, floor=3, append_only=False) == 9
+    assert keep(9, floor=3, append_only=True) == KEEP_ALL
+    assert "--keep 9 is ignored" in capsys.readouterr().err
+    raw = _parse_request("diskrsync serve --target /b/x.raw --no-compress")
+    apply_retention(raw, floor=None, append_only=False)
+    for policy in ({"floor": 2, "append_only": False}, {"floor": None, "append_only": True}):
+        with pytest.raises(UsageError, match=r"refused: .*--no-compress"):
+            apply_retention(raw, **policy)
+    with pytest.raises(UsageError, match="at least 1"):
+        keep(2, floor=0, append_only=False)
+
+
 def test_restricted_request_parsing() -> None:
     ns = _parse_request("'/opt/x y/diskrsync' serve --target '/srv/b/a b.spgz' --keep=3 -n "
                         "--chunk-size 64K --checkpoint-interval 1M --no-compress")
