@@ -109,7 +109,7 @@ def cmd_info(args: argparse.Namespace) -> int:
                   f"({meta['source_changed_chunks']} chunk(s) differ from the scan)")
         if meta.get("read_errors"):
             ranges = ", ".join(f"{o}+{n}" for o, n in meta["read_errors"][:10])
-            print(f"        warning: {len(meta['read_errors'])} unreadable chunk(s) stored as "
+            print(f"        warning: {len(meta['read_errors'])} unreadable range(s) stored as "
                   f"zeros: {ranges}")
     return 0
 
@@ -208,7 +208,9 @@ def _push_summary(stats: Any, args: argparse.Namespace) -> int:
                         f"was read when each chunk was sent")
     if stats.read_errors:
         ranges = ", ".join(f"{o}+{n}" for o, n in stats.read_errors[:10])
-        warnings.append(f"{len(stats.read_errors)} unreadable chunk(s) stored as zeros: {ranges}")
+        more = ", ..." if len(stats.read_errors) > 10 else ""
+        warnings.append(f"{len(stats.read_errors)} unreadable range(s) stored as zeros "
+                        f"(offset+length): {ranges}{more}")
     if args.json:
         print(json.dumps(asdict(stats), indent=2))
     elif not args.quiet:
@@ -337,7 +339,8 @@ def _push_options(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--dry-run", "-n", action="store_true",
                     help="compare only: report what differs, change nothing")
     sp.add_argument("--ignore-read-errors", action="store_true",
-                    help="store unreadable source chunks as zeros and list them")
+                    help="store unreadable source sectors (and damaged chunks of an image "
+                         "source) as zeros and list them")
     sp.add_argument("--checkpoint-interval", type=parse_size, metavar="BYTES",
                     help=argparse.SUPPRESS)
     sp.add_argument("--timeout", type=parse_seconds, default=0, metavar="SECONDS",

@@ -45,7 +45,7 @@ EXIT_CODES: list[tuple[int, str]] = [
     (EXIT_SOURCE_CHANGED, "push committed, but the source changed while it was read (use a "
                           "snapshot)"),
     (EXIT_READ_ERRORS_IGNORED, "push committed with --ignore-read-errors and some source "
-                               "chunks were unreadable (stored as zeros)"),
+                               "sectors were unreadable (stored as zeros)"),
     (130, "interrupted (SIGINT); a push keeps a checkpoint"),
     (143, "terminated (SIGTERM); a push keeps a checkpoint"),
     (141, "the reader of stdout went away (e.g. `restore IMAGE - | head`)"),

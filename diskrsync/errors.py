@@ -17,6 +17,9 @@ class DiskrsyncError(Exception):
     """Base of every error diskrsync reports to a user."""
 
     exit_code = 1
+    #: True when the other end of a push raised this and reported it to us (see
+    #: ``reported_error``): where both ends run in one process, the original is preferred.
+    relayed = False
 
     def __init__(self, message: str, *, exit_code: int | None = None) -> None:
         super().__init__(message)
@@ -104,10 +107,13 @@ def reported_error(kind: str, message: str) -> DiskrsyncError:
         return None
 
     cls = find(DiskrsyncError)
+    err: DiskrsyncError = PeerError(message)
     for category in (UsageError, BusyError, DataError):
         if cls is not None and issubclass(cls, category):
-            return category(message)
-    return PeerError(message)
+            err = category(message)
+            break
+    err.relayed = True
+    return err
 
 
 def stat_or_none(path: str, what: str) -> os.stat_result | None:

@@ -97,9 +97,11 @@ def local_push(src: str, dst: str, req: PushRequest,
         # let the target finish aborting: it keeps what arrived as a checkpoint (also on
         # Ctrl-C), so the next push resumes instead of starting over
         thread.join(60)
-        if isinstance(e, DiskrsyncError) and failure and isinstance(failure[0], DiskrsyncError):
-            raise failure[0] from None  # the target's own error says more than "peer: ..."
-        raise
+        theirs = failure[0] if failure else None
+        if isinstance(e, DiskrsyncError) and isinstance(theirs, DiskrsyncError) \
+                and not theirs.relayed:
+            raise theirs from None  # the target's own error says more than "target: ..."
+        raise  # ours, or the target only echoed it: its category (exit code) is the true one
     finally:
         reader.close()
     thread.join()

@@ -15,6 +15,11 @@ digest per chunk).
 
 When the source is an image with the target's geometry, its index already holds every digest:
 pages are compared without reading data at all, and differing chunks travel as stored.
+
+A read that fails (or comes back short: a disk returns the bytes before a bad sector and fails
+the next read) is split in halves down to the reader's sector, so exactly the unreadable
+sectors are found; with ``--ignore-read-errors`` they are sent as zeros and listed, otherwise
+the first one stops the push. The scan and the re-read for sending share that logic.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from diskrsync.compression import codec
 from diskrsync.compression.codec import Kind
 from diskrsync.compression.format import DEFAULT_CHUNK, DEFAULT_FANOUT
 from diskrsync.errors import (
+    CorruptChunkError,
     DiskrsyncError,
     LocalError,
     PeerError,
@@ -59,6 +65,7 @@ from diskrsync.synccore.merkle import (
 BATCH_CHUNKS = 32  # at most this many chunks read and hashed per worker task
 SCAN_WINDOW = 6  # batches in flight
 MAX_PENDING_PAGES = 256  # pages asked about or being sent; bounds the source's backlog
+SECTOR = 512  # the smallest unit a failing read of a disk is narrowed down to
 
 
 # -- what a source reads -----------------------------------------------------------------
@@ -69,8 +76,12 @@ class SourceReader:
 
     size: int
     description: str
+    #: a failing read is narrowed down to aligned pieces of this size, no smaller
+    sector: int = SECTOR
 
     def read(self, offset: int, length: int) -> bytes:
+        """Exactly ``length`` bytes; OSError (or CorruptChunkError for an image) when part of
+        them cannot be read."""
         raise NotImplementedError
 
     def index_for(self, chunk_size: int, fanout: int) -> Any:
@@ -108,12 +119,21 @@ class RawSource(SourceReader):
             os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
 
     def read(self, offset: int, length: int) -> bytes:
+        # a short read is continued where it stopped: a disk returns the bytes before a bad
+        # sector, and only the read that starts at it fails (OSError)
         data = os.pread(self.fd, length, offset)
-        if len(data) != length:
-            raise LocalError(
-                f"{self.description} shrank while being read (short read at offset {offset})"
-            )
-        return data
+        done = len(data)
+        if done == length:
+            return data
+        parts = [data]
+        while done < length:
+            part = os.pread(self.fd, length - done, offset + done)
+            if not part:
+                raise LocalError(f"{self.description} shrank while being read (it ends at "
+                                 f"offset {offset + done})")
+            parts.append(part)
+            done += len(part)
+        return b"".join(parts)
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -129,6 +149,7 @@ class SnapshotSource(SourceReader):
         self.size = snapshot.size
         self.description = description
         self._owner = owner
+        self.sector = snapshot.chunk_size  # a damaged chunk is unreadable as a whole
 
     def read(self, offset: int, length: int) -> bytes:
         data: bytes = self.snap.read(offset, length)
@@ -188,7 +209,7 @@ class PushStats:
     dry_run: bool = False
     differing_ranges: list[tuple[int, int]] = field(default_factory=list)
     source_changed_chunks: list[int] = field(default_factory=list)
-    read_errors: list[tuple[int, int]] = field(default_factory=list)
+    read_errors: list[tuple[int, int]] = field(default_factory=list)  # (offset, length), merged
     warnings: list[str] = field(default_factory=list)
 
 
@@ -284,6 +305,7 @@ class SourceSession:
             self.fail.check()
             root = self._root()
             self.stats.root_hash = root.hex()
+            self.stats.read_errors = merge_ranges(self.stats.read_errors)
             done_info = {
                 "dry_run": self.opts.dry_run,
                 "source_changed_chunks": len(self.stats.source_changed_chunks),
@@ -468,7 +490,9 @@ class SourceSession:
             kind, payload = stored
             self.ch.send(p.Chunk(c, kind, want, payload))
             return
-        data = self._read(c * self.cs, length)
+        bad: list[tuple[int, int]] = []
+        data = self._read_mapped(c * self.cs, length, bad)
+        self._record_bad(bad)
         if codec.is_zero(data):
             digest, kind, payload = zero_hash(length), int(Kind.ZERO), b""
         else:
@@ -485,12 +509,42 @@ class SourceSession:
         kind, payload = codec.encode(data)
         return int(kind), payload
 
-    def _read(self, offset: int, length: int) -> bytes:
+    def _record_bad(self, bad: list[tuple[int, int]]) -> None:
+        if bad:
+            with self._stats_lock:
+                self.stats.read_errors.extend(bad)
+
+    def _read_mapped(self, offset: int, length: int, bad: list[tuple[int, int]]) -> bytes:
+        """Bytes [offset, offset+length) of the source. A read that fails is split in two at
+        a sector boundary, down to single sectors, so exactly the unreadable ones are found:
+        with --ignore-read-errors they read as zeros and are added to ``bad`` (ascending,
+        adjacent ones merged); otherwise the first one stops the push, named by its offset."""
         try:
             return self.reader.read(offset, length)
+        except CorruptChunkError:
+            if not self.opts.ignore_read_errors:
+                raise  # names the damaged chunk of the image (exit 6)
+            error = errno.EIO
         except OSError as e:
-            raise LocalError(f"read error in {self.reader.description} at offset {offset}: "
-                             f"{os.strerror(e.errno or errno.EIO)}") from None
+            error = e.errno or errno.EIO
+        unit = self.reader.sector
+        end = offset + length
+        mid = (offset + length // 2) // unit * unit
+        if mid <= offset:
+            mid = (offset // unit + 1) * unit
+        if mid >= end:  # within one sector: this is what cannot be read
+            if not self.opts.ignore_read_errors:
+                raise LocalError(
+                    f"read error in {self.reader.description} at offset {offset}: "
+                    f"{os.strerror(error)} (--ignore-read-errors reads unreadable sectors as "
+                    f"zeros and lists them)")
+            if bad and bad[-1][0] + bad[-1][1] == offset:
+                bad[-1] = (bad[-1][0], bad[-1][1] + length)
+            else:
+                bad.append((offset, length))
+            return codec.zeros(length)
+        head = self._read_mapped(offset, mid - offset, bad)
+        return head + self._read_mapped(mid, end - mid, bad)
 
     # .. scanning ..
 
@@ -510,7 +564,7 @@ class SourceSession:
                 zero_bytes = sum(self.src.chunk_length(first + k)
                                  for k, z in enumerate(batch.zero) if z)
                 self.stats.zero_chunks += sum(batch.zero)
-                self.stats.read_errors.extend(batch.bad)
+                self._record_bad(batch.bad)
                 self.stats.bytes_read += length
                 self.stats.bytes_hashed += length - zero_bytes
                 if batch.encoded is not None:  # past the target's end: send as scanned
@@ -536,10 +590,7 @@ class SourceSession:
         send_now = first >= self.send_from
         bad: list[tuple[int, int]] = []
         start, stop = first * cs, min(last * cs, self.src.size)
-        try:
-            data = self.reader.read(start, stop - start)
-        except OSError:
-            data = self._read_salvaging(first, last, bad)
+        data = self._read_mapped(start, stop - start, bad)
         hashes: list[bytes] = []
         zero: list[bool] = []
         encoded: list[tuple[int, bytes] | None] | None = [] if send_now else None
@@ -558,24 +609,6 @@ class SourceSession:
             if encoded is not None:
                 encoded.append(self._encode(piece) if not self.opts.dry_run else (0, b""))
         return _Batch(first, hashes, zero, encoded, bad)
-
-    def _read_salvaging(self, first: int, last: int, bad: list[tuple[int, int]]) -> bytes:
-        """Read chunk by chunk to find the unreadable ones; zeros for them if allowed."""
-        parts = []
-        for c in range(first, last):
-            off, length = c * self.cs, self.src.chunk_length(c)
-            try:
-                parts.append(self.reader.read(off, length))
-            except OSError as e:
-                if not self.opts.ignore_read_errors:
-                    raise LocalError(
-                        f"read error in {self.reader.description} at offset {off}: "
-                        f"{os.strerror(e.errno or errno.EIO)} (--ignore-read-errors fills "
-                        f"unreadable chunks with zeros)"
-                    ) from None
-                bad.append((off, length))
-                parts.append(bytes(length))
-        return b"".join(parts)
 
     def _compare_by_index(self, index: Any) -> None:
         """Image source with the target's geometry: digests come from its index."""
@@ -597,6 +630,18 @@ class SourceSession:
 
 class _Stopped(Exception):
     """A worker noticed another thread failed; the real error is in _Failure."""
+
+
+def merge_ranges(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """(offset, length) ranges sorted, with overlapping and adjacent ones joined."""
+    out: list[tuple[int, int]] = []
+    for off, n in sorted(ranges):
+        if out and off <= out[-1][0] + out[-1][1]:
+            last = out[-1]
+            out[-1] = (last[0], max(last[0] + last[1], off + n) - last[0])
+        else:
+            out.append((off, n))
+    return out
 
 
 def _remote_error(msg: p.Error) -> DiskrsyncError:

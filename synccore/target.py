@@ -45,6 +45,7 @@ from diskrsync.errors import (
     PeerError,
     UsageError,
     from_oserror,
+    reported_error,
     stat_or_none,
 )
 from diskrsync.parallel import ordered_map
@@ -477,18 +478,20 @@ def serve_target(channel: Channel, opener: Callable[[p.Hello], TargetStore], *,
                 channel.send(result)
                 return result
             elif isinstance(m, p.Error):
-                raise PeerError(f"source: {m.message}")
+                raise reported_error(m.kind, f"source: {m.message}")  # keeps its category
             else:
                 raise PeerError(f"unexpected {type(m).__name__} from the source")
     except BaseException as e:
         with contextlib.suppress(Exception):  # the peer may be gone: then this just fails
             channel.send(p.Error(type(e).__name__, str(e)))
         if store is not None and not committed:
-            # keep what arrived when the link broke, so the next push resumes from it
-            if verifier is not None and isinstance(e, PeerError):
+            # keep what arrived when the link broke or the source gave up, so the next push
+            # resumes from it
+            peer = isinstance(e, PeerError) or (isinstance(e, DiskrsyncError) and e.relayed)
+            if verifier is not None and peer:
                 with contextlib.suppress(Exception):
                     verifier.drain()
-            store.abort(save=isinstance(e, PeerError))
+            store.abort(save=peer)
         raise
     finally:
         if verifier is not None:

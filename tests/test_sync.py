@@ -231,7 +231,7 @@ class FailingSource(RawSource):
         self.bad = bad
 
     def read(self, offset: int, length: int) -> bytes:
-        if any(o in self.bad for o in range(offset, offset + length, CS)):
+        if offset < self.bad.stop and self.bad.start < offset + length:
             raise OSError(errno.EIO, "Input/output error")
         return super().read(offset, length)
 
@@ -269,11 +269,82 @@ def test_read_errors_name_the_offset_or_become_zeros(tmp_path):
     assert Image.open(str(dst)).generations() == []  # nothing committed
     stats = _push_reader(FailingSource(str(src), bad), dst,
                          SourceOptions(chunk_size=CS, ignore_read_errors=True))
-    assert stats.read_errors == [(20 * CS, CS), (21 * CS, CS)]
+    assert stats.read_errors == [(20 * CS, 2 * CS)]
     expect = data[: 20 * CS] + bytes(2 * CS) + data[22 * CS :]
     assert current(dst) == expect
-    assert Image.open(str(dst)).generations()[-1].meta["read_errors"] == [
-        [20 * CS, CS], [21 * CS, CS]]
+    assert Image.open(str(dst)).generations()[-1].meta["read_errors"] == [[20 * CS, 2 * CS]]
+
+
+class BadSectors:
+    """``os.pread`` of one file as a disk with bad bytes answers it: a read that starts on a bad
+    byte fails with EIO, one that reaches one returns the bytes before it (a short read, as the
+    kernel reports a bad sector inside a large read). Other files read normally."""
+
+    def __init__(self, path, bad: list[tuple[int, int]]) -> None:
+        self.path, self.bad, self.real = str(path), bad, os.pread
+
+    def __call__(self, fd: int, length: int, offset: int) -> bytes:
+        if os.readlink(f"/proc/self/fd/{fd}") == self.path:
+            for off, n in self.bad:
+                if off <= offset < off + n:
+                    raise OSError(errno.EIO, "Input/output error")
+                if offset < off < offset + length:
+                    length = off - offset
+        return self.real(fd, length, offset)
+
+
+def test_bad_sectors_are_mapped_exactly_in_scan_and_resend(tmp_path, monkeypatch):
+    """A bad sector inside a big read comes back short, not as an error: the source keeps
+    reading, narrows failing reads down to 512-byte sectors and reports exactly those, in the
+    first push and in a later one that re-reads a changed chunk holding bad sectors."""
+    src, dst = tmp_path / "s", tmp_path / "d.spgz"
+    data = bytearray(os.urandom(CS * 64))
+    src.write_bytes(data)
+    bad = [(5 * CS + 1536, 1024), (20 * CS - 512, 1536), (40 * CS + 100, 10)]
+    mapped = [(5 * CS + 1536, 1024), (20 * CS - 512, 1536), (40 * CS, 512)]  # whole sectors
+
+    def blanked(content: bytes) -> bytes:
+        out = bytearray(content)
+        for off, n in mapped:
+            out[off : off + n] = bytes(n)
+        return bytes(out)
+
+    def push(opts: SourceOptions):
+        reader = RawSource(str(src))
+        monkeypatch.setattr(os, "pread", BadSectors(src, bad))
+        try:
+            return _push_reader(reader, dst, opts)
+        finally:
+            monkeypatch.undo()
+            reader.close()
+
+    with pytest.raises(LocalError, match=f"at offset {5 * CS + 1536}: .*--ignore-read-errors"):
+        push(SourceOptions(chunk_size=CS))
+    ignore = SourceOptions(chunk_size=CS, ignore_read_errors=True)
+    stats = push(ignore)
+    assert stats.read_errors == mapped
+    assert current(dst) == blanked(data)
+    # the next push re-reads chunk 5 (changed outside its bad sectors) for sending
+    data[5 * CS : 5 * CS + 8] = b"changed!"
+    data[50 * CS : 50 * CS + 8] = b"changed!"
+    src.write_bytes(data)
+    stats = push(ignore)
+    assert stats.read_errors == mapped
+    assert stats.differing_ranges == [(5 * CS, CS), (50 * CS, CS)]
+    assert stats.source_changed_chunks == []
+    assert current(dst) == blanked(data)
+    assert Image.open(str(dst)).generations()[-1].meta["read_errors"] == [list(r) for r in mapped]
+
+
+def test_local_push_exits_with_the_sources_own_error(tmp_path, monkeypatch):
+    """Both ends run in one process: the source's read error (ours, exit 3), not the target's
+    echo of it ("source: ...", which used to make it exit 5 as if the other end had failed)."""
+    src, dst = tmp_path / "s", tmp_path / "d.spgz"
+    src.write_bytes(os.urandom(CS * 16))
+    monkeypatch.setattr(os, "pread", BadSectors(src, [(3 * CS + 512, 512)]))
+    with pytest.raises(LocalError, match=f"read error in {src} at offset {3 * CS + 512}") as exc:
+        local_push(str(src), str(dst), REQ)
+    assert exc.value.exit_code == 3 and not exc.value.relayed
 
 
 def test_dry_run_changes_nothing_and_reports(tmp_path):

@@ -1,0 +1,244 @@
+"""What a push does when its source cannot be trusted or read, through the real CLI, locally
+and over SSH: a damaged SPGZ0001 source stops the push with exit 6; bad sectors of a disk (a
+FUSE file failing at chosen bytes) are found down to the 512-byte sector and either stop the
+push with exit 3 or, with ``--ignore-read-errors``, are stored as zeros, listed, and end in
+exit 11.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shlex
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from support.paths import VECTORS
+from support.sshd import SshServer
+
+from diskrsync.compression.codec import Kind
+from diskrsync.compression.image import Image
+from diskrsync.compression.spgz import HEADER_SIZE, SpgzImage
+from diskrsync.errors import EXIT_READ_ERRORS_IGNORED
+
+CS = 16 * 1024
+REPO = Path(__file__).resolve().parents[1]
+
+
+# -- helpers ---------------------------------------------------------------------------------
+
+
+def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "diskrsync.cli", *args], capture_output=True,
+                          text=True, timeout=120, env=env)
+
+
+def failed(res: subprocess.CompletedProcess[str], code: int, *needles: str) -> str:
+    """A clean failure with exit ``code``: one ``diskrsync:`` line on stderr, no traceback."""
+    assert "Traceback" not in res.stderr, res.stderr
+    assert res.returncode == code, res.stderr
+    lines = [ln for ln in res.stderr.splitlines() if ln.startswith("diskrsync: ")]
+    assert len(lines) == 1, res.stderr
+    for n in needles:
+        assert n in lines[0], lines[0]
+    return lines[0]
+
+
+def disk(seed: int, chunks: int) -> bytes:
+    """Random, compressible text and zero chunks in turn (stored raw, zstd and as nothing)."""
+    rnd = random.Random(seed)
+    parts = []
+    for c in range(chunks):
+        kind = c % 3
+        if kind == 0:
+            parts.append(rnd.randbytes(CS))
+        elif kind == 1:
+            parts.append((f"{seed} chunk {c} ".encode() * CS)[:CS])
+        else:
+            parts.append(bytes(CS))
+    return b"".join(parts)
+
+
+def changed(data: bytes, chunks: list[int], cs: int = CS) -> bytes:
+    out = bytearray(data)
+    for c in chunks:
+        out[c * cs : c * cs + 8] = b"CHANGED!"
+    return bytes(out)
+
+
+def image_of(path: Path, data: bytes, tmp: Path, chunk_size: int = CS) -> Path:
+    raw = tmp / f"{path.name}.raw"
+    raw.write_bytes(data)
+    res = cli("push", "-q", "--chunk-size", str(chunk_size), str(raw), str(path))
+    assert res.returncode == 0, res.stderr
+    raw.unlink()
+    return path
+
+
+def restored(image: Path) -> bytes:
+    out = image.with_name(image.name + ".restored")
+    res = cli("restore", "-q", str(image), str(out))
+    assert res.returncode == 0, res.stderr
+    data = out.read_bytes()
+    out.unlink()
+    return data
+
+
+def generations(image: Path) -> list[int]:
+    with Image.open(str(image)) as img:
+        return [g.number for g in img.generations()]
+
+
+def damage_chunk(image: Path, kind: Kind, first: int = 0) -> int:
+    """Flip a byte in the middle of the first stored chunk of ``kind`` from chunk ``first``."""
+    with Image.open(str(image)) as img, img.snapshot() as snap:
+        victim = next(c for c in range(first, snap.chunk_count)
+                      if snap.tree.entry(c).kind == kind)
+        e = snap.tree.entry(victim)
+    with open(image, "r+b") as f:
+        f.seek(e.offset + e.length // 2)
+        byte = f.read(1)[0]
+        f.seek(e.offset + e.length // 2)
+        f.write(bytes([byte ^ 0x40]))
+    return victim
+
+
+# -- SSH --------------------------------------------------------------------------------------
+
+
+def remote_cmd() -> str:
+    exe = REPO / ".venv" / "bin" / "diskrsync"
+    return str(exe) if exe.exists() else f"{shlex.quote(sys.executable)} -m diskrsync.cli"
+
+
+@pytest.fixture(scope="module")
+def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SshServer]:
+    with SshServer(tmp_path_factory.mktemp("sshd")) as s:
+        s.write_known_hosts()
+        yield s
+
+
+class Ssh:
+    """Runs ``diskrsync push`` with an ssh_config naming the server ``testhost``."""
+
+    def __init__(self, srv: SshServer, tmp: Path) -> None:
+        home = tmp / "home"
+        (home / ".ssh").mkdir(parents=True)
+        self.config = srv.write_ssh_config(tmp / "ssh_config",
+                                           UserKnownHostsFile=str(srv.known_hosts))
+        self.env = {k: v for k, v in os.environ.items() if k != "SSH_AUTH_SOCK"}
+        self.env["HOME"] = str(home)
+
+    def push(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return cli("push", *args, "-F", str(self.config), "--remote-cmd", remote_cmd(),
+                   env=self.env)
+
+
+@pytest.fixture
+def ssh(srv: SshServer, tmp_path: Path) -> Ssh:
+    return Ssh(srv, tmp_path)
+
+
+# -- a damaged SPGZ0001 file as the source ----------------------------------------------------
+
+
+@pytest.fixture
+def damaged_spgz(tmp_path: Path) -> tuple[Path, int, int]:
+    """A copy of a Go vector with one byte of a gzip block flipped: (path, block, offset)."""
+    vector = VECTORS / "a_mixed_1m.spgzc.spgz"
+    if not vector.exists():
+        pytest.skip(f"{vector} is missing (see tests/support/paths.py)")
+    path = tmp_path / "go.spgz"
+    shutil.copyfile(vector, path)
+    with SpgzImage.open(str(path)) as img:
+        bs = img.block_size
+    blob = bytearray(path.read_bytes())
+    block = next(n for n in range(1, 8) if blob[HEADER_SIZE + n * (bs + 1)] == 1)
+    blob[HEADER_SIZE + block * (bs + 1) + 1 + 40] ^= 0x10  # inside the deflate data
+    path.write_bytes(bytes(blob))
+    return path, block, block * bs
+
+
+def test_damaged_spgz_source_exits_6(tmp_path: Path,
+                                     damaged_spgz: tuple[Path, int, int]) -> None:
+    path, block, offset = damaged_spgz
+    dst = tmp_path / "new.spgz"
+    failed(cli("push", str(path), str(dst)), 6, f"corrupt chunk {block} at offset {offset}")
+    assert not dst.exists() or generations(dst) == []
+
+
+@pytest.mark.ssh
+def test_damaged_spgz_source_over_ssh_exits_6(ssh: Ssh, tmp_path: Path,
+                                              damaged_spgz: tuple[Path, int, int]) -> None:
+    path, block, offset = damaged_spgz
+    failed(ssh.push(str(path), f"testhost:{tmp_path / 'new.spgz'}"), 6,
+           f"corrupt chunk {block} at offset {offset}")
+
+
+# -- a disk with bad sectors (a FUSE file failing at chosen bytes) ---------------------------
+
+BIG = 128 * 1024  # the default chunk size: the scan reads 4 MiB at a time
+BAD = [(BIG + 4608, 1024), (10 * BIG - 512, 1024), (40 * BIG + 1000, 1)]
+MAPPED = [[BIG + 4608, 1024], [10 * BIG - 512, 1024], [40 * BIG + 512, 512]]  # whole sectors
+
+
+def blanked(data: bytes) -> bytes:
+    out = bytearray(data)
+    for off, n in MAPPED:
+        out[off : off + n] = bytes(n)
+    return bytes(out)
+
+
+@pytest.fixture
+def bad_disk(tmp_path: Path) -> Iterator[Any]:
+    if not os.path.exists("/dev/fuse") or not shutil.which("fusermount3"):
+        pytest.skip("needs /dev/fuse and fusermount3")
+    from support.baddisk import BadDisk
+
+    data = random.Random(3).randbytes(64 * BIG)
+    with BadDisk(tmp_path, data, BAD) as d:
+        d.data = data
+        yield d
+
+
+def _bad_sector_pushes(bad_disk: Any, push: Any, dst: str, image: Path) -> None:
+    """Without --ignore-read-errors: exit 3 naming the first bad sector, nothing committed.
+    With it: exactly the bad sectors listed and stored as zeros, in a first push and in an
+    incremental one that re-reads a changed chunk holding a bad sector (exit 11 each)."""
+    src = str(bad_disk.path)
+    failed(push(src, dst), 3, f"read error in {src} at offset {BIG + 4608}",
+           "--ignore-read-errors")
+    assert not image.exists() or generations(image) == []
+    for round_ in range(2):
+        if round_:
+            bad_disk.data = changed(bad_disk.data, [1, 50], BIG)
+            bad_disk.write(bad_disk.data)
+        res = push("--json", "--ignore-read-errors", src, dst)
+        assert res.returncode == EXIT_READ_ERRORS_IGNORED, res.stderr
+        stats = json.loads(res.stdout)
+        assert stats["read_errors"] == MAPPED
+        assert stats["source_changed_chunks"] == []
+        if round_:
+            assert stats["differing_ranges"] == [[BIG, BIG], [50 * BIG, BIG]]
+        assert "3 unreadable range(s) stored as zeros" in res.stderr
+        assert restored(image) == blanked(bad_disk.data)
+    assert generations(image) == [1, 2]
+
+
+@pytest.mark.fuse
+def test_bad_sectors_local_push(bad_disk: Any, tmp_path: Path) -> None:
+    image = tmp_path / "backup.spgz"
+    _bad_sector_pushes(bad_disk, lambda *a: cli("push", *a), str(image), image)
+
+
+@pytest.mark.fuse
+@pytest.mark.ssh
+def test_bad_sectors_push_over_ssh(bad_disk: Any, ssh: Ssh, tmp_path: Path) -> None:
+    image = tmp_path / "remote.spgz"
+    _bad_sector_pushes(bad_disk, ssh.push, f"testhost:{image}", image)
