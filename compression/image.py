@@ -581,15 +581,13 @@ class Snapshot:
         return self.tree.entry(index).kind == Kind.ZERO
 
     def read_stored(self, index: int) -> tuple[Kind, bytes]:
-        """The chunk as stored (for sending it on without recompressing)."""
+        """The chunk as stored (for sending it on without recompressing), once it has been
+        decoded and matched its hash: a push out of a damaged image never passes bad bytes on."""
         e = self.tree.entry(index)
         if e.kind == Kind.ZERO:
             return Kind.ZERO, b""
-        try:
-            return e.kind, _pread_exact(self._fd, e.length, e.offset, f"chunk {index}")
-        except DataError:
-            offset = index * self.chunk_size
-            raise CorruptChunkError(index, offset, "stored bytes missing") from None
+        length = self.tree.shape.chunk_length(index)
+        return e.kind, read_checked(self._fd, index, e, length, self.chunk_size)[0]
 
     def read_chunk(self, index: int) -> bytes:
         e = self.tree.entry(index)
@@ -615,6 +613,12 @@ class Snapshot:
 
 def decode_checked(fd: int, index: int, e: Entry, length: int, chunk_size: int) -> bytes:
     """Read, decode and hash-check one stored chunk; wrong bytes never leave this function."""
+    return read_checked(fd, index, e, length, chunk_size)[1]
+
+
+def read_checked(fd: int, index: int, e: Entry, length: int,
+                 chunk_size: int) -> tuple[bytes, bytes]:
+    """One stored chunk as (stored bytes, decoded bytes), both only once they hash right."""
     from diskrsync.synccore.merkle import leaf_hash
 
     try:
@@ -625,7 +629,7 @@ def decode_checked(fd: int, index: int, e: Entry, length: int, chunk_size: int) 
         raise CorruptChunkError(index, index * chunk_size, detail) from None
     if leaf_hash(data) != e.hash:
         raise CorruptChunkError(index, index * chunk_size)
-    return data
+    return stored, data
 
 
 class Transaction:

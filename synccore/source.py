@@ -14,7 +14,9 @@ bounded, so memory does not grow with the link's speed or the disk's size (bar 3
 digest per chunk).
 
 When the source is an image with the target's geometry, its index already holds every digest:
-pages are compared without reading data at all, and differing chunks travel as stored.
+pages are compared without reading data at all, and differing chunks travel as stored, each
+decoded and checked against its digest first (on the sender pool), so a damaged image stops the
+push instead of passing its bad bytes on.
 
 A read that fails (or comes back short: a disk returns the bytes before a bad sector and fails
 the next read) is split in halves down to the reader's sector, so exactly the unreadable
@@ -89,8 +91,9 @@ class SourceReader:
         can answer digests from an index for that geometry, else None."""
         return None
 
-    def read_stored(self, index: int) -> tuple[int, bytes] | None:
-        """The chunk in stored form (kind, bytes) when it can be sent without re-encoding."""
+    def read_stored(self, index: int, chunk_size: int) -> tuple[int, bytes] | None:
+        """Chunk ``index`` of ``chunk_size`` in stored form (kind, bytes) when it can be sent
+        without re-encoding, checked against its digest (CorruptChunkError if it fails)."""
         return None
 
     def close(self) -> None:
@@ -162,11 +165,13 @@ class SnapshotSource(SourceReader):
             return tree
         return None
 
-    def read_stored(self, index: int) -> tuple[int, bytes] | None:
-        if hasattr(self.snap, "read_stored"):
-            kind, data = self.snap.read_stored(index)
-            return int(kind), data
-        return None
+    def read_stored(self, index: int, chunk_size: int) -> tuple[int, bytes] | None:
+        # only an image with the push's chunk size holds the chunk as one stored piece; it
+        # decodes and hash-checks it before handing it out
+        if self.snap.chunk_size != chunk_size or not hasattr(self.snap, "read_stored"):
+            return None
+        kind, data = self.snap.read_stored(index)
+        return int(kind), data
 
     def close(self) -> None:
         self.snap.close()
@@ -485,7 +490,14 @@ class SourceSession:
             return
         length = self.src.chunk_length(c)
         want = self._leaf(c)
-        stored = self.reader.read_stored(c)
+        try:
+            stored = self.reader.read_stored(c, self.cs)  # decoded and checked on this thread
+        except CorruptChunkError:
+            if not self.opts.ignore_read_errors:
+                raise
+            self._record_bad([(c * self.cs, length)])  # a damaged chunk of an image: zeros
+            self._leaves[c * HASH_SIZE : (c + 1) * HASH_SIZE] = want = zero_hash(length)
+            stored = int(Kind.ZERO), b""
         if stored is not None:
             kind, payload = stored
             self.ch.send(p.Chunk(c, kind, want, payload))

@@ -1,8 +1,8 @@
 """What a push does when its source cannot be trusted or read, through the real CLI, locally
-and over SSH: a damaged SPGZ0001 source stops the push with exit 6; bad sectors of a disk (a
-FUSE file failing at chosen bytes) are found down to the 512-byte sector and either stop the
-push with exit 3 or, with ``--ignore-read-errors``, are stored as zeros, listed, and end in
-exit 11.
+and over SSH: a damaged image or SPGZ0001 source stops the push with exit 6 before a wrong byte
+reaches the target; bad sectors of a disk (a FUSE file failing at chosen bytes) are found
+down to the 512-byte sector and either stop the push with exit 3 or, with
+``--ignore-read-errors``, are stored as zeros, listed, and end in exit 11.
 """
 
 from __future__ import annotations
@@ -143,6 +143,114 @@ class Ssh:
 @pytest.fixture
 def ssh(srv: SshServer, tmp_path: Path) -> Ssh:
     return Ssh(srv, tmp_path)
+
+
+# -- a damaged image as the source (stored chunks travel as they are) -------------------------
+
+
+@pytest.fixture
+def damaged(tmp_path: Path) -> tuple[Path, bytes, bytes, int]:
+    """A source image with one damaged chunk, its data, and the older data a target holds:
+    chunk 1 and the damaged chunk differ, so both are sent (chunk 1 first)."""
+    data = disk(1, 48)
+    src = image_of(tmp_path / "src.spgz", data, tmp_path)
+    victim = damage_chunk(src, Kind.ZSTD, first=20)
+    return src, data, changed(data, [1, victim]), victim
+
+
+@pytest.mark.parametrize("kind", [Kind.RAW, Kind.ZSTD])
+def test_damaged_image_source_never_reaches_an_image_target(tmp_path: Path, kind: Kind) -> None:
+    data = disk(1, 48)
+    src = image_of(tmp_path / "src.spgz", data, tmp_path)
+    victim = damage_chunk(src, kind, first=20)
+    old = changed(data, [1, victim])
+    dst = image_of(tmp_path / "copy.spgz", old, tmp_path)
+    failed(cli("push", str(src), str(dst)), 6,
+           f"corrupt chunk {victim} at offset {victim * CS}")
+    assert generations(dst) == [1]  # nothing committed
+    assert restored(dst) == old
+    res = cli("verify", str(dst))
+    assert res.returncode == 0, res.stdout  # the checkpoint holds only good chunks
+
+
+def test_damaged_image_source_never_reaches_a_raw_target(
+        tmp_path: Path, damaged: tuple[Path, bytes, bytes, int]) -> None:
+    src, _, old, victim = damaged
+    dst = tmp_path / "copy.raw"
+    dst.write_bytes(old)
+    failed(cli("push", "--no-compress", str(src), str(dst)), 6,
+           f"corrupt chunk {victim} at offset {victim * CS}")
+    assert dst.read_bytes()[victim * CS : (victim + 1) * CS] == old[victim * CS :
+                                                                       (victim + 1) * CS]
+
+
+@pytest.mark.root
+def test_damaged_image_source_never_reaches_a_block_device(
+        tmp_path: Path, damaged: tuple[Path, bytes, bytes, int]) -> None:
+    """The README's "restore writing only what differs": push IMAGE /dev/sdX."""
+    if os.geteuid() != 0 or not shutil.which("losetup"):
+        pytest.skip("needs root and losetup")
+    src, _, old, victim = damaged
+    backing = tmp_path / "device.raw"
+    backing.write_bytes(old)
+    attach = subprocess.run(["losetup", "-f", "--show", str(backing)], capture_output=True,
+                            text=True)
+    if attach.returncode:
+        pytest.skip(f"no loop device: {attach.stderr.strip()}")
+    dev = attach.stdout.strip()
+    try:
+        failed(cli("push", str(src), dev), 6, f"corrupt chunk {victim} at offset {victim * CS}")
+        with open(dev, "rb") as f:
+            f.seek(victim * CS)
+            assert f.read(CS) == old[victim * CS : (victim + 1) * CS]
+    finally:
+        subprocess.run(["losetup", "-d", dev], capture_output=True, check=False)
+
+
+def test_damaged_image_chunk_with_ignore_read_errors_is_a_listed_read_error(
+        tmp_path: Path, damaged: tuple[Path, bytes, bytes, int]) -> None:
+    src, data, old, victim = damaged
+    dst = image_of(tmp_path / "copy.spgz", old, tmp_path)
+    res = cli("push", "--json", "--ignore-read-errors", str(src), str(dst))
+    assert res.returncode == EXIT_READ_ERRORS_IGNORED, res.stderr
+    stats = json.loads(res.stdout)
+    assert stats["read_errors"] == [[victim * CS, CS]]
+    assert f"{victim * CS}+{CS}" in res.stderr
+    expect = bytearray(data)
+    expect[victim * CS : (victim + 1) * CS] = bytes(CS)
+    assert restored(dst) == bytes(expect)
+    with Image.open(str(dst)) as img:
+        assert img.generations()[-1].meta["read_errors"] == [[victim * CS, CS]]
+
+
+def test_image_source_with_another_chunk_size_sends_the_right_chunks(tmp_path: Path) -> None:
+    """An image source whose chunks are bigger than the target's: its stored chunk N is not the
+    target's chunk N (it used to be sent as such, exit 0, a target failing verify)."""
+    data = disk(2, 48)
+    src = image_of(tmp_path / "src.spgz", data, tmp_path, chunk_size=2 * CS)
+    dst = image_of(tmp_path / "copy.spgz", changed(data, [1, 30]), tmp_path)
+    res = cli("push", "--json", str(src), str(dst))
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["chunks_differing"] == 2
+    assert restored(dst) == data
+    assert cli("verify", str(dst)).returncode == 0
+    # damaged, it is read (and checked) chunk by chunk: exit 6 naming the image's chunk
+    victim = damage_chunk(src, Kind.ZSTD, first=10)
+    failed(cli("push", str(src), str(dst)), 6, f"corrupt chunk {victim} at offset "
+                                               f"{victim * 2 * CS}")
+
+
+@pytest.mark.ssh
+def test_damaged_image_source_over_ssh(ssh: Ssh, tmp_path: Path,
+                                       damaged: tuple[Path, bytes, bytes, int]) -> None:
+    src, _, old, victim = damaged
+    dst = image_of(tmp_path / "copy.spgz", old, tmp_path)
+    failed(ssh.push(str(src), f"testhost:{dst}"), 6,
+           f"corrupt chunk {victim} at offset {victim * CS}")
+    assert generations(dst) == [1]
+    # pulled by the backup server: the remote source's error keeps its category
+    failed(ssh.push(f"testhost:{src}", str(tmp_path / "pulled.spgz")), 6,
+           f"corrupt chunk {victim} at offset {victim * CS}")
 
 
 # -- a damaged SPGZ0001 file as the source ----------------------------------------------------
