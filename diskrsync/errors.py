@@ -43,6 +43,16 @@ class LocalError(DiskrsyncError):
     exit_code = 3
 
 
+class ReadError(LocalError):
+    """Bytes of a source disk cannot be read (an I/O error, e.g. a bad sector at ``offset``);
+    a push narrows it down to sectors and, with --ignore-read-errors, reads them as zeros."""
+
+    def __init__(self, path: str, offset: int, code: int) -> None:
+        super().__init__(f"read error in {path} at offset {offset}: {os.strerror(code)}")
+        self.offset = offset
+        self.errno = code
+
+
 class BusyError(LocalError):
     """Another process holds the lock we need (a second writer of one image)."""
 

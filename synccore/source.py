@@ -48,6 +48,7 @@ from diskrsync.errors import (
     DiskrsyncError,
     LocalError,
     PeerError,
+    ReadError,
     UsageError,
     from_oserror,
     reported_error,
@@ -82,8 +83,8 @@ class SourceReader:
     sector: int = SECTOR
 
     def read(self, offset: int, length: int) -> bytes:
-        """Exactly ``length`` bytes; OSError (or CorruptChunkError for an image) when part of
-        them cannot be read."""
+        """Exactly ``length`` bytes; ReadError or OSError (CorruptChunkError for an image) when
+        part of them cannot be read."""
         raise NotImplementedError
 
     def index_for(self, chunk_size: int, fanout: int) -> Any:
@@ -123,20 +124,26 @@ class RawSource(SourceReader):
 
     def read(self, offset: int, length: int) -> bytes:
         # a short read is continued where it stopped: a disk returns the bytes before a bad
-        # sector, and only the read that starts at it fails (OSError)
-        data = os.pread(self.fd, length, offset)
+        # sector, and only the read that starts at it fails (ReadError)
+        data = self._pread(length, offset)
         done = len(data)
         if done == length:
             return data
         parts = [data]
         while done < length:
-            part = os.pread(self.fd, length - done, offset + done)
+            part = self._pread(length - done, offset + done)
             if not part:
                 raise LocalError(f"{self.description} shrank while being read (it ends at "
                                  f"offset {offset + done})")
             parts.append(part)
             done += len(part)
         return b"".join(parts)
+
+    def _pread(self, length: int, offset: int) -> bytes:
+        try:
+            return os.pread(self.fd, length, offset)
+        except OSError as e:
+            raise ReadError(self.description, offset, e.errno or errno.EIO) from None
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -537,7 +544,7 @@ class SourceSession:
             if not self.opts.ignore_read_errors:
                 raise  # names the damaged chunk of the image (exit 6)
             error = errno.EIO
-        except OSError as e:
+        except (ReadError, OSError) as e:
             error = e.errno or errno.EIO
         unit = self.reader.sector
         end = offset + length

@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from support.causal import causal_pair
 
 from diskrsync.compression.image import Image
-from diskrsync.errors import BusyError, LocalError, PeerError, UsageError
+from diskrsync.errors import BusyError, LocalError, PeerError, ReadError, UsageError
 from diskrsync.synccore import protocol as p
 from diskrsync.synccore.channel import FdStream, FramedChannel, delayed_pair
 from diskrsync.synccore.merkle import leaf_hash, tree_root
@@ -334,6 +334,24 @@ def test_bad_sectors_are_mapped_exactly_in_scan_and_resend(tmp_path, monkeypatch
     assert stats.source_changed_chunks == []
     assert current(dst) == blanked(data)
     assert Image.open(str(dst)).generations()[-1].meta["read_errors"] == [list(r) for r in mapped]
+
+
+def test_raw_source_reads_on_after_a_short_read_and_names_the_bad_offset(tmp_path, monkeypatch):
+    """Every user of RawSource (the --legacy paths too) gets the bytes before a bad sector and a
+    one-line ReadError (exit 3) at its offset, never "shrank" and never a bare OSError."""
+    src = tmp_path / "s"
+    data = os.urandom(CS * 4)
+    src.write_bytes(data)
+    reader = RawSource(str(src))
+    monkeypatch.setattr(os, "pread", BadSectors(src, [(CS + 5000, 1)]))
+    try:
+        assert reader.read(0, CS + 5000) == data[: CS + 5000]
+        with pytest.raises(ReadError, match=f"read error in {src} at offset {CS + 5000}: ") as exc:
+            reader.read(CS, CS)
+        assert exc.value.exit_code == 3
+    finally:
+        monkeypatch.undo()
+        reader.close()
 
 
 def test_local_push_exits_with_the_sources_own_error(tmp_path, monkeypatch):
