@@ -14,11 +14,12 @@ import shlex
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from support.baddisk import BadDisk
 from support.paths import VECTORS
 from support.sshd import SshServer
 
@@ -304,18 +305,15 @@ def blanked(data: bytes) -> bytes:
 
 
 @pytest.fixture
-def bad_disk(tmp_path: Path) -> Iterator[Any]:
+def bad_disk(tmp_path: Path) -> Iterator[BadDisk]:
     if not os.path.exists("/dev/fuse") or not shutil.which("fusermount3"):
         pytest.skip("needs /dev/fuse and fusermount3")
-    from support.baddisk import BadDisk
-
-    data = random.Random(3).randbytes(64 * BIG)
-    with BadDisk(tmp_path, data, BAD) as d:
-        d.data = data
+    with BadDisk(tmp_path, random.Random(3).randbytes(64 * BIG), BAD) as d:
         yield d
 
 
-def _bad_sector_pushes(bad_disk: Any, push: Any, dst: str, image: Path) -> None:
+def _bad_sector_pushes(bad_disk: BadDisk, push: Callable[..., Any], dst: str,
+                       image: Path) -> None:
     """Without --ignore-read-errors: exit 3 naming the first bad sector, nothing committed.
     With it: exactly the bad sectors listed and stored as zeros, in a first push and in an
     incremental one that re-reads a changed chunk holding a bad sector (exit 11 each)."""
@@ -325,8 +323,7 @@ def _bad_sector_pushes(bad_disk: Any, push: Any, dst: str, image: Path) -> None:
     assert not image.exists() or generations(image) == []
     for round_ in range(2):
         if round_:
-            bad_disk.data = changed(bad_disk.data, [1, 50], BIG)
-            bad_disk.write(bad_disk.data)
+            bad_disk.write(changed(bad_disk.data, [1, 50], BIG))
         res = push("--json", "--ignore-read-errors", src, dst)
         assert res.returncode == EXIT_READ_ERRORS_IGNORED, res.stderr
         stats = json.loads(res.stdout)
@@ -340,13 +337,13 @@ def _bad_sector_pushes(bad_disk: Any, push: Any, dst: str, image: Path) -> None:
 
 
 @pytest.mark.fuse
-def test_bad_sectors_local_push(bad_disk: Any, tmp_path: Path) -> None:
+def test_bad_sectors_local_push(bad_disk: BadDisk, tmp_path: Path) -> None:
     image = tmp_path / "backup.spgz"
     _bad_sector_pushes(bad_disk, lambda *a: cli("push", *a), str(image), image)
 
 
 @pytest.mark.fuse
 @pytest.mark.ssh
-def test_bad_sectors_push_over_ssh(bad_disk: Any, ssh: Ssh, tmp_path: Path) -> None:
+def test_bad_sectors_push_over_ssh(bad_disk: BadDisk, ssh: Ssh, tmp_path: Path) -> None:
     image = tmp_path / "remote.spgz"
     _bad_sector_pushes(bad_disk, ssh.push, f"testhost:{image}", image)

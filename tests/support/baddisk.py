@@ -133,6 +133,8 @@ class BadDisk:
             raise RuntimeError(f"baddisk did not mount: {self.log.read_text()[-2000:]}")
 
     def write(self, data: bytes) -> None:
+        """Serve ``data`` from now on (also kept as ``self.data``)."""
+        self.data = data
         self.backing.write_bytes(data)
 
     def set_bad(self, bad: list[tuple[int, int]]) -> None:
