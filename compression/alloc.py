@@ -63,6 +63,16 @@ class FreeSpace:
         self.end = off + length
         return off
 
+    def allocate_aligned(self, length: int, align: int) -> int:
+        """Like ``allocate``, but the extent starts at a multiple of ``align`` and covers whole
+        blocks of ``align`` bytes: no other extent of this map shares a block with it."""
+        span = -(-length // align) * align
+        off = self.allocate(span + align - 1)
+        start = -(-off // align) * align
+        self.release(off, start - off)
+        self.release(start + span, off + span + align - 1 - (start + span))
+        return start
+
     def release(self, off: int, length: int) -> None:
         """Give an extent back, merging it with free neighbours."""
         if length <= 0:

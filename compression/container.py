@@ -31,12 +31,13 @@ def sniff(path: str) -> str | None:
     return None
 
 
-def open_image(path: str) -> Image | SpgzImage:
-    """The container at ``path``; a clear error for anything that is not one."""
+def open_image(path: str, *, accept_loss: bool = False) -> Image | SpgzImage:
+    """The container at ``path``; a clear error for anything that is not one.
+    ``accept_loss``: see ``Image.open``."""
     path = os.fspath(path)
     kind = sniff(path)
     if kind == "image":
-        return Image.open(path)
+        return Image.open(path, accept_loss=accept_loss)
     if kind == "spgz":
         return SpgzImage.open(path)
     raise DataError(f"{path} is not a diskrsync image or SPGZ0001 file")

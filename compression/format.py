@@ -25,6 +25,10 @@ SLOT_SIZE = 4096
 WRITER_SLOT = 8192  # informational: who holds the writer lock (for the "busy" message)
 DATA_START = 12288  # chunks, pages and generation tables live from here on
 CHECKSUM_SIZE = 16
+SECTOR = 4096  # a generation table copy owns whole sectors: one bad sector never hits both
+# superblock flag: this commit was written to both slots, each naming its own table copy
+# (older diskrsync versions ignore flags, so the images stay readable and writable by them)
+FLAG_MIRRORED = 1
 
 # u16 version, u16 flags, u32 chunk size, u32 fanout, u32 reserved, u64 commit counter,
 # u64 table offset, u32 table length, 16-byte table checksum
@@ -47,7 +51,7 @@ def checksum(data: bytes | bytearray | memoryview) -> bytes:
 
 @dataclass(frozen=True)
 class Superblock:
-    """One of the two alternating roots of the file; the valid one with the higher counter wins."""
+    """One of the two roots of the file; the valid one with the higher counter wins."""
 
     chunk_size: int
     fanout: int
@@ -55,10 +59,11 @@ class Superblock:
     table_offset: int
     table_length: int
     table_checksum: bytes
+    flags: int = 0
 
     def encode(self) -> bytes:
         body = _SB.pack(
-            MAGIC, FORMAT_VERSION, 0, self.chunk_size, self.fanout, 0, self.counter,
+            MAGIC, FORMAT_VERSION, self.flags, self.chunk_size, self.fanout, 0, self.counter,
             self.table_offset, self.table_length, self.table_checksum,
         )
         return (body + checksum(body)).ljust(SLOT_SIZE, b"\0")
@@ -69,7 +74,7 @@ class Superblock:
         if len(raw) < _SB.size + CHECKSUM_SIZE:
             raise DataError("superblock truncated")
         body = raw[: _SB.size]
-        magic, version, _flags, cs, fanout, _r, counter, toff, tlen, tsum = _SB.unpack(body)
+        magic, version, flags, cs, fanout, _r, counter, toff, tlen, tsum = _SB.unpack(body)
         if magic != MAGIC:
             raise DataError("no diskrsync image magic")
         if raw[_SB.size : _SB.size + CHECKSUM_SIZE] != checksum(body):
@@ -81,7 +86,7 @@ class Superblock:
             )
         if not (MIN_CHUNK <= cs <= MAX_CHUNK and cs & (cs - 1) == 0) or not 2 <= fanout <= 4096:
             raise DataError(f"superblock has impossible geometry (chunk {cs}, fanout {fanout})")
-        return cls(cs, fanout, counter, toff, tlen, tsum)
+        return cls(cs, fanout, counter, toff, tlen, tsum, flags)
 
 
 @dataclass(frozen=True)

@@ -9,11 +9,13 @@ the table lists the retained generations (each the top page of a Merkle-tree ind
 optional checkpoint: a pending generation a killed push resumes from.
 
 Nothing that a valid superblock can reach is ever overwritten. A writer computes free space as
-the file minus everything reachable from *both* superblock slots (so falling back to the older
+the file minus everything reachable from *both* superblock slots (so falling back to the other
 slot after damage still finds intact data) and from pinned zombies. A commit writes new chunks,
-new index pages along the changed paths and a new table into free space, fsyncs, then writes the
-superblock slot not holding the newest valid copy and fsyncs again: two fsyncs per commit. A
-crash at any point leaves the previous superblock, and so the previous generation, intact.
+new index pages along the changed paths and two copies of the new table into free space,
+fsyncs, then writes slot 0 (naming copy A), fsyncs, and slot 1 (copy B), fsyncs. A crash at
+any point leaves the previous commit or the new one intact; after the commit one damaged copy
+of anything leaves the other. A state that may lack a committed generation (see ``_read_state``)
+is refused, never served, until ``Image.repair``.
 
 Locks are open-file-description byte-range locks (``F_OFD_SETLK``): they belong to one open of
 the file and vanish when it is closed or the process dies. One exclusive lock on
@@ -52,9 +54,11 @@ from diskrsync.compression.format import (
     DEFAULT_CHUNK,
     DEFAULT_FANOUT,
     ENTRY_SIZE,
+    FLAG_MIRRORED,
     MAGIC,
     MAX_CHUNK,
     MIN_CHUNK,
+    SECTOR,
     SLOT_SIZE,
     SUPERBLOCK_SLOTS,
     WRITER_SLOT,
@@ -203,63 +207,100 @@ def _pread_exact(fd: int, length: int, offset: int, what: str) -> bytes:
 
 
 @dataclass(frozen=True)
+class _Slot:
+    """One superblock slot as found on open: its superblock and table when they are valid."""
+
+    index: int
+    sb: Superblock | None
+    table: GenTable | None
+    problem: str = ""  # why sb or table is unusable
+
+
+@dataclass(frozen=True)
 class _State:
-    """What the newest valid superblock commits to, plus the older copy's references."""
+    """What the newest usable superblock commits to, the other slot, and what is wrong.
+
+    ``lost`` is not empty when a committed generation may be missing from ``table``: using
+    this state would silently roll back, so it is refused until ``Image.repair``."""
 
     sb: Superblock
     table: GenTable
-    older: GenTable | None  # table of the other slot, when it is valid too
-    older_table_extent: tuple[int, int] | None
-    damaged_slots: tuple[int, ...]  # torn or damaged superblocks: redundancy lost, data fine
-    lost_commits: tuple[str, ...] = ()  # valid superblocks newer than the one in use whose
-    # table is unreadable: a commit was made durable and then damaged, so data was lost
+    slots: tuple[_Slot, ...]
+    warnings: tuple[str, ...] = ()  # a copy is damaged: redundancy lost, the newest is intact
+    lost: tuple[str, ...] = ()  # the newest commit may be unreadable: refuse, name it
+
+    @property
+    def counter(self) -> int:
+        """The highest counter any valid superblock holds (a new commit must exceed it)."""
+        return max(s.sb.counter for s in self.slots if s.sb is not None)
+
+    @property
+    def damaged_slots(self) -> tuple[int, ...]:
+        return tuple(s.index for s in self.slots if s.table is None)
+
+
+def _read_slot(fd: int, path: str, index: int, raw: bytes) -> _Slot:
+    try:
+        sb = Superblock.decode(raw)
+    except DataError as e:
+        if "format version" in e.message:
+            raise DataError(f"{path}: {e.message}") from None
+        return _Slot(index, None, None, e.message)
+    try:
+        # the table is fsynced before its superblock is written, so a valid superblock
+        # with a bad table is damage, never a crash
+        blob = _pread_exact(fd, sb.table_length, sb.table_offset, "generation table")
+        if checksum(blob) != sb.table_checksum:
+            raise DataError("generation table checksum mismatch")
+        return _Slot(index, sb, GenTable.decode(blob))
+    except DataError as e:
+        return _Slot(index, sb, None, e.message)
 
 
 def _read_state(fd: int, path: str) -> _State:
-    found: list[tuple[Superblock, GenTable, int]] = []
-    problems: list[str] = []
-    bad_tables: list[tuple[int, str]] = []  # (counter, message) of valid superblocks
-    head = os.pread(fd, SLOT_SIZE * 2, 0)
-    for slot, off in enumerate(SUPERBLOCK_SLOTS):
-        raw = head[off : off + SLOT_SIZE]
-        try:
-            sb = Superblock.decode(raw)
-        except DataError as e:
-            if "format version" in e.message:
-                raise DataError(f"{path}: {e.message}") from None
-            problems.append(f"superblock {slot}: {e.message}")
-            continue
-        try:
-            # the table is fsynced before its superblock is written, so a valid superblock
-            # with a bad table is damage, never a crash
-            blob = _pread_exact(fd, sb.table_length, sb.table_offset, "generation table")
-            if checksum(blob) != sb.table_checksum:
-                raise DataError("generation table checksum mismatch")
-            found.append((sb, GenTable.decode(blob), slot))
-        except DataError as e:
-            problems.append(f"superblock {slot}: {e.message}")
-            bad_tables.append((sb.counter, f"superblock {slot}: {e.message}"))
-    if not found:
+    """Decode both slots; the usable one with the higher counter wins (slot 0 on a tie).
+
+    A commit of this version writes its table twice and both slots (``FLAG_MIRRORED``), so
+    one damaged copy leaves the newest commit in the other: a warning. An image last written
+    one slot per commit (older versions) cannot tell a damaged slot from one that held a newer
+    commit, and a valid newer superblock with an unreadable table is a lost commit: both go
+    to ``lost``."""
+    head = os.pread(fd, SLOT_SIZE * 2, 0).ljust(SLOT_SIZE * 2, b"\0")
+    slots = tuple(
+        _read_slot(fd, path, i, head[off : off + SLOT_SIZE])
+        for i, off in enumerate(SUPERBLOCK_SLOTS)
+    )
+    usable = [s for s in slots if s.table is not None]
+    if not usable:
         if not any(head[o : o + len(MAGIC)] == MAGIC for o in SUPERBLOCK_SLOTS):
             raise DataError(f"{path} is not a diskrsync image (no DSKRSYNC magic)")
-        raise DataError(f"{path}: no valid superblock ({'; '.join(problems)})")
-    found.sort(key=lambda f: f[0].counter, reverse=True)
-    sb, table, slot = found[0]
-    older = found[1] if len(found) > 1 else None
-    damaged = tuple(s for s in range(2) if s not in {f[2] for f in found})
-    lost = tuple(
-        f"{msg}: the newest commit is unreadable, the previous one is in use"
-        for counter, msg in bad_tables
-        if counter > sb.counter
-    )
-    return _State(
-        sb,
-        table,
-        older[1] if older else None,
-        (older[0].table_offset, older[0].table_length) if older else None,
-        damaged,
-        lost,
-    )
+        problems = "; ".join(f"superblock {s.index}: {s.problem}" for s in slots)
+        raise DataError(f"{path}: no valid superblock ({problems})")
+    best = max(usable, key=lambda s: (s.sb.counter, -s.index))  # type: ignore[union-attr]
+    assert best.sb is not None and best.table is not None
+    gens = best.table.generations
+    newest = f"generation {gens[-1].number}" if gens else "no generation"
+    warnings: list[str] = []
+    lost: list[str] = []
+    for s in slots:
+        if s is best:
+            continue
+        if s.sb is None:
+            if best.sb.flags & FLAG_MIRRORED:
+                warnings.append(f"superblock copy {s.index} is damaged ({s.problem}); "
+                                f"copy {best.index} holds the newest commit")
+            else:
+                lost.append(f"superblock copy {s.index} is damaged ({s.problem}) and the image "
+                            f"was written one copy per commit, so it may have held a commit "
+                            f"newer than the one in use ({newest})")
+        elif s.table is None and s.sb.counter > best.sb.counter:
+            lost.append(f"superblock copy {s.index} names a newer commit (counter "
+                        f"{s.sb.counter}) whose generation table is unreadable ({s.problem}); "
+                        f"only an older one ({newest}) is readable")
+        elif s.table is None:
+            warnings.append(f"the generation table of superblock copy {s.index} is damaged "
+                            f"({s.problem}); copy {best.index} holds the newest commit")
+    return _State(best.sb, best.table, slots, tuple(warnings), tuple(lost))
 
 
 class TreeView:
@@ -352,6 +393,16 @@ class TreeView:
                     stack.append((level - 1, index * shape.fanout + k, offset, length))
 
 
+def _refuse_loss(path: str, state: _State) -> None:
+    """A state that may have lost its newest commit is not used (served, or written on top
+    of, which would free the lost commit's space): that would be a silent rollback."""
+    if state.lost:
+        raise DataError(
+            f"{path}: {'; '.join(state.lost)}; refusing to use the older state (see "
+            f"`diskrsync verify {path}`; `diskrsync verify --repair` accepts the loss)"
+        )
+
+
 def _info(rec: GenRecord) -> GenerationInfo:
     return GenerationInfo(rec.number, rec.time, rec.tree.size, rec.root_hash, rec.source, rec.meta)
 
@@ -375,22 +426,30 @@ def _open_fd(path: str, flags: int) -> int:
 class Image:
     """An image file: lists generations, hands out pinned snapshots, and begins transactions."""
 
-    def __init__(self, path: str, fd: int, state: _State) -> None:
+    def __init__(self, path: str, fd: int, state: _State, *, accept_loss: bool = False) -> None:
         self.path = path
         self._fd = fd
-        self._state = state
+        self._accept_loss = accept_loss
+        self._state = self._checked(state)
+
+    def _checked(self, state: _State) -> _State:
+        if not self._accept_loss:
+            _refuse_loss(self.path, state)
+        return state
 
     # -- opening -------------------------------------------------------------------------
 
     @classmethod
-    def open(cls, path: str, *, nofollow: bool = False) -> Image:
-        """``nofollow``: refuse a symlink as the final component (ELOOP)."""
+    def open(cls, path: str, *, accept_loss: bool = False, nofollow: bool = False) -> Image:
+        """Open an image for reading. A state that may have lost its newest commit is a
+        DataError unless ``accept_loss`` (for verify and repair, which report it).
+        ``nofollow``: refuse a symlink as the final component (ELOOP)."""
         path = os.fspath(path)
         if os.path.isdir(path):
             raise UsageError(f"{path} is a directory, not an image")
         fd = _open_fd(path, os.O_RDONLY | (os.O_NOFOLLOW if nofollow else 0))
         try:
-            return cls(path, fd, _read_state(fd, path))
+            return cls(path, fd, _read_state(fd, path), accept_loss=accept_loss)
         except BaseException:
             os.close(fd)
             raise
@@ -414,10 +473,12 @@ class Image:
             raise from_oserror(e, f"cannot create {path}") from None
         try:
             table = GenTable().encode()
-            os.pwrite(fd, table, DATA_START)
-            sb = Superblock(chunk_size, fanout, 1, DATA_START, len(table), checksum(table))
-            os.pwrite(fd, sb.encode(), SUPERBLOCK_SLOTS[1])
-            os.pwrite(fd, replace(sb, counter=0).encode(), SUPERBLOCK_SLOTS[0])
+            for slot, off in enumerate(SUPERBLOCK_SLOTS):
+                at = DATA_START + slot * SECTOR  # one table copy per slot, own sectors
+                os.pwrite(fd, table, at)
+                sb = Superblock(chunk_size, fanout, 1, at, len(table), checksum(table),
+                                FLAG_MIRRORED)
+                os.pwrite(fd, sb.encode(), off)
             os.fsync(fd)
         except OSError as e:
             os.close(fd)
@@ -454,14 +515,21 @@ class Image:
 
     @property
     def damaged_slots(self) -> tuple[int, ...]:
+        """Slots whose superblock or table copy is unusable."""
         return self._state.damaged_slots
 
     @property
+    def redundancy_warnings(self) -> tuple[str, ...]:
+        """Damaged copies that cost redundancy but no data (the newest commit is intact)."""
+        return self._state.warnings
+
+    @property
     def lost_commits(self) -> tuple[str, ...]:
-        return self._state.lost_commits
+        """Why the newest commit may be missing (only when opened with ``accept_loss``)."""
+        return self._state.lost
 
     def refresh(self) -> None:
-        self._state = _read_state(self._fd, self.path)
+        self._state = self._checked(_read_state(self._fd, self.path))
 
     def generations(self) -> list[GenerationInfo]:
         return [_info(r) for r in self._state.table.generations]
@@ -485,7 +553,8 @@ class Image:
             fd = _open_fd(self.path, os.O_RDONLY)
             try:
                 _ofd_lock(fd, fcntl.F_RDLCK, PIN_BASE + rec.number)
-                state = _read_state(fd, self.path)  # the pin counts only if rec is still live
+                # the pin counts only if rec is still live
+                state = self._checked(_read_state(fd, self.path))
             except BaseException:
                 os.close(fd)
                 raise
@@ -509,11 +578,15 @@ class Image:
 
     # -- writing ---------------------------------------------------------------------------
 
-    def begin(self, *, resume: bool = True, what: str = "push") -> Transaction:
+    def begin(
+        self, *, resume: bool = True, what: str = "push", repair: bool = False
+    ) -> Transaction:
         """Start the one write transaction this image admits; fails at once if another runs.
 
         With ``resume`` the transaction starts from the checkpoint a killed push left (if
         any), so its chunks count as already there; the current generation is untouched.
+        A state that may have lost its newest commit is refused (nothing of it is freed)
+        unless ``repair``: only ``repair()`` passes it.
         """
         fd = _open_fd(self.path, os.O_RDWR)
         try:
@@ -532,6 +605,8 @@ class Image:
             }
             os.pwrite(fd, json.dumps(info).encode().ljust(1024, b"\0"), WRITER_SLOT)
             state = _read_state(fd, self.path)
+            if not repair:
+                _refuse_loss(self.path, state)
             self._state = state
             return Transaction(self, fd, state, resume=resume)
         except OSError as e:
@@ -540,6 +615,32 @@ class Image:
         except BaseException:
             os.close(fd)
             raise
+
+    def repair(self) -> list[str]:
+        """Rewrite both superblocks and table copies from the newest usable state.
+
+        This accepts what ``lost_commits`` names as lost (its space becomes free) and restores
+        redundancy. Generation numbers that the lost commit may have used are skipped, so a
+        number never names two different generations. Returns what was done, one line each.
+        """
+        tx = self.begin(what="repair", repair=True)
+        try:
+            state = self._state
+            done = [f"accepted as lost: {msg}" for msg in state.lost]
+            done += [f"rewritten: {msg}" for msg in state.warnings]
+            # a lost commit used at most (its counter - ours) numbers; an unreadable slot of
+            # a one-copy-per-commit image held at most one commit more
+            skip = max(
+                [s.sb.counter - state.sb.counter for s in state.slots
+                 if s.sb is not None and s.table is None] + [1 if state.lost else 0]
+            )
+            table = replace(state.table, next_number=state.table.next_number + max(skip, 0))
+            tx.publish(table)
+            if not done:
+                done.append("both superblock copies and generation tables rewritten")
+            return done
+        finally:
+            tx.close()
 
     def prune(self, keep: int) -> list[int]:
         """Keep the newest ``keep`` generations; returns the numbers pruned."""
@@ -646,7 +747,7 @@ class Transaction:
         sb = state.sb
         self.chunk_size = sb.chunk_size
         self.fanout = sb.fanout
-        self._counter = sb.counter
+        self._counter = state.counter
         self._table = state.table
         self.resumed_from: GenRecord | None = None
         base = state.table.checkpoint if (resume and state.table.checkpoint) else None
@@ -678,13 +779,15 @@ class Transaction:
                 live.append(z)
                 zombies.append(z)
         self._table = replace(self._table, zombies=tuple(zombies))
-        used: list[tuple[int, int]] = [(state.sb.table_offset, state.sb.table_length)]
-        if state.older is not None and state.older_table_extent:
-            used.append(state.older_table_extent)
-            older = state.older
-            live += list(older.generations) + list(older.zombies)
-            if older.checkpoint:
-                live.append(older.checkpoint)
+        # every slot's table and trees stay: falling back to either copy finds intact data
+        used = [(s.sb.table_offset, s.sb.table_length) for s in state.slots if s.sb is not None]
+        for s in state.slots:
+            if s.table is None or s.table == state.table:
+                continue
+            live += s.table.generations
+            if s.table.checkpoint:
+                live.append(s.table.checkpoint)
+            live += [z for z in s.table.zombies if z not in live and _is_pinned(fd, z.number)]
         seen: set[int] = set()
         for rec in live:
             try:
@@ -706,15 +809,17 @@ class Transaction:
     def _alloc(self, length: int) -> int:
         return self._free.allocate(length)
 
-    def _write(self, data: bytes, what: str) -> tuple[int, int]:
-        off = self._alloc(len(data))
+    def _write(self, data: bytes, what: str, *, align: int = 0) -> tuple[int, int]:
+        n = len(data)
+        off = self._free.allocate_aligned(n, align) if align else self._alloc(n)
         try:
             pwrite_all(self._fd, data, off)
         except OSError as e:
-            self._free.release(off, len(data))
+            self._free.release(off, -(-n // align) * align if align else n)
             raise from_oserror(e, f"writing {what} to {self.path}") from None
-        self._writeback.wrote(off, len(data))
-        return off, len(data)
+        self._writeback.wrote(off, n)
+        return off, n
+
 
     # -- the tree being built ----------------------------------------------------------
 
@@ -898,19 +1003,29 @@ class Transaction:
         return bytes(page[k * ENTRY_SIZE : (k + 1) * ENTRY_SIZE])
 
     def _publish(self, table: GenTable) -> None:
-        """Write the table, fsync, write the other superblock slot, fsync."""
+        """Write two copies of the table (own sectors each), fsync, then superblock slot 0
+        naming copy A, fsync, then slot 1 naming copy B, fsync. Once this returns, one damaged
+        sector anywhere leaves an intact copy of this commit; a crash in between leaves slot 0
+        at this commit or both at the previous one."""
         blob = table.encode()
-        off, n = self._write(blob, "generation table")
+        copies = [self._write(blob, "generation table", align=SECTOR)[0] for _ in range(2)]
+        counter = self._counter + 1
         try:
             os.fsync(self._fd)
-            counter = self._counter + 1
-            sb = Superblock(self.chunk_size, self.fanout, counter, off, n, checksum(blob))
-            pwrite_all(self._fd, sb.encode(), SUPERBLOCK_SLOTS[counter % 2])
-            os.fsync(self._fd)
+            for slot, at in zip(SUPERBLOCK_SLOTS, copies, strict=True):
+                sb = Superblock(self.chunk_size, self.fanout, counter, at, len(blob),
+                                checksum(blob), FLAG_MIRRORED)
+                pwrite_all(self._fd, sb.encode(), slot)
+                os.fsync(self._fd)
         except OSError as e:
             raise from_oserror(e, f"committing {self.path}") from None
         self._counter = counter
         self._table = table
+
+    def publish(self, table: GenTable) -> None:
+        """Publish ``table`` as it is, with nothing new written (``Image.repair``)."""
+        self._check_open()
+        self._publish(table)
 
     def _record(self, number: int, source: str, meta: dict[str, Any]) -> GenRecord:
         ref = self._write_tree()

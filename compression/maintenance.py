@@ -82,8 +82,7 @@ def verify(img: Image | SpgzImage, generation: int | None = None) -> VerifyRepor
             report.bad_chunks.append({"chunk": block, "offset": offset, "problem": problem})
         report.chunks_checked = img.snapshot().chunk_count
         return report
-    for slot in img.damaged_slots:
-        report.warnings.append(f"superblock copy {slot} is damaged (the other one is in use)")
+    report.warnings.extend(img.redundancy_warnings)
     report.problems.extend(img.lost_commits)
     records = [img.record(generation)] if generation is not None else img.table.generations
     done: set[int] = set()  # stored offsets already checked (generations share chunks)

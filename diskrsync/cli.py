@@ -116,10 +116,19 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     from diskrsync.compression.container import open_image
+    from diskrsync.compression.image import Image
     from diskrsync.compression.maintenance import verify
+    from diskrsync.errors import EXIT_REDUNDANCY_LOST
 
-    img = open_image(args.image)
+    # opened even when the newest commit may be lost: verify names it, --repair accepts it
+    img = open_image(args.image, accept_loss=True)
     try:
+        if args.repair:
+            if not isinstance(img, Image):
+                raise UsageError(f"{args.image}: --repair works on diskrsync images only")
+            for line in img.repair():
+                print(f"repair: {line}", file=sys.stderr)
+            img.refresh()
         report = verify(img, args.generation)
     finally:
         img.close()
@@ -136,8 +145,12 @@ def cmd_verify(args: argparse.Namespace) -> int:
             gen = f"generation {b['generation']} " if "generation" in b else ""
             print(f"bad chunk: {gen}chunk {b['chunk']} at offset {b['offset']}: {b['problem']}")
         state = "ok" if report.ok else "FAILED"
+        if report.ok and report.warnings:
+            state = "ok, but a metadata copy is damaged (`verify --repair` rewrites it)"
         print(f"{args.image}: {state} ({report.chunks_checked} stored chunks checked)")
-    return 0 if report.ok else 6
+    if not report.ok:
+        return 6
+    return EXIT_REDUNDANCY_LOST if report.warnings else 0
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
@@ -373,6 +386,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--generation", "-g", type=int, metavar="G",
                     help="check only generation G (default: every retained one)")
     sp.add_argument("--json", action="store_true", help="machine-readable output")
+    sp.add_argument("--repair", action="store_true",
+                    help="first rewrite both superblock copies and generation tables from the "
+                         "newest readable commit, accepting as lost what verify reports lost")
 
     sp = add("restore", cmd_restore,
              "Write a generation of an image to a file (sparse), a device, or - (stdout).")

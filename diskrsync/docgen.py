@@ -20,6 +20,7 @@ from diskrsync import __version__
 from diskrsync.cli import build_parser
 from diskrsync.errors import (
     EXIT_READ_ERRORS_IGNORED,
+    EXIT_REDUNDANCY_LOST,
     EXIT_SOURCE_CHANGED,
     BusyError,
     DataError,
@@ -46,6 +47,8 @@ EXIT_CODES: list[tuple[int, str]] = [
                           "snapshot)"),
     (EXIT_READ_ERRORS_IGNORED, "push committed with --ignore-read-errors and some source "
                                "sectors were unreadable (stored as zeros)"),
+    (EXIT_REDUNDANCY_LOST, "verify: every generation is intact, but a superblock or "
+                           "generation table copy is damaged (verify --repair)"),
     (130, "interrupted (SIGINT); a push keeps a checkpoint"),
     (143, "terminated (SIGTERM); a push keeps a checkpoint"),
     (141, "the reader of stdout went away (e.g. `restore IMAGE - | head`)"),

@@ -84,6 +84,8 @@ class CorruptChunkError(DataError):
 # but the user must look (kept distinct so scripts can tell them apart).
 EXIT_SOURCE_CHANGED = 10
 EXIT_READ_ERRORS_IGNORED = 11
+# verify: every generation is intact, but a superblock or generation table copy is damaged
+EXIT_REDUNDANCY_LOST = 12
 
 
 def from_oserror(exc: OSError, what: str) -> DiskrsyncError:

@@ -43,7 +43,7 @@ _diskrsync() {
             valopts="  "
             positional=(_diskrsync_files) ;;
         verify)
-            opts="--generation -g --json --help"
+            opts="--generation -g --json --repair --help"
             valopts=" --generation -g "
             positional=(_diskrsync_files) ;;
         restore)
