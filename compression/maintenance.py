@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
 from diskrsync.compression.codec import Kind, is_zero, zeros
-from diskrsync.compression.format import ENTRY_SIZE
+from diskrsync.compression.format import ENTRY_SIZE, TreeRef, iter_entries
 from diskrsync.compression.image import Image, Snapshot, TreeView, decode_checked
 from diskrsync.compression.spgz import SpgzImage
 from diskrsync.errors import CorruptChunkError, DataError, UsageError, from_oserror, stat_or_none
@@ -66,6 +66,8 @@ def image_info(img: Image | SpgzImage) -> dict[str, Any]:
 class VerifyReport:
     problems: list[str] = field(default_factory=list)  # anything that makes the image bad
     warnings: list[str] = field(default_factory=list)  # redundancy lost, still fully readable
+    # one entry per bad stored chunk: "generations" lists every retained generation that
+    # references it ("generation" is the first of them)
     bad_chunks: list[dict[str, Any]] = field(default_factory=list)
     chunks_checked: int = 0
 
@@ -86,19 +88,54 @@ def verify(img: Image | SpgzImage, generation: int | None = None) -> VerifyRepor
     report.problems.extend(img.lost_commits)
     records = [img.record(generation)] if generation is not None else img.table.generations
     done: set[int] = set()  # stored offsets already checked (generations share chunks)
+    bad: dict[int, tuple[int, str]] = {}  # stored offset -> (chunk, problem)
     for rec in records:
-        view = TreeView(
-            os.open(img.path, os.O_RDONLY | os.O_CLOEXEC), rec.tree, img.chunk_size, img.fanout
-        )
-        try:
-            _verify_tree(view, rec.number, rec.root_hash, report, done)
-        finally:
-            os.close(view.fd)
+        with _view(img, rec.tree) as view:
+            _verify_tree(view, rec.number, rec.root_hash, report, done, bad)
+    # a bad chunk is bad in every generation sharing it: name them all, so that "restore
+    # another generation" is not advice to restore one that is broken too
+    users: dict[int, list[int]] = {off: [] for off in bad}
+    if bad:
+        for rec in img.table.generations:
+            with _view(img, rec.tree) as view:
+                for off in _references(view, bad):
+                    users[off].append(rec.number)
+    for off, (c, msg) in bad.items():
+        gens = users[off]
+        report.bad_chunks.append({"generation": gens[0], "generations": gens, "chunk": c,
+                                  "offset": c * img.chunk_size, "problem": msg})
     return report
 
 
+@contextlib.contextmanager
+def _view(img: Image, tree: TreeRef) -> Iterator[TreeView]:
+    """A tree of ``img`` read through its own open of the file (verify reads in threads)."""
+    view = TreeView(os.open(img.path, os.O_RDONLY | os.O_CLOEXEC), tree, img.chunk_size,
+                    img.fanout)
+    try:
+        yield view
+    finally:
+        os.close(view.fd)
+
+
+def _references(view: TreeView, offsets: dict[int, Any]) -> set[int]:
+    """Which of ``offsets`` (stored chunks) the tree references (unreadable pages skipped)."""
+    found: set[int] = set()
+    for page in range(view.shape.count(1)):
+        with contextlib.suppress(DataError):
+            for _h, off, _length, kind in iter_entries(view.page(1, page)):
+                if kind != Kind.ZERO and off in offsets:
+                    found.add(off)
+    return found
+
+
 def _verify_tree(
-    view: TreeView, number: int, want_root: bytes, report: VerifyReport, done: set[int]
+    view: TreeView,
+    number: int,
+    want_root: bytes,
+    report: VerifyReport,
+    done: set[int],
+    bad: dict[int, tuple[int, str]],
 ) -> None:
     shape = view.shape
     got_root = root_hash(shape.size, shape.chunk_size, shape.fanout, view.ref.hash)
@@ -122,21 +159,20 @@ def _verify_tree(
                 done.add(off)
                 todo.append(c)
 
-    def check(batch: list[int]) -> list[tuple[int, str]]:
-        bad = []
+    def check(batch: list[int]) -> list[tuple[int, int, str]]:
+        out = []
         for c in batch:
+            e = view.entry(c)
             try:
-                decode_checked(view.fd, c, view.entry(c), shape.chunk_length(c), shape.chunk_size)
-            except CorruptChunkError as e:
-                bad.append((c, e.message))
-        return bad
+                decode_checked(view.fd, c, e, shape.chunk_length(c), shape.chunk_size)
+            except CorruptChunkError as err:
+                out.append((e.offset, c, err.message))
+        return out
 
     batches = [todo[i : i + BATCH] for i in range(0, len(todo), BATCH)]
-    for bad in ordered_map(check, batches):
-        for c, msg in bad:
-            report.bad_chunks.append(
-                {"generation": number, "chunk": c, "offset": c * shape.chunk_size, "problem": msg}
-            )
+    for found in ordered_map(check, batches):
+        for off, c, msg in found:
+            bad[off] = (c, msg)
     report.chunks_checked += len(todo)
 
 

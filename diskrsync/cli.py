@@ -142,7 +142,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
         for p in report.problems:
             print(f"problem: {p}")
         for b in report.bad_chunks:
-            gen = f"generation {b['generation']} " if "generation" in b else ""
+            gens = b.get("generations", [])
+            gen = (f"generation{'s' if len(gens) > 1 else ''} {', '.join(map(str, gens))} "
+                   if gens else "")
             print(f"bad chunk: {gen}chunk {b['chunk']} at offset {b['offset']}: {b['problem']}")
         state = "ok" if report.ok else "FAILED"
         if report.ok and report.warnings:

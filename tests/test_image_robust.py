@@ -358,6 +358,31 @@ def test_corrupt_chunk(tmp_path, kind):
     assert dest.read_bytes() == b"precious"
 
 
+def test_verify_names_every_generation_sharing_a_bad_chunk(tmp_path):
+    """Chunk 0 is stored once and shared by generations 1-3 (4 rewrote it): verify names all
+    three, so "restore another generation" does not send users to one that is broken too."""
+    data = disk(4, 12)
+    path = new_image(str(tmp_path / "s.img"), data, keep=4)
+    model = bytearray(data)
+    for g, chunk in ((2, 5), (3, 6), (4, 0)):
+        model[chunk * CS : (chunk + 1) * CS] = random.Random(g).randbytes(CS)
+        commit(path, bytes(model), chunks=[chunk], keep=4)
+    with Image.open(path) as img, img.snapshot(1) as snap:
+        e = snap.tree.entry(0)
+        assert e.kind != Kind.ZERO
+    flip(path, e.offset + e.length // 2)
+    r = cli("verify", path)
+    out = r.stdout.decode()
+    assert r.returncode == 6, out
+    assert "bad chunk: generations 1, 2, 3 chunk 0 at offset 0: corrupt chunk 0" in out, out
+    report = json.loads(cli("verify", "--json", path).stdout)
+    assert [(b["generations"], b["chunk"]) for b in report["bad_chunks"]] == [([1, 2, 3], 0)]
+    # checking one generation still names every generation that shares the chunk
+    report = json.loads(cli("verify", "--json", "-g", "2", path).stdout)
+    assert [b["generations"] for b in report["bad_chunks"]] == [[1, 2, 3]]
+    assert cli("restore", "-g", "4", "-q", path, str(tmp_path / "ok.raw")).returncode == 0
+
+
 def test_truncated_image(tmp_path, two_gens):
     """Cut short inside the superblocks or the first generation's data: a clear error (cuts
     that only lose the newest generation are test_damaged_newest_table_fails_verify)."""
