@@ -762,6 +762,10 @@ class Transaction:
         self._base_limit = self.shape.chunks  # base chunks past this were cut by a resize
         self._fresh: dict[int, tuple[int, int]] = {}  # chunk -> extent written since checkpoint
         self._free = self._compute_free(state)
+        # extents written since the last publish: referenced by nothing on disk, given back
+        # (punched, the file's free tail cut off) when the transaction ends without commit
+        self._pending: dict[int, int] = {}
+        self._torn_publish = False  # a superblock write failed: what it names must stay
         self._writeback = _Writeback(fd)
         self._closed = False
 
@@ -812,14 +816,18 @@ class Transaction:
     def _write(self, data: bytes, what: str, *, align: int = 0) -> tuple[int, int]:
         n = len(data)
         off = self._free.allocate_aligned(n, align) if align else self._alloc(n)
+        self._pending[off] = -(-n // align) * align if align else n
         try:
             pwrite_all(self._fd, data, off)
         except OSError as e:
-            self._free.release(off, -(-n // align) * align if align else n)
+            self._release(off)
             raise from_oserror(e, f"writing {what} to {self.path}") from None
         self._writeback.wrote(off, n)
         return off, n
 
+    def _release(self, off: int) -> None:
+        """Give back an extent this transaction wrote and no longer needs."""
+        self._free.release(off, self._pending.pop(off))
 
     # -- the tree being built ----------------------------------------------------------
 
@@ -916,7 +924,7 @@ class Transaction:
                 self._dirty[p] += z
         for c in list(self._fresh):
             if c >= self.shape.chunks:
-                self._free.release(*self._fresh.pop(c))
+                self._release(self._fresh.pop(c)[0])
         for c, data in keep.items():
             self.write_chunk(c, data)
 
@@ -940,7 +948,7 @@ class Transaction:
             raise UsageError(f"chunk {chunk} must hold {want} bytes, not {length}")
         old = self._fresh.pop(chunk, None)
         if old is not None:
-            self._free.release(*old)
+            self._release(old[0])
         if kind == Kind.ZERO:
             self._set_entry(chunk, pack_entry(digest, 0, 0, Kind.ZERO))
             return
@@ -1015,10 +1023,13 @@ class Transaction:
             for slot, at in zip(SUPERBLOCK_SLOTS, copies, strict=True):
                 sb = Superblock(self.chunk_size, self.fanout, counter, at, len(blob),
                                 checksum(blob), FLAG_MIRRORED)
+                self._torn_publish = True
                 pwrite_all(self._fd, sb.encode(), slot)
                 os.fsync(self._fd)
         except OSError as e:
             raise from_oserror(e, f"committing {self.path}") from None
+        self._torn_publish = False
+        self._pending.clear()  # all of it is referenced now
         self._counter = counter
         self._table = table
 
@@ -1084,6 +1095,20 @@ class Transaction:
         """Drop everything written since the last checkpoint (nothing references it)."""
         self.close()
 
+    def _give_back(self) -> None:
+        """Return what this transaction wrote since its last publish to the filesystem: a
+        failed push (a full disk above all) must not keep the space until the next push."""
+        if not self._pending or self._torn_publish:
+            return  # a failed superblock write may name this transaction's last table
+        with contextlib.suppress(OSError):
+            for off in list(self._pending):
+                length = self._pending[off]
+                self._release(off)
+                punch_hole(self._fd, off, length)
+            end = self._free.trim_end()
+            if end < os.fstat(self._fd).st_size:
+                os.ftruncate(self._fd, end)
+
     def _check_open(self) -> None:
         if self._closed:
             raise LocalError("transaction already finished")
@@ -1092,6 +1117,7 @@ class Transaction:
         if not self._closed:
             self._closed = True
             self._writeback.close()
+            self._give_back()
             os.close(self._fd)  # releases the writer lock
 
     def __enter__(self) -> Transaction:

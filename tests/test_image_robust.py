@@ -244,6 +244,79 @@ def test_enospc_is_reported_as_no_space_left(tmp_path):
         assert "no space left" in str(exc.value), str(exc.value)
 
 
+def free_bytes(folder: Path) -> int:
+    st = os.statvfs(folder)
+    return st.f_bavail * st.f_frsize
+
+
+@needs_root
+def test_failed_push_gives_the_space_back(tmp_path):
+    """A push that fills the filesystem fails with exit 3 and leaves the filesystem as free as
+    it found it: the aborted transaction's chunks are cut off the file (tmpfs punches holes
+    too), not kept until the next push."""
+    with mounted(tmp_path / "small", "tmpfs", "size=4m") as mnt:
+        path = str(mnt / "full.img")
+        first = random.Random(1).randbytes(CS * 100)  # ~1.6 MiB, stored raw
+        new_image(path, first)
+        size_before, free_before = os.path.getsize(path), free_bytes(mnt)
+        src = tmp_path / "big.raw"
+        src.write_bytes(random.Random(2).randbytes(CS * 300))  # ~4.7 MiB, incompressible
+        r = cli("push", "-q", str(src), path)
+        assert_cli_error(r, "no space left")
+        assert r.returncode == 3
+        assert free_bytes(mnt) >= free_before - 64 * 1024, (free_bytes(mnt), free_before)
+        assert os.path.getsize(path) <= size_before + 64 * 1024
+        assert content(path) == first
+        assert cli("verify", path).returncode == 0
+
+
+def test_abort_gives_back_only_what_no_checkpoint_holds(tmp_path):
+    path = new_image(str(tmp_path / "cp.img"), disk(1, 4))
+    size = os.path.getsize(path)
+    data = random.Random(7).randbytes(CS * 40)
+    with Image.open(path) as img:
+        tx = img.begin()
+    try:
+        tx.resize(len(data))
+        for c in range(20):
+            tx.write_chunk(c, data[c * CS : (c + 1) * CS])
+        tx.checkpoint()
+        saved = os.path.getsize(path)
+        assert saved >= size + 20 * CS
+        for c in range(20, 40):
+            tx.write_chunk(c, data[c * CS : (c + 1) * CS])
+        assert os.path.getsize(path) >= saved + 20 * CS
+    finally:
+        tx.abort()
+    assert os.path.getsize(path) <= saved + 4 * 4096  # the chunks after the checkpoint
+    with Image.open(path) as img:
+        tx = img.begin()  # resumes: the checkpointed chunks are all there
+    try:
+        assert tx.resumed_from is not None
+        for c in range(20):
+            assert tx.read_chunk(c) == data[c * CS : (c + 1) * CS]
+    finally:
+        tx.abort()
+    assert cli("verify", path).returncode == 0
+
+
+@needs_root
+def test_restore_onto_a_full_disk_fails_cleanly(tmp_path):
+    data = random.Random(1).randbytes(CS * 8)
+    path = new_image(str(tmp_path / "r.img"), data)
+    with mounted(tmp_path / "dest", "tmpfs", "size=1m") as mnt:
+        filler = fill(mnt)
+        # room for 7.5 chunks: the last chunk's write is cut short by the full disk
+        os.truncate(filler, os.path.getsize(filler) - (7 * CS + 8192))
+        dest = mnt / "out.raw"
+        r = cli("restore", "-q", path, str(dest))
+        if r.returncode == 0:
+            assert dest.read_bytes() == data, "restore reported success for a corrupt copy"
+        assert_cli_error(r, "no space left")
+        assert not dest.exists()
+        assert not [p for p in mnt.iterdir() if p.name.startswith(".diskrsync-restore")]
+
+
 # -- damage ------------------------------------------------------------------------------
 
 
