@@ -18,9 +18,11 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from pathlib import Path
+from typing import IO
 
 from support.crashplan import CS, FANOUT, KEEP, SIZES, Model
 
@@ -48,6 +50,36 @@ def spawn(path: str, seed: int, *extra: str) -> subprocess.Popen[str]:
         [sys.executable, str(WRITER), path, str(seed), *extra],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
+
+
+class Lines:
+    """The one reader of a child's stdout and stderr until they close: a thread each, every
+    line kept (a readline() followed by communicate() can lose what the first buffered)."""
+
+    def __init__(self, child: subprocess.Popen[str]) -> None:
+        self.out: list[str] = []
+        self.err: list[str] = []
+        self.ready = threading.Event()
+        assert child.stdout is not None and child.stderr is not None
+        self._threads = [
+            threading.Thread(target=self._read, args=(child.stdout, self.out), daemon=True),
+            threading.Thread(target=self._read, args=(child.stderr, self.err), daemon=True),
+        ]
+        for t in self._threads:
+            t.start()
+
+    def _read(self, stream: IO[str], into: list[str]) -> None:
+        for line in stream:
+            into.append(line)
+            if line == "ready\n":
+                self.ready.set()
+        self.ready.set()  # closed: nothing more will come
+
+    def join(self, timeout: float) -> tuple[str, str]:
+        for t in self._threads:
+            t.join(timeout)
+            assert not t.is_alive(), "the child's output did not close"
+        return "".join(self.out), "".join(self.err)
 
 
 def reported(out: str) -> list[int]:
@@ -103,12 +135,14 @@ def test_killed_at_random_moments(tmp_path):
     kills = 0
     for _ in range(RANDOM_KILLS):
         child = spawn(path, SEED)
+        lines = Lines(child)
         try:
-            assert child.stdout is not None
-            assert child.stdout.readline() == "ready\n", child.stderr.read()  # type: ignore[union-attr]
+            assert lines.ready.wait(60), "the child never got ready"
+            assert lines.out[:1] == ["ready\n"], "".join(lines.err)
             time.sleep(rnd.uniform(0, 0.03))
             child.send_signal(signal.SIGKILL)
-            out, err = child.communicate(timeout=60)
+            child.wait(timeout=60)
+            out, err = lines.join(60)
         finally:
             if child.poll() is None:
                 child.kill()
