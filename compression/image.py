@@ -634,8 +634,8 @@ class Image:
                 [s.sb.counter - state.sb.counter for s in state.slots
                  if s.sb is not None and s.table is None] + [1 if state.lost else 0]
             )
-            table = replace(state.table, next_number=state.table.next_number + max(skip, 0))
-            tx.publish(table)
+            table = tx.table  # the state's, less the zombies no reader pins any more
+            tx.publish(replace(table, next_number=table.next_number + max(skip, 0)))
             if not done:
                 done.append("both superblock copies and generation tables rewritten")
             return done
@@ -1032,6 +1032,11 @@ class Transaction:
         self._pending.clear()  # all of it is referenced now
         self._counter = counter
         self._table = table
+
+    @property
+    def table(self) -> GenTable:
+        """The generation table this transaction would publish on top of."""
+        return self._table
 
     def publish(self, table: GenTable) -> None:
         """Publish ``table`` as it is, with nothing new written (``Image.repair``)."""
