@@ -38,6 +38,7 @@ import json
 import os
 import queue
 import socket
+import stat
 import struct
 import threading
 import time
@@ -401,6 +402,15 @@ def _refuse_loss(path: str, state: _State) -> None:
             f"{path}: {'; '.join(state.lost)}; refusing to use the older state (see "
             f"`diskrsync verify {path}`; `diskrsync verify --repair` accepts the loss)"
         )
+def _claim_empty(fd: int, path: str) -> None:
+    """Check, under the writer lock, that ``fd`` is an empty regular file nobody writes."""
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        raise UsageError(f"{path} is not a regular file, so not an image")
+    if not take_writer_lock(fd):
+        raise BusyError(f"{path} is being written by another process")
+    if os.fstat(fd).st_size:
+        raise BusyError(f"{path} was written by another process meanwhile")
 
 
 def _info(rec: GenRecord) -> GenerationInfo:
@@ -456,21 +466,36 @@ class Image:
 
     @classmethod
     def create(
-        cls, path: str, *, chunk_size: int = DEFAULT_CHUNK, fanout: int = DEFAULT_FANOUT
+        cls, path: str, *, chunk_size: int = DEFAULT_CHUNK, fanout: int = DEFAULT_FANOUT,
+        in_place: bool = False, nofollow: bool = False,
     ) -> Image:
-        """A new, empty image (no generation yet); fails if ``path`` exists."""
+        """A new, empty image (no generation yet); fails if ``path`` exists.
+
+        With ``in_place``, ``path`` must instead be an existing empty regular file, which
+        becomes the image and keeps its inode, owner and mode; it is checked empty under the
+        writer lock, so an image another writer put there meanwhile is never overwritten.
+        ``nofollow``: refuse a symlink as the final component (ELOOP).
+        """
         path = os.fspath(path)
         if not (MIN_CHUNK <= chunk_size <= MAX_CHUNK and chunk_size & (chunk_size - 1) == 0):
             raise UsageError(
                 f"chunk size must be a power of two from {MIN_CHUNK} to {MAX_CHUNK}, "
                 f"not {chunk_size}"
             )
+        flags = os.O_NONBLOCK | os.O_NOCTTY if in_place else os.O_CREAT | os.O_EXCL
+        flags |= os.O_NOFOLLOW if nofollow else 0
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | flags, 0o644)
         except FileExistsError:
             raise UsageError(f"{path} already exists") from None
         except OSError as e:
             raise from_oserror(e, f"cannot create {path}") from None
+        if in_place:
+            try:
+                _claim_empty(fd, path)
+            except BaseException:
+                os.close(fd)
+                raise
         try:
             table = GenTable().encode()
             for slot, off in enumerate(SUPERBLOCK_SLOTS):
@@ -481,12 +506,15 @@ class Image:
                 os.pwrite(fd, sb.encode(), off)
             os.fsync(fd)
         except OSError as e:
-            os.close(fd)
             with contextlib.suppress(OSError):
-                os.unlink(path)
+                if in_place:
+                    os.ftruncate(fd, 0)
+                else:
+                    os.unlink(path)
+            os.close(fd)
             raise from_oserror(e, f"cannot create {path}") from None
         os.close(fd)
-        return cls.open(path)
+        return cls.open(path, nofollow=nofollow)
 
     def close(self) -> None:
         if self._fd >= 0:

@@ -37,6 +37,7 @@ from diskrsync.compression.image import (
     punch_hole,
     take_writer_lock,
 )
+from diskrsync.destination import check_push_target, open_dest
 from diskrsync.errors import (
     BusyError,
     DataError,
@@ -120,14 +121,17 @@ class ImageStore:
         self.tx: Transaction | None = None
         self._img: Image | None = None
         self.source = str(hello.info.get("source", ""))
-        if os.path.exists(path) and os.path.getsize(path) > 0:
+        st = stat_or_none(path, "cannot open")
+        check_push_target(path, st)
+        if st is not None and st.st_size > 0:
             img = Image.open(path, nofollow=opts.nofollow)
         elif opts.dry_run:
             img = None
         else:
-            if os.path.exists(path):
-                os.unlink(path)  # an empty file holds nothing to lose
-            img = Image.create(path, chunk_size=_check_geometry(hello), fanout=DEFAULT_FANOUT)
+            # an empty file holds nothing to lose, but it is someone's: it becomes the image
+            # in place, keeping its inode, owner and mode
+            img = Image.create(path, chunk_size=_check_geometry(hello), fanout=DEFAULT_FANOUT,
+                               in_place=st is not None, nofollow=opts.nofollow)
         self._img = img
         self.chunk_size = img.chunk_size if img else _check_geometry(hello)
         self.fanout = img.fanout if img else DEFAULT_FANOUT
@@ -225,12 +229,8 @@ class RawStore:
         self.opts = opts
         self.chunk_size = _check_geometry(hello)
         self.fanout = DEFAULT_FANOUT
-        flags = os.O_RDONLY if opts.dry_run else os.O_RDWR | os.O_CREAT
-        flags |= os.O_NOFOLLOW if opts.nofollow else 0
-        try:
-            self.fd = os.open(path, flags | os.O_CLOEXEC, 0o644)
-        except OSError as e:
-            raise from_oserror(e, f"cannot open {path}") from None
+        self.fd, _st, _created = open_dest(path, write=not opts.dry_run,
+                                           create=not opts.dry_run, nofollow=opts.nofollow)
         try:
             self._setup(hello)
         except BaseException:
@@ -365,7 +365,8 @@ def open_store(path: str, hello: p.Hello, opts: TargetOptions, *, raw: bool) -> 
     """Pick the store for ``path``: an image unless asked for raw or it is a block device.
 
     An existing file that is neither an image nor meant as a raw target is refused, never
-    turned into something else.
+    turned into something else; so is anything that is not a regular file, a directory or a
+    block device (a character device, a FIFO, a socket), which is left untouched.
     """
     if os.path.isdir(path):
         name = os.path.basename(str(hello.info.get("name", "")).rstrip("/")) or "disk"
@@ -374,19 +375,19 @@ def open_store(path: str, hello: p.Hello, opts: TargetOptions, *, raw: bool) -> 
     if not os.path.isdir(folder):
         raise UsageError(f"target directory {folder} does not exist")
     st = stat_or_none(path, "cannot open")
+    check_push_target(path, st)
     if st is not None and stat.S_ISBLK(st.st_mode):
         return RawStore(path, hello, opts)
+    kind = sniff(path) if st is not None and st.st_size else None
+    if kind == "spgz" and not raw:
+        raise UsageError(f"{path} is a Go SPGZ0001 file: convert it first with "
+                         f"`diskrsync convert {path} NEW.spgz`")
     if raw:
-        if st is not None and st.st_size and sniff(path) == "image":
+        if kind == "image":
             raise UsageError(f"{path} is a diskrsync image; drop --no-compress to update it")
         return RawStore(path, hello, opts)
-    if st is not None and st.st_size:
-        kind = sniff(path)
-        if kind == "spgz":
-            raise UsageError(f"{path} is a Go SPGZ0001 file: convert it first with "
-                             f"`diskrsync convert {path} NEW.spgz`")
-        if kind != "image":
-            raise UsageError(f"{path} exists and is not a diskrsync image; refusing to replace "
+    if st is not None and st.st_size and kind != "image":
+        raise UsageError(f"{path} exists and is not a diskrsync image; refusing to replace "
                              f"it (use --no-compress to update it as a raw file)")
     return ImageStore(path, hello, opts)
 

@@ -25,6 +25,7 @@ import re
 import shlex
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -392,6 +393,16 @@ def _dest_not_image(block: Block, work: Path) -> None:
     r = run_shell("diskrsync restore -q backups/disk.spgz restored.img", work, base_env())
     assert r.returncode == 0, r.stderr
     check_expectations(block, work, base_env())
+
+
+@scenario("not-a-push-target")
+def _not_a_push_target(block: Block, work: Path) -> None:
+    os.mkfifo(work / "backups" / "queue")
+    try:
+        check_expectations(block, work, base_env())
+        assert stat.S_ISFIFO(os.lstat(work / "backups" / "queue").st_mode)
+    finally:
+        os.unlink(work / "backups" / "queue")
 
 
 @scenario("busy")

@@ -1,0 +1,196 @@
+"""What a push or a restore writes into: never a node it must not touch, never a replaced file.
+
+* A push target is a regular file, a directory or a block device; a character device, a FIFO
+  or a socket (also behind a symlink) is refused with exit 2 and left as it was: locally,
+  over SSH, and as the remote end of a Go client.
+* An existing empty file becomes an image in place; ``restore --force`` rewrites a file in
+  place; both keep its inode, owner and mode. A new restored file follows the umask.
+* ``restore`` into a FIFO or a character device streams into it.
+* A Go client's sync never puts its image over one a native push committed meanwhile.
+* ``--no-compress`` never overwrites a Go SPGZ0001 backup.
+* A mounted block device is refused (``O_EXCL``) with exit 4 and left unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shlex
+import shutil
+import socket
+import stat
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from support.paths import REPO, VECTORS
+from support.sshd import SshServer
+
+from diskrsync.compression.container import open_image
+from diskrsync.compression.image import Image
+from diskrsync.errors import BusyError, UsageError
+from diskrsync.legacy_cmd import open_legacy_target
+
+K = 1024
+M = 1024 * K
+TIMEOUT = 60
+SPGZ_VECTOR = "a_mixed_1m.diskrsync.spgz"
+
+
+def cli(*args: str | Path, umask: int | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "diskrsync.cli", *map(str, args)],
+                          capture_output=True, text=True, timeout=TIMEOUT,
+                          preexec_fn=None if umask is None else lambda: os.umask(umask))
+
+
+def refused(r: subprocess.CompletedProcess[str], code: int, *needles: str) -> None:
+    assert r.returncode == code, (r.returncode, r.stderr)
+    assert "Traceback" not in r.stderr, r.stderr
+    for n in needles:
+        assert n in r.stderr, r.stderr
+
+
+def data(seed: int, size: int = 1 * M) -> bytes:
+    out = bytearray(hashlib.shake_256(str(seed).encode()).digest(size // 2))
+    out += b"\0" * (size - len(out))
+    return bytes(out)
+
+
+def content(path: Path) -> bytes:
+    img = open_image(str(path))
+    try:
+        snap = img.snapshot()
+        try:
+            return snap.read(0, snap.size)
+        finally:
+            snap.close()
+    finally:
+        img.close()
+
+
+def identity(path: Path) -> tuple[int, ...]:
+    """What must not change about a node we may not replace."""
+    st = os.lstat(path)
+    return st.st_dev, st.st_ino, st.st_mode, st.st_rdev, st.st_uid, st.st_gid
+
+
+@contextlib.contextmanager
+def special(kind: str, tmp: Path) -> Iterator[Path]:
+    """A node of ``kind`` in ``tmp``: chr (a null device), fifo, sock, or a symlink to chr."""
+    path = tmp / f"node-{kind}"
+    sock: socket.socket | None = None
+    if kind in ("chr", "link"):
+        real = tmp / "null" if kind == "link" else path
+        os.mknod(real, stat.S_IFCHR | 0o666, os.makedev(1, 3))
+        if kind == "link":
+            path.symlink_to(real)
+    elif kind == "fifo":
+        os.mkfifo(path)
+    else:
+        sock = socket.socket(socket.AF_UNIX)
+        sock.bind(str(path))
+    try:
+        yield path
+    finally:
+        if sock is not None:
+            sock.close()
+
+
+def _spgz(path: Path) -> None:
+    """An SPGZ0001 file written by the Go diskrsync (a recorded vector)."""
+    if not (VECTORS / SPGZ_VECTOR).is_file():
+        pytest.skip("Go vectors not found")
+    shutil.copy(VECTORS / SPGZ_VECTOR, path)
+
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="mknod and chown need root")
+KINDS = ["chr", "fifo", "sock", "link"]
+
+
+# -- push into something that is not a file ---------------------------------------------------
+
+
+@needs_root
+@pytest.mark.root
+@pytest.mark.parametrize("raw", [False, True], ids=["image", "raw"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_push_refuses_a_special_target_and_leaves_it(kind: str, raw: bool,
+                                                     tmp_path: Path) -> None:
+    src = tmp_path / "src.img"
+    src.write_bytes(data(1))
+    with special(kind, tmp_path) as dst:
+        before = identity(dst), identity(dst.resolve())
+        r = cli("push", "-q", *(["--no-compress"] if raw else []), src, dst)
+        refused(r, 2, "a push target is a regular file, a directory or a block device")
+        assert (identity(dst), identity(dst.resolve())) == before
+
+
+@needs_root
+@pytest.mark.root
+def test_an_empty_file_becomes_an_image_in_place(tmp_path: Path) -> None:
+    """It keeps its inode, owner and mode (it used to be unlinked and created anew)."""
+    src = tmp_path / "src.img"
+    src.write_bytes(data(2))
+    dst = tmp_path / "native.spgz"
+    dst.write_bytes(b"")
+    os.chown(dst, 4321, 8765)
+    os.chmod(dst, 0o640)
+    before = identity(dst)
+    r = cli("push", "-q", src, dst)
+    assert r.returncode == 0, r.stderr
+    assert identity(dst) == before
+    assert content(dst) == data(2)
+
+
+# -- over SSH: a plain serve, and the restricted key ----------------------------------------
+
+
+def _remote_cmd() -> str:
+    exe = REPO / ".venv" / "bin" / "diskrsync"
+    return str(exe) if exe.exists() else f"{shlex.quote(sys.executable)} -m diskrsync.cli"
+
+
+@pytest.fixture(scope="module")
+def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SshServer]:
+    with SshServer(tmp_path_factory.mktemp("sshd")) as s:
+        s.write_known_hosts()
+        yield s
+
+
+@pytest.fixture
+def ssh_push(sshd: SshServer, tmp_path: Path) -> Callable[..., subprocess.CompletedProcess[str]]:
+    home = tmp_path / "home"
+    (home / ".ssh").mkdir(parents=True)
+    config = sshd.write_ssh_config(tmp_path / "ssh_config",
+                                   UserKnownHostsFile=str(sshd.known_hosts))
+    env = {k: v for k, v in os.environ.items() if k != "SSH_AUTH_SOCK"}
+    env["HOME"] = str(home)
+
+    def push(*args: str | Path) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "diskrsync.cli", "push", "-q", *map(str, args),
+             "-F", str(config), "--remote-cmd", _remote_cmd()],
+            capture_output=True, text=True, env=env, timeout=TIMEOUT)
+
+    return push
+
+
+@needs_root
+@pytest.mark.ssh
+@pytest.mark.root
+@pytest.mark.parametrize("kind", KINDS)
+def test_push_over_ssh_refuses_a_special_target(kind: str, ssh_push: Callable[..., Any],
+                                                tmp_path: Path) -> None:
+    src = tmp_path / "src.img"
+    src.write_bytes(data(9))
+    with special(kind, tmp_path) as dst:
+        before = identity(dst), identity(dst.resolve())
+        for raw in ([], ["--no-compress"]):
+            r = ssh_push(*raw, src, f"testhost:{dst}")
+            refused(r, 2, "a push target is a regular file")
+            assert (identity(dst), identity(dst.resolve())) == before
