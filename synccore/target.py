@@ -379,9 +379,10 @@ def open_store(path: str, hello: p.Hello, opts: TargetOptions, *, raw: bool) -> 
     if st is not None and stat.S_ISBLK(st.st_mode):
         return RawStore(path, hello, opts)
     kind = sniff(path) if st is not None and st.st_size else None
-    if kind == "spgz" and not raw:
+    if kind == "spgz":
         raise UsageError(f"{path} is a Go SPGZ0001 file: convert it first with "
-                         f"`diskrsync convert {path} NEW.spgz`")
+                         f"`diskrsync convert {path} NEW.spgz`"
+                         + (" (--no-compress would overwrite it with raw data)" if raw else ""))
     if raw:
         if kind == "image":
             raise UsageError(f"{path} is a diskrsync image; drop --no-compress to update it")

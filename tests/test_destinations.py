@@ -147,6 +147,19 @@ def test_an_empty_file_becomes_an_image_in_place(tmp_path: Path) -> None:
     assert content(dst) == data(2)
 
 
+# -- --no-compress onto a Go SPGZ0001 backup ------------------------------------------------
+
+
+def test_no_compress_refuses_an_spgz_backup(tmp_path: Path) -> None:
+    old = tmp_path / "old.spgz"
+    _spgz(old)
+    before = old.read_bytes()
+    src = tmp_path / "src.img"
+    src.write_bytes(data(8))
+    refused(cli("push", "-q", "--no-compress", src, old), 2, "SPGZ0001", "diskrsync convert")
+    assert old.read_bytes() == before
+
+
 # -- over SSH: a plain serve, and the restricted key ----------------------------------------
 
 
@@ -194,3 +207,25 @@ def test_push_over_ssh_refuses_a_special_target(kind: str, ssh_push: Callable[..
             r = ssh_push(*raw, src, f"testhost:{dst}")
             refused(r, 2, "a push target is a regular file")
             assert (identity(dst), identity(dst.resolve())) == before
+
+
+@pytest.mark.ssh
+def test_no_compress_over_the_restricted_key_refuses_an_spgz_backup(
+        sshd: SshServer, ssh_push: Callable[..., Any], tmp_path: Path) -> None:
+    backups = tmp_path / "backups"
+    backups.mkdir()
+    old = backups / "old.spgz"
+    _spgz(old)
+    before = old.read_bytes()
+    src = tmp_path / "src.img"
+    src.write_bytes(data(11))
+    forced = f"{_remote_cmd()} serve --restrict-to {shlex.quote(str(backups))} --write-only"
+    sshd.set_authorized_keys(f'command="{forced.replace(chr(34), chr(92) + chr(34))}",restrict')
+    try:
+        r = ssh_push("--no-compress", src, f"testhost:{old}")
+    finally:
+        sshd.set_authorized_keys()
+    refused(r, 2, "SPGZ0001")
+    assert old.read_bytes() == before
+
+
