@@ -7,7 +7,6 @@ import contextlib
 import os
 import stat
 import sys
-import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
@@ -16,7 +15,15 @@ from diskrsync.compression.codec import Kind, is_zero, zeros
 from diskrsync.compression.format import ENTRY_SIZE, TreeRef, iter_entries
 from diskrsync.compression.image import Image, Snapshot, TreeView, decode_checked
 from diskrsync.compression.spgz import SpgzImage
-from diskrsync.errors import CorruptChunkError, DataError, UsageError, from_oserror, stat_or_none
+from diskrsync.destination import open_dest
+from diskrsync.errors import (
+    CorruptChunkError,
+    DataError,
+    DiskrsyncError,
+    UsageError,
+    from_oserror,
+    stat_or_none,
+)
 from diskrsync.parallel import ordered_map
 from diskrsync.synccore.merkle import root_hash
 
@@ -202,51 +209,51 @@ def restore(
     force: bool = False,
     progress: Callable[[int], None] | None = None,
 ) -> None:
-    """Write a snapshot's bytes to a file (sparse), a block or character device, or "-"."""
+    """Write a snapshot's bytes to a file (sparse), a block device, a character device or a
+    FIFO (streamed), or "-".
+
+    Nothing is replaced: an existing file is rewritten in place (``force`` unless it is
+    empty), keeping its inode, owner and mode; a new one is created with the umask's mode and
+    removed again if the restore fails. A block device is opened exclusively, so a mounted
+    one is refused.
+    """
     if dest == "-":
         _stream(snap, sys.stdout.buffer, sparse=False, progress=progress)
         return
     st = stat_or_none(dest, "cannot restore to")
     if st is not None and stat.S_ISDIR(st.st_mode):
         raise UsageError(f"{dest} is a directory; name the file to restore into")
-    if st is not None and (stat.S_ISBLK(st.st_mode) or stat.S_ISCHR(st.st_mode)):
-        try:
-            with open(dest, "r+b" if stat.S_ISBLK(st.st_mode) else "wb", buffering=0) as f:
-                if stat.S_ISBLK(st.st_mode):
-                    dev_size = f.seek(0, os.SEEK_END)
-                    if dev_size < snap.size:
-                        raise UsageError(
-                            f"{dest} holds {dev_size} bytes, the disk needs {snap.size}"
-                        )
-                    f.seek(0)
-                _stream(snap, f, sparse=False, progress=progress)
-                if stat.S_ISBLK(st.st_mode):
-                    os.fsync(f.fileno())
-        except OSError as e:
-            raise from_oserror(e, f"restoring to {dest}") from None
-        return
-    if st is not None and st.st_size > 0 and not force:
-        raise UsageError(f"{dest} exists and is not empty; pass --force to overwrite it")
-    # write beside the destination and rename at the end: a failed restore loses nothing
-    folder = os.path.dirname(os.path.abspath(dest))
+    fd, st, created = open_dest(dest, streams=True)
+    is_file = stat.S_ISREG(st.st_mode)
+    writing = False
     try:
-        fd, tmp = tempfile.mkstemp(prefix=".diskrsync-restore-", dir=folder)
-    except OSError as e:
-        raise from_oserror(e, f"cannot restore to {dest}") from None
-    try:
-        with os.fdopen(fd, "wb", buffering=0) as f:
-            _stream(snap, f, sparse=True, progress=progress)
-            f.truncate(snap.size)
-            os.fsync(f.fileno())
-        os.replace(tmp, dest)
-    except OSError as e:
+        with os.fdopen(fd, "wb", buffering=0, closefd=True) as f:
+            if is_file and st.st_size > 0 and not force:
+                raise UsageError(f"{dest} exists and is not empty; pass --force to overwrite it")
+            if stat.S_ISBLK(st.st_mode):
+                dev_size = f.seek(0, os.SEEK_END)
+                if dev_size < snap.size:
+                    raise UsageError(f"{dest} holds {dev_size} bytes, the disk needs {snap.size}")
+                f.seek(0)
+            writing = True
+            if is_file:
+                f.truncate(0)  # then written sparse: skipped zero chunks read as zeros
+            _stream(snap, f, sparse=is_file, progress=progress)
+            if is_file:
+                f.truncate(snap.size)
+            if is_file or stat.S_ISBLK(st.st_mode):
+                os.fsync(f.fileno())
+    except BaseException as e:
         with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise from_oserror(e, f"restoring to {dest}") from None
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+            if created and os.lstat(dest).st_ino == st.st_ino:  # ours, incomplete
+                os.unlink(dest)
+        err = from_oserror(e, f"restoring to {dest}") if isinstance(e, OSError) else e
+        if isinstance(err, DiskrsyncError) and writing and not created:
+            err.message = f"{err.message}; {dest} is left partly rewritten"
+            err.args = (err.message,)
+        if err is e:
+            raise
+        raise err from None
 
 
 def _stream(

@@ -229,3 +229,78 @@ def test_no_compress_over_the_restricted_key_refuses_an_spgz_backup(
     assert old.read_bytes() == before
 
 
+# -- restore -------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def image(tmp_path: Path) -> Path:
+    src = tmp_path / "src.img"
+    src.write_bytes(data(3))
+    path = tmp_path / "backup.spgz"
+    r = cli("push", "-q", src, path)
+    assert r.returncode == 0, r.stderr
+    return path
+
+
+def test_restore_streams_into_a_fifo(image: Path, tmp_path: Path) -> None:
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    before = identity(fifo)
+    got: list[bytes] = []
+
+    def read() -> None:
+        with open(fifo, "rb") as f:
+            got.append(f.read())
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    r = cli("restore", "-q", image, fifo)
+    reader.join(TIMEOUT)
+    assert r.returncode == 0, r.stderr
+    assert not reader.is_alive() and got == [data(3)]
+    assert identity(fifo) == before
+
+
+@needs_root
+@pytest.mark.root
+def test_restore_into_a_character_device_writes_into_it(image: Path, tmp_path: Path) -> None:
+    with special("chr", tmp_path) as null:
+        before = identity(null)
+        r = cli("restore", "-q", image, null)
+        assert r.returncode == 0, r.stderr
+        assert identity(null) == before
+
+
+def test_restore_refuses_a_socket(image: Path, tmp_path: Path) -> None:
+    with special("sock", tmp_path) as sock:
+        before = identity(sock)
+        refused(cli("restore", "-q", image, sock), 2, "a socket")
+        assert identity(sock) == before
+
+
+@needs_root
+@pytest.mark.root
+def test_restore_force_keeps_inode_owner_and_mode(image: Path, tmp_path: Path) -> None:
+    dest = tmp_path / "disk.raw"
+    dest.write_bytes(b"\xff" * (3 * M))  # longer than the disk, and not zeros where it has them
+    os.chown(dest, 4321, 8765)
+    os.chmod(dest, 0o604)
+    before = identity(dest)
+    refused(cli("restore", "-q", image, dest), 2, "--force")
+    assert dest.read_bytes() == b"\xff" * (3 * M)
+    r = cli("restore", "-q", "--force", image, dest)
+    assert r.returncode == 0, r.stderr
+    assert identity(dest) == before
+    assert dest.read_bytes() == data(3)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027, 0o002])
+def test_a_new_restored_file_follows_the_umask(umask: int, image: Path, tmp_path: Path) -> None:
+    dest = tmp_path / "new.raw"
+    r = cli("restore", "-q", image, dest, umask=umask)
+    assert r.returncode == 0, r.stderr
+    assert stat.S_IMODE(os.stat(dest).st_mode) == 0o666 & ~umask
+    assert dest.read_bytes() == data(3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["backup.spgz", "new.raw", "src.img"]
+
+

@@ -425,10 +425,15 @@ def test_corrupt_chunk(tmp_path, kind):
     assert_cli_error(cli("restore", path, str(dest)), f"corrupt chunk {victim}")
     assert not dest.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".diskrsync-restore")]
-    # --force over an existing file: the restore fails and the file keeps its bytes
+    # without --force an existing file keeps its bytes; --force rewrites it in place (same
+    # inode), and a restore that fails says the file is left partly rewritten
     dest.write_bytes(b"precious")
-    assert_cli_error(cli("restore", "--force", path, str(dest)), "corrupt chunk")
+    assert_cli_error(cli("restore", path, str(dest)), "--force")
     assert dest.read_bytes() == b"precious"
+    ino = os.stat(dest).st_ino
+    assert_cli_error(cli("restore", "--force", path, str(dest)), "corrupt chunk",
+                     "left partly rewritten")
+    assert os.stat(dest).st_ino == ino
 
 
 def test_verify_names_every_generation_sharing_a_bad_chunk(tmp_path):
