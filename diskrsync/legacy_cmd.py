@@ -14,8 +14,11 @@ machines. This module is the thin I/O layer around them, in three parts:
   compressed once. :class:`RawTargetStore` is ``--no-compress``: a raw file or block device
   updated in place, as the Go tool does it.
 * **Targets that must appear atomically.** A new image, or an existing ``SPGZ0001`` file that
-  is converted, is built in a temporary file beside PATH and moved over PATH with
-  ``os.replace`` only after the commit; on any failure the temporary file is removed.
+  is converted, is built in a temporary file beside PATH and put in place only after the
+  commit: a new image with ``link`` (which fails if PATH appeared meanwhile, e.g. a native push
+  created an image there: that image is kept and this sync fails), a converted one with
+  ``os.replace`` once PATH is checked to be still the very file that was converted. On any
+  failure the temporary file is removed.
 * **Drivers.** :func:`go_remote_main` is what a Go client starts over SSH
   (``CMD --target|--source [FLAGS] PATH``); :func:`legacy_push` is ``push --legacy`` toward a
   host that runs the Go tool. Both pump bytes between a state machine and a byte pipe with
@@ -40,7 +43,9 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
+from diskrsync.destination import check_push_target, open_dest
 from diskrsync.errors import (
+    BusyError,
     DiskrsyncError,
     LocalError,
     PeerError,
@@ -367,7 +372,8 @@ class LegacyTargetEnd:
     """An opened target: the store to sync into and how to make the result durable or drop it.
 
     ``kind`` is "image", "new", "converted" or "raw". For "new" and "converted" the image is
-    built in ``temp`` and moved over ``path`` by :meth:`commit`.
+    built in ``temp`` and put at ``path`` by :meth:`commit`; ``replaces`` is the SPGZ0001
+    file a "converted" image replaces, as it was when the sync began.
     """
 
     path: str
@@ -375,6 +381,7 @@ class LegacyTargetEnd:
     store: _Store
     keep: int = 2
     temp: str | None = None
+    replaces: os.stat_result | None = None
     image: Image | None = None
     tx: Transaction | None = None
     fd: int = -1
@@ -392,7 +399,7 @@ class LegacyTargetEnd:
                 self.generation = self.tx.commit(source=source, meta=meta or {}, keep=self.keep)
                 self.tx = None
                 if self.temp is not None:
-                    _replace_durably(self.temp, self.path)
+                    _put_in_place(self.temp, self.path, self.replaces)
                     if self.kind == "converted":
                         self.log(f"{self.path}: the SPGZ0001 file was replaced by the converted "
                                  f"diskrsync image (generation 1: the old content, generation "
@@ -433,9 +440,28 @@ def _fsync_dir(path: str) -> None:
             os.close(fd)
 
 
-def _replace_durably(temp: str, path: str) -> None:
+def _put_in_place(temp: str, path: str, replaces: os.stat_result | None) -> None:
+    """Move the committed image ``temp`` to ``path``, never over anything that changed there
+    since the sync began (a native push may have committed an image there meanwhile): a new
+    image is linked (EEXIST if PATH appeared), a converted one replaces PATH only while PATH
+    is still the SPGZ0001 file it was converted from (a native push never writes into one,
+    so only a rename over PATH in the instant between the check and ours could slip by)."""
+    changed = BusyError(f"{path} changed while this sync ran (another push wrote it); it is "
+                        f"kept as it is and this sync's result is dropped")
     try:
-        os.replace(temp, path)
+        if replaces is None:
+            try:
+                os.link(temp, path)
+            except FileExistsError:
+                raise changed from None
+            os.unlink(temp)
+        else:
+            now = stat_or_none(path, "cannot open")
+            if now is None or ((now.st_dev, now.st_ino, now.st_size, now.st_mtime_ns)
+                               != (replaces.st_dev, replaces.st_ino, replaces.st_size,
+                                   replaces.st_mtime_ns)):
+                raise changed
+            os.replace(temp, path)
     except OSError as e:
         raise from_oserror(e, f"moving {temp} to {path}") from None
     _fsync_dir(path)
@@ -493,12 +519,15 @@ def open_legacy_target(
 
     * a diskrsync image: a new generation, written in a transaction;
     * an ``SPGZ0001`` file: converted into a temporary image beside it (its content becomes
-      generation 1), synced into, and moved over PATH at the commit;
-    * nothing (or an empty file): a new image, built beside PATH and moved there at the
-      commit;
+      generation 1), synced into, and moved over PATH at the commit if PATH is unchanged;
+    * nothing: a new image, built beside PATH and linked there at the commit (never over
+      an image that appeared meanwhile);
+    * an empty file: made an image in place (keeping its inode, owner and mode);
     * a block device, ``raw`` (``--no-compress``), or a non-empty file that is neither an
       image nor SPGZ0001 (the Go tool updates such a file raw, and so do we, saying so):
       updated in place.
+
+    Anything else (a character device, a FIFO, a socket) is refused and left untouched.
     """
     from diskrsync.compression.container import sniff
     from diskrsync.compression.format import DEFAULT_CHUNK
@@ -517,15 +546,19 @@ def open_legacy_target(
     if raw and kind == "spgz":
         raise UsageError(f"{path} is an SPGZ0001 file; drop --no-compress to update it (it "
                          f"is then converted into a diskrsync image)")
-    if st is not None and not is_block and not stat.S_ISREG(st.st_mode):
-        raise UsageError(f"{path} is neither a regular file nor a block device")
+    check_push_target(path, st)
     if raw or is_block or (st is not None and st.st_size and kind is None):
         if not raw and not is_block:
             log(f"{path} is neither a diskrsync image nor an SPGZ0001 file: updating it in "
                 f"place as a raw file (as the Go diskrsync does)")
         return _open_raw_end(path, is_file=not is_block)
     _remove_stale_temps(path, log)
+    from diskrsync.compression.image import Image
+
     if kind == "image":
+        return _open_image_end(path, "image", path, keep, log, None)
+    if st is not None and not st.st_size:
+        Image.create(path, chunk_size=chunk_size, in_place=True).close()
         return _open_image_end(path, "image", path, keep, log, None)
     if kind == "spgz":
         temp = _temp_name(path, "convert")
@@ -533,13 +566,13 @@ def open_legacy_target(
             f"({os.path.basename(temp)}), which replaces it when this sync completes")
         try:
             _convert_file(path, temp, chunk_size=chunk_size)
-            return _open_image_end(path, "converted", temp, keep, log, temp)
+            end = _open_image_end(path, "converted", temp, keep, log, temp)
+            end.replaces = st
+            return end
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(temp)
             raise
-    from diskrsync.compression.image import Image
-
     temp = _temp_name(path, "new")
     try:
         Image.create(temp, chunk_size=chunk_size).close()
@@ -551,13 +584,7 @@ def open_legacy_target(
 
 
 def _open_raw_end(path: str, *, is_file: bool) -> LegacyTargetEnd:
-
-    from diskrsync.errors import BusyError
-
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    except OSError as e:
-        raise from_oserror(e, f"cannot open {path}") from None
+    fd, _st, _created = open_dest(path)
     try:
         from diskrsync.compression.image import take_writer_lock
 

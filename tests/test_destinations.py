@@ -304,3 +304,109 @@ def test_a_new_restored_file_follows_the_umask(umask: int, image: Path, tmp_path
     assert sorted(p.name for p in tmp_path.iterdir()) == ["backup.spgz", "new.raw", "src.img"]
 
 
+# -- the remote end of a Go client ----------------------------------------------------------
+
+
+@needs_root
+@pytest.mark.root
+@pytest.mark.parametrize("raw", [False, True], ids=["image", "raw"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_go_target_refuses_a_special_target_and_leaves_it(kind: str, raw: bool,
+                                                          tmp_path: Path) -> None:
+    with special(kind, tmp_path) as dst:
+        before = identity(dst), identity(dst.resolve())
+        words = ["--target", *(["--no-compress"] if raw else []), str(dst)]
+        r = subprocess.run([sys.executable, "-m", "diskrsync.cli", *words], input=b"",
+                           capture_output=True, timeout=TIMEOUT)
+        assert r.returncode == 2, r.stderr
+        assert b"a push target is a regular file" in r.stderr
+        assert (identity(dst), identity(dst.resolve())) == before
+        with pytest.raises(UsageError, match="a push target is a regular file"):
+            open_legacy_target(str(dst), raw=raw)
+        assert (identity(dst), identity(dst.resolve())) == before
+
+
+@needs_root
+@pytest.mark.root
+def test_go_target_makes_an_empty_file_an_image_in_place(tmp_path: Path) -> None:
+    """It keeps its inode, owner and mode (a new image used to be renamed over it)."""
+    dst = tmp_path / "go.spgz"
+    dst.write_bytes(b"")
+    os.chown(dst, 4321, 8765)
+    os.chmod(dst, 0o640)
+    before = identity(dst)
+    end = open_legacy_target(str(dst), raw=False)
+    end.store.write(0, data(2))
+    end.commit("test")
+    assert identity(dst) == before
+    assert content(dst) == data(2)
+
+
+@pytest.mark.parametrize("start", ["nothing", "spgz"])
+def test_go_sync_never_replaces_an_image_a_native_push_committed(start: str,
+                                                                 tmp_path: Path) -> None:
+    path = tmp_path / "disk.spgz"
+    if start == "spgz":
+        _spgz(path)
+    end = open_legacy_target(str(path), raw=False)
+    assert end.kind == ("new" if start == "nothing" else "converted")
+    end.store.write(0, data(5))
+    # meanwhile a native push makes PATH an image with a generation of its own
+    native = tmp_path / "native.img"
+    native.write_bytes(data(6))
+    if start == "spgz":
+        fresh = tmp_path / "fresh.spgz"
+        assert cli("push", "-q", native, fresh).returncode == 0
+        os.replace(fresh, path)
+    else:
+        r = cli("push", "-q", native, path)
+        assert r.returncode == 0, r.stderr
+    with pytest.raises(BusyError, match="changed while this sync ran"):
+        end.commit("Go client")
+    assert content(path) == data(6)
+    with Image.open(str(path)) as img:
+        assert [g.source for g in img.generations()][-1] != "Go client"
+    assert [p.name for p in tmp_path.iterdir() if ".diskrsync-" in p.name] == []
+
+
+# -- a mounted block device -----------------------------------------------------------------
+
+
+@pytest.fixture
+def mounted_loop(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    """An ext4 filesystem on a loop device, mounted read-only: (device, backing file)."""
+    if os.geteuid() != 0 or not os.path.exists("/dev/loop-control"):
+        pytest.skip("needs root and loop devices")
+    backing = tmp_path / "fs.img"
+    backing.write_bytes(b"")
+    os.truncate(backing, 8 * M)
+    subprocess.run(["mkfs.ext4", "-q", "-F", str(backing)], check=True, capture_output=True)
+    where = tmp_path / "mnt"
+    where.mkdir()
+    dev = subprocess.run(["losetup", "--find", "--show", str(backing)], capture_output=True,
+                         text=True, check=True).stdout.strip()
+    mounted = False
+    try:
+        subprocess.run(["mount", "-o", "ro", dev, str(where)], check=True, capture_output=True)
+        mounted = True
+        yield dev, backing
+    finally:
+        if mounted:
+            subprocess.run(["umount", str(where)], capture_output=True)
+        subprocess.run(["losetup", "-d", dev], capture_output=True)
+
+
+@pytest.mark.root
+@pytest.mark.slow
+def test_a_mounted_block_device_is_refused(mounted_loop: tuple[str, Path], image: Path,
+                                           tmp_path: Path) -> None:
+    dev, backing = mounted_loop
+    before = backing.read_bytes()
+    src = tmp_path / "src.img"
+    for args in (["push", "-q", src, dev], ["push", "-q", "--no-compress", src, dev],
+                 ["push", "-q", image, dev], ["restore", "-q", image, dev],
+                 ["restore", "-q", "--force", image, dev]):
+        refused(cli(*args), 4, "mounted or in use")
+    with pytest.raises(BusyError, match="mounted or in use"):
+        open_legacy_target(dev, raw=False)
+    assert backing.read_bytes() == before
