@@ -75,6 +75,11 @@ def decode(kind: Kind | int, stored: bytes, length: int) -> bytes:
         return stored
     if kind == Kind.ZSTD:
         try:
+            # decompress() allocates what a frame declares, whatever max_output_size says:
+            # check the declaration first so a few bytes cannot claim gigabytes
+            declared = zstandard.get_frame_parameters(stored).content_size
+            if declared not in (length, zstandard.CONTENTSIZE_UNKNOWN):
+                raise ValueError(f"zstd frame declares {declared} bytes, expected {length}")
             out = _decompressor().decompress(stored, max_output_size=length)
         except zstandard.ZstdError as e:
             raise ValueError(f"zstd frame does not decode: {e}") from None

@@ -33,9 +33,12 @@ def parse_size(text: str) -> int:
     t = text.strip().upper().removesuffix("IB").removesuffix("B")
     unit = t[-1:] if t[-1:] in SIZE_UNITS and t[-1:] else ""
     try:
-        return int(float(t[: len(t) - len(unit)]) * SIZE_UNITS[unit])
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 128K, 256M)") from None
+        n = int(float(t[: len(t) - len(unit)]) * SIZE_UNITS[unit])
+    except (ValueError, OverflowError):  # OverflowError: "inf"
+        n = -1
+    if not 0 <= n < 1 << 63:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 128K, 256M)")
+    return n
 
 
 def human(n: float) -> str:
@@ -194,14 +197,17 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 
 def _push_request(args: argparse.Namespace) -> Any:
+    from dataclasses import replace
+
+    from diskrsync.synccore.protocol import DEFAULT_MAX_SIZE
     from diskrsync.synccore.push import PushRequest
     from diskrsync.synccore.source import SourceOptions
     from diskrsync.synccore.target import TargetOptions
 
-    target = TargetOptions(keep=args.keep, dry_run=args.dry_run)
+    limit = DEFAULT_MAX_SIZE if args.max_size is None else args.max_size
+    target = TargetOptions(keep=args.keep, dry_run=args.dry_run, max_size=limit)
     if getattr(args, "checkpoint_interval", None):
-        target = TargetOptions(keep=args.keep, dry_run=args.dry_run,
-                               checkpoint_bytes=args.checkpoint_interval)
+        target = replace(target, checkpoint_bytes=args.checkpoint_interval)
     return PushRequest(
         source=SourceOptions(chunk_size=args.chunk_size, dry_run=args.dry_run,
                              ignore_read_errors=getattr(args, "ignore_read_errors", False)),
@@ -361,6 +367,9 @@ def _push_options(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--timeout", type=parse_seconds, default=0, metavar="SECONDS",
                     help="with a remote end: fail when it sends nothing for SECONDS "
                          "(default 0: never)")
+    sp.add_argument("--max-size", type=parse_size, metavar="SIZE",
+                    help="refuse a source larger than SIZE when this end is the target (default "
+                         "64T): bounds what a peer can make it allocate")
 
 
 def build_parser() -> argparse.ArgumentParser:

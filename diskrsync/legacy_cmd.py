@@ -179,6 +179,9 @@ class ImageTargetStore:
     ``final_size`` (set by the caller once the target machine exists) tells the store the
     source's size, so that the first write past the end grows the transaction once instead
     of once per tail block (each resize re-stores the boundary chunk).
+
+    Everything from ``_zero_from`` on reads as zeros (it was grown and not written since), so
+    a zero run there costs nothing: a peer's run of many terabytes is not a loop over chunks.
     """
 
     def __init__(self, tx: Transaction) -> None:
@@ -186,6 +189,7 @@ class ImageTargetStore:
         self.chunk_size = tx.chunk_size
         self.final_size: Callable[[], int | None] = lambda: None
         self._pending: tuple[int, bytearray] | None = None  # chunk written in part
+        self._zero_from = tx.size
         self.chunks_stored = 0
 
     @property
@@ -247,17 +251,21 @@ class ImageTargetStore:
         if data:
             self._grow(offset + len(data))
             self._patch(offset, memoryview(data), len(data))
+            self._zero_from = max(self._zero_from, offset + len(data))
 
     def write_zeros(self, offset: int, length: int) -> None:
         """Make a range read as zeros; whole chunks become zero entries (no data stored)."""
         if length > 0:
             self._grow(offset + length)
-            self._patch(offset, None, length)
+            length = min(offset + length, self._zero_from) - offset
+            if length > 0:
+                self._patch(offset, None, length)
 
     def truncate(self, size: int) -> None:
         """Shrink or grow the transaction."""
         self.flush()
         self.tx.resize(size)
+        self._zero_from = min(self._zero_from, size)
 
 
 class RawTargetStore:
@@ -1146,7 +1154,8 @@ def _pull_from_go(src: RemotePath, dst: str, req: PushRequest, args: argparse.Na
                              chunk_size=req.source.chunk_size)
     bars = [Progress(0, "pull", False)]
     try:
-        target = LegacyTarget(end.store, leaf_hashes=parallel_leaf_hashes(end.store.read))
+        target = LegacyTarget(end.store, leaf_hashes=parallel_leaf_hashes(end.store.read),
+                              max_size=req.target.max_size)
         if isinstance(end.store, ImageTargetStore):
             end.store.final_size = lambda: target.peer_size
         done = [0]

@@ -653,6 +653,7 @@ def _plan_restricted(args: argparse.Namespace) -> tuple[argparse.Namespace, str 
                          "authorized_keys: SSH_ORIGINAL_COMMAND is not set")
     req = _parse_request(command)
     req.timeout = args.timeout  # the server's, never the client's
+    req.max_size = args.max_size  # the server's limit, never the client's
     if req.source is not None and args.write_only:
         raise UsageError("refused: this key is write-only: it may push backups but not read "
                          "them (--source)")
@@ -702,6 +703,6 @@ def _serve_restricted(req: argparse.Namespace, root: str | None) -> int:
         return open_store(path, hello, replace(push_req.target, nofollow=True),
                           raw=push_req.raw_target)
 
-    serve_target(channel, opener, verify=True)
+    serve_target(channel, opener, verify=True, max_size=push_req.target.max_size)
     return 0
 

@@ -46,6 +46,7 @@ from dataclasses import dataclass
 from typing import Final, Literal, Protocol
 
 from diskrsync.errors import LocalError, PeerError, UsageError
+from diskrsync.synccore.protocol import DEFAULT_MAX_SIZE
 
 __all__ = [
     "CMD_BLOCK",
@@ -350,6 +351,7 @@ class _Machine:
         size (each role walks its side of it). Returns (peer size, common size)."""
         self._out += _HEADER.pack(MAGIC, self._local_size)
         peer = yield from self._read_header()
+        self._check_peer_size(peer)
         self._peer_size = peer
         common = min(peer, self._local_size)
         shape = go_tree_shape(common) if common > 0 else None
@@ -362,6 +364,9 @@ class _Machine:
     # -- subclass hooks ---------------------------------------------------------------------
     _local_size: int
     _leaf_hashes: LeafHashProvider
+
+    def _check_peer_size(self, size: int) -> None:
+        """Refuse a peer size before anything is built for it (the target has a limit)."""
 
     def _walk(
         self, shape: TreeShape, digests: list[list[bytes]], depth: int, index: int
@@ -468,12 +473,19 @@ class LegacyTarget(_Machine):
     """
 
     def __init__(
-        self, store: LegacyTargetStore, *, leaf_hashes: LeafHashProvider | None = None
+        self, store: LegacyTargetStore, *, leaf_hashes: LeafHashProvider | None = None,
+        max_size: int = DEFAULT_MAX_SIZE,
     ) -> None:
         self._store = store
         self._local_size = store.size
+        self._max_size = max_size
         self._leaf_hashes = leaf_hashes or (lambda shape: compute_leaf_hashes(shape, store.read))
         super().__init__("legacy target")
+
+    def _check_peer_size(self, size: int) -> None:
+        if size > self._max_size:
+            raise PeerError(f"legacy target: the source has {size} bytes, more than the "
+                            f"{self._max_size} this end accepts (--max-size)")
 
     def _run(self) -> _Step:
         peer, common = yield from self._header_and_tree()

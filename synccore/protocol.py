@@ -12,10 +12,14 @@ hash; the target commits only when its new root equals it and answers Committed.
 from __future__ import annotations
 
 import json
+import math
+import re
 import struct
 from dataclasses import dataclass, field
 from typing import Any
 
+from diskrsync.compression.codec import Kind
+from diskrsync.compression.format import MAX_CHUNK, MIN_CHUNK
 from diskrsync.errors import PeerError
 
 PROTOCOL_VERSION = 1
@@ -23,6 +27,11 @@ PREAMBLE = b"DRSYNC"
 PREAMBLE_SIZE = len(PREAMBLE) + 2
 GO_MAGIC = b"BSNC0002"  # what the original Go diskrsync sends first
 MAX_FRAME = 16 << 20  # bounds memory: a chunk is at most 4 MiB plus a header
+MAX_JSON = 1 << 20  # a JSON message (Hello, Done, Committed, Error) is small
+MAX_JSON_DEPTH = 16
+MAX_FANOUT = 4096
+MAX_DISK_SIZE = (1 << 63) - 1  # what an off_t and the formats' u64 fields hold
+DEFAULT_MAX_SIZE = 64 << 40  # `--max-size`: the largest source a target accepts by default
 HASH_SIZE = 32
 HASH = "blake3"
 # What this release can do; each side lists them in its Hello and checks the other's.
@@ -34,7 +43,7 @@ def check_peer(hello: Hello, needed: tuple[str, ...]) -> None:
     who = f"the {hello.role} ({hello.software or 'unknown software'})"
     if hello.info.get("hash") != HASH:
         raise PeerError(f"{who} uses hash {hello.info.get('hash')!r}, this diskrsync uses {HASH}")
-    caps = set(hello.info.get("caps", ()))
+    caps = set(hello.info.get("caps", ()))  # a list of strings: the decoder checked
     missing = [c for c in needed if c not in caps]
     if missing:
         raise PeerError(f"{who} cannot do {', '.join(missing)}: install the same diskrsync "
@@ -170,19 +179,96 @@ def _to_json(msg: Message) -> dict[str, Any]:
     raise TypeError(msg)
 
 
+class _Malformed(ValueError):
+    """A JSON message that parses but has the wrong shape (turned into a PeerError)."""
+
+
+def _no_constant(name: str) -> Any:
+    raise _Malformed(f"{name} is not a number")
+
+
+def _check_json(value: Any, depth: int = 0) -> None:
+    """Bounded nesting, no NUL in any string or key (names end up in paths and metadata)."""
+    if depth > MAX_JSON_DEPTH:
+        raise _Malformed(f"nested deeper than {MAX_JSON_DEPTH}")
+    if isinstance(value, str):
+        if "\0" in value:
+            raise _Malformed("a string holds a NUL character")
+    elif isinstance(value, list):
+        for v in value:
+            _check_json(v, depth + 1)
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _check_json(k, depth + 1)
+            _check_json(v, depth + 1)
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise _Malformed("a number is not finite")
+
+
+def _field(d: dict[str, Any], name: str, kind: type, default: Any = None) -> Any:
+    v = d.get(name, default)
+    # bool is an int to Python, never to us; a float is not an integer even when whole
+    if v is None or not isinstance(v, kind) or (kind is int and isinstance(v, bool)):
+        raise _Malformed(f"{name!r} must be {kind.__name__}, not {type(v).__name__}")
+    return v
+
+
+def _int(d: dict[str, Any], name: str, lo: int, hi: int) -> int:
+    v: int = _field(d, name, int)
+    if not lo <= v <= hi:
+        raise _Malformed(f"{name!r} is {v}, outside {lo}..{hi}")
+    return v
+
+
+def _digest(d: dict[str, Any], name: str) -> bytes:
+    text: str = _field(d, name, str)
+    if not re.fullmatch(r"[0-9a-f]{64}", text):
+        raise _Malformed(f"{name!r} is not a {HASH_SIZE}-byte hex digest")
+    return bytes.fromhex(text)
+
+
+def _hello(d: dict[str, Any]) -> Hello:
+    role = _field(d, "role", str)
+    if role not in ("source", "target"):
+        raise _Malformed(f"role {role!r} is neither source nor target")
+    size = _int(d, "size", 0, MAX_DISK_SIZE)
+    cs = _int(d, "chunk_size", 0 if role == "source" else 1, MAX_CHUNK)
+    if role == "target" and not (cs >= MIN_CHUNK and cs & (cs - 1) == 0):
+        raise _Malformed(f"chunk size {cs} is not a power of two from {MIN_CHUNK} to "
+                         f"{MAX_CHUNK}")  # a source's wish is checked by the target
+    fanout = _int(d, "fanout", 2, MAX_FANOUT)
+    info: dict[str, Any] = _field(d, "info", dict, {})
+    caps = info.get("caps", [])
+    if not isinstance(caps, list) or not all(isinstance(c, str) for c in caps):
+        raise _Malformed("'caps' must be a list of strings")
+    if not isinstance(info.get("hash", ""), str):
+        raise _Malformed("'hash' must be a string")
+    return Hello(role, size, cs, fanout, _field(d, "software", str, ""), info)
+
+
 def _from_json(t: int, payload: bytes) -> Message:
+    """Decode and check a JSON message: one that decodes is well-formed (types, ranges)."""
     try:
-        d = json.loads(payload)
+        if len(payload) > MAX_JSON:
+            raise _Malformed(f"{len(payload)} bytes of JSON, at most {MAX_JSON}")
+        d = json.loads(payload, parse_constant=_no_constant)
+        if not isinstance(d, dict):
+            raise _Malformed("not a JSON object")
+        _check_json(d)
         if t == 1:
-            return Hello(str(d["role"]), int(d["size"]), int(d["chunk_size"]), int(d["fanout"]),
-                         str(d.get("software", "")), dict(d.get("info", {})))
+            return _hello(d)
         if t == 6:
-            return Done(bytes.fromhex(d["root"]), dict(d.get("info", {})))
+            return Done(_digest(d, "root"), _field(d, "info", dict, {}))
         if t == 7:
-            return Committed(int(d["generation"]), bytes.fromhex(d["root"]),
-                             dict(d.get("info", {})))
-        return Error(str(d["kind"]), str(d["message"]))
-    except (ValueError, KeyError, TypeError) as e:
+            return Committed(_int(d, "generation", 0, 1 << 63), _digest(d, "root"),
+                             _field(d, "info", dict, {}))
+        kind = _field(d, "kind", str)
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,63}", kind):
+            raise _Malformed(f"error kind {kind[:64]!r} is not a class name")
+        # shown to the user as one line: no line breaks or other control characters
+        message = "".join(c if c.isprintable() else " " for c in _field(d, "message", str))
+        return Error(kind, message)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError too
         raise PeerError(f"peer sent a malformed message (type {t}): {e}") from None
 
 
@@ -261,7 +347,12 @@ def _decode(t: int, payload: bytes) -> Message:
         if len(payload) < _CHUNK.size:
             raise PeerError("peer sent a truncated chunk frame")
         index, kind, digest = _CHUNK.unpack_from(payload)
-        return Chunk(index, kind, digest, payload[_CHUNK.size :])
+        data = payload[_CHUNK.size :]
+        if kind not in (Kind.ZERO, Kind.RAW, Kind.ZSTD) or (kind == Kind.ZERO and data) \
+                or (kind == Kind.RAW and len(data) > MAX_CHUNK):
+            raise PeerError(f"peer sent a malformed chunk frame (chunk {index}, kind {kind}, "
+                            f"{len(data)} bytes)")
+        return Chunk(index, kind, digest, data)
     if cls in (PageHashes, Leaves, NeedLeaves):
         if len(payload) < _PAGE.size or (cls is not NeedLeaves
                                           and (len(payload) - _PAGE.size) % HASH_SIZE):

@@ -78,7 +78,7 @@ def local_push(src: str, dst: str, req: PushRequest,
 
     def run_target() -> None:
         try:
-            serve_target(b, opener, verify=False)
+            serve_target(b, opener, verify=False, max_size=req.target.max_size)
         except BaseException as e:
             failure.append(e)
             # keep draining so a source blocked on a full channel sees the error and stops
@@ -133,5 +133,5 @@ def run_target_end(channel: Channel, dst: str, req: PushRequest, *,
     def opener(hello: p.Hello) -> TargetStore:
         return open_store(dst, hello, req.target, raw=req.raw_target)
 
-    return serve_target(channel, opener, verify=verify)
+    return serve_target(channel, opener, verify=verify, max_size=req.target.max_size)
 

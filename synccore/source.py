@@ -273,6 +273,8 @@ class SourceSession:
         self._result: p.Committed | None = None
         self._slots = threading.BoundedSemaphore(MAX_PENDING_PAGES)
         self._page_left: dict[int, int] = {}  # page -> chunk sends not yet done
+        self._asked: set[int] = set()  # pages whose Leaves we wait for
+        self._done_sent = False  # a Committed before our Done is the target's lie
         self._stats_lock = threading.Lock()
 
     # .. handshake ..
@@ -321,7 +323,7 @@ class SourceSession:
             done_info = {
                 "dry_run": self.opts.dry_run,
                 "source_changed_chunks": len(self.stats.source_changed_chunks),
-                "read_errors": self.stats.read_errors,
+                "read_errors": self.stats.read_errors[:1000],  # the target stores it: bounded
             }
             if self.opts.dry_run:
                 # no chunks travel in a dry run: tell a pulling target what would have
@@ -329,6 +331,7 @@ class SourceSession:
                 done_info.update(chunks_differing=self.stats.chunks_differing,
                                  chunk_bytes_differing=self.stats.chunk_bytes_differing,
                                  differing_ranges=self.stats.differing_ranges[:1000])
+            self._done_sent = True
             self.ch.send(p.Done(root, done_info))
             receiver.join()
             self.fail.check()
@@ -363,15 +366,23 @@ class SourceSession:
                     if self._result is None:
                         raise PeerError("the target closed the connection before committing")
                     return
+                if self._result is not None:
+                    raise PeerError(f"unexpected {type(msg).__name__} from the target after "
+                                    f"it committed")
                 if isinstance(msg, p.PageHashes):
                     with self._cv:
                         if msg.start * HASH_SIZE != len(self._page_hashes):
                             raise PeerError("target sent page digests out of order")
+                        if msg.start + len(msg.hashes) // HASH_SIZE > self.dst.count(1):
+                            raise PeerError(f"target sent more page digests than its "
+                                            f"{self.dst.count(1)} pages")
                         self._page_hashes += msg.hashes
                         self._cv.notify_all()
                 elif isinstance(msg, p.Leaves):
                     self._on_leaves(msg)
                 elif isinstance(msg, p.Committed):
+                    if not self._done_sent:
+                        raise PeerError("the target committed before the source finished")
                     self._result = msg
                 elif isinstance(msg, p.Error):
                     raise _remote_error(msg)
@@ -424,10 +435,15 @@ class SourceSession:
             return
         with self._cv:
             self._outstanding += 1
+            self._asked.add(j)
         self.ch.send(p.NeedLeaves(j))
 
     def _on_leaves(self, msg: p.Leaves) -> None:
         j = msg.page
+        with self._cv:
+            if j not in self._asked:
+                raise PeerError(f"target sent leaf digests of page {j}, which was not asked for")
+            self._asked.discard(j)
         a, b = self.src.chunk_range(1, j)
         ta, tb = self.dst.chunk_range(1, j) if j < self.dst.count(1) else (a, a)
         if len(msg.hashes) != (tb - ta) * HASH_SIZE:

@@ -110,6 +110,7 @@ class TargetOptions:
     checkpoint_bytes: int = CHECKPOINT_BYTES
     checkpoint_seconds: float = CHECKPOINT_SECONDS
     nofollow: bool = False  # never open the target through a symlink (a restricted serve)
+    max_size: int = p.DEFAULT_MAX_SIZE  # a larger source is refused before anything is opened
 
 
 class ImageStore:
@@ -159,6 +160,7 @@ class ImageStore:
         self._since_cp = 0
         self._cp_time = time.monotonic()
         self._written = 0
+        self._written_at_cp = 0
 
     def _checkpoint_meta(self) -> dict[str, Any]:
         return {"checkpoint": True, "chunks_written": self._written}
@@ -185,6 +187,7 @@ class ImageStore:
             self.tx.checkpoint(source=self.source, meta=self._checkpoint_meta())
             self._since_cp = 0
             self._cp_time = time.monotonic()
+            self._written_at_cp = self._written
 
     def finish(self, root: bytes, info: dict[str, Any]) -> p.Committed:
         if self.tx is None:
@@ -197,7 +200,8 @@ class ImageStore:
 
     def abort(self, save: bool) -> None:
         if self.tx is not None:
-            if save:
+            # a checkpoint of nothing new would only store the index of the announced size
+            if save and self._written > self._written_at_cp:
                 with contextlib.suppress(DiskrsyncError, OSError):
                     self.tx.checkpoint(source=self.source, meta=self._checkpoint_meta())
             self.tx.abort()
@@ -445,10 +449,11 @@ class _Verifier:
 
 
 def serve_target(channel: Channel, opener: Callable[[p.Hello], TargetStore], *,
-                 verify: bool = True) -> p.Committed | None:
+                 verify: bool = True, max_size: int = p.DEFAULT_MAX_SIZE) -> p.Committed | None:
     """Run the target's side until the source's Done is committed (returns Committed), the
     source dry-ran (Committed with generation 0), or an error (raised, after telling the
-    peer). A link lost mid-way keeps a checkpoint for the next push."""
+    peer). A link lost mid-way keeps a checkpoint for the next push. A source larger than
+    ``max_size`` is refused before the target is opened."""
     msg = channel.recv()
     if msg is None:
         raise PeerError("the source closed the connection before saying hello")
@@ -459,6 +464,9 @@ def serve_target(channel: Channel, opener: Callable[[p.Hello], TargetStore], *,
     committed = False
     try:
         p.check_peer(msg, ())
+        if msg.size > max_size:
+            raise PeerError(f"the source has {msg.size} bytes, more than the {max_size} this "
+                            f"end accepts (--max-size)")
         store = opener(msg)
         channel.send(p.Hello("target", store.base_size, store.chunk_size, store.fanout,
                              f"diskrsync {__version__}", store.info))
@@ -470,6 +478,8 @@ def serve_target(channel: Channel, opener: Callable[[p.Hello], TargetStore], *,
             if m is None:
                 raise PeerError("the source closed the connection before finishing")
             if isinstance(m, p.Chunk):
+                if m.index >= shape.chunks:
+                    raise PeerError(f"the source sent chunk {m.index}, outside the disk")
                 verifier.add(m)
             elif isinstance(m, p.NeedLeaves):
                 channel.send(p.Leaves(m.page, store.leaf_hashes(m.page)))

@@ -1,0 +1,258 @@
+"""A hostile or broken peer: every number it sends is checked before anything is allocated.
+
+Each case is a red-team stream from issue 10 sent to the real program (``serve --target``,
+``serve --source``, or the Go remote end ``--target``) running under an address-space limit:
+the answer must be exit 5 with one line, quickly, and the target image must keep its
+generation, stay healthy and hold no new checkpoint or data.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+
+import pytest
+import zstandard
+from support.hostile import (
+    DISKRSYNC,
+    frame,
+    hello,
+    image_state,
+    json_frame,
+    one_error_line,
+    run_bounded,
+)
+
+from diskrsync.compression import codec
+from diskrsync.compression.codec import Kind
+from diskrsync.compression.image import Image
+from diskrsync.errors import PeerError
+from diskrsync.legacy_cmd import ImageTargetStore
+from diskrsync.synccore import protocol as p
+from diskrsync.synccore.legacy import MAGIC
+from diskrsync.synccore.merkle import leaf_hash
+from diskrsync.synccore.push import PushRequest, local_push
+from diskrsync.synccore.source import SourceOptions
+
+CS = 16384
+SIZE = CS * 24
+
+
+@pytest.fixture
+def image(tmp_path: Path) -> Path:
+    """A one-generation image of SIZE bytes."""
+    src, dst = tmp_path / "src", tmp_path / "d.spgz"
+    src.write_bytes(os.urandom(SIZE // 2) + bytes(SIZE // 2))
+    local_push(str(src), str(dst), PushRequest(source=SourceOptions(chunk_size=CS)))
+    return dst
+
+
+def _serve_target(dst: Path, stream: bytes, *extra: str, restricted: bool = False):
+    """``serve --target`` (or the documented restricted key) fed ``stream`` then EOF."""
+    if restricted:
+        env = {**os.environ, "SSH_ORIGINAL_COMMAND": f"diskrsync serve --target {dst}"}
+        argv = [*DISKRSYNC, "serve", "--restrict-to", str(dst.parent), "--write-only", *extra]
+        return run_bounded(argv, p.preamble() + stream, env=env)
+    return run_bounded([*DISKRSYNC, "serve", "--target", str(dst), *extra],
+                       p.preamble() + stream)
+
+
+def _refused(r, image: Path | None = None, before=None, why: str = "") -> None:
+    assert r.returncode == 5, r.stderr
+    assert one_error_line(r.stderr), r.stderr
+    assert why.encode() in r.stderr, r.stderr
+    if image is not None:
+        after = image_state(image)
+        assert after == before, (before, after)  # no generation, checkpoint or growth
+        assert after.verify_ok
+
+
+# -- sizes ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("size", "why"), [
+    (2**40, "closed the connection before finishing"),  # allowed, but nothing may be written
+    (2**55, "more than the 70368744177664 this end accepts"),
+    ("1e300", "'size' must be int"),
+    (2**64, "outside 0.."),
+    (-1, "outside 0.."),
+], ids=["2^40", "2^55", "1e300", "2^64", "negative"])
+def test_a_huge_size_request_to_a_restricted_key_changes_nothing(image, size, why):
+    """Red team: a 305-byte Hello with size 2^40 wrote 390 MiB of index pages (a checkpoint
+    of nothing), 2^55 grew to 17.6 GB of memory, 1e300 hung."""
+    before = image_state(image)
+    body = hello(size=0, info={"hash": p.HASH, "caps": list(p.CAPABILITIES), "name": "d"})
+    text = json.dumps(body).replace('"size": 0', f'"size": {size}')
+    r = _serve_target(image, json_frame(1, text), restricted=True)
+    _refused(r, image, before, why)
+
+
+def test_max_size_is_the_servers_limit(image):
+    before = image_state(image)
+    r = _serve_target(image, json_frame(1, hello(size=SIZE * 2)), "--max-size", str(SIZE))
+    _refused(r, image, before, f"more than the {SIZE} this end accepts (--max-size)")
+
+
+# -- chunk payloads ------------------------------------------------------------------------
+
+
+def _zstd_declaring(declared: int, run: int = 128 * 1024) -> bytes:
+    """A few bytes of zstd frame that claim ``declared`` bytes of content (one RLE block)."""
+    head = b"\x28\xb5\x2f\xfd" + bytes([0xC0, 7 << 3]) + struct.pack("<Q", declared)
+    return head + struct.pack("<I", 1 | (1 << 1) | (run << 3))[:3] + b"\x07"
+
+
+def test_a_zstd_frame_declaring_gigabytes_is_refused_before_allocating(image):
+    """Red team: max_output_size does not cap a declared content size; the target
+    allocated gigabytes for a 98 KB chunk before rejecting it."""
+    before = image_state(image)
+    stream = (json_frame(1, hello(size=SIZE))
+              + frame(5, struct.pack("<QB32s", 0, Kind.ZSTD, b"\1" * 32)
+                      + _zstd_declaring(4 << 30)))
+    r = _serve_target(image, stream)
+    _refused(r, image, before, "zstd frame declares 4294967296 bytes, expected 16384")
+
+
+def test_decoded_chunks_are_capped_at_the_chunk_length():
+    with pytest.raises(ValueError, match="declares"):
+        codec.decode(Kind.ZSTD, _zstd_declaring(6 << 30), CS)
+    undeclared = zstandard.ZstdCompressor(write_content_size=False).compress(b"x" * (CS + 1))
+    with pytest.raises(ValueError):
+        codec.decode(Kind.ZSTD, undeclared, CS)
+    assert codec.decode(Kind.ZSTD, codec.encode(b"y" * CS)[1], CS) == b"y" * CS
+
+
+# -- malformed JSON ------------------------------------------------------------------------
+
+_INFO = {"hash": p.HASH, "caps": list(p.CAPABILITIES)}
+_TARGET_CASES = {
+    "nul-in-name": (hello(size=SIZE, info={**_INFO, "name": "a\0b"}), "NUL"),
+    "caps-not-a-list": (hello(size=SIZE, info={**_INFO, "caps": 5}), "'caps' must be"),
+    "infinity": (json.dumps(hello(size=0)).replace('"size": 0', '"size": Infinity'),
+                 "Infinity is not a number"),
+    "nan": (json.dumps(hello(size=0)).replace('"size": 0', '"size": NaN'),
+            "NaN is not a number"),
+    "deep-nesting": (json.dumps(hello(size=SIZE)).replace(
+        '"software"', '"deep": ' + "[" * 100_000 + "]" * 100_000 + ', "software"'),
+        "malformed message"),
+    "negative-chunk-size": (hello(size=SIZE, chunk_size=-CS), "'chunk_size' is"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_TARGET_CASES))
+def test_malformed_source_hello_is_one_line_and_changes_nothing(tmp_path, image, case):
+    """Red team: these were tracebacks (exit 1) or, for a negative chunk size, a usage
+    error (exit 2) blamed on the user."""
+    before = image_state(image)
+    body, why = _TARGET_CASES[case]
+    # a directory target: the source's name becomes the file name
+    r = _serve_target(tmp_path, json_frame(1, body))
+    _refused(r, why=why)
+    assert image_state(image) == before
+    assert sorted(os.listdir(tmp_path)) == ["d.spgz", "src"]
+
+
+def _serve_source(tmp_path: Path, stream: bytes):
+    src = tmp_path / "src"
+    if not src.exists():
+        src.write_bytes(os.urandom(SIZE))
+    return run_bounded([*DISKRSYNC, "serve", "--source", str(src)], p.preamble() + stream)
+
+
+_SOURCE_CASES = {
+    "fanout-0": (hello("target", SIZE, fanout=0), "'fanout' is 0"),
+    "fanout-1": (hello("target", SIZE, fanout=1), "'fanout' is 1"),
+    "chunk-size-0": (hello("target", SIZE, chunk_size=0), "'chunk_size' is 0"),
+    "chunk-size-negative": (hello("target", SIZE, chunk_size=-CS), "'chunk_size' is"),
+    "chunk-size-not-a-power": (hello("target", SIZE, chunk_size=CS + 1), "power of two"),
+    "negative-size": (hello("target", -5), "'size' is -5"),
+    "caps-not-a-list": (hello("target", SIZE, info={"hash": p.HASH, "caps": 5}),
+                        "'caps' must be"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_SOURCE_CASES))
+def test_malformed_target_hello_is_one_line(tmp_path, case):
+    """The source side (a pull's ``serve --source``) against a target's bad Hello: these
+    were tracebacks from Shape or set()."""
+    body, why = _SOURCE_CASES[case]
+    _refused(_serve_source(tmp_path, json_frame(1, body)), why=why)
+
+
+def test_unsolicited_leaves_are_refused(tmp_path):
+    stream = json_frame(1, hello("target", SIZE)) + p.encode(p.Leaves(5, b""))
+    _refused(_serve_source(tmp_path, stream), why="which was not asked for")
+
+
+def test_an_early_committed_is_refused_not_waited_on(tmp_path):
+    """Red team: a Committed before the source's Done, then EOF, left the source waiting
+    forever for page digests that never came."""
+    stream = json_frame(1, hello("target", SIZE)) + p.encode(p.Committed(1, b"\0" * 32))
+    _refused(_serve_source(tmp_path, stream), why="committed before the source finished")
+
+
+def test_too_many_page_digests_are_refused(tmp_path):
+    stream = json_frame(1, hello("target", SIZE)) + p.encode(p.PageHashes(0, b"\0" * 64))
+    _refused(_serve_source(tmp_path, stream), why="more page digests than its 1 pages")
+
+
+def test_a_chunk_outside_the_disk_is_refused(image):
+    before = image_state(image)
+    data = b"z" * CS
+    stream = json_frame(1, hello(size=SIZE)) + p.encode(
+        p.Chunk(2**40, Kind.RAW, leaf_hash(data), data))
+    _refused(_serve_target(image, stream), image, before, "outside the disk")
+
+
+def test_the_decoder_checks_shapes_in_one_place():
+    ok = p.Decoder()
+    ok.feed(p.preamble() + p.encode(p.Error("Weird\nKind", "two\nlines")))
+    with pytest.raises(PeerError, match="not a class name"):
+        ok.next()
+    d = p.Decoder()
+    d.feed(p.preamble() + p.encode(p.Error("LocalError", "two\nlines\0")))
+    with pytest.raises(PeerError, match="NUL"):
+        d.next()
+    d = p.Decoder()
+    d.feed(p.preamble() + p.encode(p.Error("LocalError", "two\nlines")))
+    assert d.next() == p.Error("LocalError", "two lines")  # shown as one line
+    d = p.Decoder()
+    d.feed(p.preamble() + frame(5, struct.pack("<QB32s", 0, 3, b"\0" * 32)))
+    with pytest.raises(PeerError, match="malformed chunk frame"):
+        d.next()
+
+
+# -- the Go protocol -----------------------------------------------------------------------
+
+
+def test_a_25_byte_go_stream_claiming_a_petabyte_is_refused(tmp_path):
+    """Red team: size 2^50 plus one zero run kept ``diskrsync --target`` busy forever,
+    growing 4-14 MB/s."""
+    path = tmp_path / "t.img"
+    stream = MAGIC + struct.pack("<Q", 2**50) + b"\0" + struct.pack("<q", 2**50)
+    assert len(stream) == 25
+    r = run_bounded([*DISKRSYNC, "--target", str(path)], stream, cwd=tmp_path)
+    _refused(r, why="more than the 70368744177664 this end accepts")
+    assert os.listdir(tmp_path) == []  # no image, no temporary left
+
+
+def test_a_zero_run_past_the_end_costs_nothing(tmp_path):
+    """A zero run over space that was just grown stores no chunks (it was a loop over
+    every chunk of the run)."""
+    path = tmp_path / "t.img"
+    Image.create(str(path), chunk_size=CS).close()
+    img = Image.open(str(path))
+    tx = img.begin()
+    try:
+        store = ImageTargetStore(tx)
+        store.write(0, b"a" * 100)
+        store.write_zeros(100, 1 << 30)
+        store.flush()
+        assert store.size == 100 + (1 << 30)
+        assert store.chunks_stored == 1  # the written head only
+        assert store.read(0, 200) == b"a" * 100 + bytes(100)
+    finally:
+        tx.abort()
+        img.close()
