@@ -220,6 +220,12 @@ def _int(d: dict[str, Any], name: str, lo: int, hi: int) -> int:
     return v
 
 
+def _line(text: str, limit: int) -> str:
+    """Peer text a user will read: one line of printable characters, not too long."""
+    text = "".join(c if c.isprintable() else " " for c in text[: limit + 1])
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def _digest(d: dict[str, Any], name: str) -> bytes:
     text: str = _field(d, name, str)
     if not re.fullmatch(r"[0-9a-f]{64}", text):
@@ -243,7 +249,7 @@ def _hello(d: dict[str, Any]) -> Hello:
         raise _Malformed("'caps' must be a list of strings")
     if not isinstance(info.get("hash", ""), str):
         raise _Malformed("'hash' must be a string")
-    return Hello(role, size, cs, fanout, _field(d, "software", str, ""), info)
+    return Hello(role, size, cs, fanout, _line(_field(d, "software", str, ""), 200), info)
 
 
 def _from_json(t: int, payload: bytes) -> Message:
@@ -265,9 +271,7 @@ def _from_json(t: int, payload: bytes) -> Message:
         kind = _field(d, "kind", str)
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,63}", kind):
             raise _Malformed(f"error kind {kind[:64]!r} is not a class name")
-        # shown to the user as one line: no line breaks or other control characters
-        message = "".join(c if c.isprintable() else " " for c in _field(d, "message", str))
-        return Error(kind, message)
+        return Error(kind, _line(_field(d, "message", str), 4000))
     except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError too
         raise PeerError(f"peer sent a malformed message (type {t}): {e}") from None
 

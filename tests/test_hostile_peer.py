@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import struct
 from pathlib import Path
 
@@ -219,6 +220,10 @@ def test_the_decoder_checks_shapes_in_one_place():
     d.feed(p.preamble() + p.encode(p.Error("LocalError", "two\nlines")))
     assert d.next() == p.Error("LocalError", "two lines")  # shown as one line
     d = p.Decoder()
+    d.feed(p.preamble() + p.encode(p.Error("LocalError", "x" * 100_000)))
+    msg = d.next()
+    assert isinstance(msg, p.Error) and len(msg.message) == 4000
+    d = p.Decoder()
     d.feed(p.preamble() + frame(5, struct.pack("<QB32s", 0, 3, b"\0" * 32)))
     with pytest.raises(PeerError, match="malformed chunk frame"):
         d.next()
@@ -227,15 +232,22 @@ def test_the_decoder_checks_shapes_in_one_place():
 # -- the Go protocol -----------------------------------------------------------------------
 
 
-def test_a_25_byte_go_stream_claiming_a_petabyte_is_refused(tmp_path):
+@pytest.mark.parametrize("existing", [False, True], ids=["new", "image"])
+def test_a_25_byte_go_stream_claiming_a_petabyte_is_refused(tmp_path, image, existing):
     """Red team: size 2^50 plus one zero run kept ``diskrsync --target`` busy forever,
     growing 4-14 MB/s."""
-    path = tmp_path / "t.img"
+    work = tmp_path / "go"
+    work.mkdir()
+    path = work / "t.img"
+    if existing:
+        shutil.copyfile(image, path)
+        before = image_state(path)
     stream = MAGIC + struct.pack("<Q", 2**50) + b"\0" + struct.pack("<q", 2**50)
     assert len(stream) == 25
-    r = run_bounded([*DISKRSYNC, "--target", str(path)], stream, cwd=tmp_path)
-    _refused(r, why="more than the 70368744177664 this end accepts")
-    assert os.listdir(tmp_path) == []  # no image, no temporary left
+    r = run_bounded([*DISKRSYNC, "--target", str(path)], stream, cwd=work)
+    _refused(r, path if existing else None, before if existing else None,
+             why="more than the 70368744177664 this end accepts")
+    assert os.listdir(work) == (["t.img"] if existing else [])  # no temporary left
 
 
 def test_a_zero_run_past_the_end_costs_nothing(tmp_path):
