@@ -238,10 +238,10 @@ def _hello(d: dict[str, Any]) -> Hello:
     if role not in ("source", "target"):
         raise _Malformed(f"role {role!r} is neither source nor target")
     size = _int(d, "size", 0, MAX_DISK_SIZE)
-    cs = _int(d, "chunk_size", 0 if role == "source" else 1, MAX_CHUNK)
+    cs = _int(d, "chunk_size", 0, MAX_CHUNK)  # a source's wish (0: none) the target checks
     if role == "target" and not (cs >= MIN_CHUNK and cs & (cs - 1) == 0):
         raise _Malformed(f"chunk size {cs} is not a power of two from {MIN_CHUNK} to "
-                         f"{MAX_CHUNK}")  # a source's wish is checked by the target
+                         f"{MAX_CHUNK}")
     fanout = _int(d, "fanout", 2, MAX_FANOUT)
     info: dict[str, Any] = _field(d, "info", dict, {})
     caps = info.get("caps", [])

@@ -165,7 +165,7 @@ def _serve_source(tmp_path: Path, stream: bytes):
 _SOURCE_CASES = {
     "fanout-0": (hello("target", SIZE, fanout=0), "'fanout' is 0"),
     "fanout-1": (hello("target", SIZE, fanout=1), "'fanout' is 1"),
-    "chunk-size-0": (hello("target", SIZE, chunk_size=0), "'chunk_size' is 0"),
+    "chunk-size-0": (hello("target", SIZE, chunk_size=0), "chunk size 0 is not a power"),
     "chunk-size-negative": (hello("target", SIZE, chunk_size=-CS), "'chunk_size' is"),
     "chunk-size-not-a-power": (hello("target", SIZE, chunk_size=CS + 1), "power of two"),
     "negative-size": (hello("target", -5), "'size' is -5"),
