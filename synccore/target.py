@@ -29,6 +29,7 @@ from diskrsync.compression.format import (
     MAX_CHUNK,
     MIN_CHUNK,
     TreeRef,
+    page_length,
 )
 from diskrsync.compression.image import (
     Image,
@@ -161,9 +162,28 @@ class ImageStore:
         self._cp_time = time.monotonic()
         self._written = 0
         self._written_at_cp = 0
+        self._pages_since_cp: set[int] = set()  # level-1 pages a checkpoint would rewrite
 
     def _checkpoint_meta(self) -> dict[str, Any]:
         return {"checkpoint": True, "chunks_written": self._written}
+
+    def _checkpoint_pays(self) -> bool:
+        """A checkpoint writes the index pages that changed, every page of grown space
+        included; take one only when the data it saves outweighs them, so that a peer who
+        announces a huge size and sends a chunk cannot make the image store an index of
+        nothing (1 TiB of grown space is about 390 MiB of index at 128 KiB chunks)."""
+        assert self.tx is not None
+        grown = max(self.tx.shape.count(1) - self.tx.base.shape.count(1), 0)
+        pages = len(self._pages_since_cp) + grown
+        return self._since_cp >= pages * page_length(self.fanout)
+
+    def _checkpoint(self) -> None:
+        assert self.tx is not None
+        self.tx.checkpoint(source=self.source, meta=self._checkpoint_meta())
+        self._since_cp = 0
+        self._cp_time = time.monotonic()
+        self._written_at_cp = self._written
+        self._pages_since_cp.clear()
 
     def send_page_hashes(self, send: Callable[[p.Message], None]) -> None:
         _send_packed(send, self.base.node_hashes(1))
@@ -180,14 +200,12 @@ class ImageStore:
         self.tx.put_chunk(index, Kind(kind), payload, digest, length)
         self._since_cp += len(payload)
         self._written += 1
+        self._pages_since_cp.add(index // self.fanout)
         o = self.opts
-        if self._since_cp >= o.checkpoint_bytes or (
+        if (self._since_cp >= o.checkpoint_bytes or (
             self._since_cp and time.monotonic() - self._cp_time >= o.checkpoint_seconds
-        ):
-            self.tx.checkpoint(source=self.source, meta=self._checkpoint_meta())
-            self._since_cp = 0
-            self._cp_time = time.monotonic()
-            self._written_at_cp = self._written
+        )) and self._checkpoint_pays():
+            self._checkpoint()
 
     def finish(self, root: bytes, info: dict[str, Any]) -> p.Committed:
         if self.tx is None:
@@ -200,10 +218,9 @@ class ImageStore:
 
     def abort(self, save: bool) -> None:
         if self.tx is not None:
-            # a checkpoint of nothing new would only store the index of the announced size
-            if save and self._written > self._written_at_cp:
+            if save and self._written > self._written_at_cp and self._checkpoint_pays():
                 with contextlib.suppress(DiskrsyncError, OSError):
-                    self.tx.checkpoint(source=self.source, meta=self._checkpoint_meta())
+                    self._checkpoint()
             self.tx.abort()
         self.close()
 

@@ -14,7 +14,7 @@ import resource
 import struct
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -69,19 +69,22 @@ def one_error_line(stderr: bytes) -> bool:
 
 @dataclass(frozen=True)
 class ImageState:
-    """What must not change when a push fails: generations, checkpoint, size, health."""
+    """What must not change when a push fails: generations, checkpoint, what the retained
+    generations store, health. ``file_size`` may grow by what the peer sent (written into
+    free space, reclaimed by the next writer), never by more."""
 
     generations: tuple[tuple[int, bytes], ...]
     checkpoint: bool
-    file_size: int
+    stored: int
     verify_ok: bool
+    file_size: int = field(compare=False)
 
 
 def image_state(path: Path | str) -> ImageState:
     img = Image.open(str(path))
     try:
         gens = tuple((g.number, g.root_hash) for g in img.generations())
-        return ImageState(gens, img.table.checkpoint is not None, os.stat(path).st_size,
-                          verify(img).ok)
+        return ImageState(gens, img.table.checkpoint is not None, img.usage()["stored"],
+                          verify(img).ok, os.stat(path).st_size)
     finally:
         img.close()
