@@ -105,10 +105,20 @@ def test_a_huge_size_and_one_chunk_leave_no_index_behind(image):
     _refused(r, image, before, "closed the connection before finishing")
 
 
-def test_max_size_is_the_servers_limit(image):
+@pytest.mark.parametrize("restricted", [False, True], ids=["serve", "restricted"])
+def test_max_size_is_the_servers_limit(image, restricted):
     before = image_state(image)
-    r = _serve_target(image, json_frame(1, hello(size=SIZE * 2)), "--max-size", str(SIZE))
+    r = _serve_target(image, json_frame(1, hello(size=SIZE * 2)), "--max-size", str(SIZE),
+                      restricted=restricted)
     _refused(r, image, before, f"more than the {SIZE} this end accepts (--max-size)")
+
+
+def test_a_client_cannot_raise_the_servers_limit(image):
+    env = {**os.environ,
+           "SSH_ORIGINAL_COMMAND": f"diskrsync serve --target {image} --max-size 8E"}
+    argv = [*DISKRSYNC, "serve", "--restrict-to", str(image.parent), "--write-only"]
+    r = run_bounded(argv, b"", env=env)
+    assert r.returncode == 2 and b"option '--max-size' is not allowed" in r.stderr
 
 
 # -- chunk payloads ------------------------------------------------------------------------
