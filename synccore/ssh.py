@@ -68,6 +68,7 @@ DEFAULT_IDENTITIES = ("~/.ssh/id_ed25519", "~/.ssh/id_ecdsa", "~/.ssh/id_rsa")
 
 WINDOW_SIZE = 16 * 1024 * 1024
 MAX_PACKET_SIZE = 32 * 1024
+MAX_STDERR_LINE = 64 * 1024  # a remote's line without an end is relayed in pieces this long
 PREFERRED_CIPHERS = (
     "aes128-gcm@openssh.com",
     "aes256-gcm@openssh.com",
@@ -795,6 +796,9 @@ class RemoteProcess:
                 break
             pending += data
             *lines, pending = pending.split(b"\n")
+            if len(pending) > MAX_STDERR_LINE:  # never hold a peer's endless line in memory
+                lines.append(pending)
+                pending = b""
             for line in lines:
                 self._emit(line)
         if pending:

@@ -293,3 +293,23 @@ def test_a_zero_run_past_the_end_costs_nothing(tmp_path):
     finally:
         tx.abort()
         img.close()
+
+
+# -- the SSH transport ----------------------------------------------------------------------
+
+
+def test_a_remote_stderr_line_without_an_end_is_not_held_in_memory():
+    """A hostile remote (a pull connects to the machine being backed up) could send an
+    endless stderr line; the relay held all of it until the end."""
+    from types import SimpleNamespace
+
+    from diskrsync.synccore.ssh import MAX_STDERR_LINE, RemoteProcess
+
+    pieces = [b"x" * 65536] * 100 + [b"\nlast\n", b""]
+    chan = SimpleNamespace(recv_stderr=lambda n: pieces.pop(0))
+    lines: list[str] = []
+    proc = RemoteProcess(SimpleNamespace(host="evil"), chan, lines.append)  # type: ignore[arg-type]
+    proc._stderr_thread.join(10)
+    assert lines[-1] == "last"
+    assert sum(map(len, lines[:-1])) == 100 * 65536
+    assert max(map(len, lines)) <= MAX_STDERR_LINE + 65536
