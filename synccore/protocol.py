@@ -252,6 +252,20 @@ def _hello(d: dict[str, Any]) -> Hello:
     return Hello(role, size, cs, fanout, _line(_field(d, "software", str, ""), 200), info)
 
 
+def _done_info(info: dict[str, Any]) -> dict[str, Any]:
+    """The counts and byte ranges a Done may carry (a pull's summary adds them up)."""
+    for name in ("source_changed_chunks", "chunks_differing", "chunk_bytes_differing"):
+        if name in info:
+            _int(info, name, 0, MAX_DISK_SIZE)
+    for name in ("read_errors", "differing_ranges"):
+        ranges = info.get(name, [])
+        if not isinstance(ranges, list) or not all(
+                isinstance(r, list) and len(r) == 2 and all(
+                    type(n) is int and 0 <= n <= MAX_DISK_SIZE for n in r) for r in ranges):
+            raise _Malformed(f"{name!r} must be a list of [offset, length] pairs")
+    return info
+
+
 def _from_json(t: int, payload: bytes) -> Message:
     """Decode and check a JSON message: one that decodes is well-formed (types, ranges)."""
     try:
@@ -264,7 +278,7 @@ def _from_json(t: int, payload: bytes) -> Message:
         if t == 1:
             return _hello(d)
         if t == 6:
-            return Done(_digest(d, "root"), _field(d, "info", dict, {}))
+            return Done(_digest(d, "root"), _done_info(_field(d, "info", dict, {})))
         if t == 7:
             return Committed(_int(d, "generation", 0, 1 << 63), _digest(d, "root"),
                              _field(d, "info", dict, {}))

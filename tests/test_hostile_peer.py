@@ -248,6 +248,13 @@ def test_the_decoder_checks_shapes_in_one_place():
     d.feed(p.preamble() + p.encode(p.Error("LocalError", "x" * 100_000)))
     msg = d.next()
     assert isinstance(msg, p.Error) and len(msg.message) == 4000
+    for info in ({"read_errors": 5}, {"read_errors": [[1, 2, 3]]},
+                 {"differing_ranges": [["x", 1]]}, {"source_changed_chunks": "many"},
+                 {"chunks_differing": -1}):
+        d = p.Decoder()  # a pull's summary added these up after the commit: tracebacks
+        d.feed(p.preamble() + p.encode(p.Done(b"\1" * 32, info)))
+        with pytest.raises(PeerError, match="malformed message"):
+            d.next()
     d = p.Decoder()
     d.feed(p.preamble() + frame(5, struct.pack("<QB32s", 0, 3, b"\0" * 32)))
     with pytest.raises(PeerError, match="malformed chunk frame"):
