@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from diskrsync import __version__
-from diskrsync.errors import DiskrsyncError, UsageError
+from diskrsync.errors import DiskrsyncError, LocalError, UsageError
 
 SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
@@ -513,6 +513,11 @@ def _run(func: Callable[[], int]) -> int:
     except DiskrsyncError as e:
         print(f"diskrsync: {e.message}", file=sys.stderr)
         return e.exit_code
+    except MemoryError:
+        # a last line of defence: peer numbers are bounded before anything is allocated, but
+        # a --max-size too large for this machine must still end in one line
+        print("diskrsync: out of memory", file=sys.stderr)
+        return LocalError.exit_code
     except KeyboardInterrupt:
         print("diskrsync: interrupted", file=sys.stderr)
         return 130

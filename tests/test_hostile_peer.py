@@ -320,3 +320,13 @@ def test_a_remote_stderr_line_without_an_end_is_not_held_in_memory():
     assert lines[-1] == "last"
     assert sum(map(len, lines[:-1])) == 100 * 65536
     assert max(map(len, lines)) <= MAX_STDERR_LINE + 65536
+
+
+def test_running_out_of_memory_is_one_line_and_exit_3(capsys):
+    from diskrsync.cli import _run
+
+    def hungry() -> int:
+        raise MemoryError()
+
+    assert _run(hungry) == 3
+    assert capsys.readouterr().err == "diskrsync: out of memory\n"
