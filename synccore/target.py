@@ -66,6 +66,7 @@ from diskrsync.synccore.merkle import (
 PAGE_BATCH = 4096  # level-1 digests per PageHashes message
 CHECKPOINT_BYTES = 1 << 30
 CHECKPOINT_SECONDS = 60.0
+DIRTY_INDEX_BYTES = 256 << 20  # changed index pages held in memory before a checkpoint
 
 
 class TargetStore(Protocol):
@@ -205,6 +206,10 @@ class ImageStore:
         if (self._since_cp >= o.checkpoint_bytes or (
             self._since_cp and time.monotonic() - self._cp_time >= o.checkpoint_seconds
         )) and self._checkpoint_pays():
+            self._checkpoint()
+        elif len(self._pages_since_cp) * page_length(self.fanout) >= DIRTY_INDEX_BYTES:
+            # zero chunks scattered one per page carry no payload but each holds a page in
+            # memory until a checkpoint writes it: bound that memory
             self._checkpoint()
 
     def finish(self, root: bytes, info: dict[str, Any]) -> p.Committed:

@@ -330,3 +330,21 @@ def test_running_out_of_memory_is_one_line_and_exit_3(capsys):
 
     assert _run(hungry) == 3
     assert capsys.readouterr().err == "diskrsync: out of memory\n"
+
+
+def test_zero_chunks_scattered_over_pages_do_not_pile_up_in_memory(tmp_path, monkeypatch):
+    """One zero chunk per index page costs the peer 45 bytes and the target a whole page
+    (6 KiB) in memory; with no payload no checkpoint ever came to write them out."""
+    from diskrsync.synccore import target as t
+    from diskrsync.synccore.merkle import zero_hash
+
+    monkeypatch.setattr(t, "DIRTY_INDEX_BYTES", 64 << 10)
+    path = tmp_path / "d.spgz"
+    Image.create(str(path), chunk_size=CS).close()
+    store = t.ImageStore(str(path), p.Hello("source", CS * 128 * 64, CS, 128), t.TargetOptions())
+    try:
+        for page in range(20):
+            store.put(page * 128, Kind.ZERO, zero_hash(CS), b"")
+    finally:
+        store.abort(save=False)
+    assert image_state(path).checkpoint  # the pages went to disk, not into a pile
