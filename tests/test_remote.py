@@ -722,12 +722,11 @@ def test_restricted_key_cannot_shrink_history(env: Env, tmp_path: Path,
 # The server side of a restricted push, with a swap made between the path check (the plan,
 # before the client's Hello) and the open (after it): deterministic, no timing involved.
 _SWAP_SERVE = """
-import argparse, json, os, sys
-from diskrsync.cli import _run
+import json, os, sys
+from diskrsync.cli import _run, build_parser
 from diskrsync.remote import _plan_restricted, _serve_restricted
 root, swaps = sys.argv[1], json.loads(sys.argv[2])
-args = argparse.Namespace(restrict_to=root, target=None, source=None, write_only=True,
-                          keep=None, append_only=False, timeout=600)
+args = build_parser().parse_args(["serve", "--restrict-to", root, "--write-only"])
 def main():
     plan = _plan_restricted(args)
     for kind, a, b in swaps:

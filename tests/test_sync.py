@@ -17,12 +17,13 @@ import time
 from dataclasses import replace
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from support.causal import causal_pair
 
+from diskrsync.compression.format import MAGIC
 from diskrsync.compression.image import Image
-from diskrsync.errors import BusyError, LocalError, PeerError, ReadError, UsageError
+from diskrsync.errors import BusyError, DataError, LocalError, PeerError, ReadError, UsageError
 from diskrsync.synccore import protocol as p
 from diskrsync.synccore.channel import FdStream, FramedChannel, delayed_pair
 from diskrsync.synccore.merkle import leaf_hash, tree_root
@@ -130,6 +131,8 @@ def test_push_makes_target_equal_to_source(tmp_path_factory, old, new_size, edit
     for off, blob in edits:
         if off < new_size:
             after[off : off + len(blob)] = blob[: new_size - off]
+    # a file that starts with the image magic is read as an image (see the next test)
+    assume(not after.startswith(MAGIC))
     src, dst = d / "src", d / "dst"
     src.write_bytes(before)
     req = replace(REQ, raw_target=raw)
@@ -139,6 +142,14 @@ def test_push_makes_target_equal_to_source(tmp_path_factory, old, new_size, edit
     got = dst.read_bytes() if raw else current(dst)
     assert got == after
     assert stats.root_hash == root_of(bytes(after))
+
+
+def test_a_source_with_the_image_magic_is_read_as_an_image_never_as_raw(tmp_path):
+    """A damaged image must not be pushed as if it were a raw disk: exit 6, nothing written."""
+    (tmp_path / "s").write_bytes(MAGIC + os.urandom(CS))
+    with pytest.raises(DataError):
+        local_push(str(tmp_path / "s"), str(tmp_path / "t"), REQ)
+    assert not (tmp_path / "t").exists()
 
 
 def test_unchanged_push_sends_almost_nothing(tmp_path):
