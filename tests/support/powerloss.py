@@ -202,10 +202,9 @@ class Recorder:
             def rename_(a: Any, b: Any, **kw: Any) -> None:
                 real[which](a, b, **kw)
                 na, nb = self._name(a), self._name(b)
-                if na is not None and nb is not None and not kw:
-                    if na in self.names:
-                        self.names[nb] = self.names.pop(na)
-                        self._log(Op("rename", name=na, name2=nb))
+                if na is not None and nb is not None and not kw and na in self.names:
+                    self.names[nb] = self.names.pop(na)
+                    self._log(Op("rename", name=na, name2=nb))
             return rename_
 
         def link(a: Any, b: Any, **kw: Any) -> None:
@@ -286,7 +285,7 @@ class Run:
     def cuts(self) -> list[int]:
         """Cut points: just before each barrier, and the end of the run."""
         out = [i for i, op in enumerate(self.ops) if op.kind in ("fsync", "dirsync")]
-        return sorted(set(out + [len(self.ops)]))
+        return sorted({*out, len(self.ops)})
 
     def marks_before(self, cut: int) -> list[Any]:
         return [op.label for op in self.ops[:cut] if op.kind == "mark"]
@@ -324,9 +323,7 @@ class Run:
             if i not in keep:
                 continue
             k = op.kind
-            if k == "create":
-                names.setdefault(op.name, op.ino)
-            elif k == "link":
+            if k == "create" or k == "link":
                 names.setdefault(op.name, op.ino)
             elif k == "rename":
                 if op.name in names:
