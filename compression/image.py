@@ -200,6 +200,21 @@ def pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
         view, offset = view[n:], offset + n
 
 
+def fsync_dir(path: str) -> None:
+    """Make the directory entries of ``path``'s folder durable (a new name, a link, a
+    rename): a file's own fsync does not, and a power cut may lose the name of a file whose
+    data is on disk. A filesystem that cannot sync a directory (EINVAL) has nothing to do."""
+    fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY | os.O_DIRECTORY
+                 | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
+            raise
+    finally:
+        os.close(fd)
+
+
 def _pread_exact(fd: int, length: int, offset: int, what: str) -> bytes:
     data = os.pread(fd, length, offset)
     if len(data) != length:

@@ -13,7 +13,7 @@ from typing import Any, BinaryIO
 
 from diskrsync.compression.codec import Kind, is_zero, zeros
 from diskrsync.compression.format import ENTRY_SIZE, TreeRef, iter_entries
-from diskrsync.compression.image import Image, Snapshot, TreeView, decode_checked
+from diskrsync.compression.image import Image, Snapshot, TreeView, decode_checked, fsync_dir
 from diskrsync.compression.spgz import SpgzImage
 from diskrsync.destination import open_dest
 from diskrsync.errors import (
@@ -243,6 +243,8 @@ def restore(
                 f.truncate(snap.size)
             if is_file or stat.S_ISBLK(st.st_mode):
                 os.fsync(f.fileno())
+            if created:
+                fsync_dir(dest)  # else a power cut may lose the restored file's name
     except BaseException as e:
         with contextlib.suppress(OSError):
             if created and os.lstat(dest).st_ino == st.st_ino:  # ours, incomplete

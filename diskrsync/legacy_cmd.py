@@ -43,6 +43,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
+from diskrsync.compression.image import fsync_dir
 from diskrsync.destination import check_push_target, open_dest
 from diskrsync.errors import (
     BusyError,
@@ -393,6 +394,7 @@ class LegacyTargetEnd:
     image: Image | None = None
     tx: Transaction | None = None
     fd: int = -1
+    created: bool = False  # a raw file this sync created: its name needs a directory fsync
     log: Callable[[str], None] = field(default=lambda _m: None)
     generation: GenerationInfo | None = None
     _finished: bool = False
@@ -416,6 +418,8 @@ class LegacyTargetEnd:
             elif self.fd >= 0:
                 try:
                     os.fsync(self.fd)
+                    if self.created:
+                        fsync_dir(self.path)
                 except OSError as e:
                     raise from_oserror(e, f"flushing {self.path}") from None
         finally:
@@ -437,15 +441,6 @@ class LegacyTargetEnd:
             with contextlib.suppress(OSError):
                 os.unlink(self.temp)
             self.temp = None
-
-
-def _fsync_dir(path: str) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(os.path.dirname(os.path.abspath(path)) or ".", os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def _put_in_place(temp: str, path: str, replaces: os.stat_result | None) -> None:
@@ -470,9 +465,9 @@ def _put_in_place(temp: str, path: str, replaces: os.stat_result | None) -> None
                                    replaces.st_mtime_ns)):
                 raise changed
             os.replace(temp, path)
+        fsync_dir(path)  # the sync is reported done only once the new name is durable
     except OSError as e:
         raise from_oserror(e, f"moving {temp} to {path}") from None
-    _fsync_dir(path)
 
 
 def _temp_name(path: str, what: str) -> str:
@@ -592,7 +587,7 @@ def open_legacy_target(
 
 
 def _open_raw_end(path: str, *, is_file: bool) -> LegacyTargetEnd:
-    fd, _st, _created = open_dest(path)
+    fd, _st, created = open_dest(path)
     try:
         from diskrsync.compression.image import take_writer_lock
 
@@ -602,7 +597,7 @@ def _open_raw_end(path: str, *, is_file: bool) -> LegacyTargetEnd:
     except BaseException:
         os.close(fd)
         raise
-    return LegacyTargetEnd(path, "raw", store, fd=fd)
+    return LegacyTargetEnd(path, "raw", store, fd=fd, created=created)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -676,11 +671,11 @@ def convert(old: str, new: str, *, chunk_size: int) -> int:
         gen = _convert_file(old, temp, chunk_size=chunk_size, progress=bar.update)
         try:
             os.link(temp, new)  # fails if NEW appeared meanwhile: never clobbered
+            fsync_dir(new)
         except FileExistsError:
             raise UsageError(f"{new} already exists; refusing to overwrite it") from None
         except OSError as e:
             raise from_oserror(e, f"creating {new}") from None
-        _fsync_dir(new)
     finally:
         bar.close()
         with contextlib.suppress(OSError):

@@ -35,6 +35,7 @@ from diskrsync.compression.image import (
     Image,
     Transaction,
     TreeView,
+    fsync_dir,
     punch_hole,
     take_writer_lock,
 )
@@ -255,7 +256,7 @@ class RawStore:
         self.opts = opts
         self.chunk_size = _check_geometry(hello)
         self.fanout = DEFAULT_FANOUT
-        self.fd, _st, _created = open_dest(path, write=not opts.dry_run,
+        self.fd, _st, self.created = open_dest(path, write=not opts.dry_run,
                                            create=not opts.dry_run, nofollow=opts.nofollow)
         try:
             self._setup(hello)
@@ -374,6 +375,8 @@ class RawStore:
                             f"(root {mine.hex()[:16]}… vs {root.hex()[:16]}…)")
         try:
             os.fsync(self.fd)
+            if self.created:
+                fsync_dir(self.path)  # else a power cut may lose the new file's name
         except OSError as e:
             raise from_oserror(e, f"flushing {self.path}") from None
         return p.Committed(0, mine, {"path": self.path})
