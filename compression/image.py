@@ -34,6 +34,7 @@ import ctypes
 import ctypes.util
 import errno
 import fcntl
+import glob
 import json
 import os
 import queue
@@ -42,7 +43,7 @@ import stat
 import struct
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -204,8 +205,8 @@ def fsync_dir(path: str) -> None:
     """Make the directory entries of ``path``'s folder durable (a new name, a link, a
     rename): a file's own fsync does not, and a power cut may lose the name of a file whose
     data is on disk. A filesystem that cannot sync a directory (EINVAL) has nothing to do."""
-    fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY | os.O_DIRECTORY
-                 | os.O_CLOEXEC)
+    # a bare name is in the working directory (which a restricted serve entered by fd)
+    fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         os.fsync(fd)
     except OSError as e:
@@ -417,6 +418,30 @@ def _refuse_loss(path: str, state: _State) -> None:
             f"{path}: {'; '.join(state.lost)}; refusing to use the older state (see "
             f"`diskrsync verify {path}`; `diskrsync verify --repair` accepts the loss)"
         )
+def temp_name(path: str, what: str) -> str:
+    """A per-process temporary name beside ``path`` (the pid says whether it is stale)."""
+    return f"{path}.diskrsync-{what}.{os.getpid()}.tmp"
+
+
+def remove_stale_temps(path: str, log: Callable[[str], None] = lambda _m: None) -> None:
+    """Remove temporary files an interrupted run (killed, or a power cut) left beside
+    ``path``: those whose process is gone."""
+    for name in glob.glob(glob.escape(path) + ".diskrsync-*.*.tmp"):
+        pid_text = name.rsplit(".", 2)[-2]
+        if not pid_text.isdigit():
+            continue
+        try:
+            os.kill(int(pid_text), 0)
+            continue  # still running: not ours to remove
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        with contextlib.suppress(OSError):
+            os.unlink(name)
+            log(f"removed {name}, left behind by an interrupted run")
+
+
 def _claim_empty(fd: int, path: str) -> None:
     """Check, under the writer lock, that ``fd`` is an empty regular file nobody writes."""
     st = os.fstat(fd)
@@ -497,14 +522,19 @@ class Image:
                 f"chunk size must be a power of two from {MIN_CHUNK} to {MAX_CHUNK}, "
                 f"not {chunk_size}"
             )
+        # a new image is written under a temporary name and linked at PATH once durable:
+        # a power cut never leaves a half-written image there that the next push refuses
+        target, path = path, path if in_place else temp_name(path, "create")
+        if not in_place:
+            if os.path.lexists(target):
+                raise UsageError(f"{target} already exists")
+            remove_stale_temps(target)
         flags = os.O_NONBLOCK | os.O_NOCTTY if in_place else os.O_CREAT | os.O_EXCL
         flags |= os.O_NOFOLLOW if nofollow else 0
         try:
             fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | flags, 0o644)
-        except FileExistsError:
-            raise UsageError(f"{path} already exists") from None
         except OSError as e:
-            raise from_oserror(e, f"cannot create {path}") from None
+            raise from_oserror(e, f"cannot create {target}") from None
         if in_place:
             try:
                 _claim_empty(fd, path)
@@ -520,16 +550,24 @@ class Image:
                                 FLAG_MIRRORED)
                 os.pwrite(fd, sb.encode(), off)
             os.fsync(fd)
+            if not in_place:
+                os.link(path, target)  # never over anything that appeared meanwhile
+                os.unlink(path)
+            fsync_dir(target)  # the first commit is reported only once the name is durable
         except OSError as e:
-            with contextlib.suppress(OSError):
-                if in_place:
+            if in_place:
+                with contextlib.suppress(OSError):
                     os.ftruncate(fd, 0)
-                else:
-                    os.unlink(path)
             os.close(fd)
-            raise from_oserror(e, f"cannot create {path}") from None
+            if isinstance(e, FileExistsError):
+                raise UsageError(f"{target} already exists") from None
+            raise from_oserror(e, f"cannot create {target}") from None
+        finally:
+            if not in_place and os.path.lexists(path):
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
         os.close(fd)
-        return cls.open(path, nofollow=nofollow)
+        return cls.open(target, nofollow=nofollow)
 
     def close(self) -> None:
         if self._fd >= 0:

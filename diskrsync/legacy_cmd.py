@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import glob
 import os
 import signal
 import stat
@@ -43,7 +42,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
-from diskrsync.compression.image import fsync_dir
+from diskrsync.compression.image import fsync_dir, remove_stale_temps, temp_name
 from diskrsync.destination import check_push_target, open_dest
 from diskrsync.errors import (
     BusyError,
@@ -470,29 +469,6 @@ def _put_in_place(temp: str, path: str, replaces: os.stat_result | None) -> None
         raise from_oserror(e, f"moving {temp} to {path}") from None
 
 
-def _temp_name(path: str, what: str) -> str:
-    """A per-process temporary name beside ``path`` (the pid says whether it is stale)."""
-    return f"{path}.diskrsync-{what}.{os.getpid()}.tmp"
-
-
-def _remove_stale_temps(path: str, log: Callable[[str], None]) -> None:
-    """Remove temporary images a killed run left beside ``path`` (their process is gone)."""
-    for name in glob.glob(glob.escape(path) + ".diskrsync-*.*.tmp"):
-        pid_text = name.rsplit(".", 2)[-2]
-        if not pid_text.isdigit():
-            continue
-        try:
-            os.kill(int(pid_text), 0)
-            continue  # still running: not ours to remove
-        except ProcessLookupError:
-            pass
-        except PermissionError:
-            continue
-        with contextlib.suppress(OSError):
-            os.unlink(name)
-            log(f"removed {name}, left behind by an interrupted run")
-
-
 def _open_image_end(
     path: str, kind: Literal["image", "new", "converted"], image_path: str, keep: int,
     log: Callable[[str], None], temp: str | None,
@@ -555,7 +531,7 @@ def open_legacy_target(
             log(f"{path} is neither a diskrsync image nor an SPGZ0001 file: updating it in "
                 f"place as a raw file (as the Go diskrsync does)")
         return _open_raw_end(path, is_file=not is_block)
-    _remove_stale_temps(path, log)
+    remove_stale_temps(path, log)
     from diskrsync.compression.image import Image
 
     if kind == "image":
@@ -564,7 +540,7 @@ def open_legacy_target(
         Image.create(path, chunk_size=chunk_size, in_place=True).close()
         return _open_image_end(path, "image", path, keep, log, None)
     if kind == "spgz":
-        temp = _temp_name(path, "convert")
+        temp = temp_name(path, "convert")
         log(f"{path} is a Go SPGZ0001 file: converting it into a diskrsync image "
             f"({os.path.basename(temp)}), which replaces it when this sync completes")
         try:
@@ -576,7 +552,7 @@ def open_legacy_target(
             with contextlib.suppress(OSError):
                 os.unlink(temp)
             raise
-    temp = _temp_name(path, "new")
+    temp = temp_name(path, "new")
     try:
         Image.create(temp, chunk_size=chunk_size).close()
         return _open_image_end(path, "new", temp, keep, log, temp)
@@ -663,8 +639,8 @@ def convert(old: str, new: str, *, chunk_size: int) -> int:
     folder = os.path.dirname(os.path.abspath(new))
     if not os.path.isdir(folder):
         raise UsageError(f"directory {folder} does not exist")
-    _remove_stale_temps(new, lambda m: print(f"diskrsync: {m}", file=sys.stderr))
-    temp = _temp_name(new, "convert")
+    remove_stale_temps(new, lambda m: print(f"diskrsync: {m}", file=sys.stderr))
+    temp = temp_name(new, "convert")
     size = os.path.getsize(old)
     bar = Progress(size, "convert")
     try:

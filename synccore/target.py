@@ -37,6 +37,7 @@ from diskrsync.compression.image import (
     TreeView,
     fsync_dir,
     punch_hole,
+    remove_stale_temps,
     take_writer_lock,
 )
 from diskrsync.destination import check_push_target, open_dest
@@ -129,6 +130,8 @@ class ImageStore:
         check_push_target(path, st)
         if st is not None and st.st_size > 0:
             img = Image.open(path, nofollow=opts.nofollow)
+            if not opts.dry_run:
+                remove_stale_temps(path)  # e.g. a new image's, after a power cut
         elif opts.dry_run:
             img = None
         else:
