@@ -21,8 +21,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from support.powerloss import crash_states  # noqa: E402
-from support.powerpaths import PATHS, SPGZ_VECTOR, check  # noqa: E402
+from support.powerloss import crash_states
+from support.powerpaths import PATHS, SPGZ_VECTOR, check
 
 
 def main() -> int:
