@@ -13,7 +13,9 @@ import random
 from pathlib import Path
 
 import pytest
-from support.powerloss import crash_states
+from dataclasses import replace
+
+from support.powerloss import Run, crash_states
 from support.powerpaths import PATHS, SPGZ_VECTOR, check
 
 SEED = int(os.environ.get("DISKRSYNC_POWERLOSS_SEED") or random.randrange(2**32))
@@ -37,3 +39,34 @@ def test_power_loss(name: str, tmp_path: Path) -> None:
         check(path, run, contents, st, str(tmp_path), rng, again=n % AGAIN_EVERY == 0)
     print(f"{name}: {n} crash states over {len(run.cuts())} cut points, {len(run.ops)} ops")
     assert n >= 50, "too few distinct crash states: the recorder saw too little"
+
+
+def _without(run: Run, pick: str) -> Run:
+    """The run as code lacking one barrier would have made it: the fsync just before the
+    first superblock write ("fsync"), or the first directory fsync ("dirsync")."""
+    ops = run.ops
+    if pick == "dirsync":
+        drop = next(i for i, op in enumerate(ops) if op.kind == "dirsync")
+    else:
+        sb = next(i for i, op in enumerate(ops) if op.kind == "write" and op.off == 0
+                  and len(op.data) == 4096 and i > 0 and ops[i - 1].kind == "fsync")
+        drop = sb - 1
+    return replace(run, ops=ops[:drop] + ops[drop + 1 :])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("name", "pick"), [("push-existing", "fsync"), ("push-new", "dirsync")])
+def test_power_loss_catches_a_missing_barrier(name: str, pick: str, tmp_path: Path) -> None:
+    """The check has teeth: the same run without the fsync that orders a commit's table
+    before its superblock, or without the directory fsync of a new image, fails some state."""
+    path = PATHS[name]
+    run, contents = path.record(str(tmp_path), SEED)
+    broken = _without(run, pick)
+    rng = random.Random(f"{SEED}:{name}:broken")
+    failures = 0
+    for st in crash_states(broken, rng, PER_CUT):
+        try:
+            check(path, broken, contents, st, str(tmp_path), rng, again=False)
+        except AssertionError:
+            failures += 1
+    assert failures, f"no crash state of {name} without its {pick} failed (seed={SEED})"

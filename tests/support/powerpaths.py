@@ -315,6 +315,8 @@ PATHS: dict[str, Path] = {p.name: p for p in [
     Path("raw-target", "t.raw", _set_new, _run_raw, _raw_again(False), atomic=False),
     Path("go-new", "t.img", _set_go_new, _run_go,
          lambda r, s, d, c: _image_again(r, s, d, c, "t.img", go=True)),
+    Path("go-existing", "t.img", _set_existing(1), _run_go,
+         lambda r, s, d, c: _image_again(r, s, d, c, "t.img", go=True)),
     Path("go-convert", "t.img", _set_spgz("t.img"), _run_go,
          lambda r, s, d, c: _image_again(r, s, d, c, "t.img", go=True)),
     Path("go-raw", "t.raw", _set_new, lambda r, s, g, c, rec: _run_raw(r, s, g, c, rec, go=True),
