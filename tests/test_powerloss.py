@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import os
 import random
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from dataclasses import replace
-
 from support.powerloss import Run, crash_states
 from support.powerpaths import PATHS, SPGZ_VECTOR, check
 
