@@ -15,7 +15,10 @@ new index pages along the changed paths and two copies of the new table into fre
 fsyncs, then writes slot 0 (naming copy A), fsyncs, and slot 1 (copy B), fsyncs. A crash at
 any point leaves the previous commit or the new one intact; after the commit one damaged copy
 of anything leaves the other. A state that may lack a committed generation (see ``_read_state``)
-is refused, never served, until ``Image.repair``.
+is refused, never served, until ``Image.repair``. A new image is written under a temporary
+name, fsynced and linked at its path, and the directory fsynced, so its path never names a
+half-written image and its name is durable before a first commit can be reported (see
+docs/format.md, "Durability and power loss", for every barrier).
 
 Locks are open-file-description byte-range locks (``F_OFD_SETLK``): they belong to one open of
 the file and vanish when it is closed or the process dies. One exclusive lock on
