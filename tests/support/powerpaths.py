@@ -244,23 +244,27 @@ def _run_convert(root: str, src: str, rng: random.Random, contents: dict[int, by
 
 def _set_restore(root: str, src: str, rng: random.Random, contents: dict[int, bytes]) -> None:
     contents[1] = disk(rng, 10 * CS + 1234)
-    push(src, os.path.join(src, "i.img"), contents[1])
+    contents[2] = mutate(rng, contents[1], 8 * CS + 5, 4)
+    for n in (1, 2):
+        push(src, os.path.join(src, "i.img"), contents[n])
 
 
-def _restore(src: str, dest: str, *, force: bool) -> None:
-    with open_image(os.path.join(src, "i.img")) as img, img.snapshot() as snap:
+def _restore(src: str, dest: str, number: int, *, force: bool) -> None:
+    with open_image(os.path.join(src, "i.img")) as img, img.snapshot(number) as snap:
         restore(snap, dest, force=force)
 
 
 def _run_restore(root: str, src: str, rng: random.Random, contents: dict[int, bytes],
                  rec: Recorder) -> None:
-    _restore(src, os.path.join(root, "out.raw"), force=False)
-    rec.mark(("file", contents[1]))
+    """Restore into a new file, then another generation over it (--force, in place)."""
+    for n, force in ((1, False), (2, True)):
+        _restore(src, os.path.join(root, "out.raw"), n, force=force)
+        rec.mark(("file", contents[n]))
 
 
 def _restore_again(root: str, src: str, data: bytes,
                    contents: dict[int, bytes]) -> tuple[Any, ...]:
-    _restore(src, os.path.join(root, "out.raw"), force=True)
+    _restore(src, os.path.join(root, "out.raw"), 1, force=True)
     return ("file", contents[1])
 
 
