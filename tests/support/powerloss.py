@@ -152,9 +152,7 @@ class Recorder:
                 return fd
             p = os.path.abspath(os.fsdecode(path))
             if p == self.root:
-                tmpfile = getattr(os, "O_TMPFILE", 0)
-                self._fds[fd] = self._new_ino() if tmpfile and flags & tmpfile == tmpfile \
-                    else DIR
+                self._fds[fd] = DIR
                 return fd
             name = self._name(path)
             if name is None:
@@ -209,17 +207,9 @@ class Recorder:
 
         def link(a: Any, b: Any, **kw: Any) -> None:
             real["link"](a, b, **kw)
-            nb = self._name(b)
-            src = os.fsdecode(a)
-            if nb is None:
-                return
-            if src.startswith("/proc/self/fd/"):
-                ino = self._fds.get(int(src.rsplit("/", 1)[1]))
-            else:
-                na = self._name(a)
-                ino = self.names.get(na) if na is not None else None
-            if ino is not None and ino != DIR:
-                self.names[nb] = ino
+            na, nb = self._name(a), self._name(b)
+            if na is not None and nb is not None and na in self.names:
+                ino = self.names[nb] = self.names[na]
                 self._log(Op("link", ino, name=nb))
 
         def unlink(which: str) -> Callable[..., None]:

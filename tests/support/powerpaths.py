@@ -17,6 +17,8 @@ or ``("file", bytes)``. :func:`check` puts a crash state in a directory and hold
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import random
 import shutil
@@ -238,7 +240,8 @@ def _set_spgz(name: str) -> Callable[..., None]:
 
 def _run_convert(root: str, src: str, rng: random.Random, contents: dict[int, bytes],
                  rec: Recorder) -> None:
-    convert(os.path.join(root, "old.spgz"), os.path.join(root, "new.img"), chunk_size=CS)
+    with contextlib.redirect_stdout(io.StringIO()):  # its "converted ..." line
+        convert(os.path.join(root, "old.spgz"), os.path.join(root, "new.img"), chunk_size=CS)
     rec.mark(("image", (1,)))
 
 
