@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import os
 
+from diskrsync.base.errors import DataError, UsageError, from_oserror
 from diskrsync.compression.format import MAGIC
 from diskrsync.compression.image import Image
 from diskrsync.compression.spgz import MAGIC as SPGZ_MAGIC
 from diskrsync.compression.spgz import SpgzImage
-from diskrsync.errors import DataError, UsageError, from_oserror
 
 
 def sniff(path: str) -> str | None:

@@ -15,8 +15,8 @@ from typing import Any
 
 import blake3
 
+from diskrsync.base.errors import DataError
 from diskrsync.compression.codec import Kind
-from diskrsync.errors import DataError
 
 MAGIC = b"DSKRSYNC"
 FORMAT_VERSION = 1

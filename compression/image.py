@@ -5,7 +5,7 @@ Design note
 An image is a file holding chunk data, index pages and generation tables anywhere past
 ``DATA_START``, and two superblock slots at the front. A superblock names one generation table;
 the table lists the retained generations (each the top page of a Merkle-tree index, see
-``synccore/merkle.py``), pruned generations that a reader may still pin ("zombies"), and an
+``diskrsync/base/merkle.py``), pruned generations that a reader may still pin ("zombies"), and an
 optional checkpoint: a pending generation a killed push resumes from.
 
 Nothing that a valid superblock can reach is ever overwritten. A writer computes free space as
@@ -50,6 +50,16 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
+from diskrsync.base.errors import (
+    BusyError,
+    CorruptChunkError,
+    DataError,
+    DiskrsyncError,
+    LocalError,
+    UsageError,
+    from_oserror,
+)
+from diskrsync.base.merkle import Shape, leaf_hash, node_hash_packed, root_hash, zero_hash
 from diskrsync.compression import codec
 from diskrsync.compression.alloc import FreeSpace
 from diskrsync.compression.api import GenerationInfo, read_span
@@ -82,16 +92,6 @@ from diskrsync.compression.format import (
     page_length,
     unpack_entry,
 )
-from diskrsync.errors import (
-    BusyError,
-    CorruptChunkError,
-    DataError,
-    DiskrsyncError,
-    LocalError,
-    UsageError,
-    from_oserror,
-)
-from diskrsync.synccore.merkle import Shape, node_hash_packed, root_hash, zero_hash
 
 
 class GenerationGoneError(UsageError):
@@ -468,7 +468,6 @@ def _open_fd(path: str, flags: int) -> int:
     if not os.path.isfile(path):
         with contextlib.suppress(OSError):
             st = os.fstat(fd)
-            import stat
 
             if not stat.S_ISREG(st.st_mode):
                 os.close(fd)
@@ -804,8 +803,6 @@ def decode_checked(fd: int, index: int, e: Entry, length: int, chunk_size: int) 
 def read_checked(fd: int, index: int, e: Entry, length: int,
                  chunk_size: int) -> tuple[bytes, bytes]:
     """One stored chunk as (stored bytes, decoded bytes), both only once they hash right."""
-    from diskrsync.synccore.merkle import leaf_hash
-
     try:
         stored = _pread_exact(fd, e.length, e.offset, f"chunk {index}")
         data = codec.decode(e.kind, stored, length)
@@ -1014,8 +1011,6 @@ class Transaction:
 
     def write_chunk(self, chunk: int, data: bytes | bytearray | memoryview) -> bytes:
         """Store a chunk's bytes (compressing in this thread); returns its digest."""
-        from diskrsync.synccore.merkle import leaf_hash
-
         if codec.is_zero(data):
             h = zero_hash(len(data))
             self.put_chunk(chunk, Kind.ZERO, b"", h, len(data))

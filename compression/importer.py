@@ -7,14 +7,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from diskrsync.base.errors import DataError
+from diskrsync.base.merkle import leaf_hash, zero_hash
+from diskrsync.base.parallel import ordered_map
 from diskrsync.compression import codec
 from diskrsync.compression.api import GenerationInfo
 from diskrsync.compression.codec import Kind
 from diskrsync.compression.format import DEFAULT_CHUNK
 from diskrsync.compression.image import Image
-from diskrsync.errors import DataError
-from diskrsync.parallel import ordered_map
-from diskrsync.synccore.merkle import leaf_hash, zero_hash
 
 BATCH_CHUNKS = 32  # chunks per worker task: amortises the hand-off, bounds memory
 

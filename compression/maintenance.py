@@ -11,12 +11,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
-from diskrsync.compression.codec import Kind, is_zero, zeros
-from diskrsync.compression.format import ENTRY_SIZE, TreeRef, iter_entries
-from diskrsync.compression.image import Image, Snapshot, TreeView, decode_checked, fsync_dir
-from diskrsync.compression.spgz import SpgzImage
-from diskrsync.destination import open_dest
-from diskrsync.errors import (
+from diskrsync.base.errors import (
     CorruptChunkError,
     DataError,
     DiskrsyncError,
@@ -24,8 +19,13 @@ from diskrsync.errors import (
     from_oserror,
     stat_or_none,
 )
-from diskrsync.parallel import ordered_map
-from diskrsync.synccore.merkle import root_hash
+from diskrsync.base.merkle import root_hash
+from diskrsync.base.parallel import ordered_map
+from diskrsync.compression.codec import Kind, is_zero, zeros
+from diskrsync.compression.destination import open_dest
+from diskrsync.compression.format import ENTRY_SIZE, TreeRef, iter_entries
+from diskrsync.compression.image import Image, Snapshot, TreeView, decode_checked, fsync_dir
+from diskrsync.compression.spgz import SpgzImage
 
 BATCH = 8  # chunks per parallel task: amortises the thread hand-off
 

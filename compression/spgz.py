@@ -26,8 +26,8 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Final, TypeVar
 
+from diskrsync.base.errors import CorruptChunkError, DataError, LocalError, UsageError
 from diskrsync.compression.api import GenerationInfo
-from diskrsync.errors import CorruptChunkError, DataError, LocalError, UsageError
 
 __all__ = [
     "HEADER_SIZE",

@@ -17,8 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from diskrsync import __version__
-from diskrsync.cli import build_parser
-from diskrsync.errors import (
+from diskrsync.base.errors import (
     EXIT_READ_ERRORS_IGNORED,
     EXIT_REDUNDANCY_LOST,
     EXIT_SOURCE_CHANGED,
@@ -28,10 +27,11 @@ from diskrsync.errors import (
     PeerError,
     UsageError,
 )
+from diskrsync.cli.main import build_parser
 
 PROG = "diskrsync"
 
-# Exit statuses, in order; the numbers come from diskrsync.errors so they cannot drift.
+# Exit statuses, in order; the numbers come from diskrsync.base.errors so they cannot drift.
 EXIT_CODES: list[tuple[int, str]] = [
     (0, "success"),
     (UsageError.exit_code, "usage: bad arguments, a missing file, a path that cannot be used "

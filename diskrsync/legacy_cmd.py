@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import os
 import signal
 import stat
@@ -40,11 +41,9 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import Any, Literal, Protocol
 
-from diskrsync.compression.image import fsync_dir, remove_stale_temps, temp_name
-from diskrsync.destination import check_push_target, open_dest
-from diskrsync.errors import (
+from diskrsync.base.errors import (
     BusyError,
     DiskrsyncError,
     LocalError,
@@ -53,6 +52,27 @@ from diskrsync.errors import (
     from_oserror,
     stat_or_none,
 )
+from diskrsync.base.parallel import ordered_map
+from diskrsync.base.progress import Progress
+from diskrsync.base.units import human
+from diskrsync.cli.requests import ssh_options
+from diskrsync.compression.api import GenerationInfo, read_span
+from diskrsync.compression.codec import zeros
+from diskrsync.compression.container import sniff
+from diskrsync.compression.destination import check_push_target, open_dest
+from diskrsync.compression.format import DEFAULT_CHUNK
+from diskrsync.compression.image import (
+    Image,
+    Transaction,
+    fsync_dir,
+    punch_hole,
+    pwrite_all,
+    remove_stale_temps,
+    take_writer_lock,
+    temp_name,
+)
+from diskrsync.compression.importer import write_new_image
+from diskrsync.compression.spgz import SpgzImage
 from diskrsync.synccore.legacy import (
     TAIL_BLOCK_SIZE,
     HeaderExchanged,
@@ -66,13 +86,16 @@ from diskrsync.synccore.legacy import (
     leaf_hash,
     parse_go_remote_args,
 )
-
-if TYPE_CHECKING:
-    from diskrsync.compression.api import GenerationInfo
-    from diskrsync.compression.image import Image, Transaction
-    from diskrsync.synccore.push import PushRequest
-    from diskrsync.synccore.source import PushStats
-    from diskrsync.synccore.ssh import Location, RemotePath, SshOptions
+from diskrsync.synccore.push import PushRequest, open_source
+from diskrsync.synccore.source import PushStats
+from diskrsync.synccore.ssh import (
+    LocalPath,
+    Location,
+    RemoteCommandError,
+    RemotePath,
+    SshOptions,
+    connect,
+)
 
 __all__ = [
     "CONVERT_SOURCE",
@@ -86,7 +109,6 @@ __all__ = [
     "convert_snapshot",
     "go_remote_main",
     "legacy_push",
-    "looks_like_go_remote",
     "open_legacy_target",
     "parallel_leaf_hashes",
     "run_machine",
@@ -99,11 +121,6 @@ CONVERT_SOURCE = "converted from SPGZ0001"
 
 _LEAF_BATCH_BYTES = 4 << 20  # bytes per hashing task: amortises the thread hand-off
 _RECV_SIZE = 1 << 20
-
-
-def looks_like_go_remote(argv: list[str]) -> bool:
-    """True when argv is what a Go diskrsync client runs on its remote end."""
-    return bool(argv) and argv[0].strip() in ("--target", "--source")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -139,7 +156,6 @@ def parallel_leaf_hashes(
     are). The callbacks report the "calc" phase: its size, the bytes hashed so far (in
     order, from the calling thread), and its end.
     """
-    from diskrsync.parallel import ordered_map
 
     def work(batch: list[tuple[int, int]]) -> tuple[int, list[bytes]]:
         start = batch[0][0]
@@ -205,7 +221,6 @@ class ImageTargetStore:
 
     def read(self, offset: int, length: int) -> bytes:
         """Bytes of the target as the transaction has them (thread-safe while not writing)."""
-        from diskrsync.compression.api import read_span
 
         return read_span(self._chunk, self.size, self.chunk_size, offset, length)
 
@@ -224,7 +239,6 @@ class ImageTargetStore:
 
     def _patch(self, offset: int, data: memoryview | None, length: int) -> None:
         """Put ``data`` (or zeros when None) at ``offset``, chunk by chunk."""
-        from diskrsync.compression.codec import zeros
 
         cs = self.chunk_size
         end = offset + length
@@ -301,7 +315,6 @@ class RawTargetStore:
 
     def write(self, offset: int, data: bytes) -> None:
         """pwrite all of ``data``."""
-        from diskrsync.compression.image import pwrite_all
 
         self._check_room(offset + len(data))
         try:
@@ -312,8 +325,6 @@ class RawTargetStore:
 
     def write_zeros(self, offset: int, length: int) -> None:
         """Punch (file) or write (device) zeros; space past the end of a file is a hole."""
-        from diskrsync.compression.codec import zeros
-        from diskrsync.compression.image import punch_hole, pwrite_all
 
         end = offset + length
         self._check_room(end)
@@ -473,7 +484,6 @@ def _open_image_end(
     path: str, kind: Literal["image", "new", "converted"], image_path: str, keep: int,
     log: Callable[[str], None], temp: str | None,
 ) -> LegacyTargetEnd:
-    from diskrsync.compression.image import Image
 
     img = Image.open(image_path)
     try:
@@ -508,8 +518,6 @@ def open_legacy_target(
 
     Anything else (a character device, a FIFO, a socket) is refused and left untouched.
     """
-    from diskrsync.compression.container import sniff
-    from diskrsync.compression.format import DEFAULT_CHUNK
 
     chunk_size = chunk_size or DEFAULT_CHUNK
     st = stat_or_none(path, "cannot open")
@@ -532,7 +540,6 @@ def open_legacy_target(
                 f"place as a raw file (as the Go diskrsync does)")
         return _open_raw_end(path, is_file=not is_block)
     remove_stale_temps(path, log)
-    from diskrsync.compression.image import Image
 
     if kind == "image":
         return _open_image_end(path, "image", path, keep, log, None)
@@ -565,7 +572,6 @@ def open_legacy_target(
 def _open_raw_end(path: str, *, is_file: bool) -> LegacyTargetEnd:
     fd, _st, created = open_dest(path)
     try:
-        from diskrsync.compression.image import take_writer_lock
 
         if not take_writer_lock(fd):
             raise BusyError(f"{path} is being written by another push")
@@ -593,7 +599,6 @@ def convert_snapshot(
     """Write ``snap``'s content (anything with ``size`` and thread-safe ``read``) into a new
     image at ``path`` as its first generation; ``path`` must not exist. The caller removes
     ``path`` if this fails."""
-    from diskrsync.compression.importer import write_new_image
 
     return write_new_image(snap.read, snap.size, path, chunk_size=chunk_size, source=source,
                            meta=meta, progress=progress)
@@ -602,7 +607,6 @@ def convert_snapshot(
 def _convert_file(old: str, new: str, *, chunk_size: int,
                   progress: Callable[[int], None] | None = None) -> GenerationInfo:
     """Convert the SPGZ0001 file ``old`` into a new image ``new`` (which must not exist)."""
-    from diskrsync.compression.spgz import SpgzImage
 
     spgz = SpgzImage.open(old)
     try:
@@ -624,8 +628,6 @@ def convert(old: str, new: str, *, chunk_size: int) -> int:
     NEW is written under a temporary name and linked into place only when complete, so an
     interrupted conversion leaves no half image, and an existing NEW is never replaced.
     """
-    from diskrsync.cli import Progress, human
-    from diskrsync.compression.container import sniff
 
     if os.path.isdir(old):
         raise UsageError(f"{old} is a directory, not an SPGZ0001 file")
@@ -897,7 +899,6 @@ def _serve_go_target(path: str, *, raw: bool, calc: bool, sync: bool, verbose: b
 
 
 def _serve_go_source(path: str, *, calc: bool, sync: bool, verbose: bool, out_fd: int) -> None:
-    from diskrsync.synccore.push import open_source
 
     reader = open_source(path)
     try:
@@ -925,9 +926,7 @@ def _serve_go_source(path: str, *, calc: bool, sync: bool, verbose: bool, out_fd
 def _ssh_options(args: argparse.Namespace) -> tuple[SshOptions, list[str]]:
     """The same SSH settings as a plain push (``--remote-cmd`` may be several words, e.g.
     ``sudo -n diskrsync``: the rest lead the remote argv)."""
-    import logging
 
-    from diskrsync.remote import ssh_options
 
     # paramiko logs socket errors it also raises: keep them out of our one-line errors
     logging.getLogger("paramiko").addHandler(logging.NullHandler())
@@ -1003,7 +1002,6 @@ def _converse(
 ) -> tuple[int, int]:
     """Run ``argv`` remotely and drive ``machine`` against it to the end; then check that
     the remote sent nothing more and exited 0. Returns (bytes sent, bytes received)."""
-    from diskrsync.synccore.ssh import RemoteCommandError
 
     relay = _Relay(conn.host)
     proc = conn.run(argv, on_stderr=relay)
@@ -1043,7 +1041,6 @@ def legacy_push(src_loc: Location, dst_loc: Location, req: PushRequest,
     BSNC0002 as the source; pull (``host:PATH DST``) runs ``CMD --source PATH`` and writes a
     local image (crash-safe, a new generation) or, with ``--no-compress``, a raw file.
     """
-    from diskrsync.synccore.ssh import LocalPath, RemotePath
 
     if req.target.dry_run or req.source.dry_run:
         raise UsageError("--dry-run is not possible with --legacy: the Go protocol cannot "
@@ -1065,10 +1062,6 @@ def legacy_push(src_loc: Location, dst_loc: Location, req: PushRequest,
 
 def _push_to_go(src: str, dst: RemotePath, req: PushRequest, args: argparse.Namespace,
                 opts: SshOptions, extra: list[str]) -> PushStats:
-    from diskrsync.cli import Progress
-    from diskrsync.synccore.push import open_source
-    from diskrsync.synccore.source import PushStats
-    from diskrsync.synccore.ssh import connect
 
     started = time.monotonic()
     reader = open_source(src, req.generation)
@@ -1105,9 +1098,6 @@ def _push_to_go(src: str, dst: RemotePath, req: PushRequest, args: argparse.Name
 
 def _pull_from_go(src: RemotePath, dst: str, req: PushRequest, args: argparse.Namespace,
                   opts: SshOptions, extra: list[str]) -> PushStats:
-    from diskrsync.cli import Progress
-    from diskrsync.synccore.source import PushStats
-    from diskrsync.synccore.ssh import connect
 
     started = time.monotonic()
     if os.path.isdir(dst):

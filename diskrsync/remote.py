@@ -31,14 +31,18 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
+from diskrsync.base.errors import DiskrsyncError, LocalError, PeerError, UsageError, reported_error
+from diskrsync.base.merkle import Shape
+from diskrsync.base.progress import Progress
+from diskrsync.base.units import parse_size
+from diskrsync.cli.requests import push_request, ssh_options
 from diskrsync.compression.image import DEFAULT_KEEP
-from diskrsync.errors import DiskrsyncError, LocalError, PeerError, UsageError, reported_error
+from diskrsync.legacy_cmd import legacy_push
 from diskrsync.synccore import protocol as p
-from diskrsync.synccore.channel import Channel, FramedChannel
-from diskrsync.synccore.push import PushRequest
-from diskrsync.synccore.source import PushStats
+from diskrsync.synccore.channel import Channel, FdStream, FramedChannel
+from diskrsync.synccore.push import PushRequest, open_source, run_target_end, serve_source
+from diskrsync.synccore.source import PushStats, SourceSession
 from diskrsync.synccore.ssh import (
-    DEFAULT_SSH_CONFIG,
     EXIT_NOT_FOUND,
     LinkError,
     LocalPath,
@@ -49,60 +53,18 @@ from diskrsync.synccore.ssh import (
     SshOptions,
     connect,
 )
+from diskrsync.synccore.target import TargetStore, open_store, serve_target
 
-__all__ = ["remote_push", "restricted_serve", "ssh_options"]
+__all__ = ["remote_push", "restricted_serve"]
 
 T = TypeVar("T")
 
-#: Testing aid: "INTERVAL,COUNT" overrides the keepalive watchdog (default 15 s x 4), so a
-#: test can show a silent link is detected without waiting a minute.
-KEEPALIVE_ENV = "DISKRSYNC_SSH_KEEPALIVE"
 #: How long to wait for the remote command's exit status once the conversation is over.
 EXIT_WAIT = 30.0
 #: After a failure, how long the remote gets to report its own reason.
 FAILURE_WAIT = 5.0
 #: What `serve` exits with on a usage error: older/foreign programs reject `serve` with it.
 EXIT_USAGE = 2
-
-
-# -- options -------------------------------------------------------------------------------
-
-
-def _keepalive() -> tuple[float, int] | None:
-    text = os.environ.get(KEEPALIVE_ENV)
-    if not text:
-        return None
-    try:
-        interval_text, count_text = text.split(",")
-        interval, count = float(interval_text), int(count_text)
-    except ValueError:
-        raise UsageError(f"{KEEPALIVE_ENV} must be INTERVAL,COUNT (e.g. 15,4), not {text!r}") \
-            from None
-    if interval <= 0 or count < 1:
-        raise UsageError(f"{KEEPALIVE_ENV}: interval must be > 0 and count >= 1")
-    return interval, count
-
-
-def ssh_options(args: argparse.Namespace) -> tuple[SshOptions, list[str]]:
-    """SshOptions from the CLI flags, plus the extra words of a multi-word ``--remote-cmd``
-    (``sudo -n diskrsync``): the first word is the program, the rest lead its argv."""
-    try:
-        words = shlex.split(getattr(args, "remote_cmd", None) or "diskrsync")
-    except ValueError as e:
-        raise UsageError(f"bad --remote-cmd: {e}") from None
-    if not words:
-        raise UsageError("--remote-cmd is empty")
-    config = getattr(args, "ssh_config", None)
-    opts = SshOptions(
-        identity_files=tuple(Path(i) for i in (getattr(args, "identity", None) or [])),
-        ssh_config=Path(config) if config else DEFAULT_SSH_CONFIG,
-        accept_new_host_key=bool(getattr(args, "accept_new_host_key", False)),
-        remote_cmd=words[0],
-    )
-    ka = _keepalive()
-    if ka is not None:
-        opts = replace(opts, keepalive_interval=ka[0], keepalive_count=ka[1])
-    return opts, words[1:]
 
 
 def _target_argv(path: str, req: PushRequest) -> list[str]:
@@ -350,7 +312,6 @@ def _run_conversation(r: _Remote, body: Callable[[], T]) -> T:
 def remote_push(src: Any, dst: Any, req: PushRequest, args: argparse.Namespace) -> PushStats:
     """``diskrsync push`` where SRC or DST is ``[user@]host:path`` (or ``--legacy``)."""
     if getattr(args, "legacy", False):
-        from diskrsync.legacy_cmd import legacy_push
 
         stats: PushStats = legacy_push(src, dst, req, args)
         return stats
@@ -368,9 +329,6 @@ def remote_push(src: Any, dst: Any, req: PushRequest, args: argparse.Namespace) 
 def _push(local: str, remote: RemotePath, req: PushRequest,
           args: argparse.Namespace) -> PushStats:
     """This machine is the source; ``serve --target`` runs on the remote host."""
-    from diskrsync.cli import Progress
-    from diskrsync.synccore.push import open_source
-    from diskrsync.synccore.source import SourceSession
 
     opts, extra = ssh_options(args)
     reader = open_source(local, req.generation)  # local mistakes first, before any SSH
@@ -395,8 +353,6 @@ def _pull(remote: RemotePath, local: str, req: PushRequest,
           args: argparse.Namespace) -> PushStats:
     """``serve --source`` runs on the remote host; this machine is the target and verifies
     every chunk it receives."""
-    from diskrsync.synccore.merkle import Shape
-    from diskrsync.synccore.push import run_target_end
 
     folder = local if os.path.isdir(local) else os.path.dirname(os.path.abspath(local))
     if not os.path.isdir(folder):
@@ -468,7 +424,6 @@ def _parse_request(command: str) -> argparse.Namespace:
     The program word(s) before ``serve`` are the client's ``--remote-cmd`` and are ignored:
     what runs here is the forced command.
     """
-    from diskrsync.cli import parse_size
 
     try:
         words = shlex.split(command)
@@ -673,15 +628,11 @@ def _plan_restricted(args: argparse.Namespace) -> tuple[argparse.Namespace, str 
 def _serve_restricted(req: argparse.Namespace, root: str | None) -> int:
     """What cmd_serve runs, with the target path checked again once the source has named
     its image (a directory target becomes DIR/<name>.spgz)."""
-    from diskrsync.cli import _push_request
-    from diskrsync.synccore.channel import FdStream
-    from diskrsync.synccore.push import serve_source
-    from diskrsync.synccore.target import TargetStore, open_store, serve_target
 
     out_fd = os.dup(1)
     os.dup2(2, 1)  # stdout carries the protocol: nothing else may be printed there
     channel: Channel = FramedChannel(FdStream(0, out_fd, req.timeout))
-    push_req = _push_request(req)
+    push_req = push_request(req)
     if req.source:
         serve_source(channel, req.source, req.generation, push_req.source)
         return 0

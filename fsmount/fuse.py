@@ -20,9 +20,9 @@ from contextlib import contextmanager
 import pyfuse3
 import trio
 
+from diskrsync.base.errors import CorruptChunkError, DiskrsyncError
 from diskrsync.compression.api import DiskImage, GenerationInfo
 from diskrsync.compression.image import GenerationGoneError
-from diskrsync.errors import CorruptChunkError, DiskrsyncError
 from diskrsync.fsmount.reader import ChunkReader
 from diskrsync.fsmount.vfs import (
     ROOT_INODE,

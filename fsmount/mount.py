@@ -26,8 +26,8 @@ from typing import Any
 import pyfuse3
 import trio
 
+from diskrsync.base.errors import DiskrsyncError, LocalError, UsageError
 from diskrsync.compression.api import DiskImage
-from diskrsync.errors import DiskrsyncError, LocalError, UsageError
 from diskrsync.fsmount.cache import DEFAULT_CACHE_SIZE, ChunkCache
 from diskrsync.fsmount.fuse import REFRESH_INTERVAL, DiskOperations
 from diskrsync.fsmount.reader import ChunkReader

@@ -32,8 +32,8 @@ import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
+from diskrsync.base.errors import DataError
 from diskrsync.compression.api import DiskImage, DiskSnapshot, GenerationInfo
-from diskrsync.errors import DataError
 from diskrsync.fsmount.partitions import (
     NO_TABLE,
     PartitionTable,

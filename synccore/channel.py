@@ -20,7 +20,7 @@ import threading
 import time
 from typing import Protocol
 
-from diskrsync.errors import PeerError
+from diskrsync.base.errors import PeerError
 from diskrsync.synccore import protocol as p
 
 _EOF = object()

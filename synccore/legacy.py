@@ -45,7 +45,7 @@ from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Final, Literal, Protocol
 
-from diskrsync.errors import LocalError, PeerError, UsageError
+from diskrsync.base.errors import LocalError, PeerError, UsageError
 from diskrsync.synccore.protocol import DEFAULT_MAX_SIZE
 
 __all__ = [

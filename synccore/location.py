@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from diskrsync.errors import UsageError
+from diskrsync.base.errors import UsageError
 
 
 @dataclass(frozen=True)

@@ -18,9 +18,9 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any
 
+from diskrsync.base.errors import PeerError
 from diskrsync.compression.codec import Kind
 from diskrsync.compression.format import MAX_CHUNK, MIN_CHUNK
-from diskrsync.errors import PeerError
 
 PROTOCOL_VERSION = 1
 PREAMBLE = b"DRSYNC"

@@ -15,8 +15,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from diskrsync.base.errors import DiskrsyncError, UsageError
 from diskrsync.compression.container import open_image, sniff
-from diskrsync.errors import DiskrsyncError, UsageError
 from diskrsync.synccore import protocol as p
 from diskrsync.synccore.channel import Channel, channel_pair
 from diskrsync.synccore.source import (

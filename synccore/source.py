@@ -40,10 +40,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from diskrsync import __version__
-from diskrsync.compression import codec
-from diskrsync.compression.codec import Kind
-from diskrsync.compression.format import DEFAULT_CHUNK, DEFAULT_FANOUT
-from diskrsync.errors import (
+from diskrsync.base.errors import (
     CorruptChunkError,
     DiskrsyncError,
     LocalError,
@@ -53,10 +50,7 @@ from diskrsync.errors import (
     from_oserror,
     reported_error,
 )
-from diskrsync.parallel import ordered_map
-from diskrsync.synccore import protocol as p
-from diskrsync.synccore.channel import Channel
-from diskrsync.synccore.merkle import (
+from diskrsync.base.merkle import (
     HASH_SIZE,
     Shape,
     leaf_hash,
@@ -64,6 +58,12 @@ from diskrsync.synccore.merkle import (
     root_from_leaves,
     zero_hash,
 )
+from diskrsync.base.parallel import ordered_map
+from diskrsync.compression import codec
+from diskrsync.compression.codec import Kind
+from diskrsync.compression.format import DEFAULT_CHUNK, DEFAULT_FANOUT
+from diskrsync.synccore import protocol as p
+from diskrsync.synccore.channel import Channel
 
 BATCH_CHUNKS = 32  # at most this many chunks read and hashed per worker task
 SCAN_WINDOW = 6  # batches in flight

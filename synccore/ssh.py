@@ -37,7 +37,7 @@ from typing import Any
 
 import paramiko
 
-from diskrsync.errors import LocalError, PeerError, UsageError
+from diskrsync.base.errors import LocalError, PeerError, UsageError
 from diskrsync.synccore.location import LocalPath, Location, RemotePath, parse_location, split_port
 
 __all__ = [

@@ -20,9 +20,31 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from diskrsync import __version__
+from diskrsync.base.errors import (
+    BusyError,
+    DataError,
+    DiskrsyncError,
+    LocalError,
+    PeerError,
+    UsageError,
+    from_oserror,
+    reported_error,
+    stat_or_none,
+)
+from diskrsync.base.merkle import (
+    HASH_SIZE,
+    Shape,
+    leaf_hash,
+    node_hash_packed,
+    root_from_leaves,
+    root_hash,
+    zero_hash,
+)
+from diskrsync.base.parallel import ordered_map
 from diskrsync.compression import codec
 from diskrsync.compression.codec import Kind
 from diskrsync.compression.container import sniff
+from diskrsync.compression.destination import check_push_target, open_dest
 from diskrsync.compression.format import (
     DEFAULT_CHUNK,
     DEFAULT_FANOUT,
@@ -40,30 +62,8 @@ from diskrsync.compression.image import (
     remove_stale_temps,
     take_writer_lock,
 )
-from diskrsync.destination import check_push_target, open_dest
-from diskrsync.errors import (
-    BusyError,
-    DataError,
-    DiskrsyncError,
-    LocalError,
-    PeerError,
-    UsageError,
-    from_oserror,
-    reported_error,
-    stat_or_none,
-)
-from diskrsync.parallel import ordered_map
 from diskrsync.synccore import protocol as p
 from diskrsync.synccore.channel import Channel
-from diskrsync.synccore.merkle import (
-    HASH_SIZE,
-    Shape,
-    leaf_hash,
-    node_hash_packed,
-    root_from_leaves,
-    root_hash,
-    zero_hash,
-)
 
 PAGE_BATCH = 4096  # level-1 digests per PageHashes message
 CHECKPOINT_BYTES = 1 << 30

@@ -26,8 +26,8 @@ from typing import IO
 
 from support.crashplan import CS, FANOUT, KEEP, SIZES, Model
 
+from diskrsync.base.errors import EXIT_REDUNDANCY_LOST
 from diskrsync.compression.image import Image
-from diskrsync.errors import EXIT_REDUNDANCY_LOST
 
 WRITER = Path(__file__).parent / "support" / "crashwriter.py"
 SEED = int(os.environ.get("DISKRSYNC_CRASH_SEED") or random.randrange(2**32))

@@ -31,9 +31,9 @@ import pytest
 from support.paths import REPO, VECTORS
 from support.sshd import SshServer
 
+from diskrsync.base.errors import BusyError, UsageError
 from diskrsync.compression.container import open_image
 from diskrsync.compression.image import Image
-from diskrsync.errors import BusyError, UsageError
 from diskrsync.legacy_cmd import open_legacy_target
 
 K = 1024

@@ -37,7 +37,7 @@ from pathlib import Path
 import pytest
 
 from diskrsync import docgen
-from diskrsync.cli import build_parser
+from diskrsync.cli.main import build_parser
 
 ROOT = Path(__file__).resolve().parent.parent
 GUIDE = ROOT / "docs" / "user-guide.md"

@@ -24,7 +24,7 @@ from support import diskbuild
 from support.diskbuild import BuiltDisk, BuiltPartition
 from support.mounts import MountCleanup, build_disks, require_fuse_and_disk_tools
 
-from diskrsync.errors import UsageError
+from diskrsync.base.errors import UsageError
 from diskrsync.fsmount.mount import (
     MountPointError,
     StaleMountError,

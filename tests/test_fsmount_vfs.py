@@ -10,7 +10,7 @@ import trio
 from support import diskbuild
 from support.fakeimage import FakeImage
 
-from diskrsync.errors import CorruptChunkError
+from diskrsync.base.errors import CorruptChunkError
 from diskrsync.fsmount.cache import ChunkCache
 from diskrsync.fsmount.reader import ChunkReader
 from diskrsync.fsmount.vfs import (

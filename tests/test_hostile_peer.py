@@ -26,14 +26,14 @@ from support.hostile import (
     run_bounded,
 )
 
+from diskrsync.base.errors import PeerError
+from diskrsync.base.merkle import leaf_hash
 from diskrsync.compression import codec
 from diskrsync.compression.codec import Kind
 from diskrsync.compression.image import Image
-from diskrsync.errors import PeerError
 from diskrsync.legacy_cmd import ImageTargetStore
 from diskrsync.synccore import protocol as p
 from diskrsync.synccore.legacy import MAGIC
-from diskrsync.synccore.merkle import leaf_hash
 from diskrsync.synccore.push import PushRequest, local_push
 from diskrsync.synccore.source import SourceOptions
 
@@ -323,7 +323,7 @@ def test_a_remote_stderr_line_without_an_end_is_not_held_in_memory():
 
 
 def test_running_out_of_memory_is_one_line_and_exit_3(capsys):
-    from diskrsync.cli import _run
+    from diskrsync.cli.main import _run
 
     def hungry() -> int:
         raise MemoryError()
@@ -335,8 +335,8 @@ def test_running_out_of_memory_is_one_line_and_exit_3(capsys):
 def test_zero_chunks_scattered_over_pages_do_not_pile_up_in_memory(tmp_path, monkeypatch):
     """One zero chunk per index page costs the peer 45 bytes and the target a whole page
     (6 KiB) in memory; with no payload no checkpoint ever came to write them out."""
+    from diskrsync.base.merkle import zero_hash
     from diskrsync.synccore import target as t
-    from diskrsync.synccore.merkle import zero_hash
 
     monkeypatch.setattr(t, "DIRTY_INDEX_BYTES", 64 << 10)
     path = tmp_path / "d.spgz"

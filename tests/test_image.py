@@ -9,9 +9,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from diskrsync.base.errors import BusyError, DataError, UsageError
+from diskrsync.base.merkle import leaf_hash, tree_root
 from diskrsync.compression.image import Image
-from diskrsync.errors import BusyError, DataError, UsageError
-from diskrsync.synccore.merkle import leaf_hash, tree_root
 
 CS = 16384
 

@@ -31,10 +31,10 @@ from support.imagetools import (
     superblocks,
 )
 
+from diskrsync.base.errors import EXIT_REDUNDANCY_LOST, DataError
 from diskrsync.compression.container import open_image
 from diskrsync.compression.format import FLAG_MIRRORED, SECTOR, SUPERBLOCK_SLOTS
 from diskrsync.compression.image import Image
-from diskrsync.errors import EXIT_REDUNDANCY_LOST, DataError
 from diskrsync.fsmount.vfs import load_generation
 
 SEED = int(os.environ.get("DISKRSYNC_DAMAGE_SEED") or random.randrange(2**32))

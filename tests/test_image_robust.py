@@ -23,6 +23,13 @@ from pathlib import Path
 
 import pytest
 
+from diskrsync.base.errors import (
+    EXIT_REDUNDANCY_LOST,
+    CorruptChunkError,
+    DataError,
+    LocalError,
+    UsageError,
+)
 from diskrsync.compression.codec import Kind
 from diskrsync.compression.format import (
     CHECKSUM_SIZE,
@@ -33,13 +40,6 @@ from diskrsync.compression.format import (
     unpack_entry,
 )
 from diskrsync.compression.image import Image, TreeView, punch_hole
-from diskrsync.errors import (
-    EXIT_REDUNDANCY_LOST,
-    CorruptChunkError,
-    DataError,
-    LocalError,
-    UsageError,
-)
 
 CS = 16 * 1024
 SUPPORT = Path(__file__).parent / "support"

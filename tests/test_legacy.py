@@ -29,7 +29,7 @@ from support.legacy_vectors import (
     vector_input,
 )
 
-from diskrsync.errors import LocalError, PeerError, UsageError
+from diskrsync.base.errors import LocalError, PeerError, UsageError
 from diskrsync.synccore.legacy import (
     HASH_SIZE,
     MAGIC,

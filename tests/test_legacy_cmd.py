@@ -35,11 +35,12 @@ from support.legacy_vectors import (
 )
 from support.paths import REPO, VECTORS
 
+from diskrsync.base.errors import PeerError, UsageError
 from diskrsync.cli import main
+from diskrsync.cli.main import looks_like_go_remote
 from diskrsync.compression.container import open_image, sniff
 from diskrsync.compression.image import Image
 from diskrsync.compression.maintenance import verify
-from diskrsync.errors import PeerError, UsageError
 from diskrsync.legacy_cmd import (
     GO_CLIENT_SOURCE,
     GoProgressLines,
@@ -47,7 +48,6 @@ from diskrsync.legacy_cmd import (
     ProgressLineParser,
     convert_snapshot,
     legacy_push,
-    looks_like_go_remote,
     open_legacy_target,
     run_machine,
 )

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from diskrsync.synccore.merkle import (
+from diskrsync.base.merkle import (
     Shape,
     leaf_hash,
     root_from_leaves,

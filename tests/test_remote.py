@@ -459,9 +459,9 @@ def test_serve_timeout_frees_a_frozen_clients_lock(tmp_path: Path) -> None:
     """A client that says hello, sends two chunks and then nothing (frozen, or a dead link
     TCP has not noticed): serve --timeout 2 gives up with exit 5, keeps what arrived as a
     checkpoint and releases the image's writer lock, so the next push works."""
+    from diskrsync.base.merkle import leaf_hash
     from diskrsync.compression.codec import Kind
     from diskrsync.synccore.channel import FdStream, FramedChannel
-    from diskrsync.synccore.merkle import leaf_hash
 
     src, image = tmp_path / "src.img", tmp_path / "img.spgz"
     data = disk(src, 4 * MiB, seed=5)
@@ -532,7 +532,7 @@ def test_source_stops_when_the_target_closes_early(tmp_path: Path) -> None:
     with a clear error, rather than reading the whole disk first."""
     import threading
 
-    from diskrsync.errors import PeerError
+    from diskrsync.base.errors import PeerError
     from diskrsync.synccore.channel import FdStream, FramedChannel
     from diskrsync.synccore.source import RawSource, SourceOptions, SourceSession
 
@@ -723,7 +723,7 @@ def test_restricted_key_cannot_shrink_history(env: Env, tmp_path: Path,
 # before the client's Hello) and the open (after it): deterministic, no timing involved.
 _SWAP_SERVE = """
 import json, os, sys
-from diskrsync.cli import _run, build_parser
+from diskrsync.cli.main import _run, build_parser
 from diskrsync.remote import _plan_restricted, _serve_restricted
 root, swaps = sys.argv[1], json.loads(sys.argv[2])
 args = build_parser().parse_args(["serve", "--restrict-to", root, "--write-only"])
@@ -740,7 +740,7 @@ def _push_with_swap(tmp: Path, root: Path, request: str, swaps: list[tuple[str, 
                     data: bytes, options: str = "") -> tuple[int, str]:
     """Push ``data`` through a restricted serve of ``root`` asked for ``request``; returns
     the serve's exit status and stderr."""
-    from diskrsync.errors import DiskrsyncError
+    from diskrsync.base.errors import DiskrsyncError
     from diskrsync.synccore.channel import FdStream, FramedChannel
     from diskrsync.synccore.push import serve_source
     from diskrsync.synccore.source import SourceOptions
@@ -809,7 +809,7 @@ def test_restricted_final_symlink_is_refused(tmp_path: Path, raw: bool) -> None:
 def test_nofollow_store_refuses_a_final_symlink(tmp_path: Path, raw: bool) -> None:
     """The last line of defence when the symlink appears after the serve's own check: the
     stores open the final component with O_NOFOLLOW."""
-    from diskrsync.errors import UsageError
+    from diskrsync.base.errors import UsageError
     from diskrsync.synccore.target import TargetOptions, open_store
 
     victim = tmp_path / "victim"
@@ -830,7 +830,7 @@ def test_nofollow_store_refuses_a_final_symlink(tmp_path: Path, raw: bool) -> No
 def test_retention_policy_over_a_client_request(capsys: pytest.CaptureFixture[str]) -> None:
     """Clients may ask to keep more than the server's floor, never less; append-only keeps
     everything; either refuses a raw target (no history)."""
-    from diskrsync.errors import UsageError
+    from diskrsync.base.errors import UsageError
     from diskrsync.remote import KEEP_ALL, apply_retention
 
     def keep(client: int, **policy: Any) -> int:
@@ -859,7 +859,7 @@ def test_restricted_request_parsing() -> None:
     assert ns.chunk_size == 64 * 1024 and ns.checkpoint_interval == MiB and ns.no_compress
     ns = _parse_request("diskrsync serve --source /srv/b/x.spgz -g 4")
     assert ns.source == "/srv/b/x.spgz" and ns.generation == 4 and ns.target is None
-    from diskrsync.errors import UsageError
+    from diskrsync.base.errors import UsageError
 
     for bad in ["rm -rf /", "diskrsync serve", "diskrsync serve --target a --source b",
                 "diskrsync serve --target a --restrict-to /", "diskrsync serve --target",
@@ -886,8 +886,8 @@ def test_refusal_is_a_protocol_error_frame(tmp_path: Path) -> None:
 def test_ssh_options_from_cli(monkeypatch: pytest.MonkeyPatch) -> None:
     import argparse
 
-    from diskrsync.errors import UsageError
-    from diskrsync.remote import ssh_options
+    from diskrsync.base.errors import UsageError
+    from diskrsync.cli.requests import ssh_options
 
     args = argparse.Namespace(identity=["k1", "k2"], ssh_config="/x/cfg",
                               accept_new_host_key=True,

@@ -23,10 +23,10 @@ from support.baddisk import BadDisk
 from support.paths import VECTORS
 from support.sshd import SshServer
 
+from diskrsync.base.errors import EXIT_READ_ERRORS_IGNORED
 from diskrsync.compression.codec import Kind
 from diskrsync.compression.image import Image
 from diskrsync.compression.spgz import HEADER_SIZE, SpgzImage
-from diskrsync.errors import EXIT_READ_ERRORS_IGNORED
 
 CS = 16 * 1024
 REPO = Path(__file__).resolve().parents[1]

@@ -21,10 +21,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from support.paths import VECTORS
 
+from diskrsync.base.errors import CorruptChunkError, DataError, DiskrsyncError, UsageError
 from diskrsync.compression import spgz as spgz_mod
 from diskrsync.compression.api import DiskImage, DiskSnapshot
 from diskrsync.compression.spgz import MAGIC, SpgzImage, SpgzSnapshot, is_spgz
-from diskrsync.errors import CorruptChunkError, DataError, DiskrsyncError, UsageError
 
 BS = 131071  # block size of every vector (header field 32)
 SLOT = BS + 1

@@ -20,7 +20,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from support.sshd import SSH_KEYGEN, SshServer, free_port, make_key, public_line
 
-from diskrsync.errors import PeerError, UsageError
+from diskrsync.base.errors import PeerError, UsageError
 from diskrsync.synccore.ssh import (
     AuthError,
     ConnectError,

@@ -21,12 +21,12 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from support.causal import causal_pair
 
+from diskrsync.base.errors import BusyError, DataError, LocalError, PeerError, ReadError, UsageError
+from diskrsync.base.merkle import leaf_hash, tree_root
 from diskrsync.compression.format import MAGIC
 from diskrsync.compression.image import Image
-from diskrsync.errors import BusyError, DataError, LocalError, PeerError, ReadError, UsageError
 from diskrsync.synccore import protocol as p
 from diskrsync.synccore.channel import FdStream, FramedChannel, delayed_pair
-from diskrsync.synccore.merkle import leaf_hash, tree_root
 from diskrsync.synccore.push import PushRequest, local_push
 from diskrsync.synccore.source import RawSource, SourceOptions, SourceSession
 from diskrsync.synccore.target import TargetOptions

@@ -23,9 +23,9 @@ from typing import Protocol
 
 import zstandard
 
+from diskrsync.base.errors import CorruptChunkError, UsageError
 from diskrsync.compression.api import GenerationInfo
 from diskrsync.compression.image import GenerationGoneError
-from diskrsync.errors import CorruptChunkError, UsageError
 
 DEFAULT_CHUNK = 64 * 1024
 

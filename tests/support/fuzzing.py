@@ -28,8 +28,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from diskrsync.base.errors import DiskrsyncError
 from diskrsync.compression.image import Image
-from diskrsync.errors import DiskrsyncError
 from diskrsync.legacy_cmd import ImageTargetStore, convert_snapshot, open_legacy_target
 from diskrsync.synccore import protocol as p
 from diskrsync.synccore.channel import FdStream, FramedChannel

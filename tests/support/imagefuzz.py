@@ -24,10 +24,10 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from diskrsync.base.errors import DataError, DiskrsyncError
 from diskrsync.cli import main as cli_main
 from diskrsync.compression.format import SLOT_SIZE, SUPERBLOCK_SLOTS, Superblock
 from diskrsync.compression.image import Image
-from diskrsync.errors import DataError, DiskrsyncError
 
 MEMORY_LIMIT = 1 << 30  # bytes of address space
 ALARM_S = 20  # per mutant: far beyond what a small image needs

@@ -8,6 +8,7 @@ import random
 import subprocess
 import sys
 
+from diskrsync.base.errors import DataError
 from diskrsync.compression.format import (
     FLAG_MIRRORED,
     SLOT_SIZE,
@@ -15,7 +16,6 @@ from diskrsync.compression.format import (
     Superblock,
 )
 from diskrsync.compression.image import Image
-from diskrsync.errors import DataError
 
 CS = 16 * 1024
 

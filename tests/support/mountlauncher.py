@@ -19,8 +19,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # make `support` importable
 
+from diskrsync.base.errors import DiskrsyncError
 from diskrsync.compression.api import DiskImage
-from diskrsync.errors import DiskrsyncError
 from diskrsync.fsmount.mount import mount_main
 
 

@@ -26,11 +26,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from diskrsync.base.errors import DataError, DiskrsyncError
 from diskrsync.compression.container import open_image
 from diskrsync.compression.image import Image
 from diskrsync.compression.maintenance import restore, verify
 from diskrsync.compression.spgz import SpgzImage
-from diskrsync.errors import DataError, DiskrsyncError
 from diskrsync.legacy_cmd import (
     GO_CLIENT_SOURCE,
     ImageTargetStore,

@@ -18,7 +18,7 @@ import errno
 import os
 import stat
 
-from diskrsync.errors import BusyError, UsageError, from_oserror, stat_or_none
+from diskrsync.base.errors import BusyError, UsageError, from_oserror, stat_or_none
 
 _KINDS = (
     (stat.S_ISREG, "a regular file"),

@@ -1,0 +1,39 @@
+"""Sizes, durations and byte counts as users type and read them."""
+
+from __future__ import annotations
+
+import argparse
+
+SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_seconds(text: str) -> float:
+    """A non-negative number of seconds (0: never)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < 1e9:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}")
+    return value
+
+
+def parse_size(text: str) -> int:
+    """'128K', '256M', '1G' or plain bytes."""
+    t = text.strip().upper().removesuffix("IB").removesuffix("B")
+    unit = t[-1:] if t[-1:] in SIZE_UNITS and t[-1:] else ""
+    try:
+        n = int(float(t[: len(t) - len(unit)]) * SIZE_UNITS[unit])
+    except (ValueError, OverflowError):  # OverflowError: "inf"
+        n = -1
+    if not 0 <= n < 1 << 63:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 128K, 256M)")
+    return n
+
+
+def human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)

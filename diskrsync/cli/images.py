@@ -1,0 +1,127 @@
+"""Commands on images: info, verify, restore, prune, convert."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from diskrsync.base.errors import EXIT_REDUNDANCY_LOST, UsageError
+from diskrsync.base.progress import Progress
+from diskrsync.base.units import human
+from diskrsync.compression.container import open_image
+from diskrsync.compression.image import Image
+from diskrsync.compression.maintenance import image_info, restore, verify
+from diskrsync.legacy_cmd import convert
+
+
+def _when(t: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(t))
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    img = open_image(args.image)
+    try:
+        info = image_info(img)
+    finally:
+        img.close()
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"image:        {info['path']} ({info['format']})")
+    print(f"size:         {info['size']} bytes ({human(info['size'])})")
+    print(f"chunk size:   {human(info['chunk_size'])}")
+    ratio = f"ratio {info['ratio']}" if info["ratio"] is not None else "no data yet"
+    print(f"stored:       {human(info['stored_bytes'])} ({ratio})")
+    print(f"allocated:    {human(info['allocated_bytes'])} on disk")
+    if info.get("checkpoint"):
+        print("checkpoint:   a push was interrupted; the next push resumes from it")
+    print("generations:")
+    if not info["generations"]:
+        print("  (none)")
+    for g in info["generations"]:
+        root = g["root_hash"][:16] or "-"
+        print(f"  {g['number']:>4}  {_when(g['time'])}  {human(g['size']):>10}  {root}  "
+              f"{g['source']}")
+        meta = g.get("meta", {})
+        if meta.get("source_changed_chunks"):
+            print(f"        warning: the source changed during this push "
+                  f"({meta['source_changed_chunks']} chunk(s) differ from the scan)")
+        if meta.get("read_errors"):
+            ranges = ", ".join(f"{o}+{n}" for o, n in meta["read_errors"][:10])
+            print(f"        warning: {len(meta['read_errors'])} unreadable range(s) stored as "
+                  f"zeros: {ranges}")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    # opened even when the newest commit may be lost: verify names it, --repair accepts it
+    img = open_image(args.image, accept_loss=True)
+    try:
+        if args.repair:
+            if not isinstance(img, Image):
+                raise UsageError(f"{args.image}: --repair works on diskrsync images only")
+            for line in img.repair():
+                print(f"repair: {line}", file=sys.stderr)
+            img.refresh()
+        report = verify(img, args.generation)
+    finally:
+        img.close()
+    if args.json:
+        print(json.dumps({"ok": report.ok, "problems": report.problems,
+                          "warnings": report.warnings, "bad_chunks": report.bad_chunks,
+                          "chunks_checked": report.chunks_checked}, indent=2))
+    else:
+        for w in report.warnings:
+            print(f"warning: {w}", file=sys.stderr)
+        for p in report.problems:
+            print(f"problem: {p}")
+        for b in report.bad_chunks:
+            gens = b.get("generations", [])
+            gen = (f"generation{'s' if len(gens) > 1 else ''} {', '.join(map(str, gens))} "
+                   if gens else "")
+            print(f"bad chunk: {gen}chunk {b['chunk']} at offset {b['offset']}: {b['problem']}")
+        state = "ok" if report.ok else "FAILED"
+        if report.ok and report.warnings:
+            state = "ok, but a metadata copy is damaged (`verify --repair` rewrites it)"
+        print(f"{args.image}: {state} ({report.chunks_checked} stored chunks checked)")
+    if not report.ok:
+        return 6
+    return EXIT_REDUNDANCY_LOST if report.warnings else 0
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    img = open_image(args.image)
+    try:
+        snap = img.snapshot(args.generation)
+        try:
+            bar = Progress(snap.size, "restore", args.dest != "-" and not args.quiet)
+            try:
+                restore(snap, args.dest, force=args.force, progress=bar.update)
+            finally:
+                bar.close()
+        finally:
+            snap.close()
+    finally:
+        img.close()
+    return 0
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    img = open_image(args.image)
+    try:
+        if not isinstance(img, Image):
+            raise UsageError(f"{args.image} is an SPGZ0001 file: it has one generation only")
+        pruned = img.prune(args.keep)
+    finally:
+        img.close()
+    if pruned:
+        print(f"pruned generation(s) {', '.join(map(str, pruned))}")
+    else:
+        print("nothing to prune")
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    return convert(args.old, args.new, chunk_size=args.chunk_size)

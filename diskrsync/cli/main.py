@@ -1,0 +1,221 @@
+"""The command line: the parser, dispatch to the command modules, and the one place where
+exceptions become exit codes.
+
+Each command lives in a module of this package (``images``, ``push``, ``serve``, ``mounts``);
+the parser names it as ``"module:function"`` and only the chosen command's module is imported,
+so ``diskrsync info`` never loads paramiko or pyfuse3.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import signal
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from diskrsync import __version__
+from diskrsync.base.errors import DiskrsyncError, LocalError
+from diskrsync.base.units import parse_seconds, parse_size
+
+
+def _ssh_options(sp: argparse.ArgumentParser) -> None:
+    g = sp.add_argument_group("remote ends (SRC or DST as [user@]host:path or ssh://...)")
+    g.add_argument("--identity", "-i", action="append", default=[], metavar="FILE",
+                   help="private key to try (repeatable); the ssh agent is tried too")
+    g.add_argument("--ssh-config", "-F", metavar="FILE",
+                   help="ssh client config to read (default ~/.ssh/config)")
+    g.add_argument("--accept-new-host-key", action="store_true",
+                   help="trust and remember an unknown host's key (never a changed one)")
+    g.add_argument("--remote-cmd", default="diskrsync", metavar="PATH",
+                   help="diskrsync on the remote host (default: found on its PATH)")
+    g.add_argument("--legacy", action="store_true",
+                   help="the remote end is the original Go diskrsync (BSNC0002 protocol)")
+
+
+def _push_options(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--no-compress", action="store_true",
+                    help="DST is a raw file or device updated in place, not an image")
+    sp.add_argument("--chunk-size", type=parse_size, default=128 * 1024, metavar="N",
+                    help="chunk size of a new image (power of two, 16K-4M; default 128K)")
+    sp.add_argument("--keep", type=int, default=2, metavar="N",
+                    help="generations to keep in the image (default 2)")
+    sp.add_argument("--generation", "-g", type=int, metavar="G",
+                    help="when SRC is an image: push its generation G (default: newest)")
+    sp.add_argument("--dry-run", "-n", action="store_true",
+                    help="compare only: report what differs, change nothing")
+    sp.add_argument("--ignore-read-errors", action="store_true",
+                    help="store unreadable source sectors (and damaged chunks of an image "
+                         "source) as zeros and list them")
+    sp.add_argument("--checkpoint-interval", type=parse_size, metavar="BYTES",
+                    help=argparse.SUPPRESS)
+    sp.add_argument("--timeout", type=parse_seconds, default=0, metavar="SECONDS",
+                    help="with a remote end: fail when it sends nothing for SECONDS "
+                         "(default 0: never)")
+    sp.add_argument("--max-size", type=parse_size, metavar="SIZE",
+                    help="refuse a source larger than SIZE when this end is the target (default "
+                         "64T): bounds what a peer can make it allocate")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="diskrsync",
+        description="Back up disks over SSH into crash-safe, mountable compressed images.",
+    )
+    p.add_argument("--version", action="version", version=f"diskrsync {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    def add(name: str, func: str, help_: str,
+            **kw: Any) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help_, description=help_, **kw)
+        sp.set_defaults(func=func)
+        return sp
+
+    sp = add("info", "images:cmd_info", "Show an image's size, generations and space use.")
+    sp.add_argument("image", metavar="IMAGE")
+    sp.add_argument("--json", action="store_true", help="machine-readable output")
+
+    sp = add("verify", "images:cmd_verify",
+             "Check an image's metadata and every chunk against its hash.")
+    sp.add_argument("image", metavar="IMAGE")
+    sp.add_argument("--generation", "-g", type=int, metavar="G",
+                    help="check only generation G (default: every retained one)")
+    sp.add_argument("--json", action="store_true", help="machine-readable output")
+    sp.add_argument("--repair", action="store_true",
+                    help="first rewrite both superblock copies and generation tables from the "
+                         "newest readable commit, accepting as lost what verify reports lost")
+
+    sp = add("restore", "images:cmd_restore",
+             "Write a generation of an image to a file (sparse), a device, or - (stdout).")
+    sp.add_argument("image", metavar="IMAGE")
+    sp.add_argument("dest", metavar="DEST")
+    sp.add_argument("--generation", "-g", type=int, metavar="G",
+                    help="restore generation G (default: the newest; see `diskrsync info`)")
+    sp.add_argument("--force", action="store_true", help="overwrite a non-empty DEST file")
+    sp.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+
+    sp = add("prune", "images:cmd_prune", "Keep only the newest N generations of an image.")
+    sp.add_argument("image", metavar="IMAGE")
+    sp.add_argument("--keep", type=int, required=True, metavar="N",
+                    help="how many of the newest generations to keep (at least 1)")
+
+    sp = add("push", "push:cmd_push",
+             "Make DST equal to SRC, sending only the chunks that differ.")
+    sp.add_argument("src", metavar="SRC", help="a file, a block device, or an image")
+    sp.add_argument("dst", metavar="DST",
+                    help="an image (created if missing), or with --no-compress a raw file; "
+                         "a directory means DIR/<name of SRC>.spgz")
+    _push_options(sp)
+    sp.add_argument("--json", action="store_true", help="print a machine-readable summary")
+    sp.add_argument("--quiet", "-q", action="store_true", help="no progress, no summary")
+    sp.add_argument("--verbose", "-v", action="store_true", help="say more")
+    _ssh_options(sp)
+
+    sp = sub.add_parser("serve", description="The remote end of a push (started over SSH).")
+    sp.set_defaults(func="serve:cmd_serve")
+    # hidden from the command list: users never run it themselves
+    sub._choices_actions = [a for a in sub._choices_actions if a.dest != "serve"]
+    g = sp.add_mutually_exclusive_group()
+    g.add_argument("--target", metavar="PATH")
+    g.add_argument("--source", metavar="PATH")
+    sp.add_argument("--restrict-to", metavar="DIR",
+                    help="forced-command mode: take the request from SSH_ORIGINAL_COMMAND and "
+                         "refuse paths outside DIR")
+    sp.add_argument("--write-only", action="store_true",
+                    help="with --restrict-to: refuse to act as a source (no reads)")
+    sp.add_argument("--append-only", action="store_true",
+                    help="never prune a generation for a client (nor --no-compress)")
+    _push_options(sp)
+    # in a forced command --keep N is a floor: clients may ask to keep more, never less;
+    # a frozen client must not hold an image's writer lock for hours
+    sp.set_defaults(keep=None, timeout=600)
+
+    sp = add("mount", "mounts:cmd_mount",
+             "Mount an image read-only: disk.raw, partitions/ and generations/.")
+    sp.add_argument("image", metavar="IMAGE")
+    sp.add_argument("mountpoint", metavar="MOUNTPOINT")
+    sp.add_argument("--foreground", "-f", action="store_true",
+                    help="stay in the foreground and log to stderr")
+    sp.add_argument("--generation", "-g", type=int, metavar="G",
+                    help="show generation G at the top level (default: the newest)")
+    sp.add_argument("--allow-other", action="store_true",
+                    help="let other users read the mount (needs user_allow_other)")
+    sp.add_argument("--cache-size", type=parse_size, default=256 << 20, metavar="SIZE",
+                    help="decompressed-chunk cache (default 256M)")
+    sp.add_argument("--verbose", "-v", action="store_true", help="log every error in detail")
+    sp.add_argument("--log-file", metavar="FILE",
+                    help="log to FILE (default: stderr with -f, else syslog)")
+
+    sp = add("umount", "mounts:cmd_umount", "Unmount a diskrsync mount (also a stale one).")
+    sp.add_argument("mountpoint", metavar="MOUNTPOINT")
+
+    sp = add("convert", "images:cmd_convert",
+             "Convert a Go diskrsync SPGZ0001 file into a diskrsync image.")
+    sp.add_argument("old", metavar="OLD.spgz")
+    sp.add_argument("new", metavar="NEW.spgz")
+    sp.add_argument("--chunk-size", type=parse_size, default=128 * 1024, metavar="N",
+                    help="chunk size of the new image (default 128K)")
+
+    return p
+
+
+def looks_like_go_remote(argv: list[str]) -> bool:
+    """True when argv is what a Go diskrsync client runs on its remote end."""
+    return bool(argv) and argv[0].strip() in ("--target", "--source")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if looks_like_go_remote(argv):
+        # started by an original Go diskrsync client as `CMD --target|--source ... PATH`
+        go = importlib.import_module("diskrsync.legacy_cmd")
+        return _run(lambda: int(go.go_remote_main(argv)))
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return _run(lambda: _dispatch(args))
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    """Import the chosen command's module (see the module docstring) and run the command."""
+    module, name = args.func.split(":")
+    command: Callable[[argparse.Namespace], int] = getattr(
+        importlib.import_module(f"diskrsync.cli.{module}"), name)
+    return int(command(args))
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived: stop like on Ctrl-C (a push keeps a checkpoint), exit 143."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
+def _run(func: Callable[[], int]) -> int:
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        return int(func())
+    except DiskrsyncError as e:
+        print(f"diskrsync: {e.message}", file=sys.stderr)
+        return e.exit_code
+    except MemoryError:
+        # a last line of defence: peer numbers are bounded before anything is allocated, but
+        # a --max-size too large for this machine must still end in one line
+        print("diskrsync: out of memory", file=sys.stderr)
+        return LocalError.exit_code
+    except KeyboardInterrupt:
+        print("diskrsync: interrupted", file=sys.stderr)
+        return 130
+    except Terminated:
+        print("diskrsync: terminated", file=sys.stderr)
+        return 143
+    except BrokenPipeError:
+        # the reader of our stdout went away (e.g. `restore IMAGE - | head`)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
+

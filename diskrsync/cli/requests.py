@@ -1,0 +1,76 @@
+"""From parsed arguments to the typed requests the engines take (they never see argparse)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+from dataclasses import replace
+from pathlib import Path
+
+from diskrsync.base.errors import UsageError
+from diskrsync.synccore.protocol import DEFAULT_MAX_SIZE
+from diskrsync.synccore.push import PushRequest
+from diskrsync.synccore.source import SourceOptions
+from diskrsync.synccore.ssh import DEFAULT_SSH_CONFIG, SshOptions
+from diskrsync.synccore.target import TargetOptions
+
+#: Testing aid: "INTERVAL,COUNT" overrides the keepalive watchdog (default 15 s x 4), so a
+#: test can show a silent link is detected without waiting a minute.
+KEEPALIVE_ENV = "DISKRSYNC_SSH_KEEPALIVE"
+
+
+def push_request(args: argparse.Namespace) -> PushRequest:
+    """The push/serve options as a PushRequest."""
+
+    limit = DEFAULT_MAX_SIZE if args.max_size is None else args.max_size
+    target = TargetOptions(keep=args.keep, dry_run=args.dry_run, max_size=limit)
+    if getattr(args, "checkpoint_interval", None):
+        target = replace(target, checkpoint_bytes=args.checkpoint_interval)
+    return PushRequest(
+        source=SourceOptions(chunk_size=args.chunk_size, dry_run=args.dry_run,
+                             ignore_read_errors=getattr(args, "ignore_read_errors", False)),
+        target=target,
+        raw_target=args.no_compress,
+        generation=getattr(args, "generation", None),
+    )
+
+
+# -- SSH options -------------------------------------------------------------------------------
+
+
+def _keepalive() -> tuple[float, int] | None:
+    text = os.environ.get(KEEPALIVE_ENV)
+    if not text:
+        return None
+    try:
+        interval_text, count_text = text.split(",")
+        interval, count = float(interval_text), int(count_text)
+    except ValueError:
+        raise UsageError(f"{KEEPALIVE_ENV} must be INTERVAL,COUNT (e.g. 15,4), not {text!r}") \
+            from None
+    if interval <= 0 or count < 1:
+        raise UsageError(f"{KEEPALIVE_ENV}: interval must be > 0 and count >= 1")
+    return interval, count
+
+
+def ssh_options(args: argparse.Namespace) -> tuple[SshOptions, list[str]]:
+    """SshOptions from the CLI flags, plus the extra words of a multi-word ``--remote-cmd``
+    (``sudo -n diskrsync``): the first word is the program, the rest lead its argv."""
+    try:
+        words = shlex.split(getattr(args, "remote_cmd", None) or "diskrsync")
+    except ValueError as e:
+        raise UsageError(f"bad --remote-cmd: {e}") from None
+    if not words:
+        raise UsageError("--remote-cmd is empty")
+    config = getattr(args, "ssh_config", None)
+    opts = SshOptions(
+        identity_files=tuple(Path(i) for i in (getattr(args, "identity", None) or [])),
+        ssh_config=Path(config) if config else DEFAULT_SSH_CONFIG,
+        accept_new_host_key=bool(getattr(args, "accept_new_host_key", False)),
+        remote_cmd=words[0],
+    )
+    ka = _keepalive()
+    if ka is not None:
+        opts = replace(opts, keepalive_interval=ka[0], keepalive_count=ka[1])
+    return opts, words[1:]
