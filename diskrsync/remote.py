@@ -31,7 +31,14 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
-from diskrsync.base.errors import DiskrsyncError, LocalError, PeerError, UsageError, reported_error
+from diskrsync.base.errors import (
+    DiskrsyncError,
+    LocalError,
+    PeerError,
+    UsageError,
+    from_oserror,
+    reported_error,
+)
 from diskrsync.base.merkle import Shape
 from diskrsync.base.progress import Progress
 from diskrsync.base.units import parse_size
@@ -546,9 +553,14 @@ def _enter_beneath(real: str, root: str) -> str:
 
 def _refuse_symlink(name: str) -> None:
     """The final component is never followed: a symlink there could point anywhere."""
-    with contextlib.suppress(FileNotFoundError):
-        if stat.S_ISLNK(os.lstat(name).st_mode):
-            raise UsageError(f"refused: {os.path.abspath(name)} is a symbolic link")
+    try:
+        mode = os.lstat(name).st_mode
+    except FileNotFoundError:
+        return
+    except OSError as e:  # a client's name too long for the file system, ...
+        raise from_oserror(e, f"refused: {os.path.abspath(name)}") from None
+    if stat.S_ISLNK(mode):
+        raise UsageError(f"refused: {os.path.abspath(name)} is a symbolic link")
 
 
 def _guard(path: str, root: str | None) -> str:

@@ -883,6 +883,27 @@ def test_refusal_is_a_protocol_error_frame(tmp_path: Path) -> None:
     assert res.stderr.decode().count("\n") == 1
 
 
+def test_restricted_name_too_long_is_a_refusal(tmp_path: Path) -> None:
+    """A client's image name longer than the file system allows (ENAMETOOLONG from the
+    symlink check) is one refusal line and exit 2; it was a traceback on the server."""
+    long_name = "a" * 300 + ".spgz"
+    res = subprocess.run(
+        [sys.executable, "-m", "diskrsync.cli", "serve", "--restrict-to", str(tmp_path),
+         "--write-only"],
+        capture_output=True, timeout=30, stdin=subprocess.DEVNULL,
+        env={**os.environ, "SSH_ORIGINAL_COMMAND": f"diskrsync serve --target "
+                                                   f"{tmp_path}/{long_name}"})
+    assert res.returncode == 2, res.stderr
+    assert b"Traceback" not in res.stderr
+    dec = p.Decoder()
+    dec.feed(res.stdout)
+    msg = dec.next()
+    assert isinstance(msg, p.Error) and "refused:" in msg.message
+    assert "File name too long" in msg.message
+    assert res.stderr.decode().count("\n") == 1
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_ssh_options_from_cli(monkeypatch: pytest.MonkeyPatch) -> None:
     import argparse
 
