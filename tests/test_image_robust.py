@@ -740,6 +740,23 @@ def test_cli_errors(sparse_image, tmp_path):
             tx.abort()
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+@pytest.mark.parametrize("args", [["info"], ["info", "--json"], ["verify"], ["restore"],
+                                  ["prune", "--keep", "5"]],
+                         ids=["info", "info-json", "verify", "restore", "prune"])
+def test_output_onto_a_full_disk_is_one_line(sparse_image, args):
+    """stdout redirected to a full disk (``info > /full/f``, ``restore IMG - > /full/f``):
+    one line and exit 3; each command printed a traceback (exit 1)."""
+    path, _ = sparse_image
+    argv = [*args, path, "-"] if args == ["restore"] else [*args, path]
+    with open("/dev/full", "wb") as full:
+        r = subprocess.run([sys.executable, "-m", "diskrsync.cli", *argv], stdout=full,
+                           stderr=subprocess.PIPE, timeout=60)
+    r.stdout = b""
+    line = assert_cli_error(r, "no space left on device")
+    assert r.returncode == LocalError.exit_code, line
+
+
 # -- readers in other processes ------------------------------------------------------------
 
 

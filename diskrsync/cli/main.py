@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from diskrsync import __version__
-from diskrsync.base.errors import DiskrsyncError, LocalError
+from diskrsync.base.errors import DiskrsyncError, LocalError, from_oserror
 from diskrsync.base.units import parse_seconds, parse_size
 
 
@@ -198,7 +198,9 @@ def _run(func: Callable[[], int]) -> int:
     if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
         signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        return int(func())
+        code = int(func())
+        sys.stdout.flush()  # a full disk under a redirected stdout fails here, not at exit
+        return code
     except DiskrsyncError as e:
         print(f"diskrsync: {e.message}", file=sys.stderr)
         return e.exit_code
@@ -215,7 +217,19 @@ def _run(func: Callable[[], int]) -> int:
         return 143
     except BrokenPipeError:
         # the reader of our stdout went away (e.g. `restore IMAGE - | head`)
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
+        _drop_stdout()
         return 141
+    except OSError as e:
+        # in practice our stdout failing (`info IMAGE > /full/disk/f`): every other I/O
+        # error is wrapped where it happens
+        _drop_stdout()
+        err = from_oserror(e, e.filename or "writing the output")
+        print(f"diskrsync: {err.message}", file=sys.stderr)
+        return err.exit_code
+
+
+def _drop_stdout() -> None:
+    """Point stdout at /dev/null, so that the flush at exit cannot fail a second time."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
 
