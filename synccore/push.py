@@ -119,7 +119,13 @@ def _with_info(opts: SourceOptions, info: dict[str, Any]) -> SourceOptions:
 def serve_source(channel: Channel, path: str, generation: int | None,
                  opts: SourceOptions) -> PushStats:
     """The remote end of a pull: this machine is the source."""
-    reader = open_source(path, generation)
+    try:
+        reader = open_source(path, generation)
+    except DiskrsyncError as e:
+        # in the protocol too: the puller then keeps its category (a missing path is exit 2)
+        with contextlib.suppress(Exception):
+            channel.send(p.Error(type(e).__name__, str(e)))
+        raise
     try:
         info = {"name": os.path.basename(path.rstrip("/")), **opts.info}
         return SourceSession(channel, reader, _with_info(opts, info)).run()

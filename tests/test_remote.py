@@ -308,6 +308,24 @@ def _fake_remote(tmp: Path, name: str, script: str) -> str:
     return str(tool)
 
 
+def test_pull_of_a_missing_source_is_a_usage_error(env: Env, tmp_path: Path) -> None:
+    """A pull whose remote source is missing, a directory or has no generation -g is the
+    user's error (exit 2), as the same mistake for a local source or a remote target is; the
+    remote end failed before speaking, so the puller saw a closed connection (exit 5)."""
+    (env.remote / "adir").mkdir()
+    (env.remote / "raw.img").write_bytes(b"x" * 4096)
+    cases = {
+        "missing.img": ([], "No such file or directory"),
+        "adir": ([], "is a directory"),
+        "raw.img": (["-g", "3"], "has no generation 3"),
+    }
+    for name, (extra, why) in cases.items():
+        res = env.push(*extra, env.rpath(name), str(tmp_path / "x.spgz"))
+        failed(res, "testhost:", why)
+        assert res.returncode == 2, res.stderr
+        assert not (tmp_path / "x.spgz").exists()
+
+
 def test_foreign_or_other_version_remote(env: Env, committed: tuple[Path, Path, str]) -> None:
     src, image, before = committed
     cases = {
