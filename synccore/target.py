@@ -385,6 +385,13 @@ class RawStore:
         return p.Committed(0, mine, {"path": self.path})
 
     def abort(self, save: bool) -> None:
+        """A file this push created is removed after a failure of ours (a full disk: it
+        would keep the space); after a broken link (``save``) it stays, so the next push
+        resumes from what arrived."""
+        if self.created and not save and self.fd >= 0:
+            with contextlib.suppress(OSError):
+                if os.lstat(self.path).st_ino == os.fstat(self.fd).st_ino:
+                    os.unlink(self.path)
         self.close()
 
     def close(self) -> None:

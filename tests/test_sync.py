@@ -633,6 +633,29 @@ def test_target_disk_full_keeps_previous_generation(tmp_path):
         subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
+def test_new_raw_target_on_a_full_disk_is_removed(tmp_path):
+    """push --no-compress into a new file on a disk too small for it: the file this push
+    created is removed, so the failure gives the space back (it stayed, filling the disk)."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], check=True)
+    try:
+        src = tmp_path / "s"
+        src.write_bytes(os.urandom(CS * 200))  # 3.1 MiB
+        dst = mnt / "d.raw"
+        with pytest.raises(LocalError, match="no space left on device"):
+            local_push(str(src), str(dst), PushRequest(raw_target=True))
+        assert list(mnt.iterdir()) == []
+        existing = mnt / "e.raw"  # an existing file is someone's: updated in place, kept
+        existing.write_bytes(b"x" * CS)
+        with pytest.raises(LocalError, match="no space left on device"):
+            local_push(str(src), str(existing), PushRequest(raw_target=True))
+        assert existing.exists()
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
 def test_socket_peer_closing_early_keeps_previous(tmp_path):
     """The source dies after sending a few chunks: no commit, a checkpoint remains."""
     dst = tmp_path / "d.spgz"
