@@ -922,6 +922,18 @@ def test_restricted_name_too_long_is_a_refusal(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
+def test_serve_help_states_serves_own_defaults() -> None:
+    """An administrator writing a forced command reads ``serve --help``: it said --timeout
+    defaults to 0 (never), while serve's default is 600 s."""
+    res = subprocess.run([sys.executable, "-m", "diskrsync.cli", "serve", "--help"],
+                         capture_output=True, text=True, timeout=30, env={**os.environ,
+                                                                          "COLUMNS": "200"})
+    assert res.returncode == 0
+    assert "(default 600; 0: never)" in res.stdout
+    assert "default 0: never" not in res.stdout
+    assert "never fewer" in res.stdout
+
+
 def test_ssh_options_from_cli(monkeypatch: pytest.MonkeyPatch) -> None:
     import argparse
 

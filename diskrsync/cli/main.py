@@ -35,13 +35,16 @@ def _ssh_options(sp: argparse.ArgumentParser) -> None:
                    help="the remote end is the original Go diskrsync (BSNC0002 protocol)")
 
 
-def _push_options(sp: argparse.ArgumentParser) -> None:
+def _push_options(sp: argparse.ArgumentParser, *, serve: bool = False) -> None:
+    """The options push and serve share; ``serve`` gives the help serve's own defaults."""
     sp.add_argument("--no-compress", action="store_true",
                     help="DST is a raw file or device updated in place, not an image")
     sp.add_argument("--chunk-size", type=parse_size, default=128 * 1024, metavar="N",
                     help="chunk size of a new image (power of two, 16K-4M; default 128K)")
     sp.add_argument("--keep", type=int, default=2, metavar="N",
-                    help="generations to keep in the image (default 2)")
+                    help="generations to keep (default 2); with --restrict-to a floor: "
+                         "clients may ask to keep more, never fewer" if serve else
+                         "generations to keep in the image (default 2)")
     sp.add_argument("--generation", "-g", type=int, metavar="G",
                     help="when SRC is an image: push its generation G (default: newest)")
     sp.add_argument("--dry-run", "-n", action="store_true",
@@ -52,7 +55,9 @@ def _push_options(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--checkpoint-interval", type=parse_size, metavar="BYTES",
                     help=argparse.SUPPRESS)
     sp.add_argument("--timeout", type=parse_seconds, default=0, metavar="SECONDS",
-                    help="with a remote end: fail when it sends nothing for SECONDS "
+                    help="fail when the client sends nothing for SECONDS (default 600; "
+                         "0: never)" if serve else
+                         "with a remote end: fail when it sends nothing for SECONDS "
                          "(default 0: never)")
     sp.add_argument("--max-size", type=parse_size, metavar="SIZE",
                     help="refuse a source larger than SIZE when this end is the target (default "
@@ -128,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="with --restrict-to: refuse to act as a source (no reads)")
     sp.add_argument("--append-only", action="store_true",
                     help="never prune a generation for a client (nor --no-compress)")
-    _push_options(sp)
+    _push_options(sp, serve=True)
     # in a forced command --keep N is a floor: clients may ask to keep more, never less;
     # a frozen client must not hold an image's writer lock for hours
     sp.set_defaults(keep=None, timeout=600)
