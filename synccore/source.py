@@ -117,7 +117,11 @@ class RawSource(SourceReader):
             self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except OSError as e:
             raise from_oserror(e, f"cannot read {path}") from None
-        self.size = os.lseek(self.fd, 0, os.SEEK_END)
+        try:
+            self.size = os.lseek(self.fd, 0, os.SEEK_END)
+        except OSError as e:  # e.g. a /proc file: EINVAL
+            os.close(self.fd)
+            raise from_oserror(e, f"cannot read {path}") from None
         self.description = path
         with contextlib.suppress(OSError, AttributeError):
             os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)

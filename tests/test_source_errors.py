@@ -347,3 +347,12 @@ def test_bad_sectors_local_push(bad_disk: BadDisk, tmp_path: Path) -> None:
 def test_bad_sectors_push_over_ssh(bad_disk: BadDisk, ssh: Ssh, tmp_path: Path) -> None:
     image = tmp_path / "remote.spgz"
     _bad_sector_pushes(bad_disk, ssh.push, f"testhost:{image}", image)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs Linux /proc")
+def test_a_source_that_cannot_seek_is_one_line(tmp_path: Path) -> None:
+    """A source whose size lseek() refuses (a /proc file: EINVAL) is one line and exit 3;
+    it was a traceback (exit 1)."""
+    res = cli("push", "-q", "/proc/self/status", str(tmp_path / "x.spgz"))
+    failed(res, 3, "cannot read /proc/self/status", "Invalid argument")
+    assert not (tmp_path / "x.spgz").exists()

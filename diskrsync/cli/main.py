@@ -225,10 +225,10 @@ def _run(func: Callable[[], int]) -> int:
         _drop_stdout()
         return 141
     except OSError as e:
-        # in practice our stdout failing (`info IMAGE > /full/disk/f`): every other I/O
-        # error is wrapped where it happens
+        # in practice our stdout failing (`info IMAGE > /full/disk/f`): other I/O errors
+        # are wrapped where they happen, with what was being done
         _drop_stdout()
-        err = from_oserror(e, e.filename or "writing the output")
+        err = from_oserror(e, e.filename or "I/O failed")
         print(f"diskrsync: {err.message}", file=sys.stderr)
         return err.exit_code
 
