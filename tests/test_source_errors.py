@@ -356,3 +356,25 @@ def test_a_source_that_cannot_seek_is_one_line(tmp_path: Path) -> None:
     res = cli("push", "-q", "/proc/self/status", str(tmp_path / "x.spgz"))
     failed(res, 3, "cannot read /proc/self/status", "Invalid argument")
     assert not (tmp_path / "x.spgz").exists()
+
+
+@pytest.mark.fuse
+@pytest.mark.parametrize("offset", [0, 4096], ids=["sector-0", "sector-8"])
+def test_a_bad_sector_where_an_image_header_would_be(tmp_path: Path, offset: int) -> None:
+    """A disk image file unreadable at byte 0 or 4096 (where push looks for an image's
+    superblocks) is read as the raw file it is: exit 3 naming the sector, or with
+    --ignore-read-errors that sector stored as zeros (exit 11). The header check failed the
+    push with 'cannot open ...: Input/output error' even with --ignore-read-errors."""
+    if not os.path.exists("/dev/fuse") or not shutil.which("fusermount3"):
+        pytest.skip("needs /dev/fuse and fusermount3")
+    data = random.Random(4).randbytes(8 * BIG)
+    with BadDisk(tmp_path, data, [(offset, 1)]) as disk:
+        dst = tmp_path / "d.spgz"
+        failed(cli("push", "-q", str(disk.path), str(dst)), 3,
+               f"read error in {disk.path} at offset {offset}")
+        res = cli("push", "-q", "--ignore-read-errors", str(disk.path), str(dst))
+        assert res.returncode == EXIT_READ_ERRORS_IGNORED, res.stderr
+        assert f"{offset}+512" in res.stderr
+    want = bytearray(data)
+    want[offset : offset + 512] = bytes(512)
+    assert restored(dst) == bytes(want)
