@@ -86,16 +86,12 @@ from diskrsync.synccore.legacy import (
     leaf_hash,
     parse_go_remote_args,
 )
+from diskrsync.synccore.location import LocalPath, Location, RemotePath
 from diskrsync.synccore.push import PushRequest, open_source
 from diskrsync.synccore.source import PushStats
-from diskrsync.synccore.ssh import (
-    LocalPath,
-    Location,
-    RemoteCommandError,
-    RemotePath,
-    SshOptions,
-    connect,
-)
+from diskrsync.synccore.ssh.config import SshOptions
+from diskrsync.synccore.ssh.connection import connect
+from diskrsync.synccore.ssh.errors import RemoteCommandError
 
 __all__ = [
     "CONVERT_SOURCE",

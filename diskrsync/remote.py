@@ -47,19 +47,13 @@ from diskrsync.compression.image import DEFAULT_KEEP
 from diskrsync.legacy_cmd import legacy_push
 from diskrsync.synccore import protocol as p
 from diskrsync.synccore.channel import Channel, FdStream, FramedChannel
+from diskrsync.synccore.location import LocalPath, RemotePath
 from diskrsync.synccore.push import PushRequest, open_source, run_target_end, serve_source
 from diskrsync.synccore.source import PushStats, SourceSession
-from diskrsync.synccore.ssh import (
-    EXIT_NOT_FOUND,
-    LinkError,
-    LocalPath,
-    RemoteCommandError,
-    RemotePath,
-    RemoteProcess,
-    SshConnection,
-    SshOptions,
-    connect,
-)
+from diskrsync.synccore.ssh.config import SshOptions
+from diskrsync.synccore.ssh.connection import SshConnection, connect
+from diskrsync.synccore.ssh.errors import EXIT_NOT_FOUND, LinkError, RemoteCommandError
+from diskrsync.synccore.ssh.process import RemoteProcess
 from diskrsync.synccore.target import TargetStore, open_store, serve_target
 
 __all__ = ["remote_push", "restricted_serve"]

@@ -310,7 +310,7 @@ def test_a_remote_stderr_line_without_an_end_is_not_held_in_memory():
     endless stderr line; the relay held all of it until the end."""
     from types import SimpleNamespace
 
-    from diskrsync.synccore.ssh import MAX_STDERR_LINE, RemoteProcess
+    from diskrsync.synccore.ssh.process import MAX_STDERR_LINE, RemoteProcess
 
     pieces = [b"x" * 65536] * 100 + [b"\nlast\n", b""]
     chan = SimpleNamespace(recv_stderr=lambda n: pieces.pop(0))

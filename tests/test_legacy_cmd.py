@@ -863,7 +863,7 @@ def url(srv: Any, path: Path) -> str:
 
 
 def loc(text: str) -> Any:
-    from diskrsync.synccore.ssh import parse_location
+    from diskrsync.synccore.location import parse_location
 
     return parse_location(text)
 

@@ -21,23 +21,19 @@ from hypothesis import strategies as st
 from support.sshd import SSH_KEYGEN, SshServer, free_port, make_key, public_line
 
 from diskrsync.base.errors import PeerError, UsageError
-from diskrsync.synccore.ssh import (
+from diskrsync.synccore.location import LocalPath, RemotePath, parse_location
+from diskrsync.synccore.ssh.config import SshOptions
+from diskrsync.synccore.ssh.connection import SshConnection, connect
+from diskrsync.synccore.ssh.errors import (
     AuthError,
     ConnectError,
     HostKeyChangedError,
     LinkError,
-    LocalPath,
     RemoteCommandError,
-    RemotePath,
-    RemoteProcess,
-    SshConnection,
-    SshOptions,
     UnknownHostKeyError,
-    _host_matches,
-    connect,
-    parse_location,
-    remote_command_line,
 )
+from diskrsync.synccore.ssh.known_hosts import _host_matches
+from diskrsync.synccore.ssh.process import RemoteProcess, remote_command_line
 
 MiB = 1024 * 1024
 

@@ -131,7 +131,9 @@ def main() -> None:
 
 def _negotiated(cfg: Path, env: dict[str, str]) -> str:
     """The cipher our paramiko client negotiates with this sshd (it should be gcm too)."""
-    from diskrsync.synccore.ssh import SshOptions, connect, parse_location
+    from diskrsync.synccore.location import parse_location
+    from diskrsync.synccore.ssh.config import SshOptions
+    from diskrsync.synccore.ssh.connection import connect
 
     loc = parse_location("testhost:/x")
     assert not isinstance(loc, str)
