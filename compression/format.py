@@ -15,7 +15,7 @@ from typing import Any
 
 import blake3
 
-from diskrsync.base.errors import DataError
+from diskrsync.base.errors import DataError, FormatVersionError
 from diskrsync.compression.codec import Kind
 
 MAGIC = b"DSKRSYNC"
@@ -80,7 +80,7 @@ class Superblock:
         if raw[_SB.size : _SB.size + CHECKSUM_SIZE] != checksum(body):
             raise DataError("superblock checksum mismatch")
         if version != FORMAT_VERSION:
-            raise DataError(
+            raise FormatVersionError(
                 f"image format version {version} is not supported "
                 f"(this diskrsync reads version {FORMAT_VERSION})"
             )

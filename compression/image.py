@@ -55,6 +55,7 @@ from diskrsync.base.errors import (
     CorruptChunkError,
     DataError,
     DiskrsyncError,
+    FormatVersionError,
     LocalError,
     UsageError,
     from_oserror,
@@ -262,9 +263,9 @@ class _State:
 def _read_slot(fd: int, path: str, index: int, raw: bytes) -> _Slot:
     try:
         sb = Superblock.decode(raw)
+    except FormatVersionError as e:  # no other slot can be better: a newer release wrote it
+        raise FormatVersionError(f"{path}: {e.message}") from None
     except DataError as e:
-        if "format version" in e.message:
-            raise DataError(f"{path}: {e.message}") from None
         return _Slot(index, None, None, e.message)
     try:
         # the table is fsynced before its superblock is written, so a valid superblock

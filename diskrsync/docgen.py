@@ -18,9 +18,12 @@ from dataclasses import dataclass, field
 
 from diskrsync import __version__
 from diskrsync.base.errors import (
+    EXIT_BROKEN_PIPE,
+    EXIT_INTERRUPTED,
     EXIT_READ_ERRORS_IGNORED,
     EXIT_REDUNDANCY_LOST,
     EXIT_SOURCE_CHANGED,
+    EXIT_TERMINATED,
     BusyError,
     DataError,
     LocalError,
@@ -49,9 +52,9 @@ EXIT_CODES: list[tuple[int, str]] = [
                                "sectors were unreadable (stored as zeros)"),
     (EXIT_REDUNDANCY_LOST, "verify: every generation is intact, but a superblock or "
                            "generation table copy is damaged (verify --repair)"),
-    (130, "interrupted (SIGINT); a push keeps a checkpoint"),
-    (143, "terminated (SIGTERM); a push keeps a checkpoint"),
-    (141, "the reader of stdout went away (e.g. `restore IMAGE - | head`)"),
+    (EXIT_INTERRUPTED, "interrupted (SIGINT); a push keeps a checkpoint"),
+    (EXIT_TERMINATED, "terminated (SIGTERM); a push keeps a checkpoint"),
+    (EXIT_BROKEN_PIPE, "the reader of stdout went away (e.g. `restore IMAGE - | head`)"),
 ]
 
 ENVIRONMENT: list[tuple[str, str]] = [

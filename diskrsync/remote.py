@@ -37,7 +37,7 @@ from diskrsync.base.errors import (
     PeerError,
     UsageError,
     from_oserror,
-    reported_error,
+    error_from_wire,
 )
 from diskrsync.base.merkle import Shape
 from diskrsync.base.progress import Progress
@@ -65,7 +65,7 @@ EXIT_WAIT = 30.0
 #: After a failure, how long the remote gets to report its own reason.
 FAILURE_WAIT = 5.0
 #: What `serve` exits with on a usage error: older/foreign programs reject `serve` with it.
-EXIT_USAGE = 2
+EXIT_USAGE = UsageError.exit_code
 
 
 def _target_argv(path: str, req: PushRequest) -> list[str]:
@@ -170,13 +170,13 @@ class _HostChannel:
         try:
             msg = self.inner.recv()
         except PeerError as e:
-            if type(e) is PeerError and "closed the connection" not in e.message:
+            if type(e) is PeerError:  # not ConnectionClosed, LinkError, RemoteCommandError
                 # the decoder's "peer speaks version N, ..." etc.: say which peer
                 self.protocol_error = PeerError(f"{self.host}: {e.message}")
                 raise self.protocol_error from None
             raise
         if isinstance(msg, p.Error):
-            self.peer_error = reported_error(msg.kind, f"{self.host}: {msg.message}")
+            self.peer_error = error_from_wire(msg.kind, f"{self.host}: {msg.message}")
             raise self.peer_error
         if isinstance(msg, p.Hello):
             self.peer_hello = msg
@@ -239,7 +239,7 @@ class _Remote:
         elif ch.protocol_error is not None:
             result = ch.protocol_error
         elif isinstance(status_error, RemoteCommandError) \
-                and f"(exit {EXIT_NOT_FOUND})" in status_error.message:
+                and status_error.exit_status == EXIT_NOT_FOUND:
             result = status_error
         elif isinstance(e, LinkError):
             result = e

@@ -26,7 +26,13 @@ from typing import Any
 import pyfuse3
 import trio
 
-from diskrsync.base.errors import DiskrsyncError, LocalError, UsageError
+from diskrsync.base.errors import (
+    EXIT_INTERRUPTED,
+    DiskrsyncError,
+    LocalError,
+    UsageError,
+    error_from_wire,
+)
 from diskrsync.compression.api import DiskImage
 from diskrsync.fsmount.cache import DEFAULT_CACHE_SIZE, ChunkCache
 from diskrsync.fsmount.fuse import REFRESH_INTERVAL, DiskOperations
@@ -279,26 +285,13 @@ def _read_line(fd: int) -> str:
     return buf.decode(errors="replace").strip()
 
 
-def _error_classes() -> dict[str, type[DiskrsyncError]]:
-    found: dict[str, type[DiskrsyncError]] = {"DiskrsyncError": DiskrsyncError}
-    todo: list[type[DiskrsyncError]] = [DiskrsyncError]
-    while todo:
-        for sub in todo.pop().__subclasses__():
-            found.setdefault(sub.__name__, sub)
-            todo.append(sub)
-    return found
-
-
 def reported_error(line: str) -> DiskrsyncError:
     """The error a daemon reported as ``ERROR <code> <class> <message>``, raised again in the
-    parent: same class where it is known here (else ``DiskrsyncError``), same exit code."""
+    parent: same category (see ``error_from_wire``), same exit code."""
     code_text, _, rest = line.removeprefix("ERROR ").partition(" ")
     name, _, message = rest.partition(" ")
-    code = int(code_text) if code_text.isdigit() else 1
-    cls = _error_classes().get(name, DiskrsyncError)
-    exc = Exception.__new__(cls)
-    DiskrsyncError.__init__(exc, message or "the mount failed", exit_code=code)
-    return exc
+    code = int(code_text) if code_text.isdigit() else DiskrsyncError.exit_code
+    return error_from_wire(name, message or "the mount failed", from_peer=False, exit_code=code)
 
 
 def _report(exc: BaseException) -> tuple[int, str]:
@@ -306,8 +299,8 @@ def _report(exc: BaseException) -> tuple[int, str]:
     if isinstance(exc, DiskrsyncError):
         return exc.exit_code, " ".join(str(exc).split())
     if isinstance(exc, KeyboardInterrupt):
-        return 130, "interrupted"
-    return 1, " ".join(f"{type(exc).__name__}: {exc}".split())
+        return EXIT_INTERRUPTED, "interrupted"
+    return DiskrsyncError.exit_code, " ".join(f"{type(exc).__name__}: {exc}".split())
 
 
 def mount_image(
@@ -375,7 +368,7 @@ def mount_image(
     code = os.waitstatus_to_exitcode(status)
     raise LocalError(
         f"the mount process ended before the mount was ready (status {code})",
-        exit_code=code if code > 0 else 1,
+        exit_code=code if code > 0 else DiskrsyncError.exit_code,
     )
 
 

@@ -20,7 +20,7 @@ import threading
 import time
 from typing import Protocol
 
-from diskrsync.base.errors import PeerError
+from diskrsync.base.errors import ConnectionClosed, PeerError
 from diskrsync.synccore import protocol as p
 
 _EOF = object()
@@ -78,7 +78,7 @@ class FdStream:
             try:
                 n = os.write(self.wfd, view)
             except BrokenPipeError:
-                raise PeerError("the peer closed the connection") from None
+                raise ConnectionClosed("the peer closed the connection") from None
             except BlockingIOError:
                 assert self.timeout is not None
                 if not _wait(self.wfd, select.POLLOUT, self.timeout):
@@ -131,7 +131,8 @@ class FramedChannel:
             except TimeoutError as e:
                 raise PeerError(str(e)) from None
             except (BrokenPipeError, ConnectionError) as e:
-                raise PeerError(f"the peer closed the connection ({e.strerror or e})") from None
+                raise ConnectionClosed(
+                    f"the peer closed the connection ({e.strerror or e})") from None
             self.bytes_sent += len(frame)
             self._last_send = time.monotonic()
 
@@ -160,10 +161,12 @@ class FramedChannel:
             except TimeoutError as e:
                 raise PeerError(str(e)) from None
             except ConnectionError as e:
-                raise PeerError(f"the peer closed the connection ({e.strerror or e})") from None
+                raise ConnectionClosed(
+                    f"the peer closed the connection ({e.strerror or e})") from None
             if not data:
                 if self._decoder.pending:
-                    raise PeerError("the peer closed the connection in the middle of a message")
+                    raise ConnectionClosed(
+                        "the peer closed the connection in the middle of a message")
                 return None
             self.bytes_received += len(data)
             self._decoder.feed(data)

@@ -41,14 +41,15 @@ from typing import Any
 
 from diskrsync import __version__
 from diskrsync.base.errors import (
+    ConnectionClosed,
     CorruptChunkError,
     DiskrsyncError,
     LocalError,
     PeerError,
     ReadError,
     UsageError,
+    error_from_wire,
     from_oserror,
-    reported_error,
 )
 from diskrsync.base.merkle import (
     HASH_SIZE,
@@ -368,7 +369,7 @@ class SourceSession:
                 msg = self.ch.recv()
                 if msg is None:
                     if self._result is None:
-                        raise PeerError("the target closed the connection before committing")
+                        raise ConnectionClosed("the target closed the connection before committing")
                     return
                 if self._result is not None:
                     raise PeerError(f"unexpected {type(msg).__name__} from the target after "
@@ -684,4 +685,4 @@ def merge_ranges(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
 
 
 def _remote_error(msg: p.Error) -> DiskrsyncError:
-    return reported_error(msg.kind, f"target: {msg.message}")
+    return error_from_wire(msg.kind, f"target: {msg.message}")

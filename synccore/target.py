@@ -22,13 +22,14 @@ from typing import Any, Protocol
 from diskrsync import __version__
 from diskrsync.base.errors import (
     BusyError,
+    ConnectionClosed,
     DataError,
     DiskrsyncError,
     LocalError,
     PeerError,
     UsageError,
+    error_from_wire,
     from_oserror,
-    reported_error,
     stat_or_none,
 )
 from diskrsync.base.merkle import (
@@ -491,7 +492,7 @@ def serve_target(channel: Channel, opener: Callable[[p.Hello], TargetStore], *,
     ``max_size`` is refused before the target is opened."""
     msg = channel.recv()
     if msg is None:
-        raise PeerError("the source closed the connection before saying hello")
+        raise ConnectionClosed("the source closed the connection before saying hello")
     if not isinstance(msg, p.Hello) or msg.role != "source":
         raise PeerError(f"expected the source's hello, got {type(msg).__name__}")
     store: TargetStore | None = None
@@ -511,7 +512,7 @@ def serve_target(channel: Channel, opener: Callable[[p.Hello], TargetStore], *,
         while True:
             m = channel.recv()
             if m is None:
-                raise PeerError("the source closed the connection before finishing")
+                raise ConnectionClosed("the source closed the connection before finishing")
             if isinstance(m, p.Chunk):
                 if m.index >= shape.chunks:
                     raise PeerError(f"the source sent chunk {m.index}, outside the disk")
@@ -525,7 +526,7 @@ def serve_target(channel: Channel, opener: Callable[[p.Hello], TargetStore], *,
                 channel.send(result)
                 return result
             elif isinstance(m, p.Error):
-                raise reported_error(m.kind, f"source: {m.message}")  # keeps its category
+                raise error_from_wire(m.kind, f"source: {m.message}")  # keeps its category
             else:
                 raise PeerError(f"unexpected {type(m).__name__} from the source")
     except BaseException as e:

@@ -27,6 +27,7 @@ from diskrsync.base.errors import (
     EXIT_REDUNDANCY_LOST,
     CorruptChunkError,
     DataError,
+    FormatVersionError,
     LocalError,
     UsageError,
 )
@@ -546,7 +547,7 @@ def set_version(path: str, slot_offset: int, version: int) -> None:
         raw = f.read(SLOT_SIZE)
     # the checksum is right again: only the version is left to complain about
     assert raw[SB_BODY + CHECKSUM_SIZE : SB_BODY + CHECKSUM_SIZE + 8] == bytes(8)
-    with pytest.raises(DataError, match=f"format version {version} is not supported"):
+    with pytest.raises(FormatVersionError, match=f"format version {version} is not supported"):
         Superblock.decode(raw)
 
 
@@ -556,7 +557,7 @@ def test_future_format_version(two_gens, which):
     slots = SUPERBLOCK_SLOTS if which == "both" else (newest_slot(path),)
     for off in slots:
         set_version(path, off, 7)
-    with pytest.raises(DataError, match="format version 7 is not supported"):
+    with pytest.raises(FormatVersionError, match="format version 7 is not supported"):
         Image.open(path)
     for cmd in (["info"], ["verify"], ["restore", "-", "--quiet"], ["prune", "--keep", "1"]):
         r = cli(cmd[0], path, *cmd[1:])

@@ -550,7 +550,7 @@ def test_source_stops_when_the_target_closes_early(tmp_path: Path) -> None:
     with a clear error, rather than reading the whole disk first."""
     import threading
 
-    from diskrsync.base.errors import PeerError
+    from diskrsync.base.errors import ConnectionClosed
     from diskrsync.synccore.channel import FdStream, FramedChannel
     from diskrsync.synccore.source import RawSource, SourceOptions, SourceSession
 
@@ -581,7 +581,8 @@ def test_source_stops_when_the_target_closes_early(tmp_path: Path) -> None:
     thread.start()
     reader = Counting(str(src))
     try:
-        with pytest.raises(PeerError, match=r"the peer closed the connection|before committing"):
+        with pytest.raises(ConnectionClosed,
+                           match=r"the peer closed the connection|before committing"):
             SourceSession(FramedChannel(FdStream(to_source[0], to_target[1])), reader,
                           SourceOptions()).run()
     finally:

@@ -25,6 +25,7 @@ from diskrsync.synccore.location import LocalPath, RemotePath, parse_location
 from diskrsync.synccore.ssh.config import SshOptions
 from diskrsync.synccore.ssh.connection import SshConnection, connect
 from diskrsync.synccore.ssh.errors import (
+    EXIT_NOT_FOUND,
     AuthError,
     ConnectError,
     HostKeyChangedError,
@@ -359,14 +360,17 @@ def test_missing_remote_command_is_explained(srv: SshServer) -> None:
         with pytest.raises(RemoteCommandError) as info:
             proc.recv(100)
         assert str(info.value) == want
-        with pytest.raises(RemoteCommandError, match="exit 127"):
+        assert info.value.exit_status == EXIT_NOT_FOUND == 127
+        with pytest.raises(RemoteCommandError, match="exit 127") as waited:
             proc.wait(5)
+        assert waited.value.exit_status == EXIT_NOT_FOUND
         # a sender learns the same thing
         proc2 = c.run(["serve"], on_stderr=lines.append)
         with pytest.raises(RemoteCommandError) as info2:
             for _ in range(100):
                 proc2.send(b"x" * MiB)
         assert str(info2.value) == want
+        assert info2.value.exit_status == EXIT_NOT_FOUND
     assert any("not found" in line for line in lines)
 
 

@@ -21,7 +21,15 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from support.causal import causal_pair
 
-from diskrsync.base.errors import BusyError, DataError, LocalError, PeerError, ReadError, UsageError
+from diskrsync.base.errors import (
+    BusyError,
+    ConnectionClosed,
+    DataError,
+    LocalError,
+    PeerError,
+    ReadError,
+    UsageError,
+)
 from diskrsync.base.merkle import leaf_hash, tree_root
 from diskrsync.compression.format import MAGIC
 from diskrsync.compression.image import Image
@@ -683,7 +691,8 @@ def test_socket_peer_closing_early_keeps_previous(tmp_path):
     a.shutdown(socket.SHUT_RDWR)
     a.close()
     t.join(10)
-    assert err and "closed the connection before finishing" in str(err[0])
+    assert err and isinstance(err[0], ConnectionClosed)
+    assert "closed the connection before finishing" in str(err[0])
     img = Image.open(str(dst))
     assert img.table.checkpoint is not None  # chunk 0 kept for the next push
     with img.snapshot() as s:

@@ -3,8 +3,15 @@
 Every error a user can meet is a ``DiskrsyncError``: a one-line message and an exit code. The
 subclasses say who is at fault, so callers can react by kind: ``UsageError`` (the user's input),
 ``LocalError`` (our side: I/O, space, permissions), ``PeerError`` (the other end of a push),
-``DataError`` (stored data that fails its checks). The CLI turns them into exit codes, the mount
-into errno values; nothing else does.
+``DataError`` (stored data that fails its checks). The CLI turns them into exit codes (in
+``cli/main.py``'s ``_run``), the mount into errno values (``fsmount/fuse.py``); nothing else
+does. Every exit code diskrsync can end with is named in this module, and docs/user-guide.md's
+table lists them (tests/test_exit_codes.py holds the two together).
+
+Callers react to the kind of an error, never to its text: a subclass or an attribute says
+what happened (``FormatVersionError``, ``ConnectionClosed``, ``RemoteCommandError.exit_status``
+in the SSH layer). An error the other end reported over the wire comes back through
+``error_from_wire``, which keeps its category.
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ class DiskrsyncError(Exception):
 
     exit_code = 1
     #: True when the other end of a push raised this and reported it to us (see
-    #: ``reported_error``): where both ends run in one process, the original is preferred.
+    #: ``error_from_wire``): where both ends run in one process, the original is preferred.
     relayed = False
 
     def __init__(self, message: str, *, exit_code: int | None = None) -> None:
@@ -65,10 +72,20 @@ class PeerError(DiskrsyncError):
     exit_code = 5
 
 
+class ConnectionClosed(PeerError):
+    """The other end closed the connection (or the pipe broke) before the conversation
+    ended: no complaint about what it said, only that it stopped saying it."""
+
+
 class DataError(DiskrsyncError):
     """Stored data failed its checks: not an image, unsupported version, damaged metadata."""
 
     exit_code = 6
+
+
+class FormatVersionError(DataError):
+    """The stored data is of a format version this release does not read (a newer one, or
+    an unknown one): no other copy of it can be better, unlike a damaged superblock."""
 
 
 class CorruptChunkError(DataError):
@@ -87,6 +104,18 @@ EXIT_READ_ERRORS_IGNORED = 11
 # verify: every generation is intact, but a superblock or generation table copy is damaged
 EXIT_REDUNDANCY_LOST = 12
 
+# Ends by a signal, as a shell reports them (128 + the signal's number).
+EXIT_INTERRUPTED = 130  # SIGINT (Ctrl-C)
+EXIT_BROKEN_PIPE = 141  # SIGPIPE: the reader of our stdout went away
+EXIT_TERMINATED = 143  # SIGTERM
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived: stop like on Ctrl-C (a push keeps a checkpoint), exit 143.
+
+    A ``BaseException`` like ``KeyboardInterrupt``, so no ``except Exception`` swallows it.
+    """
+
 
 def from_oserror(exc: OSError, what: str) -> DiskrsyncError:
     """A one-line error for an OSError met while doing ``what`` (e.g. "opening /x.spgz").
@@ -104,27 +133,45 @@ def from_oserror(exc: OSError, what: str) -> DiskrsyncError:
     return LocalError(msg)
 
 
-def reported_error(kind: str, message: str) -> DiskrsyncError:
-    """The error the other end of a push reported (by its class name), classed by who can fix
-    it: a bad path or option is still the user's (exit 2), a lock held elsewhere is busy
-    (4), damaged stored data is data (6); anything else is the peer's (5)."""
+#: The categories an error keeps across the wire, most specific first.
+_CATEGORIES: tuple[type[DiskrsyncError], ...] = (
+    UsageError, BusyError, LocalError, PeerError, DataError,
+)
 
-    def find(cls: type[DiskrsyncError]) -> type[DiskrsyncError] | None:
+
+def _error_class(kind: str) -> type[DiskrsyncError] | None:
+    todo: list[type[DiskrsyncError]] = [DiskrsyncError]
+    while todo:
+        cls = todo.pop()
         if cls.__name__ == kind:
             return cls
-        for sub in cls.__subclasses__():
-            found = find(sub)
-            if found is not None:
-                return found
-        return None
+        todo.extend(cls.__subclasses__())
+    return None
 
-    cls = find(DiskrsyncError)
-    err: DiskrsyncError = PeerError(message)
-    for category in (UsageError, BusyError, DataError):
-        if cls is not None and issubclass(cls, category):
-            err = category(message)
+
+def error_from_wire(
+    kind: str, message: str, *, from_peer: bool = True, exit_code: int | None = None
+) -> DiskrsyncError:
+    """An error another process reported by class name (``kind``) and message, as an
+    exception of the same category, marked ``relayed``.
+
+    The category, not the class: a subclass may carry attributes (``ReadError.offset``) the
+    wire does not, and the category is what decides the exit code. From the other end of a
+    push (``from_peer``), a bad path or option is still the user's (exit 2), a lock held
+    elsewhere is busy (4), damaged stored data is data (6), and the rest, its own I/O
+    failures included, is the peer's (5). From our own child process (the mount daemon:
+    ``from_peer=False``) its local failures stay local (3), and ``exit_code`` carries the
+    code it chose. An unknown ``kind`` (a newer release's class) is the peer's, or a plain
+    ``DiskrsyncError`` from a child.
+    """
+    cls = _error_class(kind)
+    category: type[DiskrsyncError] = PeerError if from_peer else DiskrsyncError
+    for c in _CATEGORIES:
+        if cls is not None and issubclass(cls, c):
+            category = PeerError if from_peer and c is LocalError else c
             break
-    err.relayed = True
+    err = category(message, exit_code=exit_code)
+    err.relayed = from_peer
     return err
 
 

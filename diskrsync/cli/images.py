@@ -7,7 +7,7 @@ import json
 import sys
 import time
 
-from diskrsync.base.errors import EXIT_REDUNDANCY_LOST, UsageError
+from diskrsync.base.errors import EXIT_REDUNDANCY_LOST, DataError, UsageError
 from diskrsync.base.progress import Progress
 from diskrsync.base.units import human
 from diskrsync.compression.container import open_image
@@ -87,7 +87,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
             state = "ok, but a metadata copy is damaged (`verify --repair` rewrites it)"
         print(f"{args.image}: {state} ({report.chunks_checked} stored chunks checked)")
     if not report.ok:
-        return 6
+        return DataError.exit_code  # damage found: the same code as any data error
     return EXIT_REDUNDANCY_LOST if report.warnings else 0
 
 

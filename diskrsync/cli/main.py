@@ -17,7 +17,15 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from diskrsync import __version__
-from diskrsync.base.errors import DiskrsyncError, LocalError, from_oserror
+from diskrsync.base.errors import (
+    EXIT_BROKEN_PIPE,
+    EXIT_INTERRUPTED,
+    EXIT_TERMINATED,
+    DiskrsyncError,
+    LocalError,
+    Terminated,
+    from_oserror,
+)
 from diskrsync.base.units import parse_seconds, parse_size
 
 
@@ -191,10 +199,6 @@ def _dispatch(args: argparse.Namespace) -> int:
     return int(command(args))
 
 
-class Terminated(BaseException):
-    """SIGTERM arrived: stop like on Ctrl-C (a push keeps a checkpoint), exit 143."""
-
-
 def _on_sigterm(signum: int, frame: object) -> None:
     raise Terminated()
 
@@ -216,14 +220,14 @@ def _run(func: Callable[[], int]) -> int:
         return LocalError.exit_code
     except KeyboardInterrupt:
         print("diskrsync: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     except Terminated:
         print("diskrsync: terminated", file=sys.stderr)
-        return 143
+        return EXIT_TERMINATED
     except BrokenPipeError:
         # the reader of our stdout went away (e.g. `restore IMAGE - | head`)
         _drop_stdout()
-        return 141
+        return EXIT_BROKEN_PIPE
     except OSError as e:
         # in practice our stdout failing (`info IMAGE > /full/disk/f`): other I/O errors
         # are wrapped where they happen, with what was being done

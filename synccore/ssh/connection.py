@@ -324,8 +324,7 @@ class SshConnection:
                 f"{self.host} refused to run {self.opts.remote_cmd}: {e or 'refused'}"
             ) from None
         chan.settimeout(timeout or None)
-        return RemoteProcess(self, chan, self.opts.remote_cmd,
-                             on_stderr or self._default_stderr)
+        return RemoteProcess(self, chan, on_stderr or self._default_stderr)
 
     def _default_stderr(self, line: str) -> None:
         sys.stderr.write(f"{self.host}: {line}\n")

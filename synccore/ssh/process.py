@@ -13,6 +13,7 @@ from typing import Protocol
 import paramiko
 
 from diskrsync.base.errors import PeerError
+from diskrsync.synccore.ssh.config import SshOptions
 from diskrsync.synccore.ssh.errors import EXIT_NOT_FOUND, LinkError, RemoteCommandError
 
 __all__ = ["MAX_PACKET_SIZE", "MAX_STDERR_LINE", "RemoteProcess", "remote_command_line"]
@@ -30,6 +31,7 @@ class Link(Protocol):
     """What a remote process needs of its connection."""
 
     host: str
+    opts: SshOptions
 
     @property
     def link_lost(self) -> bool:
@@ -51,10 +53,9 @@ class RemoteProcess:
     EOF_STATUS_WAIT = 2.0
 
     def __init__(
-        self, conn: Link, chan: paramiko.Channel, name: str, on_stderr: Callable[[str], None]
+        self, conn: Link, chan: paramiko.Channel, on_stderr: Callable[[str], None]
     ) -> None:
         self._conn = conn
-        self._name = name
         self._chan = chan
         self._on_stderr = on_stderr
         self._send_lock = threading.Lock()
@@ -63,6 +64,10 @@ class RemoteProcess:
             target=self._relay_stderr, name=f"ssh-stderr-{conn.host}", daemon=True
         )
         self._stderr_thread.start()
+
+    @property
+    def _name(self) -> str:
+        return self._conn.opts.remote_cmd
 
     def _relay_stderr(self) -> None:
         pending = b""
