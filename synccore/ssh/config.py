@@ -66,6 +66,7 @@ class Target:
         name = (self.host_key_alias or self.hostname).lower()
         return name if self.port == 22 else f"[{name}]:{self.port}"
 
+
 def load_config(opts: SshOptions) -> paramiko.SSHConfig:
     """The ssh_config file named by ``opts`` (OpenSSH's default one only if it exists)."""
     import paramiko
@@ -138,4 +139,3 @@ def parse_jump(spec: str) -> tuple[str, str | None, int | None]:
     if not host:
         raise UsageError(f"bad ProxyJump host {spec!r}")
     return host, user, port
-

@@ -32,6 +32,7 @@ from diskrsync.synccore.ssh.process import MAX_PACKET_SIZE, RemoteProcess, remot
 
 __all__ = ["SshConnection", "connect"]
 
+# Transport tuning (see the module docstring).
 WINDOW_SIZE = 16 * 1024 * 1024
 PREFERRED_CIPHERS = (
     "aes128-gcm@openssh.com",

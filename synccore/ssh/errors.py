@@ -45,7 +45,6 @@ class LinkError(PeerError):
     """An established connection broke (peer gone, silent link, channel closed)."""
 
 
-
 class RemoteCommandError(PeerError):
     """The remote command could not run or ended abnormally (missing, killed, a status).
 
