@@ -36,8 +36,8 @@ from diskrsync.base.errors import (
     LocalError,
     PeerError,
     UsageError,
-    from_oserror,
     error_from_wire,
+    from_oserror,
 )
 from diskrsync.base.merkle import Shape
 from diskrsync.base.progress import Progress
