@@ -21,6 +21,7 @@ from typing import Any
 from diskrsync.base.errors import PeerError
 from diskrsync.compression.codec import Kind
 from diskrsync.compression.format import MAX_CHUNK, MIN_CHUNK
+from diskrsync.compression.targets import DEFAULT_MAX_SIZE  # noqa: F401  (`--max-size`)
 
 PROTOCOL_VERSION = 1
 PREAMBLE = b"DRSYNC"
@@ -31,7 +32,6 @@ MAX_JSON = 1 << 20  # a JSON message (Hello, Done, Committed, Error) is small
 MAX_JSON_DEPTH = 16
 MAX_FANOUT = 4096
 MAX_DISK_SIZE = (1 << 63) - 1  # what an off_t and the formats' u64 fields hold
-DEFAULT_MAX_SIZE = 64 << 40  # `--max-size`: the largest source a target accepts by default
 HASH_SIZE = 32
 HASH = "blake3"
 # What this release can do; each side lists them in its Hello and checks the other's.

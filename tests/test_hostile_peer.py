@@ -336,12 +336,12 @@ def test_zero_chunks_scattered_over_pages_do_not_pile_up_in_memory(tmp_path, mon
     """One zero chunk per index page costs the peer 45 bytes and the target a whole page
     (6 KiB) in memory; with no payload no checkpoint ever came to write them out."""
     from diskrsync.base.merkle import zero_hash
-    from diskrsync.synccore import target as t
+    from diskrsync.compression import targets as t
 
     monkeypatch.setattr(t, "DIRTY_INDEX_BYTES", 64 << 10)
     path = tmp_path / "d.spgz"
     Image.create(str(path), chunk_size=CS).close()
-    store = t.ImageStore(str(path), p.Hello("source", CS * 128 * 64, CS, 128), t.TargetOptions())
+    store = t.ImageStore(str(path), CS * 128 * 64, CS, t.TargetOptions())
     try:
         for page in range(20):
             store.put(page * 128, Kind.ZERO, zero_hash(CS), b"")

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from diskrsync.compression import image as image_mod
-from diskrsync.synccore import target as target_mod
+from diskrsync.compression import targets as target_mod
 
 SECTOR = 512
 DIR = -1  # the fd of the root directory
