@@ -11,11 +11,13 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from diskrsync.base.errors import DiskrsyncError, LocalError, UsageError
+from diskrsync.base.merkle import Shape
 from diskrsync.compression.container import open_image, sniff
 from diskrsync.synccore import protocol as p
 from diskrsync.synccore.channel import Channel, channel_pair
@@ -27,7 +29,13 @@ from diskrsync.synccore.source import (
     SourceReader,
     SourceSession,
 )
-from diskrsync.synccore.target import TargetOptions, TargetStore, open_store, serve_target
+from diskrsync.synccore.target import (
+    TargetOptions,
+    TargetStore,
+    WireStore,
+    open_store,
+    serve_target,
+)
 
 
 def open_source(path: str, generation: int | None = None) -> SourceReader:
@@ -139,11 +147,55 @@ def serve_source(channel: Channel, path: str, generation: int | None,
         reader.close()
 
 
-def run_target_end(channel: Channel, dst: str, req: PushRequest, *,
-                   verify: bool = True) -> p.Committed | None:
-    """The target's side over a channel (serve --target, or the local end of a pull)."""
+def run_target_end(channel: Channel, dst: str, req: PushRequest, *, verify: bool = True,
+                   pulled_from: str | None = None) -> PushStats:
+    """The target's side over a channel (serve --target, or the local end of a pull).
+
+    Returns what this end knows, from its own store: sizes, the chunks it stored, the roots
+    and the commit. The byte counts keep PushStats' meaning: "sent" is source to target,
+    here what this end received. ``pulled_from`` names the source's host in a warning."""
+    opened: list[WireStore] = []
+
     def opener(hello: p.Hello) -> TargetStore:
-        return open_store(dst, hello, req.target, raw=req.raw_target)
+        store = open_store(dst, hello, req.target, raw=req.raw_target)
+        opened.append(store)
+        return store
 
-    return serve_target(channel, opener, verify=verify, max_size=req.target.max_size)
+    t0 = time.monotonic()
+    committed = serve_target(channel, opener, verify=verify, max_size=req.target.max_size)
+    dry_run = req.target.dry_run
+    stats = PushStats(dry_run=dry_run, duration=time.monotonic() - t0,
+                      bytes_sent=channel.bytes_received, bytes_received=channel.bytes_sent)
+    if opened:
+        _target_stats(stats, opened[0], dry_run, pulled_from)
+    if committed is not None:
+        if dry_run:
+            stats.target_root_hash = committed.root.hex()
+        else:
+            stats.generation = committed.generation or None
+    return stats
 
+
+def _target_stats(stats: PushStats, store: WireStore, dry_run: bool,
+                  pulled_from: str | None) -> None:
+    shape = Shape(store.hello.size, store.chunk_size, store.fanout)
+    stats.size, stats.chunk_size, stats.chunks = shape.size, shape.chunk_size, shape.chunks
+    stats.target_root_hash = str(store.info.get("root", ""))
+    stats.resumed = bool(store.info.get("resumed"))
+    stored = store.store.stored
+    stats.differing_ranges = list(stored.byte_ranges(shape))
+    stats.chunks_differing = stored.chunks
+    stats.chunk_bytes_differing = sum(n for _o, n in stats.differing_ranges)
+    if store.done is None:
+        return
+    root, info = store.done
+    stats.root_hash = root.hex()
+    stats.read_errors = [(int(o), int(n)) for o, n in info.get("read_errors") or []]
+    changed = int(info.get("source_changed_chunks") or 0)
+    if changed and pulled_from is not None:
+        stats.warnings.append(f"{pulled_from}: the source changed during the pull: {changed} "
+                              f"chunk(s) differ from its scan (use a snapshot there)")
+    if dry_run:  # no chunks travel in a dry run: the source counted them
+        stats.chunks_differing = int(info.get("chunks_differing", 0))
+        stats.chunk_bytes_differing = int(info.get("chunk_bytes_differing", 0))
+        stats.differing_ranges = [(int(o), int(n)) for o, n in info.get("differing_ranges") or []]

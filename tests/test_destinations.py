@@ -34,7 +34,8 @@ from support.sshd import SshServer
 from diskrsync.base.errors import BusyError, UsageError
 from diskrsync.compression.container import open_image
 from diskrsync.compression.image import Image
-from diskrsync.legacy_cmd import open_legacy_target
+from diskrsync.compression.go_target import open_legacy_target
+from diskrsync.synccore.push import PushRequest, local_push
 
 K = 1024
 M = 1024 * K
@@ -410,3 +411,26 @@ def test_a_mounted_block_device_is_refused(mounted_loop: tuple[str, Path], image
     with pytest.raises(BusyError, match="mounted or in use"):
         open_legacy_target(dev, raw=False)
     assert backing.read_bytes() == before
+
+
+@pytest.mark.parametrize("raw", [False, True], ids=["image", "raw"])
+def test_a_directory_target_names_the_file_the_same_for_both_protocols(tmp_path: Path,
+                                                                       raw: bool) -> None:
+    """One rule for both wire formats: DIR/<name>.spgz for an image, DIR/<name> for a raw
+    target (the native push made DIR/<name>.spgz of a raw file, the Go pull DIR/<name>)."""
+    want = "disk.raw" if raw else "disk.raw.spgz"
+    src = tmp_path / "disk.raw"
+    src.write_bytes(data(7, 256 * K))
+    native, go = tmp_path / "native", tmp_path / "go"
+    native.mkdir()
+    go.mkdir()
+    local_push(str(src), str(native), PushRequest(raw_target=raw))
+    assert os.listdir(native) == [want]
+    end = open_legacy_target(str(go), raw=raw, name=str(src))
+    try:
+        assert end.path == str(go / want)
+    finally:
+        end.close()
+    # a Go client does not say its source's name: a directory is refused, as before
+    with pytest.raises(UsageError, match="is a directory"):
+        open_legacy_target(str(go), raw=raw)

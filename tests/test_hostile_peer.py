@@ -30,8 +30,8 @@ from diskrsync.base.errors import PeerError
 from diskrsync.base.merkle import leaf_hash
 from diskrsync.compression import codec
 from diskrsync.compression.codec import Kind
+from diskrsync.compression.go_target import ImageTargetStore
 from diskrsync.compression.image import Image
-from diskrsync.legacy_cmd import ImageTargetStore
 from diskrsync.synccore import protocol as p
 from diskrsync.synccore.legacy import MAGIC
 from diskrsync.synccore.push import PushRequest, local_push

@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -38,24 +39,20 @@ from support.paths import REPO, VECTORS
 from diskrsync.base.errors import PeerError, UsageError
 from diskrsync.cli import main
 from diskrsync.cli.main import looks_like_go_remote
+from diskrsync.cli.requests import remote_options
 from diskrsync.compression.container import open_image, sniff
+from diskrsync.compression.convert import convert_snapshot
+from diskrsync.compression.go_target import ImageTargetStore, open_legacy_target
 from diskrsync.compression.image import Image
 from diskrsync.compression.maintenance import verify
-from diskrsync.legacy_cmd import (
-    GO_CLIENT_SOURCE,
-    GoProgressLines,
-    ImageTargetStore,
-    ProgressLineParser,
-    convert_snapshot,
-    legacy_push,
-    open_legacy_target,
-    run_machine,
-)
+from diskrsync.synccore.go_io import GoProgressLines, ProgressLineParser, run_machine
+from diskrsync.synccore.go_remote import GO_CLIENT_SOURCE, legacy_push
 from diskrsync.synccore.legacy import (
     MAGIC,
     LegacySource,
     go_tree_shape,
 )
+from diskrsync.synccore.remote import RemoteOptions
 
 K = 1024
 M = 1024 * K
@@ -840,13 +837,13 @@ def srv(tmp_path: Path, hermetic_home: Path) -> Iterator[Any]:
         yield server
 
 
-def legacy_args(srv: Any, **kw: Any) -> argparse.Namespace:
+def legacy_args(srv: Any, **kw: Any) -> RemoteOptions:
     base: dict[str, Any] = {
         "identity": [str(srv.client_key)], "ssh_config": None, "accept_new_host_key": False,
         "remote_cmd": str(DISKRSYNC_BIN), "quiet": True, "json": False,
     }
     base.update(kw)
-    return argparse.Namespace(**base)
+    return remote_options(argparse.Namespace(**base))
 
 
 def request(raw: bool = False, keep: int = 2, dry_run: bool = False) -> Any:
@@ -882,8 +879,8 @@ def test_push_legacy_through_sshd(srv: Any, tmp_path: Path, raw: bool,
     assert stats1.size == len(v1) and stats1.chunks_differing >= 1
     src.write_bytes(v2)
     # with progress asked of the remote: its progress lines are consumed, not shown
-    monkeypatch.setattr("diskrsync.legacy_cmd._want_remote_progress", lambda _a: True)
-    stats2 = legacy_push(loc(str(src)), loc(url(srv, remote)), request(raw), legacy_args(srv))
+    stats2 = legacy_push(loc(str(src)), loc(url(srv, remote)), request(raw),
+                         replace(legacy_args(srv), remote_progress=True))
     got = remote.read_bytes() if raw else image_content(remote)
     assert got == v2
     assert stats2.bytes_sent < len(v2) // 2  # only changed leaves and the tail travelled
@@ -928,8 +925,9 @@ def test_push_legacy_remote_failure_is_one_line(srv: Any, tmp_path: Path,
 
 
 def test_push_legacy_refuses_what_bsnc0002_cannot_do(tmp_path: Path) -> None:
-    args = argparse.Namespace(identity=[], ssh_config=None, accept_new_host_key=False,
-                              remote_cmd="diskrsync", quiet=True, json=False)
+    args = remote_options(argparse.Namespace(identity=[], ssh_config=None,
+                                             accept_new_host_key=False, remote_cmd="diskrsync",
+                                             quiet=True, json=False))
     with pytest.raises(UsageError, match="dry-run"):
         legacy_push(loc("a"), loc("h:b"), request(dry_run=True), args)
     with pytest.raises(UsageError, match="remote end"):
@@ -939,7 +937,7 @@ def test_push_legacy_refuses_what_bsnc0002_cannot_do(tmp_path: Path) -> None:
 
 
 def _remote_push_wired() -> bool:
-    text = (REPO / "diskrsync" / "remote.py").read_text()
+    text = (REPO / "diskrsync" / "cli" / "remote.py").read_text()
     return "legacy_push" in text and "not implemented yet" not in text
 
 

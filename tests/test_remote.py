@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 from support.sshd import SshServer, free_port, make_key
 
-from diskrsync.remote import _parse_request
+from diskrsync.cli.serve import _parse_request
 from diskrsync.synccore import protocol as p
 
 pytestmark = pytest.mark.ssh
@@ -743,7 +743,7 @@ def test_restricted_key_cannot_shrink_history(env: Env, tmp_path: Path,
 _SWAP_SERVE = """
 import json, os, sys
 from diskrsync.cli.main import _run, build_parser
-from diskrsync.remote import _plan_restricted, _serve_restricted
+from diskrsync.cli.serve import _plan_restricted, _serve_restricted
 root, swaps = sys.argv[1], json.loads(sys.argv[2])
 args = build_parser().parse_args(["serve", "--restrict-to", root, "--write-only"])
 def main():
@@ -850,7 +850,7 @@ def test_retention_policy_over_a_client_request(capsys: pytest.CaptureFixture[st
     """Clients may ask to keep more than the server's floor, never less; append-only keeps
     everything; either refuses a raw target (no history)."""
     from diskrsync.base.errors import UsageError
-    from diskrsync.remote import KEEP_ALL, apply_retention
+    from diskrsync.cli.serve import KEEP_ALL, apply_retention
 
     def keep(client: int, **policy: Any) -> int:
         req = _parse_request(f"diskrsync serve --target /b/x.spgz --keep {client}")

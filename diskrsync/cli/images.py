@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -11,9 +12,9 @@ from diskrsync.base.errors import EXIT_REDUNDANCY_LOST, DataError, UsageError
 from diskrsync.base.progress import Progress
 from diskrsync.base.units import human
 from diskrsync.compression.container import open_image
+from diskrsync.compression.convert import convert
 from diskrsync.compression.image import Image
 from diskrsync.compression.maintenance import image_info, restore, verify
-from diskrsync.legacy_cmd import convert
 
 
 def _when(t: float) -> str:
@@ -124,4 +125,13 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    return convert(args.old, args.new, chunk_size=args.chunk_size)
+    old, new = args.old, args.new
+    size = os.path.getsize(old) if os.path.isfile(old) else 0
+    bar = Progress(size, "convert")
+    try:
+        gen = convert(old, new, chunk_size=args.chunk_size, progress=bar.update,
+                      log=lambda m: print(f"diskrsync: {m}", file=sys.stderr))
+    finally:
+        bar.close()
+    print(f"converted {old} into {new}: generation {gen.number}, {human(gen.size)}")
+    return 0

@@ -184,7 +184,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if looks_like_go_remote(argv):
         # started by an original Go diskrsync client as `CMD --target|--source ... PATH`
-        go = importlib.import_module("diskrsync.legacy_cmd")
+        go = importlib.import_module("diskrsync.cli.go_remote")
         return _run(lambda: int(go.go_remote_main(argv)))
     parser = build_parser()
     args = parser.parse_args(argv)

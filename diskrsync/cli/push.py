@@ -61,8 +61,8 @@ def cmd_push(args: argparse.Namespace) -> int:
     src, dst = parse_location(args.src), parse_location(args.dst)
     if not (isinstance(src, LocalPath) and isinstance(dst, LocalPath)) or args.legacy:
         # the SSH stack (paramiko, ~0.1 s to import) is loaded only for a remote end
-        remote = importlib.import_module("diskrsync.remote")
-        return _push_summary(remote.remote_push(src, dst, req, args), args)
+        remote = importlib.import_module("diskrsync.cli.remote")
+        return _push_summary(remote.push(src, dst, req, args), args)
     total = 0
     if not args.quiet and not args.json and sys.stderr.isatty():
         with contextlib.suppress(DiskrsyncError):

@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import sys
 from dataclasses import replace
 from pathlib import Path
 
 from diskrsync.base.errors import UsageError
 from diskrsync.synccore.protocol import DEFAULT_MAX_SIZE
 from diskrsync.synccore.push import PushRequest
+from diskrsync.synccore.remote import RemoteOptions
 from diskrsync.synccore.source import SourceOptions
 from diskrsync.synccore.ssh.config import DEFAULT_SSH_CONFIG, SshOptions
 from diskrsync.synccore.target import TargetOptions
@@ -74,3 +76,14 @@ def ssh_options(args: argparse.Namespace) -> tuple[SshOptions, list[str]]:
     if ka is not None:
         opts = replace(opts, keepalive_interval=ka[0], keepalive_count=ka[1])
     return opts, words[1:]
+
+
+def remote_options(args: argparse.Namespace) -> RemoteOptions:
+    """How to reach the far end and what to show, from push's flags. A Go remote is asked
+    for progress lines only when a bar is shown: very old Go releases do not know
+    ``--calc-progress``."""
+    opts, extra = ssh_options(args)
+    shown = not (getattr(args, "quiet", False) or getattr(args, "json", False))
+    return RemoteOptions(ssh=opts, extra=tuple(extra), progress=shown,
+                         remote_progress=shown and sys.stderr.isatty(),
+                         timeout=getattr(args, "timeout", None))

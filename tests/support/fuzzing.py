@@ -29,8 +29,9 @@ from pathlib import Path
 from typing import Any
 
 from diskrsync.base.errors import DiskrsyncError
+from diskrsync.compression.convert import convert_snapshot
+from diskrsync.compression.go_target import ImageTargetStore, open_legacy_target
 from diskrsync.compression.image import Image
-from diskrsync.legacy_cmd import ImageTargetStore, convert_snapshot, open_legacy_target
 from diskrsync.synccore import protocol as p
 from diskrsync.synccore.channel import FdStream, FramedChannel
 from diskrsync.synccore.legacy import LegacySource, LegacyTarget

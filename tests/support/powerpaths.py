@@ -28,15 +28,12 @@ from typing import Any
 
 from diskrsync.base.errors import DataError, DiskrsyncError
 from diskrsync.compression.container import open_image
+from diskrsync.compression.convert import convert
+from diskrsync.compression.go_target import ImageTargetStore, open_legacy_target
 from diskrsync.compression.image import Image
 from diskrsync.compression.maintenance import restore, verify
 from diskrsync.compression.spgz import SpgzImage
-from diskrsync.legacy_cmd import (
-    GO_CLIENT_SOURCE,
-    ImageTargetStore,
-    convert,
-    open_legacy_target,
-)
+from diskrsync.synccore.go_remote import GO_CLIENT_SOURCE
 from diskrsync.synccore.legacy import LegacySource, LegacyTarget
 from diskrsync.synccore.push import PushRequest, local_push
 from diskrsync.synccore.source import SourceOptions
