@@ -33,8 +33,8 @@ from support.sshd import SshServer
 
 from diskrsync.base.errors import BusyError, UsageError
 from diskrsync.compression.container import open_image
-from diskrsync.compression.image import Image
 from diskrsync.compression.go_target import open_legacy_target
+from diskrsync.compression.image import Image
 from diskrsync.synccore.push import PushRequest, local_push
 
 K = 1024
