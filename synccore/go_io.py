@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from diskrsync.base.errors import ConnectionClosed, LocalError, PeerError, from_oserror
+from diskrsync.base.errors import ConnectionClosed, LocalError, from_oserror
 from diskrsync.base.parallel import ordered_map
 from diskrsync.synccore.legacy import (
     HeaderExchanged,
