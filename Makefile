@@ -23,10 +23,10 @@ bench: setup
 
 # Regenerate the completions, man page and CLI reference from the CLI's parser.
 docs: setup
-	$(BIN)/python -m diskrsync.docgen bash > contrib/completion/diskrsync.bash
-	$(BIN)/python -m diskrsync.docgen zsh > contrib/completion/_diskrsync
-	$(BIN)/python -m diskrsync.docgen man > contrib/diskrsync.1
-	$(BIN)/python -m diskrsync.docgen markdown > docs/cli.md
+	$(BIN)/python scripts/docgen.py bash > contrib/completion/diskrsync.bash
+	$(BIN)/python scripts/docgen.py zsh > contrib/completion/_diskrsync
+	$(BIN)/python scripts/docgen.py man > contrib/diskrsync.1
+	$(BIN)/python scripts/docgen.py markdown > docs/cli.md
 
 clean:
 	rm -rf $(VENV) demo-work .pytest_cache .mypy_cache .ruff_cache

@@ -17,7 +17,7 @@ FOLDERS = {"diskrsync": "diskrsync", "compression": "diskrsync.compression",
            "synccore": "diskrsync.synccore", "fsmount": "diskrsync.fsmount"}
 # top to bottom; a module may import from its own layer and any layer below it
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("cli", ("diskrsync.cli", "diskrsync.docgen")),
+    ("cli", ("diskrsync.cli",)),
     ("sync", ("diskrsync.synccore",)),
     ("mount", ("diskrsync.fsmount",)),
     ("format and stores", ("diskrsync.compression",)),
