@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -488,7 +489,7 @@ def test_metrics_write_is_atomic(tmp_path, monkeypatch):
     target = tmp_path / "diskrsync_j.prom"
     target.write_text("old content\n")
     reader = target.open()  # a collector in the middle of a read
-    seen = {}
+    seen: dict[str, Any] = {}
     real_replace, real_fsync = os.replace, os.fsync
     fsynced = []
 

@@ -404,9 +404,11 @@ def test_a_mounted_block_device_is_refused(mounted_loop: tuple[str, Path], image
     dev, backing = mounted_loop
     before = backing.read_bytes()
     src = tmp_path / "src.img"
-    for args in (["push", "-q", src, dev], ["push", "-q", "--no-compress", src, dev],
-                 ["push", "-q", image, dev], ["restore", "-q", image, dev],
-                 ["restore", "-q", "--force", image, dev]):
+    cases: list[list[str | Path]] = [
+        ["push", "-q", src, dev], ["push", "-q", "--no-compress", src, dev],
+        ["push", "-q", image, dev], ["restore", "-q", image, dev],
+        ["restore", "-q", "--force", image, dev]]
+    for args in cases:
         refused(cli(*args), 4, "mounted or in use")
     with pytest.raises(BusyError, match="mounted or in use"):
         open_legacy_target(dev, raw=False)

@@ -17,6 +17,7 @@ Fence info strings in docs/user-guide.md say what a block is:
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import errno
 import os
@@ -34,16 +35,16 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import docgen
 import pytest
+from support.sshd import SshServer, make_key
 
-from diskrsync import docgen
 from diskrsync.cli.main import build_parser
 
 ROOT = Path(__file__).resolve().parent.parent
 GUIDE = ROOT / "docs" / "user-guide.md"
 VENV_BIN = Path(sys.executable).parent
 DISKRSYNC = VENV_BIN / "diskrsync"
-sys.path.insert(0, str(Path(__file__).parent / "support"))
 
 
 # -- reading the guide ---------------------------------------------------------------------
@@ -72,7 +73,10 @@ class Block:
 
 
 def blocks(path: Path = GUIDE) -> list[Block]:
-    found, info, start, body = [], None, 0, []
+    found: list[Block] = []
+    body: list[str] = []
+    info: str | None = None
+    start = 0
     for n, line in enumerate(path.read_text().splitlines(), 1):
         stripped = line.strip()
         if info is None:
@@ -206,7 +210,7 @@ SSH_PATHS = {
 
 @dataclass
 class Ssh:
-    server: object
+    server: SshServer
     home: Path
     known_hosts: Path
 
@@ -225,8 +229,6 @@ class Ssh:
 def ssh_server(base: Path) -> Iterator[Ssh]:
     if not shutil.which("sshd", path="/usr/sbin:/usr/local/sbin:/sbin"):
         pytest.skip("sshd not installed")
-    from sshd import SshServer
-
     home = base / "home"
     (home / ".ssh").mkdir(parents=True, exist_ok=True)
     with SshServer(base / "sshd") as server:
@@ -432,8 +434,6 @@ def _ssh_scenario(block: Block, work: Path, known: str) -> None:
         if known == "right":
             ssh.server.write_known_hosts(kh)
         elif known == "wrong":
-            from sshd import make_key
-
             other = make_key(work / "ssh" / "other_key")
             ssh.server.write_known_hosts(kh, key=other)
         (work / "srv-backups").mkdir(exist_ok=True)
@@ -627,7 +627,7 @@ def test_generated_file_is_up_to_date(kind: str) -> None:
 def test_docgen_follows_the_parser() -> None:
     """A new option or command shows up in every output (so the up-to-date test bites)."""
     parser = build_parser()
-    sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     sub.choices["push"].add_argument("--frobnicate", metavar="LEVEL", help="frob harder")
     new = sub.add_parser("zap", help="Zap an image.")
     new.add_argument("image", metavar="IMAGE")
@@ -640,10 +640,11 @@ def test_docgen_follows_the_parser() -> None:
 
 
 def test_docgen_cli_entry_point() -> None:
-    r = subprocess.run([sys.executable, "-m", "diskrsync.docgen", "markdown"],
+    script = str(ROOT / "scripts" / "docgen.py")
+    r = subprocess.run([sys.executable, script, "markdown"],
                        capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert r.returncode == 0 and r.stdout == docgen.generate("markdown")
-    r = subprocess.run([sys.executable, "-m", "diskrsync.docgen", "html"],
+    r = subprocess.run([sys.executable, script, "html"],
                        capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert r.returncode == 2
 

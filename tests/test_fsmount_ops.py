@@ -103,10 +103,10 @@ def test_readdir(disk: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
 
     async def body(ops: DiskOperations) -> None:
         fh = await ops.opendir(ROOT_INODE, None)
-        await ops.readdir(fh, 0, None)  # type: ignore[arg-type]
-        await ops.readdir(fh, listed[-1][1], None)  # type: ignore[arg-type]
+        await ops.readdir(fh, 0, None)
+        await ops.readdir(fh, listed[-1][1], None)
         await ops.releasedir(fh)
-        assert await errno_of(ops.readdir(fh, 0, None)) == errno.EBADF  # type: ignore[arg-type]
+        assert await errno_of(ops.readdir(fh, 0, None)) == errno.EBADF
         disk_attr = await walk(ops, "/disk.raw")
         assert await errno_of(ops.opendir(disk_attr.st_ino, None)) == errno.ENOTDIR
 

@@ -79,7 +79,7 @@ def test_generation_dir_name() -> None:
 def test_tree_layout(disk: bytes) -> None:
     image, vfs = make(disk, 2)
     assert sorted(vfs.root.children) == ["disk.raw", "generations", "partitions"]
-    names = sorted(vfs.resolve("/generations").children)  # type: ignore[attr-defined]
+    names = sorted(vfs.resolve("/generations").children)
     assert names == [generation_dir_name(i) for i in image.generations()]
     top = vfs.resolve("/disk.raw")
     assert isinstance(top, FileNode) and top.size == len(disk)
@@ -89,7 +89,7 @@ def test_tree_layout(disk: bytes) -> None:
     assert isinstance(p2, FileNode) and (p2.start, p2.size) == (4101 * 512, 1536 * 1024)
     link = vfs.resolve("/partitions/by-label/data")
     assert isinstance(link, LinkNode) and vfs.readlink(link.inode) == b"../p2"
-    assert sorted(vfs.resolve("/partitions/by-label").children) == ["data", "root"]  # type: ignore[attr-defined]
+    assert sorted(vfs.resolve("/partitions/by-label").children) == ["data", "root"]
     attr = vfs.getattr(ROOT_INODE)
     assert attr.nlink == 4 and attr.mode & 0o777 == 0o555
     assert vfs.getattr(p2.inode).mode & 0o777 == 0o444
@@ -126,7 +126,7 @@ def test_no_table_means_no_partition_files() -> None:
     image.add_generation(bytes(1024 * 1024))
     vfs = MountVFS()
     sync(vfs, image)
-    assert vfs.resolve("/partitions").children == {}  # type: ignore[attr-defined]
+    assert vfs.resolve("/partitions").children == {}
 
 
 def test_generations_appear_and_top_moves(disk: bytes) -> None:

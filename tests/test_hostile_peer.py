@@ -13,6 +13,7 @@ import os
 import shutil
 import struct
 from pathlib import Path
+from typing import Any
 
 import pytest
 import zstandard
@@ -153,7 +154,7 @@ def test_decoded_chunks_are_capped_at_the_chunk_length():
 # -- malformed JSON ------------------------------------------------------------------------
 
 _INFO = {"hash": p.HASH, "caps": list(p.CAPABILITIES)}
-_TARGET_CASES = {
+_TARGET_CASES: dict[str, tuple[dict[str, Any] | str, str]] = {
     "nul-in-name": (hello(size=SIZE, info={**_INFO, "name": "a\0b"}), "NUL"),
     "caps-not-a-list": (hello(size=SIZE, info={**_INFO, "caps": 5}), "'caps' must be"),
     "infinity": (json.dumps(hello(size=0)).replace('"size": 0', '"size": Infinity'),
@@ -315,7 +316,7 @@ def test_a_remote_stderr_line_without_an_end_is_not_held_in_memory():
     pieces = [b"x" * 65536] * 100 + [b"\nlast\n", b""]
     chan = SimpleNamespace(recv_stderr=lambda n: pieces.pop(0))
     lines: list[str] = []
-    proc = RemoteProcess(SimpleNamespace(host="evil"), chan, lines.append)  # type: ignore[arg-type]
+    proc = RemoteProcess(SimpleNamespace(host="evil"), chan, lines.append)
     proc._stderr_thread.join(10)
     assert lines[-1] == "last"
     assert sum(map(len, lines[:-1])) == 100 * 65536

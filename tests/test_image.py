@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import random
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -11,12 +13,13 @@ from hypothesis import strategies as st
 
 from diskrsync.base.errors import BusyError, DataError, UsageError
 from diskrsync.base.merkle import leaf_hash, tree_root
+from diskrsync.compression.api import GenerationInfo
 from diskrsync.compression.image import Image
 
 CS = 16384
 
 
-def write_all(img: Image, data: bytes, **commit) -> object:
+def write_all(img: Image, data: bytes, **commit: Any) -> GenerationInfo:
     tx = img.begin()
     tx.resize(len(data))
     for i in range(0, len(data), CS):
@@ -63,7 +66,8 @@ def test_generations_follow_a_model(tmp_path_factory, sizes, seed):
         model = model[:size].ljust(size, b"\0")
         n = -(-size // CS)
         for c in rnd.sample(range(n), min(n, rnd.randint(0, 6))):
-            blk = rnd.choice([rnd.randbytes, bytes])(min(CS, size - c * CS))
+            fill: list[Callable[[int], bytes]] = [rnd.randbytes, bytes]
+            blk = rnd.choice(fill)(min(CS, size - c * CS))
             model[c * CS : c * CS + len(blk)] = blk
             tx.write_chunk(c, blk)
         g = tx.commit(keep=3)
@@ -159,7 +163,7 @@ def test_write_new_image_in_one_pass(tmp_path):
     rnd = random.Random(7)
     data = (rnd.randbytes(CS * 40) + bytes(CS * 30) + b"text " * (CS * 3) + b"tail")
     assert len(data) > CS * BATCH_CHUNKS * 2  # several batches, a short last chunk
-    seen = []
+    seen: list[int] = []
     path = str(tmp_path / "n.spgz")
     g = write_new_image(lambda o, n: data[o : o + n], len(data), path, chunk_size=CS,
                         source="unit", progress=seen.append)

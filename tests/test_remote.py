@@ -79,9 +79,9 @@ class Env:
     def popen(self, *args: str, env: dict[str, str] | None = None,
               ssh: list[str] | None = None, cmd: str | None = None) -> subprocess.Popen[str]:
         ssh = ["-F", str(self.config)] if ssh is None else ssh
-        cmd = [sys.executable, "-m", "diskrsync.cli", "push", *args, *ssh,
-               "--remote-cmd", cmd or remote_cmd()]
-        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        argv = [sys.executable, "-m", "diskrsync.cli", "push", *args, *ssh,
+                "--remote-cmd", cmd or remote_cmd()]
+        return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 text=True, env={**self.env, **(env or {})}, cwd=self.tmp)
 
     def push(self, *args: str, **kw: Any) -> subprocess.CompletedProcess[str]:

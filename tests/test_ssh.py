@@ -172,7 +172,7 @@ def options(srv: SshServer, **kw: object) -> SshOptions:
         global_known_hosts=None,
         connect_timeout=10.0,
     )
-    return replace(base, **kw)  # type: ignore[arg-type]
+    return replace(base, **kw)
 
 
 def remote(srv: SshServer, host: str | None = None) -> RemotePath:
@@ -483,7 +483,7 @@ def test_connection_refused() -> None:
 
 def test_unknown_host_name() -> None:
     with pytest.raises(ConnectError, match=r"cannot resolve host name 'no-such-host\.invalid'"):
-        connect(parse_location("no-such-host.invalid:/x"), SshOptions(ssh_config=None))  # type: ignore[arg-type]
+        connect(parse_location("no-such-host.invalid:/x"), SshOptions(ssh_config=None))
 
 
 def test_silent_server_times_out() -> None:
@@ -504,7 +504,7 @@ def test_silent_server_times_out() -> None:
 def test_ssh_config_hostname_user_port_identityfile(srv: SshServer, tmp_path: Path) -> None:
     cfg = srv.write_ssh_config(tmp_path / "ssh_config", alias="backup")
     opts = options(srv, identity_files=(), ssh_config=cfg, remote_cmd="sh")
-    with connect(parse_location("backup:/srv/x.spgz"), opts) as c:  # type: ignore[arg-type]
+    with connect(parse_location("backup:/srv/x.spgz"), opts) as c:
         proc = sh(c, 'echo "$(id -un)"')
         assert read_all(proc) == f"{srv.user}\n".encode()
     # an explicit port beats the config's

@@ -228,7 +228,7 @@ def test_source_changing_during_push_is_detected(tmp_path):
     from diskrsync.synccore.push import open_store, serve_target
 
     a, b = channel_pair()
-    out = {}
+    out: dict[str, object] = {}
     t = threading.Thread(target=lambda: out.setdefault("c", serve_target(
         b, lambda h: open_store(str(dst), h, TargetOptions(), raw=False), verify=True)))
     t.start()
@@ -322,7 +322,7 @@ def test_bad_sectors_are_mapped_exactly_in_scan_and_resend(tmp_path, monkeypatch
     bad = [(5 * CS + 1536, 1024), (20 * CS - 512, 1536), (40 * CS + 100, 10)]
     mapped = [(5 * CS + 1536, 1024), (20 * CS - 512, 1536), (40 * CS, 512)]  # whole sectors
 
-    def blanked(content: bytes) -> bytes:
+    def blanked(content: bytes | bytearray) -> bytes:
         out = bytearray(content)
         for off, n in mapped:
             out[off : off + n] = bytes(n)

@@ -137,7 +137,7 @@ def _negotiated(cfg: Path, env: dict[str, str]) -> str:
 
     loc = parse_location("testhost:/x")
     assert not isinstance(loc, str)
-    with connect(loc, SshOptions(ssh_config=cfg)) as c:  # type: ignore[arg-type]
+    with connect(loc, SshOptions(ssh_config=cfg)) as c:
         return f"diskrsync cipher {c.cipher}, ssh cat cipher {CIPHER}"
 
 

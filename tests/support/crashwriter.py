@@ -35,18 +35,21 @@ def die(what: str) -> None:
 
 def install_killer(target: str, nth: int, how: str, cut: int) -> None:
     real_pwrite, real_fsync = os.pwrite, os.fsync
-    state = {"count": 0, "last": None}
+    count = 0
+    last_write: tuple[int, bytes, int] | None = None
 
     def due(category: str) -> bool:
+        nonlocal count
         if target not in ("any", category):
             return False
-        state["count"] += 1
-        return state["count"] == nth
+        count += 1
+        return count == nth
 
     def pwrite(fd: int, data: bytes, offset: int) -> int:
+        nonlocal last_write
         is_sb = offset in SUPERBLOCK_SLOTS and len(data) == SLOT_SIZE
         category = "sb" if is_sb else "data"
-        state["last"] = (fd, data, offset) if not is_sb else None
+        last_write = (fd, data, offset) if not is_sb else None
         if due(category):
             what = f"{how} pwrite {category} at {offset} ({len(data)} bytes)"
             if how == "after":
@@ -57,12 +60,13 @@ def install_killer(target: str, nth: int, how: str, cut: int) -> None:
         return int(real_pwrite(fd, data, offset))
 
     def fsync(fd: int) -> None:
-        last, state["last"] = state["last"], None
+        nonlocal count, last_write
+        last, last_write = last_write, None
         if target == "table" and last is not None:
             # the pwrite just before the first fsync of a publish is the generation table;
             # count it here (after it landed): kill now, or tear it
-            state["count"] += 1
-            if state["count"] == nth:
+            count += 1
+            if count == nth:
                 lfd, data, offset = last
                 if how == "torn":
                     real_pwrite(lfd, bytes(len(data) - cut % len(data)), offset + cut % len(data))

@@ -22,6 +22,7 @@ import shutil
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 MiB = 1024 * 1024
 SECTOR = 512
@@ -100,8 +101,8 @@ def _xfs_proto(src: Path, files: dict[str, bytes]) -> str:
         node = tree
         parts = rel.split("/")
         for part in parts[:-1]:
-            node = node.setdefault(part, {})  # type: ignore[assignment]
-        node[parts[-1]] = str(src / rel)  # type: ignore[index]
+            node = cast(dict[str, object], node.setdefault(part, {}))
+        node[parts[-1]] = str(src / rel)
     lines = ["/dev/null", "0 0", "d--755 0 0"]
 
     def emit(node: dict[str, object], depth: int) -> None:

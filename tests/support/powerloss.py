@@ -392,14 +392,14 @@ def crash_states(run: Run, rng: random.Random, per_cut: int) -> Iterator[CrashSt
                 secs = len(_sectors(run.ops[w].off, len(run.ops[w].data)))
                 if kind == 2:
                     cut_at = rng.randrange(1, secs)
-                    torn = set(range(cut_at))
+                    kept = set(range(cut_at))
                     how = f"torn op {w} after sector {cut_at}"
                 else:
-                    torn = {j for j in range(secs) if rng.random() < 0.5}
-                    how = f"torn op {w} sectors {sorted(torn)}"
+                    kept = {j for j in range(secs) if rng.random() < 0.5}
+                    how = f"torn op {w} sectors {sorted(kept)}"
                 base = set(vol) if rng.random() < 0.5 else {
                     i for i in vol if rng.random() < 0.5}
-                plans.append((how, base | {w}, {w: torn}))
+                plans.append((how, base | {w}, {w: kept}))
         step = len(run.marks_before(cut))
         for how, keep, torn in plans:
             st = CrashState(cut, how, run.state(cut, durable | keep, torn))

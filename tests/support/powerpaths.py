@@ -176,6 +176,12 @@ def _run_push(root: str, src: str, rng: random.Random, contents: dict[int, bytes
         rec.mark(("image", tuple(g.number for g in img.generations())))
 
 
+def _run_push_twice(root: str, src: str, rng: random.Random, contents: dict[int, bytes],
+                    rec: Recorder) -> None:
+    for _ in range(2):
+        _run_push(root, src, rng, contents, rec)
+
+
 def _set_existing(count: int, keep: int = 2) -> Callable[..., None]:
     def setup(root: str, src: str, rng: random.Random, contents: dict[int, bytes]) -> None:
         contents[1] = disk(rng, 12 * CS + 300)
@@ -304,7 +310,7 @@ PATHS: dict[str, Path] = {p.name: p for p in [
     Path("push-new", "t.img", _set_new, _run_push,
          lambda r, s, d, c: _image_again(r, s, d, c, "t.img")),
     Path("push-existing", "t.img", _set_existing(2),
-         lambda r, s, g, c, rec: [_run_push(r, s, g, c, rec) for _ in range(2)] and None,
+         _run_push_twice,
          lambda r, s, d, c: _image_again(r, s, d, c, "t.img")),
     Path("checkpoint", "t.img", _set_existing(1),
          lambda r, s, g, c, rec: _run_push(r, s, g, c, rec, checkpoint_bytes=CS // 4),
