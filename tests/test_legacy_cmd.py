@@ -936,13 +936,7 @@ def test_push_legacy_refuses_what_bsnc0002_cannot_do(tmp_path: Path) -> None:
         legacy_push(loc("h:a"), loc("g:b"), request(), args)
 
 
-def _remote_push_wired() -> bool:
-    text = (REPO / "diskrsync" / "cli" / "remote.py").read_text()
-    return "legacy_push" in text and "not implemented yet" not in text
-
-
 @pytest.mark.ssh
-@pytest.mark.skipif(not _remote_push_wired(), reason="diskrsync/remote.py not wired yet")
 def test_cli_push_legacy_and_plain_push_hint(srv: Any, tmp_path: Path,
                                              capsys: pytest.CaptureFixture[str]) -> None:
     """Through the CLI: push --legacy works; a plain push to a Go-speaking remote says to
