@@ -415,7 +415,7 @@ def _busy(block: Block, work: Path) -> None:
     p = subprocess.Popen([str(DISKRSYNC), "push", "-q", "big.img", "backups/disk.spgz"],
                          cwd=work, env=base_env())
     try:
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + 60
         while not writer_locked(image):
             assert p.poll() is None, "the holding push ended before it could be caught"
             assert time.monotonic() < deadline
@@ -536,7 +536,7 @@ def _stale_mount(block: Block, work: Path) -> None:
                 and _is_mount_process(p, work)]
         assert len(pids) == 1, pids
         os.kill(pids[0], signal.SIGKILL)
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 60
         while not _stale(mnt):
             assert time.monotonic() < deadline, "the mount did not go stale"
             time.sleep(0.05)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 import shlex
 import signal
 import socket
@@ -14,6 +15,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 from hypothesis import given
@@ -37,6 +39,7 @@ from diskrsync.synccore.ssh.known_hosts import _host_matches
 from diskrsync.synccore.ssh.process import RemoteProcess, remote_command_line
 
 MiB = 1024 * 1024
+T = TypeVar("T")
 
 # --------------------------------------------------------------------------------------
 # Location parsing
@@ -197,6 +200,27 @@ def sh(conn: SshConnection, script: str, **kw: Callable[[str], None]) -> RemoteP
     return conn.run(["-c", script], **kw)
 
 
+def finishes(work: Callable[[], T], within: float = 300) -> T:
+    """``work()``'s result; fails (instead of hanging the suite) if it is still running
+    after ``within`` seconds, far beyond any normal run: a did-not-hang guard."""
+    result: list[T] = []
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            result.append(work())
+        except BaseException as e:
+            errors.append(e)
+
+    th = threading.Thread(target=run, daemon=True)
+    th.start()
+    th.join(within)
+    assert not th.is_alive(), f"still running after {within:g} s: stalled"
+    if errors:
+        raise errors[0]
+    return result[0]
+
+
 def round_trip(conn: SshConnection, total: int) -> float:
     """Push ``total`` random bytes through remote ``cat`` from one thread while another
     reads them back; asserts the SHA-256 matches; returns MB/s (each direction)."""
@@ -265,25 +289,25 @@ def kex_counter() -> Iterator[_KexCounter]:
 def test_round_trip_across_rekey_does_not_stall(
     conn: SshConnection, kex_counter: _KexCounter
 ) -> None:
-    start = time.monotonic()
-    round_trip(conn, 640 * MiB)
+    finishes(lambda: round_trip(conn, 640 * MiB))
     assert kex_counter.rekeys >= 1  # paramiko re-keys every 512 MiB
-    assert time.monotonic() - start < 20
 
 
 @pytest.mark.ssh
 @pytest.mark.slow
 def test_pull_across_rekey_does_not_stall(conn: SshConnection, kex_counter: _KexCounter) -> None:
     total = 640 * MiB
-    start = time.monotonic()
     proc = sh(conn, f"head -c {total} /dev/zero")
-    n = 0
-    while chunk := proc.recv(256 * 1024):  # small reads: many window adjusts
-        n += len(chunk)
-    assert n == total
+
+    def pull() -> int:
+        n = 0
+        while chunk := proc.recv(256 * 1024):  # small reads: many window adjusts
+            n += len(chunk)
+        return n
+
+    assert finishes(pull) == total
     assert proc.wait(10) == 0
     assert kex_counter.rekeys >= 1
-    assert time.monotonic() - start < 20
 
 
 @pytest.mark.ssh
@@ -461,7 +485,7 @@ def test_agent_keys_are_used(
     sock = tmp_path / "agent.sock"
     agent = subprocess.Popen(["ssh-agent", "-D", "-a", str(sock)], stdout=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + 60
         while not sock.exists() and time.monotonic() < deadline:
             time.sleep(0.02)
         env = {**os.environ, "SSH_AUTH_SOCK": str(sock)}
@@ -491,13 +515,11 @@ def test_silent_server_times_out() -> None:
         listener.bind(("127.0.0.1", 0))
         listener.listen()
         port = listener.getsockname()[1]
-        start = time.monotonic()
         with pytest.raises(ConnectError, match="no SSH banner"):
             connect(
                 RemotePath(None, "127.0.0.1", port, "/x"),
                 SshOptions(ssh_config=None, connect_timeout=1.0),
             )
-        assert time.monotonic() - start < 5
 
 
 @pytest.mark.ssh
@@ -580,10 +602,10 @@ def _transfer_until_error(proc: RemoteProcess, on_started: Callable[[], None]) -
     threads = [threading.Thread(target=f, daemon=True) for f in (sender, receiver)]
     for t in threads:
         t.start()
-    assert started.wait(10)
+    assert started.wait(60)
     on_started()
     for t in threads:
-        t.join(10)
+        t.join(60)  # generous: only a hang fails here
         assert not t.is_alive(), "send/recv hung after the link broke"
     return errors
 
@@ -596,9 +618,7 @@ def test_remote_killed_mid_transfer(conn: SshConnection, srv: SshServer) -> None
         (cat,) = srv.wait_for("cat")
         os.kill(cat.pid, signal.SIGKILL)
 
-    start = time.monotonic()
     errors = _transfer_until_error(proc, kill_cat)
-    assert time.monotonic() - start < 10
     assert len(errors) == 2
     assert all(isinstance(e, PeerError) for e in errors), errors
     assert any("killed by a signal" in str(e) for e in errors)
@@ -623,19 +643,19 @@ def test_silent_link_detected_by_keepalive(srv: SshServer) -> None:
     opts = options(srv, remote_cmd="sh", keepalive_interval=0.5, keepalive_count=3)
     with connect(remote(srv), opts) as c:
         proc = sh(c, "exec cat")
-        stopped_at: list[float] = []
 
         def freeze_session() -> None:
             for pid in srv.session_pids():
                 os.kill(pid, signal.SIGSTOP)
-            stopped_at.append(time.monotonic())
 
         errors = _transfer_until_error(proc, freeze_session)
-        elapsed = time.monotonic() - stopped_at[0]
     assert len(errors) == 2
     assert all(isinstance(e, LinkError) for e in errors), errors
-    assert all("no response" in str(e) for e in errors)
-    assert 1.0 < elapsed < 4.0  # 0.5 s x 3, plus a tick
+    # the configured count ended it (silence >= 0.5 s x 3), not a TCP error or the default
+    assert all("(3 keepalives unanswered)" in str(e) for e in errors), errors
+    for e in errors:
+        m = re.search(r"no response from \S+ for (\d+) s", str(e))
+        assert m and int(m[1]) >= 1, e
 
 
 @pytest.mark.ssh
