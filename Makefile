@@ -1,9 +1,10 @@
 # Two commands for a new user: `make demo` (set up, then back up, change, back up again and
-# mount a sample disk) and `make test` (set up, then run the whole test suite).
+# mount a sample disk) and `make test` (set up, lint, then run the whole test suite; CI runs
+# exactly this). `make test-fast`: the pure and in-process tiers without the slow tests.
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test lint bench docs clean
+.PHONY: setup demo test test-fast lint bench docs clean
 
 setup:
 	@bash scripts/setup.sh
@@ -11,8 +12,12 @@ setup:
 demo: setup
 	@bash scripts/demo.sh
 
-test: setup
+# lint first: it takes seconds and a failure fails the run
+test: lint
 	@bash scripts/test.sh
+
+test-fast: setup
+	@bash scripts/test.sh -m "(pure or inproc) and not slow"
 
 lint: setup
 	$(BIN)/ruff check .

@@ -1,8 +1,17 @@
 """Shared test set-up: make tests/support and the development tools in scripts/ importable
-(import mode is importlib)."""
+(import mode is importlib), check every test's tier marker (support/tiers.py), and keep
+hypothesis from timing examples: no test asserts on wall-clock time."""
 
 import sys
 from pathlib import Path
 
+from hypothesis import HealthCheck, settings
+
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parent.parent / "scripts"))
+
+from support.tiers import pytest_collection_modifyitems  # noqa: F401  (a hook)
+
+settings.register_profile("diskrsync", deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("diskrsync")

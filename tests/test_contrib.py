@@ -135,6 +135,7 @@ def stubs(tmp_path: Path) -> Stubs:
 # -- LVM snapshot wrapper ------------------------------------------------------------------
 
 
+@pytest.mark.process
 def test_lvm_success_creates_pushes_and_removes(stubs):
     r = stubs.run(LVM, "-L", "5G", "vg0/root", "/srv/b/root.spgz", "--keep", "3")
     assert r.returncode == 0, r.stderr
@@ -146,6 +147,7 @@ def test_lvm_success_creates_pushes_and_removes(stubs):
     ]
 
 
+@pytest.mark.process
 def test_lvm_passes_the_json_summary_through_on_stdout(stubs):
     r = stubs.run(LVM, "--name", "snap", "/dev/vg0/root", "b.spgz", "--json",
                   STUB_DISKRSYNC_JSON=json.dumps(SUMMARY))
@@ -156,6 +158,7 @@ def test_lvm_passes_the_json_summary_through_on_stdout(stubs):
 
 
 @pytest.mark.parametrize("rc", [5, 10])
+@pytest.mark.process
 def test_lvm_push_failure_removes_snapshot_and_passes_exit_code(stubs, rc):
     r = stubs.run(LVM, "vg0/root", "b.spgz", STUB_DISKRSYNC_RC=str(rc))
     assert r.returncode == rc
@@ -164,6 +167,7 @@ def test_lvm_push_failure_removes_snapshot_and_passes_exit_code(stubs, rc):
 
 
 @pytest.mark.parametrize(("sig", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+@pytest.mark.process
 def test_lvm_signal_during_push_stops_it_and_removes_snapshot(stubs, sig, code):
     # the push would sleep far longer than the guard: a wrapper that waits for it times out
     p = stubs.start(LVM, "vg0/root", "b.spgz", STUB_DISKRSYNC_SLEEP="300")
@@ -176,6 +180,7 @@ def test_lvm_signal_during_push_stops_it_and_removes_snapshot(stubs, sig, code):
     assert "removed snapshot vg0/root-diskrsync" in err
 
 
+@pytest.mark.process
 def test_lvm_create_failure_pushes_nothing(stubs):
     r = stubs.run(LVM, "vg0/root", "b.spgz", STUB_LVCREATE_RC="5")
     assert r.returncode == 1
@@ -183,6 +188,7 @@ def test_lvm_create_failure_pushes_nothing(stubs):
     assert "lvcreate failed: no snapshot, nothing pushed" in r.stderr
 
 
+@pytest.mark.process
 def test_lvm_removes_a_snapshot_left_by_a_killed_run_first(stubs):
     r = stubs.run(LVM, "vg0/root", "b.spgz", STUB_LVS_RC="0")
     assert r.returncode == 0, r.stderr
@@ -190,6 +196,7 @@ def test_lvm_removes_a_snapshot_left_by_a_killed_run_first(stubs):
     assert "left by an earlier run" in r.stderr
 
 
+@pytest.mark.process
 def test_lvm_usage_errors(stubs):
     assert stubs.run(LVM, "root", "b.spgz").returncode == 2
     assert stubs.run(LVM, "vg0/root").returncode == 2
@@ -199,6 +206,7 @@ def test_lvm_usage_errors(stubs):
 # -- libvirt wrapper -----------------------------------------------------------------------
 
 
+@pytest.mark.process
 def test_libvirt_external_snapshot_push_and_merge_back(stubs):
     r = stubs.run(LIBVIRT, "web1", "/srv/b/web1.spgz", "--keep", "4")
     assert r.returncode == 0, r.stderr
@@ -218,6 +226,7 @@ def test_libvirt_external_snapshot_push_and_merge_back(stubs):
     assert not Path(overlay).exists(), "overlay file left behind after the merge"
 
 
+@pytest.mark.process
 def test_libvirt_external_push_failure_still_merges_back(stubs):
     r = stubs.run(LIBVIRT, "--disk", "vdb", "web1", "b.spgz", STUB_DISKRSYNC_RC="3")
     assert r.returncode == 3
@@ -226,6 +235,7 @@ def test_libvirt_external_push_failure_still_merges_back(stubs):
     assert stubs.calls()[-1][3] == "vdb"
 
 
+@pytest.mark.process
 def test_libvirt_failed_merge_keeps_overlay_and_fails(stubs):
     r = stubs.run(LIBVIRT, "web1", "b.spgz", STUB_VIRSH_FAIL="blockcommit")
     assert r.returncode == 1
@@ -233,6 +243,7 @@ def test_libvirt_failed_merge_keeps_overlay_and_fails(stubs):
     assert "do not delete it" in r.stderr
 
 
+@pytest.mark.process
 def test_libvirt_freeze_push_thaw(stubs):
     r = stubs.run(LIBVIRT, "--mode", "freeze", "web1", "b.spgz")
     assert r.returncode == 0, r.stderr
@@ -241,12 +252,14 @@ def test_libvirt_freeze_push_thaw(stubs):
     assert stubs.calls()[-1] == ["virsh", "domfsthaw", "web1"]
 
 
+@pytest.mark.process
 def test_libvirt_thaws_when_the_push_fails(stubs):
     r = stubs.run(LIBVIRT, "-m", "freeze", "web1", "b.spgz", STUB_DISKRSYNC_RC="5")
     assert r.returncode == 5
     assert stubs.names()[-2:] == ["diskrsync", "virsh domfsthaw"]
 
 
+@pytest.mark.process
 def test_libvirt_thaws_when_freeze_fails_and_pushes_nothing(stubs):
     r = stubs.run(LIBVIRT, "-m", "freeze", "web1", "b.spgz", STUB_VIRSH_FAIL="domfsfreeze")
     assert r.returncode == 1
@@ -255,6 +268,7 @@ def test_libvirt_thaws_when_freeze_fails_and_pushes_nothing(stubs):
 
 
 @pytest.mark.parametrize("mode", ["freeze", "external"])
+@pytest.mark.process
 def test_libvirt_sigterm_during_push_cleans_up(stubs, mode):
     p = stubs.start(LIBVIRT, "-m", mode, "web1", "b.spgz", STUB_DISKRSYNC_SLEEP="30")
     stubs.wait_for("diskrsync sleeping")
@@ -266,12 +280,14 @@ def test_libvirt_sigterm_during_push_cleans_up(stubs, mode):
     assert stubs.names()[-1] == last
 
 
+@pytest.mark.process
 def test_libvirt_shut_off_domain_is_pushed_as_is(stubs):
     r = stubs.run(LIBVIRT, "web1", "b.spgz", STUB_VIRSH_STATE="shut off")
     assert r.returncode == 0, r.stderr
     assert stubs.names() == ["virsh domblklist", "virsh domstate", "diskrsync"]
 
 
+@pytest.mark.process
 def test_libvirt_refuses_a_disk_still_on_an_old_overlay(stubs):
     blk = stubs.env["STUB_VIRSH_BLKLIST"].replace("web1.img", "web1.img.diskrsync-overlay")
     r = stubs.run(LIBVIRT, "web1", "b.spgz", STUB_VIRSH_BLKLIST=blk)
@@ -280,6 +296,7 @@ def test_libvirt_refuses_a_disk_still_on_an_old_overlay(stubs):
     assert "diskrsync" not in stubs.names()
 
 
+@pytest.mark.process
 def test_libvirt_unknown_disk(stubs):
     r = stubs.run(LIBVIRT, "--disk", "vdz", "web1", "b.spgz")
     assert r.returncode == 1
@@ -294,6 +311,7 @@ def write_conf(path: Path, text: str) -> Path:
     return path
 
 
+@pytest.mark.process
 def test_job_reads_config_and_runs_lvm_wrapper_with_metrics(stubs, tmp_path):
     metrics = tmp_path / "textfile"
     metrics.mkdir()
@@ -324,6 +342,7 @@ METRICS_DIR={metrics}
     assert values["diskrsync_bytes_sent", "web1-root"] == 123456
 
 
+@pytest.mark.process
 def test_job_by_name_from_config_dir_and_exit_code(stubs, tmp_path):
     confdir = tmp_path / "etc"
     confdir.mkdir()
@@ -335,6 +354,7 @@ def test_job_by_name_from_config_dir_and_exit_code(stubs, tmp_path):
     assert "diskrsync job data: FAILED with exit status 10" in r.stdout
 
 
+@pytest.mark.process
 def test_job_libvirt_config(stubs, tmp_path):
     conf = write_conf(tmp_path / "vm.conf",
                       "SNAPSHOT=libvirt\nDOMAIN=web1\nDISK=vdb\nLIBVIRT_MODE=freeze\n"
@@ -355,6 +375,7 @@ def test_job_libvirt_config(stubs, tmp_path):
     ("DEST=/b\nSOURCE=/x\nKEEP=seven\n", "KEEP must be a number"),
     ("DEST=/b\nrm -rf /\n", ":2: expected KEY=VALUE"),
 ])
+@pytest.mark.process
 def test_job_rejects_bad_config(stubs, tmp_path, text, message):
     conf = write_conf(tmp_path / "bad.conf", text)
     r = stubs.run(JOB, "--config", conf)
@@ -363,6 +384,7 @@ def test_job_rejects_bad_config(stubs, tmp_path, text, message):
     assert stubs.calls() == []
 
 
+@pytest.mark.process
 def test_job_config_is_not_executed(stubs, tmp_path):
     marker = tmp_path / "pwned"
     conf = write_conf(tmp_path / "x.conf", f"SOURCE=$(touch {marker})\nDEST=`touch {marker}`\n")
@@ -372,6 +394,7 @@ def test_job_config_is_not_executed(stubs, tmp_path):
     assert stubs.calls()[0][2:4] == [f"$(touch {marker})", f"`touch {marker}`"]
 
 
+@pytest.mark.process
 def test_job_sigterm_reaches_the_push_and_the_snapshot_goes(stubs, tmp_path):
     conf = write_conf(tmp_path / "j.conf", "SNAPSHOT=lvm\nLV=vg0/root\nDEST=/b\n")
     p = stubs.start(JOB, "--config", conf, STUB_DISKRSYNC_SLEEP="30")
@@ -412,6 +435,7 @@ def run_metrics(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]
                           capture_output=True, text=True, timeout=30)
 
 
+@pytest.mark.process
 def test_metrics_from_a_summary(tmp_path):
     summary = dict(SUMMARY, source_changed_chunks=[3, 4], read_errors=[[0, 4096]])
     r = run_metrics("--job", "web1", "--exit-code", "10", "--dir", str(tmp_path),
@@ -436,6 +460,7 @@ def test_metrics_from_a_summary(tmp_path):
     }
 
 
+@pytest.mark.process
 def test_metrics_keep_last_success_across_a_failure(tmp_path):
     out = tmp_path / "diskrsync_db.prom"
     ok = run_metrics("--job", "db", "--exit-code", "0", "--dir", str(tmp_path), "--now", "1000",
@@ -458,6 +483,7 @@ def test_metrics_keep_last_success_across_a_failure(tmp_path):
     assert v["diskrsync_bytes_sent", "db"] == 7
 
 
+@pytest.mark.process
 def test_metrics_garbage_summary_still_records_the_run(tmp_path):
     r = run_metrics("--job", "x", "--exit-code", "3", "--output", str(tmp_path / "x.prom"),
                     stdin="Traceback (most recent call last):\n")
@@ -466,6 +492,7 @@ def test_metrics_garbage_summary_still_records_the_run(tmp_path):
     assert parse_prom(tmp_path / "x.prom")["diskrsync_exit_code", "x"] == 3
 
 
+@pytest.mark.process
 def test_metrics_rejects_a_job_name_that_would_break_the_file(tmp_path):
     r = run_metrics("--job", 'a"b/c', "--exit-code", "0", "--dir", str(tmp_path))
     assert r.returncode == 2
@@ -481,6 +508,7 @@ def load_metrics_module():
     return module
 
 
+@pytest.mark.inproc
 def test_metrics_write_is_atomic(tmp_path, monkeypatch):
     """The new file is complete and fsynced under a name the collector ignores, then renamed
     over the old one in one step; readers of the old file keep seeing the old content."""
@@ -530,6 +558,7 @@ def test_metrics_write_is_atomic(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("script", [*SCRIPTS, METRICS], ids=lambda p: p.name)
+@pytest.mark.process
 def test_scripts_have_help(script):
     r = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=30)
     assert r.returncode == 0 and "sage" in r.stdout, r.stderr
@@ -537,6 +566,7 @@ def test_scripts_have_help(script):
 
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+@pytest.mark.process
 def test_scripts_are_strict_bash(script):
     head = script.read_text().splitlines()[:10]
     assert head[0] == "#!/usr/bin/env bash"
@@ -546,6 +576,7 @@ def test_scripts_are_strict_bash(script):
 
 
 @pytest.mark.skipif(not shutil.which("shellcheck"), reason="shellcheck not installed")
+@pytest.mark.process
 def test_shellcheck():
     files = [*SCRIPTS, CONTRIB / "completion" / "diskrsync.bash"]
     r = subprocess.run(["shellcheck", "-s", "bash", *map(str, files)], capture_output=True,
@@ -557,6 +588,7 @@ UNITS = ["diskrsync-push@.service", "diskrsync-push@.timer", "diskrsync-failure@
 
 
 @pytest.mark.skipif(not shutil.which("systemd-analyze"), reason="systemd-analyze not installed")
+@pytest.mark.process
 def test_units_pass_systemd_analyze_verify(tmp_path):
     # the units name the installed path of diskrsync-job; point it at the repo's copy so that
     # verify can check it is executable
@@ -582,6 +614,7 @@ def unit_settings(name: str) -> dict[str, list[str]]:
     return settings
 
 
+@pytest.mark.inproc
 def test_unit_settings_that_matter():
     svc = unit_settings("diskrsync-push@.service")
     assert svc["ExecStart"] == ["/usr/local/lib/diskrsync/diskrsync-job %i"]
@@ -600,6 +633,7 @@ def test_unit_settings_that_matter():
     assert timer["WantedBy"] == ["timers.target"]
 
 
+@pytest.mark.process
 def test_example_job_config_is_valid(stubs):
     r = stubs.run(JOB, "--config", CONTRIB / "diskrsync-job.conf.example", "--dry-run")
     assert r.returncode == 0, r.stderr

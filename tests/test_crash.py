@@ -24,10 +24,13 @@ from collections import Counter
 from pathlib import Path
 from typing import IO
 
+import pytest
 from support.crashplan import CS, FANOUT, KEEP, SIZES, Model
 
 from diskrsync.base.errors import EXIT_REDUNDANCY_LOST
 from diskrsync.compression.image import Image
+
+pytestmark = pytest.mark.process
 
 WRITER = Path(__file__).parent / "support" / "crashwriter.py"
 SEED = int(os.environ.get("DISKRSYNC_CRASH_SEED") or random.randrange(2**32))

@@ -120,6 +120,7 @@ KINDS = ["chr", "fifo", "sock", "link"]
 @pytest.mark.root
 @pytest.mark.parametrize("raw", [False, True], ids=["image", "raw"])
 @pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.process
 def test_push_refuses_a_special_target_and_leaves_it(kind: str, raw: bool,
                                                      tmp_path: Path) -> None:
     src = tmp_path / "src.img"
@@ -133,6 +134,7 @@ def test_push_refuses_a_special_target_and_leaves_it(kind: str, raw: bool,
 
 @needs_root
 @pytest.mark.root
+@pytest.mark.process
 def test_an_empty_file_becomes_an_image_in_place(tmp_path: Path) -> None:
     """It keeps its inode, owner and mode (it used to be unlinked and created anew)."""
     src = tmp_path / "src.img"
@@ -151,6 +153,7 @@ def test_an_empty_file_becomes_an_image_in_place(tmp_path: Path) -> None:
 # -- --no-compress onto a Go SPGZ0001 backup ------------------------------------------------
 
 
+@pytest.mark.process
 def test_no_compress_refuses_an_spgz_backup(tmp_path: Path) -> None:
     old = tmp_path / "old.spgz"
     _spgz(old)
@@ -198,6 +201,7 @@ def ssh_push(sshd: SshServer, tmp_path: Path) -> Callable[..., subprocess.Comple
 @pytest.mark.ssh
 @pytest.mark.root
 @pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.process
 def test_push_over_ssh_refuses_a_special_target(kind: str, ssh_push: Callable[..., Any],
                                                 tmp_path: Path) -> None:
     src = tmp_path / "src.img"
@@ -211,6 +215,7 @@ def test_push_over_ssh_refuses_a_special_target(kind: str, ssh_push: Callable[..
 
 
 @pytest.mark.ssh
+@pytest.mark.process
 def test_no_compress_over_the_restricted_key_refuses_an_spgz_backup(
         sshd: SshServer, ssh_push: Callable[..., Any], tmp_path: Path) -> None:
     backups = tmp_path / "backups"
@@ -243,6 +248,7 @@ def image(tmp_path: Path) -> Path:
     return path
 
 
+@pytest.mark.process
 def test_restore_streams_into_a_fifo(image: Path, tmp_path: Path) -> None:
     fifo = tmp_path / "pipe"
     os.mkfifo(fifo)
@@ -264,6 +270,7 @@ def test_restore_streams_into_a_fifo(image: Path, tmp_path: Path) -> None:
 
 @needs_root
 @pytest.mark.root
+@pytest.mark.process
 def test_restore_into_a_character_device_writes_into_it(image: Path, tmp_path: Path) -> None:
     with special("chr", tmp_path) as null:
         before = identity(null)
@@ -272,6 +279,7 @@ def test_restore_into_a_character_device_writes_into_it(image: Path, tmp_path: P
         assert identity(null) == before
 
 
+@pytest.mark.process
 def test_restore_refuses_a_socket(image: Path, tmp_path: Path) -> None:
     with special("sock", tmp_path) as sock:
         before = identity(sock)
@@ -281,6 +289,7 @@ def test_restore_refuses_a_socket(image: Path, tmp_path: Path) -> None:
 
 @needs_root
 @pytest.mark.root
+@pytest.mark.process
 def test_restore_force_keeps_inode_owner_and_mode(image: Path, tmp_path: Path) -> None:
     dest = tmp_path / "disk.raw"
     dest.write_bytes(b"\xff" * (3 * M))  # longer than the disk, and not zeros where it has them
@@ -296,6 +305,7 @@ def test_restore_force_keeps_inode_owner_and_mode(image: Path, tmp_path: Path) -
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o027, 0o002])
+@pytest.mark.process
 def test_a_new_restored_file_follows_the_umask(umask: int, image: Path, tmp_path: Path) -> None:
     dest = tmp_path / "new.raw"
     r = cli("restore", "-q", image, dest, umask=umask)
@@ -312,6 +322,7 @@ def test_a_new_restored_file_follows_the_umask(umask: int, image: Path, tmp_path
 @pytest.mark.root
 @pytest.mark.parametrize("raw", [False, True], ids=["image", "raw"])
 @pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.process
 def test_go_target_refuses_a_special_target_and_leaves_it(kind: str, raw: bool,
                                                           tmp_path: Path) -> None:
     with special(kind, tmp_path) as dst:
@@ -329,6 +340,7 @@ def test_go_target_refuses_a_special_target_and_leaves_it(kind: str, raw: bool,
 
 @needs_root
 @pytest.mark.root
+@pytest.mark.inproc
 def test_go_target_makes_an_empty_file_an_image_in_place(tmp_path: Path) -> None:
     """It keeps its inode, owner and mode (a new image used to be renamed over it)."""
     dst = tmp_path / "go.spgz"
@@ -344,6 +356,7 @@ def test_go_target_makes_an_empty_file_an_image_in_place(tmp_path: Path) -> None
 
 
 @pytest.mark.parametrize("start", ["nothing", "spgz"])
+@pytest.mark.process
 def test_go_sync_never_replaces_an_image_a_native_push_committed(start: str,
                                                                  tmp_path: Path) -> None:
     path = tmp_path / "disk.spgz"
@@ -399,6 +412,7 @@ def mounted_loop(tmp_path: Path) -> Iterator[tuple[str, Path]]:
 
 @pytest.mark.root
 @pytest.mark.slow
+@pytest.mark.process
 def test_a_mounted_block_device_is_refused(mounted_loop: tuple[str, Path], image: Path,
                                            tmp_path: Path) -> None:
     dev, backing = mounted_loop

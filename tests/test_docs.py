@@ -253,6 +253,7 @@ def map_ssh_paths(text: str, work: Path) -> str:
 
 
 @pytest.mark.parametrize("block", RUN_BLOCKS, ids=str)
+@pytest.mark.process
 def test_guide_block_runs(block: Block, tutorial: Tutorial, request) -> None:
     if tutorial.failed:
         pytest.skip(f"an earlier block failed: {tutorial.failed}")
@@ -279,6 +280,7 @@ def test_guide_block_runs(block: Block, tutorial: Tutorial, request) -> None:
     assert "Traceback" not in r.stderr, r.stderr
 
 
+@pytest.mark.pure
 def test_guide_shows_every_command_at_work() -> None:
     shown = {line.split()[0] for b in RUN_BLOCKS for line in diskrsync_lines(b.text)
              if line}
@@ -294,6 +296,7 @@ SH_BLOCKS = [b for b in BLOCKS if b.words[:1] == ["sh"]]
 
 
 @pytest.mark.parametrize("block", SH_BLOCKS, ids=str)
+@pytest.mark.process
 def test_shell_blocks_parse(block: Block) -> None:
     r = subprocess.run(["bash", "-n"], input=block.text, capture_output=True, text=True)
     assert r.returncode == 0, f"{block}: {r.stderr}"
@@ -306,6 +309,7 @@ def test_shell_blocks_parse(block: Block) -> None:
             assert e.code == 0, f"{block}: the CLI rejects `diskrsync {line}`"
 
 
+@pytest.mark.pure
 def test_diskrsync_lines_are_found() -> None:
     """The extractor the parse test relies on (so that test cannot pass by finding nothing)."""
     text = ("diskrsync push a b  # comment\nx=1; diskrsync info c | head\n"
@@ -553,16 +557,19 @@ def _is_mount_process(proc: Path, work: Path) -> bool:
         return False
 
 
+@pytest.mark.pure
 def test_every_documented_error_has_a_scenario_and_back() -> None:
     assert set(ERROR_BLOCKS) == set(SCENARIOS)
 
 
 @pytest.mark.parametrize("name", sorted(ERROR_BLOCKS), ids=str)
+@pytest.mark.process
 def test_documented_error_is_real(name: str, tmp_path: Path) -> None:
     make_sample(tmp_path)
     SCENARIOS[name](ERROR_BLOCKS[name], tmp_path)
 
 
+@pytest.mark.pure
 def test_error_patterns_are_strict() -> None:
     """A placeholder matches something, the rest must match exactly (so a changed message
     fails the test above)."""
@@ -584,6 +591,7 @@ def slug(heading: str) -> str:
 PENDING = {"docs/ssh.md", "docs/mount.md", "docs/migration.md"}
 
 
+@pytest.mark.inproc
 def test_links_and_anchors() -> None:
     text = GUIDE.read_text()
     anchors = {slug(m.group(1)) for m in re.finditer(r"^#+ (.+)$", text, re.M)}
@@ -606,6 +614,7 @@ def test_links_and_anchors() -> None:
         pytest.skip(f"links to docs not written yet: {sorted(set(pending))}")
 
 
+@pytest.mark.inproc
 def test_exit_code_table_matches_the_code() -> None:
     text = GUIDE.read_text()
     section = text[text.index("## Exit codes"):]
@@ -617,6 +626,7 @@ def test_exit_code_table_matches_the_code() -> None:
 
 
 @pytest.mark.parametrize("kind", sorted(docgen.OUTPUTS))
+@pytest.mark.inproc
 def test_generated_file_is_up_to_date(kind: str) -> None:
     path = ROOT / docgen.OUTPUTS[kind]
     assert path.exists(), f"{path} missing: run `make docs`"
@@ -624,6 +634,7 @@ def test_generated_file_is_up_to_date(kind: str) -> None:
         f"{docgen.OUTPUTS[kind]} is out of date: run `make docs`"
 
 
+@pytest.mark.pure
 def test_docgen_follows_the_parser() -> None:
     """A new option or command shows up in every output (so the up-to-date test bites)."""
     parser = build_parser()
@@ -639,6 +650,7 @@ def test_docgen_follows_the_parser() -> None:
     assert "--checkpoint-interval" not in docgen.generate("markdown")
 
 
+@pytest.mark.process
 def test_docgen_cli_entry_point() -> None:
     script = str(ROOT / "scripts" / "docgen.py")
     r = subprocess.run([sys.executable, script, "markdown"],
@@ -649,6 +661,7 @@ def test_docgen_cli_entry_point() -> None:
     assert r.returncode == 2
 
 
+@pytest.mark.process
 def test_bash_completion_completes() -> None:
     script = (ROOT / docgen.OUTPUTS["bash"]).read_text()
     probe = script + r"""
@@ -670,12 +683,14 @@ t diskrsync
 
 
 @pytest.mark.skipif(not shutil.which("zsh"), reason="zsh not installed")
+@pytest.mark.process
 def test_zsh_completion_parses() -> None:
     r = subprocess.run(["zsh", "-n", str(ROOT / docgen.OUTPUTS["zsh"])], capture_output=True,
                        text=True)
     assert r.returncode == 0, r.stderr
 
 
+@pytest.mark.process
 def test_man_page_renders() -> None:
     if not shutil.which("groff"):
         pytest.skip("groff not installed")
@@ -684,6 +699,7 @@ def test_man_page_renders() -> None:
     assert r.returncode == 0 and not r.stderr.strip(), r.stderr
 
 
+@pytest.mark.process
 def test_json_summary_fields_used_by_the_metrics_hook_exist() -> None:
     from dataclasses import fields
 

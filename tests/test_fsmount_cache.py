@@ -10,6 +10,7 @@ import pytest
 from diskrsync.fsmount.cache import ChunkCache
 
 
+@pytest.mark.pure
 def test_evicts_least_recently_used_by_bytes() -> None:
     cache = ChunkCache(100)
     cache.put((1, 0), b"a" * 40)
@@ -23,6 +24,7 @@ def test_evicts_least_recently_used_by_bytes() -> None:
     assert stats.evictions == 1 and stats.entries == 2
 
 
+@pytest.mark.pure
 def test_several_evicted_for_one_big_item() -> None:
     cache = ChunkCache(100)
     for i in range(10):
@@ -31,6 +33,7 @@ def test_several_evicted_for_one_big_item() -> None:
     assert len(cache) == 1 and cache.nbytes == 95
 
 
+@pytest.mark.pure
 def test_oversized_item_not_stored_and_replace_counts_once() -> None:
     cache = ChunkCache(100)
     cache.put((1, 0), bytes(101))
@@ -45,6 +48,7 @@ def test_oversized_item_not_stored_and_replace_counts_once() -> None:
         ChunkCache(-1)
 
 
+@pytest.mark.pure
 def test_discard_generation() -> None:
     cache = ChunkCache(1000)
     for gen in (1, 2):
@@ -54,6 +58,7 @@ def test_discard_generation() -> None:
     assert cache.nbytes == 30 and all((2, i) in cache for i in range(3))
 
 
+@pytest.mark.pure
 def test_hit_and_miss_counts() -> None:
     cache = ChunkCache(1000)
     cache.put((1, 0), b"x")
@@ -63,6 +68,7 @@ def test_hit_and_miss_counts() -> None:
     assert (stats.hits, stats.misses) == (1, 1)
 
 
+@pytest.mark.inproc
 def test_thread_safety_keeps_the_byte_count_exact() -> None:
     cache = ChunkCache(64 * 1024)
     errors: list[BaseException] = []

@@ -133,6 +133,7 @@ def setup_images(tmp_path: Path, disk: BuiltDisk, number: int = 1) -> tuple[Path
     return images, mp
 
 
+@pytest.mark.process
 def test_gpt_partitions_loop_mount(
     tmp_path: Path, disks: dict[str, BuiltDisk], mounts: Mounts
 ) -> None:
@@ -164,6 +165,7 @@ def test_gpt_partitions_loop_mount(
     assert mounts.procs[0].returncode == 0
 
 
+@pytest.mark.process
 def test_mbr_logical_partitions_loop_mount(
     tmp_path: Path, disks: dict[str, BuiltDisk], mounts: Mounts
 ) -> None:
@@ -178,6 +180,7 @@ def test_mbr_logical_partitions_loop_mount(
         mounts.umount_loop(where)
 
 
+@pytest.mark.process
 def test_generations_come_and_go_while_mounted(
     tmp_path: Path, disks: dict[str, BuiltDisk], mounts: Mounts
 ) -> None:
@@ -207,6 +210,7 @@ def test_generations_come_and_go_while_mounted(
     wait_for(lambda: not gen1.exists(), "the kernel to forget generation 1", 2)
 
 
+@pytest.mark.process
 def test_corrupt_chunk_is_eio_for_that_range_only(
     tmp_path: Path, disks: dict[str, BuiltDisk], mounts: Mounts
 ) -> None:
@@ -233,6 +237,7 @@ def test_corrupt_chunk_is_eio_for_that_range_only(
     assert f"corrupt chunk {bad} at offset {bad * CHUNK}" in log
 
 
+@pytest.mark.process
 def test_background_mount_and_sigterm(
     tmp_path: Path, disks: dict[str, BuiltDisk], mounts: Mounts
 ) -> None:
@@ -251,6 +256,7 @@ def test_background_mount_and_sigterm(
     assert not os.path.ismount(mp) and not is_stale_mount(str(mp))
 
 
+@pytest.mark.process
 def test_killed_mount_leaves_a_stale_mount_that_is_explained(
     tmp_path: Path, disks: dict[str, BuiltDisk], mounts: Mounts
 ) -> None:
@@ -271,6 +277,7 @@ def test_killed_mount_leaves_a_stale_mount_that_is_explained(
     assert not is_stale_mount(str(mp)) and not os.path.ismount(mp)
 
 
+@pytest.mark.inproc
 def test_mountpoint_checks(tmp_path: Path) -> None:
     with pytest.raises(MountPointError, match="does not exist"):
         check_mountpoint(str(tmp_path / "missing"))
@@ -282,6 +289,7 @@ def test_mountpoint_checks(tmp_path: Path) -> None:
     assert isinstance(MountPointError("x"), UsageError)
 
 
+@pytest.mark.process
 def test_unknown_generation_is_reported(
     tmp_path: Path, disks: dict[str, BuiltDisk], mounts: Mounts
 ) -> None:

@@ -19,6 +19,8 @@ from diskrsync.fsmount.fuse import DiskOperations
 from diskrsync.fsmount.reader import ChunkReader
 from diskrsync.fsmount.vfs import ROOT_INODE, STABLE_TIMEOUT, VOLATILE_TIMEOUT, MountVFS
 
+pytestmark = pytest.mark.process
+
 CHUNK = 64 * 1024
 
 

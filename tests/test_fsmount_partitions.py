@@ -47,6 +47,7 @@ def mbr(work: Path) -> BuiltDisk:
     return diskbuild.build_mbr_disk(work / "mbr.img", work)
 
 
+@pytest.mark.process
 def test_gpt_with_names(gpt: BuiltDisk) -> None:
     table = read_partition_table(reader(gpt.path.read_bytes()), gpt.size)
     assert table.scheme == "gpt"
@@ -56,6 +57,7 @@ def test_gpt_with_names(gpt: BuiltDisk) -> None:
     )
 
 
+@pytest.mark.process
 def test_gpt_backup_header_used_when_primary_is_damaged(gpt: BuiltDisk) -> None:
     data = bytearray(gpt.path.read_bytes())
     data[512 + 100] ^= 0xFF  # primary header fails its CRC
@@ -63,6 +65,7 @@ def test_gpt_backup_header_used_when_primary_is_damaged(gpt: BuiltDisk) -> None:
     assert [(p.number, p.label) for p in table.partitions] == [(1, "root"), (2, "data")]
 
 
+@pytest.mark.process
 def test_gpt_partition_past_the_end_is_clipped(gpt: BuiltDisk) -> None:
     data = gpt.path.read_bytes()
     cut = gpt.partition(2).start + 1024 * 1024
@@ -70,6 +73,7 @@ def test_gpt_partition_past_the_end_is_clipped(gpt: BuiltDisk) -> None:
     assert table.partitions[1].size == 1024 * 1024
 
 
+@pytest.mark.process
 def test_mbr_with_extended_and_logical(mbr: BuiltDisk) -> None:
     table = read_partition_table(reader(mbr.path.read_bytes()), mbr.size)
     assert table.scheme == "mbr"
@@ -79,18 +83,21 @@ def test_mbr_with_extended_and_logical(mbr: BuiltDisk) -> None:
     assert [p.number for p in table.partitions] == [1, 5, 6]  # the extended (2) is not listed
 
 
+@pytest.mark.process
 def test_no_table_on_whole_disk_filesystem(work: Path) -> None:
     need("mkfs.ext4")
     disk = diskbuild.build_plain_disk(work / "plain.img", work)
     assert read_partition_table(reader(disk.path.read_bytes()), disk.size) == NO_TABLE
 
 
+@pytest.mark.process
 def test_protective_mbr_without_gpt_is_empty(work: Path) -> None:
     need("sgdisk")
     disk = diskbuild.build_protective_only_disk(work / "prot.img", work)
     assert read_partition_table(reader(disk.path.read_bytes()), disk.size) == NO_TABLE
 
 
+@pytest.mark.inproc
 def test_garbage_is_empty(work: Path) -> None:
     disk = diskbuild.build_garbage_disk(work / "garbage.img")
     assert read_partition_table(reader(disk.path.read_bytes()), disk.size) == NO_TABLE
@@ -102,6 +109,7 @@ def _mbr_entry(ptype: int, lba: int, count: int) -> bytes:
     return bytes([0, 0, 0, 0, ptype, 0, 0, 0]) + struct.pack("<II", lba, count)
 
 
+@pytest.mark.pure
 def test_ebr_chain_loop_terminates() -> None:
     size = 4 * 1024 * 1024
     disk = bytearray(size)
@@ -115,6 +123,7 @@ def test_ebr_chain_loop_terminates() -> None:
     assert table.partitions == (Partition(5, 110 * 512, 50 * 512, "", "0x83"),)
 
 
+@pytest.mark.pure
 def test_label_entries() -> None:
     parts = (
         Partition(3, 0, 1, "x/y", "t"),

@@ -58,6 +58,7 @@ def make(disk: bytes, generations: int = 1) -> tuple[FakeImage, MountVFS]:
     return image, vfs
 
 
+@pytest.mark.pure
 def test_chunk_ranges_cover_exactly() -> None:
     rng = random.Random(1)
     for _ in range(500):
@@ -70,12 +71,14 @@ def test_chunk_ranges_cover_exactly() -> None:
     assert chunk_ranges(100, 200, 64, 1000) == [(1, 36, 64), (2, 0, 64), (3, 0, 64), (4, 0, 44)]
 
 
+@pytest.mark.pure
 def test_generation_dir_name() -> None:
     image = FakeImage()
     image.add_generation(bytes(10), commit_time=1795698300.0)
     assert generation_dir_name(image.generations()[0]) == "1-2026-11-26T13-05-00Z"
 
 
+@pytest.mark.process
 def test_tree_layout(disk: bytes) -> None:
     image, vfs = make(disk, 2)
     assert sorted(vfs.root.children) == ["disk.raw", "generations", "partitions"]
@@ -95,6 +98,7 @@ def test_tree_layout(disk: bytes) -> None:
     assert vfs.getattr(p2.inode).mode & 0o777 == 0o444
 
 
+@pytest.mark.process
 def test_lookup_errors_and_stable_inodes(disk: bytes) -> None:
     _, vfs = make(disk)
     a = vfs.lookup(ROOT_INODE, "disk.raw")
@@ -111,6 +115,7 @@ def test_lookup_errors_and_stable_inodes(disk: bytes) -> None:
         vfs.open(ROOT_INODE)
 
 
+@pytest.mark.process
 def test_readdir_offsets(disk: bytes) -> None:
     _, vfs = make(disk)
     fh = vfs.opendir(vfs.resolve("/partitions").inode)
@@ -121,6 +126,7 @@ def test_readdir_offsets(disk: bytes) -> None:
     vfs.releasedir(fh)
 
 
+@pytest.mark.pure
 def test_no_table_means_no_partition_files() -> None:
     image = FakeImage(CHUNK)
     image.add_generation(bytes(1024 * 1024))
@@ -129,6 +135,7 @@ def test_no_table_means_no_partition_files() -> None:
     assert vfs.resolve("/partitions").children == {}
 
 
+@pytest.mark.process
 def test_generations_appear_and_top_moves(disk: bytes) -> None:
     image, vfs = make(disk)
     old_top = vfs.resolve("/disk.raw")
@@ -143,6 +150,7 @@ def test_generations_appear_and_top_moves(disk: bytes) -> None:
     assert vfs.getattr(old_top.inode).size == len(disk)  # old inode still answers
 
 
+@pytest.mark.process
 def test_pinned_generation_top(disk: bytes) -> None:
     image = FakeImage(CHUNK)
     image.add_generation(disk)
@@ -160,6 +168,7 @@ def test_pinned_generation_top(disk: bytes) -> None:
     assert vfs.top_generation is None and "disk.raw" not in vfs.root.children
 
 
+@pytest.mark.process
 def test_pruned_generation_stays_while_open(disk: bytes) -> None:
     image, vfs = make(disk, 2)
     name = generation_dir_name(image.generations()[0])
@@ -189,6 +198,7 @@ def test_pruned_generation_stays_while_open(disk: bytes) -> None:
     assert vfs.top_generation is None and "disk.raw" not in vfs.root.children
 
 
+@pytest.mark.process
 def test_former_top_is_kept_one_refresh(disk: bytes) -> None:
     image, vfs = make(disk, 2)
     image.add_generation(disk)
@@ -207,6 +217,7 @@ def test_former_top_is_kept_one_refresh(disk: bytes) -> None:
     assert image.pins(3) == 0
 
 
+@pytest.mark.process
 def test_close_unpins_everything(disk: bytes) -> None:
     image, vfs = make(disk, 3)
     assert image.open_snapshots() == 3
@@ -214,6 +225,7 @@ def test_close_unpins_everything(disk: bytes) -> None:
     assert image.open_snapshots() == 0
 
 
+@pytest.mark.process
 def test_unused_loaded_views_are_closed(disk: bytes) -> None:
     image, vfs = make(disk)
     extra = load_generation(image, 1)  # already in the tree
@@ -232,6 +244,7 @@ async def _read(reader: ChunkReader, vfs: MountVFS, path: str, off: int, size: i
         vfs.release(handle.fh)
 
 
+@pytest.mark.process
 def test_reads_across_chunk_boundaries(disk: bytes) -> None:
     image, vfs = make(disk)
     reader = ChunkReader(ChunkCache(1 << 20))
@@ -252,6 +265,7 @@ def test_reads_across_chunk_boundaries(disk: bytes) -> None:
     assert image.chunk_reads > 0
 
 
+@pytest.mark.process
 def test_zero_chunks_read_without_io(disk: bytes) -> None:
     image, vfs = make(disk)
     reader = ChunkReader(ChunkCache(1 << 20))
@@ -261,6 +275,7 @@ def test_zero_chunks_read_without_io(disk: bytes) -> None:
     assert reader.stats.zero_chunks == 4
 
 
+@pytest.mark.process
 def test_concurrent_misses_of_one_chunk_fetch_once(disk: bytes) -> None:
     image, vfs = make(disk)
     before = image.chunk_reads  # the partition table was read while loading
@@ -281,6 +296,7 @@ def test_concurrent_misses_of_one_chunk_fetch_once(disk: bytes) -> None:
     assert sorted(results) == sorted(disk[(1 << 20) + i * 4096 :][:4096] for i in range(10))
 
 
+@pytest.mark.process
 def test_sequential_reader_gets_read_ahead(disk: bytes) -> None:
     image, vfs = make(disk)
     reader = ChunkReader(ChunkCache(8 << 20), readahead_bytes=4 * CHUNK)
@@ -303,6 +319,7 @@ def test_sequential_reader_gets_read_ahead(disk: bytes) -> None:
     assert reader.cache.stats().hits >= 16
 
 
+@pytest.mark.process
 def test_read_ahead_over_a_corrupt_chunk(disk: bytes) -> None:
     image, vfs = make(disk)
     image.corrupt_chunk(1, 20)
@@ -326,6 +343,7 @@ def test_read_ahead_over_a_corrupt_chunk(disk: bytes) -> None:
     assert failed == [20] * 4 and reader.stats.readahead_started > 0
 
 
+@pytest.mark.process
 def test_random_reader_gets_no_read_ahead(disk: bytes) -> None:
     _, vfs = make(disk)
     reader = ChunkReader(ChunkCache(8 << 20))
@@ -342,6 +360,7 @@ def test_random_reader_gets_no_read_ahead(disk: bytes) -> None:
     assert reader.stats.readahead_started == 0
 
 
+@pytest.mark.process
 def test_image_snapshot_read_matches(disk: bytes, tmp_path: Path) -> None:
     image, _ = make(disk)
     snap = image.snapshot()

@@ -21,6 +21,8 @@ import pytest
 from support.hostile import run_bounded
 from support.legacy_vectors import have_vectors
 
+pytestmark = pytest.mark.process
+
 TESTS = Path(__file__).resolve().parent
 RUNS = {"native": 250, "go": 250}
 

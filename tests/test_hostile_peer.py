@@ -83,6 +83,7 @@ def _refused(r, image: Path | None = None, before=None, why: str = "") -> None:
     (2**64, "outside 0.."),
     (-1, "outside 0.."),
 ], ids=["2^40", "2^55", "1e300", "2^64", "negative"])
+@pytest.mark.process
 def test_a_huge_size_request_to_a_restricted_key_changes_nothing(image, size, why):
     """Red team: a 305-byte Hello with size 2^40 wrote 390 MiB of index pages (a checkpoint
     of nothing), 2^55 grew to 17.6 GB of memory, 1e300 hung."""
@@ -93,6 +94,7 @@ def test_a_huge_size_request_to_a_restricted_key_changes_nothing(image, size, wh
     _refused(r, image, before, why)
 
 
+@pytest.mark.process
 def test_a_huge_size_and_one_chunk_leave_no_index_behind(image):
     """The 2^40 request plus one chunk: a checkpoint of it would store the index of the
     whole announced size (about 50 MiB here for 16 GiB at 16 KiB chunks, 390 MiB per TiB
@@ -107,6 +109,7 @@ def test_a_huge_size_and_one_chunk_leave_no_index_behind(image):
 
 
 @pytest.mark.parametrize("restricted", [False, True], ids=["serve", "restricted"])
+@pytest.mark.process
 def test_max_size_is_the_servers_limit(image, restricted):
     before = image_state(image)
     r = _serve_target(image, json_frame(1, hello(size=SIZE * 2)), "--max-size", str(SIZE),
@@ -114,6 +117,7 @@ def test_max_size_is_the_servers_limit(image, restricted):
     _refused(r, image, before, f"more than the {SIZE} this end accepts (--max-size)")
 
 
+@pytest.mark.process
 def test_a_client_cannot_raise_the_servers_limit(image):
     env = {**os.environ,
            "SSH_ORIGINAL_COMMAND": f"diskrsync serve --target {image} --max-size 8E"}
@@ -131,6 +135,7 @@ def _zstd_declaring(declared: int, run: int = 128 * 1024) -> bytes:
     return head + struct.pack("<I", 1 | (1 << 1) | (run << 3))[:3] + b"\x07"
 
 
+@pytest.mark.process
 def test_a_zstd_frame_declaring_gigabytes_is_refused_before_allocating(image):
     """Red team: max_output_size does not cap a declared content size; the target
     allocated gigabytes for a 98 KB chunk before rejecting it."""
@@ -142,6 +147,7 @@ def test_a_zstd_frame_declaring_gigabytes_is_refused_before_allocating(image):
     _refused(r, image, before, "zstd frame declares 4294967296 bytes, expected 16384")
 
 
+@pytest.mark.pure
 def test_decoded_chunks_are_capped_at_the_chunk_length():
     with pytest.raises(ValueError, match="declares"):
         codec.decode(Kind.ZSTD, _zstd_declaring(6 << 30), CS)
@@ -169,6 +175,7 @@ _TARGET_CASES: dict[str, tuple[dict[str, Any] | str, str]] = {
 
 
 @pytest.mark.parametrize("case", sorted(_TARGET_CASES))
+@pytest.mark.process
 def test_malformed_source_hello_is_one_line_and_changes_nothing(tmp_path, image, case):
     """Red team: these were tracebacks (exit 1) or, for a negative chunk size, a usage
     error (exit 2) blamed on the user."""
@@ -201,6 +208,7 @@ _SOURCE_CASES = {
 
 
 @pytest.mark.parametrize("case", sorted(_SOURCE_CASES))
+@pytest.mark.process
 def test_malformed_target_hello_is_one_line(tmp_path, case):
     """The source side (a pull's ``serve --source``) against a target's bad Hello: these
     were tracebacks from Shape or set()."""
@@ -208,11 +216,13 @@ def test_malformed_target_hello_is_one_line(tmp_path, case):
     _refused(_serve_source(tmp_path, json_frame(1, body)), why=why)
 
 
+@pytest.mark.process
 def test_unsolicited_leaves_are_refused(tmp_path):
     stream = json_frame(1, hello("target", SIZE)) + p.encode(p.Leaves(5, b""))
     _refused(_serve_source(tmp_path, stream), why="which was not asked for")
 
 
+@pytest.mark.process
 def test_an_early_committed_is_refused_not_waited_on(tmp_path):
     """Red team: a Committed before the source's Done, then EOF, left the source waiting
     forever for page digests that never came."""
@@ -220,11 +230,13 @@ def test_an_early_committed_is_refused_not_waited_on(tmp_path):
     _refused(_serve_source(tmp_path, stream), why="committed before the source finished")
 
 
+@pytest.mark.process
 def test_too_many_page_digests_are_refused(tmp_path):
     stream = json_frame(1, hello("target", SIZE)) + p.encode(p.PageHashes(0, b"\0" * 64))
     _refused(_serve_source(tmp_path, stream), why="more page digests than its 1 pages")
 
 
+@pytest.mark.process
 def test_a_chunk_outside_the_disk_is_refused(image):
     before = image_state(image)
     data = b"z" * CS
@@ -233,6 +245,7 @@ def test_a_chunk_outside_the_disk_is_refused(image):
     _refused(_serve_target(image, stream), image, before, "outside the disk")
 
 
+@pytest.mark.pure
 def test_the_decoder_checks_shapes_in_one_place():
     ok = p.Decoder()
     ok.feed(p.preamble() + p.encode(p.Error("Weird\nKind", "two\nlines")))
@@ -266,6 +279,7 @@ def test_the_decoder_checks_shapes_in_one_place():
 
 
 @pytest.mark.parametrize("existing", [False, True], ids=["new", "image"])
+@pytest.mark.process
 def test_a_25_byte_go_stream_claiming_a_petabyte_is_refused(tmp_path, image, existing):
     """Red team: size 2^50 plus one zero run kept ``diskrsync --target`` busy forever,
     growing 4-14 MB/s."""
@@ -283,6 +297,7 @@ def test_a_25_byte_go_stream_claiming_a_petabyte_is_refused(tmp_path, image, exi
     assert os.listdir(work) == (["t.img"] if existing else [])  # no temporary left
 
 
+@pytest.mark.inproc
 def test_a_zero_run_past_the_end_costs_nothing(tmp_path):
     """A zero run over space that was just grown stores no chunks (it was a loop over
     every chunk of the run)."""
@@ -306,6 +321,7 @@ def test_a_zero_run_past_the_end_costs_nothing(tmp_path):
 # -- the SSH transport ----------------------------------------------------------------------
 
 
+@pytest.mark.inproc
 def test_a_remote_stderr_line_without_an_end_is_not_held_in_memory():
     """A hostile remote (a pull connects to the machine being backed up) could send an
     endless stderr line; the relay held all of it until the end."""
@@ -323,6 +339,7 @@ def test_a_remote_stderr_line_without_an_end_is_not_held_in_memory():
     assert max(map(len, lines)) <= MAX_STDERR_LINE + 65536
 
 
+@pytest.mark.pure
 def test_running_out_of_memory_is_one_line_and_exit_3(capsys):
     from diskrsync.cli.main import _run
 
@@ -333,6 +350,7 @@ def test_running_out_of_memory_is_one_line_and_exit_3(capsys):
     assert capsys.readouterr().err == "diskrsync: out of memory\n"
 
 
+@pytest.mark.inproc
 def test_zero_chunks_scattered_over_pages_do_not_pile_up_in_memory(tmp_path, monkeypatch):
     """One zero chunk per index page costs the peer 45 bytes and the target a whole page
     (6 KiB) in memory; with no payload no checkpoint ever came to write them out."""

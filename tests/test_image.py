@@ -16,6 +16,8 @@ from diskrsync.base.merkle import leaf_hash, tree_root
 from diskrsync.compression.api import GenerationInfo
 from diskrsync.compression.image import Image
 
+pytestmark = pytest.mark.inproc
+
 CS = 16384
 
 

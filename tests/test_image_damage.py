@@ -78,6 +78,7 @@ def copy_regions(path: str) -> dict[str, tuple[int, int]]:
 
 
 @pytest.mark.parametrize("where", ["slot0", "slot1", "tableA", "tableB"])
+@pytest.mark.process
 def test_one_damaged_copy_still_serves_the_newest_generation(tmp_path, where):
     path = str(tmp_path / "d.img")
     gens = generations(path, 3)
@@ -119,6 +120,7 @@ def test_one_damaged_copy_still_serves_the_newest_generation(tmp_path, where):
     assert content(path, 3) == (3, gens[2])
 
 
+@pytest.mark.process
 def test_repair_restores_redundancy(tmp_path):
     path = str(tmp_path / "r.img")
     gens = generations(path, 2)
@@ -149,6 +151,7 @@ def lost_image(tmp_path: Path, kind: str) -> tuple[str, list[bytes]]:
 
 
 @pytest.mark.parametrize("kind", ["slot", "table"])
+@pytest.mark.process
 def test_possibly_lost_commit_fails_loudly_and_frees_nothing(tmp_path, kind):
     path, gens = lost_image(tmp_path, kind)
     before = digest(path)
@@ -189,6 +192,7 @@ def test_possibly_lost_commit_fails_loudly_and_frees_nothing(tmp_path, kind):
         assert [g.number for g in img.generations()] == [1, 2, 4]
 
 
+@pytest.mark.process
 def test_healthy_one_slot_image_is_read_and_upgraded(tmp_path):
     path = str(tmp_path / "old.img")
     gens = one_slot_image(path, 3)
@@ -225,6 +229,7 @@ def damage(rnd: random.Random, path: str, regions: list[tuple[int, int]]) -> str
 
 
 @pytest.mark.parametrize("layout", ["mirrored", "one-slot"])
+@pytest.mark.inproc
 def test_random_metadata_damage_never_rolls_back_silently(tmp_path, layout):
     """Many single-sector damages of the metadata of the newest commit and of the previous
     one: the generation served is the newest committed one, or the open fails with a

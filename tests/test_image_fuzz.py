@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 from support.imagetools import generations, one_slot_image
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.process, pytest.mark.slow]
 
 FUZZER = Path(__file__).parent / "support" / "imagefuzz.py"
 SEED = int(os.environ.get("DISKRSYNC_FUZZ_SEED") or random.randrange(2**32))

@@ -193,6 +193,7 @@ def fill(folder: Path) -> Path:
 
 
 @needs_root
+@pytest.mark.process
 def test_enospc_inside_commit_keeps_previous_generation(tmp_path):
     """The disk fills up while commit() writes index pages and the table: a one-line
     LocalError, the previous generation intact and verifying, and once space is freed a
@@ -228,6 +229,7 @@ def test_enospc_inside_commit_keeps_previous_generation(tmp_path):
 
 
 @needs_root
+@pytest.mark.process
 def test_enospc_is_reported_as_no_space_left(tmp_path):
     with mounted(tmp_path / "small", "tmpfs", "size=4m") as mnt:
         path = str(mnt / "full.img")
@@ -251,6 +253,7 @@ def free_bytes(folder: Path) -> int:
 
 
 @needs_root
+@pytest.mark.process
 def test_failed_push_gives_the_space_back(tmp_path):
     """A push that fills the filesystem fails with exit 3 and leaves the filesystem as free as
     it found it: the aborted transaction's chunks are cut off the file (tmpfs punches holes
@@ -271,6 +274,7 @@ def test_failed_push_gives_the_space_back(tmp_path):
         assert cli("verify", path).returncode == 0
 
 
+@pytest.mark.process
 def test_abort_gives_back_only_what_no_checkpoint_holds(tmp_path):
     path = new_image(str(tmp_path / "cp.img"), disk(1, 4))
     size = os.path.getsize(path)
@@ -302,6 +306,7 @@ def test_abort_gives_back_only_what_no_checkpoint_holds(tmp_path):
 
 
 @needs_root
+@pytest.mark.process
 def test_restore_onto_a_full_disk_fails_cleanly(tmp_path):
     data = random.Random(1).randbytes(CS * 8)
     path = new_image(str(tmp_path / "r.img"), data)
@@ -330,6 +335,7 @@ def two_gens(tmp_path) -> tuple[str, bytes, bytes]:
     return path, g1, bytes(g2)
 
 
+@pytest.mark.process
 def test_newest_superblock_damaged_keeps_the_newest_generation(two_gens):
     """Both slots hold the newest commit (each naming its own table copy): one damaged slot
     costs redundancy only. (One-slot-per-commit images: tests/test_image_damage.py.)"""
@@ -353,6 +359,7 @@ def test_newest_superblock_damaged_keeps_the_newest_generation(two_gens):
     assert content(path, 2) == g2 and content(path) == g2
 
 
+@pytest.mark.process
 def test_both_superblocks_damaged(two_gens):
     path, _, _ = two_gens
     for off in SUPERBLOCK_SLOTS:
@@ -367,6 +374,7 @@ def test_both_superblocks_damaged(two_gens):
     assert not Path(path).with_suffix(".out").exists()
 
 
+@pytest.mark.process
 def test_damaged_index_page(two_gens):
     path, _, _ = two_gens
     with Image.open(path) as img:
@@ -399,6 +407,7 @@ def test_damaged_index_page(two_gens):
 
 
 @pytest.mark.parametrize("kind", [Kind.RAW, Kind.ZSTD])
+@pytest.mark.process
 def test_corrupt_chunk(tmp_path, kind):
     data = disk(4, 12)
     path = new_image(str(tmp_path / "c.img"), data)
@@ -437,6 +446,7 @@ def test_corrupt_chunk(tmp_path, kind):
     assert os.stat(dest).st_ino == ino
 
 
+@pytest.mark.process
 def test_verify_names_every_generation_sharing_a_bad_chunk(tmp_path):
     """Chunk 0 is stored once and shared by generations 1-3 (4 rewrote it): verify names all
     three, so "restore another generation" does not send users to one that is broken too."""
@@ -462,6 +472,7 @@ def test_verify_names_every_generation_sharing_a_bad_chunk(tmp_path):
     assert cli("restore", "-g", "4", "-q", path, str(tmp_path / "ok.raw")).returncode == 0
 
 
+@pytest.mark.process
 def test_truncated_image(tmp_path, two_gens):
     """Cut short inside the superblocks or the first generation's data: a clear error (cuts
     that only lose the newest generation are test_damaged_newest_table_fails_verify)."""
@@ -486,6 +497,7 @@ def test_truncated_image(tmp_path, two_gens):
 
 
 @pytest.mark.parametrize("damage", ["cut", "half", "flip"])
+@pytest.mark.process
 def test_damaged_newest_table(tmp_path, two_gens, damage):
     """The newest commit's table is written twice, the second copy last in the file: cutting
     its tail costs one copy; damage to both copies or half the file is a loud error, never
@@ -515,6 +527,7 @@ def test_damaged_newest_table(tmp_path, two_gens, damage):
             Image.open(path)
 
 
+@pytest.mark.process
 def test_not_an_image(tmp_path):
     junk = tmp_path / "junk"
     junk.write_bytes(random.Random(5).randbytes(50000))
@@ -552,6 +565,7 @@ def set_version(path: str, slot_offset: int, version: int) -> None:
 
 
 @pytest.mark.parametrize("which", ["both", "newest"])
+@pytest.mark.process
 def test_future_format_version(two_gens, which):
     path, _, _ = two_gens
     slots = SUPERBLOCK_SLOTS if which == "both" else (newest_slot(path),)
@@ -565,6 +579,7 @@ def test_future_format_version(two_gens, which):
         assert r.stdout == b""
 
 
+@pytest.mark.process
 def test_bad_paths(tmp_path):
     assert_cli_error(cli("info", str(tmp_path)), "is a directory")
     assert_cli_error(cli("verify", str(tmp_path / "missing")), "No such file")
@@ -577,6 +592,7 @@ def test_bad_paths(tmp_path):
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root reads a chmod 000 file anyway: "
                     "permission denied on read cannot be provoked as root")
+@pytest.mark.process
 def test_permission_denied_reading(tmp_path):
     path = new_image(str(tmp_path / "p.img"), disk(1, 2))
     os.chmod(path, 0)
@@ -587,6 +603,7 @@ def test_permission_denied_reading(tmp_path):
 
 
 @needs_root
+@pytest.mark.process
 def test_read_only_filesystem(tmp_path):
     src = tmp_path / "src"
     src.mkdir()
@@ -633,6 +650,7 @@ def sparse_image(tmp_path) -> tuple[str, list[bytes]]:
     return path, gens
 
 
+@pytest.mark.process
 def test_info_text_and_json(sparse_image):
     path, gens = sparse_image
     r = cli("info", "--json", path)
@@ -657,6 +675,7 @@ def test_info_text_and_json(sparse_image):
         assert g["root_hash"][:16] in text and g["source"] in text
 
 
+@pytest.mark.process
 def test_verify_json(sparse_image):
     path, _ = sparse_image
     r = cli("verify", "--json", path)
@@ -670,6 +689,7 @@ def test_verify_json(sparse_image):
     assert json.loads(r.stdout)["chunks_checked"] == 3
 
 
+@pytest.mark.process
 def test_restore_file_is_sparse_and_exact(sparse_image, tmp_path):
     path, gens = sparse_image
     dest = tmp_path / "restored.raw"
@@ -682,6 +702,7 @@ def test_restore_file_is_sparse_and_exact(sparse_image, tmp_path):
     assert r.returncode == 0 and (tmp_path / "g1.raw").read_bytes() == gens[0]
 
 
+@pytest.mark.process
 def test_restore_to_stdout(sparse_image):
     path, gens = sparse_image
     r = cli("restore", path, "-")
@@ -690,6 +711,7 @@ def test_restore_to_stdout(sparse_image):
     assert r.returncode == 0 and r.stdout == gens[1]
 
 
+@pytest.mark.process
 def test_restore_refuses_existing_file(sparse_image, tmp_path):
     path, gens = sparse_image
     dest = tmp_path / "busy.raw"
@@ -705,6 +727,7 @@ def test_restore_refuses_existing_file(sparse_image, tmp_path):
     assert empty.read_bytes() == gens[-1]
 
 
+@pytest.mark.process
 def test_prune_keep_1(sparse_image):
     path, gens = sparse_image
     r = cli("prune", "--keep", "1", path)
@@ -717,6 +740,7 @@ def test_prune_keep_1(sparse_image):
     assert cli("verify", path).returncode == 0
 
 
+@pytest.mark.process
 def test_cli_errors(sparse_image, tmp_path):
     path, _ = sparse_image
     empty = str(tmp_path / "none.img")
@@ -761,6 +785,7 @@ def test_output_onto_a_full_disk_is_one_line(sparse_image, args):
 # -- readers in other processes ------------------------------------------------------------
 
 
+@pytest.mark.process
 def test_reader_in_another_process_pins_its_generation(tmp_path):
     path = str(tmp_path / "pin.img")
     n = 24
@@ -823,12 +848,14 @@ def punch_scenario(folder: Path) -> tuple[int, int]:
     return before, allocated(path)
 
 
+@pytest.mark.process
 def test_pruned_space_is_punched_on_ext4_or_tmp(tmp_path):
     before, after = punch_scenario(tmp_path)
     assert after <= before - 60 * CS, (before, after)
 
 
 @needs_root
+@pytest.mark.process
 def test_pruned_space_is_punched_on_tmpfs(tmp_path):
     with mounted(tmp_path / "t", "tmpfs", "size=16m") as mnt:
         before, after = punch_scenario(mnt)
@@ -836,6 +863,7 @@ def test_pruned_space_is_punched_on_tmpfs(tmp_path):
 
 
 @needs_root
+@pytest.mark.process
 def test_ramfs_without_hole_punching_still_works(tmp_path):
     with mounted(tmp_path / "r", "ramfs") as mnt:
         probe = os.open(mnt / "probe", os.O_RDWR | os.O_CREAT, 0o644)
@@ -866,6 +894,7 @@ def test_ramfs_without_hole_punching_still_works(tmp_path):
 # -- checkpoints -------------------------------------------------------------------------
 
 
+@pytest.mark.inproc
 def test_checkpoint_after_growing_resize_keeps_chunks(tmp_path):
     path = new_image(str(tmp_path / "cp.img"), disk(1, 4))
     grown = bytearray(disk(1, 4) + bytes(6 * CS))

@@ -103,6 +103,7 @@ def run_source(data: bytes, stream: bytes, seed: int) -> bytes:
 
 @needs_vectors
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+@pytest.mark.pure
 def test_inputs_match_readme(case: Case) -> None:
     assert sha256(vector_input(case.source_input)) == case.source_sha256
 
@@ -110,6 +111,7 @@ def test_inputs_match_readme(case: Case) -> None:
 @needs_vectors
 @pytest.mark.parametrize("seed", [1, 2, 3])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+@pytest.mark.inproc
 def test_target_reproduces_go_target(case: Case, seed: int) -> None:
     src2dst, dst2src = transcript(case.name)
     store = MemoryStore(before_state(case))
@@ -120,12 +122,14 @@ def test_target_reproduces_go_target(case: Case, seed: int) -> None:
 @needs_vectors
 @pytest.mark.parametrize("seed", [1, 2])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+@pytest.mark.inproc
 def test_source_reproduces_go_source(case: Case, seed: int) -> None:
     src2dst, dst2src = transcript(case.name)
     assert run_source(vector_input(case.source_input), dst2src, seed) == src2dst
 
 
 @needs_vectors
+@pytest.mark.inproc
 def test_target_whole_stream_at_once_and_round_trips() -> None:
     src2dst, dst2src = transcript("b3_changed")
     target = LegacyTarget(MemoryStore(vector_input("v1")))
@@ -138,6 +142,7 @@ def test_target_whole_stream_at_once_and_round_trips() -> None:
 
 
 @needs_vectors
+@pytest.mark.inproc
 def test_target_events_b3_and_b6() -> None:
     src2dst, _ = transcript("b3_changed")
     target = LegacyTarget(MemoryStore(vector_input("v1")))
@@ -165,6 +170,7 @@ def test_target_events_b3_and_b6() -> None:
 
 
 @needs_vectors
+@pytest.mark.inproc
 def test_b4_tail_framing_and_b5_truncation() -> None:
     src2dst, _ = transcript("b4_grow")
     store = MemoryStore(vector_input("v1"))
@@ -186,6 +192,7 @@ def test_b4_tail_framing_and_b5_truncation() -> None:
 
 
 @needs_vectors
+@pytest.mark.inproc
 def test_parallel_leaf_hash_provider_gives_same_bytes() -> None:
     src2dst, dst2src = transcript("b3_changed")
     store = MemoryStore(vector_input("v1"))
@@ -201,6 +208,7 @@ def test_parallel_leaf_hash_provider_gives_same_bytes() -> None:
 
 
 @needs_vectors
+@pytest.mark.inproc
 def test_wrong_leaf_hashes_change_the_walk() -> None:
     src2dst, dst2src = transcript("b2_identical")
     target = LegacyTarget(
@@ -262,6 +270,7 @@ def before_after(draw: st.DrawFn) -> tuple[bytes, bytes]:
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(pair=before_after(), seed=st.integers(0, 2**32))
+@pytest.mark.pure
 def test_loopback_makes_target_equal_source(pair: tuple[bytes, bytes], seed: int) -> None:
     before, after = pair
     store = MemoryStore(before)
@@ -304,6 +313,7 @@ _R = random.Random(42).randbytes(3 * M)
         "zeros-to-data",
     ],
 )
+@pytest.mark.pure
 def test_loopback_scenarios(before: bytes, after: bytes) -> None:
     store = MemoryStore(before)
     source = LegacySource(MemoryStore(after))
@@ -314,6 +324,7 @@ def test_loopback_scenarios(before: bytes, after: bytes) -> None:
 
 
 @needs_vectors
+@pytest.mark.pure
 def test_loopback_12mib_uses_the_wide_tree() -> None:
     v1, v2 = vector_input("big12_v1"), vector_input("big12_v2")
     store = MemoryStore(v1)
@@ -354,6 +365,7 @@ def test_loopback_12mib_uses_the_wide_tree() -> None:
         (256 * 1024 * M, 8, 7, 256 * K, 274877906944 // 7**7),  # block doubled once
     ],
 )
+@pytest.mark.pure
 def test_go_tree_shape(size: int, levels: int, order: int, block: int, leaf: int) -> None:
     shape = go_tree_shape(size)
     assert (shape.levels, shape.order, shape.target_block_size, shape.leaf_size) == (
@@ -365,12 +377,14 @@ def test_go_tree_shape(size: int, levels: int, order: int, block: int, leaf: int
     assert shape.size == size
 
 
+@pytest.mark.pure
 def test_go_tree_shape_rejects_empty() -> None:
     with pytest.raises(ValueError):
         go_tree_shape(0)
 
 
 @given(size=st.one_of(st.integers(1, 20 * M), st.integers(1, 1 << 44)))
+@pytest.mark.pure
 def test_leaf_ranges_tile_the_tree(size: int) -> None:
     shape = go_tree_shape(size)
     if shape.leaf_count > 5000:
@@ -388,6 +402,7 @@ def test_leaf_ranges_tile_the_tree(size: int) -> None:
     assert shape.node_range(0, 0) == (0, size)
 
 
+@pytest.mark.pure
 def test_tree_digests_by_hand() -> None:
     data = bytes(range(256)) * 1024 + b"x" * 5  # 256 KiB + 5: two leaves
     shape = go_tree_shape(len(data))
@@ -405,6 +420,7 @@ def test_tree_digests_by_hand() -> None:
         tree_digests(shape, leaves[:1])
 
 
+@pytest.mark.pure
 def test_short_read_is_a_local_error() -> None:
     class Short(MemoryStore):
         def read(self, offset: int, length: int) -> bytes:
@@ -437,6 +453,7 @@ def fresh_target(before: bytes = b"v" * (256 * K)) -> LegacyTarget:
         b"\0" * 16,
     ],
 )
+@pytest.mark.pure
 def test_target_rejects_wrong_magic(stream: bytes) -> None:
     target = fresh_target()
     with pytest.raises(PeerError, match="expected b'BSNC0002', received"):
@@ -445,6 +462,7 @@ def test_target_rejects_wrong_magic(stream: bytes) -> None:
         target.data_to_send()
 
 
+@pytest.mark.pure
 def test_target_rejects_negative_size() -> None:
     with pytest.raises(PeerError, match="negative"):
         fresh_target().receive_data(MAGIC + b"\xff" * 8)
@@ -460,6 +478,7 @@ def test_target_rejects_negative_size() -> None:
         (header(256 * K) + b"\x03\x02", "command"),
     ],
 )
+@pytest.mark.pure
 def test_target_early_close(stream: bytes, what: str) -> None:
     target = fresh_target()
     if stream:
@@ -470,6 +489,7 @@ def test_target_early_close(stream: bytes, what: str) -> None:
 
 @needs_vectors
 @pytest.mark.parametrize("cut", [17, 100, 200_000, 262_161])
+@pytest.mark.inproc
 def test_target_early_close_in_tail(cut: int) -> None:
     src2dst, _ = transcript("b1_new_target")
     target = fresh_target(b"")
@@ -492,11 +512,13 @@ def test_target_early_close_in_tail(cut: int) -> None:
         (header(256 * K + 10) + b"\x02\x01" + b"0123456789!", "after"),
     ],
 )
+@pytest.mark.pure
 def test_target_rejects_garbage(stream: bytes, match: str) -> None:
     with pytest.raises(PeerError, match=match):
         fresh_target().receive_data(stream)
 
 
+@pytest.mark.pure
 def test_target_tail_hole_then_block() -> None:
     store = MemoryStore(b"")
     target = LegacyTarget(store)
@@ -506,6 +528,7 @@ def test_target_tail_hole_then_block() -> None:
     assert target.done and store.buf == b"\0\0\0\0abcdef"
 
 
+@pytest.mark.pure
 def test_source_rejects_garbage_and_early_close() -> None:
     source = LegacySource(MemoryStore(b"s" * 300 * K))
     source.data_to_send()
@@ -523,6 +546,7 @@ def test_source_rejects_garbage_and_early_close() -> None:
         source.receive_data(b"x")
 
 
+@pytest.mark.pure
 def test_source_sends_tail_on_demand_and_ends() -> None:
     data = random.Random(3).randbytes(700 * K) + bytes(300 * K) + b"end"
     source = LegacySource(MemoryStore(data), max_send=300 * K)
@@ -551,12 +575,14 @@ def test_source_sends_tail_on_demand_and_ends() -> None:
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.pure
 def test_progress_line_format() -> None:
     assert format_progress_start("calc", 2097152) == "[Start calc]\nSize: 2097152\n"
     assert format_progress_start("sync", 0) == "[Start sync]\nSize: 0\n"
     assert format_progress_update(131072) == "Update: 131072\n"
 
 
+@pytest.mark.pure
 def test_progress_writer_throttles_like_go() -> None:
     w = ProgressLineWriter("calc")
     assert w.start(1000, now=10.0) == "[Start calc]\nSize: 1000\n"
@@ -571,6 +597,7 @@ def test_progress_writer_throttles_like_go() -> None:
 
 @needs_vectors
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+@pytest.mark.inproc
 def test_parse_recorded_remote_commands(case: Case) -> None:
     req = parse_go_remote_args(shlex.split(remote_cmd(case.name)))
     assert req == GoRemoteRequest(
@@ -603,10 +630,12 @@ def test_parse_recorded_remote_commands(case: Case) -> None:
         ),
     ],
 )
+@pytest.mark.pure
 def test_parse_go_remote_args(argv: list[str], expected: GoRemoteRequest) -> None:
     assert parse_go_remote_args(argv) == expected
 
 
+@pytest.mark.pure
 def test_parse_go_remote_args_after_shell_resplit() -> None:
     # what ssh does: join the words with spaces, then the remote shell splits them again
     words = ["diskrsync", "--target", " --no-compress", "--calc-progress", "/b/t"]
@@ -632,6 +661,7 @@ def test_parse_go_remote_args_after_shell_resplit() -> None:
         ["--target", "--no-compress=true", "p"],
     ],
 )
+@pytest.mark.pure
 def test_parse_go_remote_args_rejects(argv: list[str]) -> None:
     with pytest.raises(UsageError):
         parse_go_remote_args(argv)

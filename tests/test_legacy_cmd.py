@@ -217,6 +217,7 @@ def _before(case: Case) -> bytes | None:
 
 @needs_vectors
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+@pytest.mark.process
 def test_remote_target_image_is_byte_exact(case: Case, tmp_path: Path) -> None:
     """The whole program, fed what a Go source sent, answers exactly what the Go target did,
     and the image's new generation is the source's content."""
@@ -242,6 +243,7 @@ def test_remote_target_image_is_byte_exact(case: Case, tmp_path: Path) -> None:
 @needs_vectors
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
 @pytest.mark.parametrize("flag", [" --no-compress", "--no-compress"], ids=["space", "plain"])
+@pytest.mark.process
 def test_remote_target_raw_is_byte_exact(case: Case, flag: str, tmp_path: Path) -> None:
     """--no-compress as the Go client writes it (leading space, if no shell re-split it) or
     re-split: a raw file updated in place, same bytes on the wire."""
@@ -260,6 +262,7 @@ def test_remote_target_raw_is_byte_exact(case: Case, flag: str, tmp_path: Path) 
 @needs_vectors
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
 @pytest.mark.parametrize("kind", ["image", "raw"])
+@pytest.mark.process
 def test_remote_source_is_byte_exact(case: Case, kind: str, tmp_path: Path) -> None:
     """--source: fed the Go target's stream, our program writes exactly the Go source's."""
     s2d, d2s = transcript(case.name)
@@ -276,6 +279,7 @@ def test_remote_source_is_byte_exact(case: Case, kind: str, tmp_path: Path) -> N
 
 
 @needs_vectors
+@pytest.mark.process
 def test_remote_source_serves_an_spgz_file(tmp_path: Path) -> None:
     """An SPGZ0001 backup is served as what it holds (b1's source is small_256k)."""
     s2d, d2s = transcript("b1_new_target")
@@ -287,6 +291,7 @@ def test_remote_source_serves_an_spgz_file(tmp_path: Path) -> None:
 
 
 @needs_vectors
+@pytest.mark.process
 def test_sync_progress_lines_follow_the_go_client_reader(tmp_path: Path) -> None:
     """With --sync-progress a second phase follows calc; it ends exactly at the final size."""
     s2d, _d2s = transcript("b4_grow")
@@ -302,6 +307,7 @@ def test_sync_progress_lines_follow_the_go_client_reader(tmp_path: Path) -> None
 @needs_vectors
 @pytest.mark.parametrize("role", ["target", "source"])
 @pytest.mark.parametrize("case", ["b1_new_target", "b3_changed"])
+@pytest.mark.process
 def test_go_verbose_client_progress_lines_match_the_go_tool(role: str, case: str,
                                                            tmp_path: Path) -> None:
     """A Go client with --verbose runs the remote with --calc-progress and draws a bar for
@@ -329,6 +335,7 @@ def test_go_verbose_client_progress_lines_match_the_go_tool(role: str, case: str
 
 
 @needs_vectors
+@pytest.mark.process
 def test_remote_target_verbose_logs_sizes_and_shape(tmp_path: Path) -> None:
     s2d, d2s = transcript("b3_changed")
     path = tmp_path / "t.img"
@@ -340,12 +347,14 @@ def test_remote_target_verbose_logs_sizes_and_shape(tmp_path: Path) -> None:
     assert "levels: 5, order: 2" in err
 
 
+@pytest.mark.pure
 def test_remote_args_are_recognised() -> None:
     assert looks_like_go_remote(["--target", "p"])
     assert looks_like_go_remote([" --source", "p"])
     assert not looks_like_go_remote(["push", "a", "b"])
 
 
+@pytest.mark.process
 def test_remote_bad_words_are_one_line_errors(tmp_path: Path) -> None:
     r = run_remote(["--target", "--bogus", "x"], b"", tmp_path)
     assert r.returncode == 2 and r.stdout == b""
@@ -354,6 +363,7 @@ def test_remote_bad_words_are_one_line_errors(tmp_path: Path) -> None:
     ]
 
 
+@pytest.mark.process
 def test_remote_target_refuses_garbage_and_keeps_the_image(tmp_path: Path) -> None:
     path = tmp_path / "t.img"
     make_image(path, b"x" * 300_000)
@@ -366,6 +376,7 @@ def test_remote_target_refuses_garbage_and_keeps_the_image(tmp_path: Path) -> No
 
 
 @pytest.mark.parametrize("raw", [False, True])
+@pytest.mark.process
 def test_remote_target_refuses_the_wrong_kind_of_file(raw: bool, tmp_path: Path) -> None:
     path = tmp_path / "t"
     if raw:
@@ -379,6 +390,7 @@ def test_remote_target_refuses_the_wrong_kind_of_file(raw: bool, tmp_path: Path)
     assert len(r.stderr.decode().strip().splitlines()) == 1
 
 
+@pytest.mark.process
 def test_remote_target_updates_a_foreign_file_raw_like_go(tmp_path: Path) -> None:
     """A non-empty file that is neither an image nor SPGZ0001 is updated raw, with a note."""
     path = tmp_path / "disk.bin"
@@ -407,6 +419,7 @@ def test_remote_target_updates_a_foreign_file_raw_like_go(tmp_path: Path) -> Non
         (2 << 30, 8, 4),  # 2 GiB: 4^7 = 16384 leaves of exactly 128 KiB
     ],
 )
+@pytest.mark.pure
 def test_go_tree_shapes_by_size(size: int, levels: int, order: int) -> None:
     shape = go_tree_shape(size)
     assert (shape.levels, shape.order) == (levels, order)
@@ -430,6 +443,7 @@ def _mutate(data: bytes, rng: random.Random, n: int) -> bytes:
     [(3 * M + 777, 3 * M + 777), (8 * M, 8 * M - 4097), (5 * M, 8 * M + 12345)],
     ids=["below-8MiB", "8MiB-shrink", "grow-past-8MiB"],
 )
+@pytest.mark.process
 def test_loopback_sizes_into_image(before_size: int, after_size: int, tmp_path: Path) -> None:
     """Our source role against our remote program: the image ends equal to the source."""
     rng = random.Random(before_size ^ after_size)
@@ -449,6 +463,7 @@ def test_loopback_sizes_into_image(before_size: int, after_size: int, tmp_path: 
 
 @pytest.mark.slow
 @needs_vectors
+@pytest.mark.process
 def test_loopback_big12_uses_the_wide_tree(tmp_path: Path) -> None:
     """The 12 MiB inputs (levels 8): three scattered 10-byte changes cost three leaves."""
     v1, v2 = vector_input("big12_v1"), vector_input("big12_v2")
@@ -474,6 +489,7 @@ def test_loopback_big12_uses_the_wide_tree(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("seed", range(6))
+@pytest.mark.inproc
 def test_image_store_matches_a_plain_buffer(seed: int, tmp_path: Path) -> None:
     """Random writes, zero runs and resizes at unaligned offsets land exactly, with a small
     chunk size so that every write crosses chunk boundaries."""
@@ -516,6 +532,7 @@ def test_image_store_matches_a_plain_buffer(seed: int, tmp_path: Path) -> None:
     assert verify(Image.open(str(path))).ok
 
 
+@pytest.mark.inproc
 def test_image_store_compresses_each_chunk_once_for_sequential_leaves(tmp_path: Path) -> None:
     """Leaves that split chunks are patched in memory: one store per chunk, not two."""
     path = tmp_path / "t.img"
@@ -554,6 +571,7 @@ def spgz_target(tmp_path: Path) -> Path:
 
 
 @needs_vectors
+@pytest.mark.process
 def test_spgz_target_is_converted_and_replaced(spgz_target: Path, tmp_path: Path) -> None:
     old = vector_input("mixed_1m")
     assert sha256(old) == MIXED_SHA
@@ -591,6 +609,7 @@ def _start_and_wait_for_header(words: list[str], tmp: Path) -> RemoteProgram:
 
 @needs_vectors
 @pytest.mark.parametrize("how", ["close-stdin", "sigterm", "sighup"])
+@pytest.mark.process
 def test_spgz_target_untouched_when_the_client_dies(spgz_target: Path, tmp_path: Path,
                                                       how: str) -> None:
     before = spgz_target.read_bytes()
@@ -611,6 +630,7 @@ def test_spgz_target_untouched_when_the_client_dies(spgz_target: Path, tmp_path:
 
 
 @needs_vectors
+@pytest.mark.process
 def test_spgz_target_after_sigkill_then_next_run_cleans_up(spgz_target: Path,
                                                            tmp_path: Path) -> None:
     before = spgz_target.read_bytes()
@@ -628,6 +648,7 @@ def test_spgz_target_after_sigkill_then_next_run_cleans_up(spgz_target: Path,
 
 
 @pytest.mark.parametrize("existing", [True, False], ids=["image", "new"])
+@pytest.mark.process
 def test_image_target_untouched_when_the_client_dies(existing: bool, tmp_path: Path) -> None:
     path = tmp_path / "t.img"
     old = random.Random(7).randbytes(500_000)
@@ -668,6 +689,7 @@ def test_image_target_untouched_when_the_client_dies(existing: bool, tmp_path: P
         ("a_small_256k.diskrsync.spgz", "small_256k"),
     ],
 )
+@pytest.mark.inproc
 def test_convert_every_spgz_vector(name: str, input_name: str, tmp_path: Path,
                                    capsys: pytest.CaptureFixture[str]) -> None:
     new = tmp_path / "new.spgz"
@@ -679,6 +701,7 @@ def test_convert_every_spgz_vector(name: str, input_name: str, tmp_path: Path,
 
 
 @needs_vectors
+@pytest.mark.inproc
 def test_convert_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     old = tmp_path / "old.spgz"
     shutil.copy(VECTORS / "a_small_256k.diskrsync.spgz", old)
@@ -706,6 +729,7 @@ def test_convert_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
 
 
 @needs_vectors
+@pytest.mark.inproc
 def test_convert_a_damaged_spgz_fails_cleanly(tmp_path: Path,
                                               capsys: pytest.CaptureFixture[str]) -> None:
     old = tmp_path / "old.spgz"
@@ -725,6 +749,7 @@ def test_convert_a_damaged_spgz_fails_cleanly(tmp_path: Path,
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.pure
 def test_progress_lines_order_and_suppression() -> None:
     out: list[str] = []
     clock = iter(range(100))
@@ -750,6 +775,7 @@ def test_progress_lines_order_and_suppression() -> None:
                             "[Start sync]\nSize: 10\nUpdate: 3\nUpdate: 10\n")
 
 
+@pytest.mark.pure
 def test_progress_line_parser() -> None:
     p = ProgressLineParser()
     assert p.feed("[Start calc]") == ("start", "calc", -1)
@@ -759,6 +785,7 @@ def test_progress_line_parser() -> None:
     assert p.feed("Update: x") == ("text", "Update: x", 0)
 
 
+@pytest.mark.inproc
 def test_open_legacy_target_new_image_appears_only_at_commit(tmp_path: Path) -> None:
     path = tmp_path / "new.img"
     end = open_legacy_target(str(path), raw=False)
@@ -781,6 +808,7 @@ cat >/dev/null
 """
 
 
+@pytest.mark.process
 def test_plain_push_meeting_the_go_tool_says_use_legacy(tmp_path: Path) -> None:
     """The native source, given a peer that answers BSNC0002, stops with the hint."""
     from diskrsync.synccore.channel import FdStream, FramedChannel
@@ -867,6 +895,7 @@ def loc(text: str) -> Any:
 
 @pytest.mark.ssh
 @pytest.mark.parametrize("raw", [False, True], ids=["image", "raw"])
+@pytest.mark.process
 def test_push_legacy_through_sshd(srv: Any, tmp_path: Path, raw: bool,
                                   monkeypatch: pytest.MonkeyPatch) -> None:
     rng = random.Random(9)
@@ -891,6 +920,7 @@ def test_push_legacy_through_sshd(srv: Any, tmp_path: Path, raw: bool,
 
 @pytest.mark.ssh
 @pytest.mark.parametrize("remote_kind", ["image", "raw"])
+@pytest.mark.process
 def test_pull_legacy_through_sshd(srv: Any, tmp_path: Path, remote_kind: str) -> None:
     rng = random.Random(10)
     data = rng.randbytes(700_000) + bytes(400_000) + rng.randbytes(5)
@@ -909,6 +939,7 @@ def test_pull_legacy_through_sshd(srv: Any, tmp_path: Path, remote_kind: str) ->
 
 
 @pytest.mark.ssh
+@pytest.mark.process
 def test_push_legacy_remote_failure_is_one_line(srv: Any, tmp_path: Path,
                                                 capsys: pytest.CaptureFixture[str]) -> None:
     """The remote refuses (a directory as PATH): its message is relayed, ours says so."""
@@ -924,6 +955,7 @@ def test_push_legacy_remote_failure_is_one_line(srv: Any, tmp_path: Path,
     assert "is a directory" in capsys.readouterr().err  # relayed as host: line
 
 
+@pytest.mark.inproc
 def test_push_legacy_refuses_what_bsnc0002_cannot_do(tmp_path: Path) -> None:
     args = remote_options(argparse.Namespace(identity=[], ssh_config=None,
                                              accept_new_host_key=False, remote_cmd="diskrsync",
@@ -937,6 +969,7 @@ def test_push_legacy_refuses_what_bsnc0002_cannot_do(tmp_path: Path) -> None:
 
 
 @pytest.mark.ssh
+@pytest.mark.process
 def test_cli_push_legacy_and_plain_push_hint(srv: Any, tmp_path: Path,
                                              capsys: pytest.CaptureFixture[str]) -> None:
     """Through the CLI: push --legacy works; a plain push to a Go-speaking remote says to
@@ -957,6 +990,7 @@ def test_cli_push_legacy_and_plain_push_hint(srv: Any, tmp_path: Path,
     assert "--legacy" in capsys.readouterr().err
 
 
+@pytest.mark.pure
 def test_sha256_helper_is_hashlib() -> None:
     assert sha256(b"x") == hashlib.sha256(b"x").hexdigest()
 
@@ -965,6 +999,7 @@ def test_sha256_helper_is_hashlib() -> None:
 @needs_vectors
 @pytest.mark.skipif(shutil.which("ssh") is None, reason="no OpenSSH client")
 @pytest.mark.parametrize("raw", [False, True], ids=["image", "raw"])
+@pytest.mark.process
 def test_as_the_go_client_runs_it_through_openssh(srv: Any, tmp_path: Path, raw: bool) -> None:
     """Exactly the Go client's remote start: ``ssh HOST CMD --target [" --no-compress"]
     --calc-progress PATH`` (ssh joins the words, the remote shell re-splits them), with the
@@ -992,6 +1027,7 @@ def test_as_the_go_client_runs_it_through_openssh(srv: Any, tmp_path: Path, raw:
 
 @pytest.mark.ssh
 @needs_vectors
+@pytest.mark.process
 def test_pull_legacy_into_an_spgz_file_converts_it(srv: Any, tmp_path: Path,
                                                    capsys: pytest.CaptureFixture[str]) -> None:
     data = _mutate(vector_input("mixed_1m"), random.Random(12), 3)

@@ -17,6 +17,8 @@ from diskrsync.base.merkle import (
     zero_hash,
 )
 
+pytestmark = pytest.mark.pure
+
 CS = 16384
 
 

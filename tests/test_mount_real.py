@@ -30,7 +30,7 @@ from diskrsync.compression.image import Image
 from diskrsync.fsmount.mount import is_stale_mount
 from diskrsync.fsmount.vfs import generation_dir_name
 
-pytestmark = [pytest.mark.fuse, pytest.mark.root, pytest.mark.slow]
+pytestmark = [pytest.mark.process, pytest.mark.fuse, pytest.mark.root, pytest.mark.slow]
 
 CHUNK = 64 * 1024  # image chunk size used here: small disks still span many chunks
 

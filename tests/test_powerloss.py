@@ -17,6 +17,8 @@ import pytest
 from support.powerloss import Run, crash_states
 from support.powerpaths import PATHS, SPGZ_VECTOR, check
 
+pytestmark = pytest.mark.inproc
+
 SEED = int(os.environ.get("DISKRSYNC_POWERLOSS_SEED") or random.randrange(2**32))
 PER_CUT = 250  # states tried per cut point (identical ones are checked once)
 AGAIN_EVERY = 4  # the next push runs on every 4th state (each costs a push)

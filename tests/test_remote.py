@@ -166,6 +166,7 @@ def failed(res: subprocess.CompletedProcess[str], *needles: str) -> str:
 # -- working pushes ------------------------------------------------------------------------
 
 
+@pytest.mark.process
 def test_push_then_pull_first_and_incremental(env: Env, tmp_path: Path) -> None:
     src = tmp_path / f"src {ODD}.img"
     size = 24 * MiB + 12345  # a short last chunk
@@ -206,6 +207,7 @@ def test_push_then_pull_first_and_incremental(env: Env, tmp_path: Path) -> None:
     assert from_raw["chunks_differing"] == 0 and from_raw["bytes_sent"] < 1 * MiB
 
 
+@pytest.mark.process
 def test_raw_target_no_compress_and_dry_run(env: Env, tmp_path: Path) -> None:
     src = tmp_path / "src.img"
     data = disk(src, 8 * MiB, seed=1)
@@ -260,6 +262,7 @@ def _bad_config(env: Env, **extra: str) -> list[str]:
     return ["-F", str(cfg)]
 
 
+@pytest.mark.process
 def test_connection_failures(env: Env, committed: tuple[Path, Path, str]) -> None:
     src, image, before = committed
     srv = env.srv
@@ -326,6 +329,7 @@ def test_pull_of_a_missing_source_is_a_usage_error(env: Env, tmp_path: Path) -> 
         assert not (tmp_path / "x.spgz").exists()
 
 
+@pytest.mark.process
 def test_foreign_or_other_version_remote(env: Env, committed: tuple[Path, Path, str]) -> None:
     src, image, before = committed
     cases = {
@@ -359,6 +363,7 @@ def tmpfs(path: Path, size: str) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(path)], check=False)
 
 
+@pytest.mark.process
 def test_remote_disk_full(env: Env, tmp_path: Path) -> None:
     src = tmp_path / "src.img"
     with tmpfs(env.remote / "small fs", "6m") as small:
@@ -390,6 +395,7 @@ def _wait_growth(path: Path, proc: subprocess.Popen[str], at_least: int) -> None
     pytest.fail("the remote image did not grow")
 
 
+@pytest.mark.process
 def test_link_drop_keeps_checkpoint_and_resumes(env: Env, tmp_path: Path) -> None:
     srv = env.srv
     src = tmp_path / "big.img"
@@ -444,6 +450,7 @@ def test_link_drop_keeps_checkpoint_and_resumes(env: Env, tmp_path: Path) -> Non
     assert not info(image)["checkpoint"]
 
 
+@pytest.mark.process
 def test_silent_link_detected_by_keepalive(env: Env, tmp_path: Path) -> None:
     srv = env.srv
     src = tmp_path / "big.img"
@@ -469,6 +476,7 @@ def test_silent_link_detected_by_keepalive(env: Env, tmp_path: Path) -> None:
            "(3 keepalives unanswered)")  # DISKRSYNC_SSH_KEEPALIVE's count, not the default
 
 
+@pytest.mark.process
 def test_serve_timeout_frees_a_frozen_clients_lock(tmp_path: Path) -> None:
     """A client that says hello, sends two chunks and then nothing (frozen, or a dead link
     TCP has not noticed): serve --timeout 2 gives up with exit 5, keeps what arrived as a
@@ -514,6 +522,7 @@ def test_serve_timeout_frees_a_frozen_clients_lock(tmp_path: Path) -> None:
     assert content(image, tmp_path) == new
 
 
+@pytest.mark.inproc
 def test_alive_frames_keep_a_quiet_conversation_within_the_timeout() -> None:
     """Both ends with a 2 s timeout stay quiet for longer (a long scan of unchanged data):
     the Alive frames keep them connected, and neither end ever sees one."""
@@ -541,6 +550,7 @@ def test_alive_frames_keep_a_quiet_conversation_within_the_timeout() -> None:
             os.close(fd)
 
 
+@pytest.mark.inproc
 def test_source_stops_when_the_target_closes_early(tmp_path: Path) -> None:
     """A target that answers hello and then goes away: the source stops scanning at once
     with a clear error, rather than reading the whole disk first."""
@@ -590,6 +600,7 @@ def test_source_stops_when_the_target_closes_early(tmp_path: Path) -> None:
     assert Counting.read_bytes < 32 * MiB
 
 
+@pytest.mark.process
 def test_client_timeout_when_the_serve_process_freezes(env: Env, tmp_path: Path) -> None:
     """The remote serve is stopped while its sshd still answers keepalives: push --timeout 2
     fails with a clear one-line error instead of waiting forever."""
@@ -615,6 +626,7 @@ def test_client_timeout_when_the_serve_process_freezes(env: Env, tmp_path: Path)
     assert "for 2 s" in last, last
 
 
+@pytest.mark.process
 def test_serve_timeout_ends_a_frozen_clients_push(env: Env, tmp_path: Path) -> None:
     """The client is SIGSTOPped mid-push (its sshd session lives on): the forced command's
     serve --timeout 2 exits, keeping a checkpoint and freeing the lock; the client, once
@@ -653,6 +665,7 @@ def test_serve_timeout_ends_a_frozen_clients_push(env: Env, tmp_path: Path) -> N
 # -- restricted forced command ----------------------------------------------------------------
 
 
+@pytest.mark.process
 def test_restricted_forced_command(env: Env, tmp_path: Path) -> None:
     srv = env.srv
     backups = env.remote / "backups"
@@ -701,6 +714,7 @@ def test_restricted_forced_command(env: Env, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("policy", [["--keep", "4"], ["--append-only"]],
                          ids=["keep-floor", "append-only"])
+@pytest.mark.process
 def test_restricted_key_cannot_shrink_history(env: Env, tmp_path: Path,
                                               policy: list[str]) -> None:
     """A stolen write-only key pushing zeros with --keep 1 (ransomware) adds a generation;
@@ -782,6 +796,7 @@ def _push_with_swap(tmp: Path, root: Path, request: str, swaps: list[tuple[str, 
     return proc.returncode, err
 
 
+@pytest.mark.process
 def test_restricted_ancestor_swapped_for_a_symlink_stays_beneath(tmp_path: Path) -> None:
     """DIR/sub is checked, then swapped for a symlink to outside before the open: the push
     lands in the directory that was checked (held open), nothing outside."""
@@ -798,6 +813,7 @@ def test_restricted_ancestor_swapped_for_a_symlink_stays_beneath(tmp_path: Path)
 
 
 @pytest.mark.parametrize("raw", [False, True], ids=["image", "raw"])
+@pytest.mark.process
 def test_restricted_final_symlink_is_refused(tmp_path: Path, raw: bool) -> None:
     """The image's own name becomes a symlink to a file outside after the check: refused
     (exit 2), the file outside untouched."""
@@ -821,6 +837,7 @@ def test_restricted_final_symlink_is_refused(tmp_path: Path, raw: bool) -> None:
 
 
 @pytest.mark.parametrize("raw", [False, True], ids=["image", "raw"])
+@pytest.mark.process
 def test_nofollow_store_refuses_a_final_symlink(tmp_path: Path, raw: bool) -> None:
     """The last line of defence when the symlink appears after the serve's own check: the
     stores open the final component with O_NOFOLLOW."""
@@ -842,6 +859,7 @@ def test_nofollow_store_refuses_a_final_symlink(tmp_path: Path, raw: bool) -> No
     assert victim.read_bytes() == before
 
 
+@pytest.mark.pure
 def test_retention_policy_over_a_client_request(capsys: pytest.CaptureFixture[str]) -> None:
     """Clients may ask to keep more than the server's floor, never less; append-only keeps
     everything; either refuses a raw target (no history)."""
@@ -867,6 +885,7 @@ def test_retention_policy_over_a_client_request(capsys: pytest.CaptureFixture[st
         keep(2, floor=0, append_only=False)
 
 
+@pytest.mark.pure
 def test_restricted_request_parsing() -> None:
     ns = _parse_request("'/opt/x y/diskrsync' serve --target '/srv/b/a b.spgz' --keep=3 -n "
                         "--chunk-size 64K --checkpoint-interval 1M --no-compress")
@@ -883,6 +902,7 @@ def test_restricted_request_parsing() -> None:
             _parse_request(bad)
 
 
+@pytest.mark.process
 def test_refusal_is_a_protocol_error_frame(tmp_path: Path) -> None:
     """Without the client's bytes: serve --restrict-to answers a bad request with an Error
     frame on stdout (what the waiting client decodes) and one line on stderr."""
@@ -931,6 +951,7 @@ def test_serve_help_states_serves_own_defaults() -> None:
     assert "never fewer" in res.stdout
 
 
+@pytest.mark.inproc
 def test_ssh_options_from_cli(monkeypatch: pytest.MonkeyPatch) -> None:
     import argparse
 

@@ -28,6 +28,8 @@ from diskrsync.compression.codec import Kind
 from diskrsync.compression.image import Image
 from diskrsync.compression.spgz import HEADER_SIZE, SpgzImage
 
+pytestmark = pytest.mark.process
+
 CS = 16 * 1024
 REPO = Path(__file__).resolve().parents[1]
 

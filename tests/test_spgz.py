@@ -48,7 +48,8 @@ VECTOR_INPUT = {
     "a_small_256k.diskrsync.spgz": "small_256k",
 }
 
-pytestmark = pytest.mark.skipif(not VECTORS.is_dir(), reason="needs /work/shared/vectors")
+pytestmark = [pytest.mark.inproc,
+              pytest.mark.skipif(not VECTORS.is_dir(), reason="needs /work/shared/vectors")]
 
 
 @pytest.fixture(scope="module")

@@ -71,6 +71,7 @@ T = TypeVar("T")
         ("ssh://u@h:22//double", RemotePath("u", "h", 22, "//double")),
     ],
 )
+@pytest.mark.inproc
 def test_parse_location_table(text: str, expected: object) -> None:
     assert parse_location(text) == expected
 
@@ -94,6 +95,7 @@ def test_parse_location_table(text: str, expected: object) -> None:
         "[notv6]:x",
     ],
 )
+@pytest.mark.inproc
 def test_parse_location_rejects(text: str) -> None:
     with pytest.raises(UsageError):
         parse_location(text)
@@ -114,22 +116,26 @@ _path = st.text(
     port=st.none() | st.integers(1, 65535),
     path=_path,
 )
+@pytest.mark.inproc
 def test_remote_path_round_trip(user: str | None, host: str, port: int | None, path: str) -> None:
     loc = RemotePath(user, host, port, path)
     assert parse_location(str(loc)) == loc
 
 
 @given(st.sampled_from(["/", "./", "../"]), _path)
+@pytest.mark.inproc
 def test_paths_with_a_slash_before_any_colon_are_local(prefix: str, rest: str) -> None:
     assert parse_location(prefix + rest) == LocalPath(prefix + rest)
 
 
 @given(st.lists(st.text(st.characters(exclude_characters="\0", exclude_categories=["Cs"]))))
+@pytest.mark.inproc
 def test_command_line_quotes_every_word(argv: list[str]) -> None:
     line = remote_command_line("/opt/my tools/diskrsync", argv)
     assert shlex.split(line) == ["/opt/my tools/diskrsync", *argv]
 
 
+@pytest.mark.inproc
 def test_known_hosts_patterns() -> None:
     from paramiko import HostKeys
 
@@ -256,6 +262,7 @@ def round_trip(conn: SshConnection, total: int) -> float:
 
 
 @pytest.mark.ssh
+@pytest.mark.process
 def test_cat_round_trip_concurrent(conn: SshConnection) -> None:
     rate = round_trip(conn, 128 * MiB)
     assert conn.cipher == "aes128-gcm@openssh.com"
@@ -286,6 +293,7 @@ def kex_counter() -> Iterator[_KexCounter]:
 
 @pytest.mark.ssh
 @pytest.mark.slow
+@pytest.mark.process
 def test_round_trip_across_rekey_does_not_stall(
     conn: SshConnection, kex_counter: _KexCounter
 ) -> None:
@@ -295,6 +303,7 @@ def test_round_trip_across_rekey_does_not_stall(
 
 @pytest.mark.ssh
 @pytest.mark.slow
+@pytest.mark.process
 def test_pull_across_rekey_does_not_stall(conn: SshConnection, kex_counter: _KexCounter) -> None:
     total = 640 * MiB
     proc = sh(conn, f"head -c {total} /dev/zero")
@@ -311,6 +320,7 @@ def test_pull_across_rekey_does_not_stall(conn: SshConnection, kex_counter: _Kex
 
 
 @pytest.mark.ssh
+@pytest.mark.process
 def test_stderr_relayed_line_by_line(conn: SshConnection) -> None:
     lines: list[str] = []
     proc = sh(conn, "echo one >&2; printf 'two\\nthree' >&2; echo out", on_stderr=lines.append)
@@ -320,6 +330,7 @@ def test_stderr_relayed_line_by_line(conn: SshConnection) -> None:
 
 
 @pytest.mark.ssh
+@pytest.mark.process
 def test_stderr_default_prefix(conn: SshConnection, capfd: pytest.CaptureFixture[str]) -> None:
     proc = sh(conn, "echo 'disk full' >&2")
     assert read_all(proc) == b""
@@ -329,6 +340,7 @@ def test_stderr_default_prefix(conn: SshConnection, capfd: pytest.CaptureFixture
 
 @pytest.mark.ssh
 @pytest.mark.parametrize("status", [0, 1, 3, 126])
+@pytest.mark.process
 def test_exit_status(conn: SshConnection, status: int) -> None:
     proc = sh(conn, f"exit {status}")
     assert read_all(proc) == b""
@@ -336,6 +348,7 @@ def test_exit_status(conn: SshConnection, status: int) -> None:
 
 
 @pytest.mark.ssh
+@pytest.mark.process
 def test_arguments_arrive_literally(srv: SshServer, tmp_path: Path) -> None:
     marker = tmp_path / "pwned"
     args = [
@@ -360,6 +373,7 @@ def test_arguments_arrive_literally(srv: SshServer, tmp_path: Path) -> None:
 
 
 @pytest.mark.ssh
+@pytest.mark.process
 def test_remote_cmd_path_with_spaces(srv: SshServer, tmp_path: Path) -> None:
     tool = tmp_path / "my tools" / "fake diskrsync"
     tool.parent.mkdir()
@@ -372,6 +386,7 @@ def test_remote_cmd_path_with_spaces(srv: SshServer, tmp_path: Path) -> None:
 
 
 @pytest.mark.ssh
+@pytest.mark.process
 def test_missing_remote_command_is_explained(srv: SshServer) -> None:
     lines: list[str] = []
     opts = options(srv, remote_cmd="diskrsync-not-here")
@@ -404,6 +419,7 @@ def _fingerprint_of(pub: Path) -> str:
 
 
 @pytest.mark.ssh
+@pytest.mark.process
 def test_unknown_host_key_fails_with_fingerprint(srv: SshServer, tmp_path: Path) -> None:
     known = tmp_path / "home" / ".ssh" / "known_hosts"
     with pytest.raises(UnknownHostKeyError) as info:
@@ -418,6 +434,7 @@ def test_unknown_host_key_fails_with_fingerprint(srv: SshServer, tmp_path: Path)
 
 @pytest.mark.ssh
 @pytest.mark.parametrize("hashed", [False, True])
+@pytest.mark.process
 def test_accept_new_host_key_adds_it(srv: SshServer, tmp_path: Path, hashed: bool) -> None:
     known = tmp_path / "home" / ".ssh" / "known_hosts"
     cfg = tmp_path / "ssh_config"
@@ -440,6 +457,7 @@ def test_accept_new_host_key_adds_it(srv: SshServer, tmp_path: Path, hashed: boo
 
 @pytest.mark.ssh
 @pytest.mark.parametrize("kind", ["ed25519", "ecdsa"])
+@pytest.mark.process
 def test_changed_host_key_fails_even_with_accept_new(
     srv: SshServer, tmp_path: Path, kind: str
 ) -> None:
@@ -455,6 +473,7 @@ def test_changed_host_key_fails_even_with_accept_new(
 
 
 @pytest.mark.ssh
+@pytest.mark.process
 def test_wrong_client_key_is_an_auth_failure(srv: SshServer, tmp_path: Path) -> None:
     wrong = make_key(tmp_path / "wrong_key")
     with pytest.raises(AuthError) as info:
@@ -466,12 +485,14 @@ def test_wrong_client_key_is_an_auth_failure(srv: SshServer, tmp_path: Path) -> 
 
 
 @pytest.mark.ssh
+@pytest.mark.process
 def test_no_keys_at_all_says_so(srv: SshServer) -> None:
     with pytest.raises(AuthError, match="no keys"):
         connect(remote(srv), options(srv, identity_files=()))
 
 
 @pytest.mark.ssh
+@pytest.mark.process
 def test_unreadable_key_file_is_reported(srv: SshServer, tmp_path: Path) -> None:
     missing = tmp_path / "nope"
     with pytest.raises(AuthError, match=f"{missing} missing"):
@@ -479,6 +500,7 @@ def test_unreadable_key_file_is_reported(srv: SshServer, tmp_path: Path) -> None
 
 
 @pytest.mark.ssh
+@pytest.mark.process
 def test_agent_keys_are_used(
     srv: SshServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -499,17 +521,20 @@ def test_agent_keys_are_used(
         agent.wait(5)
 
 
+@pytest.mark.inproc
 def test_connection_refused() -> None:
     port = free_port()
     with pytest.raises(ConnectError, match=f"127.0.0.1 port {port}: connection refused"):
         connect(RemotePath(None, "127.0.0.1", port, "/x"), SshOptions(ssh_config=None))
 
 
+@pytest.mark.inproc
 def test_unknown_host_name() -> None:
     with pytest.raises(ConnectError, match=r"cannot resolve host name 'no-such-host\.invalid'"):
         connect(parse_location("no-such-host.invalid:/x"), SshOptions(ssh_config=None))
 
 
+@pytest.mark.inproc
 def test_silent_server_times_out() -> None:
     with socket.socket() as listener:
         listener.bind(("127.0.0.1", 0))
@@ -523,6 +548,7 @@ def test_silent_server_times_out() -> None:
 
 
 @pytest.mark.ssh
+@pytest.mark.process
 def test_ssh_config_hostname_user_port_identityfile(srv: SshServer, tmp_path: Path) -> None:
     cfg = srv.write_ssh_config(tmp_path / "ssh_config", alias="backup")
     opts = options(srv, identity_files=(), ssh_config=cfg, remote_cmd="sh")
@@ -538,6 +564,7 @@ def test_ssh_config_hostname_user_port_identityfile(srv: SshServer, tmp_path: Pa
 
 
 @pytest.mark.ssh
+@pytest.mark.process
 def test_ssh_config_user_is_used(srv: SshServer, tmp_path: Path) -> None:
     cfg = srv.write_ssh_config(tmp_path / "ssh_config", alias="backup", User="nobody-here")
     with pytest.raises(AuthError, match="nobody-here@"):
@@ -545,6 +572,7 @@ def test_ssh_config_user_is_used(srv: SshServer, tmp_path: Path) -> None:
 
 
 @pytest.mark.ssh
+@pytest.mark.process
 def test_proxy_jump(srv: SshServer, tmp_path: Path) -> None:
     cfg = tmp_path / "ssh_config"
     srv.write_ssh_config(cfg, alias="jump")
@@ -564,6 +592,7 @@ def test_proxy_jump(srv: SshServer, tmp_path: Path) -> None:
 
 
 @pytest.mark.ssh
+@pytest.mark.process
 def test_proxy_command(srv: SshServer, tmp_path: Path) -> None:
     proxy = (
         f"ssh -q -o BatchMode=yes -o UserKnownHostsFile={srv.known_hosts} "
@@ -611,6 +640,7 @@ def _transfer_until_error(proc: RemoteProcess, on_started: Callable[[], None]) -
 
 
 @pytest.mark.ssh
+@pytest.mark.process
 def test_remote_killed_mid_transfer(conn: SshConnection, srv: SshServer) -> None:
     proc = sh(conn, "exec cat")
 
@@ -625,6 +655,7 @@ def test_remote_killed_mid_transfer(conn: SshConnection, srv: SshServer) -> None
 
 
 @pytest.mark.ssh
+@pytest.mark.process
 def test_sshd_session_killed_mid_transfer(conn: SshConnection, srv: SshServer) -> None:
     proc = sh(conn, "exec cat")
 
@@ -639,6 +670,7 @@ def test_sshd_session_killed_mid_transfer(conn: SshConnection, srv: SshServer) -
 
 
 @pytest.mark.ssh
+@pytest.mark.process
 def test_silent_link_detected_by_keepalive(srv: SshServer) -> None:
     opts = options(srv, remote_cmd="sh", keepalive_interval=0.5, keepalive_count=3)
     with connect(remote(srv), opts) as c:
@@ -659,6 +691,7 @@ def test_silent_link_detected_by_keepalive(srv: SshServer) -> None:
 
 
 @pytest.mark.ssh
+@pytest.mark.process
 def test_idle_but_alive_link_survives_keepalive(srv: SshServer) -> None:
     opts = options(srv, remote_cmd="sh", keepalive_interval=0.5, keepalive_count=3)
     with connect(remote(srv), opts) as c:
@@ -668,6 +701,7 @@ def test_idle_but_alive_link_survives_keepalive(srv: SshServer) -> None:
 
 
 @pytest.mark.ssh
+@pytest.mark.process
 def test_send_lands_exactly_for_odd_sizes(conn: SshConnection) -> None:
     proc = sh(conn, "exec sha256sum")
     data = os.urandom(3 * MiB + 12345)

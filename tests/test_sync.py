@@ -85,6 +85,7 @@ MESSAGES = [
 
 
 @given(st.lists(st.integers(1, 200), min_size=1, max_size=50))
+@pytest.mark.pure
 def test_codec_round_trip_in_any_split(cuts):
     stream = p.preamble() + b"".join(p.encode(m) for m in MESSAGES)
     dec = p.Decoder()
@@ -101,6 +102,7 @@ def test_codec_round_trip_in_any_split(cuts):
     assert dec.pending == 0
 
 
+@pytest.mark.pure
 def test_codec_rejects_garbage_and_names_versions():
     with pytest.raises(PeerError, match="does not speak the diskrsync protocol"):
         d = p.Decoder()
@@ -131,6 +133,7 @@ def test_codec_rejects_garbage_and_names_versions():
                    max_size=6),
     raw=st.booleans(),
 )
+@pytest.mark.inproc
 def test_push_makes_target_equal_to_source(tmp_path_factory, old, new_size, edits, raw):
     """Whatever the sizes and edits, the target ends byte-equal with the source's root."""
     d = tmp_path_factory.mktemp("push")
@@ -152,6 +155,7 @@ def test_push_makes_target_equal_to_source(tmp_path_factory, old, new_size, edit
     assert stats.root_hash == root_of(bytes(after))
 
 
+@pytest.mark.inproc
 def test_a_source_with_the_image_magic_is_read_as_an_image_never_as_raw(tmp_path):
     """A damaged image must not be pushed as if it were a raw disk: exit 6, nothing written."""
     (tmp_path / "s").write_bytes(MAGIC + os.urandom(CS))
@@ -160,6 +164,7 @@ def test_a_source_with_the_image_magic_is_read_as_an_image_never_as_raw(tmp_path
     assert not (tmp_path / "t").exists()
 
 
+@pytest.mark.inproc
 def test_unchanged_push_sends_almost_nothing(tmp_path):
     data = mixed(1, CS * 1000)
     (tmp_path / "s").write_bytes(data)
@@ -170,6 +175,7 @@ def test_unchanged_push_sends_almost_nothing(tmp_path):
     assert stats.generation == 2
 
 
+@pytest.mark.inproc
 def test_round_trips_do_not_grow_with_differences(tmp_path):
     """Counted along the protocol's real dependencies (tests/support/causal.py): one changed
     chunk, and changes in every page of a 20-page disk, take the same number of round trips,
@@ -215,6 +221,7 @@ class ChangingSource(RawSource):
         return bytes(data)
 
 
+@pytest.mark.inproc
 def test_source_changing_during_push_is_detected(tmp_path):
     src, dst = tmp_path / "s", tmp_path / "d.spgz"
     old = mixed(3, CS * 256)
@@ -278,6 +285,7 @@ def _push_reader(reader, dst, opts):
         t.join()
 
 
+@pytest.mark.inproc
 def test_read_errors_name_the_offset_or_become_zeros(tmp_path):
     src, dst = tmp_path / "s", tmp_path / "d.spgz"
     data = os.urandom(CS * 64)
@@ -312,6 +320,7 @@ class BadSectors:
         return self.real(fd, length, offset)
 
 
+@pytest.mark.inproc
 def test_bad_sectors_are_mapped_exactly_in_scan_and_resend(tmp_path, monkeypatch):
     """A bad sector inside a big read comes back short, not as an error: the source keeps
     reading, narrows failing reads down to 512-byte sectors and reports exactly those, in the
@@ -355,6 +364,7 @@ def test_bad_sectors_are_mapped_exactly_in_scan_and_resend(tmp_path, monkeypatch
     assert Image.open(str(dst)).generations()[-1].meta["read_errors"] == [list(r) for r in mapped]
 
 
+@pytest.mark.inproc
 def test_raw_source_reads_on_after_a_short_read_and_names_the_bad_offset(tmp_path, monkeypatch):
     """Every user of RawSource (the --legacy paths too) gets the bytes before a bad sector and a
     one-line ReadError (exit 3) at its offset, never "shrank" and never a bare OSError."""
@@ -373,6 +383,7 @@ def test_raw_source_reads_on_after_a_short_read_and_names_the_bad_offset(tmp_pat
         reader.close()
 
 
+@pytest.mark.inproc
 def test_local_push_exits_with_the_sources_own_error(tmp_path, monkeypatch):
     """Both ends run in one process: the source's read error (ours, exit 3), not the target's
     echo of it ("source: ...", which used to make it exit 5 as if the other end had failed)."""
@@ -384,6 +395,7 @@ def test_local_push_exits_with_the_sources_own_error(tmp_path, monkeypatch):
     assert exc.value.exit_code == 3 and not exc.value.relayed
 
 
+@pytest.mark.inproc
 def test_dry_run_changes_nothing_and_reports(tmp_path):
     src, dst = tmp_path / "s", tmp_path / "d.spgz"
     data = mixed(4, CS * 200)
@@ -410,6 +422,7 @@ def _writer_active(path) -> bool:
     return writer_active(str(path))
 
 
+@pytest.mark.inproc
 def test_second_push_fails_at_once_naming_the_first(tmp_path):
     src, dst = tmp_path / "s", tmp_path / "d.spgz"
     src.write_bytes(os.urandom(CS * 512))
@@ -428,6 +441,7 @@ def test_second_push_fails_at_once_naming_the_first(tmp_path):
     t.join()
 
 
+@pytest.mark.inproc
 def test_bad_input_is_refused_clearly(tmp_path):
     (tmp_path / "s").write_bytes(b"x" * 1000)
     with pytest.raises(UsageError, match="No such file"):
@@ -446,6 +460,7 @@ def test_bad_input_is_refused_clearly(tmp_path):
     assert current(tmp_path / "s.spgz") == b"x" * 1000
 
 
+@pytest.mark.inproc
 def test_empty_source(tmp_path):
     (tmp_path / "s").write_bytes(b"")
     stats = local_push(str(tmp_path / "s"), str(tmp_path / "d"), REQ)
@@ -462,6 +477,7 @@ def _serve(dst, *extra):
                             stderr=subprocess.PIPE)
 
 
+@pytest.mark.process
 def test_serve_over_pipes_verifies_and_commits(tmp_path):
     src, dst = tmp_path / "s", tmp_path / "d.spgz"
     data = mixed(5, CS * 300)
@@ -476,6 +492,7 @@ def test_serve_over_pipes_verifies_and_commits(tmp_path):
     assert current(dst) == data
 
 
+@pytest.mark.process
 def test_serve_rejects_a_chunk_that_lies_about_its_digest(tmp_path):
     dst = tmp_path / "d.spgz"
     src = tmp_path / "s"
@@ -497,6 +514,7 @@ def test_serve_rejects_a_chunk_that_lies_about_its_digest(tmp_path):
     assert current(dst) == b"a" * CS * 4
 
 
+@pytest.mark.process
 def test_serve_survives_garbage_and_early_close(tmp_path):
     dst = tmp_path / "d.spgz"
     (tmp_path / "s").write_bytes(b"a" * CS * 4)
@@ -512,6 +530,7 @@ def test_serve_survives_garbage_and_early_close(tmp_path):
     assert current(dst) == b"a" * CS * 4
 
 
+@pytest.mark.process
 def test_serve_refuses_an_incompatible_source_and_says_why(tmp_path):
     dst = tmp_path / "d.spgz"
     for info, why in (({"hash": "sha1", "caps": ["zstd"]}, "uses hash 'sha1'"),
@@ -526,6 +545,7 @@ def test_serve_refuses_an_incompatible_source_and_says_why(tmp_path):
     assert not dst.exists()
 
 
+@pytest.mark.pure
 def test_source_refuses_a_target_without_a_needed_capability():
     from diskrsync.synccore.channel import channel_pair
 
@@ -540,6 +560,7 @@ def test_source_refuses_a_target_without_a_needed_capability():
 # -- resume after a kill -------------------------------------------------------------------
 
 
+@pytest.mark.process
 def test_killed_push_resumes_without_resending(tmp_path):
     """SIGKILL a push at about half (after a checkpoint), re-run: it resumes from the
     checkpoint and sends roughly the other half only."""
@@ -583,6 +604,7 @@ def test_killed_push_resumes_without_resending(tmp_path):
 
 @pytest.mark.parametrize(("sig", "code", "said"), [(signal.SIGINT, 130, "interrupted"),
                                                     (signal.SIGTERM, 143, "terminated")])
+@pytest.mark.process
 def test_interrupt_keeps_a_checkpoint_and_says_one_line(tmp_path, sig, code, said):
     src, dst = tmp_path / "s", tmp_path / "d.spgz"
     size = 128 << 20
@@ -620,6 +642,7 @@ def test_interrupt_keeps_a_checkpoint_and_says_one_line(tmp_path, sig, code, sai
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
+@pytest.mark.process
 def test_target_disk_full_keeps_previous_generation(tmp_path):
     mnt = tmp_path / "small"
     mnt.mkdir()
@@ -663,6 +686,7 @@ def test_new_raw_target_on_a_full_disk_is_removed(tmp_path):
         subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
+@pytest.mark.inproc
 def test_socket_peer_closing_early_keeps_previous(tmp_path):
     """The source dies after sending a few chunks: no commit, a checkpoint remains."""
     dst = tmp_path / "d.spgz"
