@@ -429,6 +429,7 @@ def test_a_mounted_block_device_is_refused(mounted_loop: tuple[str, Path], image
     assert backing.read_bytes() == before
 
 
+@pytest.mark.inproc
 @pytest.mark.parametrize("raw", [False, True], ids=["image", "raw"])
 def test_a_directory_target_names_the_file_the_same_for_both_protocols(tmp_path: Path,
                                                                        raw: bool) -> None:

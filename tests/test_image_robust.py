@@ -765,6 +765,7 @@ def test_cli_errors(sparse_image, tmp_path):
             tx.abort()
 
 
+@pytest.mark.process
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
 @pytest.mark.parametrize("args", [["info"], ["info", "--json"], ["verify"], ["restore"],
                                   ["prune", "--keep", "5"]],

@@ -311,6 +311,7 @@ def _fake_remote(tmp: Path, name: str, script: str) -> str:
     return str(tool)
 
 
+@pytest.mark.process
 def test_pull_of_a_missing_source_is_a_usage_error(env: Env, tmp_path: Path) -> None:
     """A pull whose remote source is missing, a directory or has no generation -g is the
     user's error (exit 2), as the same mistake for a local source or a remote target is; the
@@ -918,6 +919,7 @@ def test_refusal_is_a_protocol_error_frame(tmp_path: Path) -> None:
     assert res.stderr.decode().count("\n") == 1
 
 
+@pytest.mark.process
 def test_restricted_name_too_long_is_a_refusal(tmp_path: Path) -> None:
     """A client's image name longer than the file system allows (ENAMETOOLONG from the
     symlink check) is one refusal line and exit 2; it was a traceback on the server."""
@@ -939,6 +941,7 @@ def test_restricted_name_too_long_is_a_refusal(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.process
 def test_serve_help_states_serves_own_defaults() -> None:
     """An administrator writing a forced command reads ``serve --help``: it said --timeout
     defaults to 0 (never), while serve's default is 600 s."""

@@ -663,6 +663,7 @@ def test_target_disk_full_keeps_previous_generation(tmp_path):
         subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
+@pytest.mark.process
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
 def test_new_raw_target_on_a_full_disk_is_removed(tmp_path):
     """push --no-compress into a new file on a disk too small for it: the file this push
