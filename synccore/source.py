@@ -34,7 +34,7 @@ import os
 import stat
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,9 +43,7 @@ from diskrsync import __version__
 from diskrsync.base.errors import (
     ConnectionClosed,
     CorruptChunkError,
-    DiskrsyncError,
     LocalError,
-    PeerError,
     ReadError,
     UsageError,
     error_from_wire,
@@ -53,10 +51,7 @@ from diskrsync.base.errors import (
 )
 from diskrsync.base.merkle import (
     HASH_SIZE,
-    Shape,
     leaf_hash,
-    node_hash_packed,
-    root_from_leaves,
     zero_hash,
 )
 from diskrsync.base.parallel import ordered_map
@@ -65,6 +60,13 @@ from diskrsync.compression.codec import Kind
 from diskrsync.compression.format import DEFAULT_CHUNK, DEFAULT_FANOUT
 from diskrsync.synccore import protocol as p
 from diskrsync.synccore.channel import Channel
+from diskrsync.synccore.conversation import (
+    PagesKnown,
+    SendChunks,
+    SourceConversation,
+    TargetReady,
+    error_message,
+)
 
 BATCH_CHUNKS = 32  # at most this many chunks read and hashed per worker task
 SCAN_WINDOW = 6  # batches in flight
@@ -260,7 +262,12 @@ class _Failure:
 
 
 class SourceSession:
-    """Runs the source side over a connected channel until the target commits."""
+    """Runs the source side over a connected channel until the target commits.
+
+    The protocol is ``SourceConversation``'s; this driver scans (worker threads), receives
+    (one thread), re-reads and sends differing chunks (a small pool), and calls the
+    conversation under ``_cv``'s lock.
+    """
 
     def __init__(self, channel: Channel, reader: SourceReader, options: SourceOptions,
                  progress: Callable[[int, int], None] | None = None) -> None:
@@ -272,45 +279,32 @@ class SourceSession:
         self.stats = PushStats(size=reader.size, dry_run=options.dry_run)
         self.fail = _Failure()
         self._cv = threading.Condition()
-        self._page_hashes = bytearray()  # target's level-1 digests as they arrive
-        self._leaves: bytearray = bytearray()  # our chunk digests, final (what was sent)
+        self.conv = SourceConversation(
+            reader.size, options.chunk_size, DEFAULT_FANOUT, f"diskrsync {__version__}",
+            {"source": reader.description, **options.info}, dry_run=options.dry_run)
         self._outstanding = 0  # NeedLeaves without Leaves, plus chunk sends in progress
-        self._result: p.Committed | None = None
         self._slots = threading.BoundedSemaphore(MAX_PENDING_PAGES)
         self._page_left: dict[int, int] = {}  # page -> chunk sends not yet done
-        self._asked: set[int] = set()  # pages whose Leaves we wait for
-        self._done_sent = False  # a Committed before our Done is the target's lie
         self._stats_lock = threading.Lock()
 
-    # .. handshake ..
-
-    def _handshake(self) -> p.Hello:
-        o = self.opts
-        info = {"dry_run": o.dry_run, "source": self.reader.description, "hash": p.HASH,
-                "caps": list(p.CAPABILITIES), **o.info}
-        self.ch.send(p.Hello("source", self.reader.size, o.chunk_size, DEFAULT_FANOUT,
-                             f"diskrsync {__version__}", info))
-        msg = self.ch.recv()
-        if isinstance(msg, p.Error):
-            raise _remote_error(msg)
-        if not isinstance(msg, p.Hello) or msg.role != "target":
-            raise PeerError(f"expected the target's hello, got {type(msg).__name__}")
-        p.check_peer(msg, ("zstd", "dry-run") if o.dry_run else ("zstd",))
-        return msg
+    def _handshake(self) -> TargetReady:
+        self.ch.send(self.conv.hello())
+        ready = self.conv.receive(self.ch.recv())
+        assert isinstance(ready, TargetReady)
+        return ready
 
     def run(self) -> PushStats:
         t0 = time.monotonic()
         self.sender = ThreadPoolExecutor(2, thread_name_prefix="push-send")
+        conv = self.conv
         try:
-            hello = self._handshake()
-            self.cs, self.fanout = hello.chunk_size, hello.fanout
-            self.src = Shape(self.reader.size, self.cs, self.fanout)
-            self.dst = Shape(hello.size, self.cs, self.fanout)
+            ready = self._handshake()
+            self.cs, self.fanout = ready.hello.chunk_size, ready.hello.fanout
+            self.src, self.dst = ready.src, ready.dst
             self.stats.chunk_size = self.cs
             self.stats.chunks = self.src.chunks
-            self.stats.target_root_hash = str(hello.info.get("root", ""))
-            self.stats.resumed = bool(hello.info.get("resumed"))
-            self._leaves = bytearray(HASH_SIZE * self.src.chunks)
+            self.stats.target_root_hash = str(ready.hello.info.get("root", ""))
+            self.stats.resumed = bool(ready.hello.info.get("resumed"))
             receiver = threading.Thread(target=self._receive, name="push-recv", daemon=True)
             receiver.start()
             index = self.reader.index_for(self.cs, self.fanout)
@@ -322,8 +316,6 @@ class SourceSession:
                 while self._outstanding and not self.fail.event.is_set():
                     self._cv.wait(0.5)
             self.fail.check()
-            root = self._root()
-            self.stats.root_hash = root.hex()
             self.stats.read_errors = merge_ranges(self.stats.read_errors)
             done_info = {
                 "dry_run": self.opts.dry_run,
@@ -336,23 +328,23 @@ class SourceSession:
                 done_info.update(chunks_differing=self.stats.chunks_differing,
                                  chunk_bytes_differing=self.stats.chunk_bytes_differing,
                                  differing_ranges=self.stats.differing_ranges[:1000])
-            self._done_sent = True
-            self.ch.send(p.Done(root, done_info))
+            with self._cv:
+                done = conv.done(done_info)
+            self.stats.root_hash = done.root.hex()
+            self.ch.send(done)
             receiver.join()
             self.fail.check()
         except BaseException as e:
             self.fail.set(e)
             with contextlib.suppress(Exception):  # the peer may be gone: then this just fails
-                self.ch.send(p.Error(type(e).__name__, str(e)))
+                self.ch.send(error_message(e))
             raise
         finally:
             self.sender.shutdown(wait=True, cancel_futures=True)
             with contextlib.suppress(Exception):
                 self.ch.close()
-        assert self._result is not None
-        res = self._result
-        if not self.opts.dry_run and res.root != root:
-            raise PeerError("the target committed a different root hash than ours")
+        res = conv.result
+        assert res is not None
         self.stats.generation = res.generation if not self.opts.dry_run else None
         if self.opts.dry_run:
             self.stats.target_root_hash = res.root.hex()
@@ -367,104 +359,49 @@ class SourceSession:
         try:
             while True:
                 msg = self.ch.recv()
-                if msg is None:
-                    if self._result is None:
-                        raise ConnectionClosed("the target closed the connection before committing")
-                    return
-                if self._result is not None:
-                    raise PeerError(f"unexpected {type(msg).__name__} from the target after "
-                                    f"it committed")
-                if isinstance(msg, p.PageHashes):
-                    with self._cv:
-                        if msg.start * HASH_SIZE != len(self._page_hashes):
-                            raise PeerError("target sent page digests out of order")
-                        if msg.start + len(msg.hashes) // HASH_SIZE > self.dst.count(1):
-                            raise PeerError(f"target sent more page digests than its "
-                                            f"{self.dst.count(1)} pages")
-                        self._page_hashes += msg.hashes
+                with self._cv:
+                    event = self.conv.receive(msg)
+                    if isinstance(event, PagesKnown):
                         self._cv.notify_all()
-                elif isinstance(msg, p.Leaves):
-                    self._on_leaves(msg)
-                elif isinstance(msg, p.Committed):
-                    if not self._done_sent:
-                        raise PeerError("the target committed before the source finished")
-                    self._result = msg
-                elif isinstance(msg, p.Error):
-                    raise _remote_error(msg)
-                else:
-                    raise PeerError(f"unexpected {type(msg).__name__} from the target")
+                if isinstance(event, SendChunks):
+                    self._send_page(event.page, event.chunks)
+                    self._done_one()
+                elif msg is None:
+                    return
         except BaseException as e:
             self.fail.set(e)
             with self._cv:
                 self._cv.notify_all()
 
-    def _target_page(self, j: int) -> bytes:
+    def _wait_target_page(self, j: int) -> None:
         with self._cv:
-            while len(self._page_hashes) < (j + 1) * HASH_SIZE:
+            while self.conv.pages_known <= j:
                 if self.fail.event.is_set():
                     self.fail.check()
                 self._cv.wait(0.5)
-            return bytes(self._page_hashes[j * HASH_SIZE : (j + 1) * HASH_SIZE])
 
     # .. deciding ..
-
-    def _comparable(self, c: int) -> bool:
-        return c < self.dst.chunks and self.dst.chunk_length(c) == self.src.chunk_length(c)
-
-    def _page_comparable(self, j: int) -> bool:
-        a, b = self.src.chunk_range(1, j)
-        return j < self.dst.count(1) and self.dst.chunk_range(1, j) == (a, b) \
-            and self._comparable(b - 1)
-
-    def _leaf(self, c: int) -> bytes:
-        return bytes(self._leaves[c * HASH_SIZE : (c + 1) * HASH_SIZE])
-
-    def _page_hash(self, j: int) -> bytes:
-        a, b = self.src.chunk_range(1, j)
-        return node_hash_packed(self._leaves[a * HASH_SIZE : b * HASH_SIZE])
 
     def _decide_page(self, j: int, *, src_page_hash: bytes | None = None) -> None:
         """After page j's digests are known: skip it, ask for its leaves, or (when the
         target has none of it) send its non-zero chunks."""
-        a, b = self.src.chunk_range(1, j)
+        conv = self.conv
         self.stats.pages_compared += 1
-        if self._page_comparable(j):
-            mine = src_page_hash or self._page_hash(j)
-            if mine == self._target_page(j):
+        if conv.needs_target_page(j):
+            self._wait_target_page(j)
+        with self._cv:
+            if conv.page_equal(j, src_page_hash):
                 return
         self.stats.pages_differing += 1
         self._slots.acquire()  # held until the page's chunks are sent: bounds the backlog
-        if a >= self.dst.chunks:
-            self._send_page(j, [c for c in range(a, b)
-                                if self._leaf(c) != zero_hash(self.src.chunk_length(c))])
-            return
         with self._cv:
-            self._outstanding += 1
-            self._asked.add(j)
-        self.ch.send(p.NeedLeaves(j))
-
-    def _on_leaves(self, msg: p.Leaves) -> None:
-        j = msg.page
-        with self._cv:
-            if j not in self._asked:
-                raise PeerError(f"target sent leaf digests of page {j}, which was not asked for")
-            self._asked.discard(j)
-        a, b = self.src.chunk_range(1, j)
-        ta, tb = self.dst.chunk_range(1, j) if j < self.dst.count(1) else (a, a)
-        if len(msg.hashes) != (tb - ta) * HASH_SIZE:
-            raise PeerError(f"target sent {len(msg.hashes) // HASH_SIZE} leaf digests for page "
-                            f"{j}, expected {tb - ta}")
-        send = []
-        for c in range(a, b):
-            if self._comparable(c):
-                theirs = msg.hashes[(c - ta) * HASH_SIZE : (c - ta + 1) * HASH_SIZE]
-                if theirs == self._leaf(c):
-                    continue
-            elif c >= self.dst.chunks and self._leaf(c) == zero_hash(self.src.chunk_length(c)):
-                continue  # new chunks start out as zeros on the target
-            send.append(c)
-        self._send_page(j, send)
-        self._done_one()
+            action = conv.page_differs(j)
+            if isinstance(action, p.NeedLeaves):
+                self._outstanding += 1
+        if isinstance(action, SendChunks):
+            self._send_page(j, action.chunks)
+        else:
+            self.ch.send(action)
 
     def _done_one(self) -> None:
         with self._cv:
@@ -473,7 +410,7 @@ class SourceSession:
 
     # .. sending ..
 
-    def _count_differing(self, chunks: list[int]) -> None:
+    def _count_differing(self, chunks: Sequence[int]) -> None:
         """Add chunks (in ascending order) to the differing counts and ranges."""
         cs, shape = self.cs, self.src
         with self._stats_lock:
@@ -488,7 +425,7 @@ class SourceSession:
                     r.append((off, length))
             self.stats.chunks_differing += len(chunks)
 
-    def _send_page(self, j: int, chunks: list[int]) -> None:
+    def _send_page(self, j: int, chunks: Sequence[int]) -> None:
         """Re-read and send ``chunks`` of page j on the sender pool; the page's slot is freed
         when the last one is sent. Never blocks: it runs on the receiver thread too."""
         self._count_differing(chunks)
@@ -517,14 +454,15 @@ class SourceSession:
         if self.fail.event.is_set():
             return
         length = self.src.chunk_length(c)
-        want = self._leaf(c)
+        want = self.conv.leaf(c)
         try:
             stored = self.reader.read_stored(c, self.cs)  # decoded and checked on this thread
         except CorruptChunkError:
             if not self.opts.ignore_read_errors:
                 raise
             self._record_bad([(c * self.cs, length)])  # a damaged chunk of an image: zeros
-            self._leaves[c * HASH_SIZE : (c + 1) * HASH_SIZE] = want = zero_hash(length)
+            want = zero_hash(length)
+            self.conv.set_leaf(c, want)
             stored = int(Kind.ZERO), b""
         if stored is not None:
             kind, payload = stored
@@ -542,7 +480,7 @@ class SourceSession:
             # the disk changed since we scanned it: send what we read now, and say so
             with self._stats_lock:
                 self.stats.source_changed_chunks.append(c)
-            self._leaves[c * HASH_SIZE : (c + 1) * HASH_SIZE] = digest
+            self.conv.set_leaf(c, digest)
         self.ch.send(p.Chunk(c, kind, digest, payload))
 
     def _encode(self, data: bytes | memoryview) -> tuple[int, bytes]:
@@ -599,7 +537,7 @@ class SourceSession:
             for batch in ordered_map(self._scan_batch, batches, window=SCAN_WINDOW):
                 self.fail.check()
                 first, end = batch.first, batch.first + len(batch.hashes)
-                self._leaves[first * HASH_SIZE : end * HASH_SIZE] = b"".join(batch.hashes)
+                self.conv.leaves[first * HASH_SIZE : end * HASH_SIZE] = b"".join(batch.hashes)
                 length = min(end * self.cs, self.src.size) - first * self.cs
                 zero_bytes = sum(self.src.chunk_length(first + k)
                                  for k, z in enumerate(batch.zero) if z)
@@ -613,7 +551,7 @@ class SourceSession:
                     if not self.opts.dry_run:
                         for c in sent:
                             kind, payload = batch.encoded[c - first]  # type: ignore[misc]
-                            self.ch.send(p.Chunk(c, kind, self._leaf(c), payload))
+                            self.ch.send(p.Chunk(c, kind, self.conv.leaf(c), payload))
                 elif end % self.fanout == 0 or end == self.src.chunks:
                     self._decide_page(page)
                 page = end // self.fanout
@@ -655,17 +593,14 @@ class SourceSession:
         for c_page, h in enumerate(index.node_hashes(1)):
             a, b = self.src.chunk_range(1, c_page)
             for k, leaf in enumerate(index.leaf_hashes(c_page)):
-                self._leaves[(a + k) * HASH_SIZE : (a + k + 1) * HASH_SIZE] = leaf
+                self.conv.leaves[(a + k) * HASH_SIZE : (a + k + 1) * HASH_SIZE] = leaf
             for c in range(a, b):
-                if self._leaf(c) == zero_hash(self.src.chunk_length(c)):
+                if self.conv.leaf(c) == zero_hash(self.src.chunk_length(c)):
                     self.stats.zero_chunks += 1
             self._decide_page(c_page, src_page_hash=h)
             self.progress(sum(self.src.chunk_length(c) for c in range(a, b)),
                           self.ch.bytes_sent)
             self.fail.check()
-
-    def _root(self) -> bytes:
-        return root_from_leaves(self.src, self._leaves)
 
 
 class _Stopped(Exception):
@@ -682,7 +617,3 @@ def merge_ranges(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
         else:
             out.append((off, n))
     return out
-
-
-def _remote_error(msg: p.Error) -> DiskrsyncError:
-    return error_from_wire(msg.kind, f"target: {msg.message}")

@@ -29,6 +29,14 @@ from diskrsync.compression.targets import (
 )
 from diskrsync.synccore import protocol as p
 from diskrsync.synccore.channel import Channel
+from diskrsync.synccore.conversation import (
+    ChunkArrived,
+    DoneArrived,
+    LeavesWanted,
+    SourceHello,
+    TargetConversation,
+    error_message,
+)
 
 __all__ = ["TargetOptions", "TargetStore", "WireStore", "open_store", "serve_target"]
 
@@ -98,38 +106,20 @@ def open_store(path: str, hello: p.Hello, opts: TargetOptions, *, raw: bool) -> 
 
 
 class _Verifier:
-    """Decodes and hashes received chunks on two threads, storing them in arrival order."""
+    """Checks received chunks on two threads (``check``), storing them in arrival order."""
 
-    def __init__(self, store: TargetStore, chunk_length: Callable[[int], int],
+    def __init__(self, store: TargetStore, check: Callable[[p.Chunk], p.Chunk],
                  enabled: bool) -> None:
         self.store = store
-        self.chunk_length = chunk_length
-        self.enabled = enabled
+        self.check = check
         self.pool = ThreadPoolExecutor(2, thread_name_prefix="verify") if enabled else None
         self.pending: deque[Future[p.Chunk]] = deque()
-
-    def _check(self, msg: p.Chunk) -> p.Chunk:
-        try:
-            length = self.chunk_length(msg.index)
-        except IndexError:
-            raise PeerError(f"the source sent chunk {msg.index}, outside the disk") from None
-        if msg.kind == Kind.ZERO:
-            ok = msg.digest == zero_hash(length) and not msg.payload
-        else:
-            try:
-                ok = leaf_hash(codec.decode(msg.kind, msg.payload, length)) == msg.digest
-            except ValueError as e:
-                raise PeerError(f"chunk {msg.index} from the source does not decode: {e}") \
-                    from None
-        if not ok:
-            raise PeerError(f"chunk {msg.index} from the source does not match its digest")
-        return msg
 
     def add(self, msg: p.Chunk) -> None:
         if self.pool is None:
             self._store(msg)
             return
-        self.pending.append(self.pool.submit(self._check, msg))
+        self.pending.append(self.pool.submit(self.check, msg))
         while len(self.pending) > 16 or (self.pending and self.pending[0].done()):
             self._store(self.pending.popleft().result())
 
@@ -150,49 +140,36 @@ def serve_target(channel: Channel, opener: Callable[[p.Hello], TargetStore], *,
     """Run the target's side until the source's Done is committed (returns Committed), the
     source dry-ran (Committed with generation 0), or an error (raised, after telling the
     peer). A link lost mid-way keeps a checkpoint for the next push. A source larger than
-    ``max_size`` is refused before the target is opened."""
-    msg = channel.recv()
-    if msg is None:
-        raise ConnectionClosed("the source closed the connection before saying hello")
-    if not isinstance(msg, p.Hello) or msg.role != "source":
-        raise PeerError(f"expected the source's hello, got {type(msg).__name__}")
+    ``max_size`` is refused before the target is opened. The protocol is
+    ``TargetConversation``'s; this drives it with the store and the verifier pool."""
+    conv = TargetConversation(max_size=max_size)
     store: TargetStore | None = None
     verifier: _Verifier | None = None
     committed = False
     try:
-        p.check_peer(msg, ())
-        if msg.size > max_size:
-            raise PeerError(f"the source has {msg.size} bytes, more than the {max_size} this "
-                            f"end accepts (--max-size)")
-        store = opener(msg)
-        channel.send(p.Hello("target", store.base_size, store.chunk_size, store.fanout,
-                             f"diskrsync {__version__}", store.info))
+        first = conv.receive(channel.recv())
+        assert isinstance(first, SourceHello)
+        store = opener(first.hello)
+        channel.send(conv.accept(store.base_size, store.chunk_size, store.fanout,
+                                 f"diskrsync {__version__}", store.info))
         store.send_page_hashes(channel.send)
-        shape = Shape(msg.size, store.chunk_size, store.fanout)
-        verifier = _Verifier(store, shape.chunk_length, verify)
+        verifier = _Verifier(store, conv.check_chunk, verify)
         while True:
-            m = channel.recv()
-            if m is None:
-                raise ConnectionClosed("the source closed the connection before finishing")
-            if isinstance(m, p.Chunk):
-                if m.index >= shape.chunks:
-                    raise PeerError(f"the source sent chunk {m.index}, outside the disk")
-                verifier.add(m)
-            elif isinstance(m, p.NeedLeaves):
-                channel.send(p.Leaves(m.page, store.leaf_hashes(m.page)))
-            elif isinstance(m, p.Done):
+            event = conv.receive(channel.recv())
+            if isinstance(event, ChunkArrived):
+                verifier.add(event.chunk)
+            elif isinstance(event, LeavesWanted):
+                channel.send(conv.leaves(event.page, store.leaf_hashes(event.page)))
+            elif isinstance(event, DoneArrived):
                 verifier.drain()
-                result = store.finish(m.root, m.info)
+                result = store.finish(event.root, event.info)
                 committed = True
-                channel.send(result)
+                channel.send(conv.committed(result))
                 return result
-            elif isinstance(m, p.Error):
-                raise error_from_wire(m.kind, f"source: {m.message}")  # keeps its category
-            else:
-                raise PeerError(f"unexpected {type(m).__name__} from the source")
     except BaseException as e:
-        with contextlib.suppress(Exception):  # the peer may be gone: then this just fails
-            channel.send(p.Error(type(e).__name__, str(e)))
+        if conv.greeted:  # a peer that is not a diskrsync source is not answered
+            with contextlib.suppress(Exception):  # the peer may be gone: then this just fails
+                channel.send(error_message(e))
         if store is not None and not committed:
             # keep what arrived when the link broke or the source gave up, so the next push
             # resumes from it

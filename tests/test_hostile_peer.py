@@ -245,6 +245,15 @@ def test_a_chunk_outside_the_disk_is_refused(image):
     _refused(_serve_target(image, stream), image, before, "outside the disk")
 
 
+@pytest.mark.process
+def test_leaves_asked_for_a_page_the_target_lacks_are_refused(image):
+    """A NeedLeaves beyond the target's pages was answered with no digests; it is a protocol
+    violation (a source only asks about pages both ends have)."""
+    before = image_state(image)
+    stream = json_frame(1, hello(size=SIZE)) + p.encode(p.NeedLeaves(10**6))
+    _refused(_serve_target(image, stream), image, before, "leaf digests of page 1000000")
+
+
 @pytest.mark.pure
 def test_the_decoder_checks_shapes_in_one_place():
     ok = p.Decoder()

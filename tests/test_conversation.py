@@ -1,0 +1,518 @@
+"""The native protocol's two conversations wired to each other in memory, through the real codec.
+
+No threads and no files: each end's driver is a few lines over an in-memory disk, the byte
+streams between them are cut at random places, and the scheduler interleaves deliveries and
+source steps at random, so every ordering the protocol allows is reachable (page digests
+arriving after the scan, Leaves after later pages were decided, ...).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from diskrsync.base.errors import (
+    BusyError,
+    DataError,
+    DiskrsyncError,
+    LocalError,
+    PeerError,
+    UsageError,
+)
+from diskrsync.base.merkle import (
+    HASH_SIZE,
+    Shape,
+    leaf_hash,
+    node_hash_packed,
+    root_from_leaves,
+    zero_hash,
+)
+from diskrsync.compression import codec
+from diskrsync.compression.codec import Kind
+from diskrsync.synccore import protocol as p
+from diskrsync.synccore.conversation import (
+    ChunkArrived,
+    DoneArrived,
+    Finished,
+    LeavesWanted,
+    PagesKnown,
+    SendChunks,
+    SourceConversation,
+    SourceHello,
+    TargetConversation,
+    TargetReady,
+    error_message,
+)
+
+pytestmark = pytest.mark.pure
+
+CS = 16 * 1024  # the smallest chunk size a target may use
+FANOUT = 4  # small pages, so a few chunks make several pages
+
+
+def _leaves(data: bytes | bytearray, shape: Shape) -> bytearray:
+    out = bytearray()
+    for c in range(shape.chunks):
+        piece = bytes(data[c * CS : c * CS + shape.chunk_length(c)])
+        out += zero_hash(len(piece)) if not any(piece) else leaf_hash(piece)
+    return out
+
+
+class _End:
+    """What both in-memory drivers share: an outgoing byte stream, cut at random."""
+
+    def __init__(self) -> None:
+        self.out = bytearray(p.preamble())
+        self.closed = False  # nothing more will be appended to ``out``
+
+    def send(self, msg: p.Message) -> None:
+        self.out += p.encode(msg)
+
+    def take(self, rng: random.Random) -> bytes:
+        n = rng.randint(1, max(1, min(len(self.out), 3000)))
+        piece = bytes(self.out[:n])
+        del self.out[:n]
+        return piece
+
+
+class MemTarget(_End):
+    """A target store in memory with an image's semantics: compares against ``disk`` (its
+    last generation, or a checkpoint when ``resumed``), commits only on the source's root."""
+
+    def __init__(self, disk: bytes, *, dry_run: bool = False, resumed: bool = False,
+                 max_size: int = p.DEFAULT_MAX_SIZE, fail_finish: Exception | None = None,
+                 page_batch: int = 2) -> None:
+        super().__init__()
+        self.conv = TargetConversation(max_size=max_size)
+        self.disk = bytearray(disk)
+        self.dry_run, self.resumed = dry_run, resumed
+        self.fail_finish = fail_finish
+        self.page_batch = page_batch
+        self.chunks_stored: list[int] = []
+        self.result: p.Committed | None = None
+
+    def feed(self, data: bytes) -> None:
+        self.conv.receive_data(data)
+        while (event := self.conv.next_event()) is not None:
+            self.handle(event)
+
+    def handle(self, event: Any) -> None:
+        if isinstance(event, SourceHello):
+            base = Shape(len(self.disk), CS, FANOUT)
+            self.base_leaves = _leaves(self.disk, base)
+            if not self.dry_run:
+                del self.disk[event.hello.size :]
+                self.disk += bytes(event.hello.size - len(self.disk))
+            self.send(self.conv.accept(base.size, CS, FANOUT, "test target",
+                                       {"hash": p.HASH, "caps": list(p.CAPABILITIES),
+                                        "resumed": self.resumed}))
+            pages = [node_hash_packed(self.base_leaves[a * HASH_SIZE : b * HASH_SIZE])
+                     for a, b in (base.chunk_range(1, j) for j in range(base.count(1)))]
+            for i in range(0, len(pages), self.page_batch):
+                self.send(p.PageHashes(i, b"".join(pages[i : i + self.page_batch])))
+        elif isinstance(event, LeavesWanted):
+            a, b = Shape(len(self.base_leaves) // HASH_SIZE * CS, CS, FANOUT).chunk_range(
+                1, event.page)
+            self.send(self.conv.leaves(event.page,
+                                       bytes(self.base_leaves[a * HASH_SIZE : b * HASH_SIZE])))
+        elif isinstance(event, ChunkArrived):
+            chunk = self.conv.check_chunk(event.chunk)
+            assert self.conv.shape is not None
+            length = self.conv.shape.chunk_length(chunk.index)
+            data = codec.decode(chunk.kind, chunk.payload, length) if chunk.kind != Kind.ZERO \
+                else bytes(length)
+            self.disk[chunk.index * CS : chunk.index * CS + length] = data
+            self.chunks_stored.append(chunk.index)
+        elif isinstance(event, DoneArrived):
+            if self.fail_finish is not None:
+                raise self.fail_finish
+            shape = Shape(len(self.disk), CS, FANOUT)
+            mine = root_from_leaves(shape, _leaves(self.disk, shape))
+            if not self.dry_run and mine != event.root:
+                raise DataError("the image does not match the source after the push")
+            self.result = self.conv.committed(p.Committed(0 if self.dry_run else 7, mine, {}))
+            self.send(self.result)
+            self.closed = True
+
+
+class MemSource(_End):
+    """A source driver in memory: scans everything at once, then decides pages one by one
+    (each only once the target's digest of it has arrived), as the threaded one does."""
+
+    def __init__(self, data: bytes, *, dry_run: bool = False) -> None:
+        super().__init__()
+        self.data = data
+        self.conv = SourceConversation(len(data), 0, FANOUT, "test source", {"name": "disk"},
+                                       dry_run=dry_run)
+        self.dry_run = dry_run
+        self.send(self.conv.hello())
+        self.ready: TargetReady | None = None
+        self.next_page = 0
+        self.sent: list[int] = []
+        self.finished: p.Committed | None = None
+
+    def feed(self, data: bytes) -> None:
+        self.conv.receive_data(data)
+        while (event := self.conv.next_event()) is not None:
+            if isinstance(event, TargetReady):
+                self.ready = event
+                self.conv.leaves[:] = _leaves(self.data, event.src)
+            elif isinstance(event, SendChunks):
+                self.send_chunks(event.chunks)
+            elif isinstance(event, Finished):
+                self.finished = event.committed
+            else:
+                assert isinstance(event, PagesKnown)
+
+    def send_chunks(self, chunks: tuple[int, ...]) -> None:
+        assert self.ready is not None
+        for c in chunks:
+            self.sent.append(c)
+            if self.dry_run:
+                continue
+            piece = self.data[c * CS : c * CS + self.ready.src.chunk_length(c)]
+            if not any(piece):
+                self.send(p.Chunk(c, int(Kind.ZERO), zero_hash(len(piece)), b""))
+            else:
+                kind, payload = codec.encode(piece)
+                self.send(p.Chunk(c, int(kind), leaf_hash(piece), payload))
+
+    def step(self) -> bool:
+        """Decide the next page, or end; False when waiting for the target."""
+        if self.ready is None or self.closed:
+            return False
+        conv = self.conv
+        if self.next_page < self.ready.src.count(1):
+            j = self.next_page
+            if conv.needs_target_page(j) and conv.pages_known <= j:
+                return False
+            self.next_page += 1
+            if not conv.page_equal(j):
+                action = conv.page_differs(j)
+                if isinstance(action, SendChunks):
+                    self.send_chunks(action.chunks)
+                else:
+                    self.send(action)
+            return True
+        if conv.waiting:
+            return False
+        self.send(conv.done({"dry_run": self.dry_run}))
+        self.closed = True
+        return True
+
+
+def converse(src: MemSource, dst: MemTarget, rng: random.Random) -> None:
+    """Run both ends to the end, cutting and interleaving at random; raise what an end
+    raised (the other end would then hear it as an Error)."""
+    for _ in range(100_000):
+        moves: list[Callable[[], Any]] = []
+        if src.out:
+            moves.append(lambda: dst.feed(src.take(rng)))
+        elif src.closed and not dst.conv._eof:
+            moves.append(lambda: dst.feed(b""))
+        if dst.out:
+            moves.append(lambda: src.feed(dst.take(rng)))
+        elif dst.closed and not src.conv._eof:
+            moves.append(lambda: src.feed(b""))
+        if src.ready is not None and not src.closed:
+            moves.append(src.step)
+        if not moves:
+            return
+        rng.choice(moves)()
+    raise AssertionError("the conversation did not end")
+
+
+def _disk(rng: random.Random, chunks: int, tail: int) -> bytes:
+    """Chunks of random, zero or repeated content, plus a short last chunk."""
+    out = bytearray()
+    for _ in range(chunks):
+        r = rng.random()
+        out += bytes(CS) if r < 0.3 else bytes([rng.randrange(256)]) * CS if r < 0.6 \
+            else rng.randbytes(CS)
+    return bytes(out + rng.randbytes(tail))
+
+
+def _mutate(rng: random.Random, data: bytes, changes: int) -> bytes:
+    out = bytearray(data)
+    for _ in range(changes if out else 0):
+        at = rng.randrange(len(out))
+        out[at] ^= 1 + rng.randrange(255)
+    return bytes(out)
+
+
+def _expected_sent(old: bytes, new: bytes) -> list[int]:
+    """Chunks a push must send: those differing from what the target holds (new space
+    counts as zeros)."""
+    shape = Shape(len(new), CS, FANOUT)
+    old_shape = Shape(len(old), CS, FANOUT)
+    out = []
+    for c in range(shape.chunks):
+        length = shape.chunk_length(c)
+        mine = new[c * CS : c * CS + length]
+        if c < old_shape.chunks and old_shape.chunk_length(c) == length:
+            if old[c * CS : c * CS + length] == mine:
+                continue
+        elif c >= old_shape.chunks and not any(mine):
+            continue
+        out.append(c)
+    return out
+
+
+SETTINGS = settings(max_examples=40, deadline=None,
+                    suppress_health_check=[HealthCheck.too_slow])
+
+
+@SETTINGS
+@given(seed=st.integers(0, 2**32),
+       old=st.integers(0, 14), grow=st.integers(-6, 6), tail=st.sampled_from([0, 1, 5000]),
+       changes=st.integers(0, 6), batch=st.integers(1, 5))
+def test_a_push_makes_the_target_equal_and_sends_only_what_differs(
+        seed: int, old: int, grow: int, tail: int, changes: int, batch: int) -> None:
+    """Equal, different, grown and shrunk disks, any split and interleaving."""
+    rng = random.Random(seed)
+    before = _disk(rng, old, tail if old else 0)
+    after = _mutate(rng, before, changes)
+    new_chunks = max(old + grow, 0)
+    if new_chunks > old:
+        after += _disk(rng, new_chunks - old, 0)
+    else:
+        after = after[: new_chunks * CS + (tail if new_chunks == old else 0)]
+    src, dst = MemSource(after), MemTarget(before, page_batch=batch)
+    converse(src, dst, rng)
+    assert dst.result is not None and src.finished == dst.result
+    assert bytes(dst.disk) == after
+    assert sorted(src.sent) == sorted(dst.chunks_stored) == _expected_sent(before, after)
+    if before == after:
+        assert src.sent == []
+
+
+@SETTINGS
+@given(seed=st.integers(0, 2**32), changes=st.integers(0, 5))
+def test_a_dry_run_sends_no_chunk_and_changes_nothing(seed: int, changes: int) -> None:
+    rng = random.Random(seed)
+    before = _disk(rng, 9, 100)
+    after = _mutate(rng, before, changes) + _disk(rng, 2, 0)
+    src, dst = MemSource(after, dry_run=True), MemTarget(before, dry_run=True)
+    converse(src, dst, rng)
+    assert dst.chunks_stored == [] and bytes(dst.disk) == before
+    assert src.finished is not None
+    shape = Shape(len(before), CS, FANOUT)
+    assert src.finished.root == root_from_leaves(shape, _leaves(before, shape))
+    assert sorted(src.sent) == _expected_sent(before, after)  # what would have been sent
+
+
+@SETTINGS
+@given(seed=st.integers(0, 2**32))
+def test_a_resumed_checkpoint_sends_only_what_it_lacks(seed: int) -> None:
+    """The target compares against its checkpoint (the old disk with part of the push in
+    it): only the rest travels, and the source learns it resumed."""
+    rng = random.Random(seed)
+    before = _disk(rng, 12, 0)
+    after = _mutate(rng, before, 8)
+    todo = _expected_sent(before, after)
+    done = todo[: len(todo) // 2]
+    checkpoint = bytearray(before)
+    for c in done:
+        checkpoint[c * CS : (c + 1) * CS] = after[c * CS : (c + 1) * CS]
+    src, dst = MemSource(after), MemTarget(bytes(checkpoint), resumed=True)
+    converse(src, dst, rng)
+    assert src.ready is not None and src.ready.hello.info["resumed"] is True
+    assert sorted(src.sent) == [c for c in todo if c not in done]
+    assert bytes(dst.disk) == after
+
+
+@pytest.mark.parametrize("cls, category", [
+    (UsageError, UsageError), (BusyError, BusyError), (DataError, DataError),
+    (LocalError, PeerError), (PeerError, PeerError),
+])
+def test_an_error_while_committing_reaches_the_source_in_its_category(
+        cls: type[DiskrsyncError], category: type[DiskrsyncError]) -> None:
+    """The target's store fails at the end; what its driver tells the source (error_message)
+    makes the source fail in the same category: the user's, busy, data, else the peer's."""
+    rng = random.Random(1)
+    src, dst = MemSource(_disk(rng, 6, 0)), MemTarget(_disk(rng, 6, 0),
+                                                     fail_finish=cls("disk full"))
+    with pytest.raises(cls) as e:
+        converse(src, dst, rng)
+    src.out.clear()
+    with pytest.raises(category, match=r"^target: disk full$"):
+        src.feed(bytes(dst.out) + p.encode(error_message(e.value)))
+
+
+@pytest.mark.parametrize("kind, category", [
+    ("UsageError", UsageError), ("BusyError", BusyError), ("DataError", DataError),
+    ("CorruptChunkError", DataError), ("ReadError", PeerError), ("LocalError", PeerError),
+    ("KeyboardInterrupt", PeerError),
+])
+def test_errors_from_either_side_keep_their_category(kind: str,
+                                                     category: type[DiskrsyncError]) -> None:
+    """An Error frame becomes the error of its category, named as the peer's, at any
+    point of the conversation."""
+    rng = random.Random(2)
+    src, dst = MemSource(_disk(rng, 5, 0)), MemTarget(_disk(rng, 5, 0))
+    dst.feed(bytes(src.out))  # the source's hello
+    src.out.clear()
+    src.feed(bytes(dst.out))  # the target's hello and page digests
+    dst.out.clear()
+    with pytest.raises(category) as e:
+        src.feed(p.encode(p.Error(kind, "it broke")))
+    assert str(e.value) == "target: it broke" and e.value.relayed
+    with pytest.raises(category) as e:
+        dst.feed(p.encode(p.Error(kind, "it broke")))
+    assert str(e.value) == "source: it broke" and e.value.relayed
+
+
+# -- hostile peers: each violation is one PeerError -------------------------------------------
+
+
+def _started(before: bytes, after: bytes, **kw: Any) -> tuple[MemSource, MemTarget]:
+    """Both ends past the hellos and page digests."""
+    src, dst = MemSource(after), MemTarget(before, **kw)
+    dst.feed(bytes(src.out))
+    src.out.clear()
+    src.feed(bytes(dst.out))
+    dst.out.clear()
+    return src, dst
+
+
+def _frames(*msgs: p.Message) -> bytes:
+    return b"".join(p.encode(m) for m in msgs)
+
+
+H = bytes(32)
+
+
+def _source_hello(**kw: Any) -> p.Hello:
+    info = {"hash": p.HASH, "caps": list(p.CAPABILITIES), **kw.pop("info", {})}
+    return p.Hello("source", kw.pop("size", 4 * CS), 0, FANOUT, "x", info)
+
+
+@pytest.mark.parametrize("msgs, match", [
+    ([p.Leaves(0, H * FANOUT)], "not asked for"),
+    ([p.Committed(1, H, {})], "committed before the source finished"),
+    ([p.PageHashes(0, H)], "out of order"),
+    ([p.PageHashes(2, H)], "more page digests"),
+    ([p.NeedLeaves(0)], "unexpected NeedLeaves"),
+    ([p.Chunk(0, 0, H, b"")], "unexpected Chunk"),
+    ([p.Hello("target", 0, CS, FANOUT, "x", {"hash": p.HASH, "caps": ["zstd"]})],
+     "unexpected Hello"),
+])
+def test_a_hostile_target_is_one_peer_error(msgs: list[p.Message], match: str) -> None:
+    rng = random.Random(3)
+    before = _disk(rng, 8, 0)
+    src, _dst = _started(before, before)
+    with pytest.raises(PeerError, match=match):
+        src.feed(_frames(*msgs))
+
+
+def test_a_target_committing_another_root_or_twice_is_refused() -> None:
+    rng = random.Random(4)
+    data = _disk(rng, 8, 0)
+    src, _dst = _started(data, data)
+    while src.step():
+        pass
+    with pytest.raises(PeerError, match="different root"):
+        src.feed(p.encode(p.Committed(1, H, {})))
+    src, dst = _started(data, data)
+    converse(src, dst, rng)
+    with pytest.raises(PeerError, match="after it committed"):
+        src.conv.receive(p.Committed(1, H, {}))
+
+
+def test_wrong_leaf_counts_and_a_cut_stream_are_refused() -> None:
+    rng = random.Random(5)
+    before = _disk(rng, 8, 0)
+    src, _dst = _started(before, _mutate(rng, before, 1))
+    while src.step():
+        pass
+    assert src.conv.waiting == 1
+    j = next(iter(src.conv._asked))
+    with pytest.raises(PeerError, match="leaf digests for page"):
+        src.feed(p.encode(p.Leaves(j, H)))
+    src, _dst = _started(before, before)
+    with pytest.raises(PeerError, match="before committing"):
+        src.feed(b"")
+    src, _dst = _started(before, before)
+    with pytest.raises(PeerError, match="cut in the middle"):
+        src.feed(p.encode(p.Committed(1, H, {}))[:-1])
+        src.feed(b"")
+
+
+@pytest.mark.parametrize("target_hello, match", [
+    (p.Hello("source", 0, CS, FANOUT, "x", {}), "expected the target's hello"),
+    (p.Hello("target", 0, CS, FANOUT, "x", {"hash": "md5", "caps": list(p.CAPABILITIES)}),
+     "uses hash 'md5'"),
+    (p.Hello("target", 0, CS, FANOUT, "x", {"hash": p.HASH, "caps": []}), "cannot do zstd"),
+    (p.Leaves(0, b""), "expected the target's hello"),
+    (None, "before saying hello"),
+])
+def test_a_bad_target_hello_is_one_peer_error(target_hello: p.Message | None,
+                                              match: str) -> None:
+    conv = SourceConversation(CS, 0, FANOUT, "x", {}, dry_run=False)
+    with pytest.raises(PeerError, match=match):
+        conv.receive(target_hello)
+
+
+@pytest.mark.parametrize("msgs, match", [
+    ([p.Chunk(8, 0, zero_hash(CS), b"")], "chunk 8, outside the disk"),
+    ([p.NeedLeaves(2)], "leaf digests of page 2"),
+    ([p.Chunk(0, int(Kind.RAW), H, b"x" * CS)], "does not match its digest"),
+    ([p.Chunk(0, int(Kind.ZSTD), H, b"not zstd")], "does not decode"),
+    ([p.Chunk(0, int(Kind.ZERO), H, b"")], "does not match its digest"),
+    ([p.PageHashes(0, H)], "unexpected PageHashes"),
+    ([p.Committed(1, H, {})], "unexpected Committed"),
+    ([_source_hello()], "unexpected Hello"),
+])
+def test_a_hostile_source_is_one_peer_error(msgs: list[p.Message], match: str) -> None:
+    rng = random.Random(6)
+    before = _disk(rng, 8, 0)
+    _src, dst = _started(before, before)
+    with pytest.raises(PeerError, match=match):
+        dst.feed(_frames(*msgs))
+
+
+def test_a_hostile_source_after_done_and_at_eof() -> None:
+    rng = random.Random(7)
+    before = _disk(rng, 8, 0)
+    _src, dst = _started(before, before)
+    dst.conv.receive(p.Done(H, {}))  # the driver has not committed yet
+    with pytest.raises(PeerError, match="after its Done"):
+        dst.conv.receive(p.Chunk(0, 0, zero_hash(CS), b""))
+    _src, dst = _started(before, before)
+    with pytest.raises(PeerError, match="before finishing"):
+        dst.feed(b"")
+
+
+@pytest.mark.parametrize("hello, match", [
+    (_source_hello(size=1 << 40), "more than the"),
+    (_source_hello(info={"hash": "sha1"}), "uses hash 'sha1'"),
+    (p.Hello("target", 0, CS, FANOUT, "x", {}), "expected the source's hello"),
+    (p.Done(H, {}), "expected the source's hello"),
+    (None, "before saying hello"),
+])
+def test_a_bad_source_hello_is_one_peer_error(hello: p.Message | None, match: str) -> None:
+    conv = TargetConversation(max_size=1 << 30)
+    with pytest.raises(PeerError, match=match):
+        conv.receive(hello)
+    assert conv.shape is None  # nothing was accepted, so the driver opened nothing
+
+
+def test_a_chunk_in_a_dry_run_is_refused() -> None:
+    conv = TargetConversation()
+    assert isinstance(conv.receive(_source_hello(info={"dry_run": True})), SourceHello)
+    conv.accept(4 * CS, CS, FANOUT, "x", {})
+    with pytest.raises(PeerError, match="dry run"):
+        conv.receive(p.Chunk(0, 0, zero_hash(CS), b""))
+
+
+def test_messages_before_the_target_answers_are_refused() -> None:
+    conv = TargetConversation()
+    conv.receive_data(p.preamble() + _frames(_source_hello(), p.NeedLeaves(0)))
+    assert isinstance(conv.next_event(), SourceHello)
+    with pytest.raises(PeerError, match="before the target answered"):
+        conv.next_event()
