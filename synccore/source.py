@@ -41,12 +41,10 @@ from typing import Any
 
 from diskrsync import __version__
 from diskrsync.base.errors import (
-    ConnectionClosed,
     CorruptChunkError,
     LocalError,
     ReadError,
     UsageError,
-    error_from_wire,
     from_oserror,
 )
 from diskrsync.base.merkle import (

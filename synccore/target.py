@@ -16,10 +16,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Protocol
 
 from diskrsync import __version__
-from diskrsync.base.errors import ConnectionClosed, DiskrsyncError, PeerError, error_from_wire
-from diskrsync.base.merkle import Shape, leaf_hash, zero_hash
-from diskrsync.compression import codec
-from diskrsync.compression.codec import Kind
+from diskrsync.base.errors import DiskrsyncError, PeerError
 from diskrsync.compression.targets import (
     ImageStore,
     RawStore,
