@@ -1,16 +1,28 @@
-"""Chunk codecs: how one chunk's bytes are stored (pure, thread-aware).
+"""Chunk codecs: how one chunk's bytes become stored bytes and back, and how its digest is
+computed (pure, thread-aware).
 
-A chunk is stored as nothing (all zeros), as a zstd frame, or raw when zstd does not save at
-least 1/32 of it (random data: storing raw keeps reads a plain pread). zstandard's compressor
-and decompressor objects are not thread-safe, so each thread gets its own.
+Every image, importer, maintenance and sync path encodes, decodes and hashes chunks through a
+:class:`ChunkCodec` object, so a codec that also encrypts (AEAD bound to the chunk's position)
+and hashes with a key replaces :data:`STANDARD` without changing them. Calls that a future
+codec must bind to a place pass a :class:`ChunkAt`; new fields (a generation, a disk) get
+defaults, so only the callers that know them change.
+
+Today's codec, :data:`STANDARD`: a chunk is stored as nothing (all zeros), as a zstd frame, or
+raw when zstd does not save at least 1/32 of it (random data: storing raw keeps reads a plain
+pread); its digest is the plain BLAKE3 leaf hash of ``diskrsync/base/merkle.py``. zstandard's
+compressor and decompressor objects are not thread-safe, so each thread gets its own.
 """
 
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
 from enum import IntEnum
+from typing import Protocol
 
 import zstandard
+
+from diskrsync.base import merkle
 
 DEFAULT_LEVEL = 1  # measured: ~390 MB/s compress, ~1.6 GB/s decompress at 128 KiB, ratio 0.40
 
@@ -60,7 +72,8 @@ def _decompressor() -> zstandard.ZstdDecompressor:
 
 
 def encode(data: bytes | bytearray | memoryview, level: int = DEFAULT_LEVEL) -> tuple[Kind, bytes]:
-    """Choose the cheapest stored form of a chunk; the caller has already excluded zeros."""
+    """Choose the cheapest stored form of a chunk; the caller has already excluded zeros.
+    (The zstd-or-raw step of :data:`STANDARD`; new code calls a codec's ``encode``.)"""
     frame = _compressor(level).compress(data)
     if len(frame) <= len(data) - (len(data) >> 5):
         return Kind.ZSTD, frame
@@ -68,7 +81,8 @@ def encode(data: bytes | bytearray | memoryview, level: int = DEFAULT_LEVEL) -> 
 
 
 def decode(kind: Kind | int, stored: bytes, length: int) -> bytes:
-    """The chunk's bytes from its stored form; raises ValueError when they cannot be right."""
+    """The chunk's bytes from its stored form; raises ValueError when they cannot be right.
+    (The decoding step of :data:`STANDARD`; new code calls a codec's ``decode``.)"""
     if kind == Kind.RAW:
         if len(stored) != length:
             raise ValueError(f"raw chunk holds {len(stored)} bytes, expected {length}")
@@ -89,3 +103,61 @@ def decode(kind: Kind | int, stored: bytes, length: int) -> bytes:
     if kind == Kind.ZERO:
         return zeros(length)
     raise ValueError(f"unknown chunk kind {kind}")
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkAt:
+    """Where a chunk belongs: what a codec may bind its stored form to (an AEAD's associated
+    data), so a stored chunk cannot be replayed at another place. The standard codec ignores
+    it."""
+
+    index: int
+
+
+Bytes = bytes | bytearray | memoryview
+
+
+class ChunkCodec(Protocol):
+    """How a chunk's bytes become stored bytes and back, and how its digest is computed.
+
+    ``encode`` is given a chunk that is not all zeros (zero chunks are stored as nothing and
+    never reach a codec); ``decode`` raises ValueError when the stored bytes cannot be the
+    ``length`` bytes of the chunk at ``at`` (damaged, forged, or from another place), and never
+    allocates more than ``length`` bytes for them. Both are thread-safe."""
+
+    #: names the stored form and the digest, so two ends can tell whether they agree
+    name: str
+
+    def encode(self, data: Bytes, at: ChunkAt) -> tuple[Kind, bytes]: ...
+
+    def decode(self, kind: Kind | int, stored: bytes, length: int, at: ChunkAt) -> bytes: ...
+
+    def leaf_hash(self, data: Bytes) -> bytes:
+        """The digest of a chunk's bytes (a Merkle leaf)."""
+        ...
+
+    def zero_hash(self, length: int) -> bytes:
+        """``leaf_hash`` of ``length`` zero bytes, without hashing them (cached)."""
+        ...
+
+
+class StandardCodec:
+    """zstd level 1 or raw, unencrypted; plain BLAKE3 digests (format version 1)."""
+
+    name = "zstd+blake3"
+    # the hash functions themselves, not wrappers: the scan hashes every chunk of a disk
+    leaf_hash = staticmethod(merkle.leaf_hash)
+    zero_hash = staticmethod(merkle.zero_hash)
+
+    def __init__(self, level: int = DEFAULT_LEVEL) -> None:
+        self.level = level
+
+    def encode(self, data: Bytes, at: ChunkAt) -> tuple[Kind, bytes]:
+        return encode(data, self.level)
+
+    def decode(self, kind: Kind | int, stored: bytes, length: int, at: ChunkAt) -> bytes:
+        return decode(kind, stored, length)
+
+
+#: the codec of every image and push today
+STANDARD: ChunkCodec = StandardCodec()

@@ -48,7 +48,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Protocol
 
 from diskrsync.base.errors import (
     BusyError,
@@ -60,11 +60,10 @@ from diskrsync.base.errors import (
     UsageError,
     from_oserror,
 )
-from diskrsync.base.merkle import Shape, leaf_hash, node_hash_packed, root_hash, zero_hash
-from diskrsync.compression import codec
+from diskrsync.base.merkle import Shape, node_hash_packed, root_hash
 from diskrsync.compression.alloc import FreeSpace
 from diskrsync.compression.api import GenerationInfo, read_span
-from diskrsync.compression.codec import Kind
+from diskrsync.compression.codec import STANDARD, ChunkAt, ChunkCodec, Kind, is_zero, zeros
 from diskrsync.compression.format import (
     DATA_START,
     DEFAULT_CHUNK,
@@ -227,6 +226,120 @@ def _pread_exact(fd: int, length: int, offset: int, what: str) -> bytes:
     return data
 
 
+class ChunkReader(Protocol):
+    """Where an index reads stored chunks and pages from (see :class:`FileStore`)."""
+
+    def read(self, offset: int, length: int, what: str) -> bytes:
+        """Exactly the stored extent (offset, length); DataError when it is cut short."""
+        ...
+
+
+class FileStore:
+    """The chunk store of an image: where stored chunks, index pages and generation tables
+    live, and the head (superblock slots and writer slot) that names them.
+
+    Today one file: an extent is (offset, length) in it, space comes from the
+    :class:`FreeSpace` the writer computes from what the trees reach, ``sync`` is ``fsync``,
+    and space given back is punched. Image, Snapshot, Transaction and TreeView do their I/O
+    through this object only (an object store of immutable packs would replace it, extents
+    becoming pack references); the locks stay on ``fd``. Thread-safe for reading; one writer.
+    """
+
+    def __init__(self, fd: int, path: str) -> None:
+        self.fd = fd
+        self.path = path
+        self._free = FreeSpace.from_used(DATA_START, DATA_START, [])
+        # extents written since the last ``settle``: referenced by nothing on disk, given
+        # back (punched, the file's free tail cut off) when the writer ends without commit
+        self._pending: dict[int, int] = {}
+        self._writeback: _Writeback | None = None
+
+    # .. reading ..
+
+    def read(self, offset: int, length: int, what: str) -> bytes:
+        return _pread_exact(self.fd, length, offset, what)
+
+    def read_head(self, offset: int, length: int) -> bytes:
+        """Bytes of the head, zeros where the file ends (a new or damaged image)."""
+        return os.pread(self.fd, length, offset).ljust(length, b"\0")
+
+    def space(self) -> tuple[int, int]:
+        """(bytes allocated, file size)."""
+        st = os.fstat(self.fd)
+        return st.st_blocks * 512, st.st_size
+
+    # .. writing (one writer, holding the writer lock) ..
+
+    def open_space(self, used: list[tuple[int, int]]) -> None:
+        """Start writing: everything outside ``used`` is free (punched, the tail cut off)."""
+        end = os.fstat(self.fd).st_size
+        free = FreeSpace.from_used(DATA_START, end, used)
+        for off, length in free.extents():
+            punch_hole(self.fd, off, length)
+        new_end = free.trim_end()
+        if new_end < end:
+            os.ftruncate(self.fd, new_end)
+        self._free = free
+        self._writeback = _Writeback(self.fd)
+
+    def write(self, data: bytes, what: str, *, align: int = 0) -> tuple[int, int]:
+        """Store ``data`` in free space (``align``: at a multiple of it, own sectors);
+        returns its extent. Not durable before ``sync``."""
+        n = len(data)
+        off = self._free.allocate_aligned(n, align) if align else self._free.allocate(n)
+        self._pending[off] = -(-n // align) * align if align else n
+        try:
+            pwrite_all(self.fd, data, off)
+        except OSError as e:
+            self.release(off)
+            raise from_oserror(e, f"writing {what} to {self.path}") from None
+        if self._writeback is not None:
+            self._writeback.wrote(off, n)
+        return off, n
+
+    def release(self, offset: int) -> None:
+        """Give back an extent written since the last ``settle`` and no longer needed."""
+        self._free.release(offset, self._pending.pop(offset))
+
+    def write_head(self, offset: int, data: bytes) -> None:
+        """Overwrite part of the head in place (a superblock slot, the writer slot)."""
+        pwrite_all(self.fd, data, offset)
+
+    def sync(self) -> None:
+        """Make every write so far durable."""
+        os.fsync(self.fd)
+
+    def settle(self) -> None:
+        """Everything written so far is referenced now (a table naming it was published)."""
+        self._pending.clear()
+
+    def give_back(self) -> None:
+        """Return what was written since the last ``settle`` to the filesystem: a failed
+        push (a full disk above all) must not keep the space until the next push."""
+        self._stop_writeback()
+        if not self._pending:
+            return
+        with contextlib.suppress(OSError):
+            for off in list(self._pending):
+                length = self._pending[off]
+                self.release(off)
+                punch_hole(self.fd, off, length)
+            end = self._free.trim_end()
+            if end < os.fstat(self.fd).st_size:
+                os.ftruncate(self.fd, end)
+
+    def _stop_writeback(self) -> None:
+        if self._writeback is not None:
+            self._writeback.close()
+            self._writeback = None
+
+    def close(self) -> None:
+        self._stop_writeback()
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
 @dataclass(frozen=True)
 class _Slot:
     """One superblock slot as found on open: its superblock and table when they are valid."""
@@ -260,7 +373,7 @@ class _State:
         return tuple(s.index for s in self.slots if s.table is None)
 
 
-def _read_slot(fd: int, path: str, index: int, raw: bytes) -> _Slot:
+def _read_slot(store: FileStore, path: str, index: int, raw: bytes) -> _Slot:
     try:
         sb = Superblock.decode(raw)
     except FormatVersionError as e:  # no other slot can be better: a newer release wrote it
@@ -270,7 +383,7 @@ def _read_slot(fd: int, path: str, index: int, raw: bytes) -> _Slot:
     try:
         # the table is fsynced before its superblock is written, so a valid superblock
         # with a bad table is damage, never a crash
-        blob = _pread_exact(fd, sb.table_length, sb.table_offset, "generation table")
+        blob = store.read(sb.table_offset, sb.table_length, "generation table")
         if checksum(blob) != sb.table_checksum:
             raise DataError("generation table checksum mismatch")
         return _Slot(index, sb, GenTable.decode(blob))
@@ -278,7 +391,7 @@ def _read_slot(fd: int, path: str, index: int, raw: bytes) -> _Slot:
         return _Slot(index, sb, None, e.message)
 
 
-def _read_state(fd: int, path: str) -> _State:
+def _read_state(store: FileStore, path: str) -> _State:
     """Decode both slots; the usable one with the higher counter wins (slot 0 on a tie).
 
     A commit of this version writes its table twice and both slots (``FLAG_MIRRORED``), so
@@ -286,9 +399,9 @@ def _read_state(fd: int, path: str) -> _State:
     one slot per commit (older versions) cannot tell a damaged slot from one that held a newer
     commit, and a valid newer superblock with an unreadable table is a lost commit: both go
     to ``lost``."""
-    head = os.pread(fd, SLOT_SIZE * 2, 0).ljust(SLOT_SIZE * 2, b"\0")
+    head = store.read_head(0, SLOT_SIZE * 2)
     slots = tuple(
-        _read_slot(fd, path, i, head[off : off + SLOT_SIZE])
+        _read_slot(store, path, i, head[off : off + SLOT_SIZE])
         for i, off in enumerate(SUPERBLOCK_SLOTS)
     )
     usable = [s for s in slots if s.table is not None]
@@ -328,8 +441,8 @@ class TreeView:
     """Read access to one tree of the index; pages are loaded on demand and checked both by
     their own checksum and against the digest their parent records."""
 
-    def __init__(self, fd: int, ref: TreeRef, chunk_size: int, fanout: int) -> None:
-        self.fd = fd
+    def __init__(self, store: ChunkReader, ref: TreeRef, chunk_size: int, fanout: int) -> None:
+        self.store = store
         self.ref = ref
         self.shape = Shape(ref.size, chunk_size, fanout)
         self._pages: dict[tuple[int, int], bytes] = {}
@@ -356,7 +469,7 @@ class TreeView:
         count = len(shape.children(level, index))
         if length != page_length(count):
             raise DataError(f"index page ({level},{index}) has the wrong length")
-        raw = _pread_exact(self.fd, length, off, f"index page ({level},{index})")
+        raw = self.store.read(off, length, f"index page ({level},{index})")
         try:
             entries = decode_page(raw, level=level, count=count)
         except DataError as e:
@@ -366,6 +479,11 @@ class TreeView:
         with self._lock:
             self._pages[key] = entries
         return entries
+
+    @classmethod
+    def empty(cls, chunk_size: int, fanout: int) -> TreeView:
+        """The tree of an empty disk (nothing to read)."""
+        return cls(_NO_STORE, TreeRef(0), chunk_size, fanout)
 
     def entry(self, chunk: int) -> Entry:
         if not 0 <= chunk < self.shape.chunks:
@@ -412,6 +530,14 @@ class TreeView:
             else:
                 for k, (_h, offset, length, _kind) in enumerate(iter_entries(entries)):
                     stack.append((level - 1, index * shape.fanout + k, offset, length))
+
+
+class _NoStore:
+    def read(self, offset: int, length: int, what: str) -> bytes:
+        raise DataError(f"{what} at offset {offset}: an empty tree has nothing stored")
+
+
+_NO_STORE = _NoStore()
 
 
 def _refuse_loss(path: str, state: _State) -> None:
@@ -479,9 +605,11 @@ def _open_fd(path: str, flags: int) -> int:
 class Image:
     """An image file: lists generations, hands out pinned snapshots, and begins transactions."""
 
-    def __init__(self, path: str, fd: int, state: _State, *, accept_loss: bool = False) -> None:
+    def __init__(self, path: str, fd: int, state: _State, *, accept_loss: bool = False,
+                 codec: ChunkCodec = STANDARD) -> None:
         self.path = path
-        self._fd = fd
+        self.store = FileStore(fd, path)
+        self.codec = codec
         self._accept_loss = accept_loss
         self._state = self._checked(state)
 
@@ -493,16 +621,19 @@ class Image:
     # -- opening -------------------------------------------------------------------------
 
     @classmethod
-    def open(cls, path: str, *, accept_loss: bool = False, nofollow: bool = False) -> Image:
+    def open(cls, path: str, *, accept_loss: bool = False, nofollow: bool = False,
+             codec: ChunkCodec = STANDARD) -> Image:
         """Open an image for reading. A state that may have lost its newest commit is a
         DataError unless ``accept_loss`` (for verify and repair, which report it).
-        ``nofollow``: refuse a symlink as the final component (ELOOP)."""
+        ``nofollow``: refuse a symlink as the final component (ELOOP). ``codec``: how its
+        chunks are stored and hashed (every snapshot and transaction of it uses it)."""
         path = os.fspath(path)
         if os.path.isdir(path):
             raise UsageError(f"{path} is a directory, not an image")
         fd = _open_fd(path, os.O_RDONLY | (os.O_NOFOLLOW if nofollow else 0))
         try:
-            return cls(path, fd, _read_state(fd, path), accept_loss=accept_loss)
+            return cls(path, fd, _read_state(FileStore(fd, path), path), accept_loss=accept_loss,
+                       codec=codec)
         except BaseException:
             os.close(fd)
             raise
@@ -510,7 +641,7 @@ class Image:
     @classmethod
     def create(
         cls, path: str, *, chunk_size: int = DEFAULT_CHUNK, fanout: int = DEFAULT_FANOUT,
-        in_place: bool = False, nofollow: bool = False,
+        in_place: bool = False, nofollow: bool = False, codec: ChunkCodec = STANDARD,
     ) -> Image:
         """A new, empty image (no generation yet); fails if ``path`` exists.
 
@@ -570,12 +701,10 @@ class Image:
                 with contextlib.suppress(OSError):
                     os.unlink(path)
         os.close(fd)
-        return cls.open(target, nofollow=nofollow)
+        return cls.open(target, nofollow=nofollow, codec=codec)
 
     def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        self.store.close()
 
     def __enter__(self) -> Image:
         return self
@@ -613,7 +742,7 @@ class Image:
         return self._state.lost
 
     def refresh(self) -> None:
-        self._state = self._checked(_read_state(self._fd, self.path))
+        self._state = self._checked(_read_state(self.store, self.path))
 
     def generations(self) -> list[GenerationInfo]:
         return [_info(r) for r in self._state.table.generations]
@@ -634,18 +763,19 @@ class Image:
         """Pin a generation (default: current) for reading until the snapshot is closed."""
         for _attempt in range(20):
             rec = self.record(number)
-            fd = _open_fd(self.path, os.O_RDONLY)
+            store = FileStore(_open_fd(self.path, os.O_RDONLY), self.path)
             try:
-                _ofd_lock(fd, fcntl.F_RDLCK, PIN_BASE + rec.number)
+                _ofd_lock(store.fd, fcntl.F_RDLCK, PIN_BASE + rec.number)
                 # the pin counts only if rec is still live
-                state = self._checked(_read_state(fd, self.path))
+                state = self._checked(_read_state(store, self.path))
             except BaseException:
-                os.close(fd)
+                store.close()
                 raise
             self._state = state
             if any(r.number == rec.number for r in state.table.generations):
-                return Snapshot(self.path, fd, rec, state.sb.chunk_size, state.sb.fanout)
-            os.close(fd)
+                return Snapshot(self.path, store, rec, state.sb.chunk_size, state.sb.fanout,
+                                self.codec)
+            store.close()
             if number is not None:
                 raise GenerationGoneError(f"generation {number} of {self.path} was pruned")
         raise LocalError(f"{self.path}: generations change too fast to pin one")
@@ -655,10 +785,11 @@ class Image:
         seen: set[int] = set()
         extents: set[tuple[int, int]] = set()
         for rec in self._state.table.generations:
-            extents.update(TreeView(self._fd, rec.tree, self.chunk_size, self.fanout).extents(seen))
+            extents.update(TreeView(self.store, rec.tree, self.chunk_size, self.fanout)
+                           .extents(seen))
         stored = sum(length for _o, length in extents)
-        st = os.fstat(self._fd)
-        return {"stored": stored, "allocated": st.st_blocks * 512, "file_size": st.st_size}
+        allocated, file_size = self.store.space()
+        return {"stored": stored, "allocated": allocated, "file_size": file_size}
 
     # -- writing ---------------------------------------------------------------------------
 
@@ -672,12 +803,12 @@ class Image:
         A state that may have lost its newest commit is refused (nothing of it is freed)
         unless ``repair``: only ``repair()`` passes it.
         """
-        fd = _open_fd(self.path, os.O_RDWR)
+        store = FileStore(_open_fd(self.path, os.O_RDWR), self.path)
         try:
-            if not take_writer_lock(fd):
+            if not take_writer_lock(store.fd):
                 holder = ""
                 with contextlib.suppress(Exception):
-                    raw = os.pread(fd, 1024, WRITER_SLOT).rstrip(b"\0")
+                    raw = store.read_head(WRITER_SLOT, 1024).rstrip(b"\0")
                     w = json.loads(raw)
                     holder = f" ({w['what']} by pid {w['pid']} on {w['host']} since {w['since']})"
                 raise BusyError(f"{self.path} is being written by another process{holder}")
@@ -687,17 +818,17 @@ class Image:
                 "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "what": what,
             }
-            os.pwrite(fd, json.dumps(info).encode().ljust(1024, b"\0"), WRITER_SLOT)
-            state = _read_state(fd, self.path)
+            store.write_head(WRITER_SLOT, json.dumps(info).encode().ljust(1024, b"\0"))
+            state = _read_state(store, self.path)
             if not repair:
                 _refuse_loss(self.path, state)
             self._state = state
-            return Transaction(self, fd, state, resume=resume)
+            return Transaction(self, store, state, resume=resume)
         except OSError as e:
-            os.close(fd)
+            store.close()
             raise from_oserror(e, f"cannot write {self.path}") from None
         except BaseException:
-            os.close(fd)
+            store.close()
             raise
 
     def repair(self) -> list[str]:
@@ -738,13 +869,16 @@ class Image:
 
 
 class Snapshot:
-    """A pinned generation (implements DiskSnapshot). Thread-safe: reads use ``os.pread``."""
+    """A pinned generation (implements DiskSnapshot). Thread-safe: reads use ``os.pread``.
+    The pin is a lock on the open file its store reads through: closing releases it."""
 
-    def __init__(self, path: str, fd: int, rec: GenRecord, chunk_size: int, fanout: int) -> None:
+    def __init__(self, path: str, store: FileStore, rec: GenRecord, chunk_size: int,
+                 fanout: int, codec: ChunkCodec = STANDARD) -> None:
         self.path = path
-        self._fd = fd
+        self.store = store
+        self.codec = codec
         self.record = rec
-        self.tree = TreeView(fd, rec.tree, chunk_size, fanout)
+        self.tree = TreeView(store, rec.tree, chunk_size, fanout)
 
     @property
     def info(self) -> GenerationInfo:
@@ -772,22 +906,20 @@ class Snapshot:
         if e.kind == Kind.ZERO:
             return Kind.ZERO, b""
         length = self.tree.shape.chunk_length(index)
-        return e.kind, read_checked(self._fd, index, e, length, self.chunk_size)[0]
+        return e.kind, read_checked(self.store, self.codec, index, e, length, self.chunk_size)[0]
 
     def read_chunk(self, index: int) -> bytes:
         e = self.tree.entry(index)
         length = self.tree.shape.chunk_length(index)
         if e.kind == Kind.ZERO:
-            return codec.zeros(length)
-        return decode_checked(self._fd, index, e, length, self.chunk_size)
+            return zeros(length)
+        return decode_checked(self.store, self.codec, index, e, length, self.chunk_size)
 
     def read(self, offset: int, length: int) -> bytes:
         return read_span(self.read_chunk, self.size, self.chunk_size, offset, length)
 
     def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)  # releases the pin
-            self._fd = -1
+        self.store.close()  # releases the pin
 
     def __enter__(self) -> Snapshot:
         return self
@@ -796,21 +928,22 @@ class Snapshot:
         self.close()
 
 
-def decode_checked(fd: int, index: int, e: Entry, length: int, chunk_size: int) -> bytes:
+def decode_checked(store: ChunkReader, codec: ChunkCodec, index: int, e: Entry, length: int,
+                   chunk_size: int) -> bytes:
     """Read, decode and hash-check one stored chunk; wrong bytes never leave this function."""
-    return read_checked(fd, index, e, length, chunk_size)[1]
+    return read_checked(store, codec, index, e, length, chunk_size)[1]
 
 
-def read_checked(fd: int, index: int, e: Entry, length: int,
+def read_checked(store: ChunkReader, codec: ChunkCodec, index: int, e: Entry, length: int,
                  chunk_size: int) -> tuple[bytes, bytes]:
     """One stored chunk as (stored bytes, decoded bytes), both only once they hash right."""
     try:
-        stored = _pread_exact(fd, e.length, e.offset, f"chunk {index}")
-        data = codec.decode(e.kind, stored, length)
+        stored = store.read(e.offset, e.length, f"chunk {index}")
+        data = codec.decode(e.kind, stored, length, ChunkAt(index))
     except (DataError, ValueError) as err:
         detail = err.message if isinstance(err, DiskrsyncError) else str(err)
         raise CorruptChunkError(index, index * chunk_size, detail) from None
-    if leaf_hash(data) != e.hash:
+    if codec.leaf_hash(data) != e.hash:
         raise CorruptChunkError(index, index * chunk_size)
     return stored, data
 
@@ -822,10 +955,11 @@ class Transaction:
     or the commit writes them (with their paths to the top) into free space.
     """
 
-    def __init__(self, image: Image, fd: int, state: _State, *, resume: bool) -> None:
+    def __init__(self, image: Image, store: FileStore, state: _State, *, resume: bool) -> None:
         self.image = image
         self.path = image.path
-        self._fd = fd
+        self.codec = image.codec
+        self._store = store
         sb = state.sb
         self.chunk_size = sb.chunk_size
         self.fanout = sb.fanout
@@ -838,23 +972,21 @@ class Transaction:
         elif state.table.generations:
             base = state.table.generations[-1]
         self._base_ref = base.tree if base else TreeRef(0)
-        self.base = TreeView(fd, self._base_ref, self.chunk_size, self.fanout)
+        self.base = TreeView(store, self._base_ref, self.chunk_size, self.fanout)
         self.shape = self.base.shape
         self._dirty: dict[int, bytearray] = {}  # level-1 page -> entries in the new shape
         self._base_limit = self.shape.chunks  # base chunks past this were cut by a resize
         self._fresh: dict[int, tuple[int, int]] = {}  # chunk -> extent written since checkpoint
-        self._free = self._compute_free(state)
-        # extents written since the last publish: referenced by nothing on disk, given back
-        # (punched, the file's free tail cut off) when the transaction ends without commit
-        self._pending: dict[int, int] = {}
+        store.open_space(self._used(state))
         self._torn_publish = False  # a superblock write failed: what it names must stay
-        self._writeback = _Writeback(fd)
         self._closed = False
 
     # -- free space ----------------------------------------------------------------------
 
-    def _compute_free(self, state: _State) -> FreeSpace:
-        fd = self._fd
+    def _used(self, state: _State) -> list[tuple[int, int]]:
+        """Every extent a writer must not reuse: what both slots and pinned zombies reach."""
+        store = self._store
+        fd = store.fd
         cs, fo = self.chunk_size, self.fanout
         live: list[GenRecord] = list(state.table.generations)
         if state.table.checkpoint:
@@ -877,39 +1009,13 @@ class Transaction:
         seen: set[int] = set()
         for rec in live:
             try:
-                used.extend(TreeView(fd, rec.tree, cs, fo).extents(seen))
+                used.extend(TreeView(store, rec.tree, cs, fo).extents(seen))
             except DataError:
                 if rec in state.table.generations or rec is state.table.checkpoint:
                     raise
                 # an unreadable tree of the older slot: keep its top, the rest is unknowable
                 used.append((rec.tree.offset, rec.tree.length))
-        end = os.fstat(fd).st_size
-        free = FreeSpace.from_used(DATA_START, end, used)
-        for off, length in free.extents():
-            punch_hole(fd, off, length)
-        new_end = free.trim_end()
-        if new_end < end:
-            os.ftruncate(fd, new_end)
-        return free
-
-    def _alloc(self, length: int) -> int:
-        return self._free.allocate(length)
-
-    def _write(self, data: bytes, what: str, *, align: int = 0) -> tuple[int, int]:
-        n = len(data)
-        off = self._free.allocate_aligned(n, align) if align else self._alloc(n)
-        self._pending[off] = -(-n // align) * align if align else n
-        try:
-            pwrite_all(self._fd, data, off)
-        except OSError as e:
-            self._release(off)
-            raise from_oserror(e, f"writing {what} to {self.path}") from None
-        self._writeback.wrote(off, n)
-        return off, n
-
-    def _release(self, off: int) -> None:
-        """Give back an extent this transaction wrote and no longer needs."""
-        self._free.release(off, self._pending.pop(off))
+        return used
 
     # -- the tree being built ----------------------------------------------------------
 
@@ -940,7 +1046,7 @@ class Transaction:
         for c in range(start, stop):
             e = self._base_entry(c)
             if e is None:
-                e = pack_entry(zero_hash(self.shape.chunk_length(c)), 0, 0, Kind.ZERO)
+                e = pack_entry(self.codec.zero_hash(self.shape.chunk_length(c)), 0, 0, Kind.ZERO)
             out += e
         return out
 
@@ -962,7 +1068,7 @@ class Transaction:
             return unpack_entry(entries, chunk % f)
         e = self._base_entry(chunk)
         if e is None:
-            return Entry(zero_hash(self.shape.chunk_length(chunk)), 0, 0, Kind.ZERO)
+            return Entry(self.codec.zero_hash(self.shape.chunk_length(chunk)), 0, 0, Kind.ZERO)
         return unpack_entry(e, 0)
 
     def chunk_hash(self, chunk: int) -> bytes:
@@ -972,8 +1078,8 @@ class Transaction:
         e = self.entry(chunk)
         length = self.shape.chunk_length(chunk)
         if e.kind == Kind.ZERO:
-            return codec.zeros(length)
-        return decode_checked(self._fd, chunk, e, length, self.chunk_size)
+            return zeros(length)
+        return decode_checked(self._store, self.codec, chunk, e, length, self.chunk_size)
 
     def resize(self, new_size: int) -> None:
         """Change the logical size; chunks that appear read as zeros, a boundary chunk keeps
@@ -1002,22 +1108,23 @@ class Transaction:
             self._dirty[p] = self._dirty[p][: (stop - start) * ENTRY_SIZE]
             have = len(self._dirty[p]) // ENTRY_SIZE
             for c in range(start + have, stop):
-                z = pack_entry(zero_hash(self.shape.chunk_length(c)), 0, 0, Kind.ZERO)
+                z = pack_entry(self.codec.zero_hash(self.shape.chunk_length(c)), 0, 0, Kind.ZERO)
                 self._dirty[p] += z
         for c in list(self._fresh):
             if c >= self.shape.chunks:
-                self._release(self._fresh.pop(c)[0])
+                self._store.release(self._fresh.pop(c)[0])
         for c, data in keep.items():
             self.write_chunk(c, data)
 
     def write_chunk(self, chunk: int, data: bytes | bytearray | memoryview) -> bytes:
         """Store a chunk's bytes (compressing in this thread); returns its digest."""
-        if codec.is_zero(data):
-            h = zero_hash(len(data))
+        codec = self.codec
+        if is_zero(data):
+            h = codec.zero_hash(len(data))
             self.put_chunk(chunk, Kind.ZERO, b"", h, len(data))
             return h
-        kind, stored = codec.encode(data)
-        h = leaf_hash(data)
+        kind, stored = codec.encode(data, ChunkAt(chunk))
+        h = codec.leaf_hash(data)
         self.put_chunk(chunk, kind, stored, h, len(data))
         return h
 
@@ -1028,11 +1135,11 @@ class Transaction:
             raise UsageError(f"chunk {chunk} must hold {want} bytes, not {length}")
         old = self._fresh.pop(chunk, None)
         if old is not None:
-            self._release(old[0])
+            self._store.release(old[0])
         if kind == Kind.ZERO:
             self._set_entry(chunk, pack_entry(digest, 0, 0, Kind.ZERO))
             return
-        off, n = self._write(stored, f"chunk {chunk}")
+        off, n = self._store.write(stored, f"chunk {chunk}")
         self._fresh[chunk] = (off, n)
         self._set_entry(chunk, pack_entry(digest, off, n, kind))
 
@@ -1055,7 +1162,7 @@ class Transaction:
         rebuilt: dict[int, bytes] = {}  # index -> packed pointer entry, for the current level
         for j in sorted(pages):
             entries = self._page_entries(j)
-            off, n = self._write(encode_page(1, entries), "index page")
+            off, n = self._store.write(encode_page(1, entries), "index page")
             rebuilt[j] = pack_entry(node_hash_packed(entry_digests(entries)), off, n, Kind.PAGE)
         for level in range(2, shape.top_level + 1):
             parents = {j // f for j in rebuilt}
@@ -1073,7 +1180,7 @@ class Transaction:
                     if e is None:
                         e = self._base_pointer(level - 1, k)
                     entries += e
-                off, n = self._write(encode_page(level, entries), "index page")
+                off, n = self._store.write(encode_page(level, entries), "index page")
                 above[j] = pack_entry(node_hash_packed(entry_digests(entries)), off, n, Kind.PAGE)
             rebuilt = above
         # an unchanged top is still the base's node of that level (which may not be its top)
@@ -1096,20 +1203,20 @@ class Transaction:
         sector anywhere leaves an intact copy of this commit; a crash in between leaves slot 0
         at this commit or both at the previous one."""
         blob = table.encode()
-        copies = [self._write(blob, "generation table", align=SECTOR)[0] for _ in range(2)]
+        copies = [self._store.write(blob, "generation table", align=SECTOR)[0] for _ in range(2)]
         counter = self._counter + 1
         try:
-            os.fsync(self._fd)
+            self._store.sync()
             for slot, at in zip(SUPERBLOCK_SLOTS, copies, strict=True):
                 sb = Superblock(self.chunk_size, self.fanout, counter, at, len(blob),
                                 checksum(blob), FLAG_MIRRORED)
                 self._torn_publish = True
-                pwrite_all(self._fd, sb.encode(), slot)
-                os.fsync(self._fd)
+                self._store.write_head(slot, sb.encode())
+                self._store.sync()
         except OSError as e:
             raise from_oserror(e, f"committing {self.path}") from None
         self._torn_publish = False
-        self._pending.clear()  # all of it is referenced now
+        self._store.settle()  # all of it is referenced now
         self._counter = counter
         self._table = table
 
@@ -1134,7 +1241,7 @@ class Transaction:
         rec = self._record(0, source, dict(meta or {}))
         self._publish(replace(self._table, checkpoint=rec))
         self._base_ref = rec.tree
-        self.base = TreeView(self._fd, rec.tree, self.chunk_size, self.fanout)
+        self.base = TreeView(self._store, rec.tree, self.chunk_size, self.fanout)
         self._base_limit = self.shape.chunks  # the checkpoint tree has the current shape
         self._dirty.clear()
         self._fresh.clear()
@@ -1183,16 +1290,8 @@ class Transaction:
     def _give_back(self) -> None:
         """Return what this transaction wrote since its last publish to the filesystem: a
         failed push (a full disk above all) must not keep the space until the next push."""
-        if not self._pending or self._torn_publish:
-            return  # a failed superblock write may name this transaction's last table
-        with contextlib.suppress(OSError):
-            for off in list(self._pending):
-                length = self._pending[off]
-                self._release(off)
-                punch_hole(self._fd, off, length)
-            end = self._free.trim_end()
-            if end < os.fstat(self._fd).st_size:
-                os.ftruncate(self._fd, end)
+        if not self._torn_publish:  # else a failed superblock write may name our last table
+            self._store.give_back()
 
     def _check_open(self) -> None:
         if self._closed:
@@ -1201,9 +1300,8 @@ class Transaction:
     def close(self) -> None:
         if not self._closed:
             self._closed = True
-            self._writeback.close()
             self._give_back()
-            os.close(self._fd)  # releases the writer lock
+            self._store.close()  # releases the writer lock
 
     def __enter__(self) -> Transaction:
         return self

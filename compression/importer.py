@@ -8,11 +8,9 @@ from collections.abc import Callable
 from typing import Any
 
 from diskrsync.base.errors import DataError
-from diskrsync.base.merkle import leaf_hash, zero_hash
 from diskrsync.base.parallel import ordered_map
-from diskrsync.compression import codec
 from diskrsync.compression.api import GenerationInfo
-from diskrsync.compression.codec import Kind
+from diskrsync.compression.codec import STANDARD, ChunkAt, ChunkCodec, Kind, zeros
 from diskrsync.compression.format import DEFAULT_CHUNK
 from diskrsync.compression.image import Image
 
@@ -28,11 +26,12 @@ def write_new_image(
     source: str = "",
     meta: dict[str, Any] | None = None,
     progress: Callable[[int], None] | None = None,
+    codec: ChunkCodec = STANDARD,
 ) -> GenerationInfo:
     """Create the image ``path`` (which must not exist) holding ``size`` bytes that
     ``read(offset, length)`` returns (thread-safe) as its first generation. The caller
     removes ``path`` if this fails."""
-    img = Image.create(path, chunk_size=chunk_size)
+    img = Image.create(path, chunk_size=chunk_size, codec=codec)
     try:
         tx = img.begin(what="import")
         try:
@@ -49,11 +48,12 @@ def write_new_image(
                 out = []
                 for c in range(first, last):
                     at, n = (c - first) * chunk_size, shape.chunk_length(c)
-                    if data.startswith(codec.zeros(n), at):  # memcmp in place, no copy
-                        out.append((c, Kind.ZERO, b"", zero_hash(n), n))
+                    if data.startswith(zeros(n), at):  # memcmp in place, no copy
+                        out.append((c, Kind.ZERO, b"", codec.zero_hash(n), n))
                     else:
-                        kind, stored = codec.encode(view[at : at + n])
-                        out.append((c, kind, stored, leaf_hash(view[at : at + n]), n))
+                        piece = view[at : at + n]
+                        kind, stored = codec.encode(piece, ChunkAt(c))
+                        out.append((c, kind, stored, codec.leaf_hash(piece), n))
                 return out
 
             for batch in ordered_map(encode, range(0, shape.chunks, BATCH_CHUNKS)):

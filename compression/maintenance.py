@@ -21,10 +21,17 @@ from diskrsync.base.errors import (
 )
 from diskrsync.base.merkle import root_hash
 from diskrsync.base.parallel import ordered_map
-from diskrsync.compression.codec import Kind, is_zero, zeros
+from diskrsync.compression.codec import ChunkCodec, Kind, is_zero, zeros
 from diskrsync.compression.destination import open_dest
 from diskrsync.compression.format import ENTRY_SIZE, TreeRef, iter_entries
-from diskrsync.compression.image import Image, Snapshot, TreeView, decode_checked, fsync_dir
+from diskrsync.compression.image import (
+    FileStore,
+    Image,
+    Snapshot,
+    TreeView,
+    decode_checked,
+    fsync_dir,
+)
 from diskrsync.compression.spgz import SpgzImage
 
 BATCH = 8  # chunks per parallel task: amortises the thread hand-off
@@ -98,7 +105,7 @@ def verify(img: Image | SpgzImage, generation: int | None = None) -> VerifyRepor
     bad: dict[int, tuple[int, str]] = {}  # stored offset -> (chunk, problem)
     for rec in records:
         with _view(img, rec.tree) as view:
-            _verify_tree(view, rec.number, rec.root_hash, report, done, bad)
+            _verify_tree(view, img.codec, rec.number, rec.root_hash, report, done, bad)
     # a bad chunk is bad in every generation sharing it: name them all, so that "restore
     # another generation" is not advice to restore one that is broken too
     users: dict[int, list[int]] = {off: [] for off in bad}
@@ -117,12 +124,11 @@ def verify(img: Image | SpgzImage, generation: int | None = None) -> VerifyRepor
 @contextlib.contextmanager
 def _view(img: Image, tree: TreeRef) -> Iterator[TreeView]:
     """A tree of ``img`` read through its own open of the file (verify reads in threads)."""
-    view = TreeView(os.open(img.path, os.O_RDONLY | os.O_CLOEXEC), tree, img.chunk_size,
-                    img.fanout)
+    store = FileStore(os.open(img.path, os.O_RDONLY | os.O_CLOEXEC), img.path)
     try:
-        yield view
+        yield TreeView(store, tree, img.chunk_size, img.fanout)
     finally:
-        os.close(view.fd)
+        store.close()
 
 
 def _references(view: TreeView, offsets: dict[int, Any]) -> set[int]:
@@ -138,6 +144,7 @@ def _references(view: TreeView, offsets: dict[int, Any]) -> set[int]:
 
 def _verify_tree(
     view: TreeView,
+    codec: ChunkCodec,
     number: int,
     want_root: bytes,
     report: VerifyReport,
@@ -171,7 +178,7 @@ def _verify_tree(
         for c in batch:
             e = view.entry(c)
             try:
-                decode_checked(view.fd, c, e, shape.chunk_length(c), shape.chunk_size)
+                decode_checked(view.store, codec, c, e, shape.chunk_length(c), shape.chunk_size)
             except CorruptChunkError as err:
                 out.append((e.offset, c, err.message))
         return out

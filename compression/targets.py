@@ -185,11 +185,11 @@ class ImageStore:
         self.fanout = img.fanout if img else DEFAULT_FANOUT
         self.info: dict[str, Any] = {"kind": "image"}
         if img is None:
-            self.base = TreeView(-1, TreeRef(0), self.chunk_size, self.fanout)
+            self.base = TreeView.empty(self.chunk_size, self.fanout)
         elif opts.dry_run:
             self._snap = img.snapshot() if img.generations() else None
-            self.base = self._snap.tree if self._snap else TreeView(
-                -1, TreeRef(0), self.chunk_size, self.fanout)
+            self.base = self._snap.tree if self._snap else TreeView.empty(
+                self.chunk_size, self.fanout)
         else:
             self.tx = img.begin()
             self.base = self.tx.base

@@ -379,7 +379,7 @@ def test_damaged_index_page(two_gens):
     path, _, _ = two_gens
     with Image.open(path) as img:
         rec = img.record()
-        view = TreeView(img._fd, rec.tree, img.chunk_size, img.fanout)
+        view = TreeView(img.store, rec.tree, img.chunk_size, img.fanout)
         top = view.shape.top_level
         assert top >= 2
         # a level-1 page (chunks 4..7), located through the page above it
