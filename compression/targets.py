@@ -56,7 +56,6 @@ from diskrsync.compression.format import (
     DEFAULT_FANOUT,
     MAX_CHUNK,
     MIN_CHUNK,
-    TreeRef,
     page_length,
 )
 from diskrsync.compression.image import (

@@ -18,6 +18,7 @@ from typing import Any
 from diskrsync.base.errors import PeerError, UsageError
 from diskrsync.base.progress import Progress
 from diskrsync.compression.go_target import ImageTargetStore, open_legacy_target
+from diskrsync.compression.sources import open_source
 from diskrsync.synccore.go_io import GoProgressLines, parallel_leaf_hashes, run_machine
 from diskrsync.synccore.legacy import (
     TAIL_BLOCK_SIZE,
@@ -28,7 +29,7 @@ from diskrsync.synccore.legacy import (
     RangeSynced,
 )
 from diskrsync.synccore.location import LocalPath, Location, RemotePath
-from diskrsync.synccore.push import PushRequest, open_source
+from diskrsync.synccore.push import PushRequest
 from diskrsync.synccore.remote import RemoteOptions, start_remote
 from diskrsync.synccore.source import PushStats
 

@@ -16,19 +16,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from diskrsync.base.errors import DiskrsyncError, LocalError, UsageError
+from diskrsync.base.errors import DiskrsyncError, UsageError
 from diskrsync.base.merkle import Shape
-from diskrsync.compression.container import open_image, sniff
+from diskrsync.compression.sources import open_source
 from diskrsync.synccore import protocol as p
 from diskrsync.synccore.channel import Channel, channel_pair
-from diskrsync.synccore.source import (
-    PushStats,
-    RawSource,
-    SnapshotSource,
-    SourceOptions,
-    SourceReader,
-    SourceSession,
-)
+from diskrsync.synccore.source import PushStats, SourceOptions, SourceSession
 from diskrsync.synccore.target import (
     TargetOptions,
     TargetStore,
@@ -36,30 +29,6 @@ from diskrsync.synccore.target import (
     open_store,
     serve_target,
 )
-
-
-def open_source(path: str, generation: int | None = None) -> SourceReader:
-    """A raw file or device, or a generation of an image / SPGZ0001 file."""
-    if os.path.isdir(path):
-        raise UsageError(f"{path} is a directory: give a file, a block device or an image")
-    try:
-        kind = sniff(path) if os.path.isfile(path) else None
-    except LocalError:
-        # its first sectors are unreadable (a failing disk under a disk image file): it
-        # cannot be told to be an image, so it is read as the raw file it is, where the bad
-        # sectors are found and, with --ignore-read-errors, mapped
-        kind = None
-    if kind is None:
-        if generation is not None:
-            raise UsageError(f"{path} is not an image, so it has no generation {generation}")
-        return RawSource(path)
-    img = open_image(path)
-    try:
-        snap = img.snapshot(generation)
-    except BaseException:
-        img.close()
-        raise
-    return SnapshotSource(snap, f"{path} (generation {snap.info.number})", owner=img)
 
 
 @dataclass(frozen=True)

@@ -26,11 +26,12 @@ from typing import TypeVar
 
 from diskrsync.base.errors import DiskrsyncError, PeerError, UsageError, error_from_wire
 from diskrsync.base.progress import Progress
+from diskrsync.compression.sources import open_source
 from diskrsync.synccore import protocol as p
 from diskrsync.synccore.channel import FramedChannel
 from diskrsync.synccore.go_io import ProgressLineParser
 from diskrsync.synccore.location import LocalPath, Location, RemotePath
-from diskrsync.synccore.push import PushRequest, open_source, run_target_end
+from diskrsync.synccore.push import PushRequest, run_target_end
 from diskrsync.synccore.source import PushStats, SourceSession
 from diskrsync.synccore.ssh.config import SshOptions
 from diskrsync.synccore.ssh.connection import SshConnection, connect

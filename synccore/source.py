@@ -31,7 +31,6 @@ import errno
 import functools
 import math
 import os
-import stat
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -44,8 +43,6 @@ from diskrsync.base.errors import (
     CorruptChunkError,
     LocalError,
     ReadError,
-    UsageError,
-    from_oserror,
 )
 from diskrsync.base.merkle import (
     HASH_SIZE,
@@ -56,6 +53,7 @@ from diskrsync.base.parallel import ordered_map
 from diskrsync.compression import codec
 from diskrsync.compression.codec import Kind
 from diskrsync.compression.format import DEFAULT_CHUNK, DEFAULT_FANOUT
+from diskrsync.compression.sources import SourceReader
 from diskrsync.synccore import protocol as p
 from diskrsync.synccore.channel import Channel
 from diskrsync.synccore.conversation import (
@@ -69,126 +67,6 @@ from diskrsync.synccore.conversation import (
 BATCH_CHUNKS = 32  # at most this many chunks read and hashed per worker task
 SCAN_WINDOW = 6  # batches in flight
 MAX_PENDING_PAGES = 256  # pages asked about or being sent; bounds the source's backlog
-SECTOR = 512  # the smallest unit a failing read of a disk is narrowed down to
-
-
-# -- what a source reads -----------------------------------------------------------------
-
-
-class SourceReader:
-    """Bytes of the disk being pushed; subclasses add what they know without reading."""
-
-    size: int
-    description: str
-    #: a failing read is narrowed down to aligned pieces of this size, no smaller
-    sector: int = SECTOR
-
-    def read(self, offset: int, length: int) -> bytes:
-        """Exactly ``length`` bytes; ReadError or OSError (CorruptChunkError for an image) when
-        part of them cannot be read."""
-        raise NotImplementedError
-
-    def index_for(self, chunk_size: int, fanout: int) -> Any:
-        """An object with ``node_hashes(level)`` and ``leaf_hashes(page)`` when this source
-        can answer digests from an index for that geometry, else None."""
-        return None
-
-    def read_stored(self, index: int, chunk_size: int) -> tuple[int, bytes] | None:
-        """Chunk ``index`` of ``chunk_size`` in stored form (kind, bytes) when it can be sent
-        without re-encoding, checked against its digest (CorruptChunkError if it fails)."""
-        return None
-
-    def close(self) -> None:
-        pass
-
-
-class RawSource(SourceReader):
-    """A regular file or a block device."""
-
-    def __init__(self, path: str) -> None:
-        try:
-            st = os.stat(path)
-        except OSError as e:
-            raise from_oserror(e, f"cannot read {path}") from None
-        if stat.S_ISDIR(st.st_mode):
-            raise UsageError(f"{path} is a directory: give a file, a block device or an image")
-        if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
-            raise UsageError(f"{path} is neither a regular file nor a block device")
-        try:
-            self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError as e:
-            raise from_oserror(e, f"cannot read {path}") from None
-        try:
-            self.size = os.lseek(self.fd, 0, os.SEEK_END)
-        except OSError as e:  # e.g. a /proc file: EINVAL
-            os.close(self.fd)
-            raise from_oserror(e, f"cannot read {path}") from None
-        self.description = path
-        with contextlib.suppress(OSError, AttributeError):
-            os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-
-    def read(self, offset: int, length: int) -> bytes:
-        # a short read is continued where it stopped: a disk returns the bytes before a bad
-        # sector, and only the read that starts at it fails (ReadError)
-        data = self._pread(length, offset)
-        done = len(data)
-        if done == length:
-            return data
-        parts = [data]
-        while done < length:
-            part = self._pread(length - done, offset + done)
-            if not part:
-                raise LocalError(f"{self.description} shrank while being read (it ends at "
-                                 f"offset {offset + done})")
-            parts.append(part)
-            done += len(part)
-        return b"".join(parts)
-
-    def _pread(self, length: int, offset: int) -> bytes:
-        try:
-            return os.pread(self.fd, length, offset)
-        except OSError as e:
-            raise ReadError(self.description, offset, e.errno or errno.EIO) from None
-
-    def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
-
-class SnapshotSource(SourceReader):
-    """A pinned generation of an image (or an SPGZ0001 file) used as the source."""
-
-    def __init__(self, snapshot: Any, description: str, owner: Any = None) -> None:
-        self.snap = snapshot
-        self.size = snapshot.size
-        self.description = description
-        self._owner = owner
-        self.sector = snapshot.chunk_size  # a damaged chunk is unreadable as a whole
-
-    def read(self, offset: int, length: int) -> bytes:
-        data: bytes = self.snap.read(offset, length)
-        return data
-
-    def index_for(self, chunk_size: int, fanout: int) -> Any:
-        tree = getattr(self.snap, "tree", None)
-        if tree is not None and tree.shape.chunk_size == chunk_size \
-                and tree.shape.fanout == fanout:
-            return tree
-        return None
-
-    def read_stored(self, index: int, chunk_size: int) -> tuple[int, bytes] | None:
-        # only an image with the push's chunk size holds the chunk as one stored piece; it
-        # decodes and hash-checks it before handing it out
-        if self.snap.chunk_size != chunk_size or not hasattr(self.snap, "read_stored"):
-            return None
-        kind, data = self.snap.read_stored(index)
-        return int(kind), data
-
-    def close(self) -> None:
-        self.snap.close()
-        if self._owner is not None:
-            self._owner.close()
 
 
 # -- options and results ----------------------------------------------------------------

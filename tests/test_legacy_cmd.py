@@ -811,8 +811,9 @@ cat >/dev/null
 @pytest.mark.process
 def test_plain_push_meeting_the_go_tool_says_use_legacy(tmp_path: Path) -> None:
     """The native source, given a peer that answers BSNC0002, stops with the hint."""
+    from diskrsync.compression.sources import RawSource
     from diskrsync.synccore.channel import FdStream, FramedChannel
-    from diskrsync.synccore.source import RawSource, SourceOptions, SourceSession
+    from diskrsync.synccore.source import SourceOptions, SourceSession
 
     fake = tmp_path / "fake-go"
     fake.write_text(FAKE_GO)

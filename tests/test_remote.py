@@ -558,8 +558,9 @@ def test_source_stops_when_the_target_closes_early(tmp_path: Path) -> None:
     import threading
 
     from diskrsync.base.errors import ConnectionClosed
+    from diskrsync.compression.sources import RawSource
     from diskrsync.synccore.channel import FdStream, FramedChannel
-    from diskrsync.synccore.source import RawSource, SourceOptions, SourceSession
+    from diskrsync.synccore.source import SourceOptions, SourceSession
 
     src = tmp_path / "src.img"
     with src.open("wb") as f:

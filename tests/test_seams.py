@@ -1,11 +1,12 @@
-"""The seams later features plug into: the chunk codec and the image's chunk store, each
-exercised through its interface with today's implementation (and, for the codec, a stand-in
-that binds a chunk to its place the way an AEAD codec will)."""
+"""The seams later features plug into: the chunk codec, the image's chunk store and the source
+reader, each exercised through its interface with today's implementation (and, for the
+codec, a stand-in that binds a chunk to its place the way an AEAD codec will)."""
 
 from __future__ import annotations
 
 import os
 import random
+from contextlib import closing
 
 import pytest
 
@@ -16,6 +17,7 @@ from diskrsync.compression.codec import STANDARD, ChunkAt, Kind
 from diskrsync.compression.format import DATA_START
 from diskrsync.compression.image import FileStore, Image
 from diskrsync.compression.importer import write_new_image
+from diskrsync.compression.sources import RawSource, SnapshotSource, open_source
 
 CS = 16384
 
@@ -169,3 +171,34 @@ def test_snapshot_and_transaction_do_their_io_through_the_store(tmp_path):
         tx.write_chunk(1, data[:CS])
         tx.commit()
         assert written == ["chunk 1", "index page", "generation table", "generation table"]
+
+
+# -- the source reader ------------------------------------------------------------------
+
+
+def test_raw_source_extents_are_the_whole_disk(tmp_path):
+    path = tmp_path / "disk"
+    path.write_bytes(_disk(3, {1}) + b"tail")
+    empty = tmp_path / "empty"
+    empty.write_bytes(b"")
+    with closing(RawSource(str(path))) as src:
+        assert list(src.extents()) == [(0, 3 * CS + 4)]
+    with closing(RawSource(str(empty))) as src:
+        assert list(src.extents()) == []
+
+
+def test_image_source_extents_are_its_stored_chunks(tmp_path):
+    zero = {0, 3, 4, 7}
+    data = _disk(9, zero) + b"short"  # chunk 9 is short and not zero
+    path = str(tmp_path / "a.img")
+    write_new_image(lambda o, n: data[o : o + n], len(data), path, chunk_size=CS)
+    with closing(open_source(path)) as src:
+        assert isinstance(src, SnapshotSource) and src.codec is STANDARD
+        extents = list(src.extents())
+        assert extents == [(CS, 2 * CS), (5 * CS, 2 * CS), (8 * CS, CS + 5)]
+        # outside the extents everything reads as zero
+        covered = bytearray(len(data))
+        for off, n in extents:
+            covered[off : off + n] = src.read(off, n)
+        assert bytes(covered) == data
+

@@ -33,10 +33,11 @@ from diskrsync.base.errors import (
 from diskrsync.base.merkle import leaf_hash, tree_root
 from diskrsync.compression.format import MAGIC
 from diskrsync.compression.image import Image
+from diskrsync.compression.sources import RawSource
 from diskrsync.synccore import protocol as p
 from diskrsync.synccore.channel import FdStream, FramedChannel, delayed_pair
 from diskrsync.synccore.push import PushRequest, local_push
-from diskrsync.synccore.source import RawSource, SourceOptions, SourceSession
+from diskrsync.synccore.source import SourceOptions, SourceSession
 from diskrsync.synccore.target import TargetOptions
 
 CS = 16384

@@ -14,8 +14,9 @@ from diskrsync.base.errors import EXIT_READ_ERRORS_IGNORED, EXIT_SOURCE_CHANGED,
 from diskrsync.base.progress import Progress
 from diskrsync.base.units import human
 from diskrsync.cli.requests import push_request
+from diskrsync.compression.sources import open_source
 from diskrsync.synccore.location import LocalPath, parse_location
-from diskrsync.synccore.push import local_push, open_source
+from diskrsync.synccore.push import local_push
 
 
 def _push_summary(stats: Any, args: argparse.Namespace) -> int:

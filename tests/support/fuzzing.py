@@ -32,11 +32,12 @@ from diskrsync.base.errors import DiskrsyncError
 from diskrsync.compression.convert import convert_snapshot
 from diskrsync.compression.go_target import ImageTargetStore, open_legacy_target
 from diskrsync.compression.image import Image
+from diskrsync.compression.sources import RawSource
 from diskrsync.synccore import protocol as p
 from diskrsync.synccore.channel import FdStream, FramedChannel
 from diskrsync.synccore.legacy import LegacySource, LegacyTarget
 from diskrsync.synccore.push import PushRequest, local_push
-from diskrsync.synccore.source import RawSource, SourceOptions, SourceSession
+from diskrsync.synccore.source import SourceOptions, SourceSession
 from diskrsync.synccore.target import TargetOptions, open_store, serve_target
 from support.hostile import ImageState, image_state
 from support.legacy_vectors import CASES, have_vectors, transcript, vector_input

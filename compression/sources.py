@@ -1,0 +1,187 @@
+"""What a push reads: the source disk as a file, a block device, or a generation of an image.
+
+A :class:`SourceReader` answers three questions for the sync engine: the bytes of a range
+(``read``), which ranges may hold data at all (``extents``), and, for an image, digests and
+stored chunks it already has (``index_for``, ``read_stored``), so they need not be read and
+recomputed. ``extents`` is where sparse files (``SEEK_DATA``), filesystem free-block maps and
+QEMU dirty bitmaps narrow a scan down to what may have changed; today a file or device is one
+extent, an image its non-zero chunks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import stat
+from collections.abc import Iterator
+from typing import Any
+
+from diskrsync.base.errors import LocalError, ReadError, UsageError, from_oserror
+from diskrsync.compression.codec import STANDARD, ChunkCodec
+from diskrsync.compression.container import open_image, sniff
+
+SECTOR = 512  # the smallest unit a failing read of a disk is narrowed down to
+
+
+class SourceReader:
+    """Bytes of the disk being pushed; subclasses add what they know without reading."""
+
+    size: int
+    description: str
+    #: a failing read is narrowed down to aligned pieces of this size, no smaller
+    sector: int = SECTOR
+    #: the codec ``read_stored`` answers in (and whose digests ``index_for`` holds)
+    codec: ChunkCodec = STANDARD
+
+    def read(self, offset: int, length: int) -> bytes:
+        """Exactly ``length`` bytes; ReadError or OSError (CorruptChunkError for an image) when
+        part of them cannot be read."""
+        raise NotImplementedError
+
+    def extents(self) -> Iterator[tuple[int, int]]:
+        """(offset, length) ranges, ascending and disjoint, that may hold data: every byte
+        outside them reads as zero, so a scan need not read it. Default: the whole disk."""
+        if self.size:
+            yield 0, self.size
+
+    def index_for(self, chunk_size: int, fanout: int) -> Any:
+        """An object with ``node_hashes(level)`` and ``leaf_hashes(page)`` when this source
+        can answer digests from an index for that geometry, else None."""
+        return None
+
+    def read_stored(self, index: int, chunk_size: int) -> tuple[int, bytes] | None:
+        """Chunk ``index`` of ``chunk_size`` in stored form (kind, bytes) when it can be sent
+        without re-encoding, checked against its digest (CorruptChunkError if it fails)."""
+        return None
+
+    def close(self) -> None:
+        pass
+
+
+class RawSource(SourceReader):
+    """A regular file or a block device."""
+
+    def __init__(self, path: str) -> None:
+        try:
+            st = os.stat(path)
+        except OSError as e:
+            raise from_oserror(e, f"cannot read {path}") from None
+        if stat.S_ISDIR(st.st_mode):
+            raise UsageError(f"{path} is a directory: give a file, a block device or an image")
+        if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+            raise UsageError(f"{path} is neither a regular file nor a block device")
+        try:
+            self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as e:
+            raise from_oserror(e, f"cannot read {path}") from None
+        try:
+            self.size = os.lseek(self.fd, 0, os.SEEK_END)
+        except OSError as e:  # e.g. a /proc file: EINVAL
+            os.close(self.fd)
+            raise from_oserror(e, f"cannot read {path}") from None
+        self.description = path
+        with contextlib.suppress(OSError, AttributeError):
+            os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+
+    def read(self, offset: int, length: int) -> bytes:
+        # a short read is continued where it stopped: a disk returns the bytes before a bad
+        # sector, and only the read that starts at it fails (ReadError)
+        data = self._pread(length, offset)
+        done = len(data)
+        if done == length:
+            return data
+        parts = [data]
+        while done < length:
+            part = self._pread(length - done, offset + done)
+            if not part:
+                raise LocalError(f"{self.description} shrank while being read (it ends at "
+                                 f"offset {offset + done})")
+            parts.append(part)
+            done += len(part)
+        return b"".join(parts)
+
+    def _pread(self, length: int, offset: int) -> bytes:
+        try:
+            return os.pread(self.fd, length, offset)
+        except OSError as e:
+            raise ReadError(self.description, offset, e.errno or errno.EIO) from None
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class SnapshotSource(SourceReader):
+    """A pinned generation of an image (or an SPGZ0001 file) used as the source."""
+
+    def __init__(self, snapshot: Any, description: str, owner: Any = None) -> None:
+        self.snap = snapshot
+        self.size = snapshot.size
+        self.description = description
+        self._owner = owner
+        self.sector = snapshot.chunk_size  # a damaged chunk is unreadable as a whole
+        self.codec = getattr(snapshot, "codec", STANDARD)
+
+    def read(self, offset: int, length: int) -> bytes:
+        data: bytes = self.snap.read(offset, length)
+        return data
+
+    def extents(self) -> Iterator[tuple[int, int]]:
+        """Runs of chunks the container stores (zero chunks are metadata only)."""
+        cs, size = self.snap.chunk_size, self.size
+        start = -1  # first chunk of the current run
+        for c in range(self.snap.chunk_count):
+            if self.snap.chunk_is_zero(c):
+                if start >= 0:
+                    yield start * cs, c * cs - start * cs
+                    start = -1
+            elif start < 0:
+                start = c
+        if start >= 0:
+            yield start * cs, size - start * cs
+
+    def index_for(self, chunk_size: int, fanout: int) -> Any:
+        tree = getattr(self.snap, "tree", None)
+        if tree is not None and tree.shape.chunk_size == chunk_size \
+                and tree.shape.fanout == fanout:
+            return tree
+        return None
+
+    def read_stored(self, index: int, chunk_size: int) -> tuple[int, bytes] | None:
+        # only an image with the push's chunk size holds the chunk as one stored piece; it
+        # decodes and hash-checks it before handing it out
+        if self.snap.chunk_size != chunk_size or not hasattr(self.snap, "read_stored"):
+            return None
+        kind, data = self.snap.read_stored(index)
+        return int(kind), data
+
+    def close(self) -> None:
+        self.snap.close()
+        if self._owner is not None:
+            self._owner.close()
+
+
+def open_source(path: str, generation: int | None = None) -> SourceReader:
+    """A raw file or device, or a generation of an image / SPGZ0001 file."""
+    if os.path.isdir(path):
+        raise UsageError(f"{path} is a directory: give a file, a block device or an image")
+    try:
+        kind = sniff(path) if os.path.isfile(path) else None
+    except LocalError:
+        # its first sectors are unreadable (a failing disk under a disk image file): it
+        # cannot be told to be an image, so it is read as the raw file it is, where the bad
+        # sectors are found and, with --ignore-read-errors, mapped
+        kind = None
+    if kind is None:
+        if generation is not None:
+            raise UsageError(f"{path} is not an image, so it has no generation {generation}")
+        return RawSource(path)
+    img = open_image(path)
+    try:
+        snap = img.snapshot(generation)
+    except BaseException:
+        img.close()
+        raise
+    return SnapshotSource(snap, f"{path} (generation {snap.info.number})", owner=img)
