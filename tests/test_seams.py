@@ -69,6 +69,7 @@ def test_standard_codec_is_zstd_or_raw_with_plain_blake3():
         STANDARD.decode(kind, stored, CS - 1, ChunkAt(0))
 
 
+@pytest.mark.inproc
 def test_image_stores_reads_and_verifies_through_its_codec(tmp_path):
     codec = PlacedCodec()
     data = _disk(6, {2})
@@ -94,6 +95,7 @@ def test_image_stores_reads_and_verifies_through_its_codec(tmp_path):
         snap.read_chunk(0)
 
 
+@pytest.mark.inproc
 def test_a_chunk_stored_for_one_place_does_not_read_at_another(tmp_path):
     codec = PlacedCodec()
     data = _disk(3, set())
@@ -115,6 +117,7 @@ def test_a_chunk_stored_for_one_place_does_not_read_at_another(tmp_path):
 # -- the chunk store --------------------------------------------------------------------
 
 
+@pytest.mark.inproc
 def test_file_store_writes_into_free_space_and_gives_back_what_nothing_references(tmp_path):
     path = tmp_path / "store"
     path.write_bytes(bytes(DATA_START))
@@ -142,6 +145,7 @@ def test_file_store_writes_into_free_space_and_gives_back_what_nothing_reference
         store.close()
 
 
+@pytest.mark.inproc
 def test_snapshot_and_transaction_do_their_io_through_the_store(tmp_path):
     data = _disk(4, {1})
     path = str(tmp_path / "a.img")
@@ -176,6 +180,7 @@ def test_snapshot_and_transaction_do_their_io_through_the_store(tmp_path):
 # -- the source reader ------------------------------------------------------------------
 
 
+@pytest.mark.inproc
 def test_raw_source_extents_are_the_whole_disk(tmp_path):
     path = tmp_path / "disk"
     path.write_bytes(_disk(3, {1}) + b"tail")
@@ -187,6 +192,7 @@ def test_raw_source_extents_are_the_whole_disk(tmp_path):
         assert list(src.extents()) == []
 
 
+@pytest.mark.inproc
 def test_image_source_extents_are_its_stored_chunks(tmp_path):
     zero = {0, 3, 4, 7}
     data = _disk(9, zero) + b"short"  # chunk 9 is short and not zero
