@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 from support.sshd import SshServer, free_port, make_key
 
+from diskrsync.cli.main import build_parser
 from diskrsync.cli.serve import _parse_request
 from diskrsync.synccore import protocol as p
 
@@ -895,6 +896,13 @@ def test_restricted_request_parsing() -> None:
     assert ns.chunk_size == 64 * 1024 and ns.checkpoint_interval == MiB and ns.no_compress
     ns = _parse_request("diskrsync serve --source /srv/b/x.spgz -g 4")
     assert ns.source == "/srv/b/x.spgz" and ns.generation == 4 and ns.target is None
+    # the real serve parser reads the request: same values, same defaults as a command line
+    words = ["--target", "/b/x.spgz", "--chunk-size", "1M", "--ignore-read-errors"]
+    ns, real = _parse_request(shlex.join(["diskrsync", "serve", *words])), \
+        build_parser().parse_args(["serve", *words])
+    for name in ("target", "chunk_size", "ignore_read_errors", "dry_run", "no_compress",
+                 "generation", "checkpoint_interval"):
+        assert getattr(ns, name) == getattr(real, name), name
     from diskrsync.base.errors import UsageError
 
     for bad in ["rm -rf /", "diskrsync serve", "diskrsync serve --target a --source b",

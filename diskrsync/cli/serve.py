@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import io
 import os
 import shlex
 import stat
@@ -20,7 +21,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from diskrsync.base.errors import DiskrsyncError, LocalError, UsageError, from_oserror
-from diskrsync.base.units import parse_size
+from diskrsync.cli.main import build_parser
 from diskrsync.cli.requests import push_request
 from diskrsync.compression.image import DEFAULT_KEEP
 from diskrsync.compression.targets import target_path
@@ -63,9 +64,10 @@ def _parse_request(command: str) -> argparse.Namespace:
     """The client's ``... serve --target|--source PATH [options]`` as serve's Namespace.
 
     The program word(s) before ``serve`` are the client's ``--remote-cmd`` and are ignored:
-    what runs here is the forced command.
+    what runs here is the forced command. Only the options in ``_CLIENT_OPTIONS`` pass; the
+    rest of the request is parsed by the real ``serve`` parser, so its types and defaults are
+    the command line's own.
     """
-
     try:
         words = shlex.split(command)
     except ValueError as e:
@@ -73,40 +75,28 @@ def _parse_request(command: str) -> argparse.Namespace:
     if "serve" not in words:
         raise UsageError("refused: this key only allows `diskrsync serve` (a diskrsync push)")
     rest = words[words.index("serve") + 1 :]
-    given: dict[str, str | bool] = {}
-    i = 0
-    while i < len(rest):
-        word = rest[i]
-        name, eq, value = word.partition("=")
+    expect_value = False
+    for word in rest:
+        if expect_value:
+            expect_value = False
+            continue
+        name, eq, _value = word.partition("=")
         if name not in _CLIENT_OPTIONS or (eq and not _CLIENT_OPTIONS[name]):
             raise UsageError(f"refused: option {word!r} is not allowed with this key")
-        if _CLIENT_OPTIONS[name]:
-            if not eq:
-                i += 1
-                if i >= len(rest):
-                    raise UsageError(f"refused: {name} needs a value")
-                value = rest[i]
-            given[name] = value
-        else:
-            given[name] = True
-        i += 1
-    if ("--target" in given) == ("--source" in given):
-        raise UsageError("refused: the request must name exactly one --target or --source")
+        expect_value = _CLIENT_OPTIONS[name] and not eq
+    complaint = io.StringIO()
     try:
-        return argparse.Namespace(
-            target=given.get("--target"), source=given.get("--source"),
-            keep=int(given.get("--keep", 2)),
-            chunk_size=parse_size(str(given.get("--chunk-size", "128K"))),
-            checkpoint_interval=(parse_size(str(given["--checkpoint-interval"]))
-                                 if "--checkpoint-interval" in given else None),
-            generation=(int(str(given.get("--generation", given.get("-g"))))
-                        if "--generation" in given or "-g" in given else None),
-            no_compress="--no-compress" in given,
-            dry_run="--dry-run" in given or "-n" in given,
-            ignore_read_errors="--ignore-read-errors" in given,
-        )
-    except (ValueError, argparse.ArgumentTypeError) as e:
-        raise UsageError(f"refused: bad option value in the request ({e})") from None
+        with contextlib.redirect_stderr(complaint):
+            req = build_parser().parse_args(["serve", *rest])
+    except SystemExit:
+        lines = complaint.getvalue().strip().splitlines() or ["bad request"]
+        why = lines[-1].split("error: ", 1)[-1]
+        raise UsageError(f"refused: bad option value in the request ({why})") from None
+    if (req.target is None) == (req.source is None):
+        raise UsageError("refused: the request must name exactly one --target or --source")
+    if req.keep is None:
+        req.keep = DEFAULT_KEEP  # a client that names no --keep asks for the default
+    return req
 
 
 #: What an append-only server commits with: "keep the newest 2**62", i.e. every generation.
