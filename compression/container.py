@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 
 from diskrsync.base.errors import DataError, UsageError, from_oserror
 from diskrsync.compression.format import MAGIC
@@ -12,23 +13,29 @@ from diskrsync.compression.spgz import SpgzImage
 
 
 def sniff(path: str) -> str | None:
-    """"image", "spgz", or None for anything else (raw files, devices, empty files)."""
+    """"image", "spgz", or None for anything else (raw files, devices, empty files).
+
+    Opened non-blocking and checked on the descriptor: a FIFO or a terminal given as an image
+    is "not an image" at once, never a read that waits forever."""
     try:
-        with open(path, "rb") as f:
-            head = f.read(len(MAGIC))
-            if head != MAGIC:  # the first superblock may be damaged: try the second slot
-                f.seek(4096)
-                if f.read(len(MAGIC)) == MAGIC:
-                    return "image"
-    except IsADirectoryError:
-        raise UsageError(f"{path} is a directory, not an image") from None
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
     except OSError as e:
         raise from_oserror(e, f"cannot open {path}") from None
-    if head == MAGIC:
-        return "image"
-    if head == SPGZ_MAGIC:
-        return "spgz"
-    return None
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise UsageError(f"{path} is a directory, not an image")
+        if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+            return None
+        head = os.pread(fd, len(MAGIC), 0)
+        # the first superblock may be damaged: try the second slot
+        if head == MAGIC or os.pread(fd, len(MAGIC), 4096) == MAGIC:
+            return "image"
+    except OSError as e:
+        raise from_oserror(e, f"cannot read {path}") from None
+    finally:
+        os.close(fd)
+    return "spgz" if head == SPGZ_MAGIC else None
 
 
 def open_image(path: str, *, accept_loss: bool = False) -> Image | SpgzImage:

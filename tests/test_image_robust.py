@@ -914,3 +914,20 @@ def test_checkpoint_after_growing_resize_keeps_chunks(tmp_path):
     got = content(path)
     assert got[8 * CS : 9 * CS] == grown[8 * CS : 9 * CS], "chunk 8 was lost"
     assert got == bytes(grown)
+
+
+@pytest.mark.process
+@pytest.mark.parametrize("args", [["info"], ["verify"], ["prune", "--keep", "1"],
+                                  ["restore", "OUT"], ["mount", "MNT"]],
+                         ids=["info", "verify", "prune", "restore", "mount"])
+def test_a_fifo_given_as_the_image_is_refused_at_once(tmp_path, args):
+    """A FIFO where an image belongs was opened for reading and waited for a writer forever
+    (info, verify, prune, restore, mount hung); it is "not an image" at once."""
+    fifo = tmp_path / "image.spgz"
+    os.mkfifo(fifo)
+    words = [str(tmp_path / w) if w in ("OUT", "MNT") else w for w in args]
+    (tmp_path / "MNT").mkdir()
+    r = cli(words[0], str(fifo), *words[1:])  # cli()'s timeout is the did-not-hang guard
+    assert_cli_error(r, "not a diskrsync image")
+    assert r.returncode == 6
+    assert not (tmp_path / "OUT").exists()
