@@ -13,7 +13,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from diskrsync.base.errors import DiskrsyncError, UsageError
@@ -94,8 +94,6 @@ def local_push(src: str, dst: str, req: PushRequest,
 
 
 def _with_info(opts: SourceOptions, info: dict[str, Any]) -> SourceOptions:
-    from dataclasses import replace
-
     return replace(opts, info=info)
 
 
