@@ -33,7 +33,7 @@ from diskrsync.synccore.go_io import ProgressLineParser
 from diskrsync.synccore.location import LocalPath, Location, RemotePath
 from diskrsync.synccore.push import PushRequest, run_target_end
 from diskrsync.synccore.source import PushStats, SourceSession
-from diskrsync.synccore.ssh.config import SshOptions
+from diskrsync.synccore.ssh.config import RemoteOptions
 from diskrsync.synccore.ssh.connection import SshConnection, connect
 from diskrsync.synccore.ssh.errors import EXIT_NOT_FOUND, LinkError, RemoteCommandError
 from diskrsync.synccore.ssh.process import RemoteProcess
@@ -48,22 +48,6 @@ EXIT_WAIT = 30.0
 FAILURE_WAIT = 5.0
 #: What `serve` exits with on a usage error: older/foreign programs reject `serve` with it.
 EXIT_USAGE = UsageError.exit_code
-
-
-@dataclass(frozen=True)
-class RemoteOptions:
-    """How to reach and run the far end, and what to show meanwhile (from the CLI's flags)."""
-
-    ssh: SshOptions
-    extra: tuple[str, ...] = ()  # words after the program of a multi-word --remote-cmd
-    progress: bool = False  # draw a progress bar here
-    remote_progress: bool = False  # ask a Go remote for its progress lines (a bar on a tty)
-    timeout: float | None = None  # fail when the remote sends nothing for this long
-
-    @property
-    def command(self) -> str:
-        """The remote command as the user gave it, for messages."""
-        return " ".join([self.ssh.remote_cmd, *self.extra])
 
 
 class StderrRelay:

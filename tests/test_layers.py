@@ -5,11 +5,11 @@ and no diskrsync import hides inside a function (where it would dodge a cycle)."
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
-
-pytestmark = pytest.mark.pure
 
 REPO = Path(__file__).resolve().parents[1]
 # folder -> the package it is installed as (pyproject's package-dir)
@@ -69,6 +69,7 @@ def imports(tree: ast.Module, module: str, path: Path) -> list[tuple[str, int, b
     return out
 
 
+@pytest.mark.pure
 def test_every_import_goes_down_the_layers() -> None:
     problems = []
     for module, path in modules():
@@ -84,6 +85,7 @@ def test_every_import_goes_down_the_layers() -> None:
     assert not problems, "\n".join(problems)
 
 
+@pytest.mark.pure
 def test_the_checker_sees_a_violation() -> None:
     """The check itself: an upward import and a function-local one are both reported."""
     tree = ast.parse("from diskrsync.cli.main import main\n"
@@ -92,3 +94,15 @@ def test_the_checker_sees_a_violation() -> None:
     assert found == [("diskrsync.cli.main", 1, False), ("diskrsync.base", 3, True)]
     assert RANK[layer_of(found[0][0])] > RANK[layer_of("diskrsync.compression.x")]
     assert layer_of("diskrsync.fsmount.vfs") != layer_of("diskrsync.synccore.push")
+
+
+@pytest.mark.process
+@pytest.mark.parametrize("module", ["diskrsync.cli.push", "diskrsync.cli.images",
+                                    "diskrsync.cli.main"])
+def test_local_commands_do_not_load_the_ssh_stack(module: str) -> None:
+    """paramiko costs ~0.2 s to import: a local push, info or verify must not pay it (a
+    request type living beside the SSH connection code once pulled it into every push)."""
+    code = f"import sys, {module}; print('paramiko' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60, check=True).stdout.strip()
+    assert out == "False"

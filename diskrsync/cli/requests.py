@@ -12,9 +12,8 @@ from pathlib import Path
 from diskrsync.base.errors import UsageError
 from diskrsync.synccore.protocol import DEFAULT_MAX_SIZE
 from diskrsync.synccore.push import PushRequest
-from diskrsync.synccore.remote import RemoteOptions
 from diskrsync.synccore.source import SourceOptions
-from diskrsync.synccore.ssh.config import DEFAULT_SSH_CONFIG, SshOptions
+from diskrsync.synccore.ssh.config import DEFAULT_SSH_CONFIG, RemoteOptions, SshOptions
 from diskrsync.synccore.target import TargetOptions
 
 #: Testing aid: "INTERVAL,COUNT" overrides the keepalive watchdog (default 15 s x 4), so a

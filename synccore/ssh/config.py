@@ -139,3 +139,19 @@ def parse_jump(spec: str) -> tuple[str, str | None, int | None]:
     if not host:
         raise UsageError(f"bad ProxyJump host {spec!r}")
     return host, user, port
+
+
+@dataclass(frozen=True)
+class RemoteOptions:
+    """How to reach and run the far end, and what to show meanwhile (from the CLI's flags)."""
+
+    ssh: SshOptions
+    extra: tuple[str, ...] = ()  # words after the program of a multi-word --remote-cmd
+    progress: bool = False  # draw a progress bar here
+    remote_progress: bool = False  # ask a Go remote for its progress lines (a bar on a tty)
+    timeout: float | None = None  # fail when the remote sends nothing for this long
+
+    @property
+    def command(self) -> str:
+        """The remote command as the user gave it, for messages."""
+        return " ".join([self.ssh.remote_cmd, *self.extra])
