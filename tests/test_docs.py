@@ -40,6 +40,8 @@ import pytest
 from support.sshd import SshServer, make_key
 
 from diskrsync.cli.main import build_parser
+from diskrsync.compression.image import Image, writer_active
+from diskrsync.synccore.source import PushStats
 
 ROOT = Path(__file__).resolve().parent.parent
 GUIDE = ROOT / "docs" / "user-guide.md"
@@ -372,8 +374,6 @@ def make_sample(work: Path) -> None:
 
 
 def writer_locked(path: Path) -> bool:
-    from diskrsync.compression.image import writer_active
-
     return writer_active(str(path))
 
 
@@ -476,8 +476,6 @@ def _disk_full(block: Block, work: Path) -> None:
 
 @scenario("corrupt-chunk")
 def _corrupt_chunk(block: Block, work: Path) -> None:
-    from diskrsync.compression.image import Image
-
     path = work / "backups" / "disk.spgz"
     with Image.open(str(path)) as img, img.snapshot() as snap:
         entry = next(e for e in (snap.tree.entry(i) for i in range(snap.chunk_count))
@@ -702,8 +700,6 @@ def test_man_page_renders() -> None:
 @pytest.mark.process
 def test_json_summary_fields_used_by_the_metrics_hook_exist() -> None:
     from dataclasses import fields
-
-    from diskrsync.synccore.source import PushStats
 
     names = {f.name for f in fields(PushStats)}
     hook = (ROOT / "contrib" / "diskrsync-metrics").read_text()

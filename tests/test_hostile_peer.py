@@ -28,8 +28,10 @@ from support.hostile import (
 )
 
 from diskrsync.base.errors import PeerError
-from diskrsync.base.merkle import leaf_hash
+from diskrsync.base.merkle import leaf_hash, zero_hash
+from diskrsync.cli.main import _run
 from diskrsync.compression import codec
+from diskrsync.compression import targets as t
 from diskrsync.compression.codec import Kind
 from diskrsync.compression.go_target import ImageTargetStore
 from diskrsync.compression.image import Image
@@ -37,6 +39,7 @@ from diskrsync.synccore import protocol as p
 from diskrsync.synccore.legacy import MAGIC
 from diskrsync.synccore.push import PushRequest, local_push
 from diskrsync.synccore.source import SourceOptions
+from diskrsync.synccore.ssh.process import MAX_STDERR_LINE, RemoteProcess
 
 CS = 16384
 SIZE = CS * 24
@@ -336,8 +339,6 @@ def test_a_remote_stderr_line_without_an_end_is_not_held_in_memory():
     endless stderr line; the relay held all of it until the end."""
     from types import SimpleNamespace
 
-    from diskrsync.synccore.ssh.process import MAX_STDERR_LINE, RemoteProcess
-
     pieces = [b"x" * 65536] * 100 + [b"\nlast\n", b""]
     chan = SimpleNamespace(recv_stderr=lambda n: pieces.pop(0))
     lines: list[str] = []
@@ -350,8 +351,6 @@ def test_a_remote_stderr_line_without_an_end_is_not_held_in_memory():
 
 @pytest.mark.pure
 def test_running_out_of_memory_is_one_line_and_exit_3(capsys):
-    from diskrsync.cli.main import _run
-
     def hungry() -> int:
         raise MemoryError()
 
@@ -363,8 +362,6 @@ def test_running_out_of_memory_is_one_line_and_exit_3(capsys):
 def test_zero_chunks_scattered_over_pages_do_not_pile_up_in_memory(tmp_path, monkeypatch):
     """One zero chunk per index page costs the peer 45 bytes and the target a whole page
     (6 KiB) in memory; with no payload no checkpoint ever came to write them out."""
-    from diskrsync.base.merkle import zero_hash
-    from diskrsync.compression import targets as t
 
     monkeypatch.setattr(t, "DIRTY_INDEX_BYTES", 64 << 10)
     path = tmp_path / "d.spgz"

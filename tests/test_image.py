@@ -15,6 +15,7 @@ from diskrsync.base.errors import BusyError, DataError, UsageError
 from diskrsync.base.merkle import leaf_hash, tree_root
 from diskrsync.compression.api import GenerationInfo
 from diskrsync.compression.image import Image
+from diskrsync.compression.importer import BATCH_CHUNKS, write_new_image
 
 pytestmark = pytest.mark.inproc
 
@@ -160,8 +161,6 @@ def test_bad_paths(tmp_path):
 
 
 def test_write_new_image_in_one_pass(tmp_path):
-    from diskrsync.compression.importer import BATCH_CHUNKS, write_new_image
-
     rnd = random.Random(7)
     data = (rnd.randbytes(CS * 40) + bytes(CS * 30) + b"text " * (CS * 3) + b"tail")
     assert len(data) > CS * BATCH_CHUNKS * 2  # several batches, a short last chunk

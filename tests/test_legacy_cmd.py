@@ -45,6 +45,8 @@ from diskrsync.compression.convert import convert_snapshot
 from diskrsync.compression.go_target import ImageTargetStore, open_legacy_target
 from diskrsync.compression.image import Image
 from diskrsync.compression.maintenance import verify
+from diskrsync.compression.sources import RawSource
+from diskrsync.synccore.channel import FdStream, FramedChannel
 from diskrsync.synccore.go_io import GoProgressLines, ProgressLineParser, run_machine
 from diskrsync.synccore.go_remote import GO_CLIENT_SOURCE, legacy_push
 from diskrsync.synccore.legacy import (
@@ -52,7 +54,11 @@ from diskrsync.synccore.legacy import (
     LegacySource,
     go_tree_shape,
 )
+from diskrsync.synccore.location import parse_location
+from diskrsync.synccore.push import PushRequest
 from diskrsync.synccore.remote import RemoteOptions
+from diskrsync.synccore.source import SourceOptions, SourceSession
+from diskrsync.synccore.target import TargetOptions
 
 K = 1024
 M = 1024 * K
@@ -811,9 +817,6 @@ cat >/dev/null
 @pytest.mark.process
 def test_plain_push_meeting_the_go_tool_says_use_legacy(tmp_path: Path) -> None:
     """The native source, given a peer that answers BSNC0002, stops with the hint."""
-    from diskrsync.compression.sources import RawSource
-    from diskrsync.synccore.channel import FdStream, FramedChannel
-    from diskrsync.synccore.source import SourceOptions, SourceSession
 
     fake = tmp_path / "fake-go"
     fake.write_text(FAKE_GO)
@@ -876,10 +879,6 @@ def legacy_args(srv: Any, **kw: Any) -> RemoteOptions:
 
 
 def request(raw: bool = False, keep: int = 2, dry_run: bool = False) -> Any:
-    from diskrsync.synccore.push import PushRequest
-    from diskrsync.synccore.source import SourceOptions
-    from diskrsync.synccore.target import TargetOptions
-
     return PushRequest(source=SourceOptions(dry_run=dry_run),
                        target=TargetOptions(keep=keep, dry_run=dry_run), raw_target=raw)
 
@@ -889,8 +888,6 @@ def url(srv: Any, path: Path) -> str:
 
 
 def loc(text: str) -> Any:
-    from diskrsync.synccore.location import parse_location
-
     return parse_location(text)
 
 

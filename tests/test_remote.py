@@ -25,9 +25,18 @@ from typing import Any
 import pytest
 from support.sshd import SshServer, free_port, make_key
 
+from diskrsync.base.errors import ConnectionClosed, DiskrsyncError, UsageError
+from diskrsync.base.merkle import leaf_hash
 from diskrsync.cli.main import build_parser
-from diskrsync.cli.serve import _parse_request
+from diskrsync.cli.requests import ssh_options
+from diskrsync.cli.serve import KEEP_ALL, _parse_request, apply_retention
+from diskrsync.compression.codec import Kind
+from diskrsync.compression.sources import RawSource
 from diskrsync.synccore import protocol as p
+from diskrsync.synccore.channel import FdStream, FramedChannel
+from diskrsync.synccore.push import serve_source
+from diskrsync.synccore.source import SourceOptions, SourceSession
+from diskrsync.synccore.target import TargetOptions, open_store
 
 pytestmark = pytest.mark.ssh
 
@@ -483,9 +492,6 @@ def test_serve_timeout_frees_a_frozen_clients_lock(tmp_path: Path) -> None:
     """A client that says hello, sends two chunks and then nothing (frozen, or a dead link
     TCP has not noticed): serve --timeout 2 gives up with exit 5, keeps what arrived as a
     checkpoint and releases the image's writer lock, so the next push works."""
-    from diskrsync.base.merkle import leaf_hash
-    from diskrsync.compression.codec import Kind
-    from diskrsync.synccore.channel import FdStream, FramedChannel
 
     src, image = tmp_path / "src.img", tmp_path / "img.spgz"
     data = disk(src, 4 * MiB, seed=5)
@@ -528,7 +534,6 @@ def test_serve_timeout_frees_a_frozen_clients_lock(tmp_path: Path) -> None:
 def test_alive_frames_keep_a_quiet_conversation_within_the_timeout() -> None:
     """Both ends with a 2 s timeout stay quiet for longer (a long scan of unchanged data):
     the Alive frames keep them connected, and neither end ever sees one."""
-    from diskrsync.synccore.channel import FdStream, FramedChannel
 
     a_to_b, b_to_a = os.pipe(), os.pipe()
     a = FramedChannel(FdStream(b_to_a[0], a_to_b[1], timeout=2))
@@ -557,11 +562,6 @@ def test_source_stops_when_the_target_closes_early(tmp_path: Path) -> None:
     """A target that answers hello and then goes away: the source stops scanning at once
     with a clear error, rather than reading the whole disk first."""
     import threading
-
-    from diskrsync.base.errors import ConnectionClosed
-    from diskrsync.compression.sources import RawSource
-    from diskrsync.synccore.channel import FdStream, FramedChannel
-    from diskrsync.synccore.source import SourceOptions, SourceSession
 
     src = tmp_path / "src.img"
     with src.open("wb") as f:
@@ -772,10 +772,6 @@ def _push_with_swap(tmp: Path, root: Path, request: str, swaps: list[tuple[str, 
                     data: bytes, options: str = "") -> tuple[int, str]:
     """Push ``data`` through a restricted serve of ``root`` asked for ``request``; returns
     the serve's exit status and stderr."""
-    from diskrsync.base.errors import DiskrsyncError
-    from diskrsync.synccore.channel import FdStream, FramedChannel
-    from diskrsync.synccore.push import serve_source
-    from diskrsync.synccore.source import SourceOptions
 
     src = tmp / "src.img"
     src.write_bytes(data)
@@ -844,8 +840,6 @@ def test_restricted_final_symlink_is_refused(tmp_path: Path, raw: bool) -> None:
 def test_nofollow_store_refuses_a_final_symlink(tmp_path: Path, raw: bool) -> None:
     """The last line of defence when the symlink appears after the serve's own check: the
     stores open the final component with O_NOFOLLOW."""
-    from diskrsync.base.errors import UsageError
-    from diskrsync.synccore.target import TargetOptions, open_store
 
     victim = tmp_path / "victim"
     if raw:
@@ -866,8 +860,6 @@ def test_nofollow_store_refuses_a_final_symlink(tmp_path: Path, raw: bool) -> No
 def test_retention_policy_over_a_client_request(capsys: pytest.CaptureFixture[str]) -> None:
     """Clients may ask to keep more than the server's floor, never less; append-only keeps
     everything; either refuses a raw target (no history)."""
-    from diskrsync.base.errors import UsageError
-    from diskrsync.cli.serve import KEEP_ALL, apply_retention
 
     def keep(client: int, **policy: Any) -> int:
         req = _parse_request(f"diskrsync serve --target /b/x.spgz --keep {client}")
@@ -903,7 +895,6 @@ def test_restricted_request_parsing() -> None:
     for name in ("target", "chunk_size", "ignore_read_errors", "dry_run", "no_compress",
                  "generation", "checkpoint_interval"):
         assert getattr(ns, name) == getattr(real, name), name
-    from diskrsync.base.errors import UsageError
 
     for bad in ["rm -rf /", "diskrsync serve", "diskrsync serve --target a --source b",
                 "diskrsync serve --target a --restrict-to /", "diskrsync serve --target",
@@ -966,9 +957,6 @@ def test_serve_help_states_serves_own_defaults() -> None:
 @pytest.mark.inproc
 def test_ssh_options_from_cli(monkeypatch: pytest.MonkeyPatch) -> None:
     import argparse
-
-    from diskrsync.base.errors import UsageError
-    from diskrsync.cli.requests import ssh_options
 
     args = argparse.Namespace(identity=["k1", "k2"], ssh_config="/x/cfg",
                               accept_new_host_key=True,

@@ -32,11 +32,11 @@ from diskrsync.base.errors import (
 )
 from diskrsync.base.merkle import leaf_hash, tree_root
 from diskrsync.compression.format import MAGIC
-from diskrsync.compression.image import Image
+from diskrsync.compression.image import Image, writer_active
 from diskrsync.compression.sources import RawSource
 from diskrsync.synccore import protocol as p
-from diskrsync.synccore.channel import FdStream, FramedChannel, delayed_pair
-from diskrsync.synccore.push import PushRequest, local_push
+from diskrsync.synccore.channel import FdStream, FramedChannel, channel_pair, delayed_pair
+from diskrsync.synccore.push import PushRequest, local_push, open_store, serve_target
 from diskrsync.synccore.source import SourceOptions, SourceSession
 from diskrsync.synccore.target import TargetOptions
 
@@ -232,8 +232,6 @@ def test_source_changing_during_push_is_detected(tmp_path):
     new[10 * CS : 10 * CS + 5] = b"first"  # a real change, found by the scan
     src.write_bytes(bytes(new))
     later = os.urandom(CS)  # chunk 10 changes again between the scan and the re-read
-    from diskrsync.synccore.channel import channel_pair
-    from diskrsync.synccore.push import open_store, serve_target
 
     a, b = channel_pair()
     out: dict[str, object] = {}
@@ -264,9 +262,6 @@ class FailingSource(RawSource):
 
 
 def _push_reader(reader, dst, opts):
-    from diskrsync.synccore.channel import channel_pair
-    from diskrsync.synccore.push import open_store, serve_target
-
     a, b = channel_pair()
     err = []
 
@@ -418,8 +413,6 @@ def test_dry_run_changes_nothing_and_reports(tmp_path):
 
 
 def _writer_active(path) -> bool:
-    from diskrsync.compression.image import writer_active
-
     return writer_active(str(path))
 
 
@@ -548,8 +541,6 @@ def test_serve_refuses_an_incompatible_source_and_says_why(tmp_path):
 
 @pytest.mark.pure
 def test_source_refuses_a_target_without_a_needed_capability():
-    from diskrsync.synccore.channel import channel_pair
-
     a, b = channel_pair()
     b.send(p.Hello("target", 0, CS, 128, "old 0.0", {"hash": p.HASH, "caps": ["zstd"]}))
     reader = RawSource(__file__)
@@ -695,7 +686,6 @@ def test_socket_peer_closing_early_keeps_previous(tmp_path):
     (tmp_path / "s").write_bytes(b"a" * CS * 8)
     local_push(str(tmp_path / "s"), str(dst), REQ)
     a, b = socket.socketpair()
-    from diskrsync.synccore.push import open_store, serve_target
 
     err = []
 
