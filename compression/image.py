@@ -64,6 +64,14 @@ from diskrsync.base.merkle import Shape, node_hash_packed, root_hash
 from diskrsync.compression.alloc import FreeSpace
 from diskrsync.compression.api import GenerationInfo, read_span
 from diskrsync.compression.codec import STANDARD, ChunkAt, ChunkCodec, Kind, is_zero, zeros
+from diskrsync.compression.crypto import (
+    Envelope,
+    Keyring,
+    MasterKey,
+    OpaqueCodec,
+    SealedCodec,
+    SeenGenerations,
+)
 from diskrsync.compression.format import (
     DATA_START,
     DEFAULT_CHUNK,
@@ -386,7 +394,11 @@ def _read_slot(store: FileStore, path: str, index: int, raw: bytes) -> _Slot:
         blob = store.read(sb.table_offset, sb.table_length, "generation table")
         if checksum(blob) != sb.table_checksum:
             raise DataError("generation table checksum mismatch")
-        return _Slot(index, sb, GenTable.decode(blob))
+        table = GenTable.decode(blob)
+        if table.version != sb.version:  # encryption is never added or stripped silently
+            raise DataError(f"superblock says format version {sb.version}, its table "
+                            f"version {table.version}")
+        return _Slot(index, sb, table)
     except DataError as e:
         return _Slot(index, sb, None, e.message)
 
@@ -606,12 +618,52 @@ class Image:
     """An image file: lists generations, hands out pinned snapshots, and begins transactions."""
 
     def __init__(self, path: str, fd: int, state: _State, *, accept_loss: bool = False,
-                 codec: ChunkCodec = STANDARD) -> None:
+                 codec: ChunkCodec = STANDARD, keyring: Keyring | None = None) -> None:
         self.path = path
         self.store = FileStore(fd, path)
-        self.codec = codec
         self._accept_loss = accept_loss
         self._state = self._checked(state)
+        self.key: MasterKey | None = None
+        self.codec: ChunkCodec = codec
+        enc = state.table.encryption
+        if enc is not None:
+            key_id = bytes.fromhex(enc["key_id"])
+            if keyring is None:
+                self.codec = OpaqueCodec(key_id, str(enc["cipher"]))
+            else:
+                envelope = Envelope.from_json(enc["envelope"]) if enc.get("envelope") else None
+                self.key = keyring.unlock(key_id, envelope, path)
+                self.codec = SealedCodec(self.key)
+                self._check_seals(state.table)
+
+    @property
+    def encrypted(self) -> bool:
+        return self._state.table.encryption is not None
+
+    @property
+    def key_id(self) -> bytes | None:
+        enc = self._state.table.encryption
+        return bytes.fromhex(enc["key_id"]) if enc is not None else None
+
+    def _check_seals(self, table: GenTable) -> None:
+        """With the key: every generation's seal opens for its number and root, and the
+        image is not older than this client has seen it (see crypto.py)."""
+        codec = self.codec
+        assert isinstance(codec, SealedCodec) and self.key is not None
+        for rec in table.generations:
+            codec.open_seal(rec.number, rec.root_hash, rec.seal)
+        gens = table.generations
+        seen = SeenGenerations()
+        seen.check(self.key.key_id, (gens[-1].number, gens[-1].root_hash) if gens else None,
+                   {r.number: r.root_hash for r in gens}, self.path)
+        if gens:
+            seen.record(self.key.key_id, gens[-1].number, gens[-1].root_hash)
+
+    def sealed_record(self, rec: GenRecord) -> dict[str, Any]:
+        """What the client sealed into a generation (``{}`` for a plain image)."""
+        if isinstance(self.codec, SealedCodec):
+            return self.codec.open_seal(rec.number, rec.root_hash, rec.seal)
+        return {}
 
     def _checked(self, state: _State) -> _State:
         if not self._accept_loss:
@@ -622,18 +674,21 @@ class Image:
 
     @classmethod
     def open(cls, path: str, *, accept_loss: bool = False, nofollow: bool = False,
-             codec: ChunkCodec = STANDARD) -> Image:
+             codec: ChunkCodec = STANDARD, keyring: Keyring | None = None) -> Image:
         """Open an image for reading. A state that may have lost its newest commit is a
         DataError unless ``accept_loss`` (for verify and repair, which report it).
-        ``nofollow``: refuse a symlink as the final component (ELOOP). ``codec``: how its
-        chunks are stored and hashed (every snapshot and transaction of it uses it)."""
+        ``nofollow``: refuse a symlink as the final component (ELOOP). ``codec``: how a
+        plain image's chunks are stored and hashed (every snapshot and transaction of it
+        uses it). An encrypted image is unlocked through ``keyring`` (every generation's
+        seal checked); without one it is opened opaque: its structure can be read and
+        written (a ``serve`` end), its data not."""
         path = os.fspath(path)
         if os.path.isdir(path):
             raise UsageError(f"{path} is a directory, not an image")
         fd = _open_fd(path, os.O_RDONLY | (os.O_NOFOLLOW if nofollow else 0))
         try:
             return cls(path, fd, _read_state(FileStore(fd, path), path), accept_loss=accept_loss,
-                       codec=codec)
+                       codec=codec, keyring=keyring)
         except BaseException:
             os.close(fd)
             raise
@@ -642,13 +697,15 @@ class Image:
     def create(
         cls, path: str, *, chunk_size: int = DEFAULT_CHUNK, fanout: int = DEFAULT_FANOUT,
         in_place: bool = False, nofollow: bool = False, codec: ChunkCodec = STANDARD,
+        encryption: dict[str, Any] | None = None, keyring: Keyring | None = None,
     ) -> Image:
         """A new, empty image (no generation yet); fails if ``path`` exists.
 
         With ``in_place``, ``path`` must instead be an existing empty regular file, which
         becomes the image and keeps its inode, owner and mode; it is checked empty under the
         writer lock, so an image another writer put there meanwhile is never overwritten.
-        ``nofollow``: refuse a symlink as the final component (ELOOP).
+        ``nofollow``: refuse a symlink as the final component (ELOOP). ``encryption``
+        (:func:`encryption_entry`) makes it an encrypted image (format version 2).
         """
         path = os.fspath(path)
         if not (MIN_CHUNK <= chunk_size <= MAX_CHUNK and chunk_size & (chunk_size - 1) == 0):
@@ -676,12 +733,13 @@ class Image:
                 os.close(fd)
                 raise
         try:
-            table = GenTable().encode()
+            empty = GenTable(encryption=encryption)
+            table = empty.encode()
             for slot, off in enumerate(SUPERBLOCK_SLOTS):
                 at = DATA_START + slot * SECTOR  # one table copy per slot, own sectors
                 os.pwrite(fd, table, at)
                 sb = Superblock(chunk_size, fanout, 1, at, len(table), checksum(table),
-                                FLAG_MIRRORED)
+                                FLAG_MIRRORED, empty.version)
                 os.pwrite(fd, sb.encode(), off)
             os.fsync(fd)
             if not in_place:
@@ -701,7 +759,7 @@ class Image:
                 with contextlib.suppress(OSError):
                     os.unlink(path)
         os.close(fd)
-        return cls.open(target, nofollow=nofollow, codec=codec)
+        return cls.open(target, nofollow=nofollow, codec=codec, keyring=keyring)
 
     def close(self) -> None:
         self.store.close()
@@ -773,6 +831,8 @@ class Image:
                 raise
             self._state = state
             if any(r.number == rec.number for r in state.table.generations):
+                if isinstance(self.codec, SealedCodec):
+                    self.codec.open_seal(rec.number, rec.root_hash, rec.seal)
                 return Snapshot(self.path, store, rec, state.sb.chunk_size, state.sb.fanout,
                                 self.codec)
             store.close()
@@ -939,11 +999,11 @@ def read_checked(store: ChunkReader, codec: ChunkCodec, index: int, e: Entry, le
     """One stored chunk as (stored bytes, decoded bytes), both only once they hash right."""
     try:
         stored = store.read(e.offset, e.length, f"chunk {index}")
-        data = codec.decode(e.kind, stored, length, ChunkAt(index))
+        data = codec.decode(e.kind, stored, length, ChunkAt(index, e.hash))
     except (DataError, ValueError) as err:
         detail = err.message if isinstance(err, DiskrsyncError) else str(err)
         raise CorruptChunkError(index, index * chunk_size, detail) from None
-    if codec.leaf_hash(data) != e.hash:
+    if codec.leaf_hash(data, index) != e.hash:
         raise CorruptChunkError(index, index * chunk_size)
     return stored, data
 
@@ -1123,8 +1183,8 @@ class Transaction:
             h = codec.zero_hash(len(data))
             self.put_chunk(chunk, Kind.ZERO, b"", h, len(data))
             return h
-        kind, stored = codec.encode(data, ChunkAt(chunk))
-        h = codec.leaf_hash(data)
+        h = codec.leaf_hash(data, chunk)
+        kind, stored = codec.encode(data, ChunkAt(chunk, h))
         self.put_chunk(chunk, kind, stored, h, len(data))
         return h
 
@@ -1209,7 +1269,7 @@ class Transaction:
             self._store.sync()
             for slot, at in zip(SUPERBLOCK_SLOTS, copies, strict=True):
                 sb = Superblock(self.chunk_size, self.fanout, counter, at, len(blob),
-                                checksum(blob), FLAG_MIRRORED)
+                                checksum(blob), FLAG_MIRRORED, table.version)
                 self._torn_publish = True
                 self._store.write_head(slot, sb.encode())
                 self._store.sync()
@@ -1230,10 +1290,22 @@ class Transaction:
         self._check_open()
         self._publish(table)
 
-    def _record(self, number: int, source: str, meta: dict[str, Any]) -> GenRecord:
+    def _record(self, number: int, source: str, meta: dict[str, Any],
+                seal: str = "") -> GenRecord:
         ref = self._write_tree()
         root = root_hash(ref.size, self.chunk_size, self.fanout, ref.hash)
-        return GenRecord(number, time.time(), ref, root, source, meta)
+        now = time.time()
+        if self._table.encryption is not None:
+            # an encrypted image keeps the source and metadata only inside the seal (a
+            # checkpoint keeps its structural counts)
+            if number and not seal:
+                codec = self.codec
+                if not isinstance(codec, SealedCodec):
+                    raise UsageError(f"committing to {self.path} needs its key (it is "
+                                     f"encrypted)")
+                seal = codec.seal(number, root, {"source": source, "time": now, "meta": meta})
+            source, meta = "", meta if not number else {}
+        return GenRecord(number, now, ref, root, source, meta, seal)
 
     def checkpoint(self, source: str = "", meta: dict[str, Any] | None = None) -> None:
         """Make what was written so far durable as a resumable checkpoint (not current)."""
@@ -1252,17 +1324,20 @@ class Transaction:
         meta: dict[str, Any] | None = None,
         keep: int = DEFAULT_KEEP,
         expect_root: bytes | None = None,
+        seal: str = "",
     ) -> GenerationInfo:
         """Make the new generation current, pruning beyond the newest ``keep``.
 
         With ``expect_root`` nothing is published unless the new tree's root equals it (the
-        pages written for the check lie in free space and cost nothing to drop).
+        pages written for the check lie in free space and cost nothing to drop). An
+        encrypted image's generation carries ``seal``, made by the client that has the key
+        (or made here when this image was opened with it).
         """
         self._check_open()
         if keep < 1:
             raise UsageError("--keep must be at least 1")
         t = self._table
-        rec = self._record(t.next_number, source, dict(meta or {}))
+        rec = self._record(t.next_number, source, dict(meta or {}), seal)
         if expect_root is not None and rec.root_hash != expect_root:
             raise DataError(
                 f"new root hash {rec.root_hash.hex()[:16]}… differs from the source's "
@@ -1270,7 +1345,8 @@ class Transaction:
             )
         gens = (*t.generations, rec)
         zombies = t.zombies + gens[:-keep]
-        table = GenTable(gens[-keep:], zombies, None, t.next_number + 1)
+        table = replace(t, generations=gens[-keep:], zombies=zombies, checkpoint=None,
+                        next_number=t.next_number + 1)
         self._publish(table)
         self.close()
         return _info(rec)

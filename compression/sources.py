@@ -20,6 +20,7 @@ from typing import Any
 from diskrsync.base.errors import LocalError, ReadError, UsageError, from_oserror
 from diskrsync.compression.codec import STANDARD, ChunkCodec
 from diskrsync.compression.container import open_image, sniff
+from diskrsync.compression.crypto import Keyring
 
 SECTOR = 512  # the smallest unit a failing read of a disk is narrowed down to
 
@@ -163,8 +164,10 @@ class SnapshotSource(SourceReader):
             self._owner.close()
 
 
-def open_source(path: str, generation: int | None = None) -> SourceReader:
-    """A raw file or device, or a generation of an image / SPGZ0001 file."""
+def open_source(path: str, generation: int | None = None,
+                keyring: Keyring | None = None) -> SourceReader:
+    """A raw file or device, or a generation of an image / SPGZ0001 file (an encrypted
+    image unlocked through ``keyring``)."""
     if os.path.isdir(path):
         raise UsageError(f"{path} is a directory: give a file, a block device or an image")
     try:
@@ -178,7 +181,7 @@ def open_source(path: str, generation: int | None = None) -> SourceReader:
         if generation is not None:
             raise UsageError(f"{path} is not an image, so it has no generation {generation}")
         return RawSource(path)
-    img = open_image(path)
+    img = open_image(path, keyring=keyring)
     try:
         snap = img.snapshot(generation)
     except BaseException:

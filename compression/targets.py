@@ -160,7 +160,11 @@ class ImageStore:
     """Target is a diskrsync image: digests from the index, writes into a transaction."""
 
     def __init__(self, path: str, size: int, chunk_size: int, opts: TargetOptions, *,
-                 source: str = "") -> None:
+                 source: str = "", encrypt: dict[str, Any] | None = None,
+                 source_encrypts: bool = False) -> None:
+        """``encrypt``: the source's new key (public parts) for a new image; an existing
+        encrypted image keeps its own. ``source_encrypts``: the source can push into an
+        encrypted image (its Hello lists the capability); an older one is refused."""
         self.path = path
         self.opts = opts
         self.tx: Transaction | None = None
@@ -169,7 +173,15 @@ class ImageStore:
         st = stat_or_none(path, "cannot open")
         check_push_target(path, st)
         if st is not None and st.st_size > 0:
-            img = Image.open(path, nofollow=opts.nofollow)
+            img = Image.open(path, nofollow=opts.nofollow)  # opaque when encrypted: no key here
+            if img.encrypted and not source_encrypts:
+                img.close()
+                raise UsageError(f"{path} is encrypted, and the source's diskrsync cannot "
+                                 f"encrypt: upgrade it")
+            if encrypt is not None and not img.encrypted:
+                img.close()
+                raise UsageError(f"{path} is an unencrypted image: --encrypt cannot apply to "
+                                 f"it (`diskrsync convert --encrypt` makes an encrypted copy)")
             if not opts.dry_run:
                 remove_stale_temps(path)  # e.g. a new image's, after a power cut
         elif opts.dry_run:
@@ -178,8 +190,10 @@ class ImageStore:
             # an empty file holds nothing to lose, but it is someone's: it becomes the image
             # in place, keeping its inode, owner and mode
             img = Image.create(path, chunk_size=check_chunk_size(chunk_size), fanout=DEFAULT_FANOUT,
-                               in_place=st is not None, nofollow=opts.nofollow)
+                               in_place=st is not None, nofollow=opts.nofollow,
+                               encryption=encrypt)
         self._img = img
+        self.encrypted = img.encrypted if img is not None else encrypt is not None
         self.chunk_size = img.chunk_size if img else check_chunk_size(chunk_size)
         self.fanout = img.fanout if img else DEFAULT_FANOUT
         self.info: dict[str, Any] = {"kind": "image"}
@@ -202,6 +216,19 @@ class ImageStore:
         shape = self.base.shape
         top = self.base.ref.hash if shape.chunks else b""
         self.info["root"] = root_hash(shape.size, shape.chunk_size, shape.fanout, top).hex()
+        if img is not None and img.encrypted:
+            # what the source needs to hash, encrypt and seal: the key's public parts, the
+            # number this push's generation will get, and the newest generation's seal
+            table = self.tx.table if self.tx is not None else img.table
+            self.info["encryption"] = table.encryption
+            self.info["next_generation"] = table.next_number
+            if table.generations:
+                rec = table.generations[-1]
+                self.info["newest"] = {"number": rec.number, "root": rec.root_hash.hex(),
+                                       "seal": rec.seal}
+        elif encrypt is not None:  # a dry run into a new image
+            self.info["encryption"] = encrypt
+            self.info["next_generation"] = 1
         self._since_cp = 0
         self._cp_time = time.monotonic()
         self._written = 0
@@ -263,9 +290,13 @@ class ImageStore:
         if self.tx is None:
             return StoreResult(0, bytes.fromhex(self.info["root"]), {"dry_run": True},
                                self.stored)
-        meta = {k: v for k, v in info.items() if v and k != "dry_run"}
+        meta = {k: v for k, v in info.items() if v and k not in ("dry_run", "seal")}
+        seal = str(info.get("seal", ""))
+        if self.encrypted and not seal:
+            raise PeerError("the source sent no sealed record for a generation of an "
+                            "encrypted image")
         gen = self.tx.commit(source=self.source, meta=meta, keep=self.opts.keep,
-                             expect_root=root)
+                             expect_root=root, seal=seal if self.encrypted else "")
         self.tx = None
         return StoreResult(gen.number, gen.root_hash, {"path": self.path}, self.stored)
 
@@ -546,10 +577,15 @@ def plan_target(path: str, *, raw: bool, rules: TargetRules = NATIVE_RULES,
 
 
 def open_target(path: str, size: int, chunk_size: int, opts: TargetOptions, *, raw: bool,
-                name: str | None = None, source: str = "") -> ImageStore | RawStore:
+                name: str | None = None, source: str = "", encrypt: dict[str, Any] | None = None,
+                source_encrypts: bool = False) -> ImageStore | RawStore:
     """The native protocol's store for ``path``, by :func:`plan_target`'s rules: a source
-    of ``size`` bytes named ``name``, recorded in the generation as ``source``."""
+    of ``size`` bytes named ``name``, recorded in the generation as ``source``; ``encrypt``
+    and ``source_encrypts`` as :class:`ImageStore` takes them."""
     plan = plan_target(path, raw=raw, name=name)
     if plan.kind == "raw":
+        if encrypt is not None:
+            raise UsageError(f"{plan.path} would be a raw target: --encrypt needs an image")
         return RawStore(plan.path, size, chunk_size, opts)
-    return ImageStore(plan.path, size, chunk_size, opts, source=source)
+    return ImageStore(plan.path, size, chunk_size, opts, source=source, encrypt=encrypt,
+                      source_encrypts=source_encrypts)

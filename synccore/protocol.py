@@ -20,7 +20,7 @@ from typing import Any
 
 from diskrsync.base.errors import PeerError
 from diskrsync.compression.codec import Kind
-from diskrsync.compression.format import MAX_CHUNK, MIN_CHUNK
+from diskrsync.compression.format import MAX_CHUNK, MIN_CHUNK, check_encryption_entry
 from diskrsync.compression.targets import DEFAULT_MAX_SIZE  # noqa: F401  (`--max-size`)
 
 PROTOCOL_VERSION = 1
@@ -35,7 +35,8 @@ MAX_DISK_SIZE = (1 << 63) - 1  # what an off_t and the formats' u64 fields hold
 HASH_SIZE = 32
 HASH = "blake3"
 # What this release can do; each side lists them in its Hello and checks the other's.
-CAPABILITIES = ("zstd", "dry-run", "resume", "alive")
+CAPABILITIES = ("zstd", "dry-run", "resume", "alive", "encryption")
+MAX_SEAL_HEX = 2 * 64 * 1024  # a sealed generation record (crypto.MAX_SEAL bytes, in hex)
 
 
 def check_peer(hello: Hello, needed: tuple[str, ...]) -> None:
@@ -249,6 +250,11 @@ def _hello(d: dict[str, Any]) -> Hello:
         raise _Malformed("'caps' must be a list of strings")
     if not isinstance(info.get("hash", ""), str):
         raise _Malformed("'hash' must be a string")
+    for name in ("encrypt", "encryption"):  # a new image's key / the target image's
+        try:
+            check_encryption_entry(info.get(name))
+        except ValueError as e:
+            raise _Malformed(f"{name!r}: {e}") from None
     return Hello(role, size, cs, fanout, _line(_field(d, "software", str, ""), 200), info)
 
 
@@ -257,6 +263,10 @@ def _done_info(info: dict[str, Any]) -> dict[str, Any]:
     for name in ("source_changed_chunks", "chunks_differing", "chunk_bytes_differing"):
         if name in info:
             _int(info, name, 0, MAX_DISK_SIZE)
+    seal = info.get("seal", "")
+    if not isinstance(seal, str) or len(seal) > MAX_SEAL_HEX \
+            or not re.fullmatch(r"(?:[0-9a-f]{2})*", seal):
+        raise _Malformed("'seal' must be a hex string of a sealed record")
     for name in ("read_errors", "differing_ranges"):
         ranges = info.get(name, [])
         if not isinstance(ranges, list) or not all(

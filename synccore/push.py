@@ -52,7 +52,7 @@ def local_push(src: str, dst: str, req: PushRequest,
     link in between."""
     if _same_file(src, dst):
         raise UsageError(f"{src} and {dst} are the same file")
-    reader = open_source(src, req.generation)
+    reader = open_source(src, req.generation, req.source.keyring)
     a, b = channels or channel_pair()
     failure: list[BaseException] = []
 

@@ -317,7 +317,7 @@ def remote_push(src: Location, dst: Location, req: PushRequest,
 
 def _push(local: str, remote: RemotePath, req: PushRequest, opts: RemoteOptions) -> PushStats:
     """This machine is the source; ``serve --target`` runs on the remote host."""
-    reader = open_source(local, req.generation)  # local mistakes first, before any SSH
+    reader = open_source(local, req.generation, req.source.keyring)  # local mistakes first
     try:
         info = {"name": os.path.basename(local.rstrip("/")), **req.source.info}
         src_opts = replace(req.source, info=info)

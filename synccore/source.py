@@ -42,16 +42,27 @@ from diskrsync import __version__
 from diskrsync.base.errors import (
     CorruptChunkError,
     LocalError,
+    PeerError,
     ReadError,
+    UsageError,
 )
 from diskrsync.base.merkle import (
     HASH_SIZE,
-    leaf_hash,
+    root_from_leaves,
     zero_hash,
 )
 from diskrsync.base.parallel import ordered_map
 from diskrsync.compression import codec
-from diskrsync.compression.codec import Kind
+from diskrsync.compression.codec import STANDARD, ChunkAt, ChunkCodec, Kind
+from diskrsync.compression.crypto import (
+    Envelope,
+    KdfParams,
+    Keyring,
+    MasterKey,
+    SealedCodec,
+    SeenGenerations,
+    encryption_entry,
+)
 from diskrsync.compression.format import DEFAULT_CHUNK, DEFAULT_FANOUT
 from diskrsync.compression.sources import SourceReader
 from diskrsync.synccore import protocol as p
@@ -78,6 +89,10 @@ class SourceOptions:
     dry_run: bool = False
     ignore_read_errors: bool = False
     info: dict[str, Any] = field(default_factory=dict)  # passed to the target in Hello
+    #: where keys come from when the target is encrypted (or ``encrypt`` makes it so)
+    keyring: Keyring | None = None
+    encrypt: bool = False  # a new image is created encrypted, with a new key
+    kdf: KdfParams | None = None  # the new key's passphrase hardening (None: the default)
 
 
 @dataclass
@@ -155,9 +170,20 @@ class SourceSession:
         self.stats = PushStats(size=reader.size, dry_run=options.dry_run)
         self.fail = _Failure()
         self._cv = threading.Condition()
+        self.codec: ChunkCodec = STANDARD  # until the target says whether it is encrypted
+        self._new_key: MasterKey | None = None
+        hello_info = {"source": reader.description, **options.info}
+        if options.encrypt:
+            if options.keyring is None:
+                raise UsageError("--encrypt needs a passphrase source")
+            self._new_key = key = MasterKey.generate()
+            envelope = Envelope.wrap(key, options.keyring.passphrase(
+                "a new encryption key", new=True), options.kdf)
+            hello_info["encrypt"] = encryption_entry(key, envelope)
+            del hello_info["source"]  # the host learns no more than it must
         self.conv = SourceConversation(
             reader.size, options.chunk_size, DEFAULT_FANOUT, f"diskrsync {__version__}",
-            {"source": reader.description, **options.info}, dry_run=options.dry_run)
+            hello_info, dry_run=options.dry_run)
         self._outstanding = 0  # NeedLeaves without Leaves, plus chunk sends in progress
         self._slots = threading.BoundedSemaphore(MAX_PENDING_PAGES)
         self._page_left: dict[int, int] = {}  # page -> chunk sends not yet done
@@ -167,7 +193,43 @@ class SourceSession:
         self.ch.send(self.conv.hello())
         ready = self.conv.receive(self.ch.recv())
         assert isinstance(ready, TargetReady)
+        self._choose_codec(ready.hello.info)
         return ready
+
+    def _choose_codec(self, info: dict[str, Any]) -> None:
+        """The target's image is encrypted: unlock its key (ours when we just made it),
+        check the newest generation the target holds is one this key sealed and not older
+        than this client has seen (a rolled-back host), and hash and encrypt with it."""
+        enc = info.get("encryption")
+        if enc is None:
+            if self.opts.encrypt:
+                raise PeerError("the target did not create an encrypted image")
+            return
+        key_id = bytes.fromhex(enc["key_id"])
+        if self._new_key is not None and self._new_key.key_id == key_id:
+            key = self._new_key
+        else:
+            if self.opts.keyring is None:
+                raise UsageError("the target image is encrypted: give its passphrase")
+            envelope = Envelope.from_json(enc["envelope"]) if enc.get("envelope") else None
+            key = self.opts.keyring.unlock(key_id, envelope, "the target image")
+        codec = SealedCodec(key)
+        self.next_generation = info.get("next_generation")
+        if type(self.next_generation) is not int or self.next_generation < 1:
+            raise PeerError("the encrypted target did not say its next generation number")
+        newest = info.get("newest")
+        seen = SeenGenerations()
+        if isinstance(newest, dict):
+            try:
+                number, root = int(newest["number"]), bytes.fromhex(newest["root"])
+                seal = str(newest["seal"])
+            except (KeyError, ValueError, TypeError):
+                raise PeerError("the target described its newest generation badly") from None
+            codec.open_seal(number, root, seal)  # DataError: forged or rolled back
+            seen.check(key_id, (number, root), {number: root}, "the target image")
+        else:
+            seen.check(key_id, None, {}, "the target image")
+        self.codec = codec
 
     def run(self) -> PushStats:
         t0 = time.monotonic()
@@ -183,7 +245,9 @@ class SourceSession:
             self.stats.resumed = bool(ready.hello.info.get("resumed"))
             receiver = threading.Thread(target=self._receive, name="push-recv", daemon=True)
             receiver.start()
-            index = self.reader.index_for(self.cs, self.fanout)
+            # an image's digests are comparable only when it hashes as this push does
+            index = self.reader.index_for(self.cs, self.fanout) \
+                if self.reader.codec.name == self.codec.name else None
             if index is not None:
                 self._compare_by_index(index)
             else:
@@ -198,6 +262,14 @@ class SourceSession:
                 "source_changed_chunks": len(self.stats.source_changed_chunks),
                 "read_errors": self.stats.read_errors[:1000],  # the target stores it: bounded
             }
+            if isinstance(self.codec, SealedCodec) and not self.opts.dry_run:
+                # the host keeps only what it must in the clear; the rest is sealed with
+                # the generation's number and root (see compression/crypto.py)
+                root = root_from_leaves(self.src, conv.leaves)
+                done_info["seal"] = self.codec.seal(self.next_generation, root, {
+                    "source": self.reader.description, "time": time.time(),
+                    "meta": {k: v for k, v in done_info.items() if v and k != "dry_run"}})
+                done_info["read_errors"] = []
             if self.opts.dry_run:
                 # no chunks travel in a dry run: tell a pulling target what would have
                 # (a dry run commits nothing, so this never reaches an image's metadata)
@@ -222,6 +294,8 @@ class SourceSession:
         res = conv.result
         assert res is not None
         self.stats.generation = res.generation if not self.opts.dry_run else None
+        if isinstance(self.codec, SealedCodec) and not self.opts.dry_run:
+            SeenGenerations().record(self.codec.key.key_id, res.generation, res.root)
         if self.opts.dry_run:
             self.stats.target_root_hash = res.root.hex()
         self.stats.bytes_sent = self.ch.bytes_sent
@@ -332,7 +406,9 @@ class SourceSession:
         length = self.src.chunk_length(c)
         want = self.conv.leaf(c)
         try:
-            stored = self.reader.read_stored(c, self.cs)  # decoded and checked on this thread
+            # decoded and checked on this thread; sent as stored only in the push's own form
+            stored = self.reader.read_stored(c, self.cs) \
+                if self.reader.codec.name == self.codec.name else None
         except CorruptChunkError:
             if not self.opts.ignore_read_errors:
                 raise
@@ -350,8 +426,8 @@ class SourceSession:
         if codec.is_zero(data):
             digest, kind, payload = zero_hash(length), int(Kind.ZERO), b""
         else:
-            digest = leaf_hash(data)
-            kind, payload = self._encode(data)
+            digest = self.codec.leaf_hash(data, c)
+            kind, payload = self._encode(data, c, digest)
         if digest != want:
             # the disk changed since we scanned it: send what we read now, and say so
             with self._stats_lock:
@@ -359,8 +435,8 @@ class SourceSession:
             self.conv.set_leaf(c, digest)
         self.ch.send(p.Chunk(c, kind, digest, payload))
 
-    def _encode(self, data: bytes | memoryview) -> tuple[int, bytes]:
-        kind, payload = codec.encode(data)
+    def _encode(self, data: bytes | memoryview, c: int, digest: bytes) -> tuple[int, bytes]:
+        kind, payload = self.codec.encode(data, ChunkAt(c, digest))
         return int(kind), payload
 
     def _record_bad(self, bad: list[tuple[int, int]]) -> None:
@@ -447,6 +523,7 @@ class SourceSession:
         data = self._read_mapped(start, stop - start, bad)
         hashes: list[bytes] = []
         zero: list[bool] = []
+        leaf_hash = self.codec.leaf_hash
         encoded: list[tuple[int, bytes] | None] | None = [] if send_now else None
         view = memoryview(data)
         for c in range(first, last):
@@ -458,10 +535,12 @@ class SourceSession:
                     encoded.append(None)
                 continue
             piece = view[at : at + length]
-            hashes.append(leaf_hash(piece))
+            digest = leaf_hash(piece, c)
+            hashes.append(digest)
             zero.append(False)
             if encoded is not None:
-                encoded.append(self._encode(piece) if not self.opts.dry_run else (0, b""))
+                encoded.append(self._encode(piece, c, digest) if not self.opts.dry_run
+                               else (0, b""))
         return _Batch(first, hashes, zero, encoded, bad)
 
     def _compare_by_index(self, index: Any) -> None:

@@ -95,7 +95,9 @@ def open_store(path: str, hello: p.Hello, opts: TargetOptions, *, raw: bool) -> 
     for the source that said ``hello``."""
     store = open_target(path, hello.size, hello.chunk_size, opts, raw=raw,
                         name=str(hello.info.get("name", "")),
-                        source=str(hello.info.get("source", "")))
+                        source=str(hello.info.get("source", "")),
+                        encrypt=hello.info.get("encrypt"),
+                        source_encrypts="encryption" in hello.info.get("caps", ()))
     return WireStore(store, hello)
 
 
