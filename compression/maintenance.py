@@ -22,6 +22,7 @@ from diskrsync.base.errors import (
 from diskrsync.base.merkle import root_hash
 from diskrsync.base.parallel import ordered_map
 from diskrsync.compression.codec import ChunkCodec, Kind, is_zero, zeros
+from diskrsync.compression.crypto import OpaqueCodec, SealedCodec
 from diskrsync.compression.destination import open_dest
 from diskrsync.compression.format import ENTRY_SIZE, TreeRef, iter_entries
 from diskrsync.compression.image import (
@@ -61,8 +62,24 @@ def image_info(img: Image | SpgzImage) -> dict[str, Any]:
     }
     if isinstance(img, Image):
         usage = img.usage()
+        if img.encrypted:
+            enc = img.table.encryption or {}
+            unlocked = isinstance(img.codec, SealedCodec)
+            info["encryption"] = {"key_id": enc.get("key_id"), "cipher": enc.get("cipher"),
+                                  "key_in_image": bool(enc.get("envelope")),
+                                  "unlocked": unlocked}
+            for g, rec in zip(info["generations"], img.table.generations, strict=True):
+                if unlocked:  # the client's own record, authenticated
+                    sealed = img.sealed_record(rec)
+                    g["source"] = str(sealed.get("source", ""))
+                    g["time"] = sealed.get("time", g["time"])
+                    if sealed.get("meta"):
+                        g["meta"] = sealed["meta"]
+                else:
+                    g["source"] = "(encrypted)"
         info.update(
-            format="diskrsync image v1",
+            format=f"diskrsync image v{img.table.version}"
+                   + (" (encrypted)" if img.encrypted else ""),
             chunk_size=img.chunk_size,
             fanout=img.fanout,
             stored_bytes=usage["stored"],
@@ -84,6 +101,7 @@ class VerifyReport:
     # references it ("generation" is the first of them)
     bad_chunks: list[dict[str, Any]] = field(default_factory=list)
     chunks_checked: int = 0
+    unchecked: str = ""  # what could not be checked (an encrypted image without its key)
 
     @property
     def ok(self) -> bool:
@@ -100,6 +118,12 @@ def verify(img: Image | SpgzImage, generation: int | None = None) -> VerifyRepor
         return report
     report.warnings.extend(img.redundancy_warnings)
     report.problems.extend(img.lost_commits)
+    if isinstance(img.codec, OpaqueCodec):
+        report.unchecked = (
+            "the image is encrypted and was checked without its key: superblocks, "
+            "generation tables, every index page and its digest chain, and each chunk's "
+            "stored size; chunk contents and generation seals need the key (give the "
+            "passphrase to check them)")
     records = [img.record(generation)] if generation is not None else img.table.generations
     done: set[int] = set()  # stored offsets already checked (generations share chunks)
     bad: dict[int, tuple[int, str]] = {}  # stored offset -> (chunk, problem)
@@ -178,7 +202,15 @@ def _verify_tree(
         for c in batch:
             e = view.entry(c)
             try:
-                decode_checked(view.store, codec, c, e, shape.chunk_length(c), shape.chunk_size)
+                if isinstance(codec, OpaqueCodec):  # no key: what a host can check
+                    try:
+                        codec.check_shape(e.kind, e.length, shape.chunk_length(c))
+                        view.store.read(e.offset, e.length, f"chunk {c}")
+                    except (ValueError, DataError) as err:
+                        raise CorruptChunkError(c, c * shape.chunk_size, str(err)) from None
+                else:
+                    decode_checked(view.store, codec, c, e, shape.chunk_length(c),
+                                   shape.chunk_size)
             except CorruptChunkError as err:
                 out.append((e.offset, c, err.message))
         return out

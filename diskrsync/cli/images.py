@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -11,10 +12,14 @@ import time
 from diskrsync.base.errors import EXIT_REDUNDANCY_LOST, DataError, UsageError
 from diskrsync.base.progress import Progress
 from diskrsync.base.units import human
-from diskrsync.compression.container import open_image
+from diskrsync.cli.keys import kdf_params, keyring, optional_keyring
+from diskrsync.compression.container import open_image, sniff
 from diskrsync.compression.convert import convert
-from diskrsync.compression.image import Image
+from diskrsync.compression.image import Image, fsync_dir, remove_stale_temps, temp_name
 from diskrsync.compression.maintenance import image_info, restore, verify
+from diskrsync.synccore.push import PushRequest, local_push
+from diskrsync.synccore.source import SourceOptions
+from diskrsync.synccore.target import TargetOptions
 
 
 def _when(t: float) -> str:
@@ -22,7 +27,7 @@ def _when(t: float) -> str:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    img = open_image(args.image)
+    img = open_image(args.image, keyring=optional_keyring(args))
     try:
         info = image_info(img)
     finally:
@@ -58,7 +63,8 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     # opened even when the newest commit may be lost: verify names it, --repair accepts it
-    img = open_image(args.image, accept_loss=True)
+    img = open_image(args.image, accept_loss=True,
+                     keyring=None if args.no_key else optional_keyring(args))
     try:
         if args.repair:
             if not isinstance(img, Image):
@@ -72,7 +78,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"ok": report.ok, "problems": report.problems,
                           "warnings": report.warnings, "bad_chunks": report.bad_chunks,
-                          "chunks_checked": report.chunks_checked}, indent=2))
+                          "chunks_checked": report.chunks_checked,
+                          "contents_checked": not report.unchecked}, indent=2))
     else:
         for w in report.warnings:
             print(f"warning: {w}", file=sys.stderr)
@@ -83,6 +90,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
             gen = (f"generation{'s' if len(gens) > 1 else ''} {', '.join(map(str, gens))} "
                    if gens else "")
             print(f"bad chunk: {gen}chunk {b['chunk']} at offset {b['offset']}: {b['problem']}")
+        if report.unchecked:
+            print(f"note: {report.unchecked}", file=sys.stderr)
         state = "ok" if report.ok else "FAILED"
         if report.ok and report.warnings:
             state = "ok, but a metadata copy is damaged (`verify --repair` rewrites it)"
@@ -93,7 +102,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
-    img = open_image(args.image)
+    img = open_image(args.image, keyring=keyring(args))
     try:
         snap = img.snapshot(args.generation)
         try:
@@ -126,6 +135,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 def cmd_convert(args: argparse.Namespace) -> int:
     old, new = args.old, args.new
+    if args.encrypt:
+        return _convert_encrypted(args)
     size = os.path.getsize(old) if os.path.isfile(old) else 0
     bar = Progress(size, "convert")
     try:
@@ -134,4 +145,44 @@ def cmd_convert(args: argparse.Namespace) -> int:
     finally:
         bar.close()
     print(f"converted {old} into {new}: generation {gen.number}, {human(gen.size)}")
+    return 0
+
+
+def _convert_encrypted(args: argparse.Namespace) -> int:
+    """Every retained generation of OLD (an image, or an SPGZ0001 file's one), oldest
+    first, pushed into a new encrypted image built under a temporary name and linked to NEW
+    when complete."""
+    old, new = args.old, args.new
+    if not os.path.isfile(old) or sniff(old) is None:
+        raise UsageError(f"{old} is not a diskrsync image or SPGZ0001 file")
+    if os.path.lexists(new):
+        raise UsageError(f"{new} already exists; refusing to overwrite it")
+    ring = keyring(args)
+    src = open_image(old, keyring=ring)
+    try:
+        numbers = [g.number for g in src.generations()] if isinstance(src, Image) else [None]
+    finally:
+        src.close()
+    if not numbers:
+        raise UsageError(f"{old} has no generation to convert")
+    remove_stale_temps(new)
+    temp = temp_name(new, "convert")
+    try:
+        for i, number in enumerate(numbers):
+            opts = SourceOptions(chunk_size=args.chunk_size, keyring=ring, encrypt=i == 0,
+                                 kdf=kdf_params())
+            req = PushRequest(source=opts, target=TargetOptions(keep=len(numbers)),
+                              generation=number)
+            stats = local_push(old, temp, req)
+            print(f"generation {number or 1} of {old}: {human(stats.chunk_bytes_differing)} "
+                  f"encrypted", file=sys.stderr)
+        try:
+            os.link(temp, new)  # never over a NEW that appeared meanwhile
+            fsync_dir(new)
+        except FileExistsError:
+            raise UsageError(f"{new} already exists; refusing to overwrite it") from None
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(temp)
+    print(f"converted {old} into the encrypted image {new}: {len(numbers)} generation(s)")
     return 0

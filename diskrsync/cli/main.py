@@ -72,6 +72,16 @@ def _push_options(sp: argparse.ArgumentParser, *, serve: bool = False) -> None:
                          "64T): bounds what a peer can make it allocate")
 
 
+def _key_options(sp: argparse.ArgumentParser) -> None:
+    g = sp.add_argument_group("encrypted images")
+    g.add_argument("--passphrase-file", metavar="FILE",
+                   help="read the passphrase from FILE's first line (else "
+                        "$DISKRSYNC_PASSPHRASE, else a prompt on the terminal)")
+    g.add_argument("--key-file", metavar="FILE",
+                   help="use this exported key (`diskrsync key export`) instead of the "
+                        "copy inside the image")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="diskrsync",
@@ -90,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("info", "images:cmd_info", "Show an image's size, generations and space use.")
     sp.add_argument("image", metavar="IMAGE")
     sp.add_argument("--json", action="store_true", help="machine-readable output")
+    _key_options(sp)
 
     sp = add("verify", "images:cmd_verify",
              "Check an image's metadata and every chunk against its hash.")
@@ -100,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--repair", action="store_true",
                     help="first rewrite both superblock copies and generation tables from the "
                          "newest readable commit, accepting as lost what verify reports lost")
+    sp.add_argument("--no-key", action="store_true",
+                    help="an encrypted image: check only what can be checked without its key")
+    _key_options(sp)
 
     sp = add("restore", "images:cmd_restore",
              "Write a generation of an image to a file (sparse), a device, or - (stdout).")
@@ -109,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="restore generation G (default: the newest; see `diskrsync info`)")
     sp.add_argument("--force", action="store_true", help="overwrite a non-empty DEST file")
     sp.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    _key_options(sp)
 
     sp = add("prune", "images:cmd_prune", "Keep only the newest N generations of an image.")
     sp.add_argument("image", metavar="IMAGE")
@@ -125,6 +140,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", action="store_true", help="print a machine-readable summary")
     sp.add_argument("--quiet", "-q", action="store_true", help="no progress, no summary")
     sp.add_argument("--verbose", "-v", action="store_true", help="say more")
+    sp.add_argument("--encrypt", action="store_true",
+                    help="a new image is encrypted with a new key wrapped by the passphrase "
+                         "(later pushes into it need the passphrase, not this option)")
+    _key_options(sp)
     _ssh_options(sp)
 
     sp = sub.add_parser("serve", description="The remote end of a push (started over SSH).")
@@ -161,6 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--verbose", "-v", action="store_true", help="log every error in detail")
     sp.add_argument("--log-file", metavar="FILE",
                     help="log to FILE (default: stderr with -f, else syslog)")
+    _key_options(sp)
 
     sp = add("umount", "mounts:cmd_umount", "Unmount a diskrsync mount (also a stale one).")
     sp.add_argument("mountpoint", metavar="MOUNTPOINT")
@@ -171,6 +191,41 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("new", metavar="NEW.spgz")
     sp.add_argument("--chunk-size", type=parse_size, default=128 * 1024, metavar="N",
                     help="chunk size of the new image (default 128K)")
+    sp.add_argument("--encrypt", action="store_true",
+                    help="make NEW an encrypted image (OLD may also be a diskrsync image: "
+                         "every retained generation is copied)")
+    _key_options(sp)
+
+    sp = add("key", "keys:cmd_key_show",
+             "Manage the key of an encrypted image: show, export, import, change-passphrase.")
+    ksub = sp.add_subparsers(dest="key_command", metavar="ACTION")
+    ksub.required = True
+    kp = ksub.add_parser("show", help="the key's public facts (no passphrase needed)",
+                         description="Show the key id, cipher and where the key is kept.")
+    kp.set_defaults(func="keys:cmd_key_show")
+    kp.add_argument("image", metavar="IMAGE")
+    kp = ksub.add_parser("export", help="write the wrapped key to FILE (or - for stdout)",
+                         description="Write the image's key, still protected by its "
+                                     "passphrase, to FILE: keep it away from the backup host.")
+    kp.set_defaults(func="keys:cmd_key_export")
+    kp.add_argument("image", metavar="IMAGE")
+    kp.add_argument("file", metavar="FILE")
+    kp = ksub.add_parser("import", help="put an exported key back into the image",
+                         description="Put an exported key back into the image (its "
+                                     "passphrase proves it is the image's key).")
+    kp.set_defaults(func="keys:cmd_key_import")
+    kp.add_argument("image", metavar="IMAGE")
+    kp.add_argument("file", metavar="FILE")
+    kp.add_argument("--passphrase-file", metavar="FILE",
+                    help="the key's passphrase (else $DISKRSYNC_PASSPHRASE or a prompt)")
+    kp = ksub.add_parser("change-passphrase", help="wrap the key with a new passphrase",
+                         description="Wrap the image's key with a new passphrase (the data "
+                                     "is not re-encrypted).")
+    kp.set_defaults(func="keys:cmd_key_change_passphrase")
+    kp.add_argument("image", metavar="IMAGE")
+    _key_options(kp)
+    kp.add_argument("--new-passphrase-file", metavar="FILE",
+                    help="the new passphrase (else $DISKRSYNC_NEW_PASSPHRASE or a prompt)")
 
     return p
 

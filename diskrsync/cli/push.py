@@ -67,7 +67,7 @@ def cmd_push(args: argparse.Namespace) -> int:
     total = 0
     if not args.quiet and not args.json and sys.stderr.isatty():
         with contextlib.suppress(DiskrsyncError):
-            r = open_source(args.src, args.generation)
+            r = open_source(args.src, args.generation, req.source.keyring)
             total = r.size
             r.close()
     bar = Progress(total, "push", bool(total))

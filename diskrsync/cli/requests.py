@@ -10,6 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from diskrsync.base.errors import UsageError
+from diskrsync.cli.keys import kdf_params, keyring
 from diskrsync.synccore.protocol import DEFAULT_MAX_SIZE
 from diskrsync.synccore.push import PushRequest
 from diskrsync.synccore.source import SourceOptions
@@ -30,7 +31,9 @@ def push_request(args: argparse.Namespace) -> PushRequest:
         target = replace(target, checkpoint_bytes=args.checkpoint_interval)
     return PushRequest(
         source=SourceOptions(chunk_size=args.chunk_size, dry_run=args.dry_run,
-                             ignore_read_errors=getattr(args, "ignore_read_errors", False)),
+                             ignore_read_errors=getattr(args, "ignore_read_errors", False),
+                             keyring=keyring(args) if hasattr(args, "passphrase_file") else None,
+                             encrypt=getattr(args, "encrypt", False), kdf=kdf_params()),
         target=target,
         raw_target=args.no_compress,
         generation=getattr(args, "generation", None),
