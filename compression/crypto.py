@@ -479,17 +479,44 @@ class SeenGenerations:
                             f"but this client saw root {root.hex()[:16]}… (a forked or forged "
                             f"image)")
 
+    # -- where this client pushed encrypted: a host must not turn that into plaintext --
+
+    def _places(self) -> str:
+        return os.path.join(self.directory, "encrypted-destinations.json")
+
+    def _read_places(self) -> dict[str, str]:
+        try:
+            with open(self._places(), "rb") as f:
+                doc = json.loads(f.read(1 << 22))
+            return {str(k): str(v) for k, v in doc.items()} if isinstance(doc, dict) else {}
+        except (OSError, ValueError):
+            return {}
+
+    def encrypted_at(self, place: str) -> str | None:
+        """The key id (hex) this client last pushed into ``place`` with, if it did."""
+        return self._read_places().get(place)
+
+    def remember_place(self, place: str, key_id: bytes) -> None:
+        places = self._read_places()
+        if places.get(place) == key_id.hex():
+            return
+        places[place] = key_id.hex()
+        self._write(self._places(), places)
+
+    def _write(self, path: str, doc: Any) -> None:
+        with contextlib.suppress(OSError):
+            os.makedirs(self.directory, mode=0o700, exist_ok=True)
+            tmp = f"{path}.{os.getpid()}.tmp"
+            with open(tmp, "w") as f:
+                json.dump(doc, f)
+            os.replace(tmp, path)
+
     def record(self, key_id: bytes, number: int, root: bytes) -> None:
         """Remember generation ``number`` if it is newer than what was seen (best effort)."""
         seen = self.get(key_id)
         if seen is not None and seen[0] >= number:
             return
-        with contextlib.suppress(OSError):
-            os.makedirs(self.directory, mode=0o700, exist_ok=True)
-            tmp = f"{self._path(key_id)}.{os.getpid()}.tmp"
-            with open(tmp, "w") as f:
-                json.dump({"newest": number, "root": root.hex()}, f)
-            os.replace(tmp, self._path(key_id))
+        self._write(self._path(key_id), {"newest": number, "root": root.hex()})
 
 
 def encryption_entry(key: MasterKey, envelope: Envelope | None) -> dict[str, Any]:

@@ -196,7 +196,8 @@ class ImageStore:
         self.encrypted = img.encrypted if img is not None else encrypt is not None
         self.chunk_size = img.chunk_size if img else check_chunk_size(chunk_size)
         self.fanout = img.fanout if img else DEFAULT_FANOUT
-        self.info: dict[str, Any] = {"kind": "image"}
+        # the path tells a client that pushed here encrypted before that this is the place
+        self.info: dict[str, Any] = {"kind": "image", "path": os.path.abspath(path)}
         if img is None:
             self.base = TreeView.empty(self.chunk_size, self.fanout)
         elif opts.dry_run:

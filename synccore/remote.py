@@ -320,7 +320,8 @@ def _push(local: str, remote: RemotePath, req: PushRequest, opts: RemoteOptions)
     reader = open_source(local, req.generation, req.source.keyring)  # local mistakes first
     try:
         info = {"name": os.path.basename(local.rstrip("/")), **req.source.info}
-        src_opts = replace(req.source, info=info)
+        host = f"{remote.user}@{remote.host}" if remote.user else remote.host
+        src_opts = replace(req.source, info=info, host=host)
         r = start_remote(remote, opts, _target_argv(remote.path, req))
         channel = r.framed()
         bar = Progress(reader.size, "push", opts.progress)

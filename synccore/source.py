@@ -41,6 +41,7 @@ from typing import Any
 from diskrsync import __version__
 from diskrsync.base.errors import (
     CorruptChunkError,
+    DataError,
     LocalError,
     PeerError,
     ReadError,
@@ -93,6 +94,9 @@ class SourceOptions:
     keyring: Keyring | None = None
     encrypt: bool = False  # a new image is created encrypted, with a new key
     kdf: KdfParams | None = None  # the new key's passphrase hardening (None: the default)
+    #: the target's host ("" here): with the path the target names, the place this client
+    #: remembers having pushed encrypted into (a host must not downgrade it to plain)
+    host: str = ""
 
 
 @dataclass
@@ -201,9 +205,18 @@ class SourceSession:
         check the newest generation the target holds is one this key sealed and not older
         than this client has seen (a rolled-back host), and hash and encrypt with it."""
         enc = info.get("encryption")
+        path = info.get("path")
+        self.place = f"{self.opts.host}:{path}" if isinstance(path, str) and path else ""
         if enc is None:
             if self.opts.encrypt:
                 raise PeerError("the target did not create an encrypted image")
+            was = SeenGenerations().encrypted_at(self.place) if self.place else None
+            if was is not None:
+                raise DataError(
+                    f"{self.place.lstrip(':')} was an encrypted image (key {was[:12]}…) when "
+                    f"this client last pushed into it, and is not one now: refusing to send "
+                    f"it plain data (was it replaced or removed on the host?). Push with "
+                    f"--encrypt to start a new encrypted image there")
             return
         key_id = bytes.fromhex(enc["key_id"])
         if self._new_key is not None and self._new_key.key_id == key_id:
@@ -295,7 +308,10 @@ class SourceSession:
         assert res is not None
         self.stats.generation = res.generation if not self.opts.dry_run else None
         if isinstance(self.codec, SealedCodec) and not self.opts.dry_run:
-            SeenGenerations().record(self.codec.key.key_id, res.generation, res.root)
+            seen = SeenGenerations()
+            seen.record(self.codec.key.key_id, res.generation, res.root)
+            if self.place:
+                seen.remember_place(self.place, self.codec.key.key_id)
         if self.opts.dry_run:
             self.stats.target_root_hash = res.root.hex()
         self.stats.bytes_sent = self.ch.bytes_sent
