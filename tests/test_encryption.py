@@ -6,6 +6,7 @@ chunk and offset where there is one, and never served."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -19,6 +20,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from support.mounts import MountCleanup
 
 from diskrsync.base.errors import CorruptChunkError, DataError, PeerError, UsageError
 from diskrsync.base.merkle import zero_hash
@@ -500,3 +502,34 @@ def test_cli_convert_encrypts_every_generation(cli_image: CliImage, tmp_path: Pa
         again = tmp_path / f"e{g}"
         assert cli("restore", "-q", "-g", g, "--passphrase-file", pw, enc, again).returncode == 0
         assert again.read_bytes() == out.read_bytes()
+
+
+@pytest.mark.process
+@pytest.mark.fuse
+@pytest.mark.root
+def test_mount_decrypts_and_answers_eio_for_a_damaged_chunk_only(cli_image: CliImage,
+                                                                 tmp_path: Path) -> None:
+    if not os.path.exists("/dev/fuse") or os.geteuid() != 0:
+        pytest.skip("needs /dev/fuse and root")
+    _src, img, pw, data = cli_image
+    off, length = entry(img, 5)
+    _flip(img, off + length // 2)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    cleanup = MountCleanup(tmp_path)
+    cleanup.fuse.append(mnt)
+    try:
+        nokey = cli("mount", img, mnt)
+        assert nokey.returncode == 2 and "passphrase" in nokey.stderr
+        res = cli("mount", "--passphrase-file", pw, "--log-file", tmp_path / "log", img, mnt)
+        assert res.returncode == 0, res.stderr
+        disk_raw = mnt / "disk.raw"
+        with open(disk_raw, "rb") as f:
+            assert f.read(5 * CS) == data[: 5 * CS]
+            with pytest.raises(OSError) as e:
+                os.pread(f.fileno(), CS, 5 * CS)
+            assert e.value.errno == errno.EIO
+            assert os.pread(f.fileno(), len(data) - 6 * CS, 6 * CS) == data[6 * CS :]
+        assert f"corrupt chunk 5 at offset {5 * CS}" in (tmp_path / "log").read_text()
+    finally:
+        cleanup.cleanup()

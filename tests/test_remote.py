@@ -218,6 +218,38 @@ def test_push_then_pull_first_and_incremental(env: Env, tmp_path: Path) -> None:
 
 
 @pytest.mark.process
+def test_encrypted_push_to_a_host_that_never_sees_the_key(env: Env, tmp_path: Path) -> None:
+    """The serve end stores ciphertext and keyed digests: the remote file holds no
+    plaintext and no source name; later pushes need the passphrase, not --encrypt; a pull
+    out of an encrypted remote image is refused (the remote end would need the key)."""
+    src = tmp_path / "secret-disk.img"
+    size = 8 * MiB + 777
+    data = disk(src, size)
+    pw = tmp_path / "pw"
+    pw.write_text("a passphrase of some length\n")
+    keys = {"DISKRSYNC_STATE_DIR": str(tmp_path / "state"), "DISKRSYNC_KDF": "1024,1,1"}
+    first = env.ok("--encrypt", "--passphrase-file", str(pw), str(src), env.rpath("enc.spgz"),
+                   env=keys)
+    assert first["generation"] == 1
+    stored = (env.remote / "enc.spgz").read_bytes()
+    assert data[size // 2 : size // 2 + 64] not in stored  # the text part
+    assert b"secret-disk" not in stored
+    data = patch(src, [3 * MiB])
+    second = env.ok("--passphrase-file", str(pw), str(src), env.rpath("enc.spgz"), env=keys)
+    assert second["generation"] == 2 and second["chunks_differing"] == 1
+    res = cli("restore", "-q", "--passphrase-file", str(pw), str(env.remote / "enc.spgz"),
+              str(tmp_path / "back"))
+    assert res.returncode == 0, res.stderr
+    assert (tmp_path / "back").read_bytes() == data
+    nokey = env.push(str(src), env.rpath("enc.spgz"), env=keys)
+    assert nokey.returncode == 2 and "passphrase" in nokey.stderr
+    pull = env.push("--passphrase-file", str(pw), env.rpath("enc.spgz"),
+                    str(tmp_path / "pulled.spgz"), env=keys)
+    assert pull.returncode == 2 and "needs its key" in pull.stderr, pull.stderr
+    assert "Traceback" not in pull.stderr
+
+
+@pytest.mark.process
 def test_raw_target_no_compress_and_dry_run(env: Env, tmp_path: Path) -> None:
     src = tmp_path / "src.img"
     data = disk(src, 8 * MiB, seed=1)

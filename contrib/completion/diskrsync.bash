@@ -24,7 +24,7 @@ _diskrsync() {
         esac
     done
     case "$prev" in
-        --identity|--log-file|--remote-cmd|--ssh-config|-F|-i)
+        --identity|--key-file|--log-file|--passphrase-file|--remote-cmd|--ssh-config|-F|-i)
             _diskrsync_files; return ;;
         --cache-size|--chunk-size|--generation|--keep|--max-size|--timeout|-g)
             return ;;
@@ -33,43 +33,47 @@ _diskrsync() {
         if [[ "$cur" == -* ]]; then
             mapfile -t COMPREPLY < <(compgen -W "--help -h --version" -- "$cur")
         else
-            mapfile -t COMPREPLY < <(compgen -W "info verify restore prune push mount umount convert" -- "$cur")
+            mapfile -t COMPREPLY < <(compgen -W "info verify restore prune push mount umount convert key" -- "$cur")
         fi
         return
     fi
     case "$cmd" in
         info)
-            opts="--json --help"
-            valopts="  "
+            opts="--json --passphrase-file --key-file --help"
+            valopts=" --passphrase-file --key-file "
             positional=(_diskrsync_files) ;;
         verify)
-            opts="--generation -g --json --repair --help"
-            valopts=" --generation -g "
+            opts="--generation -g --json --repair --no-key --passphrase-file --key-file --help"
+            valopts=" --generation -g --passphrase-file --key-file "
             positional=(_diskrsync_files) ;;
         restore)
-            opts="--generation -g --force --quiet -q --help"
-            valopts=" --generation -g "
+            opts="--generation -g --force --quiet -q --passphrase-file --key-file --help"
+            valopts=" --generation -g --passphrase-file --key-file "
             positional=(_diskrsync_files _diskrsync_files) ;;
         prune)
             opts="--keep --help"
             valopts=" --keep "
             positional=(_diskrsync_files) ;;
         push)
-            opts="--no-compress --chunk-size --keep --generation -g --dry-run -n --ignore-read-errors --timeout --max-size --json --quiet -q --verbose -v --identity -i --ssh-config -F --accept-new-host-key --remote-cmd --legacy --help"
-            valopts=" --chunk-size --keep --generation -g --timeout --max-size --identity -i --ssh-config -F --remote-cmd "
+            opts="--no-compress --chunk-size --keep --generation -g --dry-run -n --ignore-read-errors --timeout --max-size --json --quiet -q --verbose -v --encrypt --passphrase-file --key-file --identity -i --ssh-config -F --accept-new-host-key --remote-cmd --legacy --help"
+            valopts=" --chunk-size --keep --generation -g --timeout --max-size --passphrase-file --key-file --identity -i --ssh-config -F --remote-cmd "
             positional=(_diskrsync_files _diskrsync_files) ;;
         mount)
-            opts="--foreground -f --generation -g --allow-other --cache-size --verbose -v --log-file --help"
-            valopts=" --generation -g --cache-size --log-file "
+            opts="--foreground -f --generation -g --allow-other --cache-size --verbose -v --log-file --passphrase-file --key-file --help"
+            valopts=" --generation -g --cache-size --log-file --passphrase-file --key-file "
             positional=(_diskrsync_files _diskrsync_dirs) ;;
         umount)
             opts=" --help"
             valopts="  "
             positional=(_diskrsync_dirs) ;;
         convert)
-            opts="--chunk-size --help"
-            valopts=" --chunk-size "
+            opts="--chunk-size --encrypt --passphrase-file --key-file --help"
+            valopts=" --chunk-size --passphrase-file --key-file "
             positional=(_diskrsync_files _diskrsync_files) ;;
+        key)
+            opts=" --help"
+            valopts="  "
+            positional=(_diskrsync_files) ;;
         *) return ;;
     esac
     if [[ "$cur" == -* ]]; then
