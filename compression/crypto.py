@@ -434,9 +434,10 @@ class Keyring:
 
 
 class SeenGenerations:
-    """The newest generation this client has seen of each encrypted image (by key id), so
-    that an older copy of an image served later is noticed. Kept in
-    ``$DISKRSYNC_STATE_DIR`` or ``$XDG_STATE_HOME/diskrsync/seen`` (``~/.local/state``)."""
+    """The newest generation this client has seen of each encrypted image (by key id and
+    place: ``host:path``, host empty here), so that an older copy served later is noticed.
+    Kept in ``$DISKRSYNC_STATE_DIR`` or ``$XDG_STATE_HOME/diskrsync/seen``
+    (``~/.local/state``)."""
 
     def __init__(self, directory: str | None = None) -> None:
         if directory is None:
@@ -446,12 +447,13 @@ class SeenGenerations:
                 "diskrsync", "seen")
         self.directory = directory
 
-    def _path(self, key_id: bytes) -> str:
-        return os.path.join(self.directory, key_id.hex() + ".json")
+    def _path(self, key_id: bytes, place: str) -> str:
+        name = blake3.blake3(key_id + place.encode()).hexdigest()[:32]
+        return os.path.join(self.directory, f"{key_id.hex()}-{name}.json")
 
-    def get(self, key_id: bytes) -> tuple[int, bytes] | None:
+    def get(self, key_id: bytes, place: str) -> tuple[int, bytes] | None:
         try:
-            with open(self._path(key_id), "rb") as f:
+            with open(self._path(key_id, place), "rb") as f:
                 doc = json.loads(f.read(4096))
             return int(doc["newest"]), bytes.fromhex(doc["root"])
         except FileNotFoundError:
@@ -459,11 +461,11 @@ class SeenGenerations:
         except (OSError, ValueError, KeyError, TypeError):
             return None  # unreadable state is no evidence either way
 
-    def check(self, key_id: bytes, newest: tuple[int, bytes] | None,
+    def check(self, key_id: bytes, place: str, newest: tuple[int, bytes] | None,
               roots: dict[int, bytes], what: str) -> None:
-        """DataError when the image is older than what this client saw, or disagrees with
-        it about the root of a generation both have."""
-        seen = self.get(key_id)
+        """DataError when the image at ``place`` is older than what this client saw there,
+        or disagrees with it about the root of a generation both have."""
+        seen = self.get(key_id, place)
         if seen is None:
             return
         number, root = seen
@@ -473,7 +475,7 @@ class SeenGenerations:
                 f"{what} was rolled back: its newest generation is {have or 'none'}, but this "
                 f"client has seen generation {number} (root {root.hex()[:16]}…). If the "
                 f"image was restored from an older copy on purpose, remove "
-                f"{self._path(key_id)}")
+                f"{self._path(key_id, place)}")
         if number in roots and roots[number] != root:
             raise DataError(f"{what}: generation {number} has root {roots[number].hex()[:16]}…, "
                             f"but this client saw root {root.hex()[:16]}… (a forked or forged "
@@ -511,12 +513,12 @@ class SeenGenerations:
                 json.dump(doc, f)
             os.replace(tmp, path)
 
-    def record(self, key_id: bytes, number: int, root: bytes) -> None:
+    def record(self, key_id: bytes, place: str, number: int, root: bytes) -> None:
         """Remember generation ``number`` if it is newer than what was seen (best effort)."""
-        seen = self.get(key_id)
+        seen = self.get(key_id, place)
         if seen is not None and seen[0] >= number:
             return
-        self._write(self._path(key_id), {"newest": number, "root": root.hex()})
+        self._write(self._path(key_id, place), {"newest": number, "root": root.hex()})
 
 
 def encryption_entry(key: MasterKey, envelope: Envelope | None) -> dict[str, Any]:

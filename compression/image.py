@@ -653,11 +653,12 @@ class Image:
         for rec in table.generations:
             codec.open_seal(rec.number, rec.root_hash, rec.seal)
         gens = table.generations
-        seen = SeenGenerations()
-        seen.check(self.key.key_id, (gens[-1].number, gens[-1].root_hash) if gens else None,
+        seen, place = SeenGenerations(), ":" + os.path.abspath(self.path)
+        seen.check(self.key.key_id, place,
+                   (gens[-1].number, gens[-1].root_hash) if gens else None,
                    {r.number: r.root_hash for r in gens}, self.path)
         if gens:
-            seen.record(self.key.key_id, gens[-1].number, gens[-1].root_hash)
+            seen.record(self.key.key_id, place, gens[-1].number, gens[-1].root_hash)
 
     def sealed_record(self, rec: GenRecord) -> dict[str, Any]:
         """What the client sealed into a generation (``{}`` for a plain image)."""

@@ -124,6 +124,9 @@ class SnapshotSource(SourceReader):
         self._owner = owner
         self.sector = snapshot.chunk_size  # a damaged chunk is unreadable as a whole
         self.codec = getattr(snapshot, "codec", STANDARD)
+        #: an encrypted image's key entry (public parts): a push of it stays encrypted
+        table = getattr(owner, "table", None)
+        self.encryption: dict[str, Any] | None = getattr(table, "encryption", None)
 
     def read(self, offset: int, length: int) -> bytes:
         data: bytes = self.snap.read(offset, length)

@@ -177,7 +177,14 @@ class SourceSession:
         self.codec: ChunkCodec = STANDARD  # until the target says whether it is encrypted
         self._new_key: MasterKey | None = None
         hello_info = {"source": reader.description, **options.info}
-        if options.encrypt:
+        entry = getattr(reader, "encryption", None)
+        if isinstance(reader.codec, SealedCodec) and entry is not None and not options.encrypt:
+            # an encrypted image pushed on (an offsite copy) stays encrypted, with its own
+            # key, and its chunks travel as they are stored
+            self._new_key = reader.codec.key
+            hello_info["encrypt"] = entry
+            del hello_info["source"]
+        elif options.encrypt:
             if options.keyring is None:
                 raise UsageError("--encrypt needs a passphrase source")
             self._new_key = key = MasterKey.generate()
@@ -239,9 +246,9 @@ class SourceSession:
             except (KeyError, ValueError, TypeError):
                 raise PeerError("the target described its newest generation badly") from None
             codec.open_seal(number, root, seal)  # DataError: forged or rolled back
-            seen.check(key_id, (number, root), {number: root}, "the target image")
+            seen.check(key_id, self.place, (number, root), {number: root}, "the target image")
         else:
-            seen.check(key_id, None, {}, "the target image")
+            seen.check(key_id, self.place, None, {}, "the target image")
         self.codec = codec
 
     def run(self) -> PushStats:
@@ -309,7 +316,7 @@ class SourceSession:
         self.stats.generation = res.generation if not self.opts.dry_run else None
         if isinstance(self.codec, SealedCodec) and not self.opts.dry_run:
             seen = SeenGenerations()
-            seen.record(self.codec.key.key_id, res.generation, res.root)
+            seen.record(self.codec.key.key_id, self.place, res.generation, res.root)
             if self.place:
                 seen.remember_place(self.place, self.codec.key.key_id)
         if self.opts.dry_run:

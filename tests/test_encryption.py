@@ -176,15 +176,17 @@ def test_a_seal_opens_only_for_its_generation_and_root() -> None:
 def test_seen_generations_catch_a_rollback_and_a_fork(tmp_path: Path) -> None:
     seen = SeenGenerations(str(tmp_path))
     kid, r5, r6 = os.urandom(16), os.urandom(32), os.urandom(32)
-    seen.check(kid, None, {}, "img")  # nothing seen yet: nothing to compare
-    seen.record(kid, 6, r6)
-    seen.record(kid, 5, r5)  # older: ignored
-    seen.check(kid, (6, r6), {6: r6}, "img")
-    seen.check(kid, (9, os.urandom(32)), {}, "img")
+    here = "host:/srv/a.spgz"
+    seen.check(kid, here, None, {}, "img")  # nothing seen yet: nothing to compare
+    seen.record(kid, here, 6, r6)
+    seen.record(kid, here, 5, r5)  # older: ignored
+    seen.check(kid, here, (6, r6), {6: r6}, "img")
+    seen.check(kid, here, (9, os.urandom(32)), {}, "img")
     with pytest.raises(DataError, match="rolled back"):
-        seen.check(kid, (5, r5), {5: r5}, "img")
+        seen.check(kid, here, (5, r5), {5: r5}, "img")
     with pytest.raises(DataError, match="forked or forged"):
-        seen.check(kid, (6, r5), {6: r5}, "img")
+        seen.check(kid, here, (6, r5), {6: r5}, "img")
+    seen.check(kid, "host:/srv/copy.spgz", (1, r5), {1: r5}, "img")  # another place
 
 
 # -- in-process: pushes and the attacks on the file ---------------------------------------
@@ -533,3 +535,22 @@ def test_mount_decrypts_and_answers_eio_for_a_damaged_chunk_only(cli_image: CliI
         assert f"corrupt chunk 5 at offset {5 * CS}" in (tmp_path / "log").read_text()
     finally:
         cleanup.cleanup()
+
+
+@pytest.mark.inproc
+def test_an_encrypted_image_pushed_on_stays_encrypted_with_its_key(tmp_path: Path) -> None:
+    """The offsite copy (`push backups/x.spgz offsite:...`) never sends plaintext: the new
+    image gets the same key and the chunks travel as stored."""
+    src, img, copy = tmp_path / "d.img", tmp_path / "b.spgz", tmp_path / "offsite.spgz"
+    data = disk(src)
+    push(src, img, encrypt=True)
+    stats = local_push(str(img), str(copy), PushRequest(source=SourceOptions(keyring=ring())))
+    assert stats.generation == 1
+    assert SECRET_TEXT not in copy.read_bytes()
+    with Image.open(str(img)) as a, Image.open(str(copy)) as b:
+        assert a.key_id == b.key_id is not None
+    assert read_all(copy) == data
+    plain = tmp_path / "plain.spgz"
+    local_push(str(src), str(plain), PushRequest(source=SourceOptions(chunk_size=CS)))
+    with pytest.raises(UsageError, match="unencrypted image"):
+        local_push(str(img), str(plain), PushRequest(source=SourceOptions(keyring=ring())))
