@@ -42,7 +42,7 @@ def _push(data: Path, dst: str, cipher: str | None, *, fresh: bool) -> dict:
     from diskrsync.synccore.source import SourceOptions
 
     if cipher:
-        crypto.default_cipher = lambda: cipher  # type: ignore[assignment]
+        crypto.default_cipher = lambda: cipher
     target = data / dst
     if fresh:
         target.unlink(missing_ok=True)
@@ -168,10 +168,11 @@ def main() -> None:
                         pass
                 times.setdefault(c or "plain", []).append(mount_read(image, Path(tmp), env))
     size = (data / "synth.img").stat().st_size
-    for k, v in times.items():
-        m = statistics.median(v)
+    for k, secs in times.items():
+        m = statistics.median(secs)
         print(f"  mount read {k:20} {m:7.3f} s  {size / m / 1e6:7.0f} MB/s  "
-              f"runs {[round(x, 3) for x in v]}  {m / statistics.median(times['plain']):.3f}x")
+              f"runs {[round(x, 3) for x in secs]}  "
+              f"{m / statistics.median(times['plain']):.3f}x")
 
 
 if __name__ == "__main__":
