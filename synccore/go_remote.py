@@ -207,6 +207,11 @@ def legacy_push(src_loc: Location, dst_loc: Location, req: PushRequest,
 def _push_to_go(src: str, dst: RemotePath, req: PushRequest, opts: RemoteOptions) -> PushStats:
     started = time.monotonic()
     reader = open_source(src, req.generation)
+    if getattr(reader, "encryption", None) is not None:
+        reader.close()
+        raise UsageError(f"{src} is encrypted, and a Go diskrsync would receive it in plain: "
+                         f"push it to a diskrsync server, or restore it first if plain data "
+                         f"is what you want there")
     try:
         stats = PushStats(size=reader.size)
         tally = _Tally(stats, reads_ranges=True)

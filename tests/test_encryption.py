@@ -554,3 +554,13 @@ def test_an_encrypted_image_pushed_on_stays_encrypted_with_its_key(tmp_path: Pat
     local_push(str(src), str(plain), PushRequest(source=SourceOptions(chunk_size=CS)))
     with pytest.raises(UsageError, match="unencrypted image"):
         local_push(str(img), str(plain), PushRequest(source=SourceOptions(keyring=ring())))
+
+
+@pytest.mark.process
+def test_cli_warns_of_key_loss_and_never_sends_plain_to_a_go_server(cli_image: CliImage,
+                                                                    tmp_path: Path) -> None:
+    src, img, pw, _data = cli_image
+    res = cli("push", "--encrypt", "--passphrase-file", pw, "-q", src, tmp_path / "new.spgz")
+    assert res.returncode == 0 and "without the key the backup is unreadable" in res.stderr
+    go = cli("push", "--legacy", "--passphrase-file", pw, img, "nohost.invalid:/x.spgz")
+    assert go.returncode == 2 and "would receive it in plain" in go.stderr, go.stderr

@@ -13,6 +13,7 @@ from typing import Any
 from diskrsync.base.errors import EXIT_READ_ERRORS_IGNORED, EXIT_SOURCE_CHANGED, DiskrsyncError
 from diskrsync.base.progress import Progress
 from diskrsync.base.units import human
+from diskrsync.cli.keys import LOSS_WARNING
 from diskrsync.cli.requests import push_request
 from diskrsync.compression.sources import open_source
 from diskrsync.synccore.location import LocalPath, parse_location
@@ -22,6 +23,8 @@ from diskrsync.synccore.push import local_push
 def _push_summary(stats: Any, args: argparse.Namespace) -> int:
 
     warnings = stats.warnings
+    if getattr(args, "encrypt", False) and stats.generation == 1:
+        warnings.append(LOSS_WARNING)
     if stats.source_changed_chunks:
         warnings.append(f"the source changed during the push: {len(stats.source_changed_chunks)}"
                         f" chunk(s) differ from the scan (use a snapshot); the backup holds what "
