@@ -12,6 +12,7 @@ from hypothesis import HealthCheck, settings
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parent.parent / "scripts"))
 
+from support.swift import swift  # noqa: F401  (a session fixture: the tests' S3 service)
 from support.tiers import pytest_collection_modifyitems  # noqa: F401  (a hook)
 
 # what a client remembers of encrypted images (rollback detection) stays out of $HOME, also
