@@ -7,6 +7,7 @@ from __future__ import annotations
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import pytest
 from support.swift import ACCESS_KEY, REGION, SECRET_KEY, Fault, FaultProxy, SwiftServer, _state
@@ -14,7 +15,7 @@ from support.swift import ACCESS_KEY, REGION, SECRET_KEY, Fault, FaultProxy, Swi
 pytestmark = [pytest.mark.process, pytest.mark.s3]
 
 
-def _client(endpoint: str):  # type: ignore[no-untyped-def]
+def _client(endpoint: str) -> Any:
     import boto3
     from botocore.config import Config
 
@@ -42,7 +43,7 @@ def test_start_restart_stop(tmp_path: Path) -> None:
 def test_fault_proxy_forwards_and_injects(swift: SwiftServer) -> None:
     port = int(swift.endpoint.rsplit(":", 1)[1])
     bucket = swift.new_bucket()
-    rule = {"fault": None}
+    rule: dict[str, Fault | None] = {"fault": None}
     with FaultProxy(("127.0.0.1", port), lambda m, p: rule["fault"]) as proxy:
         c = _client(proxy.endpoint)  # signed for the proxy's address: still verifies
         c.put_object(Bucket=bucket, Key="k", Body=b"x" * 1000)

@@ -97,6 +97,15 @@ class CorruptChunkError(DataError):
         self.offset = offset
 
 
+class ObjectMissing(DataError):
+    """An object a repository needs is not in its object store (deleted behind our back, or
+    never written by a writer that died): data damage, unless the caller expected it."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(f"{url}: object missing")
+        self.url = url
+
+
 # Exit codes that are not errors in the usual sense: the push finished and committed,
 # but the user must look (kept distinct so scripts can tell them apart).
 EXIT_SOURCE_CHANGED = 10

@@ -35,6 +35,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import pytest
 
@@ -230,6 +231,14 @@ class SwiftServer:
                      aws_secret_access_key=SECRET_KEY,
                      region_name=REGION).create_bucket(Bucket=name)
         return name
+
+    def options(self, endpoint: str | None = None, **kw: Any) -> Any:
+        """S3Options reaching this server (or ``endpoint``: a FaultProxy in front of it),
+        with quick retries; set the credentials with ``credentials()``."""
+        from diskrsync.compression.objstore import Retry, S3Options
+
+        kw.setdefault("retry", Retry(attempts=4, first=0.01, longest=0.05))
+        return S3Options(endpoint=endpoint or self.endpoint, region=REGION, **kw)
 
 
 _buckets = itertools.count(1)
