@@ -83,6 +83,8 @@ _CTX_LEAF = "diskrsync 2026-11 leaf digest"
 _CTX_CHUNK = "diskrsync 2026-11 chunk encryption"
 _CTX_SEAL = "diskrsync 2026-11 generation seal"
 _CTX_CHECK = "diskrsync 2026-11 key check"
+_CTX_CONTENT = "diskrsync 2026-11 repository chunk id"
+_CTX_OBJECT = "diskrsync 2026-11 repository object"
 
 
 def default_cipher() -> str:
@@ -359,6 +361,55 @@ class SealedCodec:
 
     def _seal_ad(self, number: int, root: bytes) -> bytes:
         return b"diskrsync-generation-v2" + self.key.key_id + struct.pack("<Q", number) + root
+
+
+class ContentSealedCodec(SealedCodec):
+    """:class:`SealedCodec` for a deduplicating repository (docs/repository.md): a chunk's
+    digest is its **content id**, keyed (the store cannot test a guess of a chunk's content)
+    but not bound to a position, so equal chunks anywhere in the repository share one id and
+    are stored once; the AEAD binds that id instead of the chunk's index. The repository's
+    own objects (pack indexes, manifests) are sealed whole, bound to their names."""
+
+    def __init__(self, key: MasterKey, level: int = DEFAULT_LEVEL) -> None:
+        super().__init__(key, level)
+        self.name = f"{key.cipher}+content-blake3:{key.key_id.hex()}"
+        self._leaf = blake3.blake3(key=blake3.blake3(
+            key.secret, derive_key_context=_CTX_CONTENT).digest())
+        self._object_key = blake3.blake3(key.secret, derive_key_context=_CTX_OBJECT).digest()
+
+    def leaf_hash(self, data: Bytes, index: int = 0) -> bytes:
+        h = self._leaf.copy()
+        h.update(data)
+        return h.digest()
+
+    def _ad(self, at: ChunkAt, kind: int, length: int) -> bytes:
+        if len(at.digest) != merkle.HASH_SIZE:
+            raise ValueError("an encrypted chunk needs its content id")  # a caller's bug
+        return (b"diskrsync-repo-chunk-v1" + self.key.key_id
+                + struct.pack("<IB", length, kind) + at.digest)
+
+    def seal_object(self, name: str, plain: bytes) -> bytes:
+        """``salt || AEAD(BLAKE3-keyed(object key, salt), nonce 0, plain, ad(name))``: a
+        fresh key per object, so the zero nonce is used once per key."""
+        salt = os.urandom(SALT_SIZE)
+        aead = _aead(self.key.cipher, blake3.blake3(salt, key=self._object_key).digest())
+        return salt + aead.encrypt(bytes(NONCE_SIZE), plain, self._object_ad(name))
+
+    def open_object(self, name: str, sealed: bytes) -> bytes:
+        """The plaintext of an object sealed under ``name``; ValueError when it was sealed
+        under another name, damaged or forged."""
+        if len(sealed) < SALT_SIZE + TAG_SIZE:
+            raise ValueError("too short to be sealed")
+        aead = _aead(self.key.cipher,
+                     blake3.blake3(sealed[:SALT_SIZE], key=self._object_key).digest())
+        try:
+            return aead.decrypt(bytes(NONCE_SIZE), sealed[SALT_SIZE:], self._object_ad(name))
+        except InvalidTag:
+            raise ValueError("does not authenticate (damaged, forged, or another object's)"
+                             ) from None
+
+    def _object_ad(self, name: str) -> bytes:
+        return b"diskrsync-repo-object-v1" + self.key.key_id + name.encode()
 
 
 class OpaqueCodec:
