@@ -1,0 +1,825 @@
+"""Deduplicating repositories on an object store (docs/repository.md is the specification).
+
+Many disks, each with generations; every distinct chunk stored once (content-addressed
+blobs in immutable 16 MiB packs, located through index objects); a generation is a Merkle
+tree of content ids whose pages are blobs too, made visible by a manifest written last.
+Writers and readers hold leases (``locks/``) instead of relying on conditional writes,
+which not every S3 service has.
+
+What is here: creating and opening a repository (plain or encrypted, the codec and seals of
+``crypto.py``), writing a generation of a disk from chunks (:class:`GenerationWriter`),
+listing disks and generations, and reading a generation back chunk by chunk, verified
+(:class:`RepoSnapshot`), over any :class:`~diskrsync.compression.objstore.ObjectStore`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import re
+import socket
+import struct
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import blake3
+
+from diskrsync.base import merkle
+from diskrsync.base.errors import (
+    BusyError,
+    CorruptChunkError,
+    DataError,
+    FormatVersionError,
+    ObjectMissing,
+    UsageError,
+)
+from diskrsync.base.merkle import HASH_SIZE, Shape, node_hash_packed, root_hash
+from diskrsync.compression.codec import STANDARD, ChunkAt, ChunkCodec, Kind, is_zero
+from diskrsync.compression.crypto import ContentSealedCodec, Envelope, Keyring, MasterKey
+from diskrsync.compression.format import DEFAULT_CHUNK, DEFAULT_FANOUT, MAX_CHUNK, MIN_CHUNK
+from diskrsync.compression.objstore import ObjectStore
+
+VERSION = 1
+PACK_SIZE = 16 << 20  # measured: docs/benchmarks.md, "Object storage"
+PACKS_PER_INDEX = 64  # an index object per 1 GiB of packs: what a killed push keeps
+LEASE = 600.0  # seconds a lock lives without a refresh
+GRACE = 3600.0  # seconds a condemned pack waits before prune may delete it
+
+CHUNK, PAGE = 0, 1  # blob types
+_ENTRY = struct.Struct("<32sBBIII")  # id, type, kind, offset, stored length, length
+_PACK_HEAD = struct.Struct("<32sII")  # pack id, pack length, entry count
+PACK_MAGIC = b"DRPK"
+INDEX_MAGIC = b"DRIX"
+PLAIN, SEALED = b"DRO1", b"DRO2"
+_DISK = re.compile(r"[A-Za-z0-9_\-][A-Za-z0-9._\-]{0,127}")
+_MANIFEST = re.compile(r"(\d{10})-([0-9a-f]{16})")
+
+
+def check_disk_name(name: str) -> str:
+    if not _DISK.fullmatch(name):
+        raise UsageError(f"bad disk name {name!r}: 1-128 of A-Z a-z 0-9 . _ -, not starting "
+                         f"with a dot")
+    return name
+
+
+def pack_key(pack_id: bytes) -> str:
+    h = pack_id.hex()
+    return f"packs/{h[:2]}/{h}"
+
+
+def _check(body: dict[str, Any]) -> str:
+    return blake3.blake3(json.dumps(body, sort_keys=True).encode()).hexdigest()[:32]
+
+
+class Loc(NamedTuple):
+    """Where a blob is: its pack, byte range there, codec kind, decoded length, type."""
+
+    pack: bytes
+    offset: int
+    stored: int
+    kind: int
+    length: int
+    type: int
+
+
+# -- index bodies ---------------------------------------------------------------------------
+
+
+def encode_index(packs: Iterable[tuple[bytes, int, list[tuple[bytes, Loc]]]]) -> bytes:
+    parts = []
+    count = 0
+    for pack_id, pack_len, entries in packs:
+        count += 1
+        parts.append(_PACK_HEAD.pack(pack_id, pack_len, len(entries)))
+        parts.extend(_ENTRY.pack(bid, loc.type, loc.kind, loc.offset, loc.stored, loc.length)
+                     for bid, loc in entries)
+    return INDEX_MAGIC + struct.pack("<I", count) + b"".join(parts)
+
+
+def decode_index(body: bytes, what: str) -> list[tuple[bytes, int, list[tuple[bytes, Loc]]]]:
+    """Parse an index body, checking every number against the body's own size before
+    allocating anything for it."""
+    try:
+        if body[:4] != INDEX_MAGIC:
+            raise ValueError("not an index")
+        (count,), pos = struct.unpack_from("<I", body, 4), 8
+        if count > (len(body) - pos) // _PACK_HEAD.size:
+            raise ValueError(f"{count} packs cannot fit")
+        out = []
+        for _ in range(count):
+            pack_id, pack_len, n = _PACK_HEAD.unpack_from(body, pos)
+            pos += _PACK_HEAD.size
+            if n > (len(body) - pos) // _ENTRY.size:
+                raise ValueError(f"{n} entries cannot fit")
+            entries = []
+            for _ in range(n):
+                bid, typ, kind, off, stored, length = _ENTRY.unpack_from(body, pos)
+                pos += _ENTRY.size
+                if typ not in (CHUNK, PAGE) or kind not in (Kind.RAW, Kind.ZSTD) or \
+                        off + stored > pack_len or length > MAX_CHUNK:
+                    raise ValueError("impossible entry")
+                entries.append((bid, Loc(pack_id, off, stored, kind, length, typ)))
+            out.append((pack_id, pack_len, entries))
+        if pos != len(body):
+            raise ValueError("trailing bytes")
+        return out
+    except (ValueError, struct.error) as e:
+        raise DataError(f"{what} is damaged: {e}") from None
+
+
+# -- config ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RepoConfig:
+    id: str
+    chunk_size: int = DEFAULT_CHUNK
+    fanout: int = DEFAULT_FANOUT
+    pack_size: int = PACK_SIZE
+    encryption: dict[str, Any] | None = None
+
+    def encode(self) -> bytes:
+        body: dict[str, Any] = {"version": VERSION, "id": self.id, "chunk_size": self.chunk_size,
+                                "fanout": self.fanout, "pack_size": self.pack_size,
+                                "encryption": self.encryption}
+        body["check"] = _check(body)
+        return json.dumps(body, sort_keys=True, indent=1).encode() + b"\n"
+
+    @classmethod
+    def decode(cls, raw: bytes, what: str) -> RepoConfig:
+        try:
+            doc = json.loads(raw)
+            if not isinstance(doc, dict):
+                raise ValueError("not an object")
+            # a newer version may check itself differently: the version first
+            if doc.get("version") != VERSION:
+                raise FormatVersionError(f"{what}: repository version "
+                                         f"{doc.get('version')!r}, this diskrsync reads "
+                                         f"version {VERSION}")
+            if doc.get("check") != _check({k: v for k, v in doc.items() if k != "check"}):
+                raise ValueError("its checksum does not match")
+        except ValueError as e:
+            raise DataError(f"{what} is damaged: {e}") from None
+        cfg = cls(str(doc["id"]), int(doc["chunk_size"]), int(doc["fanout"]),
+                  int(doc["pack_size"]), doc.get("encryption"))
+        if not (MIN_CHUNK <= cfg.chunk_size <= MAX_CHUNK
+                and cfg.chunk_size & (cfg.chunk_size - 1) == 0 and 2 <= cfg.fanout <= 1024
+                and cfg.chunk_size <= cfg.pack_size <= 1 << 30):
+            raise DataError(f"{what} has impossible parameters (chunk size {cfg.chunk_size}, "
+                            f"fanout {cfg.fanout}, pack size {cfg.pack_size})")
+        return cfg
+
+
+# -- locks -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LockInfo:
+    key: str
+    kind: str  # write, read, prune
+    disk: str | None
+    host: str
+    pid: int
+    created: float
+    refreshed: float
+    lease: float
+
+    def stale(self, now: float) -> bool:
+        return now - self.refreshed > self.lease
+
+    def conflicts(self, other: LockInfo) -> bool:
+        if "prune" in (self.kind, other.kind):
+            return "write" in (self.kind, other.kind) or self.kind == other.kind == "prune"
+        return self.kind == other.kind == "write" and self.disk == other.disk
+
+    def older_than(self, other: LockInfo) -> bool:
+        return (self.created, self.key) < (other.created, other.key)
+
+    def describe(self, now: float) -> str:
+        what = f"{self.kind} lock" + (f" on disk {self.disk}" if self.disk else "")
+        return f"{what} held by pid {self.pid} on {self.host} for {now - self.created:.0f} s"
+
+
+class Lease:
+    """A lock object, refreshed on a thread while held (docs/repository.md, Locking)."""
+
+    def __init__(self, store: ObjectStore, kind: str, disk: str | None, *,
+                 lease: float = LEASE, clock: Callable[[], float] = time.time) -> None:
+        self.store = store
+        self.clock = clock
+        now = clock()
+        self.info = LockInfo(f"locks/{os.urandom(8).hex()}", kind, disk, socket.gethostname(),
+                             os.getpid(), now, now, lease)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.lost: str | None = None  # why the lease can no longer be trusted
+
+    def _write(self) -> None:
+        i = self.info
+        self.store.put(i.key, json.dumps({
+            "kind": i.kind, "disk": i.disk, "host": i.host, "pid": i.pid,
+            "created": i.created, "refreshed": i.refreshed, "lease": i.lease}).encode())
+
+    def acquire(self) -> Lease:
+        self._write()
+        try:
+            self.check()
+        except BaseException:
+            with contextlib.suppress(Exception):
+                self.store.delete(self.info.key)
+            raise
+        self._thread = threading.Thread(target=self._refresh, daemon=True,
+                                        name="diskrsync-lease")
+        self._thread.start()
+        return self
+
+    def check(self) -> None:
+        """BusyError when an older live lock conflicts with ours, or ours went stale."""
+        now = self.clock()
+        if self.lost or self.info.stale(now):
+            raise BusyError(f"lost the repository lock ({self.lost or 'not refreshed in time'})")
+        for other in list_locks(self.store):
+            if other.key == self.info.key:
+                continue
+            if other.stale(now):
+                with contextlib.suppress(Exception):
+                    self.store.delete(other.key)
+                continue
+            if self.info.conflicts(other) and other.older_than(self.info):
+                raise BusyError(f"{self.store.url} is busy: {other.describe(now)}")
+
+    def _refresh(self) -> None:
+        while not self._stop.wait(self.info.lease / 5):
+            try:
+                self.info = dataclasses.replace(self.info, refreshed=self.clock())
+                self._write()
+            except Exception as e:  # recorded: check() and commit refuse
+                self.lost = f"refreshing it failed: {e}"
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+        with contextlib.suppress(Exception):
+            self.store.delete(self.info.key)
+
+    def __enter__(self) -> Lease:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def list_locks(store: ObjectStore) -> list[LockInfo]:
+    out = []
+    for obj in store.list("locks/"):
+        if obj.size > 4096:
+            continue  # not one of ours; a stale-looking stranger is left alone
+        try:
+            doc = json.loads(store.get(obj.key))
+            out.append(LockInfo(obj.key, str(doc["kind"]), doc.get("disk"), str(doc["host"]),
+                                int(doc["pid"]), float(doc["created"]),
+                                float(doc["refreshed"]), float(doc["lease"])))
+        except ObjectMissing:
+            continue  # released meanwhile
+        except (ValueError, KeyError, TypeError):
+            continue  # damaged: cannot hold anything
+    return out
+
+
+# -- the repository ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GenerationInfo:
+    disk: str
+    number: int
+    session: str
+    key: str
+
+
+@dataclass
+class Manifest:
+    disk: str
+    number: int
+    session: str
+    time: float
+    size: int
+    chunk_size: int
+    fanout: int
+    top: bytes
+    root: bytes
+    source: str = ""
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        return manifest_key(self.disk, self.number, self.session)
+
+    def encode(self) -> bytes:
+        return json.dumps({
+            "version": VERSION, "disk": self.disk, "number": self.number,
+            "session": self.session, "time": self.time, "size": self.size,
+            "chunk_size": self.chunk_size, "fanout": self.fanout, "top": self.top.hex(),
+            "root": self.root.hex(), "source": self.source, "meta": self.meta},
+            sort_keys=True, separators=(",", ":")).encode()
+
+    @classmethod
+    def decode(cls, body: bytes, info: GenerationInfo) -> Manifest:
+        what = f"generation {info.number} of disk {info.disk}"
+        try:
+            d = json.loads(body)
+            m = cls(str(d["disk"]), int(d["number"]), str(d["session"]), float(d["time"]),
+                    int(d["size"]), int(d["chunk_size"]), int(d["fanout"]),
+                    bytes.fromhex(d["top"]), bytes.fromhex(d["root"]), str(d["source"]),
+                    dict(d["meta"]))
+            if d.get("version") != VERSION:
+                raise ValueError(f"version {d.get('version')!r}")
+        except (ValueError, KeyError, TypeError) as e:
+            raise DataError(f"{what}: manifest damaged: {e}") from None
+        if (m.disk, m.number, m.session) != (info.disk, info.number, info.session):
+            raise DataError(f"{what}: manifest names another generation")
+        shape = Shape(m.size, m.chunk_size, m.fanout)
+        if root_hash(m.size, m.chunk_size, m.fanout, m.top) != m.root or \
+                len(m.top) != (HASH_SIZE if shape.chunks else 0):
+            raise DataError(f"{what}: manifest's root does not match its tree")
+        return m
+
+
+def manifest_key(disk: str, number: int, session: str) -> str:
+    return f"disks/{disk}/{number:010d}-{session}"
+
+
+class Repository:
+    """An opened repository: its config, codec, store, and (loaded on demand) its index."""
+
+    def __init__(self, store: ObjectStore, config: RepoConfig, codec: ChunkCodec) -> None:
+        self.store = store
+        self.config = config
+        self.codec = codec
+        self._index: dict[bytes, Loc] | None = None
+        self._index_lock = threading.Lock()
+
+    # -- creating and opening --
+
+    @classmethod
+    def init(cls, store: ObjectStore, *, chunk_size: int = DEFAULT_CHUNK,
+             fanout: int = DEFAULT_FANOUT, pack_size: int = PACK_SIZE,
+             key: MasterKey | None = None, envelope: Envelope | None = None) -> Repository:
+        """Create a repository in an empty store (UsageError if one is there already)."""
+        store.check()
+        if store.head("config") is not None:
+            raise UsageError(f"{store.url} already holds a repository")
+        encryption = None
+        if key is not None:
+            encryption = {"key_id": key.key_id.hex(), "cipher": key.cipher,
+                          "envelope": envelope.to_json() if envelope is not None else None}
+        config = RepoConfig(os.urandom(8).hex(), chunk_size, fanout, pack_size, encryption)
+        RepoConfig.decode(config.encode(), "new config")  # the same checks as on open
+        store.put("config", config.encode())
+        return cls(store, config, ContentSealedCodec(key) if key is not None else STANDARD)
+
+    @classmethod
+    def open(cls, store: ObjectStore, keyring: Keyring | None = None) -> Repository:
+        store.check()
+        try:
+            raw = store.get("config")
+        except ObjectMissing:
+            raise UsageError(f"{store.url} is not a diskrsync repository (no config)") from None
+        config = RepoConfig.decode(raw, f"{store.url}/config")
+        codec: ChunkCodec = STANDARD
+        enc = config.encryption
+        if enc is not None:
+            if keyring is None:
+                raise UsageError(f"{store.url} is encrypted: reading or writing it needs its "
+                                 f"key")
+            try:
+                key_id = bytes.fromhex(enc["key_id"])
+                envelope = (Envelope.from_json(enc["envelope"])
+                            if enc.get("envelope") is not None else None)
+            except (KeyError, TypeError, ValueError) as e:
+                raise DataError(f"{store.url}/config: encryption entry damaged: {e}") from None
+            codec = ContentSealedCodec(keyring.unlock(key_id, envelope, store.url))
+        return cls(store, config, codec)
+
+    # -- framing --
+
+    def frame(self, name: str, body: bytes) -> bytes:
+        if isinstance(self.codec, ContentSealedCodec):
+            return SEALED + self.codec.seal_object(name, body)
+        return PLAIN + body + blake3.blake3(b"diskrsync-repo-object-v1" + name.encode()
+                                            + body).digest()
+
+    def unframe(self, name: str, data: bytes, what: str) -> bytes:
+        magic, rest = data[:4], data[4:]
+        sealed = isinstance(self.codec, ContentSealedCodec)
+        if magic != (SEALED if sealed else PLAIN):
+            raise DataError(f"{what} is damaged (not a {'sealed' if sealed else 'plain'} "
+                            f"object of this repository)")
+        if sealed:
+            assert isinstance(self.codec, ContentSealedCodec)
+            try:
+                return self.codec.open_object(name, rest)
+            except ValueError as e:
+                raise DataError(f"{what} {e}") from None
+        body, check = rest[:-HASH_SIZE], rest[-HASH_SIZE:]
+        if len(rest) < HASH_SIZE or blake3.blake3(
+                b"diskrsync-repo-object-v1" + name.encode() + body).digest() != check:
+            raise DataError(f"{what} is damaged (checksum mismatch)")
+        return body
+
+    # -- the index --
+
+    def index(self) -> dict[bytes, Loc]:
+        """Every blob's location, from every index object (loaded once)."""
+        with self._index_lock:
+            if self._index is None:
+                found: dict[bytes, Loc] = {}
+                keys = [o.key for o in self.store.list("index/")]
+                with ThreadPoolExecutor(8) as pool:
+                    for key, raw in zip(keys, pool.map(self.store.get, keys), strict=True):
+                        body = self.unframe(key, raw, f"index object {key}")
+                        for _pack, _len, entries in decode_index(body, key):
+                            found.update(entries)
+                self._index = found
+            return self._index
+
+    def _learn(self, entries: Iterable[tuple[bytes, Loc]]) -> None:
+        index = self.index()
+        with self._index_lock:
+            index.update(entries)
+
+    # -- disks and generations --
+
+    def disks(self) -> list[str]:
+        names = {o.key.split("/")[1] for o in self.store.list("disks/") if o.key.count("/") == 2}
+        return sorted(n for n in names if _DISK.fullmatch(n))
+
+    def generations(self, disk: str) -> list[GenerationInfo]:
+        """The disk's generations, oldest first (equal numbers: smaller session first)."""
+        check_disk_name(disk)
+        out = []
+        for o in self.store.list(f"disks/{disk}/"):
+            m = _MANIFEST.fullmatch(o.key.rsplit("/", 1)[1])
+            if m:
+                out.append(GenerationInfo(disk, int(m.group(1)), m.group(2), o.key))
+        return sorted(out, key=lambda g: (g.number, g.session))
+
+    def manifest(self, info: GenerationInfo) -> Manifest:
+        what = f"generation {info.number} of disk {info.disk}"
+        try:
+            raw = self.store.get(info.key)
+        except ObjectMissing:
+            raise DataError(f"{what}: its manifest vanished (pruned meanwhile?)") from None
+        m = Manifest.decode(self.unframe(info.key, raw, f"{what}'s manifest"), info)
+        if (m.chunk_size, m.fanout) != (self.config.chunk_size, self.config.fanout):
+            raise DataError(f"{what}: geometry differs from the repository's")
+        return m
+
+    def generation(self, disk: str, number: int | None = None) -> Manifest:
+        """Generation ``number`` of ``disk`` (the newest when None)."""
+        gens = self.generations(disk)
+        if number is not None:
+            gens = [g for g in gens if g.number == number]
+        if not gens:
+            what = f"generation {number} of disk {disk}" if number is not None else \
+                f"disk {disk}"
+            raise UsageError(f"{self.store.url}: no {what}")
+        return self.manifest(gens[-1] if number is None else gens[0])
+
+    def snapshot(self, disk: str, number: int | None = None) -> RepoSnapshot:
+        return RepoSnapshot(self, self.generation(disk, number))
+
+    # -- blobs --
+
+    def read_blobs(self, ids: list[bytes], *, what: Callable[[bytes], str],
+                   gap: int = 64 << 10, span: int = 4 << 20) -> dict[bytes, bytes]:
+        """The stored bytes of blobs, fetched in as few ranged GETs as adjacency allows
+        (ranges up to ``span`` bytes, skipping gaps up to ``gap``); not yet decoded."""
+        index = self.index()
+        by_pack: dict[bytes, list[tuple[bytes, Loc]]] = {}
+        for bid in dict.fromkeys(ids):
+            loc = index.get(bid)
+            if loc is None:
+                raise DataError(f"{what(bid)}: blob {bid.hex()[:16]}… is in no pack")
+            by_pack.setdefault(loc.pack, []).append((bid, loc))
+        ranges: list[tuple[bytes, int, int, list[tuple[bytes, Loc]]]] = []
+        for pack, blobs in by_pack.items():
+            blobs.sort(key=lambda b: b[1].offset)
+            cur: list[tuple[bytes, Loc]] = []
+            for b in blobs:
+                if cur and (b[1].offset - (cur[-1][1].offset + cur[-1][1].stored) > gap
+                            or b[1].offset + b[1].stored - cur[0][1].offset > span):
+                    ranges.append((pack, cur[0][1].offset, cur[-1][1].offset
+                                   + cur[-1][1].stored - cur[0][1].offset, cur))
+                    cur = []
+                cur.append(b)
+            if cur:
+                ranges.append((pack, cur[0][1].offset,
+                               cur[-1][1].offset + cur[-1][1].stored - cur[0][1].offset, cur))
+
+        def fetch(r: tuple[bytes, int, int, list[tuple[bytes, Loc]]]) -> dict[bytes, bytes]:
+            pack, start, length, blobs = r
+            try:
+                data = self.store.get_range(pack_key(pack), start, length)
+            except ObjectMissing:
+                raise DataError(f"{what(blobs[0][0])}: pack {pack.hex()[:16]}… is missing"
+                                ) from None
+            except DataError as e:
+                raise DataError(f"{what(blobs[0][0])}: pack {pack.hex()[:16]}…: {e.message}"
+                                ) from None
+            return {bid: data[loc.offset - start : loc.offset - start + loc.stored]
+                    for bid, loc in blobs}
+
+        out: dict[bytes, bytes] = {}
+        if len(ranges) == 1:
+            out.update(fetch(ranges[0]))
+        elif ranges:
+            with ThreadPoolExecutor(min(8, len(ranges))) as pool:
+                for part in pool.map(fetch, ranges):
+                    out.update(part)
+        return out
+
+    def decode_page(self, bid: bytes, stored: bytes, what: str) -> bytes:
+        loc = self.index()[bid]
+        try:
+            page = self.codec.decode(loc.kind, stored, loc.length, ChunkAt(0, bid))
+        except ValueError as e:
+            raise DataError(f"{what}: index page {bid.hex()[:16]}… {e}") from None
+        if loc.type != PAGE or node_hash_packed(page) != bid or len(page) % HASH_SIZE:
+            raise DataError(f"{what}: index page {bid.hex()[:16]}… does not match its id")
+        return page
+
+    def writer(self, disk: str, *, lease: float = LEASE) -> GenerationWriter:
+        return GenerationWriter(self, check_disk_name(disk), lease=lease)
+
+
+class RepoSnapshot:
+    """One generation of a disk, read chunk by chunk; every chunk checked against its
+    content id before it is returned."""
+
+    def __init__(self, repo: Repository, manifest: Manifest) -> None:
+        self.repo = repo
+        self.manifest = manifest
+        self.shape = Shape(manifest.size, manifest.chunk_size, manifest.fanout)
+        self.size = manifest.size
+        self.chunk_size = manifest.chunk_size
+        self._leaves: bytes | None = None
+        self._cache: OrderedDict[int, bytes] = OrderedDict()
+
+    @property
+    def what(self) -> str:
+        return f"disk {self.manifest.disk} generation {self.manifest.number}"
+
+    def leaves(self) -> bytes:
+        """Every chunk's content id laid end to end (the tree walked from the top, each page
+        checked against the id its parent names and against the shape)."""
+        if self._leaves is None:
+            ids = [self.manifest.top] if self.shape.chunks else []
+            for level in range(self.shape.top_level, 0, -1):
+                pages = self.repo.read_blobs(ids, what=lambda b: self.what)
+                below: list[bytes] = []
+                for j, bid in enumerate(ids):
+                    page = self.repo.decode_page(bid, pages[bid], self.what)
+                    if len(page) != len(self.shape.children(level, j)) * HASH_SIZE:
+                        raise DataError(f"{self.what}: index page {bid.hex()[:16]}… has "
+                                        f"{len(page) // HASH_SIZE} entries, its place needs "
+                                        f"{len(self.shape.children(level, j))}")
+                    below.extend(page[i : i + HASH_SIZE] for i in range(0, len(page),
+                                                                        HASH_SIZE))
+                ids = below
+            self._leaves = b"".join(ids)
+        return self._leaves
+
+    def leaf(self, index: int) -> bytes:
+        return self.leaves()[index * HASH_SIZE : (index + 1) * HASH_SIZE]
+
+    def read_chunks(self, indices: list[int]) -> dict[int, bytes]:
+        """Chunks by index, checked; adjacent ones fetched in one ranged GET."""
+        length = self.shape.chunk_length
+        ids = {i: self.leaf(i) for i in indices}
+        stored_ids = [bid for i, bid in ids.items() if bid != merkle.zero_hash(length(i))]
+        stored = self.repo.read_blobs(stored_ids, what=lambda b: self.what) if stored_ids \
+            else {}
+        index = self.repo.index()
+        out: dict[int, bytes] = {}
+        for i, bid in ids.items():
+            n = length(i)
+            if bid == merkle.zero_hash(n):
+                out[i] = bytes(n)
+                continue
+            loc = index[bid]
+            try:
+                if loc.type != CHUNK or loc.length != n:
+                    raise ValueError(f"blob {bid.hex()[:16]}… is not a chunk of {n} bytes")
+                data = self.repo.codec.decode(loc.kind, stored[bid], n, ChunkAt(i, bid))
+                if self.repo.codec.leaf_hash(data, i) != bid:
+                    raise ValueError("content hash mismatch")
+            except ValueError as e:
+                raise CorruptChunkError(i, i * self.chunk_size,
+                                        f"{self.what}, blob {bid.hex()[:16]}…: {e}") from None
+            out[i] = data
+        return out
+
+    def read_chunk(self, index: int) -> bytes:
+        return self.read_chunks([index])[index]
+
+    def read(self, offset: int, length: int) -> bytes:
+        """Bytes of the disk (clipped to its size)."""
+        end = min(offset + length, self.size)
+        if offset >= end:
+            return b""
+        first, last = offset // self.chunk_size, (end - 1) // self.chunk_size
+        chunks = self.read_chunks(list(range(first, last + 1)))
+        data = b"".join(chunks[i] for i in range(first, last + 1))
+        start = offset - first * self.chunk_size
+        return data[start : start + end - offset]
+
+
+# -- writing -----------------------------------------------------------------------------------
+
+
+class GenerationWriter:
+    """One writer session of one disk: stores new blobs in packs, builds the tree, commits
+    the manifest last (docs/repository.md, "Writing a generation").
+
+    ``begin(size, base)`` sets the disk's size and starts from ``base``'s chunks (a previous
+    generation; else all zeros); ``put_chunk`` replaces chunks; ``commit`` makes the
+    generation visible and returns its manifest. Use as a context manager: the lease is
+    taken on entry and dropped on exit; leaving without a commit stores nothing visible."""
+
+    def __init__(self, repo: Repository, disk: str, *, lease: float = LEASE,
+                 uploads: int = 4) -> None:
+        self.repo = repo
+        self.disk = disk
+        self.session = os.urandom(8).hex()
+        self.lease = Lease(repo.store, "write", disk, lease=lease)
+        self._lock = threading.Lock()
+        self._pack: list[tuple[bytes, int, int, bytes]] = []  # id, type, kind/length, stored
+        self._pack_bytes = 0
+        self._pool = ThreadPoolExecutor(uploads, thread_name_prefix="diskrsync-upload")
+        self._slots = threading.BoundedSemaphore(uploads * 2)  # packs in memory at most
+        self._uploads: list[Future[None]] = []
+        self._written: list[tuple[bytes, int, list[tuple[bytes, Loc]]]] = []  # not indexed
+        self._session_ids: set[bytes] = set()
+        self.shape: Shape | None = None
+        self._leaves = bytearray()
+        self.packs_per_index = PACKS_PER_INDEX
+        self.stats = {"chunks_stored": 0, "chunks_deduplicated": 0, "bytes_stored": 0,
+                      "packs": 0}
+
+    def __enter__(self) -> GenerationWriter:
+        self.lease.acquire()
+        try:
+            self.repo.index()
+        except BaseException:
+            self.lease.release()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+        finally:
+            self.lease.release()
+
+    def begin(self, size: int, base: RepoSnapshot | None = None) -> None:
+        cfg = self.repo.config
+        self.shape = Shape(size, cfg.chunk_size, cfg.fanout)
+        leaves = bytearray()
+        old = base.leaves() if base is not None else b""
+        for i in range(self.shape.chunks):
+            n = self.shape.chunk_length(i)
+            if base is not None and i < base.shape.chunks and base.shape.chunk_length(i) == n:
+                leaves += old[i * HASH_SIZE : (i + 1) * HASH_SIZE]
+            else:  # beyond the base's end, or its short last chunk grown: zeros
+                leaves += merkle.zero_hash(n)
+        self._leaves = leaves
+
+    def put_chunk(self, index: int, data: bytes) -> None:
+        """Set chunk ``index`` to ``data`` (thread-safe); stored unless the repository has it."""
+        shape = self.shape
+        if shape is None:
+            raise ValueError("begin() first")  # a caller's bug
+        if len(data) != shape.chunk_length(index):
+            raise ValueError(f"chunk {index} of {len(data)} bytes, expected "
+                             f"{shape.chunk_length(index)}")
+        if is_zero(data):
+            bid = merkle.zero_hash(len(data))
+        else:
+            bid = self.repo.codec.leaf_hash(data, index)
+            self._add(bid, CHUNK, data, index)
+        self._leaves[index * HASH_SIZE : (index + 1) * HASH_SIZE] = bid
+
+    def _known(self, bid: bytes) -> bool:
+        return bid in self._session_ids or bid in self.repo.index()
+
+    def _add(self, bid: bytes, typ: int, data: bytes, index: int) -> None:
+        with self._lock:
+            if self._known(bid):
+                self.stats["chunks_deduplicated"] += typ == CHUNK
+                return
+            self._session_ids.add(bid)
+        kind, stored = self.repo.codec.encode(data, ChunkAt(index, bid))
+        full = None
+        with self._lock:
+            self._pack.append((bid, typ, (int(kind) << 32) | len(data), stored))
+            self._pack_bytes += len(stored)
+            self.stats["chunks_stored"] += typ == CHUNK
+            self.stats["bytes_stored"] += len(stored)
+            if self._pack_bytes >= self.repo.config.pack_size:
+                full, self._pack, self._pack_bytes = self._pack, [], 0
+        if full:
+            self._close_pack(full)
+
+    def _close_pack(self, blobs: list[tuple[bytes, int, int, bytes]]) -> None:
+        entries: list[tuple[bytes, Loc]] = []
+        offset = 0
+        for bid, typ, kl, stored in blobs:
+            entries.append((bid, Loc(b"", offset, len(stored), kl >> 32, kl & 0xFFFFFFFF, typ)))
+            offset += len(stored)
+        trailer = self.repo.frame("pack", encode_index([(bytes(HASH_SIZE), offset, entries)]))
+        pack = b"".join(b[3] for b in blobs) + trailer + struct.pack("<I", len(trailer)) \
+            + PACK_MAGIC
+        pack_id = blake3.blake3(pack).digest()
+        located = [(bid, loc._replace(pack=pack_id)) for bid, loc in entries]
+        self._slots.acquire()
+
+        def upload() -> None:
+            try:
+                self.repo.store.put(pack_key(pack_id), pack)
+            finally:
+                self._slots.release()
+            with self._lock:
+                self._written.append((pack_id, len(pack), located))
+                self.stats["packs"] += 1
+                flush = len(self._written) >= self.packs_per_index
+            if flush:
+                self._write_index()
+
+        self._uploads.append(self._pool.submit(upload))
+
+    def _write_index(self) -> None:
+        with self._lock:
+            packs, self._written = self._written, []
+        if not packs:
+            return
+        body = encode_index(packs)
+        key = f"index/{blake3.blake3(body).hexdigest()}"
+        self.repo.store.put(key, self.repo.frame(key, body))
+        self.repo._learn(e for _p, _n, entries in packs for e in entries)
+
+    def _tree(self) -> bytes:
+        """Store every page of the tree not yet present; the top's id (b"" when empty)."""
+        assert self.shape is not None
+        ids = [bytes(self._leaves[i : i + HASH_SIZE])
+               for i in range(0, len(self._leaves), HASH_SIZE)]
+        for level in range(1, self.shape.top_level + 1):
+            above = []
+            for j in range(self.shape.count(level)):
+                kids = self.shape.children(level, j)
+                page = b"".join(ids[kids.start : kids.stop])
+                bid = node_hash_packed(page)
+                self._add(bid, PAGE, page, j)
+                above.append(bid)
+            ids = above
+        return ids[0] if ids else b""
+
+    def commit(self, *, source: str = "", meta: dict[str, Any] | None = None,
+               now: Callable[[], float] = time.time) -> Manifest:
+        if self.shape is None:
+            raise ValueError("begin() first")
+        top = self._tree()
+        with self._lock:
+            last, self._pack, self._pack_bytes = self._pack, [], 0
+        if last:
+            self._close_pack(last)
+        for f in self._uploads:
+            f.result()  # an upload's error fails the commit: nothing is visible yet
+        self._write_index()
+        cfg = self.repo.config
+        manifest = Manifest(self.disk, 0, self.session, now(), self.shape.size,
+                            cfg.chunk_size, cfg.fanout, top,
+                            root_hash(self.shape.size, cfg.chunk_size, cfg.fanout, top),
+                            source, meta or {})
+        self.lease.check()
+        number = max((g.number for g in self.repo.generations(self.disk)), default=0) + 1
+        old = None
+        while True:
+            manifest.number = number
+            self.repo.store.put(manifest.key, self.repo.frame(manifest.key, manifest.encode()))
+            if old is not None:
+                self.repo.store.delete(old)
+            gens = self.repo.generations(self.disk)
+            if not any(g.number == number and g.session < self.session for g in gens):
+                return manifest
+            # a lost lease let another writer commit this number first: both generations
+            # stay, ours under the next free number (docs/repository.md, Locking)
+            old, number = manifest.key, max(g.number for g in gens) + 1
