@@ -23,7 +23,6 @@ import socket
 import struct
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -451,7 +450,7 @@ class Repository:
                 self._index = found
             return self._index
 
-    def _learn(self, entries: Iterable[tuple[bytes, Loc]]) -> None:
+    def learn(self, entries: Iterable[tuple[bytes, Loc]]) -> None:
         index = self.index()
         with self._index_lock:
             index.update(entries)
@@ -495,7 +494,23 @@ class Repository:
         return self.manifest(gens[-1] if number is None else gens[0])
 
     def snapshot(self, disk: str, number: int | None = None) -> RepoSnapshot:
+        """A generation without a read lease: for callers that hold another lock (prune,
+        a writer's base) or accept that prune may remove what it reads."""
         return RepoSnapshot(self, self.generation(disk, number))
+
+    def pin(self, disk: str, number: int | None = None, *,
+            lease: float = LEASE) -> RepoSnapshot:
+        """A generation pinned by a read lease, taken *before* its manifest is read, so
+        that no prune deletes a pack it needs until it is closed (docs/repository.md,
+        Garbage collection). Use as a context manager."""
+        held = Lease(self.store, "read", check_disk_name(disk), lease=lease).acquire()
+        try:
+            snap = self.snapshot(disk, number)
+        except BaseException:
+            held.release()
+            raise
+        snap.lease = held
+        return snap
 
     # -- blobs --
 
@@ -572,7 +587,8 @@ class RepoSnapshot:
         self.size = manifest.size
         self.chunk_size = manifest.chunk_size
         self._leaves: bytes | None = None
-        self._cache: OrderedDict[int, bytes] = OrderedDict()
+        self.pages: list[bytes] = []  # every page id of the tree, once walked
+        self.lease: Lease | None = None  # a read lease, when pinned (Repository.pin)
 
     @property
     def what(self) -> str:
@@ -585,6 +601,7 @@ class RepoSnapshot:
             ids = [self.manifest.top] if self.shape.chunks else []
             for level in range(self.shape.top_level, 0, -1):
                 pages = self.repo.read_blobs(ids, what=lambda b: self.what)
+                self.pages.extend(ids)
                 below: list[bytes] = []
                 for j, bid in enumerate(ids):
                     page = self.repo.decode_page(bid, pages[bid], self.what)
@@ -597,6 +614,26 @@ class RepoSnapshot:
                 ids = below
             self._leaves = b"".join(ids)
         return self._leaves
+
+    def blob_ids(self) -> set[bytes]:
+        """Every blob this generation needs: its pages and its stored chunks."""
+        leaves = self.leaves()
+        zeros = {merkle.zero_hash(self.chunk_size)}
+        if self.shape.chunks:
+            zeros.add(merkle.zero_hash(self.shape.chunk_length(self.shape.chunks - 1)))
+        ids = {leaves[i : i + HASH_SIZE] for i in range(0, len(leaves), HASH_SIZE)}
+        return (ids - zeros) | set(self.pages)
+
+    def close(self) -> None:
+        if self.lease is not None:
+            self.lease.release()
+            self.lease = None
+
+    def __enter__(self) -> RepoSnapshot:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def leaf(self, index: int) -> bytes:
         return self.leaves()[index * HASH_SIZE : (index + 1) * HASH_SIZE]
@@ -646,6 +683,95 @@ class RepoSnapshot:
 # -- writing -----------------------------------------------------------------------------------
 
 
+class Packer:
+    """Blobs into packs: closed at the pack size, uploaded on a bounded pool (at most
+    ``2 * uploads`` packs in memory), an index object written every ``packs_per_index``
+    packs and by ``finish``. Stored bytes go in as the codec made them: a blob's seal binds
+    its id, not its place, so prune can move blobs between packs without the key."""
+
+    def __init__(self, repo: Repository, *, uploads: int = 4) -> None:
+        self.repo = repo
+        self._lock = threading.Lock()
+        self._pack: list[tuple[bytes, Loc, bytes]] = []  # id, where (pack unknown), stored
+        self._pack_bytes = 0
+        self._pool = ThreadPoolExecutor(uploads, thread_name_prefix="diskrsync-upload")
+        self._slots = threading.BoundedSemaphore(uploads * 2)
+        self._uploads: list[Future[None]] = []
+        self._written: list[tuple[bytes, int, list[tuple[bytes, Loc]]]] = []  # not indexed
+        self.packs_per_index = PACKS_PER_INDEX
+        self.packs = 0
+        self.bytes = 0
+
+    def append(self, bid: bytes, typ: int, kind: int, length: int, stored: bytes) -> None:
+        full = None
+        with self._lock:
+            self._pack.append((bid, Loc(b"", self._pack_bytes, len(stored), kind, length, typ),
+                               stored))
+            self._pack_bytes += len(stored)
+            self.bytes += len(stored)
+            if self._pack_bytes >= self.repo.config.pack_size:
+                full, self._pack, self._pack_bytes = self._pack, [], 0
+        if full:
+            self._close(full)
+
+    def _close(self, blobs: list[tuple[bytes, Loc, bytes]]) -> None:
+        size = sum(len(b[2]) for b in blobs)
+        trailer = self.repo.frame("pack", encode_index(
+            [(bytes(HASH_SIZE), size, [(bid, loc) for bid, loc, _ in blobs])]))
+        pack = b"".join(b[2] for b in blobs) + trailer + struct.pack("<I", len(trailer)) \
+            + PACK_MAGIC
+        pack_id = blake3.blake3(pack).digest()
+        located = [(bid, loc._replace(pack=pack_id)) for bid, loc, _ in blobs]
+        self._slots.acquire()
+
+        def upload() -> None:
+            try:
+                self.repo.store.put(pack_key(pack_id), pack)
+            finally:
+                self._slots.release()
+            with self._lock:
+                self._written.append((pack_id, len(pack), located))
+                self.packs += 1
+                flush = len(self._written) >= self.packs_per_index
+            if flush:
+                self._write_index()
+
+        self._uploads.append(self._pool.submit(upload))
+
+    def _write_index(self) -> None:
+        with self._lock:
+            packs, self._written = self._written, []
+        if packs:
+            write_index(self.repo, packs)
+            self.repo.learn(e for _p, _n, entries in packs for e in entries)
+
+    def wait(self) -> None:
+        """Every pack closed so far is stored (an upload's error is raised here)."""
+        for f in list(self._uploads):
+            f.result()
+
+    def finish(self) -> None:
+        """Close the open pack, wait for every upload, index what is not indexed yet."""
+        with self._lock:
+            last, self._pack, self._pack_bytes = self._pack, [], 0
+        if last:
+            self._close(last)
+        self.wait()
+        self._write_index()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def write_index(repo: Repository, packs: list[tuple[bytes, int, list[tuple[bytes, Loc]]]]
+                ) -> str:
+    """Store one index object for ``packs``; its key."""
+    body = encode_index(packs)
+    key = f"index/{blake3.blake3(body).hexdigest()}"
+    repo.store.put(key, repo.frame(key, body))
+    return key
+
+
 class GenerationWriter:
     """One writer session of one disk: stores new blobs in packs, builds the tree, commits
     the manifest last (docs/repository.md, "Writing a generation").
@@ -661,19 +787,16 @@ class GenerationWriter:
         self.disk = disk
         self.session = os.urandom(8).hex()
         self.lease = Lease(repo.store, "write", disk, lease=lease)
+        self.packer = Packer(repo, uploads=uploads)
         self._lock = threading.Lock()
-        self._pack: list[tuple[bytes, int, int, bytes]] = []  # id, type, kind/length, stored
-        self._pack_bytes = 0
-        self._pool = ThreadPoolExecutor(uploads, thread_name_prefix="diskrsync-upload")
-        self._slots = threading.BoundedSemaphore(uploads * 2)  # packs in memory at most
-        self._uploads: list[Future[None]] = []
-        self._written: list[tuple[bytes, int, list[tuple[bytes, Loc]]]] = []  # not indexed
         self._session_ids: set[bytes] = set()
         self.shape: Shape | None = None
         self._leaves = bytearray()
-        self.packs_per_index = PACKS_PER_INDEX
-        self.stats = {"chunks_stored": 0, "chunks_deduplicated": 0, "bytes_stored": 0,
-                      "packs": 0}
+        self.counts = {"chunks_stored": 0, "chunks_deduplicated": 0}
+
+    @property
+    def stats(self) -> dict[str, int]:
+        return {**self.counts, "bytes_stored": self.packer.bytes, "packs": self.packer.packs}
 
     def __enter__(self) -> GenerationWriter:
         self.lease.acquire()
@@ -686,7 +809,7 @@ class GenerationWriter:
 
     def __exit__(self, *exc: object) -> None:
         try:
-            self._pool.shutdown(wait=True, cancel_futures=True)
+            self.packer.close()
         finally:
             self.lease.release()
 
@@ -718,63 +841,15 @@ class GenerationWriter:
             self._add(bid, CHUNK, data, index)
         self._leaves[index * HASH_SIZE : (index + 1) * HASH_SIZE] = bid
 
-    def _known(self, bid: bytes) -> bool:
-        return bid in self._session_ids or bid in self.repo.index()
-
     def _add(self, bid: bytes, typ: int, data: bytes, index: int) -> None:
         with self._lock:
-            if self._known(bid):
-                self.stats["chunks_deduplicated"] += typ == CHUNK
+            if bid in self._session_ids or bid in self.repo.index():
+                self.counts["chunks_deduplicated"] += typ == CHUNK
                 return
             self._session_ids.add(bid)
+            self.counts["chunks_stored"] += typ == CHUNK
         kind, stored = self.repo.codec.encode(data, ChunkAt(index, bid))
-        full = None
-        with self._lock:
-            self._pack.append((bid, typ, (int(kind) << 32) | len(data), stored))
-            self._pack_bytes += len(stored)
-            self.stats["chunks_stored"] += typ == CHUNK
-            self.stats["bytes_stored"] += len(stored)
-            if self._pack_bytes >= self.repo.config.pack_size:
-                full, self._pack, self._pack_bytes = self._pack, [], 0
-        if full:
-            self._close_pack(full)
-
-    def _close_pack(self, blobs: list[tuple[bytes, int, int, bytes]]) -> None:
-        entries: list[tuple[bytes, Loc]] = []
-        offset = 0
-        for bid, typ, kl, stored in blobs:
-            entries.append((bid, Loc(b"", offset, len(stored), kl >> 32, kl & 0xFFFFFFFF, typ)))
-            offset += len(stored)
-        trailer = self.repo.frame("pack", encode_index([(bytes(HASH_SIZE), offset, entries)]))
-        pack = b"".join(b[3] for b in blobs) + trailer + struct.pack("<I", len(trailer)) \
-            + PACK_MAGIC
-        pack_id = blake3.blake3(pack).digest()
-        located = [(bid, loc._replace(pack=pack_id)) for bid, loc in entries]
-        self._slots.acquire()
-
-        def upload() -> None:
-            try:
-                self.repo.store.put(pack_key(pack_id), pack)
-            finally:
-                self._slots.release()
-            with self._lock:
-                self._written.append((pack_id, len(pack), located))
-                self.stats["packs"] += 1
-                flush = len(self._written) >= self.packs_per_index
-            if flush:
-                self._write_index()
-
-        self._uploads.append(self._pool.submit(upload))
-
-    def _write_index(self) -> None:
-        with self._lock:
-            packs, self._written = self._written, []
-        if not packs:
-            return
-        body = encode_index(packs)
-        key = f"index/{blake3.blake3(body).hexdigest()}"
-        self.repo.store.put(key, self.repo.frame(key, body))
-        self.repo._learn(e for _p, _n, entries in packs for e in entries)
+        self.packer.append(bid, typ, int(kind), len(data), stored)
 
     def _tree(self) -> bytes:
         """Store every page of the tree not yet present; the top's id (b"" when empty)."""
@@ -797,13 +872,7 @@ class GenerationWriter:
         if self.shape is None:
             raise ValueError("begin() first")
         top = self._tree()
-        with self._lock:
-            last, self._pack, self._pack_bytes = self._pack, [], 0
-        if last:
-            self._close_pack(last)
-        for f in self._uploads:
-            f.result()  # an upload's error fails the commit: nothing is visible yet
-        self._write_index()
+        self.packer.finish()  # an upload's error fails the commit: nothing is visible yet
         cfg = self.repo.config
         manifest = Manifest(self.disk, 0, self.session, now(), self.shape.size,
                             cfg.chunk_size, cfg.fanout, top,

@@ -263,12 +263,11 @@ def test_a_killed_push_is_resumed_by_deduplication(store: ObjectStore) -> None:
     repo = new_repo(store)
     data = disk(60, seed=11)
     with repo.writer("vm") as w:
-        w.packs_per_index = 2
+        w.packer.packs_per_index = 2
         w.begin(len(data))
         for i, c in enumerate(chunks_of(data)[:45]):
             w.put_chunk(i, c)
-        for f in w._uploads:
-            f.result()
+        w.packer.wait()
         # killed here: no commit, no manifest
     repo = Repository.open(store)
     assert repo.generations("vm") == []
