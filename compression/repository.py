@@ -189,9 +189,14 @@ class LockInfo:
     created: float
     refreshed: float
     lease: float
+    started: int = 0  # the owner's start time (/proc/PID/stat), against PID reuse
 
     def stale(self, now: float) -> bool:
-        return now - self.refreshed > self.lease
+        """Not refreshed within its lease, or held by a process of this machine that no
+        longer runs (a killed push: the next one need not wait out the lease)."""
+        if now - self.refreshed > self.lease:
+            return True
+        return self.host == socket.gethostname() and process_start(self.pid) != self.started
 
     def conflicts(self, other: LockInfo) -> bool:
         if "prune" in (self.kind, other.kind):
@@ -206,6 +211,18 @@ class LockInfo:
         return f"{what} held by pid {self.pid} on {self.host} for {now - self.created:.0f} s"
 
 
+def process_start(pid: int) -> int:
+    """When process ``pid`` started (clock ticks since boot), or -1 when it does not run
+    (a zombie, waiting to be reaped, does not run either)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except OSError:
+        return -1
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return -1 if fields[0] in ("Z", "X") else int(fields[19])
+
+
 class Lease:
     """A lock object, refreshed on a thread while held (docs/repository.md, Locking)."""
 
@@ -215,7 +232,7 @@ class Lease:
         self.clock = clock
         now = clock()
         self.info = LockInfo(f"locks/{os.urandom(8).hex()}", kind, disk, socket.gethostname(),
-                             os.getpid(), now, now, lease)
+                             os.getpid(), now, now, lease, process_start(os.getpid()))
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.lost: str | None = None  # why the lease can no longer be trusted
@@ -224,7 +241,8 @@ class Lease:
         i = self.info
         self.store.put(i.key, json.dumps({
             "kind": i.kind, "disk": i.disk, "host": i.host, "pid": i.pid,
-            "created": i.created, "refreshed": i.refreshed, "lease": i.lease}).encode())
+            "created": i.created, "refreshed": i.refreshed, "lease": i.lease,
+            "started": i.started}).encode())
 
     def acquire(self) -> Lease:
         self._write()
@@ -285,7 +303,8 @@ def list_locks(store: ObjectStore) -> list[LockInfo]:
             doc = json.loads(store.get(obj.key))
             out.append(LockInfo(obj.key, str(doc["kind"]), doc.get("disk"), str(doc["host"]),
                                 int(doc["pid"]), float(doc["created"]),
-                                float(doc["refreshed"]), float(doc["lease"])))
+                                float(doc["refreshed"]), float(doc["lease"]),
+                                int(doc.get("started", 0))))
         except ObjectMissing:
             continue  # released meanwhile
         except (ValueError, KeyError, TypeError):
@@ -840,6 +859,29 @@ class GenerationWriter:
             bid = self.repo.codec.leaf_hash(data, index)
             self._add(bid, CHUNK, data, index)
         self._leaves[index * HASH_SIZE : (index + 1) * HASH_SIZE] = bid
+
+    def knows(self, bid: bytes) -> bool:
+        """Whether the repository (or this session) already stores blob ``bid``."""
+        return bid in self._session_ids or bid in self.repo.index()
+
+    def put_stored(self, index: int, bid: bytes, kind: int, stored: bytes, length: int) -> None:
+        """Set chunk ``index`` to the chunk with content id ``bid``, already encoded by the
+        repository's codec (by a worker thread); stored unless the repository has it."""
+        with self._lock:
+            new = not self.knows(bid)
+            if new:
+                self._session_ids.add(bid)
+            self.counts["chunks_stored" if new else "chunks_deduplicated"] += 1
+        if new:
+            self.packer.append(bid, CHUNK, kind, length, stored)
+        self._leaves[index * HASH_SIZE : (index + 1) * HASH_SIZE] = bid
+
+    def set_leaf(self, index: int, bid: bytes) -> None:
+        """Set chunk ``index`` to a chunk the repository already has (or zeros)."""
+        self._leaves[index * HASH_SIZE : (index + 1) * HASH_SIZE] = bid
+
+    def leaf(self, index: int) -> bytes:
+        return bytes(self._leaves[index * HASH_SIZE : (index + 1) * HASH_SIZE])
 
     def _add(self, bid: bytes, typ: int, data: bytes, index: int) -> None:
         with self._lock:

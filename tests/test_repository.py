@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import random
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,8 +20,10 @@ from diskrsync.base import merkle
 from diskrsync.base.errors import BusyError, CorruptChunkError, DataError, UsageError
 from diskrsync.compression.crypto import Envelope, KdfParams, Keyring, MasterKey
 from diskrsync.compression.objstore import DirStore, ObjectStore, S3Store
+from diskrsync.compression.repoimport import write_disk
 from diskrsync.compression.repository import (
     GenerationInfo,
+    Lease,
     RepoConfig,
     Repository,
     check_disk_name,
@@ -335,3 +339,39 @@ def test_through_5xx_and_slow_answers(swift: SwiftServer, monkeypatch: pytest.Mo
         push(repo, "vm", data)
         assert read_all(Repository.open(store), "vm") == data
         assert proxy.faults > 0
+
+
+@pytest.mark.inproc
+def test_write_disk_stores_only_what_changed(tmp_path: Path) -> None:
+    store = DirStore(str(tmp_path))
+    repo = new_repo(store)
+    one = disk(50, seed=21)
+    m, stats = write_disk(repo, "vm", lambda off, n: one[off : off + n], len(one))
+    assert m.number == 1 and stats["chunks_stored"] == 33  # 17 of the 50 are zeros
+    two = bytearray(one)
+    two[9 * CHUNK] ^= 0xFF
+    m, stats = write_disk(repo, "vm", lambda off, n: bytes(two[off : off + n]), len(two))
+    assert (m.number, stats["chunks_stored"], stats["chunks_deduplicated"]) == (2, 1, 0)
+    assert read_all(Repository.open(store), "vm") == bytes(two)
+    assert read_all(Repository.open(store), "vm", 1) == one
+
+
+@pytest.mark.process
+def test_a_dead_local_owner_makes_its_lock_stale(tmp_path: Path) -> None:
+    store = DirStore(str(tmp_path))
+    repo = new_repo(store)
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    lease = Lease(store, "write", "vm")
+    store.put("locks/dead", json.dumps({
+        "kind": "write", "disk": "vm", "host": lease.info.host, "pid": proc.pid,
+        "started": 12345, "created": time.time() - 5, "refreshed": time.time(),
+        "lease": 600}).encode())
+    with repo.writer("vm") as w:  # not busy: that process is gone
+        w.begin(0)
+        w.commit()
+    alive = dict(json.loads(store.get(f"{lease.acquire().info.key}")))
+    lease.release()
+    store.put("locks/alive", json.dumps({**alive, "created": time.time() - 5}).encode())
+    with pytest.raises(BusyError):  # this very process, started when it says: alive
+        repo.writer("vm").__enter__()
