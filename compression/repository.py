@@ -876,6 +876,23 @@ class GenerationWriter:
             self.packer.append(bid, CHUNK, kind, length, stored)
         self._leaves[index * HASH_SIZE : (index + 1) * HASH_SIZE] = bid
 
+    def put_blob(self, bid: bytes, typ: int, kind: int, length: int, stored: bytes) -> bool:
+        """Store a blob as another repository with the same codec stored it (a copy);
+        False when this one has it already."""
+        with self._lock:
+            if self.knows(bid):
+                return False
+            self._session_ids.add(bid)
+            self.counts["chunks_stored"] += typ == CHUNK
+        self.packer.append(bid, typ, kind, length, stored)
+        return True
+
+    def set_leaves(self, leaves: bytes) -> None:
+        """Every chunk's content id at once (a copy of a generation of this geometry)."""
+        if self.shape is None or len(leaves) != self.shape.chunks * HASH_SIZE:
+            raise ValueError("leaves of another shape")  # a caller's bug
+        self._leaves = bytearray(leaves)
+
     def set_leaf(self, index: int, bid: bytes) -> None:
         """Set chunk ``index`` to a chunk the repository already has (or zeros)."""
         self._leaves[index * HASH_SIZE : (index + 1) * HASH_SIZE] = bid
