@@ -41,7 +41,13 @@ from diskrsync.base.errors import (
 )
 from diskrsync.base.merkle import HASH_SIZE, Shape, node_hash_packed, root_hash
 from diskrsync.compression.codec import STANDARD, ChunkAt, ChunkCodec, Kind, is_zero
-from diskrsync.compression.crypto import ContentSealedCodec, Envelope, Keyring, MasterKey
+from diskrsync.compression.crypto import (
+    ContentSealedCodec,
+    Envelope,
+    Keyring,
+    MasterKey,
+    SeenGenerations,
+)
 from diskrsync.compression.format import DEFAULT_CHUNK, DEFAULT_FANOUT, MAX_CHUNK, MIN_CHUNK
 from diskrsync.compression.objstore import ObjectStore
 
@@ -384,6 +390,8 @@ class Repository:
         self.codec = codec
         self._index: dict[bytes, Loc] | None = None
         self._index_lock = threading.Lock()
+        #: rollback memory (encrypted repositories only, as for images: format.md, Security)
+        self.seen = SeenGenerations() if isinstance(codec, ContentSealedCodec) else None
 
     # -- creating and opening --
 
@@ -510,7 +518,36 @@ class Repository:
             what = f"generation {number} of disk {disk}" if number is not None else \
                 f"disk {disk}"
             raise UsageError(f"{self.store.url}: no {what}")
-        return self.manifest(gens[-1] if number is None else gens[0])
+        chosen = self.manifest(gens[-1] if number is None else gens[0])
+        self.check_rollback(disk, chosen)
+        return chosen
+
+    def _place(self, disk: str) -> str:
+        return f"{self.store.url}#{disk}"
+
+    def check_rollback(self, disk: str, chosen: Manifest | None = None) -> None:
+        """In an encrypted repository: DataError when the disk's newest generation is older
+        than one this client has seen (the store dropped manifests, or serves an old copy),
+        or a generation's root differs from what it saw; then remember the newest."""
+        if self.seen is None:
+            return
+        assert isinstance(self.codec, ContentSealedCodec)
+        gens = self.generations(disk)
+        newest = self.manifest(gens[-1]) if gens else None
+        roots = {m.number: m.root for m in (newest, chosen) if m is not None}
+        key_id = self.codec.key.key_id
+        self.seen.check(key_id, self._place(disk),
+                        (newest.number, newest.root) if newest else None, roots,
+                        f"disk {disk} of {self.store.url}")
+        if newest is not None:
+            self.seen.record(key_id, self._place(disk), newest.number, newest.root)
+
+    def remember(self, manifest: Manifest) -> None:
+        """A generation this client committed: the newest it has seen of that disk."""
+        if self.seen is not None:
+            assert isinstance(self.codec, ContentSealedCodec)
+            self.seen.record(self.codec.key.key_id, self._place(manifest.disk), manifest.number,
+                             manifest.root)
 
     def snapshot(self, disk: str, number: int | None = None) -> RepoSnapshot:
         """A generation without a read lease: for callers that hold another lock (prune,
@@ -947,6 +984,7 @@ class GenerationWriter:
                 self.repo.store.delete(old)
             gens = self.repo.generations(self.disk)
             if not any(g.number == number and g.session < self.session for g in gens):
+                self.repo.remember(manifest)
                 return manifest
             # a lost lease let another writer commit this number first: both generations
             # stay, ours under the next free number (docs/repository.md, Locking)

@@ -375,3 +375,21 @@ def test_a_dead_local_owner_makes_its_lock_stale(tmp_path: Path) -> None:
     store.put("locks/alive", json.dumps({**alive, "created": time.time() - 5}).encode())
     with pytest.raises(BusyError):  # this very process, started when it says: alive
         repo.writer("vm").__enter__()
+
+
+@pytest.mark.inproc
+def test_an_encrypted_repository_rolled_back_is_refused(tmp_path: Path) -> None:
+    store = DirStore(str(tmp_path))
+    key = MasterKey.generate()
+    repo = new_repo(store, key=key, envelope=Envelope.wrap(key, PASS, KdfParams(1024, 1, 1)))
+    push(repo, "vm", disk(4, seed=1))
+    push(repo, "vm", disk(4, seed=2))
+    reader = Repository.open(store, Keyring(lambda why, new: PASS))
+    assert reader.snapshot("vm").manifest.number == 2
+    newest = reader.generations("vm")[-1]
+    saved = store.get(newest.key)
+    store.delete(newest.key)  # the store drops the newest generation
+    with pytest.raises(DataError, match=r"rolled back.*seen generation 2"):
+        Repository.open(store, Keyring(lambda why, new: PASS)).snapshot("vm", 1)
+    store.put(newest.key, saved)
+    assert Repository.open(store, Keyring(lambda why, new: PASS)).snapshot("vm").size
