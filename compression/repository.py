@@ -771,20 +771,22 @@ class Packer:
             self._close(full)
 
     def _close(self, blobs: list[tuple[bytes, Loc, bytes]]) -> None:
-        size = sum(len(b[2]) for b in blobs)
-        trailer = self.repo.frame("pack", encode_index(
-            [(bytes(HASH_SIZE), size, [(bid, loc) for bid, loc, _ in blobs])]))
-        pack = b"".join(b[2] for b in blobs) + trailer + struct.pack("<I", len(trailer)) \
-            + PACK_MAGIC
-        pack_id = blake3.blake3(pack).digest()
-        located = [(bid, loc._replace(pack=pack_id)) for bid, loc, _ in blobs]
+        """Hand a full pack to an upload thread, which assembles (one copy), hashes and
+        stores it: the caller goes back to encoding at once."""
         self._slots.acquire()
 
         def upload() -> None:
             try:
+                size = sum(len(b[2]) for b in blobs)
+                trailer = self.repo.frame("pack", encode_index(
+                    [(bytes(HASH_SIZE), size, [(bid, loc) for bid, loc, _ in blobs])]))
+                pack = b"".join([*(b[2] for b in blobs), trailer,
+                                 struct.pack("<I", len(trailer)), PACK_MAGIC])
+                pack_id = blake3.blake3(pack).digest()
                 self.repo.store.put(pack_key(pack_id), pack)
             finally:
                 self._slots.release()
+            located = [(bid, loc._replace(pack=pack_id)) for bid, loc, _ in blobs]
             with self._lock:
                 self._written.append((pack_id, len(pack), located))
                 self.packs += 1
