@@ -122,3 +122,66 @@ def test_prune_killed_at_random_points(tmp_path: Path) -> None:
         prune(repo, [g for g in repo.generations("vm") if g.number == 1], grace=0)
         prune(Repository.open(open_store(url)), [], grace=0)
         assert verify(Repository.open(open_store(url))).ok
+
+
+def _start(args: list[str]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, str(CHILD), *args],
+                            env={**os.environ, "PYTHONSAFEPATH": "1"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+@pytest.mark.process
+@pytest.mark.slow
+def test_two_pushes_of_one_disk_end_with_one_winner(tmp_path: Path) -> None:
+    """Started together: one commits, the other either waits its turn (it started after
+    the first finished) or fails busy (exit 4) without committing; nothing is lost. Pushes
+    of two different disks never interfere."""
+    url = str(tmp_path)
+    assert run_child(["push", url, "base", "1", "8"]) == 0  # the repository exists
+    outcomes = []
+    for r in range(3):
+        procs = [_start(["push", url, "vm", str(20 + r * 2 + i), str(4 * CHUNKS)])
+                 for i in (0, 1)]
+        codes = []
+        for p in procs:
+            _out, err = p.communicate(timeout=120)
+            codes.append(p.returncode)
+            if p.returncode:
+                assert p.returncode == 4 and b"busy" in err and b"write lock on disk vm" in err
+        assert 0 in codes
+        outcomes.append(codes)
+    # 16 MiB pushes started together overlap: the lock excluded one at least once
+    assert any(4 in codes for codes in outcomes), outcomes
+    repo = Repository.open(open_store(url))
+    assert len(repo.generations("vm")) == sum(c.count(0) for c in outcomes)
+    assert verify(repo).ok
+    procs = [_start(["push", url, f"d{i}", str(40 + i), str(CHUNKS)]) for i in (0, 1)]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0]
+    for p in procs:
+        assert p.stderr is not None
+        p.stderr.close()
+
+
+@pytest.mark.process
+@pytest.mark.s3
+@pytest.mark.slow
+def test_the_store_stopped_mid_push_and_restarted(tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    credentials(monkeypatch)
+    with SwiftServer(tmp_path / "swift") as srv:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", srv.endpoint)
+        monkeypatch.setenv("AWS_REGION", "us-east-1")
+        url = f"s3://{srv.new_bucket()}/r"
+        assert run_child(["push", url, "vm", "1", str(CHUNKS)]) == 0
+        proc = _start(["push", url, "vm", "2", str(CHUNKS)])
+        store = open_store(url)
+        before = sum(1 for _ in store.list("packs/"))
+        deadline = time.monotonic() + 60
+        while sum(1 for _ in store.list("packs/")) < before + 5 and proc.poll() is None:
+            assert time.monotonic() < deadline, "the push never stored anything"
+            time.sleep(0.01)
+        srv.kill()  # the store dies mid-push
+        _out, err = proc.communicate(timeout=120)
+        assert proc.returncode in (0, 5), err  # it failed as the peer's fault, or was done
+        srv.start()  # same ports: the client's endpoint still holds
+        check_resumes(url, 2)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import random
 import sys
 
+from diskrsync.base.errors import DiskrsyncError
 from diskrsync.compression.objstore import open_store
 from diskrsync.compression.repoimport import write_disk
 from diskrsync.compression.repomaint import prune
@@ -47,4 +48,8 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    try:
+        main(sys.argv[1:])
+    except DiskrsyncError as e:  # as the command line reports it: one line, its exit code
+        print(f"diskrsync: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
