@@ -241,10 +241,10 @@ class Lease:
                              os.getpid(), now, now, lease, process_start(os.getpid()))
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self.lost: str | None = None  # why the lease can no longer be trusted
+        self.lost: str | None = None  # why the last refresh failed, if it did
 
-    def _write(self) -> None:
-        i = self.info
+    def _write(self, info: LockInfo | None = None) -> None:
+        i = info or self.info
         self.store.put(i.key, json.dumps({
             "kind": i.kind, "disk": i.disk, "host": i.host, "pid": i.pid,
             "created": i.created, "refreshed": i.refreshed, "lease": i.lease,
@@ -266,7 +266,7 @@ class Lease:
     def check(self) -> None:
         """BusyError when an older live lock conflicts with ours, or ours went stale."""
         now = self.clock()
-        if self.lost or self.info.stale(now):
+        if self.info.stale(now):  # refreshed is only advanced by a write that succeeded
             raise BusyError(f"lost the repository lock ({self.lost or 'not refreshed in time'})")
         for other in list_locks(self.store):
             if other.key == self.info.key:
@@ -280,11 +280,13 @@ class Lease:
 
     def _refresh(self) -> None:
         while not self._stop.wait(self.info.lease / 5):
+            info = dataclasses.replace(self.info, refreshed=self.clock())
             try:
-                self.info = dataclasses.replace(self.info, refreshed=self.clock())
-                self._write()
-            except Exception as e:  # recorded: check() and commit refuse
+                self._write(info)
+            except Exception as e:  # a blip is harmless; check() refuses once it expired
                 self.lost = f"refreshing it failed: {e}"
+            else:
+                self.info, self.lost = info, None
 
     def release(self) -> None:
         self._stop.set()

@@ -393,3 +393,17 @@ def test_an_encrypted_repository_rolled_back_is_refused(tmp_path: Path) -> None:
         Repository.open(store, Keyring(lambda why, new: PASS)).snapshot("vm", 1)
     store.put(newest.key, saved)
     assert Repository.open(store, Keyring(lambda why, new: PASS)).snapshot("vm").size
+
+
+@pytest.mark.inproc
+def test_a_lease_not_refreshed_in_time_is_lost(tmp_path: Path) -> None:
+    store = DirStore(str(tmp_path))
+    now = [1000.0]
+    lease = Lease(store, "write", "vm", lease=60, clock=lambda: now[0]).acquire()
+    try:
+        lease.check()
+        now[0] += 61  # the refresh thread never got to write (a paused process)
+        with pytest.raises(BusyError, match="lost the repository lock"):
+            lease.check()
+    finally:
+        lease.release()
