@@ -40,6 +40,7 @@ from diskrsync.base.errors import (
     UsageError,
 )
 from diskrsync.base.merkle import HASH_SIZE, Shape, node_hash_packed, root_hash
+from diskrsync.compression.blobcache import BlobCache
 from diskrsync.compression.codec import STANDARD, ChunkAt, ChunkCodec, Kind, is_zero
 from diskrsync.compression.crypto import (
     ContentSealedCodec,
@@ -392,6 +393,8 @@ class Repository:
         self.codec = codec
         self._index: dict[bytes, Loc] | None = None
         self._index_lock = threading.Lock()
+        #: stored blobs on local disk (mounts, restores); set by the caller
+        self.cache: BlobCache | None = None
         #: rollback memory (encrypted repositories only, as for images: format.md, Security)
         self.seen = SeenGenerations() if isinstance(codec, ContentSealedCodec) else None
 
@@ -573,12 +576,21 @@ class Repository:
     # -- blobs --
 
     def read_blobs(self, ids: list[bytes], *, what: Callable[[bytes], str],
-                   gap: int = 64 << 10, span: int = 4 << 20) -> dict[bytes, bytes]:
-        """The stored bytes of blobs, fetched in as few ranged GETs as adjacency allows
-        (ranges up to ``span`` bytes, skipping gaps up to ``gap``); not yet decoded."""
+                   gap: int = 64 << 10, span: int = 4 << 20,
+                   cached: bool = True) -> dict[bytes, bytes]:
+        """The stored bytes of blobs, from the cache or fetched in as few ranged GETs as
+        adjacency allows (ranges up to ``span`` bytes, skipping gaps up to ``gap``); not
+        yet decoded: a caller whose check fails calls ``refetch``."""
         index = self.index()
+        out: dict[bytes, bytes] = {}
+        cache = self.cache if cached else None
+        if cache is not None:
+            for bid in dict.fromkeys(ids):
+                data = cache.get(bid)
+                if data is not None:
+                    out[bid] = data
         by_pack: dict[bytes, list[tuple[bytes, Loc]]] = {}
-        for bid in dict.fromkeys(ids):
+        for bid in dict.fromkeys(b for b in ids if b not in out):
             loc = index.get(bid)
             if loc is None:
                 raise DataError(f"{what(bid)}: blob {bid.hex()[:16]}… is in no pack")
@@ -611,14 +623,25 @@ class Repository:
             return {bid: data[loc.offset - start : loc.offset - start + loc.stored]
                     for bid, loc in blobs}
 
-        out: dict[bytes, bytes] = {}
+        fetched: dict[bytes, bytes] = {}
         if len(ranges) == 1:
-            out.update(fetch(ranges[0]))
+            fetched.update(fetch(ranges[0]))
         elif ranges:
             with ThreadPoolExecutor(min(8, len(ranges))) as pool:
                 for part in pool.map(fetch, ranges):
-                    out.update(part)
+                    fetched.update(part)
+        if self.cache is not None:
+            for bid, data in fetched.items():
+                self.cache.put(bid, data)
+        out.update(fetched)
         return out
+
+    def refetch(self, bid: bytes, what: str) -> bytes:
+        """A blob's stored bytes from the store again, after they failed their check (a
+        damaged cache file is dropped; damage in the store fails again, as it should)."""
+        if self.cache is not None:
+            self.cache.drop(bid)
+        return self.read_blobs([bid], what=lambda b: what, cached=False)[bid]
 
     def decode_page(self, bid: bytes, stored: bytes, what: str) -> bytes:
         loc = self.index()[bid]
@@ -662,7 +685,13 @@ class RepoSnapshot:
                 self.pages.extend(ids)
                 below: list[bytes] = []
                 for j, bid in enumerate(ids):
-                    page = self.repo.decode_page(bid, pages[bid], self.what)
+                    try:
+                        page = self.repo.decode_page(bid, pages[bid], self.what)
+                    except DataError:
+                        if self.repo.cache is None:
+                            raise
+                        pages[bid] = self.repo.refetch(bid, self.what)
+                        page = self.repo.decode_page(bid, pages[bid], self.what)
                     if len(page) != len(self.shape.children(level, j)) * HASH_SIZE:
                         raise DataError(f"{self.what}: index page {bid.hex()[:16]}… has "
                                         f"{len(page) // HASH_SIZE} entries, its place needs "
@@ -703,25 +732,32 @@ class RepoSnapshot:
         stored_ids = [bid for i, bid in ids.items() if bid != merkle.zero_hash(length(i))]
         stored = self.repo.read_blobs(stored_ids, what=lambda b: self.what) if stored_ids \
             else {}
-        index = self.repo.index()
         out: dict[int, bytes] = {}
         for i, bid in ids.items():
             n = length(i)
             if bid == merkle.zero_hash(n):
                 out[i] = bytes(n)
                 continue
-            loc = index[bid]
-            try:
-                if loc.type != CHUNK or loc.length != n:
-                    raise ValueError(f"blob {bid.hex()[:16]}… is not a chunk of {n} bytes")
-                data = self.repo.codec.decode(loc.kind, stored[bid], n, ChunkAt(i, bid))
-                if self.repo.codec.leaf_hash(data, i) != bid:
-                    raise ValueError("content hash mismatch")
-            except ValueError as e:
-                raise CorruptChunkError(i, i * self.chunk_size,
-                                        f"{self.what}, blob {bid.hex()[:16]}…: {e}") from None
-            out[i] = data
+            for attempt in (1, 2):
+                try:
+                    out[i] = self._decode(i, bid, n, stored[bid])
+                    break
+                except ValueError as e:
+                    if attempt == 2 or self.repo.cache is None:
+                        raise CorruptChunkError(i, i * self.chunk_size,
+                                                f"{self.what}, blob {bid.hex()[:16]}…: {e}"
+                                                ) from None
+                    stored[bid] = self.repo.refetch(bid, self.what)  # a damaged cache file
         return out
+
+    def _decode(self, i: int, bid: bytes, n: int, stored: bytes) -> bytes:
+        loc = self.repo.index()[bid]
+        if loc.type != CHUNK or loc.length != n:
+            raise ValueError(f"blob {bid.hex()[:16]}… is not a chunk of {n} bytes")
+        data = self.repo.codec.decode(loc.kind, stored, n, ChunkAt(i, bid))
+        if self.repo.codec.leaf_hash(data, i) != bid:
+            raise ValueError("content hash mismatch")
+        return data
 
     def read_chunk(self, index: int) -> bytes:
         return self.read_chunks([index])[index]
