@@ -23,7 +23,7 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -51,6 +51,7 @@ from diskrsync.compression.crypto import (
 )
 from diskrsync.compression.format import DEFAULT_CHUNK, DEFAULT_FANOUT, MAX_CHUNK, MIN_CHUNK
 from diskrsync.compression.objstore import ObjectStore
+from diskrsync.compression.sources import SourceReader
 
 VERSION = 1
 PACK_SIZE = 16 << 20  # measured: docs/benchmarks.md, "Object storage"
@@ -1029,3 +1030,38 @@ class GenerationWriter:
             # a lost lease let another writer commit this number first: both generations
             # stay, ours under the next free number (docs/repository.md, Locking)
             old, number = manifest.key, max(g.number for g in gens) + 1
+
+
+class RepoSource(SourceReader):
+    """A repository generation as the source of a push, a copy into an image, or a
+    restore: every chunk checked before it leaves; ``extents`` are its non-zero chunks, so
+    a scan never reads what the repository knows to be zeros. Closing it closes the
+    snapshot (and its read lease, when pinned)."""
+
+    def __init__(self, snap: RepoSnapshot) -> None:
+        self.snap = snap
+        self.size = snap.size
+        m = snap.manifest
+        self.description = f"{snap.repo.store.url} disk {m.disk} generation {m.number}"
+
+    def read(self, offset: int, length: int) -> bytes:
+        if offset < 0 or offset + length > self.size:
+            raise UsageError(f"read of {length} bytes at {offset} past the end of "
+                             f"{self.description} ({self.size} bytes)")
+        return self.snap.read(offset, length)
+
+    def extents(self) -> Iterator[tuple[int, int]]:
+        shape, leaves = self.snap.shape, self.snap.leaves()
+        start = None
+        for i in range(shape.chunks + 1):
+            zero = i == shape.chunks or leaves[i * HASH_SIZE : (i + 1) * HASH_SIZE] == \
+                merkle.zero_hash(shape.chunk_length(i))
+            if zero and start is not None:
+                end = min(i * shape.chunk_size, self.size)
+                yield start * shape.chunk_size, end - start * shape.chunk_size
+                start = None
+            elif not zero and start is None:
+                start = i
+
+    def close(self) -> None:
+        self.snap.close()

@@ -19,6 +19,8 @@ from support.swift import Fault, FaultProxy, SwiftServer, credentials
 from diskrsync.base import merkle
 from diskrsync.base.errors import BusyError, CorruptChunkError, DataError, UsageError
 from diskrsync.compression.crypto import Envelope, KdfParams, Keyring, MasterKey
+from diskrsync.compression.image import Image
+from diskrsync.compression.importer import write_new_image
 from diskrsync.compression.objstore import DirStore, ObjectStore, S3Store
 from diskrsync.compression.repoimport import write_disk
 from diskrsync.compression.repository import (
@@ -26,6 +28,7 @@ from diskrsync.compression.repository import (
     Lease,
     RepoConfig,
     Repository,
+    RepoSource,
     check_disk_name,
     list_locks,
 )
@@ -407,3 +410,33 @@ def test_a_lease_not_refreshed_in_time_is_lost(tmp_path: Path) -> None:
             lease.check()
     finally:
         lease.release()
+
+
+@pytest.mark.inproc
+def test_a_generation_as_a_source(tmp_path: Path) -> None:
+    store = DirStore(str(tmp_path / "r"))
+    (tmp_path / "r").mkdir()
+    repo = new_repo(store)
+    data = disk(30, seed=4)  # every third chunk zeros, a short last chunk
+    push(repo, "vm", data)
+    src = RepoSource(repo.pin("vm"))
+    try:
+        assert src.size == len(data) and "disk vm generation 1" in src.description
+        assert src.read(5000, 70000) == data[5000:75000]
+        extents = list(src.extents())
+        assert extents[0] == (0, CHUNK) and extents[1] == (2 * CHUNK, 2 * CHUNK)
+        covered = bytearray(len(data))
+        for off, n in extents:
+            covered[off : off + n] = data[off : off + n]
+        assert bytes(covered) == data  # everything outside the extents is zeros
+        with pytest.raises(UsageError, match="past the end"):
+            src.read(len(data) - 10, 20)
+        image = tmp_path / "restored.spgz"
+        write_new_image(src.read, src.size, str(image), chunk_size=CHUNK)
+        with Image.open(str(image)) as img:
+            snap = img.snapshot()
+            assert snap.read(0, len(data)) == data
+            snap.close()
+    finally:
+        src.close()
+    assert list_locks(store) == []  # the read lease went with it
