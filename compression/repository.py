@@ -393,6 +393,7 @@ class Repository:
         self.config = config
         self.codec = codec
         self._index: dict[bytes, Loc] | None = None
+        self._index_keys: set[str] = set()
         self._index_lock = threading.Lock()
         #: stored blobs on local disk (mounts, restores); set by the caller
         self.cache: BlobCache | None = None
@@ -469,19 +470,31 @@ class Repository:
 
     # -- the index --
 
-    def index(self) -> dict[bytes, Loc]:
-        """Every blob's location, from every index object (loaded once)."""
+    def index(self, refresh: bool = False) -> dict[bytes, Loc]:
+        """Every blob's location, from every index object: loaded once, and with
+        ``refresh`` completed by the index objects written since (a long-lived reader
+        meeting a generation newer than its index)."""
         with self._index_lock:
-            if self._index is None:
-                found: dict[bytes, Loc] = {}
-                keys = [o.key for o in self.store.list("index/")]
+            if self._index is None or refresh:
+                found = self._index if self._index is not None else {}
+                keys = [o.key for o in self.store.list("index/")
+                        if o.key not in self._index_keys]
                 with ThreadPoolExecutor(8) as pool:
-                    for key, raw in zip(keys, pool.map(self.store.get, keys), strict=True):
+                    for key, raw in zip(keys, pool.map(self._get_index, keys), strict=True):
+                        if raw is None:
+                            continue  # pruned meanwhile: a later refresh finds its successor
                         body = self.unframe(key, raw, f"index object {key}")
                         for _pack, _len, entries in decode_index(body, key):
                             found.update(entries)
+                        self._index_keys.add(key)
                 self._index = found
             return self._index
+
+    def _get_index(self, key: str) -> bytes | None:
+        try:
+            return self.store.get(key)
+        except ObjectMissing:
+            return None
 
     def learn(self, entries: Iterable[tuple[bytes, Loc]]) -> None:
         index = self.index()
@@ -591,6 +604,8 @@ class Repository:
                 if data is not None:
                     out[bid] = data
         by_pack: dict[bytes, list[tuple[bytes, Loc]]] = {}
+        if any(b not in index and b not in out for b in ids):
+            index = self.index(refresh=True)  # newer than what this reader loaded?
         for bid in dict.fromkeys(b for b in ids if b not in out):
             loc = index.get(bid)
             if loc is None:
@@ -1005,10 +1020,20 @@ class GenerationWriter:
         return ids[0] if ids else b""
 
     def commit(self, *, source: str = "", meta: dict[str, Any] | None = None,
-               now: Callable[[], float] = time.time) -> Manifest:
+               now: Callable[[], float] = time.time,
+               expect_root: bytes | None = None) -> Manifest:
+        """Make the generation visible. ``expect_root``: the root the source computed; a
+        tree that disagrees is refused (DataError) before anything is visible."""
         if self.shape is None:
             raise ValueError("begin() first")
         top = self._tree()
+        if expect_root is not None:
+            cfg = self.repo.config
+            mine = root_hash(self.shape.size, cfg.chunk_size, cfg.fanout, top)
+            if mine != expect_root:
+                raise DataError(f"the new generation of disk {self.disk} has root "
+                                f"{mine.hex()[:16]}…, the source computed "
+                                f"{expect_root.hex()[:16]}…: not committed")
         self.packer.finish()  # an upload's error fails the commit: nothing is visible yet
         cfg = self.repo.config
         manifest = Manifest(self.disk, 0, self.session, now(), self.shape.size,

@@ -440,3 +440,14 @@ def test_a_generation_as_a_source(tmp_path: Path) -> None:
     finally:
         src.close()
     assert list_locks(store) == []  # the read lease went with it
+
+
+@pytest.mark.inproc
+def test_a_long_lived_reader_sees_newer_generations(tmp_path: Path) -> None:
+    store = DirStore(str(tmp_path))
+    repo = new_repo(store)
+    push(repo, "vm", disk(6, seed=1))
+    reader = Repository.open(store)
+    assert read_all(reader, "vm") == disk(6, seed=1)  # its index is loaded now
+    push(repo, "vm", disk(6, seed=2))  # new packs and index objects it has not seen
+    assert read_all(reader, "vm") == disk(6, seed=2)
