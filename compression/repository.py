@@ -40,6 +40,7 @@ from diskrsync.base.errors import (
     UsageError,
 )
 from diskrsync.base.merkle import HASH_SIZE, Shape, node_hash_packed, root_hash
+from diskrsync.compression.api import GenerationInfo as ApiGeneration
 from diskrsync.compression.blobcache import BlobCache
 from diskrsync.compression.codec import STANDARD, ChunkAt, ChunkCodec, Kind, is_zero
 from diskrsync.compression.crypto import (
@@ -691,6 +692,19 @@ class RepoSnapshot:
     def what(self) -> str:
         return f"disk {self.manifest.disk} generation {self.manifest.number}"
 
+    # -- api.DiskSnapshot: what the mount, restore and verify read through --
+
+    @property
+    def info(self) -> ApiGeneration:
+        return _api_info(self.manifest)
+
+    @property
+    def chunk_count(self) -> int:
+        return self.shape.chunks
+
+    def chunk_is_zero(self, index: int) -> bool:
+        return self.leaf(index) == merkle.zero_hash(self.shape.chunk_length(index))
+
     def leaves(self) -> bytes:
         """Every chunk's content id laid end to end (the tree walked from the top, each page
         checked against the id its parent names and against the shape)."""
@@ -1090,3 +1104,33 @@ class RepoSource(SourceReader):
 
     def close(self) -> None:
         self.snap.close()
+
+
+def _api_info(m: Manifest) -> ApiGeneration:
+    return ApiGeneration(m.number, m.time, m.size, m.root, m.source, dict(m.meta))
+
+
+class RepoDisk:
+    """One disk of a repository as an ``api.DiskImage`` (what the mount and the read-side
+    commands open): its generations, and snapshots pinned by read leases."""
+
+    def __init__(self, repo: Repository, disk: str, *, lease: float = LEASE) -> None:
+        self.repo = repo
+        self.disk = check_disk_name(disk)
+        self.lease = lease
+        self._gens: list[ApiGeneration] | None = None
+
+    def generations(self) -> list[ApiGeneration]:
+        if self._gens is None:
+            self._gens = [_api_info(self.repo.manifest(g))
+                          for g in self.repo.generations(self.disk)]
+        return self._gens
+
+    def refresh(self) -> None:
+        self._gens = None
+
+    def snapshot(self, number: int | None = None) -> RepoSnapshot:
+        return self.repo.pin(self.disk, number, lease=self.lease)
+
+    def close(self) -> None:
+        pass

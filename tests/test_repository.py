@@ -18,6 +18,7 @@ from support.swift import Fault, FaultProxy, SwiftServer, credentials
 
 from diskrsync.base import merkle
 from diskrsync.base.errors import BusyError, CorruptChunkError, DataError, UsageError
+from diskrsync.compression.api import DiskImage, DiskSnapshot
 from diskrsync.compression.crypto import Envelope, KdfParams, Keyring, MasterKey
 from diskrsync.compression.image import Image
 from diskrsync.compression.importer import write_new_image
@@ -27,6 +28,7 @@ from diskrsync.compression.repository import (
     GenerationInfo,
     Lease,
     RepoConfig,
+    RepoDisk,
     Repository,
     RepoSource,
     check_disk_name,
@@ -451,3 +453,31 @@ def test_a_long_lived_reader_sees_newer_generations(tmp_path: Path) -> None:
     assert read_all(reader, "vm") == disk(6, seed=1)  # its index is loaded now
     push(repo, "vm", disk(6, seed=2))  # new packs and index objects it has not seen
     assert read_all(reader, "vm") == disk(6, seed=2)
+
+
+@pytest.mark.inproc
+def test_a_repository_disk_through_the_read_api(tmp_path: Path) -> None:
+    """What the mount, restore and verify use: api.DiskImage / DiskSnapshot."""
+    store = DirStore(str(tmp_path))
+    repo = new_repo(store)
+    one, two = disk(9, seed=1), disk(12, seed=2)
+    push(repo, "vm", one)
+    push(repo, "vm", two)
+    image: DiskImage = RepoDisk(Repository.open(store), "vm")
+    gens = image.generations()
+    assert [(g.number, g.size, g.source) for g in gens] == [(1, len(one), "/dev/vm"),
+                                                            (2, len(two), "/dev/vm")]
+    snap: DiskSnapshot = image.snapshot(1)
+    try:
+        assert snap.info.root_hash == gens[0].root_hash and snap.chunk_count == 9
+        assert snap.chunk_is_zero(1) and not snap.chunk_is_zero(0)
+        assert snap.read_chunk(8) == one[8 * CHUNK :]
+        assert snap.read(0, len(one) + 100) == one
+        assert [k.kind for k in list_locks(store)] == ["read"]  # pinned
+    finally:
+        snap.close()
+    assert list_locks(store) == []
+    push(repo, "vm", disk(3, seed=3))
+    image.refresh()
+    assert len(image.generations()) == 3
+    image.close()
