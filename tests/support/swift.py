@@ -54,8 +54,12 @@ def free_port() -> int:
 
 
 def swift_installed() -> bool:
+    """The packages scripts/setup.sh installs, including /etc/swift/swift.conf: Swift 2.30
+    reads its hash prefix and storage policies from that fixed path, whatever swift_dir
+    says (the package ships it; nothing here writes to /etc)."""
     return (shutil.which("swift-proxy-server") is not None
-            and shutil.which("memcached") is not None and os.path.exists(SYSTEM_PYTHON))
+            and shutil.which("memcached") is not None and os.path.exists(SYSTEM_PYTHON)
+            and os.path.exists("/etc/swift/swift.conf"))
 
 
 # Rings for one device per server, one replica, part power 6: RingBuilder in one process
