@@ -291,12 +291,14 @@ class ImageStore:
         if self.tx is None:
             return StoreResult(0, bytes.fromhex(self.info["root"]), {"dry_run": True},
                                self.stored)
-        meta = {k: v for k, v in info.items() if v and k not in ("dry_run", "seal")}
+        meta = {k: v for k, v in info.items() if v and k not in ("dry_run", "seal", "source")}
         seal = str(info.get("seal", ""))
+        # a source names itself in Done (older ones did in their Hello: self.source)
+        source = str(info.get("source") or self.source)
         if self.encrypted and not seal:
             raise PeerError("the source sent no sealed record for a generation of an "
                             "encrypted image")
-        gen = self.tx.commit(source=self.source, meta=meta, keep=self.opts.keep,
+        gen = self.tx.commit(source=source, meta=meta, keep=self.opts.keep,
                              expect_root=root, seal=seal if self.encrypted else "")
         self.tx = None
         return StoreResult(gen.number, gen.root_hash, {"path": self.path}, self.stored)

@@ -263,6 +263,11 @@ def _done_info(info: dict[str, Any]) -> dict[str, Any]:
     for name in ("source_changed_chunks", "chunks_differing", "chunk_bytes_differing"):
         if name in info:
             _int(info, name, 0, MAX_DISK_SIZE)
+    source = info.get("source", "")
+    if not isinstance(source, str) or len(source) > 4096:
+        raise _Malformed("'source' must be a string of at most 4096 characters")
+    if source:
+        info["source"] = _line(source, 4096)  # recorded, and shown to users later
     seal = info.get("seal", "")
     if not isinstance(seal, str) or len(seal) > MAX_SEAL_HEX \
             or not re.fullmatch(r"(?:[0-9a-f]{2})*", seal):

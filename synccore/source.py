@@ -176,14 +176,15 @@ class SourceSession:
         self._cv = threading.Condition()
         self.codec: ChunkCodec = STANDARD  # until the target says whether it is encrypted
         self._new_key: MasterKey | None = None
-        hello_info = {"source": reader.description, **options.info}
+        # the source's description travels in Done (sealed when the target is encrypted,
+        # which is not known yet): the Hello says only what the target needs to open
+        hello_info = dict(options.info)
         entry = getattr(reader, "encryption", None)
         if isinstance(reader.codec, SealedCodec) and entry is not None and not options.encrypt:
             # an encrypted image pushed on (an offsite copy) stays encrypted, with its own
             # key, and its chunks travel as they are stored
             self._new_key = reader.codec.key
             hello_info["encrypt"] = entry
-            del hello_info["source"]
         elif options.encrypt:
             if options.keyring is None:
                 raise UsageError("--encrypt needs a passphrase source")
@@ -191,7 +192,6 @@ class SourceSession:
             envelope = Envelope.wrap(key, options.keyring.passphrase(
                 "a new encryption key", new=True), options.kdf)
             hello_info["encrypt"] = encryption_entry(key, envelope)
-            del hello_info["source"]  # the host learns no more than it must
         self.conv = SourceConversation(
             reader.size, options.chunk_size, DEFAULT_FANOUT, f"diskrsync {__version__}",
             hello_info, dry_run=options.dry_run)
@@ -278,6 +278,7 @@ class SourceSession:
             self.fail.check()
             self.stats.read_errors = merge_ranges(self.stats.read_errors)
             done_info = {
+                "source": self.reader.description,
                 "dry_run": self.opts.dry_run,
                 "source_changed_chunks": len(self.stats.source_changed_chunks),
                 "read_errors": self.stats.read_errors[:1000],  # the target stores it: bounded
@@ -288,8 +289,10 @@ class SourceSession:
                 root = root_from_leaves(self.src, conv.leaves)
                 done_info["seal"] = self.codec.seal(self.next_generation, root, {
                     "source": self.reader.description, "time": time.time(),
-                    "meta": {k: v for k, v in done_info.items() if v and k != "dry_run"}})
+                    "meta": {k: v for k, v in done_info.items()
+                             if v and k not in ("dry_run", "source")}})
                 done_info["read_errors"] = []
+                del done_info["source"]
             if self.opts.dry_run:
                 # no chunks travel in a dry run: tell a pulling target what would have
                 # (a dry run commits nothing, so this never reaches an image's metadata)

@@ -38,10 +38,11 @@ from diskrsync.compression.crypto import (
 )
 from diskrsync.compression.format import DATA_START, WRITER_SLOT, GenTable
 from diskrsync.compression.image import Image
+from diskrsync.compression.sources import RawSource
 from diskrsync.synccore import protocol as p
 from diskrsync.synccore.channel import channel_pair
 from diskrsync.synccore.push import PushRequest, local_push
-from diskrsync.synccore.source import SourceOptions
+from diskrsync.synccore.source import SourceOptions, SourceSession
 from diskrsync.synccore.target import TargetOptions, WireStore, open_store, serve_target
 
 FAST = KdfParams(1024, 1, 1)  # Argon2id at its cheapest: these tests are about the scheme
@@ -564,3 +565,18 @@ def test_cli_warns_of_key_loss_and_never_sends_plain_to_a_go_server(cli_image: C
     assert res.returncode == 0 and "without the key the backup is unreadable" in res.stderr
     go = cli("push", "--legacy", "--passphrase-file", pw, img, "nohost.invalid:/x.spgz")
     assert go.returncode == 2 and "would receive it in plain" in go.stderr, go.stderr
+
+
+@pytest.mark.inproc
+def test_the_hello_never_names_the_source(tmp_path: Path) -> None:
+    """Whether the target is encrypted is known only from its answer, so the source's
+    description travels in Done: in the seal when encrypted. (It was in the Hello: every
+    later push into an encrypted image told the host the source's path.)"""
+    src = tmp_path / "secret-project-disk.img"
+    disk(src, 2)
+    reader = RawSource(str(src))
+    try:
+        session = SourceSession(channel_pair()[0], reader, SourceOptions(keyring=ring()))
+        assert "secret-project" not in json.dumps(session.conv.hello().info)
+    finally:
+        reader.close()
