@@ -321,7 +321,7 @@ def _push(local: str, remote: RemotePath, req: PushRequest, opts: RemoteOptions)
     try:
         info = {"name": os.path.basename(local.rstrip("/")), **req.source.info}
         host = f"{remote.user}@{remote.host}" if remote.user else remote.host
-        src_opts = replace(req.source, info=info, host=host)
+        src_opts = replace(req.source, info=info, host=host, target=remote.path)
         r = start_remote(remote, opts, _target_argv(remote.path, req))
         channel = r.framed()
         bar = Progress(reader.size, "push", opts.progress)

@@ -97,6 +97,9 @@ class SourceOptions:
     #: the target's host ("" here): with the path the target names, the place this client
     #: remembers having pushed encrypted into (a host must not downgrade it to plain)
     host: str = ""
+    #: the target path as this client asked for it (the remote end resolves it and names
+    #: the image it opened; that name is the host's word, this one the client's own)
+    target: str = ""
 
 
 @dataclass
@@ -207,23 +210,38 @@ class SourceSession:
         self._choose_codec(ready.hello.info)
         return ready
 
+    def _places(self, info: dict[str, Any]) -> list[str]:
+        """Where this push goes, as the client remembers it: the path the target names
+        (its image, resolved) and, for a remote target, the path this client asked for
+        with the source's name (a directory target names the image after it). The host
+        can name any path; the second place is the client's own word, so a host that
+        answers with another path neither escapes the rollback memory nor gets plaintext
+        where this client pushed encrypted."""
+        path = info.get("path")
+        places = [f"{self.opts.host}:{path}"] if isinstance(path, str) and path else []
+        if self.opts.target:
+            own = f"{self.opts.host}:{self.opts.target} <- {self.opts.info.get('name', '')}"
+            places.append(own)
+        return places
+
     def _choose_codec(self, info: dict[str, Any]) -> None:
         """The target's image is encrypted: unlock its key (ours when we just made it),
         check the newest generation the target holds is one this key sealed and not older
         than this client has seen (a rolled-back host), and hash and encrypt with it."""
         enc = info.get("encryption")
-        path = info.get("path")
-        self.place = f"{self.opts.host}:{path}" if isinstance(path, str) and path else ""
+        self.places = self._places(info)
+        seen = SeenGenerations()
         if enc is None:
             if self.opts.encrypt:
                 raise PeerError("the target did not create an encrypted image")
-            was = SeenGenerations().encrypted_at(self.place) if self.place else None
-            if was is not None:
-                raise DataError(
-                    f"{self.place.lstrip(':')} was an encrypted image (key {was[:12]}…) when "
-                    f"this client last pushed into it, and is not one now: refusing to send "
-                    f"it plain data (was it replaced or removed on the host?). Push with "
-                    f"--encrypt to start a new encrypted image there")
+            for place in self.places:
+                was = seen.encrypted_at(place)
+                if was is not None:
+                    raise DataError(
+                        f"{place.lstrip(':')} was an encrypted image (key {was[:12]}…) when "
+                        f"this client last pushed into it, and is not one now: refusing to "
+                        f"send it plain data (was it replaced or removed on the host?). Push "
+                        f"with --encrypt to start a new encrypted image there")
             return
         key_id = bytes.fromhex(enc["key_id"])
         if self._new_key is not None and self._new_key.key_id == key_id:
@@ -238,17 +256,20 @@ class SourceSession:
         if type(self.next_generation) is not int or self.next_generation < 1:
             raise PeerError("the encrypted target did not say its next generation number")
         newest = info.get("newest")
-        seen = SeenGenerations()
+        have: tuple[int, bytes] | None = None
         if isinstance(newest, dict):
             try:
-                number, root = int(newest["number"]), bytes.fromhex(newest["root"])
+                have = int(newest["number"]), bytes.fromhex(newest["root"])
                 seal = str(newest["seal"])
             except (KeyError, ValueError, TypeError):
                 raise PeerError("the target described its newest generation badly") from None
-            codec.open_seal(number, root, seal)  # DataError: forged or rolled back
-            seen.check(key_id, self.place, (number, root), {number: root}, "the target image")
-        else:
-            seen.check(key_id, self.place, None, {}, "the target image")
+            codec.open_seal(*have, seal)  # DataError: forged or rolled back
+        for place in self.places or [""]:
+            seen.check(key_id, place, have, dict([have]) if have else {}, "the target image")
+        if have is not None and self.next_generation <= have[0]:
+            # a second seal for a number the host holds one of would let it serve either
+            raise PeerError(f"the target would number the next generation "
+                            f"{self.next_generation}, but already holds generation {have[0]}")
         self.codec = codec
 
     def run(self) -> PushStats:
@@ -318,10 +339,14 @@ class SourceSession:
         assert res is not None
         self.stats.generation = res.generation if not self.opts.dry_run else None
         if isinstance(self.codec, SealedCodec) and not self.opts.dry_run:
+            if res.generation != self.next_generation:
+                raise PeerError(f"the target committed generation {res.generation}, but this "
+                                f"push sealed generation {self.next_generation}")
             seen = SeenGenerations()
-            seen.record(self.codec.key.key_id, self.place, res.generation, res.root)
-            if self.place:
-                seen.remember_place(self.place, self.codec.key.key_id)
+            for place in self.places or [""]:
+                seen.record(self.codec.key.key_id, place, res.generation, res.root)
+            for place in self.places:
+                seen.remember_place(place, self.codec.key.key_id)
         if self.opts.dry_run:
             self.stats.target_root_hash = res.root.hex()
         self.stats.bytes_sent = self.ch.bytes_sent

@@ -1,0 +1,198 @@
+"""A hostile storage host against encrypted images (docs/format.md "Security"): a ``serve``
+end that lies in its answers (the path it names, the generation number it will give, the
+generation it says it committed), crafted key material, and the careless user. Each lie is
+either refused or harmless; tests/test_encryption.py has the scheme's own tests."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from diskrsync.base.errors import DataError, PeerError
+from diskrsync.compression.crypto import KdfParams, Keyring
+from diskrsync.compression.image import Image
+from diskrsync.compression.sources import open_source
+from diskrsync.synccore import protocol as p
+from diskrsync.synccore.channel import channel_pair
+from diskrsync.synccore.source import PushStats, SourceOptions, SourceSession
+from diskrsync.synccore.target import TargetOptions, WireStore, open_store, serve_target
+
+FAST = KdfParams(1024, 1, 1)
+PASS = b"correct horse battery"
+CS = 16 * 1024
+SECRET_TEXT = b"top secret payroll line\n"
+HOST = "backup@storage.example"
+
+
+@pytest.fixture(autouse=True)
+def state_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    d = tmp_path / "state"
+    monkeypatch.setenv("DISKRSYNC_STATE_DIR", str(d))
+    return d
+
+
+def ring() -> Keyring:
+    return Keyring(lambda why, new: PASS)
+
+
+def disk(path: Path, chunks: int = 8, change: int = 0) -> None:
+    """Text chunks (the secret), one of them varied by ``change``."""
+    data = bytearray((SECRET_TEXT * (chunks * CS // len(SECRET_TEXT) + 1))[: chunks * CS])
+    data[CS + 5] = change
+    path.write_bytes(data)
+
+
+Tamper = Callable[[dict[str, Any]], None]
+
+
+def remote_push(src: Path, img: Path, *, encrypt: bool = False, hello: Tamper | None = None,
+                committed: Callable[[p.Committed], p.Committed] | None = None,
+                requested: str | None = None) -> PushStats:
+    """A push to ``HOST`` as ``remote._push`` makes it (the client names the host and the
+    path it asked for), through a serve end that changes its Hello's info with ``hello``
+    and its Committed with ``committed`` before they go out."""
+    a, b = channel_pair()
+    failure: list[BaseException] = []
+
+    class Lying:
+        def __init__(self, inner: Any) -> None:
+            self.inner = inner
+
+        def send(self, msg: p.Message) -> None:
+            if isinstance(msg, p.Committed) and committed is not None:
+                msg = committed(msg)
+            self.inner.send(msg)
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.inner, name)
+
+    def opener(h: p.Hello) -> WireStore:
+        ws = open_store(str(img), h, TargetOptions(), raw=False)
+        if hello is not None:
+            hello(ws.info)
+        return ws
+
+    def target() -> None:
+        try:
+            serve_target(Lying(b), opener, verify=True)
+        except BaseException as e:
+            failure.append(e)
+            with contextlib.suppress(Exception):
+                while b.recv() is not None:
+                    pass
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    reader = open_source(str(src), None, ring())
+    opts = SourceOptions(chunk_size=CS, keyring=ring(), encrypt=encrypt, kdf=FAST,
+                         info={"name": src.name}, host=HOST,
+                         target=requested if requested is not None else str(img))
+    try:
+        return SourceSession(a, reader, opts).run()
+    finally:
+        reader.close()
+        thread.join(60)
+
+
+def gone_plain(img: Path) -> bool:
+    return not img.exists() or SECRET_TEXT not in img.read_bytes()
+
+
+# -- the place a client remembers is its own, not what the host names ----------------------
+
+
+@pytest.mark.inproc
+@pytest.mark.parametrize("lie", ["another path", "no path"])
+def test_a_host_naming_another_place_gets_no_plaintext(tmp_path: Path, lie: str) -> None:
+    """After an encrypted push, the host removes the image and answers the next push with
+    another path (or none): the client's memory of where it pushed encrypted must not hang
+    on the host's word. (It did: the place was the path the host named, so the next push
+    sent the whole disk in plain.)"""
+    src, img = tmp_path / "disk.img", tmp_path / "b.spgz"
+    disk(src)
+    remote_push(src, img, encrypt=True)
+    img.unlink()
+
+    def rename(info: dict[str, Any]) -> None:
+        if lie == "no path":
+            del info["path"]
+        else:
+            info["path"] = "/srv/somewhere-else.spgz"
+
+    with pytest.raises(DataError, match="was an encrypted image"):
+        remote_push(src, img, hello=rename)
+    assert gone_plain(img)
+
+
+@pytest.mark.inproc
+def test_a_host_naming_another_place_cannot_roll_back(tmp_path: Path) -> None:
+    """The host serves an older copy and names another path, so that the client's memory
+    of the newest generation does not apply: it still does."""
+    src, img, old = tmp_path / "disk.img", tmp_path / "b.spgz", tmp_path / "old.spgz"
+    disk(src)
+    remote_push(src, img, encrypt=True)
+    old.write_bytes(img.read_bytes())
+    disk(src, change=1)
+    assert remote_push(src, img).generation == 2
+    img.write_bytes(old.read_bytes())
+    disk(src, change=2)
+    with pytest.raises(DataError, match="rolled back"):
+        remote_push(src, img, hello=lambda info: info.update(path="/srv/fresh.spgz"))
+
+
+@pytest.mark.inproc
+def test_pushes_of_two_disks_into_one_directory_keep_apart(tmp_path: Path) -> None:
+    """The client's own place includes the source's name (a directory target names the
+    image after it): a plain push of another disk into the same directory is not refused."""
+    d = tmp_path / "dir"
+    d.mkdir()
+    a, b = tmp_path / "a.img", tmp_path / "b.img"
+    disk(a)
+    disk(b)
+    remote_push(a, d / "a.spgz", encrypt=True, requested=f"{d}/")
+    assert remote_push(b, d / "b.spgz", requested=f"{d}/").generation == 1
+
+
+# -- the generation number the host promises, and the one it reports ----------------------
+
+
+def _newest(img: Path) -> int:
+    with Image.open(str(img), keyring=ring()) as opened:
+        return opened.generations()[-1].number
+
+
+@pytest.mark.inproc
+@pytest.mark.parametrize("delta", [0, -1])
+def test_a_host_cannot_have_a_push_sealed_under_a_number_it_holds(tmp_path: Path,
+                                                                  delta: int) -> None:
+    """``next_generation`` no greater than the newest generation would make the client
+    seal a second record for a number the host already holds a seal of: the host could then
+    serve either, and drop the push without the client's memory noticing (it keeps the
+    first root it saw for a number). Refused before anything is sent."""
+    src, img = tmp_path / "disk.img", tmp_path / "b.spgz"
+    disk(src)
+    remote_push(src, img, encrypt=True)
+    disk(src, change=1)
+    remote_push(src, img)
+    disk(src, change=2)
+    with pytest.raises(PeerError, match="next generation"):
+        remote_push(src, img, hello=lambda info: info.update(
+            next_generation=info["newest"]["number"] + delta))
+    assert _newest(img) == 2
+
+
+@pytest.mark.inproc
+def test_a_host_reporting_another_generation_number_is_refused(tmp_path: Path) -> None:
+    """The generation the host says it committed must be the one the client sealed."""
+    src, img = tmp_path / "disk.img", tmp_path / "b.spgz"
+    disk(src)
+    remote_push(src, img, encrypt=True)
+    disk(src, change=1)
+    with pytest.raises(PeerError, match="generation"):
+        remote_push(src, img, committed=lambda c: p.Committed(c.generation + 1000, c.root,
+                                                              c.info))
