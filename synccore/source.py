@@ -42,6 +42,7 @@ from diskrsync import __version__
 from diskrsync.base.errors import (
     CorruptChunkError,
     DataError,
+    DiskrsyncError,
     LocalError,
     PeerError,
     ReadError,
@@ -195,6 +196,7 @@ class SourceSession:
             envelope = Envelope.wrap(key, options.keyring.passphrase(
                 "a new encryption key", new=True), options.kdf)
             hello_info["encrypt"] = encryption_entry(key, envelope)
+        self._hide_errors = self._new_key is not None  # see _error_for_peer
         self.conv = SourceConversation(
             reader.size, options.chunk_size, DEFAULT_FANOUT, f"diskrsync {__version__}",
             hello_info, dry_run=options.dry_run)
@@ -224,11 +226,21 @@ class SourceSession:
             places.append(own)
         return places
 
+    def _error_for_peer(self, e: BaseException) -> p.Error:
+        """What the target hears when this push stops: the error's kind only, when the
+        target is (or is to be) an encrypted image, whose host must not learn the source's
+        path or this client's state from an error's text (the user reads it here)."""
+        msg = error_message(e)
+        if self._hide_errors and not (isinstance(e, DiskrsyncError) and e.relayed):
+            return p.Error(msg.kind, "the source stopped (the reason is shown on its side)")
+        return msg
+
     def _choose_codec(self, info: dict[str, Any]) -> None:
         """The target's image is encrypted: unlock its key (ours when we just made it),
         check the newest generation the target holds is one this key sealed and not older
         than this client has seen (a rolled-back host), and hash and encrypt with it."""
         enc = info.get("encryption")
+        self._hide_errors = self._hide_errors or enc is not None
         self.places = self._places(info)
         seen = SeenGenerations()
         if enc is None:
@@ -329,7 +341,7 @@ class SourceSession:
         except BaseException as e:
             self.fail.set(e)
             with contextlib.suppress(Exception):  # the peer may be gone: then this just fails
-                self.ch.send(error_message(e))
+                self.ch.send(self._error_for_peer(e))
             raise
         finally:
             self.sender.shutdown(wait=True, cancel_futures=True)

@@ -6,6 +6,7 @@ either refused or harmless; tests/test_encryption.py has the scheme's own tests.
 from __future__ import annotations
 
 import contextlib
+import errno
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -13,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from diskrsync.base.errors import DataError, PeerError
+from diskrsync.base.errors import DataError, LocalError, PeerError, ReadError
 from diskrsync.compression.crypto import KdfParams, Keyring
 from diskrsync.compression.image import Image
 from diskrsync.compression.sources import open_source
@@ -52,10 +53,12 @@ Tamper = Callable[[dict[str, Any]], None]
 
 def remote_push(src: Path, img: Path, *, encrypt: bool = False, hello: Tamper | None = None,
                 committed: Callable[[p.Committed], p.Committed] | None = None,
-                requested: str | None = None) -> PushStats:
+                requested: str | None = None, heard: list[p.Error] | None = None,
+                reader_hook: Callable[[Any], None] | None = None) -> PushStats:
     """A push to ``HOST`` as ``remote._push`` makes it (the client names the host and the
     path it asked for), through a serve end that changes its Hello's info with ``hello``
-    and its Committed with ``committed`` before they go out."""
+    and its Committed with ``committed`` before they go out; ``heard`` collects the errors
+    the source tells it, ``reader_hook`` may change the source reader."""
     a, b = channel_pair()
     failure: list[BaseException] = []
 
@@ -67,6 +70,12 @@ def remote_push(src: Path, img: Path, *, encrypt: bool = False, hello: Tamper | 
             if isinstance(msg, p.Committed) and committed is not None:
                 msg = committed(msg)
             self.inner.send(msg)
+
+        def recv(self) -> p.Message | None:
+            msg = self.inner.recv()
+            if isinstance(msg, p.Error) and heard is not None:
+                heard.append(msg)
+            return msg
 
         def __getattr__(self, name: str) -> Any:
             return getattr(self.inner, name)
@@ -89,6 +98,8 @@ def remote_push(src: Path, img: Path, *, encrypt: bool = False, hello: Tamper | 
     thread = threading.Thread(target=target, daemon=True)
     thread.start()
     reader = open_source(str(src), None, ring())
+    if reader_hook is not None:
+        reader_hook(reader)
     opts = SourceOptions(chunk_size=CS, keyring=ring(), encrypt=encrypt, kdf=FAST,
                          info={"name": src.name}, host=HOST,
                          target=requested if requested is not None else str(img))
@@ -196,3 +207,26 @@ def test_a_host_reporting_another_generation_number_is_refused(tmp_path: Path) -
     with pytest.raises(PeerError, match="generation"):
         remote_push(src, img, committed=lambda c: p.Committed(c.generation + 1000, c.root,
                                                               c.info))
+
+
+# -- what the source tells an encrypted target's host when it stops ------------------------
+
+
+@pytest.mark.inproc
+def test_a_failing_source_does_not_tell_the_host_its_path(tmp_path: Path) -> None:
+    """The source's path is kept from the host of an encrypted image (it travels sealed);
+    an error the source stops with must not carry it there either. (It did: a read error
+    of ``/dev/disk/by-id/...`` was relayed word for word.)"""
+    src, img = tmp_path / "secret-project-disk.img", tmp_path / "b.spgz"
+    disk(src)
+    remote_push(src, img, encrypt=True)
+
+    def failing(reader: Any) -> None:
+        def read(offset: int, length: int) -> bytes:
+            raise ReadError(reader.description, offset, errno.EIO)
+        reader.read = read
+
+    heard: list[p.Error] = []
+    with pytest.raises(LocalError, match="secret-project"):  # the user is told, of course
+        remote_push(src, img, heard=heard, reader_hook=failing)
+    assert heard and all("secret-project" not in e.message for e in heard), heard
