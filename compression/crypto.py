@@ -77,6 +77,8 @@ CIPHERS = ("aes-256-gcm", "chacha20-poly1305")
 ENVELOPE_VERSION = 1
 MAX_ENVELOPE = 4096  # bytes of JSON; a key file or table entry larger than this is damaged
 MAX_SEAL = 64 * 1024  # bytes of a sealed generation record (hex doubles it on the wire)
+MAX_KDF_MEMORY_KIB = 2 << 20  # 2 GiB
+MAX_KDF_WORK = 6 << 20  # KiB times passes: 2 GiB x 3, 32 times the default's
 
 # What each derived key is for (BLAKE3 derive_key contexts: globally unique, never reused).
 _CTX_LEAF = "diskrsync 2026-11 leaf digest"
@@ -139,8 +141,13 @@ class KdfParams:
     lanes: int = 4
 
     def check(self) -> None:
-        if not (8 * self.lanes <= self.memory_kib <= 4 << 20 and 1 <= self.iterations <= 64
-                and 1 <= self.lanes <= 64):
+        """The parameters of an envelope come from whoever stored it (a host can rewrite
+        them: the envelope's checksum is public), and the client pays them before it can
+        tell a wrong passphrase: at most RFC 9106's first recommendation (2 GiB) and about
+        32 times the default's work (memory times passes), a few seconds."""
+        if not (8 * self.lanes <= self.memory_kib <= MAX_KDF_MEMORY_KIB
+                and 1 <= self.iterations <= 64 and 1 <= self.lanes <= 64
+                and self.memory_kib * self.iterations <= MAX_KDF_WORK):
             raise DataError(f"key material has impossible KDF parameters "
                             f"({self.memory_kib} KiB, {self.iterations} passes, "
                             f"{self.lanes} lanes)")

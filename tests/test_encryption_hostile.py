@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from diskrsync.base.errors import DataError, LocalError, PeerError, ReadError
-from diskrsync.compression.crypto import KdfParams, Keyring
+from diskrsync.compression.crypto import Envelope, KdfParams, Keyring, MasterKey, _json_check
 from diskrsync.compression.image import Image
 from diskrsync.compression.sources import open_source
 from diskrsync.synccore import protocol as p
@@ -230,3 +230,36 @@ def test_a_failing_source_does_not_tell_the_host_its_path(tmp_path: Path) -> Non
     with pytest.raises(LocalError, match="secret-project"):  # the user is told, of course
         remote_push(src, img, heard=heard, reader_hook=failing)
     assert heard and all("secret-project" not in e.message for e in heard), heard
+
+
+# -- key material a host crafts --------------------------------------------------------------
+
+
+def _envelope_with_kdf(memory_kib: int, iterations: int, lanes: int) -> dict[str, Any]:
+    """A well-formed envelope (valid checksum: it is not keyed) asking for this KDF cost."""
+    doc = Envelope.wrap(MasterKey.generate(), PASS, FAST).to_json()
+    doc["kdf"] = {"name": "argon2id", "memory_kib": memory_kib, "iterations": iterations,
+                  "lanes": lanes}
+    del doc["check"]
+    doc["check"] = _json_check(doc)
+    return doc
+
+
+@pytest.mark.pure
+@pytest.mark.parametrize("cost", [(4 << 20, 64, 64), (2 << 20, 64, 4), (1 << 20, 64, 64)])
+def test_a_host_cannot_make_the_client_spend_minutes_and_gigabytes_on_its_kdf(
+        cost: tuple[int, int, int]) -> None:
+    """The envelope's KDF parameters come from the host (its checksum is public): the
+    client refuses a cost far beyond what diskrsync makes (64 MiB, 3 passes, 4 lanes)
+    before running Argon2id, instead of allocating up to 4 GiB and making 64 passes over
+    it (minutes per open, on every command) only to report a wrong passphrase."""
+    with pytest.raises(DataError, match="impossible KDF parameters"):
+        Envelope.from_json(_envelope_with_kdf(*cost))
+
+
+@pytest.mark.pure
+def test_the_strongest_sensible_kdf_costs_are_still_accepted() -> None:
+    """RFC 9106's first recommendation (2 GiB, 1 pass) and a few times the default are
+    ordinary choices."""
+    for cost in ((2 << 20, 1, 4), (256 * 1024, 6, 8), (64 * 1024, 3, 4), (1024, 1, 1)):
+        assert Envelope.from_json(_envelope_with_kdf(*cost)).kdf == KdfParams(*cost)
