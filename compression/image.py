@@ -651,7 +651,7 @@ class Image:
         codec = self.codec
         assert isinstance(codec, SealedCodec) and self.key is not None
         for rec in table.generations:
-            codec.open_seal(rec.number, rec.root_hash, rec.seal)
+            self._open_seal(rec, self._state.sb)
         gens = table.generations
         seen, place = SeenGenerations(), ":" + os.path.abspath(self.path)
         seen.check(self.key.key_id, place,
@@ -660,10 +660,21 @@ class Image:
         if gens:
             seen.record(self.key.key_id, place, gens[-1].number, gens[-1].root_hash)
 
+    def _open_seal(self, rec: GenRecord, sb: Superblock) -> dict[str, Any]:
+        """The record sealed into generation ``rec``, once it is the generation the seal
+        names: the seal binds the root hash, and the root must be that of the tree the
+        record points at in this geometry (else a host could keep a newer generation's root
+        and seal, and point it at an older tree or at pieces of several)."""
+        assert isinstance(self.codec, SealedCodec)
+        if root_hash(rec.tree.size, sb.chunk_size, sb.fanout, rec.tree.hash) != rec.root_hash:
+            raise DataError(f"generation {rec.number} does not authenticate: its tree is not "
+                            f"the one its root hash names (root {rec.root_hash.hex()[:16]}…)")
+        return self.codec.open_seal(rec.number, rec.root_hash, rec.seal)
+
     def sealed_record(self, rec: GenRecord) -> dict[str, Any]:
         """What the client sealed into a generation (``{}`` for a plain image)."""
         if isinstance(self.codec, SealedCodec):
-            return self.codec.open_seal(rec.number, rec.root_hash, rec.seal)
+            return self._open_seal(rec, self._state.sb)
         return {}
 
     def _checked(self, state: _State) -> _State:
@@ -833,7 +844,7 @@ class Image:
             self._state = state
             if any(r.number == rec.number for r in state.table.generations):
                 if isinstance(self.codec, SealedCodec):
-                    self.codec.open_seal(rec.number, rec.root_hash, rec.seal)
+                    self._open_seal(rec, state.sb)
                 return Snapshot(self.path, store, rec, state.sb.chunk_size, state.sb.fanout,
                                 self.codec)
             store.close()

@@ -9,6 +9,7 @@ import contextlib
 import errno
 import threading
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ import pytest
 
 from diskrsync.base.errors import DataError, LocalError, PeerError, ReadError
 from diskrsync.compression.crypto import Envelope, KdfParams, Keyring, MasterKey, _json_check
+from diskrsync.compression.format import GenTable
 from diskrsync.compression.image import Image
 from diskrsync.compression.sources import open_source
 from diskrsync.synccore import protocol as p
@@ -263,3 +265,34 @@ def test_the_strongest_sensible_kdf_costs_are_still_accepted() -> None:
     ordinary choices."""
     for cost in ((2 << 20, 1, 4), (256 * 1024, 6, 8), (64 * 1024, 3, 4), (1024, 1, 1)):
         assert Envelope.from_json(_envelope_with_kdf(*cost)).kdf == KdfParams(*cost)
+
+
+# -- a generation record pointing at another tree --------------------------------------------
+
+
+def _publish_forged(image: Path, forge: Callable[[GenTable], GenTable]) -> None:
+    """A host rewrites the generation table (valid checksums, no key)."""
+    with Image.open(str(image)) as opened:
+        tx = opened.begin(what="attack")
+        try:
+            tx.publish(forge(tx.table))
+        finally:
+            tx.close()
+
+
+@pytest.mark.inproc
+def test_a_generation_pointed_at_an_older_tree_is_refused(tmp_path: Path) -> None:
+    """The host keeps generation 2's number, root hash and seal, and points its tree at
+    generation 1's: the seal still opens (it binds the root, which did not change), so the
+    reader must check that the root is the tree's. (It did not: generation 1's data was
+    served as generation 2, a silent rollback of the contents.)"""
+    src, img = tmp_path / "disk.img", tmp_path / "b.spgz"
+    disk(src)
+    remote_push(src, img, encrypt=True)
+    disk(src, change=1)
+    remote_push(src, img)
+    _publish_forged(img, lambda t: replace(t, generations=(
+        t.generations[0], replace(t.generations[1], tree=t.generations[0].tree))))
+    with pytest.raises(DataError, match="generation 2 does not authenticate") as e:
+        Image.open(str(img), keyring=ring())
+    assert e.value.exit_code == 6
