@@ -882,11 +882,13 @@ class Image:
                 with contextlib.suppress(Exception):
                     raw = store.read_head(WRITER_SLOT, 1024).rstrip(b"\0")
                     w = json.loads(raw)
-                    holder = f" ({w['what']} by pid {w['pid']} on {w['host']} since {w['since']})"
+                    where = f" on {w['host']}" if w.get("host") else ""
+                    holder = f" ({w['what']} by pid {w['pid']}{where} since {w['since']})"
                 raise BusyError(f"{self.path} is being written by another process{holder}")
             info = {
                 "pid": os.getpid(),
-                "host": socket.gethostname(),
+                # the file of an encrypted image may be all its host sees: not our name
+                "host": "" if self.encrypted else socket.gethostname(),
                 "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "what": what,
             }

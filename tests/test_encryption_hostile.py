@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import socket
 import threading
 from collections.abc import Callable
 from dataclasses import replace
@@ -296,3 +297,17 @@ def test_a_generation_pointed_at_an_older_tree_is_refused(tmp_path: Path) -> Non
     with pytest.raises(DataError, match="generation 2 does not authenticate") as e:
         Image.open(str(img), keyring=ring())
     assert e.value.exit_code == 6
+
+
+@pytest.mark.inproc
+def test_an_encrypted_image_file_does_not_name_the_client(tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A copy of the file is all a host may see: the writer note of a local write (a push,
+    convert, key change) must not carry the client's host name. (It did, in plain.)"""
+    monkeypatch.setattr(socket, "gethostname", lambda: "payroll-server-17")
+    src, img = tmp_path / "disk.img", tmp_path / "b.spgz"
+    disk(src)
+    remote_push(src, img, encrypt=True)
+    disk(src, change=1)
+    remote_push(src, img)
+    assert b"payroll-server-17" not in img.read_bytes()
