@@ -515,8 +515,10 @@ class SeenGenerations:
     def _write(self, path: str, doc: Any) -> None:
         with contextlib.suppress(OSError):
             os.makedirs(self.directory, mode=0o700, exist_ok=True)
-            tmp = f"{path}.{os.getpid()}.tmp"
-            with open(tmp, "w") as f:
+            tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
+            # where this client backs up to is its own business, whatever the directory's mode
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            with os.fdopen(fd, "w") as f:
                 json.dump(doc, f)
             os.replace(tmp, path)
 

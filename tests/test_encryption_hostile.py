@@ -311,3 +311,17 @@ def test_an_encrypted_image_file_does_not_name_the_client(tmp_path: Path,
     disk(src, change=1)
     remote_push(src, img)
     assert b"payroll-server-17" not in img.read_bytes()
+
+
+@pytest.mark.inproc
+def test_the_client_state_is_readable_by_its_owner_only(tmp_path: Path, state_dir: Path) -> None:
+    """The seen-generations state names every host and path this client pushes encrypted
+    to: its files are 0600 even in a directory that already existed with a looser mode.
+    (They were 0644, by the umask.)"""
+    state_dir.mkdir(mode=0o755)
+    src, img = tmp_path / "disk.img", tmp_path / "b.spgz"
+    disk(src)
+    remote_push(src, img, encrypt=True)
+    files = list(state_dir.iterdir())
+    assert files and all(f.stat().st_mode & 0o077 == 0 for f in files), \
+        [oct(f.stat().st_mode) for f in files]
