@@ -16,7 +16,8 @@ from typing import Any
 
 import pytest
 
-from diskrsync.base.errors import DataError, LocalError, PeerError, ReadError
+from diskrsync.base.errors import DataError, LocalError, PeerError, ReadError, UsageError
+from diskrsync.cli.keys import PASSPHRASE_ENV, passphrase_source
 from diskrsync.compression.crypto import Envelope, KdfParams, Keyring, MasterKey, _json_check
 from diskrsync.compression.format import GenTable
 from diskrsync.compression.image import Image
@@ -325,3 +326,34 @@ def test_the_client_state_is_readable_by_its_owner_only(tmp_path: Path, state_di
     files = list(state_dir.iterdir())
     assert files and all(f.stat().st_mode & 0o077 == 0 for f in files), \
         [oct(f.stat().st_mode) for f in files]
+
+
+# -- the careless user's passphrases -------------------------------------------------------
+
+
+@pytest.mark.inproc
+def test_a_passphrase_file_with_windows_line_ends_is_the_typed_passphrase(
+        tmp_path: Path) -> None:
+    """A passphrase file saved with CRLF gives the passphrase a user types at the prompt,
+    not one with a carriage return at its end that no prompt can reproduce. (It kept the
+    \\r: the key was wrapped with a passphrase nobody could type.)"""
+    pw = tmp_path / "pw"
+    pw.write_bytes(b"correct horse battery\r\n")
+    assert passphrase_source(str(pw))("an image", False) == b"correct horse battery"
+
+
+@pytest.mark.inproc
+@pytest.mark.parametrize("where", ["file", "environment"])
+def test_a_new_key_is_never_wrapped_with_a_short_passphrase(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str) -> None:
+    """The prompt refuses a new passphrase under 8 characters; a passphrase file or
+    $DISKRSYNC_PASSPHRASE did not (an image's key wrapped with "x", guessed offline at
+    once), while an existing key still opens with whatever it was wrapped with."""
+    pw = tmp_path / "pw"
+    pw.write_text("x\n")
+    if where == "environment":
+        monkeypatch.setenv(PASSPHRASE_ENV, "x")
+    source = passphrase_source(str(pw) if where == "file" else None)
+    with pytest.raises(UsageError, match="at least 8 characters"):
+        source("a new encryption key", True)
+    assert passphrase_source(str(pw) if where == "file" else None)("an image", False) == b"x"
