@@ -815,7 +815,19 @@ class Image:
         self._state = self._checked(_read_state(self.store, self.path))
 
     def generations(self) -> list[GenerationInfo]:
-        return [_info(r) for r in self._state.table.generations]
+        return [_info(self._authentic(r)) for r in self._state.table.generations]
+
+    def _authentic(self, rec: GenRecord, sb: Superblock | None = None) -> GenRecord:
+        """``rec`` as its writer recorded it: an unlocked image's time, source and metadata
+        come from the seal (the table's copies are the host's word: its clock, or whatever
+        it wrote there, e.g. in the mount's generation names)."""
+        if not isinstance(self.codec, SealedCodec):
+            return rec
+        sealed = self._open_seal(rec, sb or self._state.sb)
+        t, source, meta = sealed.get("time"), sealed.get("source"), sealed.get("meta")
+        return replace(rec, time=float(t) if isinstance(t, int | float) else rec.time,
+                       source=source if isinstance(source, str) else "",
+                       meta=meta if isinstance(meta, dict) else {})
 
     def record(self, number: int | None = None) -> GenRecord:
         gens = self._state.table.generations
@@ -843,8 +855,11 @@ class Image:
                 raise
             self._state = state
             if any(r.number == rec.number for r in state.table.generations):
-                if isinstance(self.codec, SealedCodec):
-                    self._open_seal(rec, state.sb)
+                try:
+                    rec = self._authentic(rec, state.sb)
+                except BaseException:
+                    store.close()
+                    raise
                 return Snapshot(self.path, store, rec, state.sb.chunk_size, state.sb.fanout,
                                 self.codec)
             store.close()

@@ -357,3 +357,24 @@ def test_a_new_key_is_never_wrapped_with_a_short_passphrase(
     with pytest.raises(UsageError, match="at least 8 characters"):
         source("a new encryption key", True)
     assert passphrase_source(str(pw) if where == "file" else None)("an image", False) == b"x"
+
+
+@pytest.mark.inproc
+def test_an_unlocked_image_shows_the_sealed_times_not_the_hosts(tmp_path: Path) -> None:
+    """The table's time of a generation is the host's word (the serve end's clock, or what
+    it wrote there): with the key, generations and snapshots (the mount's generation
+    directory names and file times, restore) carry the time the client sealed. (They showed
+    the table's: a host could date a generation taken after an infection before it.)"""
+    src, img = tmp_path / "disk.img", tmp_path / "b.spgz"
+    disk(src)
+    remote_push(src, img, encrypt=True)
+    disk(src, change=1)
+    remote_push(src, img)
+    with Image.open(str(img), keyring=ring()) as opened:
+        honest = [g.commit_time for g in opened.generations()]
+    _publish_forged(img, lambda t: replace(t, generations=tuple(
+        replace(r, time=86400.0 * r.number) for r in t.generations)))
+    with Image.open(str(img), keyring=ring()) as opened:
+        assert [g.commit_time for g in opened.generations()] == honest
+        with opened.snapshot(1) as snap:
+            assert snap.info.commit_time == honest[0]
