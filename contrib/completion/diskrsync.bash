@@ -39,7 +39,7 @@ _diskrsync() {
     fi
     case "$cmd" in
         info)
-            opts="--json --passphrase-file --key-file --help"
+            opts="--json --no-key --passphrase-file --key-file --help"
             valopts=" --passphrase-file --key-file "
             positional=(_diskrsync_files) ;;
         verify)

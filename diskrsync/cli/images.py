@@ -27,7 +27,7 @@ def _when(t: float) -> str:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    img = open_image(args.image, keyring=optional_keyring(args))
+    img = open_image(args.image, keyring=None if args.no_key else optional_keyring(args))
     try:
         info = image_info(img)
     finally:

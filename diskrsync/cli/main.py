@@ -100,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("info", "images:cmd_info", "Show an image's size, generations and space use.")
     sp.add_argument("image", metavar="IMAGE")
     sp.add_argument("--json", action="store_true", help="machine-readable output")
+    sp.add_argument("--no-key", action="store_true",
+                    help="an encrypted image: show what can be shown without its key (no "
+                         "passphrase asked for)")
     _key_options(sp)
 
     sp = add("verify", "images:cmd_verify",
