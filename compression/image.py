@@ -634,7 +634,7 @@ class Image:
                 envelope = Envelope.from_json(enc["envelope"]) if enc.get("envelope") else None
                 self.key = keyring.unlock(key_id, envelope, path)
                 self.codec = SealedCodec(self.key)
-                self._check_seals(state.table)
+                self._check_seals(self._state)
 
     @property
     def encrypted(self) -> bool:
@@ -645,14 +645,14 @@ class Image:
         enc = self._state.table.encryption
         return bytes.fromhex(enc["key_id"]) if enc is not None else None
 
-    def _check_seals(self, table: GenTable) -> None:
+    def _check_seals(self, state: _State) -> None:
         """With the key: every generation's seal opens for its number and root, and the
         image is not older than this client has seen it (see crypto.py)."""
         codec = self.codec
         assert isinstance(codec, SealedCodec) and self.key is not None
-        for rec in table.generations:
-            self._open_seal(rec, self._state.sb)
-        gens = table.generations
+        for rec in state.table.generations:
+            self._open_seal(rec, state.sb)
+        gens = state.table.generations
         seen, place = SeenGenerations(), ":" + os.path.abspath(self.path)
         seen.check(self.key.key_id, place,
                    (gens[-1].number, gens[-1].root_hash) if gens else None,
@@ -812,7 +812,16 @@ class Image:
         return self._state.lost
 
     def refresh(self) -> None:
-        self._state = self._checked(_read_state(self.store, self.path))
+        """Re-read the image (a long-lived reader: the mount). Unlocked, the new state is
+        checked as an open checks it: still this key, every seal, not rolled back."""
+        state = self._checked(_read_state(self.store, self.path))
+        if self.key is not None:
+            enc = state.table.encryption
+            if enc is None or bytes.fromhex(enc["key_id"]) != self.key.key_id:
+                raise DataError(f"{self.path} is no longer encrypted with the key it was "
+                                f"opened with (replaced?)")
+            self._check_seals(state)
+        self._state = state
 
     def generations(self) -> list[GenerationInfo]:
         return [_info(self._authentic(r)) for r in self._state.table.generations]

@@ -397,3 +397,20 @@ def test_info_without_the_key_on_a_terminal(tmp_path: Path) -> None:
                          env=dict(env, PYTHONSAFEPATH="1"))
     assert res.returncode == 0, res.stderr
     assert "(encrypted)" in res.stdout and str(src) not in res.stdout
+
+
+@pytest.mark.inproc
+def test_a_long_lived_reader_notices_a_rollback_on_refresh(tmp_path: Path) -> None:
+    """The mount re-reads its image every few seconds: a host dropping the newest
+    generation (or swapping the file) under it must be refused as an open refuses it, not
+    shown as a generation that left, as if pruned. (refresh() checked nothing.)"""
+    src, img = tmp_path / "disk.img", tmp_path / "b.spgz"
+    disk(src)
+    remote_push(src, img, encrypt=True)
+    disk(src, change=1)
+    remote_push(src, img)
+    with Image.open(str(img), keyring=ring()) as opened:
+        _publish_forged(img, lambda t: replace(t, generations=t.generations[:-1]))
+        with pytest.raises(DataError, match="rolled back"):
+            opened.refresh()
+        assert [g.number for g in opened.generations()] == [1, 2]
