@@ -339,6 +339,8 @@ class SealedCodec:
 
     def seal(self, number: int, root: bytes, record: dict[str, Any]) -> str:
         """The sealed form (hex) of a generation's client-side record."""
+        if not 0 <= number < 1 << 64:
+            raise DataError(f"generation number {number} is out of range (a damaged table?)")
         salt = os.urandom(SALT_SIZE)
         aead = _aead(self.key.cipher, blake3.blake3(salt, key=self.key.seal_key).digest())
         plain = json.dumps(record, sort_keys=True, separators=(",", ":")).encode()
@@ -349,6 +351,8 @@ class SealedCodec:
         """The record sealed for generation ``number`` with ``root``; DataError when it was
         sealed for another generation or root, damaged, or missing."""
         try:
+            if not 0 <= number < 1 << 64:
+                raise ValueError("generation number out of range")
             raw = bytes.fromhex(seal)
             if not SALT_SIZE + TAG_SIZE <= len(raw) <= MAX_SEAL:
                 raise ValueError("wrong size")

@@ -265,7 +265,7 @@ class SourceSession:
             key = self.opts.keyring.unlock(key_id, envelope, "the target image")
         codec = SealedCodec(key)
         self.next_generation = info.get("next_generation")
-        if type(self.next_generation) is not int or self.next_generation < 1:
+        if type(self.next_generation) is not int or not 1 <= self.next_generation < 1 << 63:
             raise PeerError("the encrypted target did not say its next generation number")
         newest = info.get("newest")
         have: tuple[int, bytes] | None = None
@@ -273,6 +273,8 @@ class SourceSession:
             try:
                 have = int(newest["number"]), bytes.fromhex(newest["root"])
                 seal = str(newest["seal"])
+                if not 1 <= have[0] < 1 << 63:
+                    raise ValueError("number out of range")
             except (KeyError, ValueError, TypeError):
                 raise PeerError("the target described its newest generation badly") from None
             codec.open_seal(*have, seal)  # DataError: forged or rolled back

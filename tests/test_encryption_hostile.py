@@ -414,3 +414,22 @@ def test_a_long_lived_reader_notices_a_rollback_on_refresh(tmp_path: Path) -> No
         with pytest.raises(DataError, match="rolled back"):
             opened.refresh()
         assert [g.number for g in opened.generations()] == [1, 2]
+
+
+@pytest.mark.inproc
+@pytest.mark.parametrize("lie", ["next_generation", "newest"])
+def test_a_host_giving_numbers_beyond_64_bits_gets_a_peer_error(tmp_path: Path,
+                                                                  lie: str) -> None:
+    """Generation numbers are u64 in every seal: a number the host makes larger is its
+    error (exit 5), not a crash of the client (struct.error escaped as a traceback)."""
+    src, img = tmp_path / "disk.img", tmp_path / "b.spgz"
+    disk(src)
+    remote_push(src, img, encrypt=True)
+
+    def huge(info: dict[str, Any]) -> None:
+        if lie == "newest":
+            info["newest"]["number"] = 1 << 70
+        info["next_generation"] = (1 << 70) + 1
+
+    with pytest.raises((PeerError, DataError)):
+        remote_push(src, img, hello=huge)
