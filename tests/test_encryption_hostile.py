@@ -87,6 +87,24 @@ def remote_push(src: Path, img: Path, *, encrypt: bool = False, hello: Tamper | 
         def __getattr__(self, name: str) -> Any:
             return getattr(self.inner, name)
 
+    class Wire:
+        """The source's end: what it receives is decoded from bytes, as over SSH (the
+        in-process pair passes objects, unchecked)."""
+
+        def __init__(self, inner: Any) -> None:
+            self.inner = inner
+
+        def recv(self) -> p.Message | None:
+            msg = self.inner.recv()
+            if msg is None:
+                return None
+            d = p.Decoder()
+            d.feed(p.preamble() + p.encode(msg))
+            return d.next()
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.inner, name)
+
     def opener(h: p.Hello) -> WireStore:
         ws = open_store(str(img), h, TargetOptions(), raw=False)
         if hello is not None:
@@ -111,7 +129,7 @@ def remote_push(src: Path, img: Path, *, encrypt: bool = False, hello: Tamper | 
                          info={"name": src.name}, host=HOST,
                          target=requested if requested is not None else str(img))
     try:
-        return SourceSession(a, reader, opts).run()
+        return SourceSession(Wire(a), reader, opts).run()  # type: ignore[arg-type]
     finally:
         reader.close()
         thread.join(60)
