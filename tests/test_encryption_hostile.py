@@ -129,7 +129,7 @@ def remote_push(src: Path, img: Path, *, encrypt: bool = False, hello: Tamper | 
                          info={"name": src.name}, host=HOST,
                          target=requested if requested is not None else str(img))
     try:
-        return SourceSession(Wire(a), reader, opts).run()  # type: ignore[arg-type]
+        return SourceSession(Wire(a), reader, opts).run()
     finally:
         reader.close()
         thread.join(60)
