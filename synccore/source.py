@@ -284,6 +284,11 @@ class SourceSession:
             # a second seal for a number the host holds one of would let it serve either
             raise PeerError(f"the target would number the next generation "
                             f"{self.next_generation}, but already holds generation {have[0]}")
+        if not self.opts.dry_run:
+            # from now on the place is encrypted for this client, even if this push breaks
+            # off before its commit (and the host removes what arrived)
+            for place in self.places:
+                seen.remember_place(place, key_id)
         self.codec = codec
 
     def run(self) -> PushStats:
@@ -359,8 +364,6 @@ class SourceSession:
             seen = SeenGenerations()
             for place in self.places or [""]:
                 seen.record(self.codec.key.key_id, place, res.generation, res.root)
-            for place in self.places:
-                seen.remember_place(place, self.codec.key.key_id)
         if self.opts.dry_run:
             self.stats.target_root_hash = res.root.hex()
         self.stats.bytes_sent = self.ch.bytes_sent

@@ -451,3 +451,25 @@ def test_a_host_giving_numbers_beyond_64_bits_gets_a_peer_error(tmp_path: Path,
 
     with pytest.raises((PeerError, DataError)):
         remote_push(src, img, hello=huge)
+
+
+@pytest.mark.inproc
+def test_a_first_encrypted_push_that_fails_still_marks_the_place(tmp_path: Path) -> None:
+    """The first `push --encrypt` breaks off (a read error, a lost link); the host removes
+    what arrived, and the user's next push forgets --encrypt: the place was encrypted as soon
+    as the target opened an encrypted image with this client's key, so no plaintext goes
+    there. (It was remembered only after a commit.)"""
+    src, img = tmp_path / "disk.img", tmp_path / "b.spgz"
+    disk(src)
+
+    def failing(reader: Any) -> None:
+        def read(offset: int, length: int) -> bytes:
+            raise ReadError(reader.description, offset, errno.EIO)
+        reader.read = read
+
+    with pytest.raises(LocalError):
+        remote_push(src, img, encrypt=True, reader_hook=failing)
+    img.unlink(missing_ok=True)
+    with pytest.raises(DataError, match="was an encrypted image"):
+        remote_push(src, img)
+    assert gone_plain(img)
