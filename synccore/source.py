@@ -244,7 +244,7 @@ class SourceSession:
         self.places = self._places(info)
         seen = SeenGenerations()
         if enc is None:
-            if self.opts.encrypt:
+            if self._new_key is not None:  # --encrypt, or an encrypted image pushed on
                 raise PeerError("the target did not create an encrypted image")
             for place in self.places:
                 was = seen.encrypted_at(place)

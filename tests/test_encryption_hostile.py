@@ -473,3 +473,23 @@ def test_a_first_encrypted_push_that_fails_still_marks_the_place(tmp_path: Path)
     with pytest.raises(DataError, match="was an encrypted image"):
         remote_push(src, img)
     assert gone_plain(img)
+
+
+@pytest.mark.inproc
+def test_an_encrypted_image_pushed_on_to_a_host_answering_plain_sends_no_plaintext(
+        tmp_path: Path) -> None:
+    """Pushing an encrypted image on (an offsite copy) asks the target to create the copy
+    with the image's key; a host that answers as a plain target must be refused as it is
+    for `push --encrypt`. (It was not: the source decoded its chunks and sent them in
+    plain, since the refusal looked only at --encrypt.)"""
+    src, img, copy = tmp_path / "disk.img", tmp_path / "b.spgz", tmp_path / "offsite.spgz"
+    disk(src)
+    remote_push(src, img, encrypt=True)
+
+    def strip(info: dict[str, Any]) -> None:
+        for name in ("encryption", "next_generation", "newest"):
+            info.pop(name, None)
+
+    with pytest.raises(PeerError, match="did not create an encrypted image"):
+        remote_push(img, copy, hello=strip)
+    assert gone_plain(copy)
