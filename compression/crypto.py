@@ -494,12 +494,13 @@ class SeenGenerations:
 
     # -- where this client pushed encrypted: a host must not turn that into plaintext --
 
-    def _places(self) -> str:
+    @property
+    def places_file(self) -> str:
         return os.path.join(self.directory, "encrypted-destinations.json")
 
     def _read_places(self) -> dict[str, str]:
         try:
-            with open(self._places(), "rb") as f:
+            with open(self.places_file, "rb") as f:
                 doc = json.loads(f.read(1 << 22))
             return {str(k): str(v) for k, v in doc.items()} if isinstance(doc, dict) else {}
         except (OSError, ValueError):
@@ -514,7 +515,7 @@ class SeenGenerations:
         if places.get(place) == key_id.hex():
             return
         places[place] = key_id.hex()
-        self._write(self._places(), places)
+        self._write(self.places_file, places)
 
     def _write(self, path: str, doc: Any) -> None:
         with contextlib.suppress(OSError):

@@ -626,6 +626,8 @@ class Image:
         self.key: MasterKey | None = None
         self.codec: ChunkCodec = codec
         enc = state.table.encryption
+        if enc is None and keyring is not None:
+            self._check_not_stripped()
         if enc is not None:
             key_id = bytes.fromhex(enc["key_id"])
             if keyring is None:
@@ -659,6 +661,20 @@ class Image:
                    {r.number: r.root_hash for r in gens}, self.path)
         if gens:
             seen.record(self.key.key_id, place, gens[-1].number, gens[-1].root_hash)
+        seen.remember_place(place, self.key.key_id)
+
+    def _check_not_stripped(self) -> None:
+        """A plain image where this client knows an encrypted one (it opened it with the
+        key, or pushed into it) is someone else's data in its place: refused, as a push
+        into it is (see crypto.SeenGenerations)."""
+        place = ":" + os.path.abspath(self.path)
+        was = SeenGenerations().encrypted_at(place)
+        if was is not None:
+            raise DataError(
+                f"{self.path} was an encrypted image (key {was[:12]}…) when this client last "
+                f"used it, and is not one now: refusing to read it as that backup (was it "
+                f"replaced?). If it was replaced on purpose, remove its line from "
+                f"{SeenGenerations().places_file}")
 
     def _open_seal(self, rec: GenRecord, sb: Superblock) -> dict[str, Any]:
         """The record sealed into generation ``rec``, once it is the generation the seal

@@ -493,3 +493,25 @@ def test_an_encrypted_image_pushed_on_to_a_host_answering_plain_sends_no_plainte
     with pytest.raises(PeerError, match="did not create an encrypted image"):
         remote_push(img, copy, hello=strip)
     assert gone_plain(copy)
+
+
+@pytest.mark.inproc
+def test_a_plain_image_in_place_of_an_encrypted_one_is_not_read_as_the_backup(
+        tmp_path: Path) -> None:
+    """The file holder replaces an encrypted image by a plain one of its own making: a
+    client that knows the path as encrypted (it pushed or opened it with the key) must not
+    restore, mount or push on the host's data as its backup. (Reads took it: only pushes
+    into the path were checked.)"""
+    src, img, forged = tmp_path / "disk.img", tmp_path / "b.spgz", tmp_path / "forged.spgz"
+    disk(src)
+    remote_push(src, img, encrypt=True)
+    with Image.open(str(img), keyring=ring()):
+        pass
+    evil = tmp_path / "evil.img"
+    evil.write_bytes(b"attacker's data".ljust(8 * CS, b"!"))
+    remote_push(evil, forged, requested=str(forged))
+    img.write_bytes(forged.read_bytes())
+    with pytest.raises(DataError, match="was an encrypted image"):
+        Image.open(str(img), keyring=ring())
+    with pytest.raises(DataError, match="was an encrypted image"):
+        open_source(str(img), None, ring())
