@@ -510,6 +510,17 @@ class SeenGenerations:
         """The key id (hex) this client last pushed into ``place`` with, if it did."""
         return self._read_places().get(place)
 
+    def check_key_at(self, place: str, key_id: bytes, what: str) -> None:
+        """DataError when this client last used ``place`` with another key: another of its
+        encrypted images put there (each opens with the passphrase, each has valid seals)."""
+        was = self.encrypted_at(place)
+        if was is not None and was != key_id.hex():
+            raise DataError(
+                f"{what} is encrypted with key {key_id.hex()[:12]}…, but this client last "
+                f"used {place.lstrip(':')} with another key ({was[:12]}…): another image in "
+                f"its place? If it was replaced on purpose, remove its line from "
+                f"{self.places_file}")
+
     def remember_place(self, place: str, key_id: bytes) -> None:
         places = self._read_places()
         if places.get(place) == key_id.hex():

@@ -656,6 +656,7 @@ class Image:
             self._open_seal(rec, state.sb)
         gens = state.table.generations
         seen, place = SeenGenerations(), ":" + os.path.abspath(self.path)
+        seen.check_key_at(place, self.key.key_id, self.path)
         seen.check(self.key.key_id, place,
                    (gens[-1].number, gens[-1].root_hash) if gens else None,
                    {r.number: r.root_hash for r in gens}, self.path)

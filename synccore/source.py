@@ -280,6 +280,9 @@ class SourceSession:
             codec.open_seal(*have, seal)  # DataError: forged or rolled back
         for place in self.places or [""]:
             seen.check(key_id, place, have, dict([have]) if have else {}, "the target image")
+        if self._new_key is None or self._new_key.key_id != key_id:  # ours: made for it
+            for place in self.places:
+                seen.check_key_at(place, key_id, "the target image")
         if have is not None and self.next_generation <= have[0]:
             # a second seal for a number the host holds one of would let it serve either
             raise PeerError(f"the target would number the next generation "

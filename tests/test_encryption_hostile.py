@@ -27,6 +27,7 @@ from diskrsync.compression.image import Image
 from diskrsync.compression.sources import open_source
 from diskrsync.synccore import protocol as p
 from diskrsync.synccore.channel import channel_pair
+from diskrsync.synccore.push import PushRequest, local_push
 from diskrsync.synccore.source import PushStats, SourceOptions, SourceSession
 from diskrsync.synccore.target import TargetOptions, WireStore, open_store, serve_target
 
@@ -515,3 +516,33 @@ def test_a_plain_image_in_place_of_an_encrypted_one_is_not_read_as_the_backup(
         Image.open(str(img), keyring=ring())
     with pytest.raises(DataError, match="was an encrypted image"):
         open_source(str(img), None, ring())
+
+
+@pytest.mark.inproc
+def test_two_encrypted_images_swapped_by_the_host_are_refused(tmp_path: Path) -> None:
+    """Two backups of this client (one passphrase, two keys), swapped by the host: each
+    opens with the passphrase and each has valid seals, so without a check a restore of
+    web1 serves web2's disk, and a push to web1 goes into web2. The client remembers which
+    key each path had."""
+    a, b = tmp_path / "web1.img", tmp_path / "web2.img"
+    ia, ib = tmp_path / "web1.spgz", tmp_path / "web2.spgz"
+    disk(a)
+    disk(b, change=7)
+    remote_push(a, ia, encrypt=True)
+    remote_push(b, ib, encrypt=True)
+    for img in (ia, ib):
+        with Image.open(str(img), keyring=ring()):
+            pass
+    one, two = ia.read_bytes(), ib.read_bytes()
+    ia.write_bytes(two)
+    ib.write_bytes(one)
+    with pytest.raises(DataError, match="another key"):
+        Image.open(str(ia), keyring=ring())
+    with pytest.raises(DataError, match="another key"):
+        remote_push(a, ia)
+    # a new key made for the place on purpose is this client's own: accepted
+    ia.unlink()
+    opts = SourceOptions(chunk_size=CS, keyring=ring(), encrypt=True, kdf=FAST)
+    assert local_push(str(a), str(ia), PushRequest(source=opts)).generation == 1
+    with Image.open(str(ia), keyring=ring()):
+        pass
