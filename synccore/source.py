@@ -330,12 +330,13 @@ class SourceSession:
                 # the host keeps only what it must in the clear; the rest is sealed with
                 # the generation's number and root (see compression/crypto.py)
                 root = root_from_leaves(self.src, conv.leaves)
-                done_info["seal"] = self.codec.seal(self.next_generation, root, {
+                seal = self.codec.seal(self.next_generation, root, {
                     "source": self.reader.description, "time": time.time(),
                     "meta": {k: v for k, v in done_info.items()
                              if v and k not in ("dry_run", "source")}})
-                done_info["read_errors"] = []
-                del done_info["source"]
+                # only the seal travels: whatever else a push records (now or in a later
+                # release) stays inside it
+                done_info = {"dry_run": False, "seal": seal}
             if self.opts.dry_run:
                 # no chunks travel in a dry run: tell a pulling target what would have
                 # (a dry run commits nothing, so this never reaches an image's metadata)

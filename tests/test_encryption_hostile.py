@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import socket
 import subprocess
@@ -61,7 +62,7 @@ Tamper = Callable[[dict[str, Any]], None]
 
 def remote_push(src: Path, img: Path, *, encrypt: bool = False, hello: Tamper | None = None,
                 committed: Callable[[p.Committed], p.Committed] | None = None,
-                requested: str | None = None, heard: list[p.Error] | None = None,
+                requested: str | None = None, heard: list[Any] | None = None,
                 reader_hook: Callable[[Any], None] | None = None) -> PushStats:
     """A push to ``HOST`` as ``remote._push`` makes it (the client names the host and the
     path it asked for), through a serve end that changes its Hello's info with ``hello``
@@ -81,7 +82,7 @@ def remote_push(src: Path, img: Path, *, encrypt: bool = False, hello: Tamper | 
 
         def recv(self) -> p.Message | None:
             msg = self.inner.recv()
-            if isinstance(msg, p.Error) and heard is not None:
+            if isinstance(msg, p.Error | p.Done | p.Hello) and heard is not None:
                 heard.append(msg)
             return msg
 
@@ -252,10 +253,11 @@ def test_a_failing_source_does_not_tell_the_host_its_path(tmp_path: Path) -> Non
             raise ReadError(reader.description, offset, errno.EIO)
         reader.read = read
 
-    heard: list[p.Error] = []
+    heard: list[Any] = []
     with pytest.raises(LocalError, match="secret-project"):  # the user is told, of course
         remote_push(src, img, heard=heard, reader_hook=failing)
-    assert heard and all("secret-project" not in e.message for e in heard), heard
+    errors = [m for m in heard if isinstance(m, p.Error)]
+    assert errors and all("secret-project" not in e.message for e in errors), errors
 
 
 # -- key material a host crafts --------------------------------------------------------------
@@ -546,3 +548,18 @@ def test_two_encrypted_images_swapped_by_the_host_are_refused(tmp_path: Path) ->
     assert local_push(str(a), str(ia), PushRequest(source=opts)).generation == 1
     with Image.open(str(ia), keyring=ring()):
         pass
+
+
+@pytest.mark.inproc
+def test_an_encrypted_push_tells_the_host_nothing_in_done_but_the_seal(tmp_path: Path) -> None:
+    """Done's info towards an encrypted target is the seal and nothing else: what a push
+    records about a generation (read errors, counts, and whatever later releases add, e.g.
+    the changed-block map a push used) goes inside the seal, never beside it."""
+    src, img = tmp_path / "secret-project-disk.img", tmp_path / "b.spgz"
+    disk(src)
+    heard: list[Any] = []
+    remote_push(src, img, encrypt=True, heard=heard)
+    done = [m for m in heard if isinstance(m, p.Done)]
+    assert len(done) == 1 and set(done[0].info) <= {"seal", "dry_run"}, done[0].info
+    hello = [m for m in heard if isinstance(m, p.Hello)]
+    assert "secret-project" not in json.dumps(hello[0].info).replace(src.name, "")
