@@ -427,6 +427,11 @@ class Keyring:
         if key is not None:
             return key
         env = self._file or envelope
+        if self._file is not None and self._file.key_id != key_id \
+                and self._file.key_id in self._keys and envelope is not None:
+            # the key file served the image it belongs to; another image of the same command
+            # (convert's new image, a push's target) opens with its own copy
+            env = envelope
         if env is None:
             raise UsageError(f"{what} is encrypted and holds no copy of its key: give the "
                              f"exported key with --key-file")

@@ -563,3 +563,30 @@ def test_an_encrypted_push_tells_the_host_nothing_in_done_but_the_seal(tmp_path:
     assert len(done) == 1 and set(done[0].info) <= {"seal", "dry_run"}, done[0].info
     hello = [m for m in heard if isinstance(m, p.Hello)]
     assert "secret-project" not in json.dumps(hello[0].info).replace(src.name, "")
+
+
+@pytest.mark.process
+def test_convert_encrypt_with_a_key_file_copies_every_generation(tmp_path: Path) -> None:
+    """`convert --encrypt --key-file OLD-KEY OLD NEW`: the key file opens OLD; the new
+    image opens with its own copy. (The key file was applied to the new image too, so the
+    second generation failed: 'the key file holds key …, but the target image is …'.)"""
+    src, img, new, key = (tmp_path / "disk.img", tmp_path / "b.spgz", tmp_path / "new.spgz",
+                          tmp_path / "key.json")
+    disk(src)
+    remote_push(src, img, encrypt=True)
+    disk(src, change=1)
+    remote_push(src, img)
+    pw = tmp_path / "pw"
+    pw.write_bytes(PASS + b"\n")
+    env = dict(os.environ, PYTHONSAFEPATH="1", DISKRSYNC_KDF="1024,1,1")
+
+    def cli(*args: str | Path) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "diskrsync.cli", *map(str, args)],
+                              capture_output=True, text=True, timeout=120,
+                              stdin=subprocess.DEVNULL, env=env)
+
+    assert cli("key", "export", img, key).returncode == 0
+    res = cli("convert", "--encrypt", "--key-file", key, "--passphrase-file", pw, img, new)
+    assert res.returncode == 0, res.stderr
+    with Image.open(str(new), keyring=ring()) as opened:
+        assert [g.number for g in opened.generations()] == [1, 2]
