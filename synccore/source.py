@@ -197,6 +197,7 @@ class SourceSession:
                 "a new encryption key", new=True), options.kdf)
             hello_info["encrypt"] = encryption_entry(key, envelope)
         self._hide_errors = self._new_key is not None  # see _error_for_peer
+        self._have: tuple[int, bytes] | None = None  # the target's newest, authenticated
         self.conv = SourceConversation(
             reader.size, options.chunk_size, DEFAULT_FANOUT, f"diskrsync {__version__}",
             hello_info, dry_run=options.dry_run)
@@ -278,6 +279,7 @@ class SourceSession:
             except (KeyError, ValueError, TypeError):
                 raise PeerError("the target described its newest generation badly") from None
             codec.open_seal(*have, seal)  # DataError: forged or rolled back
+            self._have = have
         for place in self.places or [""]:
             seen.check(key_id, place, have, dict([have]) if have else {}, "the target image")
         if self._new_key is None or self._new_key.key_id != key_id:  # ours: made for it
@@ -334,9 +336,12 @@ class SourceSession:
                     "source": self.reader.description, "time": time.time(),
                     "meta": {k: v for k, v in done_info.items()
                              if v and k not in ("dry_run", "source")}})
-                # only the seal travels: whatever else a push records (now or in a later
-                # release) stays inside it
+                # only the seal travels, and one bit a target that keeps an unchanged run
+                # in the newest generation needs: whatever else a push records (now or in
+                # a later release) stays inside the seal
                 done_info = {"dry_run": False, "seal": seal}
+                if self.stats.read_errors or self.stats.source_changed_chunks:
+                    done_info["new_generation"] = True
             if self.opts.dry_run:
                 # no chunks travel in a dry run: tell a pulling target what would have
                 # (a dry run commits nothing, so this never reaches an image's metadata)
@@ -362,7 +367,10 @@ class SourceSession:
         assert res is not None
         self.stats.generation = res.generation if not self.opts.dry_run else None
         if isinstance(self.codec, SealedCodec) and not self.opts.dry_run:
-            if res.generation != self.next_generation:
+            # the number sealed, or (a target that keeps an unchanged run in the newest
+            # generation) the newest one, authenticated above, when the disk equals it
+            if res.generation != self.next_generation and (res.generation, res.root) \
+                    != self._have:
                 raise PeerError(f"the target committed generation {res.generation}, but this "
                                 f"push sealed generation {self.next_generation}")
             seen = SeenGenerations()

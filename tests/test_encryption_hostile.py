@@ -560,7 +560,8 @@ def test_an_encrypted_push_tells_the_host_nothing_in_done_but_the_seal(tmp_path:
     heard: list[Any] = []
     remote_push(src, img, encrypt=True, heard=heard)
     done = [m for m in heard if isinstance(m, p.Done)]
-    assert len(done) == 1 and set(done[0].info) <= {"seal", "dry_run"}, done[0].info
+    assert len(done) == 1 and set(done[0].info) <= {"seal", "dry_run", "new_generation"}, \
+        done[0].info
     hello = [m for m in heard if isinstance(m, p.Hello)]
     assert "secret-project" not in json.dumps(hello[0].info).replace(src.name, "")
 
@@ -590,3 +591,16 @@ def test_convert_encrypt_with_a_key_file_copies_every_generation(tmp_path: Path)
     assert res.returncode == 0, res.stderr
     with Image.open(str(new), keyring=ring()) as opened:
         assert [g.number for g in opened.generations()] == [1, 2]
+
+
+@pytest.mark.inproc
+def test_a_commit_reported_as_the_unchanged_newest_generation_is_accepted(
+        tmp_path: Path) -> None:
+    """A target may keep a run whose disk equals its newest generation in that generation
+    (no new number): the client accepts that report only when the root is the newest one
+    it authenticated (the disk is exactly that generation), and any other number not."""
+    src, img = tmp_path / "disk.img", tmp_path / "b.spgz"
+    disk(src)
+    first = remote_push(src, img, encrypt=True)
+    stats = remote_push(src, img, committed=lambda c: p.Committed(1, c.root, c.info))
+    assert stats.generation == 1 and stats.root_hash == first.root_hash
