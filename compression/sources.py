@@ -14,12 +14,25 @@ import contextlib
 import errno
 import os
 import stat
+import threading
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
 from diskrsync.base.errors import LocalError, ReadError, UsageError, from_oserror
 from diskrsync.compression.codec import STANDARD, ChunkCodec
 from diskrsync.compression.container import open_image, sniff
+from diskrsync.compression.nbd import (
+    BASE_ALLOCATION,
+    DIRTY_BITMAP_PREFIX,
+    STATE_DIRTY,
+    STATE_ZERO,
+    NbdClient,
+    is_nbd_url,
+    merge_ranges,
+    parse_nbd_url,
+)
+from diskrsync.compression.qmp import ManagedBitmap
 
 SECTOR = 512  # the smallest unit a failing read of a disk is narrowed down to
 
@@ -57,6 +70,14 @@ class SourceReader:
 
     def close(self) -> None:
         pass
+
+    def committed(self) -> None:
+        """The push committed a generation from this source (never called after a failed
+        one): a source that tracks changes starts its next interval here."""
+
+    def warnings(self) -> list[str]:
+        """What the user should hear about this source once the push ends."""
+        return []
 
 
 class RawSource(SourceReader):
@@ -163,8 +184,154 @@ class SnapshotSource(SourceReader):
             self._owner.close()
 
 
-def open_source(path: str, generation: int | None = None) -> SourceReader:
-    """A raw file or device, or a generation of an image / SPGZ0001 file."""
+#: ranges from NBD maps are rounded out to at least this grain (coarser on huge disks), so that
+#: their lists stay bounded whatever the server sends
+MAP_GRAIN = 4096
+MAX_MAP_RANGES = 1 << 20
+MAX_NBD_CONNECTIONS = 4  # one per reading thread, at most
+
+
+class NbdSource(SourceReader):
+    """A disk read through NBD, typically QEMU's export of a VM disk.
+
+    ``extents`` come from the ``base:allocation`` context (what reads as zeros is not read).
+    With ``dirty_bitmap``, ``changed_ranges`` come from ``qemu:dirty-bitmap:NAME``: the export
+    offers it and whoever runs QEMU clears or rotates it after each committed push. With
+    ``qmp`` as well, this push manages the bitmap itself through QEMU's monitor (see
+    compression/qmp.py): it reads a frozen copy through its own export and clears the bitmap
+    only in ``committed``.
+    """
+
+    extents_map = "allocation"
+
+    def __init__(self, url: str, dirty_bitmap: str | None = None,
+                 qmp: str | None = None) -> None:
+        address = parse_nbd_url(url)
+        if qmp is not None and dirty_bitmap is None:
+            raise UsageError("--qmp needs --dirty-bitmap NAME: the bitmap to manage")
+        self.description = url
+        self.bitmap = dirty_bitmap
+        self.bytes_read = 0
+        self._notes: list[str] = []
+        self._local = threading.local()
+        self._clients: list[NbdClient] = []
+        self._lock = threading.Lock()
+        self._changed: list[tuple[int, int]] | None = None
+        self.managed = ManagedBitmap(qmp, address.export, dirty_bitmap) \
+            if qmp is not None and dirty_bitmap is not None else None
+        exported = dirty_bitmap
+        if self.managed is not None:
+            address = replace(address, export=self.managed.export_name)
+            exported = self.managed.scan_bitmap
+            if self.managed.problem:
+                self._notes.append(f"{self.managed.problem}: every block was read; it records "
+                                   f"writes from now on, so the next push reads only those")
+        self.address = address
+        self._bitmap_context = DIRTY_BITMAP_PREFIX + exported if exported else None
+        self._contexts = (BASE_ALLOCATION,) + (
+            (self._bitmap_context,) if self._bitmap_context else ())
+        try:
+            first = self._client()
+        except BaseException:
+            if self.managed is not None:
+                self.managed.close()
+            raise
+        self.size = first.info.size
+        self.sector = max(SECTOR, first.info.min_block)
+        self._grain = MAP_GRAIN
+        while self.size // self._grain > 2 * MAX_MAP_RANGES:
+            self._grain *= 2
+        if dirty_bitmap is not None and self.managed is None \
+                and self._bitmap_context not in first.contexts:
+            self._notes.append(f"the NBD export {url} offers no dirty bitmap {dirty_bitmap}: "
+                               f"every block was read")
+
+    def _client(self) -> NbdClient:
+        """This thread's connection (a few threads read in parallel, one request each)."""
+        c: NbdClient | None = getattr(self._local, "client", None)
+        if c is not None:
+            return c
+        with self._lock:
+            if len(self._clients) >= MAX_NBD_CONNECTIONS:
+                c = self._clients[threading.get_ident() % len(self._clients)]
+            else:
+                c = NbdClient(self.address, self._contexts)
+                self._clients.append(c)
+        self._local.client = c
+        return c
+
+    def read(self, offset: int, length: int) -> bytes:
+        data = self._client().read(offset, length)
+        with self._lock:
+            self.bytes_read += length
+        return data
+
+    def extents(self) -> Iterator[tuple[int, int]]:
+        """What may hold data: every range ``base:allocation`` does not say reads as zeros."""
+        c = self._client()
+        if BASE_ALLOCATION not in c.contexts:
+            yield from super().extents()
+            return
+        data = ((off, n) for off, n, flags in c.walk(BASE_ALLOCATION) if not flags & STATE_ZERO)
+        yield from merge_ranges(data, self._grain, self.size)
+
+    def changed_ranges(self) -> list[tuple[int, int]] | None:
+        """The ranges the dirty bitmap marks as written; None without a usable bitmap."""
+        if self._changed is None:
+            c = self._client()
+            if self._bitmap_context is None or self._bitmap_context not in c.contexts:
+                return None
+            dirty = ((off, n) for off, n, flags in c.walk(self._bitmap_context)
+                     if flags & STATE_DIRTY)
+            self._changed = merge_ranges(dirty, self._grain, self.size)
+        return self._changed
+
+    def change_base(self) -> dict[str, Any] | None:
+        """The bitmap and disk the ranges belong to: a push records it, and the next one uses
+        the bitmap only against a generation that recorded the same (else a full scan)."""
+        if self.bitmap is None:
+            return None
+        if self.managed is not None:
+            return {"map": "dirty-bitmap", "bitmap": self.bitmap, "node": self.managed.node,
+                    "size": self.size}
+        return {"map": "dirty-bitmap", "bitmap": self.bitmap, "export": self.address.export,
+                "size": self.size}
+
+    def committed(self) -> None:
+        if self.managed is not None:
+            self.managed.committed()
+
+    def warnings(self) -> list[str]:
+        return list(self._notes)
+
+    def close(self) -> None:
+        clients, self._clients = self._clients, []
+        for c in clients:
+            c.close()
+        managed, self.managed = self.managed, None
+        if managed is not None:
+            managed.close()
+
+
+def source_name(path: str) -> str:
+    """The name a push gives its source (an image in a DST directory is named after it): a
+    path's last component, an NBD export's name."""
+    if is_nbd_url(path):
+        return parse_nbd_url(path).export or "disk"
+    return os.path.basename(path.rstrip("/"))
+
+
+def open_source(path: str, generation: int | None = None, *, dirty_bitmap: str | None = None,
+                qmp: str | None = None) -> SourceReader:
+    """A raw file or device, a generation of an image / SPGZ0001 file, or an NBD export
+    (``nbd://`` / ``nbd+unix://``, with a QEMU dirty bitmap: see NbdSource)."""
+    if is_nbd_url(path):
+        if generation is not None:
+            raise UsageError(f"{path} is an NBD export: it has no generations")
+        return NbdSource(path, dirty_bitmap, qmp)
+    if dirty_bitmap is not None or qmp is not None:
+        raise UsageError("--dirty-bitmap and --qmp are for an NBD source (nbd://... or "
+                         "nbd+unix:///EXPORT?socket=PATH)")
     if os.path.isdir(path):
         raise UsageError(f"{path} is a directory: give a file, a block device or an image")
     try:

@@ -18,7 +18,7 @@ from typing import Any
 
 from diskrsync.base.errors import DiskrsyncError, UsageError
 from diskrsync.base.merkle import Shape
-from diskrsync.compression.sources import open_source
+from diskrsync.compression.sources import SourceReader, open_source, source_name
 from diskrsync.synccore import protocol as p
 from diskrsync.synccore.channel import Channel, channel_pair
 from diskrsync.synccore.source import PushStats, SourceOptions, SourceSession
@@ -37,6 +37,8 @@ class PushRequest:
     target: TargetOptions = field(default_factory=TargetOptions)
     raw_target: bool = False  # --no-compress: DST is a raw file updated in place
     generation: int | None = None  # of SRC, when it is an image
+    dirty_bitmap: str | None = None  # SRC is an NBD export: QEMU's bitmap of what changed
+    qmp: str | None = None  # QEMU's monitor socket: the push manages that bitmap itself
 
 
 def _same_file(a: str, b: str) -> bool:
@@ -52,7 +54,7 @@ def local_push(src: str, dst: str, req: PushRequest,
     link in between."""
     if _same_file(src, dst):
         raise UsageError(f"{src} and {dst} are the same file")
-    reader = open_source(src, req.generation)
+    reader = open_push_source(src, req)
     a, b = channels or channel_pair()
     failure: list[BaseException] = []
 
@@ -72,10 +74,13 @@ def local_push(src: str, dst: str, req: PushRequest,
     thread = threading.Thread(target=run_target, name="push-target", daemon=True)
     thread.start()
     opts = req.source
-    info = {"name": os.path.basename(src.rstrip("/")), **opts.info}
+    info = {"name": source_name(src), **opts.info}
     session = SourceSession(a, reader, _with_info(opts, info), progress)
     try:
         stats = session.run()
+        thread.join()
+        if not failure:
+            source_committed(reader, stats)
     except BaseException as e:
         # let the target finish aborting: it keeps what arrived as a checkpoint (also on
         # Ctrl-C), so the next push resumes instead of starting over
@@ -87,10 +92,26 @@ def local_push(src: str, dst: str, req: PushRequest,
         raise  # ours, or the target only echoed it: its category (exit code) is the true one
     finally:
         reader.close()
-    thread.join()
     if failure:
         raise failure[0]
     return stats
+
+
+def open_push_source(src: str, req: PushRequest) -> SourceReader:
+    """SRC as the push reads it (its generation, or its NBD dirty bitmap)."""
+    return open_source(src, req.generation, dirty_bitmap=req.dirty_bitmap, qmp=req.qmp)
+
+
+def source_committed(reader: SourceReader, stats: PushStats) -> None:
+    """Tell the source its push committed a generation (a dirty bitmap is cleared only now,
+    never after a failure), and pass on what it has to say."""
+    if stats.generation is not None and not stats.dry_run:
+        try:
+            reader.committed()
+        except DiskrsyncError as e:  # the generation stands; the source still has more
+            stats.warnings.append(f"generation {stats.generation} committed, but {e} (nothing "
+                                  f"is lost: the next push reads more than it would need)")
+    stats.warnings.extend(reader.warnings())
 
 
 def _with_info(opts: SourceOptions, info: dict[str, Any]) -> SourceOptions:
@@ -108,7 +129,7 @@ def serve_source(channel: Channel, path: str, generation: int | None,
             channel.send(p.Error(type(e).__name__, str(e)))
         raise
     try:
-        info = {"name": os.path.basename(path.rstrip("/")), **opts.info}
+        info = {"name": source_name(path), **opts.info}
         return SourceSession(channel, reader, _with_info(opts, info)).run()
     finally:
         reader.close()

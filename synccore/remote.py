@@ -26,12 +26,12 @@ from typing import TypeVar
 
 from diskrsync.base.errors import DiskrsyncError, PeerError, UsageError, error_from_wire
 from diskrsync.base.progress import Progress
-from diskrsync.compression.sources import open_source
+from diskrsync.compression.sources import open_source, source_name
 from diskrsync.synccore import protocol as p
 from diskrsync.synccore.channel import FramedChannel
 from diskrsync.synccore.go_io import ProgressLineParser
 from diskrsync.synccore.location import LocalPath, Location, RemotePath
-from diskrsync.synccore.push import PushRequest, run_target_end
+from diskrsync.synccore.push import PushRequest, run_target_end, source_committed
 from diskrsync.synccore.source import PushStats, SourceSession
 from diskrsync.synccore.ssh.config import RemoteOptions
 from diskrsync.synccore.ssh.connection import SshConnection, connect
@@ -317,9 +317,10 @@ def remote_push(src: Location, dst: Location, req: PushRequest,
 
 def _push(local: str, remote: RemotePath, req: PushRequest, opts: RemoteOptions) -> PushStats:
     """This machine is the source; ``serve --target`` runs on the remote host."""
-    reader = open_source(local, req.generation)  # local mistakes first, before any SSH
+    # local mistakes first, before any SSH
+    reader = open_source(local, req.generation, dirty_bitmap=req.dirty_bitmap, qmp=req.qmp)
     try:
-        info = {"name": os.path.basename(local.rstrip("/")), **req.source.info}
+        info = {"name": source_name(local), **req.source.info}
         src_opts = replace(req.source, info=info)
         r = start_remote(remote, opts, _target_argv(remote.path, req))
         channel = r.framed()
@@ -329,6 +330,7 @@ def _push(local: str, remote: RemotePath, req: PushRequest, opts: RemoteOptions)
                 lambda: SourceSession(channel, reader, src_opts, bar.update).run())
         finally:
             bar.close()
+        source_committed(reader, stats)
         return stats
     finally:
         reader.close()

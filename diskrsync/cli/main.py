@@ -125,6 +125,15 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", action="store_true", help="print a machine-readable summary")
     sp.add_argument("--quiet", "-q", action="store_true", help="no progress, no summary")
     sp.add_argument("--verbose", "-v", action="store_true", help="say more")
+    g = sp.add_argument_group("QEMU disks (SRC as nbd://HOST[:PORT]/EXPORT or "
+                              "nbd+unix:///EXPORT?socket=PATH)")
+    g.add_argument("--dirty-bitmap", metavar="NAME",
+                   help="read only what QEMU's dirty bitmap NAME marks as written since the "
+                        "last push (a full scan when it is missing or does not match the "
+                        "image's newest generation)")
+    g.add_argument("--qmp", metavar="SOCKET",
+                   help="with --dirty-bitmap: QEMU's QMP socket; the push then creates the "
+                        "bitmap, reads a frozen copy and clears it only after it committed")
     _ssh_options(sp)
 
     sp = sub.add_parser("serve", description="The remote end of a push (started over SSH).")

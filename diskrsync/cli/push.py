@@ -10,10 +10,16 @@ import sys
 from dataclasses import asdict
 from typing import Any
 
-from diskrsync.base.errors import EXIT_READ_ERRORS_IGNORED, EXIT_SOURCE_CHANGED, DiskrsyncError
+from diskrsync.base.errors import (
+    EXIT_READ_ERRORS_IGNORED,
+    EXIT_SOURCE_CHANGED,
+    DiskrsyncError,
+    UsageError,
+)
 from diskrsync.base.progress import Progress
 from diskrsync.base.units import human
 from diskrsync.cli.requests import push_request
+from diskrsync.compression.nbd import is_nbd_url
 from diskrsync.compression.sources import open_source
 from diskrsync.synccore.location import LocalPath, parse_location
 from diskrsync.synccore.push import local_push
@@ -59,6 +65,9 @@ def _push_summary(stats: Any, args: argparse.Namespace) -> int:
 
 def cmd_push(args: argparse.Namespace) -> int:
     req = push_request(args)
+    if (req.dirty_bitmap or req.qmp) and (args.legacy or not is_nbd_url(args.src)):
+        raise UsageError("--dirty-bitmap and --qmp need an NBD source (nbd://... or "
+                         "nbd+unix:///EXPORT?socket=PATH) and diskrsync's own protocol")
     src, dst = parse_location(args.src), parse_location(args.dst)
     if not (isinstance(src, LocalPath) and isinstance(dst, LocalPath)) or args.legacy:
         # the SSH stack (paramiko, ~0.1 s to import) is loaded only for a remote end

@@ -34,6 +34,8 @@ def push_request(args: argparse.Namespace) -> PushRequest:
         target=target,
         raw_target=args.no_compress,
         generation=getattr(args, "generation", None),
+        dirty_bitmap=getattr(args, "dirty_bitmap", None),
+        qmp=getattr(args, "qmp", None),
     )
 
 

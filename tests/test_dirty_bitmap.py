@@ -1,0 +1,207 @@
+"""QEMU dirty bitmaps as a push source, against a real qemu-storage-daemon (tests/support/
+qsd.py): the NBD client meets QEMU's own replies, the managed bitmap its QMP transactions."""
+
+from __future__ import annotations
+
+import json
+import random
+from contextlib import closing
+from pathlib import Path
+from typing import Any
+
+import pytest
+from support.imagetools import cli, content
+from support.qsd import NODE, StorageDaemon, available
+
+from diskrsync.base.errors import DiskrsyncError
+from diskrsync.compression.nbd import BASE_ALLOCATION, NbdAddress, NbdClient, NbdError
+from diskrsync.compression.sources import NbdSource, open_source
+from diskrsync.synccore.push import PushRequest, local_push
+from diskrsync.synccore.source import PushStats
+from diskrsync.synccore.target import TargetOptions
+
+pytestmark = pytest.mark.skipif(not available(), reason="qemu-storage-daemon not installed")
+
+MiB = 1 << 20
+GRANULE = 65536  # the bitmap's granularity: QEMU's default, the qcow2 cluster
+
+
+@pytest.fixture
+def qsd(tmp_path: Path):
+    with StorageDaemon(tmp_path, 16 * MiB) as d:
+        yield d
+
+
+def managed(d: StorageDaemon, name: str = "b0") -> NbdSource:
+    return NbdSource(d.url, name, str(d.qmp_socket))
+
+
+@pytest.mark.process
+def test_the_client_reads_writes_and_maps_a_qemu_export(qsd):
+    data = random.Random(1).randbytes(3 * GRANULE + 100)
+    qsd.write(2 * MiB + 7, data)
+    addr = NbdAddress(NODE, socket_path=str(qsd.nbd_socket))
+    with NbdClient(addr, (BASE_ALLOCATION, "qemu:dirty-bitmap:b0")) as c:
+        assert c.info.size == 16 * MiB
+        assert c.read(2 * MiB + 7, len(data)) == data
+        assert c.read(0, MiB) == bytes(MiB)
+        # the allocation map has data where we wrote and reads zeros elsewhere
+        alloc = [(o, n) for o, n, f in c.walk(BASE_ALLOCATION) if not f & 2]
+        [(start, n)] = alloc
+        assert start <= 2 * MiB + 7 and 2 * MiB + 7 + len(data) <= start + n <= 6 * MiB
+        # without the bitmap on the export, its context is not granted
+        assert "qemu:dirty-bitmap:b0" not in c.contexts
+    with pytest.raises(NbdError, match="no export named"):
+        NbdClient(NbdAddress("nope", socket_path=str(qsd.nbd_socket)))
+
+
+@pytest.mark.process
+def test_an_exported_bitmap_maps_the_writes(tmp_path):
+    with StorageDaemon(tmp_path, 16 * MiB, export_bitmap=True) as d:
+        d.write(5 * MiB, b"x" * 10)
+        d.write(9 * MiB + GRANULE - 1, b"y" * 2)  # straddles two granules
+        with closing(NbdSource(d.url, "b0")) as src:
+            assert src.changed_ranges() == [(5 * MiB, GRANULE), (9 * MiB, 2 * GRANULE)]
+            assert src.change_base() == {"map": "dirty-bitmap", "bitmap": "b0",
+                                         "export": NODE, "size": 16 * MiB}
+            assert src.warnings() == []
+        with closing(NbdSource(d.url, "other")) as src:
+            assert src.changed_ranges() is None
+            assert "offers no dirty bitmap other" in src.warnings()[0]
+
+
+@pytest.mark.process
+def test_a_managed_bitmap_is_cleared_only_when_the_push_committed(qsd):
+    qsd.write(MiB, b"a" * 100)
+    src = managed(qsd)
+    try:
+        assert src.changed_ranges() == [(MiB, GRANULE)]
+        qsd.write(3 * MiB, b"b" * 100)  # during the push: recorded for the next one too
+        src.committed()
+    finally:
+        src.close()
+    assert set(qsd.bitmaps()) == {"b0"}
+    assert [e["id"] for e in qsd.qmp("query-block-exports")] == [NODE]
+    src = managed(qsd)
+    try:
+        assert src.changed_ranges() == [(3 * MiB, GRANULE)]
+        qsd.write(5 * MiB, b"c")
+        # no committed(): the push failed
+    finally:
+        src.close()
+    assert set(qsd.bitmaps()) == {"b0"}
+    with closing(managed(qsd)) as src:
+        assert src.changed_ranges() == [(3 * MiB, GRANULE), (5 * MiB, GRANULE)]
+        assert src.read(5 * MiB, 1) == b"c"
+
+
+@pytest.mark.process
+def test_a_missing_bitmap_is_created_and_the_push_reads_everything(qsd):
+    qsd.qmp("block-dirty-bitmap-remove", node=NODE, name="b0")
+    with closing(managed(qsd)) as src:
+        assert src.changed_ranges() is None
+        assert "does not exist" in src.warnings()[0]
+        qsd.write(7 * MiB, b"d")
+        src.committed()
+    assert qsd.bitmaps()["b0"]["count"] == GRANULE
+    with closing(managed(qsd)) as src:
+        assert src.changed_ranges() == [(7 * MiB, GRANULE)]
+        assert src.warnings() == []
+
+
+@pytest.mark.process
+def test_leftovers_of_a_killed_push_are_removed_and_lose_nothing(qsd):
+    qsd.write(MiB, b"e")
+    src = managed(qsd)
+    # killed: neither committed() nor close() runs; its export and copies stay behind
+    for c in src._clients:
+        c.close()
+    assert {"b0", "b0.next", "b0.scan"} <= set(qsd.bitmaps())
+    qsd.write(2 * MiB, b"f")
+    with closing(managed(qsd)) as src2:
+        assert src2.changed_ranges() == [(MiB, GRANULE), (2 * MiB, GRANULE)]
+    assert set(qsd.bitmaps()) == {"b0"}
+
+
+@pytest.mark.process
+def test_an_nbd_source_opens_by_uri(qsd):
+    qsd.write(0, b"hello")
+    with closing(open_source(qsd.url)) as src:
+        assert isinstance(src, NbdSource)
+        assert src.read(0, 5) == b"hello"
+        assert src.change_base() is None and src.changed_ranges() is None
+        assert list(src.extents()) == [(0, 4096)]  # QEMU finds the zeros after it
+
+
+# -- pushes ------------------------------------------------------------------------------
+
+
+def push(d: StorageDaemon, dst: Path, **target: Any) -> PushStats:
+    req = PushRequest(target=TargetOptions(**target), dirty_bitmap="b0",
+                      qmp=str(d.qmp_socket))
+    return local_push(d.url, str(dst), req)
+
+
+def scribble(d: StorageDaemon, rnd: random.Random, count: int) -> list[tuple[int, int]]:
+    """``count`` writes of 1-3000 bytes at random places: the (offset, length) written."""
+    out = []
+    for _ in range(count):
+        n = rnd.randrange(1, 3000)
+        off = rnd.randrange(0, d.size - n)
+        d.write(off, rnd.randbytes(n))
+        out.append((off, n))
+    return out
+
+
+@pytest.mark.process
+def test_pushes_with_writes_between_them_restore_the_disk(qsd, tmp_path):
+    rnd = random.Random(5)
+    scribble(qsd, rnd, 40)
+    dst = tmp_path / "backup.img"
+    push(qsd, dst)
+    assert content(str(dst))[1] == qsd.contents()
+    for _ in range(2):
+        scribble(qsd, rnd, 5)
+        stats = push(qsd, dst)
+        assert content(str(dst))[1] == qsd.contents()
+        assert stats.generation is not None
+    assert set(qsd.bitmaps()) == {"b0"}
+    assert qsd.bitmaps()["b0"]["count"] == 0
+
+
+@pytest.mark.process
+def test_a_failed_push_keeps_the_changes_for_the_next(qsd, tmp_path):
+    dst = tmp_path / "backup.img"
+    push(qsd, dst)
+    qsd.write(11 * MiB, b"lost?")
+    with pytest.raises(DiskrsyncError):
+        push(qsd, dst, max_size=MiB)  # the target refuses the source
+    assert set(qsd.bitmaps()) == {"b0"}
+    assert qsd.bitmaps()["b0"]["count"] == GRANULE
+    push(qsd, dst)
+    assert content(str(dst))[1] == qsd.contents()
+    assert qsd.bitmaps()["b0"]["count"] == 0
+
+
+@pytest.mark.process
+def test_a_missing_bitmap_means_a_full_scan_said_aloud(qsd, tmp_path):
+    dst = tmp_path / "backup.img"
+    push(qsd, dst)
+    qsd.write(3 * MiB, b"z")
+    qsd.qmp("block-dirty-bitmap-remove", node=NODE, name="b0")
+    stats = push(qsd, dst)
+    assert any("does not exist" in w for w in stats.warnings)
+    assert content(str(dst))[1] == qsd.contents()
+    assert "b0" in qsd.bitmaps()  # re-created: the next push need not read everything
+
+
+@pytest.mark.process
+def test_the_cli_pushes_an_nbd_source_with_its_bitmap(qsd, tmp_path):
+    qsd.write(MiB, b"cli")
+    out = cli("push", qsd.url, str(tmp_path), "--dirty-bitmap", "b0", "--qmp",
+              str(qsd.qmp_socket), "--json")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["generation"] == 1
+    assert content(str(tmp_path / f"{NODE}.spgz"))[1] == qsd.contents()
+    bad = cli("push", str(qsd.image), str(tmp_path / "x.img"), "--dirty-bitmap", "b0")
+    assert bad.returncode == 2 and b"need an NBD source" in bad.stderr
