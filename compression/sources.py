@@ -3,9 +3,11 @@
 A :class:`SourceReader` answers three questions for the sync engine: the bytes of a range
 (``read``), which ranges may hold data at all (``extents``), and, for an image, digests and
 stored chunks it already has (``index_for``, ``read_stored``), so they need not be read and
-recomputed. ``extents`` is where sparse files (``SEEK_DATA``), filesystem free-block maps and
-QEMU dirty bitmaps narrow a scan down to what may have changed; today a file or device is one
-extent, an image its non-zero chunks.
+recomputed. ``extents`` narrows a scan down to what may hold data (a regular file's data found
+with ``SEEK_DATA``, an image's non-zero chunks, a file system's allocated blocks); a source that
+knows what changed since the generation it was last pushed into says so with
+``changed_ranges``/``change_base`` (a QEMU dirty bitmap), and the push then reads only those
+and takes every other chunk's digest from the target.
 """
 
 from __future__ import annotations
@@ -46,6 +48,8 @@ class SourceReader:
     sector: int = SECTOR
     #: the codec ``read_stored`` answers in (and whose digests ``index_for`` holds)
     codec: ChunkCodec = STANDARD
+    #: what ``extents`` knows from, named in a generation's metadata when it skipped anything
+    extents_map: str = "full"
 
     def read(self, offset: int, length: int) -> bytes:
         """Exactly ``length`` bytes; ReadError or OSError (CorruptChunkError for an image) when
@@ -57,6 +61,18 @@ class SourceReader:
         outside them reads as zero, so a scan need not read it. Default: the whole disk."""
         if self.size:
             yield 0, self.size
+
+    def changed_ranges(self) -> list[tuple[int, int]] | None:
+        """(offset, length) ranges, ascending and disjoint, that may differ from the generation
+        this source was last pushed into (see ``change_base``); every byte outside them equals
+        that generation. None: not known, read everything (the default)."""
+        return None
+
+    def change_base(self) -> dict[str, Any] | None:
+        """What ``changed_ranges`` is relative to, recorded in the generation's metadata by
+        the push that uses it and checked against the target's newest generation by the next
+        one (a mismatch falls back to a full scan, loudly). None when not applicable."""
+        return None
 
     def index_for(self, chunk_size: int, fanout: int) -> Any:
         """An object with ``node_hashes(level)`` and ``leaf_hashes(page)`` when this source
@@ -102,8 +118,39 @@ class RawSource(SourceReader):
             os.close(self.fd)
             raise from_oserror(e, f"cannot read {path}") from None
         self.description = path
+        self.regular = stat.S_ISREG(st.st_mode)
+        if self.regular:
+            self.extents_map = "sparse"
         with contextlib.suppress(OSError, AttributeError):
             os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+
+    def extents(self) -> Iterator[tuple[int, int]]:
+        """A regular file's data, found with ``SEEK_DATA``/``SEEK_HOLE``: its holes are never
+        read. A block device (or a file system without those seeks) is one extent."""
+        if not self.regular:
+            yield from super().extents()
+            return
+        off, size = 0, self.size
+        while off < size:
+            try:
+                data = os.lseek(self.fd, off, os.SEEK_DATA)
+            except OSError as e:
+                if e.errno == errno.ENXIO:  # nothing but a hole up to the end
+                    return
+                if e.errno in (errno.EINVAL, errno.EOPNOTSUPP):  # no such seeks here
+                    yield off, size - off
+                    return
+                raise from_oserror(e, f"cannot read {self.description}") from None
+            if data >= size:
+                return
+            try:
+                hole = min(os.lseek(self.fd, data, os.SEEK_HOLE), size)
+            except OSError:
+                hole = size
+            if hole <= data:  # the file changed under us: read the rest
+                hole = size
+            yield data, hole - data
+            off = hole
 
     def read(self, offset: int, length: int) -> bytes:
         # a short read is continued where it stopped: a disk returns the bytes before a bad
@@ -144,6 +191,7 @@ class SnapshotSource(SourceReader):
         self._owner = owner
         self.sector = snapshot.chunk_size  # a damaged chunk is unreadable as a whole
         self.codec = getattr(snapshot, "codec", STANDARD)
+        self.extents_map = "zero-chunks"
 
     def read(self, offset: int, length: int) -> bytes:
         data: bytes = self.snap.read(offset, length)

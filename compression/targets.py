@@ -199,6 +199,13 @@ class ImageStore:
                 self.close()
                 raise
         self.base_size = self.base.shape.size
+        # the newest generation and the map of changed ranges it was pushed with: a source
+        # trusts its own map only when it is relative to that generation
+        gens = self.tx.table.generations if self.tx is not None else (
+            [self._snap.info] if img is not None and self._snap is not None else [])
+        self.info["generation"] = gens[-1].number if gens else 0
+        if gens and isinstance(gens[-1].meta.get("change_base"), dict):
+            self.info["change_base"] = gens[-1].meta["change_base"]
         shape = self.base.shape
         top = self.base.ref.hash if shape.chunks else b""
         self.info["root"] = root_hash(shape.size, shape.chunk_size, shape.fanout, top).hex()

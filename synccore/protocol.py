@@ -249,6 +249,10 @@ def _hello(d: dict[str, Any]) -> Hello:
         raise _Malformed("'caps' must be a list of strings")
     if not isinstance(info.get("hash", ""), str):
         raise _Malformed("'hash' must be a string")
+    if "generation" in info:
+        _int(info, "generation", 0, 1 << 63)
+    if not isinstance(info.get("change_base", {}), dict):
+        raise _Malformed("'change_base' must be an object")
     return Hello(role, size, cs, fanout, _line(_field(d, "software", str, ""), 200), info)
 
 
@@ -263,6 +267,11 @@ def _done_info(info: dict[str, Any]) -> dict[str, Any]:
                 isinstance(r, list) and len(r) == 2 and all(
                     type(n) is int and 0 <= n <= MAX_DISK_SIZE for n in r) for r in ranges):
             raise _Malformed(f"{name!r} must be a list of [offset, length] pairs")
+    for name in ("map", "map_fallback"):
+        if not isinstance(info.get(name, ""), str):
+            raise _Malformed(f"{name!r} must be a string")
+    if not isinstance(info.get("change_base") or {}, dict):
+        raise _Malformed("'change_base' must be an object")
     return info
 
 

@@ -18,6 +18,15 @@ pages are compared without reading data at all, and differing chunks travel as s
 decoded and checked against its digest first (on the sender pool), so a damaged image stops the
 push instead of passing its bad bytes on.
 
+The scan reads only what may hold data and may have changed. Bytes outside the reader's
+``extents`` (a sparse file's holes, free blocks of a file system) are zeros without a read. A
+reader whose ``changed_ranges`` map is relative to the target's newest generation (the
+target's Hello names that generation's recorded ``change_base``) has its other chunks take
+the target's digests: a page of them takes the target's page digest, a page with some asks
+for its leaves. Any mismatch (first push, another map, a resumed checkpoint, a raw target)
+scans in full and says so. The chunks such a scan reads mostly differ, so they are kept as
+encoded (up to ``HELD_BYTES``) and sent without a second read.
+
 A read that fails (or comes back short: a disk returns the bytes before a bad sector and fails
 the next read) is split in halves down to the reader's sector, so exactly the unreadable
 sectors are found; with ``--ignore-read-errors`` they are sent as zeros and listed, otherwise
@@ -26,14 +35,16 @@ the first one stops the push. The scan and the re-read for sending share that lo
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import errno
 import functools
+import json
 import math
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -67,6 +78,9 @@ from diskrsync.synccore.conversation import (
 BATCH_CHUNKS = 32  # at most this many chunks read and hashed per worker task
 SCAN_WINDOW = 6  # batches in flight
 MAX_PENDING_PAGES = 256  # pages asked about or being sent; bounds the source's backlog
+#: with a map of changed ranges most chunks read differ: up to this many encoded bytes of
+#: them are kept from the scan until their page is decided, instead of being read again
+HELD_BYTES = 64 << 20
 
 
 # -- options and results ----------------------------------------------------------------
@@ -106,6 +120,10 @@ class PushStats:
     source_changed_chunks: list[int] = field(default_factory=list)
     read_errors: list[tuple[int, int]] = field(default_factory=list)  # (offset, length), merged
     warnings: list[str] = field(default_factory=list)
+    #: what narrowed the scan ("full": nothing; "sparse", "free-blocks", a changed-ranges map
+    #: such as "dirty-bitmap", joined with "+"), recorded in the generation's metadata
+    map: str = "full"
+    map_fallback: str = ""  # why a map of changed ranges was not used (a full scan instead)
 
 
 @dataclass
@@ -115,6 +133,8 @@ class _Batch:
     zero: list[bool]
     encoded: list[tuple[int, bytes] | None] | None  # (kind, payload) when sent straight away
     bad: list[tuple[int, int]]  # unreadable ranges filled with zeros
+    unread: list[int]  # chunks a map of changed ranges says are unchanged: the target's digest
+    read: int  # bytes read from the source
 
 
 class _Failure:
@@ -162,6 +182,11 @@ class SourceSession:
         self._slots = threading.BoundedSemaphore(MAX_PENDING_PAGES)
         self._page_left: dict[int, int] = {}  # page -> chunk sends not yet done
         self._stats_lock = threading.Lock()
+        self.data = _Ranges([(0, reader.size)], reader.size)  # what is read; the rest: zeros
+        self.changed: _Ranges | None = None  # a trusted map of changed ranges
+        self.change_base: Any = None  # what that map is relative to, as JSON
+        self._held: dict[int, tuple[int, bytes]] = {}  # chunk -> encoded at the scan
+        self._held_bytes = 0
 
     def _handshake(self) -> TargetReady:
         self.ch.send(self.conv.hello())
@@ -181,9 +206,11 @@ class SourceSession:
             self.stats.chunks = self.src.chunks
             self.stats.target_root_hash = str(ready.hello.info.get("root", ""))
             self.stats.resumed = bool(ready.hello.info.get("resumed"))
+            index = self.reader.index_for(self.cs, self.fanout)
+            if index is None:
+                self._plan(ready.hello.info)
             receiver = threading.Thread(target=self._receive, name="push-recv", daemon=True)
             receiver.start()
-            index = self.reader.index_for(self.cs, self.fanout)
             if index is not None:
                 self._compare_by_index(index)
             else:
@@ -193,10 +220,15 @@ class SourceSession:
                     self._cv.wait(0.5)
             self.fail.check()
             self.stats.read_errors = merge_ranges(self.stats.read_errors)
-            done_info = {
+            done_info: dict[str, Any] = {
                 "dry_run": self.opts.dry_run,
                 "source_changed_chunks": len(self.stats.source_changed_chunks),
                 "read_errors": self.stats.read_errors[:1000],  # the target stores it: bounded
+                # an image keeps these in the generation's metadata: which map the push
+                # trusted, and what the next push's map must be relative to
+                "map": self.stats.map,
+                "map_fallback": self.stats.map_fallback,
+                "change_base": self.change_base,
             }
             if self.opts.dry_run:
                 # no chunks travel in a dry run: tell a pulling target what would have
@@ -258,20 +290,30 @@ class SourceSession:
 
     # .. deciding ..
 
-    def _decide_page(self, j: int, *, src_page_hash: bytes | None = None) -> None:
+    def _decide_page(self, j: int, *, src_page_hash: bytes | None = None,
+                     unread: tuple[int, ...] = ()) -> None:
         """After page j's digests are known: skip it, ask for its leaves, or (when the
-        target has none of it) send its non-zero chunks."""
+        target has none of it) send its non-zero chunks. ``unread`` chunks (unchanged by the
+        map of changed ranges) take the target's digests: a page of nothing else takes the
+        target's page digest, any other asks for its leaves."""
         conv = self.conv
         self.stats.pages_compared += 1
-        if conv.needs_target_page(j):
-            self._wait_target_page(j)
-        with self._cv:
-            if conv.page_equal(j, src_page_hash):
-                return
+        a, b = self.src.chunk_range(1, j)
+        adopt = len(unread) == b - a and conv.needs_target_page(j)
+        if not unread or adopt:
+            if conv.needs_target_page(j):
+                self._wait_target_page(j)
+            with self._cv:
+                if adopt:
+                    conv.adopt_page(j)
+                    return
+                if conv.page_equal(j, src_page_hash):
+                    self._release_held(j, ())
+                    return
         self.stats.pages_differing += 1
         self._slots.acquire()  # held until the page's chunks are sent: bounds the backlog
         with self._cv:
-            action = conv.page_differs(j)
+            action = conv.page_differs(j, unread)
             if isinstance(action, p.NeedLeaves):
                 self._outstanding += 1
         if isinstance(action, SendChunks):
@@ -304,6 +346,7 @@ class SourceSession:
     def _send_page(self, j: int, chunks: Sequence[int]) -> None:
         """Re-read and send ``chunks`` of page j on the sender pool; the page's slot is freed
         when the last one is sent. Never blocks: it runs on the receiver thread too."""
+        self._release_held(j, chunks)
         self._count_differing(chunks)
         if self.opts.dry_run or not chunks:
             self._slots.release()
@@ -326,11 +369,36 @@ class SourceSession:
                 self._slots.release()
         self._done_one()
 
+    def _hold(self, c: int, encoded: tuple[int, bytes]) -> None:
+        """Keep chunk c as encoded at the scan, if the budget allows, for sending."""
+        with self._stats_lock:
+            if self._held_bytes + len(encoded[1]) <= HELD_BYTES:
+                self._held[c] = encoded
+                self._held_bytes += len(encoded[1])
+
+    def _release_held(self, j: int, keep: Sequence[int]) -> None:
+        """Page j is decided: drop what was held of its chunks but ``keep``."""
+        if not self._held:
+            return
+        a, b = self.src.chunk_range(1, j)
+        with self._stats_lock:
+            for c in set(range(a, b)).difference(keep):
+                enc = self._held.pop(c, None)
+                if enc is not None:
+                    self._held_bytes -= len(enc[1])
+
     def _reread_and_send(self, c: int) -> None:
         if self.fail.event.is_set():
             return
         length = self.src.chunk_length(c)
         want = self.conv.leaf(c)
+        with self._stats_lock:
+            held = self._held.pop(c, None)
+            if held is not None:
+                self._held_bytes -= len(held[1])
+        if held is not None:  # read and encoded at the scan: not read again
+            self.ch.send(p.Chunk(c, held[0], want, held[1]))
+            return
         try:
             stored = self.reader.read_stored(c, self.cs)  # decoded and checked on this thread
         except CorruptChunkError:
@@ -345,7 +413,7 @@ class SourceSession:
             self.ch.send(p.Chunk(c, kind, want, payload))
             return
         bad: list[tuple[int, int]] = []
-        data = self._read_mapped(c * self.cs, length, bad)
+        data, _n = self._read_data(c * self.cs, c * self.cs + length, bad)
         self._record_bad(bad)
         if codec.is_zero(data):
             digest, kind, payload = zero_hash(length), int(Kind.ZERO), b""
@@ -359,7 +427,7 @@ class SourceSession:
             self.conv.set_leaf(c, digest)
         self.ch.send(p.Chunk(c, kind, digest, payload))
 
-    def _encode(self, data: bytes | memoryview) -> tuple[int, bytes]:
+    def _encode(self, data: bytes | bytearray | memoryview) -> tuple[int, bytes]:
         kind, payload = codec.encode(data)
         return int(kind), payload
 
@@ -402,6 +470,54 @@ class SourceSession:
 
     # .. scanning ..
 
+    def _plan(self, target_info: dict[str, Any]) -> None:
+        """What the scan reads: the reader's extents (bytes outside them are zeros), less the
+        chunks its map of changed ranges says are unchanged since the target's newest
+        generation, when that generation is the one the map is relative to."""
+        reader, size = self.reader, self.reader.size
+        self.data = _Ranges(reader.extents(), size)
+        names = [reader.extents_map] if self.data.total < size else []
+        base = reader.change_base()
+        # compared and recorded as JSON, the form the target's metadata gives back
+        self.change_base = json.loads(json.dumps(base)) if base is not None else None
+        ranges = reader.changed_ranges()
+        name = str((self.change_base or {}).get("map", "changed ranges"))
+        if ranges is None and self.change_base is not None:
+            self.stats.map_fallback = "the source knows no changed ranges"
+        elif ranges is not None:
+            refused = _map_refused(target_info, self.change_base)
+            if refused:
+                self.stats.map_fallback = refused
+            else:
+                self.changed = _Ranges(ranges, size)
+                names.insert(0, name)
+        if self.stats.map_fallback:
+            self.stats.warnings.append(f"full scan: {name} not used because "
+                                       f"{self.stats.map_fallback}")
+        self.stats.map = "+".join(names) or "full"
+
+    def _unchanged(self, c: int) -> bool:
+        """Chunk c equals the target's: the map of changed ranges says so and the target's
+        chunk covers the same bytes."""
+        if self.changed is None or not self.conv.comparable(c):
+            return False
+        off = c * self.cs
+        return not self.changed.overlaps(off, off + self.src.chunk_length(c))
+
+    def _read_data(self, start: int, stop: int,
+                   bad: list[tuple[int, int]]) -> tuple[bytes | bytearray, int]:
+        """Bytes [start, stop) with only the reader's extents read (the rest are zeros), and
+        how many bytes were read."""
+        pieces = self.data.pieces(start, stop)
+        if pieces == [(start, stop)]:
+            return self._read_mapped(start, stop - start, bad), stop - start
+        buf = bytearray(stop - start)
+        read = 0
+        for a, b in pieces:
+            buf[a - start : b - start] = self._read_mapped(a, b - a, bad)
+            read += b - a
+        return buf, read
+
     def _scan(self) -> None:
         # batches never straddle a page, so a page is either compared or sent while scanned
         self.batch = math.gcd(self.fanout, BATCH_CHUNKS)
@@ -409,18 +525,21 @@ class SourceSession:
         self.send_from = -(-self.dst.chunks // self.fanout) * self.fanout
         batches = range(0, self.src.chunks, self.batch)
         page = 0
+        page_unread: list[int] = []
         try:
             for batch in ordered_map(self._scan_batch, batches, window=SCAN_WINDOW):
                 self.fail.check()
                 first, end = batch.first, batch.first + len(batch.hashes)
                 self.conv.leaves[first * HASH_SIZE : end * HASH_SIZE] = b"".join(batch.hashes)
                 length = min(end * self.cs, self.src.size) - first * self.cs
-                zero_bytes = sum(self.src.chunk_length(first + k)
-                                 for k, z in enumerate(batch.zero) if z)
+                skipped = sum(self.src.chunk_length(first + k)
+                              for k, z in enumerate(batch.zero) if z)
+                skipped += sum(self.src.chunk_length(c) for c in batch.unread)
                 self.stats.zero_chunks += sum(batch.zero)
                 self._record_bad(batch.bad)
-                self.stats.bytes_read += length
-                self.stats.bytes_hashed += length - zero_bytes
+                self.stats.bytes_read += batch.read
+                self.stats.bytes_hashed += length - skipped
+                page_unread += batch.unread
                 if batch.encoded is not None:  # past the target's end: send as scanned
                     sent = [first + k for k, enc in enumerate(batch.encoded) if enc is not None]
                     self._count_differing(sent)
@@ -429,7 +548,8 @@ class SourceSession:
                             kind, payload = batch.encoded[c - first]  # type: ignore[misc]
                             self.ch.send(p.Chunk(c, kind, self.conv.leaf(c), payload))
                 elif end % self.fanout == 0 or end == self.src.chunks:
-                    self._decide_page(page)
+                    self._decide_page(page, unread=tuple(page_unread))
+                    page_unread = []
                 page = end // self.fanout
                 self.progress(length, self.ch.bytes_sent)
         except _Stopped:
@@ -443,26 +563,48 @@ class SourceSession:
         cs = self.cs
         send_now = first >= self.send_from
         bad: list[tuple[int, int]] = []
+        unread = [c for c in range(first, last) if self._unchanged(c)]
         start, stop = first * cs, min(last * cs, self.src.size)
-        data = self._read_mapped(start, stop - start, bad)
+        if not unread:
+            data, read = self._read_data(start, stop, bad)
+        else:  # read the runs of chunks between the unchanged ones
+            buf = bytearray(stop - start)
+            read = 0
+            edges = [first, *[x for c in unread for x in (c, c + 1)], last]
+            for a, b in zip(edges[::2], edges[1::2], strict=True):
+                if a < b:
+                    part, n = self._read_data(a * cs, min(b * cs, self.src.size), bad)
+                    buf[(a - first) * cs : (a - first) * cs + len(part)] = part
+                    read += n
+            data = buf
+        skip = set(unread)
+        hold = self.changed is not None and not send_now and not self.opts.dry_run
         hashes: list[bytes] = []
         zero: list[bool] = []
         encoded: list[tuple[int, bytes] | None] | None = [] if send_now else None
         view = memoryview(data)
         for c in range(first, last):
             at, length = (c - first) * cs, self.src.chunk_length(c)
+            if c in skip:  # its digest comes from the target
+                hashes.append(bytes(HASH_SIZE))
+                zero.append(False)
+                continue
             if data.startswith(codec.zeros(length), at):  # memcmp, no copy
                 hashes.append(zero_hash(length))
                 zero.append(True)
                 if encoded is not None:
                     encoded.append(None)
+                if hold:
+                    self._hold(c, (int(Kind.ZERO), b""))
                 continue
             piece = view[at : at + length]
             hashes.append(leaf_hash(piece))
             zero.append(False)
+            if hold:
+                self._hold(c, self._encode(piece))
             if encoded is not None:
                 encoded.append(self._encode(piece) if not self.opts.dry_run else (0, b""))
-        return _Batch(first, hashes, zero, encoded, bad)
+        return _Batch(first, hashes, zero, encoded, bad, unread, read)
 
     def _compare_by_index(self, index: Any) -> None:
         """Image source with the target's geometry: digests come from its index."""
@@ -493,3 +635,60 @@ def merge_ranges(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
         else:
             out.append((off, n))
     return out
+
+
+def _map_refused(target: dict[str, Any], base: Any) -> str:
+    """Why a map of changed ranges relative to ``base`` cannot be trusted against the target
+    that said ``target`` in its Hello ("" when it can)."""
+    if base is None:
+        return "the source does not say which generation its map is relative to"
+    if target.get("kind") == "raw":
+        return "the target is a raw file, whose content no generation records"
+    if "generation" not in target:
+        return "the target does not report its newest generation (an older diskrsync)"
+    gen = target["generation"]
+    if not gen:
+        return "the target has no generation yet (first push)"
+    if target.get("resumed"):
+        return "the target resumes an interrupted push's checkpoint"
+    theirs = target.get("change_base")
+    if theirs is None:
+        return f"the target's newest generation {gen} was not pushed with this map"
+    if theirs != base:
+        return f"the target's newest generation {gen} was pushed with another map " \
+               f"({_short(theirs)}, this one is relative to {_short(base)})"
+    return ""
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, sort_keys=True)
+    return text if len(text) <= 120 else text[:119] + "…"
+
+
+class _Ranges:
+    """Disjoint [start, end) byte ranges within a disk, answering overlap queries by bisection
+    (a source's extents or changed ranges: validated here, since a reader may be sloppy)."""
+
+    def __init__(self, ranges: Iterable[tuple[int, int]], size: int) -> None:
+        clipped = []
+        for off, n in ranges:
+            a, b = max(int(off), 0), min(int(off) + int(n), size)
+            if a < b:
+                clipped.append((a, b - a))
+        merged = merge_ranges(clipped)
+        self.starts = [o for o, _n in merged]
+        self.ends = [o + n for o, n in merged]
+        self.total = sum(n for _o, n in merged)
+
+    def pieces(self, a: int, b: int) -> list[tuple[int, int]]:
+        """The parts of [a, b) inside the ranges, as (start, end)."""
+        out = []
+        i = bisect.bisect_right(self.ends, a)
+        while i < len(self.starts) and self.starts[i] < b:
+            out.append((max(self.starts[i], a), min(self.ends[i], b)))
+            i += 1
+        return out
+
+    def overlaps(self, a: int, b: int) -> bool:
+        i = bisect.bisect_right(self.ends, a)
+        return i < len(self.starts) and self.starts[i] < b
