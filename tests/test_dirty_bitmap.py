@@ -24,6 +24,7 @@ pytestmark = pytest.mark.skipif(not available(), reason="qemu-storage-daemon not
 
 MiB = 1 << 20
 GRANULE = 65536  # the bitmap's granularity: QEMU's default, the qcow2 cluster
+CHUNK = 128 * 1024  # the images' default chunk size
 
 
 @pytest.fixture
@@ -158,13 +159,17 @@ def test_pushes_with_writes_between_them_restore_the_disk(qsd, tmp_path):
     rnd = random.Random(5)
     scribble(qsd, rnd, 40)
     dst = tmp_path / "backup.img"
-    push(qsd, dst)
+    first = push(qsd, dst)
+    assert any("first push" in w for w in first.warnings)  # a full scan, said aloud
     assert content(str(dst))[1] == qsd.contents()
     for _ in range(2):
-        scribble(qsd, rnd, 5)
+        writes = scribble(qsd, rnd, 5)
         stats = push(qsd, dst)
         assert content(str(dst))[1] == qsd.contents()
-        assert stats.generation is not None
+        assert stats.generation is not None and stats.map.startswith("dirty-bitmap")
+        # only the chunks holding a write were read (counted, not timed)
+        touched = {c for off, n in writes for c in range(off // CHUNK, (off + n - 1) // CHUNK + 1)}
+        assert sum(n for _o, n in writes) <= stats.bytes_read <= len(touched) * CHUNK
     assert set(qsd.bitmaps()) == {"b0"}
     assert qsd.bitmaps()["b0"]["count"] == 0
 
@@ -178,19 +183,23 @@ def test_a_failed_push_keeps_the_changes_for_the_next(qsd, tmp_path):
         push(qsd, dst, max_size=MiB)  # the target refuses the source
     assert set(qsd.bitmaps()) == {"b0"}
     assert qsd.bitmaps()["b0"]["count"] == GRANULE
-    push(qsd, dst)
+    stats = push(qsd, dst)
     assert content(str(dst))[1] == qsd.contents()
     assert qsd.bitmaps()["b0"]["count"] == 0
+    assert 0 < stats.bytes_read <= CHUNK and stats.chunks_differing == 1
 
 
 @pytest.mark.process
 def test_a_missing_bitmap_means_a_full_scan_said_aloud(qsd, tmp_path):
     dst = tmp_path / "backup.img"
+    qsd.write(8 * MiB, random.Random(2).randbytes(4 * MiB))
     push(qsd, dst)
     qsd.write(3 * MiB, b"z")
     qsd.qmp("block-dirty-bitmap-remove", node=NODE, name="b0")
     stats = push(qsd, dst)
     assert any("does not exist" in w for w in stats.warnings)
+    assert any(w.startswith("full scan") for w in stats.warnings)
+    assert stats.map == "allocation" and stats.bytes_read > 4 * MiB
     assert content(str(dst))[1] == qsd.contents()
     assert "b0" in qsd.bitmaps()  # re-created: the next push need not read everything
 
@@ -205,3 +214,21 @@ def test_the_cli_pushes_an_nbd_source_with_its_bitmap(qsd, tmp_path):
     assert content(str(tmp_path / f"{NODE}.spgz"))[1] == qsd.contents()
     bad = cli("push", str(qsd.image), str(tmp_path / "x.img"), "--dirty-bitmap", "b0")
     assert bad.returncode == 2 and b"need an NBD source" in bad.stderr
+
+
+@pytest.mark.process
+def test_a_bitmap_the_last_push_did_not_use_means_a_full_scan(qsd, tmp_path):
+    dst = tmp_path / "backup.img"
+    qsd.write(8 * MiB, random.Random(3).randbytes(2 * MiB))
+    push(qsd, dst)
+    qsd.write(MiB, b"w")
+    other = PushRequest(dirty_bitmap="b1", qmp=str(qsd.qmp_socket))
+    stats = local_push(qsd.url, str(dst), other)  # b1 is new: every block read, loudly
+    assert stats.map == "allocation" and stats.bytes_read > 2 * MiB
+    qsd.write(2 * MiB, b"v")
+    stats = push(qsd, dst)  # b0 has the write, but the newest generation came through b1
+    assert any("pushed with another map" in w for w in stats.warnings)
+    assert stats.bytes_read > 2 * MiB
+    assert content(str(dst))[1] == qsd.contents()
+    stats = push(qsd, dst)
+    assert stats.map.startswith("dirty-bitmap") and stats.bytes_read == 0
