@@ -44,7 +44,7 @@ import math
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -527,7 +527,7 @@ class SourceSession:
         page = 0
         page_unread: list[int] = []
         try:
-            for batch in ordered_map(self._scan_batch, batches, window=SCAN_WINDOW):
+            for batch in self._batches(batches):
                 self.fail.check()
                 first, end = batch.first, batch.first + len(batch.hashes)
                 self.conv.leaves[first * HASH_SIZE : end * HASH_SIZE] = b"".join(batch.hashes)
@@ -555,6 +555,30 @@ class SourceSession:
         except _Stopped:
             self.fail.check()
             raise
+
+    def _batches(self, batches: range) -> Iterator[_Batch]:
+        """The scan's batches in order: those that a map of changed ranges leaves wholly
+        unread are made right here (nothing to read or hash: a dirty-bitmap push of a big
+        disk is mostly these), the others on the worker threads."""
+        if self.changed is None:
+            yield from ordered_map(self._scan_batch, batches, window=SCAN_WINDOW)
+            return
+        work = ordered_map(self._scan_batch, (f for f in batches if not self._all_unread(f)),
+                           window=SCAN_WINDOW)
+        for first in batches:
+            if self._all_unread(first):
+                n = min(first + self.batch, self.src.chunks) - first
+                yield _Batch(first, [bytes(HASH_SIZE)] * n, [False] * n, None, [],
+                             list(range(first, first + n)), 0)
+            else:
+                yield next(work)
+
+    def _all_unread(self, first: int) -> bool:
+        """Every chunk of the batch at ``first`` is unchanged (see ``_unchanged``)."""
+        last = min(first + self.batch, self.src.chunks)
+        if self.changed is None or first >= self.send_from or not self.conv.comparable(last - 1):
+            return False
+        return not self.changed.overlaps(first * self.cs, min(last * self.cs, self.src.size))
 
     def _scan_batch(self, first: int) -> _Batch:
         if self.fail.event.is_set():
