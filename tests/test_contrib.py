@@ -66,6 +66,8 @@ case "$1" in
         for a in "$@"; do
             case "$a" in *snapshot=external,file=*) : >"${a#*file=}" ;; esac
         done ;;
+    backup-begin) cat "$3" >"$STUB_LOG.backup.xml"; cat "$4" >"$STUB_LOG.checkpoint.xml" ;;
+    checkpoint-list) printf '%b' "${STUB_VIRSH_CHECKPOINTS:-}" ;;
 esac
 exit 0
 """,
@@ -267,17 +269,97 @@ def test_libvirt_thaws_when_freeze_fails_and_pushes_nothing(stubs):
     assert stubs.names()[-1] == "virsh domfsthaw"
 
 
-@pytest.mark.parametrize("mode", ["freeze", "external"])
+@pytest.mark.parametrize("mode", ["freeze", "external", "bitmap"])
 @pytest.mark.process
-def test_libvirt_sigterm_during_push_cleans_up(stubs, mode):
-    p = stubs.start(LIBVIRT, "-m", mode, "web1", "b.spgz", STUB_DISKRSYNC_SLEEP="30")
+def test_libvirt_sigterm_during_push_cleans_up(stubs, mode, tmp_path):
+    p = stubs.start(LIBVIRT, "-m", mode, "--state", tmp_path / "st", "web1", "b.spgz",
+                    STUB_DISKRSYNC_SLEEP="30")
     stubs.wait_for("diskrsync sleeping")
     p.send_signal(signal.SIGTERM)
     _out, err = p.communicate(timeout=10)
     assert p.returncode == 143, err
     assert "diskrsync got TERM" in stubs.log.read_text()
-    last = {"freeze": "virsh domfsthaw", "external": "virsh blockcommit"}[mode]
+    last = {"freeze": "virsh domfsthaw", "external": "virsh blockcommit",
+            "bitmap": "virsh domjobabort"}[mode]
     assert stubs.names()[-1] == last
+    assert not (tmp_path / "st").exists()  # nothing committed: the old chain stays
+
+
+def _bitmap_push(stubs: Stubs, state: Path, *extra: str, **env: str,
+                 ) -> tuple[subprocess.CompletedProcess[str], list[str]]:
+    """Run --mode bitmap; the result and the diskrsync argv."""
+    r = stubs.run(LIBVIRT, "--mode", "bitmap", "--state", state, "web1", "/b/web1.spgz",
+                  *extra, **env)
+    pushes = [c for c in stubs.calls() if c[0] == "diskrsync"]
+    return r, pushes[-1] if pushes else []
+
+
+@pytest.mark.process
+def test_libvirt_bitmap_first_push_reads_all_and_starts_a_chain(stubs, tmp_path):
+    state = tmp_path / "state"
+    r, push = _bitmap_push(stubs, state, "--keep", "4")
+    assert r.returncode == 0, r.stderr
+    assert stubs.names() == ["virsh domblklist", "virsh domstate", "virsh backup-begin",
+                             "diskrsync", "virsh domjobabort", "virsh checkpoint-list"]
+    backup = Path(f"{stubs.log}.backup.xml").read_text()
+    assert "<incremental>" not in backup
+    assert f"<scratch file='{stubs.images}/web1.img.diskrsync-scratch'/>" in backup
+    assert "<disk name='vdb' backup='no'/>" in backup
+    socket = re.search(r"socket='([^']+)'", backup)[1]  # type: ignore[index]
+    assert push == ["diskrsync", "push", f"nbd+unix:///vda?socket={socket}", "/b/web1.spgz",
+                    "--dirty-bitmap", "backup-vda", "--keep", "4"]
+    checkpoint = re.search(r"<name>(.+)</name>",
+                           Path(f"{stubs.log}.checkpoint.xml").read_text())[1]  # type: ignore[index]
+    assert state.read_text().strip() == checkpoint
+    assert not Path(socket).parent.exists()  # the XML and socket directory went
+
+
+@pytest.mark.process
+def test_libvirt_bitmap_push_reads_changes_since_the_last_and_drops_old_checkpoints(
+        stubs, tmp_path):
+    state = tmp_path / "state"
+    _bitmap_push(stubs, state)
+    prev = state.read_text().strip()
+    tag = prev.split("-")[1]
+    r, _push = _bitmap_push(stubs, state,
+                            STUB_VIRSH_CHECKPOINTS=f"{prev}\nother\ndiskrsync-{tag}-99\n")
+    assert r.returncode == 0, r.stderr
+    assert f"<incremental>{prev}</incremental>" in Path(f"{stubs.log}.backup.xml").read_text()
+    deleted = [c[3] for c in stubs.calls() if c[:2] == ["virsh", "checkpoint-delete"]]
+    assert deleted == [prev, f"diskrsync-{tag}-99"]  # ours, older: never "other"
+
+
+@pytest.mark.process
+def test_libvirt_bitmap_failed_push_keeps_the_chain(stubs, tmp_path):
+    state = tmp_path / "state"
+    state.write_text("diskrsync-1-100\n")
+    r, _push = _bitmap_push(stubs, state, STUB_DISKRSYNC_RC="5")
+    assert r.returncode == 5
+    assert "<incremental>diskrsync-1-100</incremental>" in \
+        Path(f"{stubs.log}.backup.xml").read_text()
+    new = re.search(r"<name>(.+)</name>",
+                    Path(f"{stubs.log}.checkpoint.xml").read_text())[1]  # type: ignore[index]
+    assert stubs.names()[-2:] == ["virsh domjobabort", "virsh checkpoint-delete"]
+    assert stubs.calls()[-1] == ["virsh", "checkpoint-delete", "web1", new]
+    assert state.read_text() == "diskrsync-1-100\n"
+
+
+@pytest.mark.process
+def test_libvirt_bitmap_gone_checkpoint_means_a_full_push(stubs, tmp_path):
+    state = tmp_path / "state"
+    state.write_text("diskrsync-1-100\n")
+    r, _push = _bitmap_push(stubs, state, STUB_VIRSH_FAIL="checkpoint-dumpxml")
+    assert r.returncode == 0, r.stderr
+    assert "is gone" in r.stderr
+    assert "<incremental>" not in Path(f"{stubs.log}.backup.xml").read_text()
+
+
+@pytest.mark.process
+def test_libvirt_bitmap_backup_begin_failure_pushes_nothing(stubs, tmp_path):
+    r, push = _bitmap_push(stubs, tmp_path / "state", STUB_VIRSH_FAIL="backup-begin")
+    assert r.returncode == 1
+    assert push == []
+    assert "virsh domjobabort" in stubs.names()
 
 
 @pytest.mark.process
