@@ -90,6 +90,8 @@ MAX_STATUS_REQUEST = 1 << 30
 MAX_OPTION_REPLY = 64 << 10
 MAX_STATUS_REPLY = 4 + 8 * (1 << 17)  # QEMU sends at most 2^17 extents per reply
 MAX_ERROR_MESSAGE = 4096
+#: the most replies one option, or reply chunks one command, may take (a read: plus its length)
+MAX_REPLIES = 1024
 #: how many extents one walk of a map accepts (about 128 MiB of replies): beyond this a server
 #: is taken to be hostile (QEMU merges runs, so even a badly fragmented disk sends far fewer)
 MAX_WALK_EXTENTS = 1 << 24
@@ -264,7 +266,7 @@ class NbdClient:
                 cb = c.encode()
                 body += struct.pack(">I", len(cb)) + cb
             self._option(OPT_SET_META_CONTEXT, body)
-            while True:
+            for _ in self._replies("meta contexts"):
                 rtype, data = self._option_reply(OPT_SET_META_CONTEXT)
                 if rtype == REP_ACK:
                     break
@@ -282,7 +284,7 @@ class NbdClient:
                                                                                INFO_BLOCK_SIZE))
         size = flags = -1
         sizes = (1, 4096, MAX_REQUEST)
-        while True:
+        for _ in self._replies("export information"):
             rtype, data = self._option_reply(OPT_GO)
             if rtype == REP_ACK:
                 break
@@ -312,6 +314,12 @@ class NbdClient:
         biggest = min(hi, MAX_REQUEST)
         return ExportInfo(size=size, flags=flags, min_block=lo, preferred_block=pref,
                           max_block=biggest - biggest % lo)
+
+    def _replies(self, what: str, limit: int = MAX_REPLIES) -> Iterator[int]:
+        """Counts the replies (or reply chunks) one request may take: a server that never
+        says it is done is an error, not an endless loop."""
+        yield from range(limit)
+        raise self._bad(f"more than {limit} replies with {what}")
 
     def _option(self, opt: int, data: bytes) -> None:
         self._send(struct.pack(">QII", IHAVEOPT, opt, len(data)) + data)
@@ -392,7 +400,8 @@ class NbdClient:
         cookie = self._request(CMD_READ, offset, length)
         covered: list[tuple[int, int]] = []
         failed = 0
-        while True:
+        # data and hole chunks are never empty: at most one per byte, plus a few others
+        for _ in self._replies("a read", length + MAX_REPLIES):
             structured, flags, rtype, clen = self._reply_header(cookie)
             if not structured:
                 if flags:
@@ -419,14 +428,13 @@ class NbdClient:
                 view[rel:rel + n] = bytes(n)
                 covered.append((rel, n))
             elif rtype & REPLY_TYPE_ERROR_BIT:
-                failed = failed or self._chunk_error(rtype, clen)
+                err = self._chunk_error(rtype, clen)  # read even after the first
+                failed = failed or err
             elif rtype == REPLY_TYPE_NONE:
                 if clen != 0 or not flags & REPLY_FLAG_DONE:
                     raise self._bad("bad empty reply chunk")
             else:
                 raise self._bad(f"unexpected reply type {rtype} to a read")
-            if len(covered) > length:
-                raise self._bad("too many reply chunks for one read")
             if flags & REPLY_FLAG_DONE:
                 break
         if failed:
@@ -461,14 +469,15 @@ class NbdClient:
 
     def _expect_ack(self, cookie: int, what: str) -> None:
         failed = 0
-        while True:
+        for _ in self._replies(f"a {what}"):
             structured, flags, rtype, clen = self._reply_header(cookie)
             if not structured:
                 if flags:
                     raise self._simple_error(what, flags)
                 return
             if rtype & REPLY_TYPE_ERROR_BIT:
-                failed = failed or self._chunk_error(rtype, clen)
+                err = self._chunk_error(rtype, clen)  # read even after the first
+                failed = failed or err
             elif rtype != REPLY_TYPE_NONE or clen:
                 raise self._bad(f"unexpected reply type {rtype} to a {what}")
             if flags & REPLY_FLAG_DONE:
@@ -494,7 +503,7 @@ class NbdClient:
         failed = 0
         with self._lock:
             cookie = self._request(CMD_BLOCK_STATUS, offset, length)
-            while True:
+            for _ in self._replies("block status"):
                 structured, flags, rtype, clen = self._reply_header(cookie)
                 if not structured:
                     raise (self._simple_error("block status", flags) if flags
@@ -511,7 +520,8 @@ class NbdClient:
                     elif rid not in self.contexts.values():
                         raise self._bad(f"block status for unknown context id {rid}")
                 elif rtype & REPLY_TYPE_ERROR_BIT:
-                    failed = failed or self._chunk_error(rtype, clen)
+                    err = self._chunk_error(rtype, clen)  # read even after the first
+                    failed = failed or err
                 elif rtype == REPLY_TYPE_NONE and clen == 0:
                     pass
                 else:

@@ -337,3 +337,28 @@ def test_a_walk_covers_the_export_in_order(fake):
 def test_a_context_the_server_did_not_grant_is_not_asked_for(fake):
     with client(fake(_then())) as c, pytest.raises(NbdError, match="did not grant"):
         c.block_status("qemu:dirty-bitmap:b0", 0, 512)
+
+
+@pytest.mark.inproc
+def test_a_negotiation_that_never_ends_is_refused(fake):
+    def script(conn: socket.socket) -> None:
+        conn.sendall(struct.pack(">QQH", nbd.NBDMAGIC, nbd.IHAVEOPT, 3))
+        _recv(conn, 4 + 16)
+        option_reply(conn, nbd.OPT_STRUCTURED_REPLY, nbd.REP_ACK)
+        _recv(conn, 16)
+        _recv(conn, struct.unpack(">I", _recv(conn, 4))[0] + 4)  # name, 1 info request
+        info = struct.pack(">HQH", 0, 1 << 20, 1)
+        for _ in range(nbd.MAX_REPLIES + 1):
+            option_reply(conn, nbd.OPT_GO, nbd.REP_INFO, info)
+    with pytest.raises(NbdError, match="more than 1024 replies"):
+        NbdClient(fake(script), timeout=10)
+
+
+@pytest.mark.inproc
+def test_a_read_reply_that_never_ends_is_refused(fake):
+    msg = b"again"
+    step = _reply_to_read(lambda k, off, n: [
+        (nbd.REPLY_TYPE_ERROR_BIT | 1, struct.pack(">IH", 5, len(msg)) + msg, False)] * (
+        n + nbd.MAX_REPLIES + 1))
+    with client(fake(_then(step))) as c, pytest.raises(NbdError, match="more than"):
+        c.read(0, 512)
