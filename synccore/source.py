@@ -592,6 +592,10 @@ class SourceSession:
         bad: list[tuple[int, int]] = []
         unread = [c for c in range(first, last) if self._unchanged(c)]
         start, stop = first * cs, min(last * cs, self.src.size)
+        if not unread and not self.data.overlaps(start, stop):  # a hole: zeros, nothing read
+            lengths = [self.src.chunk_length(c) for c in range(first, last)]
+            return _Batch(first, [zero_hash(n) for n in lengths], [True] * len(lengths),
+                          [None] * len(lengths) if send_now else None, [], [], 0)
         if not unread:
             data, read = self._read_data(start, stop, bad)
         else:  # read the runs of chunks between the unchanged ones
