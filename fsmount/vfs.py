@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 
 from diskrsync.base.errors import DataError
 from diskrsync.compression.api import DiskImage, DiskSnapshot, GenerationInfo
-from diskrsync.fsmount.partitions import (
+from diskrsync.compression.partitions import (
     NO_TABLE,
     PartitionTable,
     label_entries,

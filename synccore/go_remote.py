@@ -192,6 +192,8 @@ def legacy_push(src_loc: Location, dst_loc: Location, req: PushRequest,
                          "compare without writing")
     if req.source.ignore_read_errors:
         raise UsageError("--ignore-read-errors is not possible with --legacy")
+    if req.source.skip_free_blocks:
+        raise UsageError("--skip-free-blocks is not possible with --legacy")
     if isinstance(src_loc, RemotePath) and isinstance(dst_loc, RemotePath):
         raise UsageError("--legacy: one end must be on this machine")
     if isinstance(src_loc, LocalPath) and isinstance(dst_loc, LocalPath):

@@ -298,6 +298,8 @@ def _source_argv(path: str, req: PushRequest) -> list[str]:
         argv.append("--dry-run")
     if req.source.ignore_read_errors:
         argv.append("--ignore-read-errors")
+    if req.source.skip_free_blocks:
+        argv.append("--skip-free-blocks")
     return argv
 
 

@@ -64,6 +64,7 @@ from diskrsync.base.parallel import ordered_map
 from diskrsync.compression import codec
 from diskrsync.compression.codec import Kind
 from diskrsync.compression.format import DEFAULT_CHUNK, DEFAULT_FANOUT
+from diskrsync.compression.fsmaps import free_blocks, subtract_ranges
 from diskrsync.compression.sources import SourceReader
 from diskrsync.synccore import protocol as p
 from diskrsync.synccore.channel import Channel
@@ -81,6 +82,8 @@ MAX_PENDING_PAGES = 256  # pages asked about or being sent; bounds the source's 
 #: with a map of changed ranges most chunks read differ: up to this many encoded bytes of
 #: them are kept from the scan until their page is decided, instead of being read again
 HELD_BYTES = 64 << 20
+#: extents closer than this are read with one read (what lies between is then zeroed)
+READ_GAP = 32 << 10
 
 
 # -- options and results ----------------------------------------------------------------
@@ -91,6 +94,7 @@ class SourceOptions:
     chunk_size: int = DEFAULT_CHUNK  # used only when the target has no geometry yet
     dry_run: bool = False
     ignore_read_errors: bool = False
+    skip_free_blocks: bool = False  # ext2/3/4 and xfs free blocks are zeros, never read
     info: dict[str, Any] = field(default_factory=dict)  # passed to the target in Hello
 
 
@@ -209,6 +213,9 @@ class SourceSession:
             index = self.reader.index_for(self.cs, self.fanout)
             if index is None:
                 self._plan(ready.hello.info)
+            elif self.opts.skip_free_blocks:
+                self.stats.warnings.append("--skip-free-blocks: the source is an image, whose "
+                                           "stored chunks are compared as they are")
             receiver = threading.Thread(target=self._receive, name="push-recv", daemon=True)
             receiver.start()
             if index is not None:
@@ -477,6 +484,12 @@ class SourceSession:
         reader, size = self.reader, self.reader.size
         self.data = _Ranges(reader.extents(), size)
         names = [reader.extents_map] if self.data.total < size else []
+        if self.opts.skip_free_blocks:
+            free = free_blocks(self._read_metadata, size)
+            self.stats.warnings += [f"--skip-free-blocks: {w}" for w in free.problems]
+            if free.free:
+                self.data = _Ranges(subtract_ranges(self.data.ranges(), free.free), size)
+                names.append("free-blocks")
         base = reader.change_base()
         # compared and recorded as JSON, the form the target's metadata gives back
         self.change_base = json.loads(json.dumps(base)) if base is not None else None
@@ -496,6 +509,12 @@ class SourceSession:
                                        f"{self.stats.map_fallback}")
         self.stats.map = "+".join(names) or "full"
 
+    def _read_metadata(self, offset: int, length: int) -> bytes:
+        """A file system's allocation maps, for --skip-free-blocks (counted as read)."""
+        data = self.reader.read(offset, length)
+        self.stats.bytes_read += len(data)
+        return data
+
     def _unchanged(self, c: int) -> bool:
         """Chunk c equals the target's: the map of changed ranges says so and the target's
         chunk covers the same bytes."""
@@ -513,9 +532,17 @@ class SourceSession:
             return self._read_mapped(start, stop - start, bad), stop - start
         buf = bytearray(stop - start)
         read = 0
-        for a, b in pieces:
-            buf[a - start : b - start] = self._read_mapped(a, b - a, bad)
+        i = 0
+        while i < len(pieces):  # pieces a small gap apart are read at once, the gap zeroed
+            j = i + 1
+            while j < len(pieces) and pieces[j][0] - pieces[j - 1][1] < READ_GAP:
+                j += 1
+            a, b = pieces[i][0], pieces[j - 1][1]
+            view = memoryview(self._read_mapped(a, b - a, bad))
+            for x, y in pieces[i:j]:
+                buf[x - start : y - start] = view[x - a : y - a]
             read += b - a
+            i = j
         return buf, read
 
     def _scan(self) -> None:
@@ -589,6 +616,10 @@ class SourceSession:
         bad: list[tuple[int, int]] = []
         unread = [c for c in range(first, last) if self._unchanged(c)]
         start, stop = first * cs, min(last * cs, self.src.size)
+        if not unread and not self.data.overlaps(start, stop):  # a hole: zeros, nothing read
+            lengths = [self.src.chunk_length(c) for c in range(first, last)]
+            return _Batch(first, [zero_hash(n) for n in lengths], [True] * len(lengths),
+                          [None] * len(lengths) if send_now else None, [], [], 0)
         if not unread:
             data, read = self._read_data(start, stop, bad)
         else:  # read the runs of chunks between the unchanged ones
@@ -712,6 +743,10 @@ class _Ranges:
             out.append((max(self.starts[i], a), min(self.ends[i], b)))
             i += 1
         return out
+
+    def ranges(self) -> list[tuple[int, int]]:
+        """As (offset, length)."""
+        return [(a, b - a) for a, b in zip(self.starts, self.ends, strict=True)]
 
     def overlaps(self, a: int, b: int) -> bool:
         i = bisect.bisect_right(self.ends, a)

@@ -10,7 +10,7 @@ import pytest
 from support import diskbuild
 from support.diskbuild import BuiltDisk
 
-from diskrsync.fsmount.partitions import (
+from diskrsync.compression.partitions import (
     NO_TABLE,
     Partition,
     label_entries,

@@ -55,7 +55,7 @@ _diskrsync() {
             valopts=" --keep "
             positional=(_diskrsync_files) ;;
         push)
-            opts="--no-compress --chunk-size --keep --generation -g --dry-run -n --ignore-read-errors --timeout --max-size --json --quiet -q --verbose -v --dirty-bitmap --qmp --identity -i --ssh-config -F --accept-new-host-key --remote-cmd --legacy --help"
+            opts="--no-compress --chunk-size --keep --generation -g --dry-run -n --ignore-read-errors --skip-free-blocks --timeout --max-size --json --quiet -q --verbose -v --dirty-bitmap --qmp --identity -i --ssh-config -F --accept-new-host-key --remote-cmd --legacy --help"
             valopts=" --chunk-size --keep --generation -g --timeout --max-size --dirty-bitmap --qmp --identity -i --ssh-config -F --remote-cmd "
             positional=(_diskrsync_files _diskrsync_files) ;;
         mount)

@@ -60,6 +60,10 @@ def _push_options(sp: argparse.ArgumentParser, *, serve: bool = False) -> None:
     sp.add_argument("--ignore-read-errors", action="store_true",
                     help="store unreadable source sectors (and damaged chunks of an image "
                          "source) as zeros and list them")
+    sp.add_argument("--skip-free-blocks", action="store_true",
+                    help="read only the blocks ext2/3/4 and xfs file systems on SRC use "
+                         "(found through its partition table); their free blocks are stored "
+                         "as zeros. SRC must be unmounted or a snapshot")
     sp.add_argument("--checkpoint-interval", type=parse_size, metavar="BYTES",
                     help=argparse.SUPPRESS)
     sp.add_argument("--timeout", type=parse_seconds, default=0, metavar="SECONDS",

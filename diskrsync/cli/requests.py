@@ -30,7 +30,8 @@ def push_request(args: argparse.Namespace) -> PushRequest:
         target = replace(target, checkpoint_bytes=args.checkpoint_interval)
     return PushRequest(
         source=SourceOptions(chunk_size=args.chunk_size, dry_run=args.dry_run,
-                             ignore_read_errors=getattr(args, "ignore_read_errors", False)),
+                             ignore_read_errors=getattr(args, "ignore_read_errors", False),
+                             skip_free_blocks=getattr(args, "skip_free_blocks", False)),
         target=target,
         raw_target=args.no_compress,
         generation=getattr(args, "generation", None),

@@ -45,7 +45,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.target:
         run_target_end(channel, args.target, push_request(args), verify=True)
     else:
-        # the source's options (--dry-run, --ignore-read-errors) come from the pulling client
+        # the source's options (--dry-run, --ignore-read-errors, --skip-free-blocks) come
+        # from the pulling client
         serve_source(channel, args.source, args.generation, push_request(args).source)
     return 0
 
@@ -57,6 +58,7 @@ _CLIENT_OPTIONS = {
     "--target": True, "--source": True, "--keep": True, "--chunk-size": True,
     "--checkpoint-interval": True, "--generation": True, "-g": True, "--no-compress": False,
     "--dry-run": False, "-n": False, "--ignore-read-errors": False,
+    "--skip-free-blocks": False,
 }
 
 
