@@ -4,7 +4,10 @@ qsd.py): the NBD client meets QEMU's own replies, the managed bitmap its QMP tra
 from __future__ import annotations
 
 import json
+import os
 import random
+import subprocess
+import sys
 from contextlib import closing
 from pathlib import Path
 from typing import Any
@@ -12,6 +15,7 @@ from typing import Any
 import pytest
 from support.imagetools import cli, content
 from support.qsd import NODE, StorageDaemon, available
+from support.sshd import SshServer
 
 from diskrsync.base.errors import DiskrsyncError
 from diskrsync.compression.nbd import BASE_ALLOCATION, NbdAddress, NbdClient, NbdError
@@ -232,3 +236,39 @@ def test_a_bitmap_the_last_push_did_not_use_means_a_full_scan(qsd, tmp_path):
     assert content(str(dst))[1] == qsd.contents()
     stats = push(qsd, dst)
     assert stats.map.startswith("dirty-bitmap") and stats.bytes_read == 0
+
+
+@pytest.mark.process
+@pytest.mark.ssh
+def test_a_push_over_ssh_clears_the_bitmap_only_once_it_committed(qsd, tmp_path):
+    home = tmp_path / "home"
+    (home / ".ssh").mkdir(parents=True)
+    remote = tmp_path / "remote"
+    remote.mkdir()
+    exe = Path(sys.executable).parent / "diskrsync"
+    with SshServer(tmp_path / "sshd") as srv:
+        srv.write_known_hosts()
+        config = srv.write_ssh_config(tmp_path / "ssh_config",
+                                      UserKnownHostsFile=str(srv.known_hosts))
+        env = {k: v for k, v in os.environ.items() if k != "SSH_AUTH_SOCK"}
+        env["HOME"] = str(home)
+
+        def rpush(dst: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                [sys.executable, "-m", "diskrsync.cli", "push", qsd.url, f"testhost:{dst}",
+                 "--dirty-bitmap", "b0", "--qmp", str(qsd.qmp_socket), "-F", str(config),
+                 "--remote-cmd", str(exe), "--json"],
+                capture_output=True, text=True, env=env, timeout=120)
+
+        qsd.write(MiB, b"one")
+        assert rpush(f"{remote}/web.img").returncode == 0
+        qsd.write(6 * MiB, b"two")
+        failed = rpush(f"{remote}/no/such/dir/web.img")  # the remote end refuses
+        assert failed.returncode == 2, failed.stderr
+        assert qsd.bitmaps()["b0"]["count"] == GRANULE  # still there for the next push
+        ok = rpush(f"{remote}/web.img")
+        assert ok.returncode == 0, ok.stderr
+        stats = json.loads(ok.stdout)
+        assert stats["map"].startswith("dirty-bitmap") and stats["bytes_read"] <= CHUNK
+    assert set(qsd.bitmaps()) == {"b0"} and qsd.bitmaps()["b0"]["count"] == 0
+    assert content(str(remote / "web.img"))[1] == qsd.contents()
