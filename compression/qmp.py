@@ -147,12 +147,12 @@ class ManagedBitmap:
         exports = [e for e in _dicts(self.qmp.execute("query-block-exports"), "export list")
                    if e.get("type") == "nbd"]
         for e in exports:
-            if e.get("id") == export:
+            if e.get("id") == export and e.get("node-name"):
                 return str(e["node-name"])
         if any(n.get("node-name") == export for n in self._nodes()):
             return export
         ours = [e for e in exports if not str(e.get("id", "")).startswith("diskrsync-")]
-        if len(ours) == 1:
+        if len(ours) == 1 and ours[0].get("node-name"):
             return str(ours[0]["node-name"])
         raise UsageError(f"cannot tell which of QEMU's block nodes export {export!r} serves: "
                          f"give the export the id or name of its node")
