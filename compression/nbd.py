@@ -213,17 +213,9 @@ class NbdClient:
                            f"{os.strerror(e.errno) if e.errno else e}") from None
 
     def _recv(self, n: int) -> bytes:
+        """Exactly ``n`` bytes; callers bound ``n`` before asking."""
         buf = bytearray(n)
-        view = memoryview(buf)
-        got = 0
-        while got < n:
-            try:
-                k = self._sock.recv_into(view[got:])
-            except OSError as e:
-                raise NbdError(f"{self.where}: connection failed: {e}") from None
-            if not k:
-                raise NbdError(f"{self.where}: the server closed the connection")
-            got += k
+        self._recv_into(memoryview(buf))
         return bytes(buf)
 
     def _recv_into(self, view: memoryview) -> None:
