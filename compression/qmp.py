@@ -131,7 +131,12 @@ class ManagedBitmap:
         with self._connected():
             self.node = self._node_of(export)
             self._remove_leftovers()
-            self._start()
+            try:
+                self._start()
+            except BaseException:
+                with contextlib.suppress(QmpError):
+                    self._remove_leftovers()  # what _start made; NAME is as it was
+                raise
 
     @contextlib.contextmanager
     def _connected(self) -> Iterator[None]:

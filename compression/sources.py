@@ -21,7 +21,13 @@ from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any
 
-from diskrsync.base.errors import LocalError, ReadError, UsageError, from_oserror
+from diskrsync.base.errors import (
+    DiskrsyncError,
+    LocalError,
+    ReadError,
+    UsageError,
+    from_oserror,
+)
 from diskrsync.compression.codec import STANDARD, ChunkCodec
 from diskrsync.compression.container import open_image, sniff
 from diskrsync.compression.nbd import (
@@ -281,8 +287,7 @@ class NbdSource(SourceReader):
         try:
             first = self._client()
         except BaseException:
-            if self.managed is not None:
-                self.managed.close()
+            self.close()
             raise
         self.size = first.info.size
         self.sector = max(SECTOR, first.info.min_block)
@@ -358,7 +363,10 @@ class NbdSource(SourceReader):
             c.close()
         managed, self.managed = self.managed, None
         if managed is not None:
-            managed.close()
+            # never in place of the error that ended the push (QEMU may be gone): whatever
+            # is left (the export, the copies; never a change) the next push removes first
+            with contextlib.suppress(DiskrsyncError):
+                managed.close()
 
 
 def source_name(path: str) -> str:

@@ -272,3 +272,18 @@ def test_a_push_over_ssh_clears_the_bitmap_only_once_it_committed(qsd, tmp_path)
         assert stats["map"].startswith("dirty-bitmap") and stats["bytes_read"] <= CHUNK
     assert set(qsd.bitmaps()) == {"b0"} and qsd.bitmaps()["b0"]["count"] == 0
     assert content(str(remote / "web.img"))[1] == qsd.contents()
+
+
+@pytest.mark.process
+def test_closing_after_qemu_died_does_not_hide_the_error(tmp_path):
+    d = StorageDaemon(tmp_path, 4 * MiB).start()
+    try:
+        src = managed(d)
+        assert d.proc is not None
+        d.proc.kill()  # QEMU is gone: the push's own error (a failed read) is what counts
+        d.proc.wait()
+        with pytest.raises(NbdError):
+            src.read(0, 4096)
+        src.close()  # cleaning up through QMP fails quietly: the next push does it
+    finally:
+        d.stop()
