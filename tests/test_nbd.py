@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from diskrsync.base.errors import ReadError, UsageError
+from diskrsync.base.errors import DiskrsyncError, ReadError, UsageError
 from diskrsync.compression import nbd
 from diskrsync.compression.nbd import (
     BASE_ALLOCATION,
@@ -25,6 +25,7 @@ from diskrsync.compression.nbd import (
     merge_ranges,
     parse_nbd_url,
 )
+from diskrsync.synccore.push import PushRequest, local_push
 
 # -- URIs --------------------------------------------------------------------------------
 
@@ -362,3 +363,15 @@ def test_a_read_reply_that_never_ends_is_refused(fake):
         n + nbd.MAX_REPLIES + 1))
     with client(fake(_then(step))) as c, pytest.raises(NbdError, match="more than"):
         c.read(0, 512)
+
+
+@pytest.mark.inproc
+def test_an_enormous_export_is_refused_before_the_push_allocates_for_it(fake, tmp_path):
+    def script(conn: socket.socket) -> None:
+        negotiate(conn, size=1 << 62)
+        while True:
+            request(conn)
+    addr = fake(script)
+    with pytest.raises(DiskrsyncError, match="more than"):
+        local_push(f"nbd+unix:///x?socket={addr.socket_path}", str(tmp_path / "img"),
+                   PushRequest())
