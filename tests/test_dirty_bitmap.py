@@ -126,6 +126,8 @@ def test_leftovers_of_a_killed_push_are_removed_and_lose_nothing(qsd):
     with closing(managed(qsd)) as src2:
         assert src2.changed_ranges() == [(MiB, GRANULE), (2 * MiB, GRANULE)]
     assert set(qsd.bitmaps()) == {"b0"}
+    assert scratch_files(qsd) == [] and extra_nodes(qsd) == set()
+    assert qsd.qmp("query-jobs") == []
 
 
 @pytest.mark.process
@@ -287,3 +289,31 @@ def test_closing_after_qemu_died_does_not_hide_the_error(tmp_path):
         src.close()  # cleaning up through QMP fails quietly: the next push does it
     finally:
         d.stop()
+
+
+def scratch_files(d: StorageDaemon) -> list[Path]:
+    return sorted(d.image.parent.glob(f"{d.image.name}.*"))
+
+
+def extra_nodes(d: StorageDaemon) -> set[str]:
+    return {n["node-name"] for n in d.qmp("query-named-block-nodes", flat=True)} - {
+        NODE, "file0"}
+
+
+@pytest.mark.process
+def test_a_managed_push_reads_the_disk_as_it_was_when_it_started(qsd):
+    qsd.write(2 * MiB, b"before" * 1000)
+    with closing(managed(qsd)) as src:
+        assert not src.managed.live
+        assert len(scratch_files(qsd)) == 1 and extra_nodes(qsd)
+        qsd.write(2 * MiB, b"AFTER!" * 1000)  # the guest writes while the push reads
+        qsd.write(9 * MiB, b"new")
+        assert src.read(2 * MiB, 6000) == b"before" * 1000
+        assert src.read(9 * MiB, 3) == bytes(3)
+        assert src.changed_ranges() == [(2 * MiB, GRANULE)]
+        src.committed()
+    assert scratch_files(qsd) == [] and extra_nodes(qsd) == set()
+    assert qsd.qmp("query-jobs") == []
+    with closing(managed(qsd)) as src:  # what the guest wrote during the push comes next
+        assert src.changed_ranges() == [(2 * MiB, GRANULE), (9 * MiB, GRANULE)]
+        assert src.read(2 * MiB, 6) == b"AFTER!"

@@ -126,7 +126,7 @@ class StorageDaemon:
         """The disk node's dirty bitmaps by name: QEMU's ``count`` is the dirty bytes."""
         for n in self.qmp("query-named-block-nodes", flat=True):
             if n.get("node-name") == NODE:
-                return {b["name"]: b for b in n.get("dirty-bitmaps", [])}
+                return {b["name"]: b for b in n.get("dirty-bitmaps", []) if "name" in b}
         return {}
 
     def contents(self) -> bytes:
