@@ -1,8 +1,10 @@
 #!/usr/bin/env python3
 """Dirty-bitmap pushes (issue 14): a 2 GiB qcow2 served by qemu-storage-daemon over NBD, 1% of
-its 128 KiB blocks written through NBD between pushes. Each run times, on the same disk state,
-a full-scan push (no bitmap) into one copy of the image and a dirty-bitmap push (--qmp managed)
-into another, in alternating order, and counts the bytes each read.
+its 128 KiB blocks written through NBD between pushes. Each run times, on the same disk state
+and in rotating order, three pushes into three copies of the image, and counts the bytes each
+read: the dirty-bitmap push (--qmp, point-in-time view); a full scan the same way (--qmp with
+a bitmap the image's newest generation was not pushed with, so every block is read); and a
+full scan of the live export without --qmp.
 
     .venv/bin/python tests/bench/bench_dirty_bitmap.py [--data DIR] [--work DIR] [--runs 5]
 
@@ -101,21 +103,23 @@ def served_bytes(_d: StorageDaemon) -> int:
 def run(work: Path, runs: int) -> list[dict[str, float]]:
     with StorageDaemon(work, SIZE) as d:
         managed = PushRequest(dirty_bitmap="b0", qmp=str(d.qmp_socket))
-        full = PushRequest()
-        img_a, img_b = work / "a.img", work / "b.img"
+        full_pit = PushRequest(dirty_bitmap="full", qmp=str(d.qmp_socket))
+        full_live = PushRequest()
+        img_a, img_b, img_c = work / "a.img", work / "b.img", work / "c.img"
         local_push(d.url, str(img_a), managed)  # the first push: a full scan
         rows = []
         for r in range(runs):
             shutil.copyfile(img_a, img_b)
+            shutil.copyfile(img_a, img_c)
             os.sync()
             rnd = random.Random(100 + r)
             blocks = rnd.sample(range(SIZE // BLOCK), SIZE // BLOCK // 100)
             for b in blocks:
                 d.write(b * BLOCK, rnd.randbytes(BLOCK))
             changed = len(blocks) * BLOCK
-            order = [("full", img_b, full), ("bitmap", img_a, managed)]
-            if r % 2:
-                order.reverse()
+            order = [("full", img_b, full_pit), ("live", img_c, full_live),
+                     ("bitmap", img_a, managed)]
+            order = order[r % 3:] + order[:r % 3]
             row: dict[str, float] = {"changed_bytes": changed}
             for name, img, req in order:
                 served = served_bytes(d)
@@ -140,12 +144,16 @@ def report(rows: list[dict[str, float]], out: Path | None) -> None:
         "changed_bytes": med("changed_bytes"),
         "bitmap_bytes_read": med("bitmap_bytes_read"),
         "full_bytes_read": med("full_bytes_read"),
+        "live_bytes_read": med("live_bytes_read"),
         "bitmap_served_bytes": med("bitmap_served_bytes"),
         "full_served_bytes": med("full_served_bytes"),
         "bitmap_seconds": med("bitmap_seconds"), "full_seconds": med("full_seconds"),
+        "live_seconds": med("live_seconds"),
         "read_ratio": statistics.median(r["bitmap_bytes_read"] / r["changed_bytes"]
                                         for r in rows),
         "time_ratio": statistics.median(r["bitmap_seconds"] / r["full_seconds"] for r in rows),
+        "time_ratio_live": statistics.median(r["bitmap_seconds"] / r["live_seconds"]
+                                             for r in rows),
     }
     print(json.dumps(summary, indent=2))
     if out:
