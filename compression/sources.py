@@ -61,6 +61,10 @@ class SourceReader:
         one (a mismatch falls back to a full scan, loudly). None when not applicable."""
         return None
 
+    def prefetch(self, offset: int, length: int) -> None:
+        """A hint: these bytes will be read soon (a scan that skips parts of the disk reads
+        the rest in pieces, which defeats the kernel's read-ahead)."""
+
     def index_for(self, chunk_size: int, fanout: int) -> Any:
         """An object with ``node_hashes(level)`` and ``leaf_hashes(page)`` when this source
         can answer digests from an index for that geometry, else None."""
@@ -147,6 +151,10 @@ class RawSource(SourceReader):
             parts.append(part)
             done += len(part)
         return b"".join(parts)
+
+    def prefetch(self, offset: int, length: int) -> None:
+        with contextlib.suppress(OSError, AttributeError):
+            os.posix_fadvise(self.fd, offset, length, os.POSIX_FADV_WILLNEED)
 
     def _pread(self, length: int, offset: int) -> bytes:
         try:

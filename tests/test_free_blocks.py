@@ -14,10 +14,13 @@ from pathlib import Path
 
 import pytest
 
+from diskrsync.cli.requests import push_request
+from diskrsync.cli.serve import _parse_request
 from diskrsync.compression.fsmaps import Distrust, ext_free, free_blocks, subtract_ranges
 from diskrsync.compression.image import Image
 from diskrsync.compression.partitions import read_partitions
 from diskrsync.synccore.push import PushRequest, local_push
+from diskrsync.synccore.remote import _source_argv
 from diskrsync.synccore.source import SourceOptions
 
 MiB = 1 << 20
@@ -102,7 +105,9 @@ def test_ext_free_blocks_equal_what_e2fsprogs_lists(tmp_path, opts):
         os.close(fd)
     assert found is not None
     _kind, total, free = found
-    bs = int(re.search(r"Block size:\s+(\d+)", run("dumpe2fs", "-h", str(fs))).group(1))
+    size = re.search(r"Block size:\s+(\d+)", run("dumpe2fs", "-h", str(fs)))
+    assert size is not None
+    bs = int(size.group(1))
     mine = {b for o, n in free for b in range(o // bs, (o + n) // bs)}
     assert mine == dumpe2fs_free(fs)
     assert total == fs.stat().st_size
@@ -135,6 +140,16 @@ def test_an_ext4_not_cleanly_unmounted_or_inconsistent_is_read_in_full(tmp_path)
             ext_free(read, fs2.stat().st_size)
     finally:
         os.close(fd)
+
+
+@pytest.mark.pure
+def test_a_pull_asks_the_remote_source_to_skip_free_blocks():
+    """The far end of a pull is the source: the option travels in its serve command, which a
+    forced-command server lets through."""
+    argv = _source_argv("/dev/sdb", SKIP)
+    assert "--skip-free-blocks" in argv
+    ns = _parse_request(" ".join(["diskrsync", *argv]))
+    assert push_request(ns).source.skip_free_blocks
 
 
 @pytest.mark.pure
