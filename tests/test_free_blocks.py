@@ -163,14 +163,21 @@ def test_subtract_ranges():
 # -- pushes ------------------------------------------------------------------------------
 
 
-def gpt_disk(path: Path, size: int, parts_mib: list[int]) -> list[tuple[int, int]]:
-    """A GPT disk with partitions of those sizes; their (start, size) in bytes."""
+def gpt_disk(path: Path, size: int, parts_mib: list[int], scheme: str = "gpt") -> (
+    list[tuple[int, int]]
+):
+    """A GPT (or MBR) disk with partitions of those sizes; their (start, size) in bytes."""
     with open(path, "wb") as f:
         f.truncate(size)
-    args = []
-    for i, n in enumerate(parts_mib, 1):
-        args += ["-n", f"{i}:0:+{n}M"]
-    run("sgdisk", *args, str(path))
+    if scheme == "gpt":
+        args = []
+        for i, n in enumerate(parts_mib, 1):
+            args += ["-n", f"{i}:0:+{n}M"]
+        run("sgdisk", *args, str(path))
+    else:
+        script = "label: dos\n" + "".join(f",{n}M\n" for n in parts_mib)
+        subprocess.run(["sfdisk", "-q", str(path)], input=script, text=True, check=True,
+                       capture_output=True)
     fd, read = reader_of(path)
     try:
         return [(p.start, p.size) for p in read_partitions(read, size)]
@@ -190,12 +197,14 @@ def extract(data: bytes, start: int, size: int, dest: Path) -> Path:
 
 
 @pytest.mark.process
-@pytest.mark.skipif(not shutil.which("sgdisk"), reason="needs gdisk")
+@pytest.mark.skipif(not shutil.which("sgdisk") or not shutil.which("sfdisk"),
+                    reason="needs gdisk and fdisk")
 @needs_e2fs
-def test_ext4_partition_files_written_deleted_and_overwritten_all_restore(tmp_path):
+@pytest.mark.parametrize("scheme", ["gpt", "mbr"])
+def test_ext4_partition_files_written_deleted_and_overwritten_all_restore(tmp_path, scheme):
     r = random.Random(2)
     disk, fs, dst = tmp_path / "disk", tmp_path / "fs", tmp_path / "backup.img"
-    (start, psize), (start2, psize2) = gpt_disk(disk, 200 * MiB, [96, 64])
+    (start, psize), (start2, psize2) = gpt_disk(disk, 200 * MiB, [96, 64], scheme)
     files = {f"f{i}": r.randbytes(r.randrange(1000, 4 * MiB)) for i in range(8)}
     make_ext4(fs, f"{psize // 1024}k", files, "-b", "4096")
     embed(disk, fs, start)
