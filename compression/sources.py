@@ -36,7 +36,7 @@ class SourceReader:
     #: the codec ``read_stored`` answers in (and whose digests ``index_for`` holds)
     codec: ChunkCodec = STANDARD
     #: what ``extents`` knows from, named in a generation's metadata when it skipped anything
-    extents_map: str = "full"
+    extents_map: str = "allocation"
 
     def read(self, offset: int, length: int) -> bytes:
         """Exactly ``length`` bytes; ReadError or OSError (CorruptChunkError for an image) when
