@@ -213,6 +213,25 @@ def test_a_stale_base_falls_back_to_a_full_scan_loudly(first, framed):
 
 
 @pytest.mark.inproc
+def test_a_push_resuming_a_checkpoint_does_not_trust_the_map(first):
+    """The checkpoint an interrupted push left may hold chunks of another source: its
+    digests are not the generation's the map is relative to, so a full scan, said so."""
+    src, dst, data = first
+    with Image.open(dst) as img:  # an interrupted push of another disk got as far as this
+        tx = img.begin()
+        tx.write_chunk(500, random.Random(21).randbytes(CS))
+        tx.checkpoint()
+        tx.abort()
+    ranges = write_chunks(data, [5], seed=22)
+    src.write_bytes(data)
+    reader = MapSource(str(src), ranges)
+    stats = push(reader, dst)
+    assert "checkpoint" in stats.map_fallback and stats.map == "full"
+    assert stats.bytes_read == len(data)
+    assert current(dst) == data
+
+
+@pytest.mark.inproc
 def test_a_raw_target_or_a_source_without_a_base_scans_everything(tmp_path):
     src, dst = tmp_path / "src", str(tmp_path / "dst.raw")
     data = disk(11, 40)
