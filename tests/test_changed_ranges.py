@@ -14,8 +14,10 @@ from typing import Any
 
 import pytest
 
+from diskrsync.base.errors import PeerError
 from diskrsync.compression.image import Image
 from diskrsync.compression.sources import RawSource
+from diskrsync.synccore import protocol as p
 from diskrsync.synccore.channel import FdStream, FramedChannel, channel_pair
 from diskrsync.synccore.push import PushRequest, local_push, open_store, serve_target
 from diskrsync.synccore.source import PushStats, SourceOptions, SourceSession, _map_refused
@@ -328,3 +330,27 @@ def test_a_file_that_is_all_hole_reads_nothing(tmp_path):
     stats = push(reader, dst)
     assert reader.bytes_read == 0 and stats.zero_chunks == stats.chunks
     assert current(dst) == bytes(8 * MiB + 5)
+
+
+def _decoded(msg: p.Message) -> p.Message | None:
+    d = p.Decoder()
+    d.feed(p.preamble() + p.encode(msg))
+    return d.next()
+
+
+@pytest.mark.pure
+def test_the_new_hello_and_done_fields_are_checked():
+    """A target's generation and change_base, and a Done's map fields, are validated like
+    every other number and shape a peer sends (a wrong type is one PeerError)."""
+    good = {"hash": p.HASH, "caps": [], "generation": 3, "change_base": {"map": "m"}}
+    hello = p.Hello("target", 0, CS, 128, "t", good)
+    assert _decoded(hello) == hello
+    for bad in ({"generation": "3"}, {"generation": -1}, {"generation": True},
+                {"change_base": ["m"]}):
+        with pytest.raises(PeerError, match="malformed"):
+            _decoded(p.Hello("target", 0, CS, 128, "t", {**good, **bad}))
+    done = p.Done(bytes(32), {"map": "sparse", "map_fallback": "", "change_base": None})
+    assert _decoded(done) == done
+    for bad in ({"map": 1}, {"map_fallback": []}, {"change_base": "x"}):
+        with pytest.raises(PeerError, match="malformed"):
+            _decoded(p.Done(bytes(32), bad))
