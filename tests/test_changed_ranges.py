@@ -7,6 +7,7 @@ their data (``SEEK_DATA``)."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import random
 import threading
@@ -15,6 +16,7 @@ from typing import Any
 import pytest
 
 from diskrsync.base.errors import PeerError
+from diskrsync.cli.main import main
 from diskrsync.compression.image import Image
 from diskrsync.compression.sources import RawSource
 from diskrsync.synccore import protocol as p
@@ -354,3 +356,23 @@ def test_the_new_hello_and_done_fields_are_checked():
     for bad in ({"map": 1}, {"map_fallback": []}, {"change_base": "x"}):
         with pytest.raises(PeerError, match="malformed"):
             _decoded(p.Done(bytes(32), bad))
+
+
+@pytest.mark.inproc
+def test_push_json_says_which_map_was_used(tmp_path, capsys):
+    src, dst = tmp_path / "sparse", tmp_path / "dst.img"
+    with open(src, "wb") as f:
+        f.truncate(8 * MiB)
+        f.seek(3 * MiB)
+        f.write(random.Random(30).randbytes(MiB))
+    if not _has_holes(str(src)):
+        pytest.skip("this file system keeps no holes")
+    assert main(["push", "--json", str(src), str(dst)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["map"] == "sparse" and out["map_fallback"] == "" and out["bytes_read"] == MiB
+    assert main(["push", "--json", "--skip-free-blocks", str(src), str(dst)]) == 0
+    captured = capsys.readouterr()
+    out = json.loads(captured.out)
+    assert out["map"] == "sparse"
+    assert "--skip-free-blocks: no ext2/3/4 or xfs file system found" in out["warnings"][0]
+    assert "warning: --skip-free-blocks: no ext2/3/4" in captured.err
