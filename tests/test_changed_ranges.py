@@ -344,9 +344,11 @@ def _decoded(msg: p.Message) -> p.Message | None:
 def test_the_new_hello_and_done_fields_are_checked():
     """A target's generation and change_base, and a Done's map fields, are validated like
     every other number and shape a peer sends (a wrong type is one PeerError)."""
-    good = {"hash": p.HASH, "caps": [], "generation": 3, "change_base": {"map": "m"}}
+    good: dict[str, Any] = {"hash": p.HASH, "caps": [], "generation": 3,
+                            "change_base": {"map": "m"}}
     hello = p.Hello("target", 0, CS, 128, "t", good)
     assert _decoded(hello) == hello
+    bad: dict[str, Any]
     for bad in ({"generation": "3"}, {"generation": -1}, {"generation": True},
                 {"change_base": ["m"]}):
         with pytest.raises(PeerError, match="malformed"):
