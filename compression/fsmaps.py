@@ -275,6 +275,8 @@ def xfs_free(read: ReadFn, length: int) -> tuple[str, int, list[tuple[int, int]]
     """("xfs", bytes of the file system, free byte ranges) from each allocation group's
     free-space B+tree by block number, checked against the AG's free count; None when there
     is no xfs here."""
+    if length < 512:
+        return None
     sb = read(0, 512)
     if len(sb) < 512 or sb[:4] != _XFS_MAGIC:
         return None

@@ -344,3 +344,21 @@ def test_xfs_partition_files_written_deleted_and_overwritten_all_restore(tmp_pat
     stats = local_push(str(disk), str(dst), SKIP)
     assert "free-blocks" not in stats.map
     assert any("xfs is mounted or was not cleanly unmounted" in w for w in stats.warnings)
+
+
+@pytest.mark.pure
+def test_garbage_is_no_file_system_and_a_lying_superblock_is_not_believed():
+    r = random.Random(5)
+    for size in (0, 100, 600, 4096, 1 << 20):
+        data = r.randbytes(size)
+        m = free_blocks(lambda o, n, data=data: data[o : o + n], size)
+        assert m.free == []
+    # an ext4 superblock claiming more blocks than the disk holds
+    sb = bytearray(1024)
+    sb[56:58] = (0xEF53).to_bytes(2, "little")
+    sb[58:60] = (1).to_bytes(2, "little")  # clean
+    sb[4:8] = (10**6).to_bytes(4, "little")
+    sb[32:36] = (8192).to_bytes(4, "little")
+    disk = bytes(1024) + bytes(sb) + bytes(1 << 20)
+    m = free_blocks(lambda o, n: disk[o : o + n], len(disk))
+    assert m.free == [] and "inconsistent" in m.problems[0]
