@@ -237,6 +237,8 @@ class SourceSession:
                 "map": self.stats.map,
                 "map_fallback": self.stats.map_fallback,
                 "change_base": self.change_base,
+                # how this scan was narrowed, or why not (a pulling target reports them)
+                "map_warnings": [w[:500] for w in self.stats.warnings[:20]],
             }
             if self.opts.dry_run:
                 # no chunks travel in a dry run: tell a pulling target what would have

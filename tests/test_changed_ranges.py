@@ -21,7 +21,13 @@ from diskrsync.compression.image import Image
 from diskrsync.compression.sources import RawSource
 from diskrsync.synccore import protocol as p
 from diskrsync.synccore.channel import FdStream, FramedChannel, channel_pair
-from diskrsync.synccore.push import PushRequest, local_push, open_store, serve_target
+from diskrsync.synccore.push import (
+    PushRequest,
+    local_push,
+    open_store,
+    run_target_end,
+    serve_target,
+)
 from diskrsync.synccore.source import PushStats, SourceOptions, SourceSession, _map_refused
 from diskrsync.synccore.target import TargetOptions
 
@@ -378,3 +384,26 @@ def test_push_json_says_which_map_was_used(tmp_path, capsys):
     assert out["map"] == "sparse"
     assert "--skip-free-blocks: no ext2/3/4 or xfs file system found" in out["warnings"][0]
     assert "warning: --skip-free-blocks: no ext2/3/4" in captured.err
+
+
+@pytest.mark.inproc
+def test_a_pull_reports_the_remote_sources_map_and_its_warnings(first):
+    """Where this machine is the target (a pull), what the far source said of its map comes
+    in its Done: the summary and --json show it, named by the host."""
+    src, dst, _data = first
+    a, b, fds = _framed_pair()
+    reader = MapSource(str(src), [], base={"map": "test-map", "bitmap": "other"})
+    t = threading.Thread(target=lambda: SourceSession(a, reader,
+                                                      SourceOptions(chunk_size=CS)).run())
+    t.start()
+    try:
+        stats = run_target_end(b, dst, PushRequest(), pulled_from="web1")
+    finally:
+        t.join(60)
+        reader.close()
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+    assert stats.map == "full" and "another map" in stats.map_fallback
+    assert any(w.startswith("web1: full scan: test-map not used") for w in stats.warnings)
+    assert "another map" in newest_meta(dst)["map_warnings"][0]
