@@ -43,6 +43,7 @@ _EXT_BLOCK_UNINIT = 0x2
 _XFS_MAGIC, _XFS_AGF_MAGIC = b"XFSB", b"XAGF"
 _XFS_BNO_MAGICS = {b"ABTB": 16, b"AB3B": 56}  # v4 and v5 (CRC) short-form block headers
 _XFS_MAX_DEPTH = 8
+_MAX_GROUPS = 1 << 22  # ext4 block groups or xfs AGs: metadata read is bounded by this
 
 
 class Distrust(Exception):
@@ -163,6 +164,8 @@ def ext_free(read: ReadFn, length: int) -> tuple[str, int, list[tuple[int, int]]
         raise Distrust(f"{kind} superblock is inconsistent ({blocks} blocks of {bs} bytes, "
                        f"{bpg} per group, in {length} bytes)")
     groups = -(-(blocks - first) // bpg)
+    if groups > _MAX_GROUPS:  # a real one has 8 * block size blocks per group
+        raise Distrust(f"{kind} claims {groups} block groups")
     desc = _u16(sb, 254) if is64 else 32
     if desc < 32 or desc & (desc - 1) or desc > bs or (is64 and desc < 64):
         raise Distrust(f"{kind} claims a group descriptor size of {desc}")
@@ -272,6 +275,8 @@ def xfs_free(read: ReadFn, length: int) -> tuple[str, int, list[tuple[int, int]]
     """("xfs", bytes of the file system, free byte ranges) from each allocation group's
     free-space B+tree by block number, checked against the AG's free count; None when there
     is no xfs here."""
+    if length < 512:
+        return None
     sb = read(0, 512)
     if len(sb) < 512 or sb[:4] != _XFS_MAGIC:
         return None
@@ -280,7 +285,7 @@ def xfs_free(read: ReadFn, length: int) -> tuple[str, int, list[tuple[int, int]]
     sectsize = int(struct.unpack_from(">H", sb, 102)[0])
     if not (512 <= bs <= 65536 and bs & (bs - 1) == 0 and 512 <= sectsize <= bs
             and sectsize & (sectsize - 1) == 0 and agblocks and agcount
-            and (agcount - 1) * agblocks < dblocks <= agcount * agblocks
+            and agcount <= _MAX_GROUPS and (agcount - 1) * agblocks < dblocks <= agcount * agblocks
             and dblocks * bs <= length):
         raise Distrust("xfs superblock is inconsistent")
     if not _xfs_log_clean(read, sb, bs, agblocks):

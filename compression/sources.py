@@ -55,7 +55,7 @@ class SourceReader:
     #: the codec ``read_stored`` answers in (and whose digests ``index_for`` holds)
     codec: ChunkCodec = STANDARD
     #: what ``extents`` knows from, named in a generation's metadata when it skipped anything
-    extents_map: str = "full"
+    extents_map: str = "allocation"
 
     def read(self, offset: int, length: int) -> bytes:
         """Exactly ``length`` bytes; ReadError or OSError (CorruptChunkError for an image) when
@@ -79,6 +79,10 @@ class SourceReader:
         the push that uses it and checked against the target's newest generation by the next
         one (a mismatch falls back to a full scan, loudly). None when not applicable."""
         return None
+
+    def prefetch(self, offset: int, length: int) -> None:
+        """A hint: these bytes will be read soon (a scan that skips parts of the disk reads
+        the rest in pieces, which defeats the kernel's read-ahead)."""
 
     def index_for(self, chunk_size: int, fanout: int) -> Any:
         """An object with ``node_hashes(level)`` and ``leaf_hashes(page)`` when this source
@@ -174,6 +178,10 @@ class RawSource(SourceReader):
             parts.append(part)
             done += len(part)
         return b"".join(parts)
+
+    def prefetch(self, offset: int, length: int) -> None:
+        with contextlib.suppress(OSError, AttributeError):
+            os.posix_fadvise(self.fd, offset, length, os.POSIX_FADV_WILLNEED)
 
     def _pread(self, length: int, offset: int) -> bytes:
         try:

@@ -317,16 +317,21 @@ class SourceConversation(_Conversation):
 
     # .. ending ..
 
-    def done(self, info: dict[str, Any]) -> p.Done:
-        """Everything is decided and sent: the root of what the target should now hold."""
-        assert self.target is not None and not self._asked
+    def root(self) -> bytes:
+        """The root of the source's disk from its leaves, and from the target's digest for
+        each adopted page (whose leaves are never known)."""
         pages = [
             bytes(self._page_hashes[j * HASH_SIZE : (j + 1) * HASH_SIZE]) if j in self._adopted
             else node_hash_packed(self.leaves[a * HASH_SIZE : b * HASH_SIZE])
             for j, (a, b) in enumerate(self.src.chunk_range(1, j)
                                        for j in range(self.src.count(1)))
         ]
-        self._done = p.Done(root_from_pages(self.src, pages), info)
+        return root_from_pages(self.src, pages)
+
+    def done(self, info: dict[str, Any]) -> p.Done:
+        """Everything is decided and sent: the root of what the target should now hold."""
+        assert self.target is not None and not self._asked
+        self._done = p.Done(self.root(), info)
         return self._done
 
     def _on_committed(self, msg: p.Committed) -> Finished:

@@ -270,6 +270,11 @@ def _done_info(info: dict[str, Any]) -> dict[str, Any]:
     for name in ("map", "map_fallback"):
         if not isinstance(info.get(name, ""), str):
             raise _Malformed(f"{name!r} must be a string")
+    if "map_warnings" in info:
+        notes = info["map_warnings"]
+        if not isinstance(notes, list) or not all(isinstance(n, str) for n in notes):
+            raise _Malformed("'map_warnings' must be a list of strings")
+        info["map_warnings"] = [_line(n, 500) for n in notes[:20]]
     if not isinstance(info.get("change_base") or {}, dict):
         raise _Malformed("'change_base' must be an object")
     return info

@@ -179,6 +179,10 @@ def _target_stats(stats: PushStats, store: WireStore, dry_run: bool,
     root, info = store.done
     stats.root_hash = root.hex()
     stats.read_errors = [(int(o), int(n)) for o, n in info.get("read_errors") or []]
+    stats.map = str(info.get("map") or "full")
+    stats.map_fallback = str(info.get("map_fallback") or "")
+    source = f"{pulled_from}: " if pulled_from else ""
+    stats.warnings += [f"{source}{w}" for w in info.get("map_warnings") or []]
     changed = int(info.get("source_changed_chunks") or 0)
     if changed and pulled_from is not None:
         stats.warnings.append(f"{pulled_from}: the source changed during the pull: {changed} "

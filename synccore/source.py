@@ -39,6 +39,7 @@ import bisect
 import contextlib
 import errno
 import functools
+import itertools
 import json
 import math
 import os
@@ -84,6 +85,7 @@ MAX_PENDING_PAGES = 256  # pages asked about or being sent; bounds the source's 
 HELD_BYTES = 64 << 20
 #: extents closer than this are read with one read (what lies between is then zeroed)
 READ_GAP = 32 << 10
+PREFETCH_BATCHES = 8  # a scan of pieces asks for them this many batches ahead
 
 
 # -- options and results ----------------------------------------------------------------
@@ -236,6 +238,8 @@ class SourceSession:
                 "map": self.stats.map,
                 "map_fallback": self.stats.map_fallback,
                 "change_base": self.change_base,
+                # how this scan was narrowed, or why not (a pulling target reports them)
+                "map_warnings": [w[:500] for w in self.stats.warnings[:20]],
             }
             if self.opts.dry_run:
                 # no chunks travel in a dry run: tell a pulling target what would have
@@ -550,7 +554,9 @@ class SourceSession:
         self.batch = math.gcd(self.fanout, BATCH_CHUNKS)
         # pages wholly past the target's end have nothing to compare: sent as they are read
         self.send_from = -(-self.dst.chunks // self.fanout) * self.fanout
-        batches = range(0, self.src.chunks, self.batch)
+        batches: Iterable[int] = range(0, self.src.chunks, self.batch)
+        if PREFETCH_BATCHES and (self.data.total < self.src.size or self.changed is not None):
+            batches = self._prefetching(batches)
         page = 0
         page_unread: list[int] = []
         try:
@@ -583,16 +589,17 @@ class SourceSession:
             self.fail.check()
             raise
 
-    def _batches(self, batches: range) -> Iterator[_Batch]:
+    def _batches(self, batches: Iterable[int]) -> Iterator[_Batch]:
         """The scan's batches in order: those that a map of changed ranges leaves wholly
         unread are made right here (nothing to read or hash: a dirty-bitmap push of a big
         disk is mostly these), the others on the worker threads."""
         if self.changed is None:
             yield from ordered_map(self._scan_batch, batches, window=SCAN_WINDOW)
             return
-        work = ordered_map(self._scan_batch, (f for f in batches if not self._all_unread(f)),
+        ahead, inorder = itertools.tee(batches)  # the workers' side runs a window ahead
+        work = ordered_map(self._scan_batch, (f for f in ahead if not self._all_unread(f)),
                            window=SCAN_WINDOW)
-        for first in batches:
+        for first in inorder:
             if self._all_unread(first):
                 n = min(first + self.batch, self.src.chunks) - first
                 yield _Batch(first, [bytes(HASH_SIZE)] * n, [False] * n, None, [],
@@ -607,6 +614,16 @@ class SourceSession:
             return False
         return not self.changed.overlaps(first * self.cs, min(last * self.cs, self.src.size))
 
+    def _prefetching(self, batches: Iterable[int]) -> Iterator[int]:
+        """``batches``, asking the reader for the pieces of each a few batches ahead."""
+        cs, size, ahead = self.cs, self.src.size, PREFETCH_BATCHES * self.batch
+        for first in batches:
+            a, b = (first + ahead) * cs, min((first + ahead + self.batch) * cs, size)
+            for x, y in self.data.pieces(a, b) if a < b else []:
+                if self.changed is None or self.changed.overlaps(x, y):
+                    self.reader.prefetch(x, y - x)
+            yield first
+
     def _scan_batch(self, first: int) -> _Batch:
         if self.fail.event.is_set():
             raise _Stopped()
@@ -614,8 +631,13 @@ class SourceSession:
         cs = self.cs
         send_now = first >= self.send_from
         bad: list[tuple[int, int]] = []
-        unread = [c for c in range(first, last) if self._unchanged(c)]
         start, stop = first * cs, min(last * cs, self.src.size)
+        if self.changed is not None and not self.changed.overlaps(start, stop) \
+                and self.conv.comparable(last - 1):  # (then so are the batch's other chunks)
+            n = last - first  # unchanged: every digest is the target's
+            return _Batch(first, [bytes(HASH_SIZE)] * n, [False] * n, None, [],
+                          list(range(first, last)), 0)
+        unread = [c for c in range(first, last) if self._unchanged(c)]
         if not unread and not self.data.overlaps(start, stop):  # a hole: zeros, nothing read
             lengths = [self.src.chunk_length(c) for c in range(first, last)]
             return _Batch(first, [zero_hash(n) for n in lengths], [True] * len(lengths),

@@ -7,6 +7,7 @@ their data (``SEEK_DATA``)."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import random
 import threading
@@ -14,10 +15,19 @@ from typing import Any
 
 import pytest
 
+from diskrsync.base.errors import PeerError
+from diskrsync.cli.main import main
 from diskrsync.compression.image import Image
 from diskrsync.compression.sources import RawSource
+from diskrsync.synccore import protocol as p
 from diskrsync.synccore.channel import FdStream, FramedChannel, channel_pair
-from diskrsync.synccore.push import PushRequest, local_push, open_store, serve_target
+from diskrsync.synccore.push import (
+    PushRequest,
+    local_push,
+    open_store,
+    run_target_end,
+    serve_target,
+)
 from diskrsync.synccore.source import PushStats, SourceOptions, SourceSession, _map_refused
 from diskrsync.synccore.target import TargetOptions
 
@@ -213,6 +223,25 @@ def test_a_stale_base_falls_back_to_a_full_scan_loudly(first, framed):
 
 
 @pytest.mark.inproc
+def test_a_push_resuming_a_checkpoint_does_not_trust_the_map(first):
+    """The checkpoint an interrupted push left may hold chunks of another source: its
+    digests are not the generation's the map is relative to, so a full scan, said so."""
+    src, dst, data = first
+    with Image.open(dst) as img:  # an interrupted push of another disk got as far as this
+        tx = img.begin()
+        tx.write_chunk(500, random.Random(21).randbytes(CS))
+        tx.checkpoint()
+        tx.abort()
+    ranges = write_chunks(data, [5], seed=22)
+    src.write_bytes(data)
+    reader = MapSource(str(src), ranges)
+    stats = push(reader, dst)
+    assert "checkpoint" in stats.map_fallback and stats.map == "full"
+    assert stats.bytes_read == len(data)
+    assert current(dst) == data
+
+
+@pytest.mark.inproc
 def test_a_raw_target_or_a_source_without_a_base_scans_everything(tmp_path):
     src, dst = tmp_path / "src", str(tmp_path / "dst.raw")
     data = disk(11, 40)
@@ -309,3 +338,72 @@ def test_a_file_that_is_all_hole_reads_nothing(tmp_path):
     stats = push(reader, dst)
     assert reader.bytes_read == 0 and stats.zero_chunks == stats.chunks
     assert current(dst) == bytes(8 * MiB + 5)
+
+
+def _decoded(msg: p.Message) -> p.Message | None:
+    d = p.Decoder()
+    d.feed(p.preamble() + p.encode(msg))
+    return d.next()
+
+
+@pytest.mark.pure
+def test_the_new_hello_and_done_fields_are_checked():
+    """A target's generation and change_base, and a Done's map fields, are validated like
+    every other number and shape a peer sends (a wrong type is one PeerError)."""
+    good: dict[str, Any] = {"hash": p.HASH, "caps": [], "generation": 3,
+                            "change_base": {"map": "m"}}
+    hello = p.Hello("target", 0, CS, 128, "t", good)
+    assert _decoded(hello) == hello
+    bad: dict[str, Any]
+    for bad in ({"generation": "3"}, {"generation": -1}, {"generation": True},
+                {"change_base": ["m"]}):
+        with pytest.raises(PeerError, match="malformed"):
+            _decoded(p.Hello("target", 0, CS, 128, "t", {**good, **bad}))
+    done = p.Done(bytes(32), {"map": "sparse", "map_fallback": "", "change_base": None})
+    assert _decoded(done) == done
+    for bad in ({"map": 1}, {"map_fallback": []}, {"change_base": "x"}):
+        with pytest.raises(PeerError, match="malformed"):
+            _decoded(p.Done(bytes(32), bad))
+
+
+@pytest.mark.inproc
+def test_push_json_says_which_map_was_used(tmp_path, capsys):
+    src, dst = tmp_path / "sparse", tmp_path / "dst.img"
+    with open(src, "wb") as f:
+        f.truncate(8 * MiB)
+        f.seek(3 * MiB)
+        f.write(random.Random(30).randbytes(MiB))
+    if not _has_holes(str(src)):
+        pytest.skip("this file system keeps no holes")
+    assert main(["push", "--json", str(src), str(dst)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["map"] == "sparse" and out["map_fallback"] == "" and out["bytes_read"] == MiB
+    assert main(["push", "--json", "--skip-free-blocks", str(src), str(dst)]) == 0
+    captured = capsys.readouterr()
+    out = json.loads(captured.out)
+    assert out["map"] == "sparse"
+    assert "--skip-free-blocks: no ext2/3/4 or xfs file system found" in out["warnings"][0]
+    assert "warning: --skip-free-blocks: no ext2/3/4" in captured.err
+
+
+@pytest.mark.inproc
+def test_a_pull_reports_the_remote_sources_map_and_its_warnings(first):
+    """Where this machine is the target (a pull), what the far source said of its map comes
+    in its Done: the summary and --json show it, named by the host."""
+    src, dst, _data = first
+    a, b, fds = _framed_pair()
+    reader = MapSource(str(src), [], base={"map": "test-map", "bitmap": "other"})
+    t = threading.Thread(target=lambda: SourceSession(a, reader,
+                                                      SourceOptions(chunk_size=CS)).run())
+    t.start()
+    try:
+        stats = run_target_end(b, dst, PushRequest(), pulled_from="web1")
+    finally:
+        t.join(60)
+        reader.close()
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+    assert stats.map == "full" and "another map" in stats.map_fallback
+    assert any(w.startswith("web1: full scan: test-map not used") for w in stats.warnings)
+    assert "another map" in newest_meta(dst)["map_warnings"][0]

@@ -14,10 +14,13 @@ from pathlib import Path
 
 import pytest
 
+from diskrsync.cli.requests import push_request
+from diskrsync.cli.serve import _parse_request
 from diskrsync.compression.fsmaps import Distrust, ext_free, free_blocks, subtract_ranges
 from diskrsync.compression.image import Image
 from diskrsync.compression.partitions import read_partitions
 from diskrsync.synccore.push import PushRequest, local_push
+from diskrsync.synccore.remote import _source_argv
 from diskrsync.synccore.source import SourceOptions
 
 MiB = 1 << 20
@@ -102,7 +105,9 @@ def test_ext_free_blocks_equal_what_e2fsprogs_lists(tmp_path, opts):
         os.close(fd)
     assert found is not None
     _kind, total, free = found
-    bs = int(re.search(r"Block size:\s+(\d+)", run("dumpe2fs", "-h", str(fs))).group(1))
+    size = re.search(r"Block size:\s+(\d+)", run("dumpe2fs", "-h", str(fs)))
+    assert size is not None
+    bs = int(size.group(1))
     mine = {b for o, n in free for b in range(o // bs, (o + n) // bs)}
     assert mine == dumpe2fs_free(fs)
     assert total == fs.stat().st_size
@@ -138,6 +143,16 @@ def test_an_ext4_not_cleanly_unmounted_or_inconsistent_is_read_in_full(tmp_path)
 
 
 @pytest.mark.pure
+def test_a_pull_asks_the_remote_source_to_skip_free_blocks():
+    """The far end of a pull is the source: the option travels in its serve command, which a
+    forced-command server lets through."""
+    argv = _source_argv("/dev/sdb", SKIP)
+    assert "--skip-free-blocks" in argv
+    ns = _parse_request(" ".join(["diskrsync", *argv]))
+    assert push_request(ns).source.skip_free_blocks
+
+
+@pytest.mark.pure
 def test_subtract_ranges():
     assert subtract_ranges([(0, 10), (20, 10)], [(5, 2), (8, 14), (29, 5)]) == \
         [(0, 5), (7, 1), (22, 7)]
@@ -148,14 +163,21 @@ def test_subtract_ranges():
 # -- pushes ------------------------------------------------------------------------------
 
 
-def gpt_disk(path: Path, size: int, parts_mib: list[int]) -> list[tuple[int, int]]:
-    """A GPT disk with partitions of those sizes; their (start, size) in bytes."""
+def gpt_disk(path: Path, size: int, parts_mib: list[int], scheme: str = "gpt") -> (
+    list[tuple[int, int]]
+):
+    """A GPT (or MBR) disk with partitions of those sizes; their (start, size) in bytes."""
     with open(path, "wb") as f:
         f.truncate(size)
-    args = []
-    for i, n in enumerate(parts_mib, 1):
-        args += ["-n", f"{i}:0:+{n}M"]
-    run("sgdisk", *args, str(path))
+    if scheme == "gpt":
+        args = []
+        for i, n in enumerate(parts_mib, 1):
+            args += ["-n", f"{i}:0:+{n}M"]
+        run("sgdisk", *args, str(path))
+    else:
+        script = "label: dos\n" + "".join(f",{n}M\n" for n in parts_mib)
+        subprocess.run(["sfdisk", "-q", str(path)], input=script, text=True, check=True,
+                       capture_output=True)
     fd, read = reader_of(path)
     try:
         return [(p.start, p.size) for p in read_partitions(read, size)]
@@ -175,12 +197,14 @@ def extract(data: bytes, start: int, size: int, dest: Path) -> Path:
 
 
 @pytest.mark.process
-@pytest.mark.skipif(not shutil.which("sgdisk"), reason="needs gdisk")
+@pytest.mark.skipif(not shutil.which("sgdisk") or not shutil.which("sfdisk"),
+                    reason="needs gdisk and fdisk")
 @needs_e2fs
-def test_ext4_partition_files_written_deleted_and_overwritten_all_restore(tmp_path):
+@pytest.mark.parametrize("scheme", ["gpt", "mbr"])
+def test_ext4_partition_files_written_deleted_and_overwritten_all_restore(tmp_path, scheme):
     r = random.Random(2)
     disk, fs, dst = tmp_path / "disk", tmp_path / "fs", tmp_path / "backup.img"
-    (start, psize), (start2, psize2) = gpt_disk(disk, 200 * MiB, [96, 64])
+    (start, psize), (start2, psize2) = gpt_disk(disk, 200 * MiB, [96, 64], scheme)
     files = {f"f{i}": r.randbytes(r.randrange(1000, 4 * MiB)) for i in range(8)}
     make_ext4(fs, f"{psize // 1024}k", files, "-b", "4096")
     embed(disk, fs, start)
@@ -320,3 +344,21 @@ def test_xfs_partition_files_written_deleted_and_overwritten_all_restore(tmp_pat
     stats = local_push(str(disk), str(dst), SKIP)
     assert "free-blocks" not in stats.map
     assert any("xfs is mounted or was not cleanly unmounted" in w for w in stats.warnings)
+
+
+@pytest.mark.pure
+def test_garbage_is_no_file_system_and_a_lying_superblock_is_not_believed():
+    r = random.Random(5)
+    for size in (0, 100, 600, 4096, 1 << 20):
+        data = r.randbytes(size)
+        m = free_blocks(lambda o, n, data=data: data[o : o + n], size)
+        assert m.free == []
+    # an ext4 superblock claiming more blocks than the disk holds
+    sb = bytearray(1024)
+    sb[56:58] = (0xEF53).to_bytes(2, "little")
+    sb[58:60] = (1).to_bytes(2, "little")  # clean
+    sb[4:8] = (10**6).to_bytes(4, "little")
+    sb[32:36] = (8192).to_bytes(4, "little")
+    disk = bytes(1024) + bytes(sb) + bytes(1 << 20)
+    m = free_blocks(lambda o, n: disk[o : o + n], len(disk))
+    assert m.free == [] and "inconsistent" in m.problems[0]

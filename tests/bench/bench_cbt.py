@@ -1,7 +1,7 @@
 """Cost proportional to change (issue 14): sparse files and --skip-free-blocks, each against a
 full scan of the same data in the same run (a script, not a test).
 
-    .venv/bin/python tests/bench/bench_cbt.py [--runs 3] [--size-mib 2048] [--dir /var/tmp]
+    .venv/bin/python tests/bench/bench_cbt.py [--runs 5] [--size-mib 2048] [--dir /var/tmp]
 
 * sparse: a file of ``--size-mib`` with 10% allocated in 2 MiB runs (half random, half
   text-like), and the same bytes written out in full (its holes as real zeros): the first
@@ -59,16 +59,23 @@ def warm(path: Path) -> None:
             pass
 
 
-def timed(runs: int, fn: Callable[[], PushStats], cold: Path | None = None) -> tuple[float, int]:
-    times, read = [], 0
+Case = tuple[Callable[[], PushStats], Path | None]  # the push, the source to evict first
+
+
+def interleaved(runs: int, cases: dict[str, Case]) -> dict[str, tuple[float, int]]:
+    """Median time and bytes read of each case, the cases taking turns in every round (this
+    machine's load changes from minute to minute; turns keep the ratios fair)."""
+    times: dict[str, list[float]] = {k: [] for k in cases}
+    read: dict[str, int] = {}
     for _ in range(runs):
-        if cold is not None:
-            drop(cold)
-        t0 = time.perf_counter()
-        stats = fn()
-        times.append(time.perf_counter() - t0)
-        read = stats.bytes_read
-    return statistics.median(times), read
+        for name, (fn, cold) in cases.items():
+            if cold is not None:
+                drop(cold)
+            t0 = time.perf_counter()
+            stats = fn()
+            times[name].append(time.perf_counter() - t0)
+            read[name] = stats.bytes_read
+    return {k: (statistics.median(v), read[k]) for k, v in times.items()}
 
 
 def push(src: Path, dst: Path, *, skip: bool = False, fresh: bool = True) -> PushStats:
@@ -98,15 +105,15 @@ def sparse_case(work: Path, size: int, runs: int) -> None:
     for cache in ("warm", "cold"):
         for f in (sparse, dense):
             warm(f)
-        t_dense, r_dense = timed(runs, lambda: push(dense, dst),
-                                 dense if cache == "cold" else None)
-        t_sparse, r_sparse = timed(runs, lambda: push(sparse, dst),
-                                   sparse if cache == "cold" else None)
+        cold = cache == "cold"
+        res = interleaved(runs, {"dense": (lambda: push(dense, dst), dense if cold else None),
+                                 "sparse": (lambda: push(sparse, dst), sparse if cold else None)})
+        (t_dense, r_dense), (t_sparse, r_sparse) = res["dense"], res["sparse"]
         print(f"  {cache}: written out in full {t_dense:.2f} s, {r_dense / MiB:.0f} MiB read; "
               f"sparse {t_sparse:.2f} s, {r_sparse / MiB:.0f} MiB read "
               f"({t_sparse / t_dense:.2f}x the time, {r_sparse / r_dense:.2f}x the bytes)")
-    for f in (sparse, dense, dst):
-        f.unlink()
+    for path in (sparse, dense, dst):
+        path.unlink()
 
 
 def free_blocks_case(work: Path, size: int, runs: int) -> None:
@@ -133,26 +140,26 @@ def free_blocks_case(work: Path, size: int, runs: int) -> None:
                    check=True, capture_output=True)
     shutil.rmtree(files)
     warm(disk)
-    first_full = timed(runs, lambda: push(disk, dst))
-    again_full = timed(runs, lambda: push(disk, dst, fresh=False))
-    first_skip = timed(runs, lambda: push(disk, dst, skip=True))
-    again_skip = timed(runs, lambda: push(disk, dst, skip=True, fresh=False))
-    cold_full = timed(runs, lambda: push(disk, dst, fresh=False), disk)
-    cold_skip = timed(runs, lambda: push(disk, dst, skip=True, fresh=False), disk)
+    first = interleaved(runs, {"full": (lambda: push(disk, dst), None),
+                               "skip": (lambda: push(disk, dst, skip=True), None)})
+    again = interleaved(runs, {"full": (lambda: push(disk, dst, fresh=False), None),
+                               "skip": (lambda: push(disk, dst, skip=True, fresh=False), None)})
+    cold = interleaved(runs, {"full": (lambda: push(disk, dst, fresh=False), disk),
+                              "skip": (lambda: push(disk, dst, skip=True, fresh=False), disk)})
     print(f"ext4 partition 20% full on a {size // MiB} MiB disk of old garbage:")
-    for what, full, skip in (("first push", first_full, first_skip),
-                             ("nothing changed", again_full, again_skip),
-                             ("nothing changed, cold", cold_full, cold_skip)):
+    for what, res in (("first push", first), ("nothing changed", again),
+                      ("nothing changed, cold", cold)):
+        full, skip = res["full"], res["skip"]
         print(f"  {what}: full scan {full[0]:.2f} s, {full[1] / MiB:.0f} MiB read; "
               f"--skip-free-blocks {skip[0]:.2f} s, {skip[1] / MiB:.0f} MiB read "
               f"({skip[0] / full[0]:.2f}x the time, {skip[1] / full[1]:.2f}x the bytes)")
-    for f in (disk, dst):
-        f.unlink()
+    for path in (disk, dst):
+        path.unlink()
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--size-mib", type=int, default=2048)
     ap.add_argument("--dir", default="/var/tmp")
     args = ap.parse_args()
