@@ -142,7 +142,7 @@ class ManagedBitmap:
         self.scratch: str | None = None  # the scratch file, as QEMU names it
         self.scan_bitmap: str | None = None
         self.problem = ""  # why ``name`` could not be used, for the user
-        self.live = False  # no scratch file: the disk is read as it changes
+        self.live = ""  # why there is no scratch file (the disk is then read as it changes)
         self._path = qmp_path
         # QEMU's monitor serves one client at a time: it is held only while commands run
         with self._connected():
@@ -268,8 +268,9 @@ class ManagedBitmap:
             os.unlink(self.scratch)
         except OSError as e:
             if e.errno != errno.ENOENT:  # not ours to see (QEMU elsewhere): QEMU empties it
-                self._create({"driver": "file", "filename": self.scratch, "size": 0},
-                             "empty the scratch file")
+                with contextlib.suppress(QmpError):  # or not: a named leftover, no harm
+                    self._create({"driver": "file", "filename": self.scratch, "size": 0},
+                                 "empty the scratch file")
 
     def _start_fleece(self) -> bool:
         """The scratch qcow2 over the disk (not yet filled: see the transaction); False when
@@ -278,16 +279,22 @@ class ManagedBitmap:
         image = str(node.get("file", ""))
         size = (node.get("image") or {}).get("virtual-size")
         if not image.startswith("/") or not isinstance(size, int) or size < 0:
+            self.live = f"the image of QEMU's node {self.node} is not a local file"
             return False
         self.scratch = f"{image}.{self.fleece_file}"
-        self._create({"driver": "file", "filename": self.scratch, "size": 0},
-                     "create the scratch file")
-        self.qmp.execute("blockdev-add", driver="file", filename=self.scratch,
-                         **{"node-name": self.fleece_file})
-        self._create({"driver": "qcow2", "file": self.fleece_file, "size": size},
-                     "format the scratch file")
-        self.qmp.execute("blockdev-add", driver="qcow2", file=self.fleece_file,
-                         backing=self.node, **{"node-name": self.fleece})
+        try:
+            self._create({"driver": "file", "filename": self.scratch, "size": 0},
+                         "create the scratch file")
+            self.qmp.execute("blockdev-add", driver="file", filename=self.scratch,
+                             **{"node-name": self.fleece_file})
+            self._create({"driver": "qcow2", "file": self.fleece_file, "size": size},
+                         "format the scratch file")
+            self.qmp.execute("blockdev-add", driver="qcow2", file=self.fleece_file,
+                             backing=self.node, **{"node-name": self.fleece})
+        except QmpError as e:  # e.g. QEMU may not write next to the image: read it live
+            self.live = str(e)
+            self._remove_fleece()
+            return False
         return True
 
     def _start(self) -> None:
@@ -326,8 +333,6 @@ class ManagedBitmap:
         if fleeced:
             actions.append(_act("blockdev-backup", device=self.node, target=self.fleece,
                                 sync="none", **{"job-id": self.job}))
-        else:
-            self.live = True
         self.qmp.execute("transaction", actions=actions)
         export: dict[str, Any] = {"type": "nbd", "id": self.export_name,
                                   "node-name": self.fleece if fleeced else self.node,

@@ -289,8 +289,7 @@ class NbdSource(SourceReader):
                 self._notes.append(f"{self.managed.problem}: every block was read; it records "
                                    f"writes from now on, so the next push reads only those")
             if self.managed.live:
-                self._notes.append(f"the image of QEMU's node {self.managed.node} is not a "
-                                   f"local file, so no point-in-time view of it could be made: "
+                self._notes.append(f"no point-in-time view of the disk ({self.managed.live}): "
                                    f"it was read while it changed (freeze the guest's file "
                                    f"systems for a consistent backup)")
         self.address = address

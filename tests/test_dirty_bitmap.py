@@ -8,6 +8,7 @@ import os
 import random
 import subprocess
 import sys
+import zlib
 from contextlib import closing
 from pathlib import Path
 from typing import Any
@@ -317,3 +318,16 @@ def test_a_managed_push_reads_the_disk_as_it_was_when_it_started(qsd):
     with closing(managed(qsd)) as src:  # what the guest wrote during the push comes next
         assert src.changed_ranges() == [(2 * MiB, GRANULE), (9 * MiB, GRANULE)]
         assert src.read(2 * MiB, 6) == b"AFTER!"
+
+
+@pytest.mark.process
+def test_without_room_for_a_scratch_file_the_disk_is_read_live_with_a_warning(qsd, tmp_path):
+    blocker = qsd.image.parent / f"{qsd.image.name}.drs{zlib.crc32(b'b0'):08x}-scratch"
+    blocker.mkdir()  # QEMU cannot create its scratch file there
+    (blocker / "keep").write_text("")
+    qsd.write(MiB, b"x")
+    stats = push(qsd, tmp_path / "backup.img")
+    assert any("no point-in-time view" in w for w in stats.warnings)
+    assert content(str(tmp_path / "backup.img"))[1] == qsd.contents()
+    assert extra_nodes(qsd) == set() and qsd.qmp("query-jobs") == []
+    assert blocker.is_dir()
