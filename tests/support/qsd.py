@@ -10,6 +10,7 @@ the daemon's back into the qcow2 file.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import shutil
 import signal
@@ -26,6 +27,14 @@ QSD = shutil.which("qemu-storage-daemon") or "/usr/bin/qemu-storage-daemon"
 QEMU_IMG = shutil.which("qemu-img") or "/usr/bin/qemu-img"
 NODE = "disk0"  # the qcow2 node, and the name of the NBD export of it
 START_TIMEOUT = 30.0
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In the child: SIGKILL when the test process dies, even killed (no teardown then)."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def available() -> bool:
@@ -79,7 +88,8 @@ class StorageDaemon:
         log = open(self.dir / "qsd.log", "ab")  # noqa: SIM115 (the child keeps it)
         try:
             self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log,
-                                         stderr=subprocess.STDOUT, start_new_session=True)
+                                         stderr=subprocess.STDOUT, start_new_session=True,
+                                         preexec_fn=_die_with_parent)
         finally:
             log.close()
         deadline = time.monotonic() + START_TIMEOUT
