@@ -1,10 +1,11 @@
 """Running the far end of a sync over SSH, for both wire formats, and the native remote push.
 
 :class:`RemoteRun` is the one wrapper around a remote command: it starts it over
-``synccore.ssh``, relays its stderr as ``host: line`` (:class:`StderrRelay`), checks its exit
-status, and explains a failure in one line (:meth:`RemoteRun.explain`). The native protocol
-(``diskrsync serve`` at the far end) and the Go protocol (``synccore/go_remote.py``) both
-run through it.
+``synccore.ssh`` (the built-in paramiko client, or with ``--rsh`` an external program such as
+the system's ``ssh``: two process backends with one contract), relays its stderr as
+``host: line`` (:class:`StderrRelay`), checks its exit status, and explains a failure in
+one line (:meth:`RemoteRun.explain`). The native protocol (``diskrsync serve`` at the far
+end) and the Go protocol (``synccore/go_remote.py``) both run through it.
 
 :func:`remote_push` runs ``diskrsync serve`` on the other host and speaks the framed protocol
 over its stdin/stdout: a push runs the source here and the target there (which verifies every
@@ -36,6 +37,7 @@ from diskrsync.synccore.source import PushStats, SourceSession
 from diskrsync.synccore.ssh.config import RemoteOptions
 from diskrsync.synccore.ssh.connection import SshConnection, connect
 from diskrsync.synccore.ssh.errors import EXIT_NOT_FOUND, LinkError, RemoteCommandError
+from diskrsync.synccore.ssh.external import ExternalProcess, rsh_argv
 from diskrsync.synccore.ssh.process import RemoteProcess
 
 __all__ = ["RemoteOptions", "RemoteRun", "StderrRelay", "remote_push", "start_remote"]
@@ -150,18 +152,16 @@ class _HostChannel:
 
 @dataclass
 class RemoteRun:
-    """One started remote command: its connection, process and stderr relay; ``channel``
-    when it speaks the native protocol (its errors then explain a failure best)."""
+    """One started remote command: its process (over our SSH connection ``conn``, or an
+    external ``--rsh`` program, then ``conn`` is None) and stderr relay; ``channel`` when it
+    speaks the native protocol (its errors then explain a failure best)."""
 
-    conn: SshConnection
-    proc: RemoteProcess
+    host: str
+    proc: RemoteProcess | ExternalProcess
     relay: StderrRelay
     cmd: str
+    conn: SshConnection | None = None
     channel: _HostChannel | None = None
-
-    @property
-    def host(self) -> str:
-        return self.conn.host
 
     def framed(self) -> _HostChannel:
         """The native protocol over the process's pipes."""
@@ -251,25 +251,31 @@ class RemoteRun:
 
     def close(self) -> None:
         self.proc.close()
-        self.conn.close()
+        if self.conn is not None:
+            self.conn.close()
 
 
 def start_remote(remote: RemotePath, opts: RemoteOptions, argv: list[str], *,
                  go: bool = False) -> RemoteRun:
     """Connect and start ``remote_cmd [extra...] argv...`` there; ``go``: it is the original
-    Go tool (its lines are relayed as they come, minus its progress lines)."""
+    Go tool (its lines are relayed as they come, minus its progress lines). With
+    ``opts.rsh`` the external program runs it instead of the built-in client."""
+    relay = StderrRelay(remote.host, hold_errors=not go, progress_lines=go)
+    timeout = None if go else opts.timeout
+    if opts.rsh:
+        command = rsh_argv(opts.rsh, remote, opts.ssh, [*opts.extra, *argv])
+        ext = ExternalProcess(command, remote.host, opts.ssh.remote_cmd, relay, timeout)
+        return RemoteRun(remote.host, ext, relay, opts.command)
     # paramiko logs socket errors it also raises; with no handler Python would print them
     # ("Socket exception: ...") next to our one-line error
     logging.getLogger("paramiko").addHandler(logging.NullHandler())
     conn = connect(remote, opts.ssh)
     try:
-        relay = StderrRelay(conn.host, hold_errors=not go, progress_lines=go)
-        proc = conn.run([*opts.extra, *argv], on_stderr=relay,
-                        timeout=None if go else opts.timeout)
+        proc = conn.run([*opts.extra, *argv], on_stderr=relay, timeout=timeout)
     except BaseException:
         conn.close()
         raise
-    return RemoteRun(conn, proc, relay, opts.command)
+    return RemoteRun(conn.host, proc, relay, opts.command, conn)
 
 
 # -- push and pull -------------------------------------------------------------------------

@@ -41,6 +41,9 @@ def _ssh_options(sp: argparse.ArgumentParser) -> None:
                    help="diskrsync on the remote host (default: found on its PATH)")
     g.add_argument("--legacy", action="store_true",
                    help="the remote end is the original Go diskrsync (BSNC0002 protocol)")
+    g.add_argument("--rsh", "-e", metavar="COMMAND",
+                   help="run the remote end through COMMAND (e.g. 'ssh -o ControlMaster=auto')"
+                        " instead of the built-in SSH client, as rsync's -e")
 
 
 def _push_options(sp: argparse.ArgumentParser, *, serve: bool = False) -> None:

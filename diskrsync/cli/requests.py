@@ -14,7 +14,12 @@ from diskrsync.cli.keys import kdf_params, keyring
 from diskrsync.synccore.protocol import DEFAULT_MAX_SIZE
 from diskrsync.synccore.push import PushRequest
 from diskrsync.synccore.source import SourceOptions
-from diskrsync.synccore.ssh.config import DEFAULT_SSH_CONFIG, RemoteOptions, SshOptions
+from diskrsync.synccore.ssh.config import (
+    DEFAULT_SSH_CONFIG,
+    SYSTEM_SSH_CONFIG,
+    RemoteOptions,
+    SshOptions,
+)
 from diskrsync.synccore.target import TargetOptions
 
 #: Testing aid: "INTERVAL,COUNT" overrides the keepalive watchdog (default 15 s x 4), so a
@@ -68,9 +73,12 @@ def ssh_options(args: argparse.Namespace) -> tuple[SshOptions, list[str]]:
     if not words:
         raise UsageError("--remote-cmd is empty")
     config = getattr(args, "ssh_config", None)
+    # as ssh: -F FILE replaces both the user's and the system's config; -F none reads none
     opts = SshOptions(
         identity_files=tuple(Path(i) for i in (getattr(args, "identity", None) or [])),
-        ssh_config=Path(config) if config else DEFAULT_SSH_CONFIG,
+        ssh_config=(None if config == "none" else Path(config)) if config
+        else DEFAULT_SSH_CONFIG,
+        system_ssh_config=None if config else SYSTEM_SSH_CONFIG,
         accept_new_host_key=bool(getattr(args, "accept_new_host_key", False)),
         remote_cmd=words[0],
     )
@@ -86,6 +94,13 @@ def remote_options(args: argparse.Namespace) -> RemoteOptions:
     ``--calc-progress``."""
     opts, extra = ssh_options(args)
     shown = not (getattr(args, "quiet", False) or getattr(args, "json", False))
+    rsh_text = getattr(args, "rsh", None)
+    try:
+        rsh = shlex.split(rsh_text) if rsh_text is not None else []
+    except ValueError as e:
+        raise UsageError(f"bad --rsh: {e}") from None
+    if rsh_text is not None and not rsh:
+        raise UsageError("--rsh is empty")
     return RemoteOptions(ssh=opts, extra=tuple(extra), progress=shown,
                          remote_progress=shown and sys.stderr.isatty(),
-                         timeout=getattr(args, "timeout", None))
+                         timeout=getattr(args, "timeout", None), rsh=tuple(rsh))
