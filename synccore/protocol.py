@@ -326,10 +326,11 @@ class Decoder:
             if len(buf) - pos < PREAMBLE_SIZE:
                 if len(buf) - pos >= 4 and not GO_MAGIC.startswith(bytes(buf[pos : pos + 4])) \
                         and not PREAMBLE.startswith(bytes(buf[pos : pos + 4])):
-                    raise PeerError(f"peer does not speak the diskrsync protocol "
-                                    f"(it sent {bytes(buf[pos:pos + 16])!r})")
+                    raise ForeignPeer(bytes(buf[pos : pos + 80]))
                 return None
             head = bytes(buf[pos : pos + PREAMBLE_SIZE])
+            if head != GO_MAGIC and not head.startswith(PREAMBLE):
+                raise ForeignPeer(bytes(buf[pos : pos + 80]))  # all we have of its words
             check_preamble(head)
             self._pos = pos = pos + PREAMBLE_SIZE
             self._greeted = True
@@ -351,6 +352,26 @@ class Decoder:
         return len(self._buf) - self._pos
 
 
+class ForeignPeer(PeerError):
+    """The peer's first bytes are neither our preamble nor the Go tool's: another program
+    answered (a shell's or a program's text, usually). ``head`` holds those bytes."""
+
+    def __init__(self, head: bytes) -> None:
+        super().__init__(f"peer does not speak the diskrsync protocol (it sent "
+                         f"{describe_bytes(head)})")
+        self.head = head
+
+
+def describe_bytes(data: bytes) -> str:
+    """A peer's bytes for a message: quoted text when they are printable, else hex (never a
+    Python bytes repr)."""
+    text = data.decode("ascii", "replace")
+    if all(c.isprintable() or c in "\t\r\n" for c in text) and "\ufffd" not in text:
+        shown = text.replace("\r", "").replace("\n", " ").replace("\t", " ").strip()
+        return f'text "{shown}..."' if shown else "blank lines"
+    return f"bytes {data.hex(' ')}"
+
+
 def check_preamble(head: bytes) -> None:
     """Accept our preamble at our version; name what the peer is otherwise."""
     if head == GO_MAGIC:
@@ -358,7 +379,7 @@ def check_preamble(head: bytes) -> None:
             "the peer is the original Go diskrsync (it speaks BSNC0002): use --legacy"
         )
     if not head.startswith(PREAMBLE):
-        raise PeerError(f"peer does not speak the diskrsync protocol (it sent {head!r})")
+        raise ForeignPeer(head)
     (version,) = struct.unpack(">H", head[len(PREAMBLE) :])
     if version != PROTOCOL_VERSION:
         raise PeerError(

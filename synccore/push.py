@@ -140,6 +140,7 @@ def run_target_end(channel: Channel, dst: str, req: PushRequest, *, verify: bool
             stats.target_root_hash = committed.root.hex()
         else:
             stats.generation = committed.generation or None
+            stats.created = stats.generation == 1
     return stats
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 import threading
 from collections.abc import Callable
@@ -52,12 +53,22 @@ FAILURE_WAIT = 5.0
 EXIT_USAGE = UsageError.exit_code
 
 
+#: What the original Go diskrsync says when it rejects a native request (its flag parser's
+#: complaints, its usage text, its fatal log lines), on stderr or (merged) as its first output.
+GO_WORDS = re.compile(r"unknown (shorthand )?flag: .+|flag needs an argument: .+|Usage of \S+:|"
+                      r"Usage: \S+ \[flags\] <src> <dst>|"
+                      r"\d{4}/\d\d/\d\d \d\d:\d\d:\d\d (Source|Target) failed: .+")
+
+
 class StderrRelay:
     """Relays the remote's stderr as ``host: line``.
 
     A diskrsync ``serve`` ends a failure with ``diskrsync: <error>`` lines: they are held back
     (``hold_errors``), since they usually become our own one-line error instead of being
-    printed twice. A Go remote's progress lines (``progress_lines``) are consumed, not shown.
+    printed twice. So is everything from the first line in which the original Go tool
+    rejects a native request (``go_said``): the error then names the Go tool instead of
+    showing its usage text. A Go remote's progress lines (``progress_lines``) are consumed,
+    not shown.
     """
 
     def __init__(self, host: str, *, hold_errors: bool = True,
@@ -67,6 +78,7 @@ class StderrRelay:
         self.parser = ProgressLineParser() if progress_lines else None
         self.held: list[str] = []
         self.lines: list[str] = []
+        self.go_said: str | None = None
         self._lock = threading.Lock()
 
     def __call__(self, line: str) -> None:
@@ -74,8 +86,11 @@ class StderrRelay:
             return
         with self._lock:
             self.lines.append(line)
-            if self.hold_errors and line.startswith("diskrsync: ") \
-                    and not line.startswith("diskrsync: warning:"):
+            if self.hold_errors and self.go_said is None and GO_WORDS.fullmatch(line.strip()):
+                self.go_said = line.strip()
+            if self.hold_errors and (self.go_said is not None or (
+                    line.startswith("diskrsync: ")
+                    and not line.startswith("diskrsync: warning:"))):
                 self.held.append(line)
                 return
         if line.strip() or self.hold_errors:
@@ -101,14 +116,30 @@ class StderrRelay:
         return f": {lines[-1].strip()}" if lines else ""
 
     def flush(self, unless_in: str = "") -> None:
-        """Print held lines, except those the final error already says."""
+        """Print held lines, except those the final error already says (all of the Go
+        tool's, when the error names it)."""
         with self._lock:
             held, self.held = self.held, []
+        if GO_HINT in unless_in:
+            return
         for line in held:
             text = line.removeprefix("diskrsync: ")
             said = text.removeprefix("target: ").removeprefix("source: ")
             if said not in unless_in:
                 self._print(line)
+
+
+#: The documented words (docs/migration.md) for a remote that is the original Go tool.
+GO_HINT = "the peer is the original Go diskrsync"
+NOT_OURS_HINT = ("if it is the original Go diskrsync, use --legacy, otherwise install the same "
+                 "diskrsync release on both ends")
+
+
+def _go_words(head: bytes) -> str | None:
+    """The Go tool's first line when a peer's first output is it (stderr merged into
+    stdout, e.g. under a pty), else None."""
+    first = head.decode("ascii", "replace").split("\n")[0].strip()
+    return first if GO_WORDS.match(first) else None
 
 
 class _HostChannel:
@@ -120,6 +151,7 @@ class _HostChannel:
         self.host = host
         self.peer_error: DiskrsyncError | None = None
         self.protocol_error: PeerError | None = None
+        self.foreign: p.ForeignPeer | None = None  # another program answered
 
     @property
     def bytes_sent(self) -> int:
@@ -136,7 +168,10 @@ class _HostChannel:
         try:
             msg = self.inner.recv()
         except PeerError as e:
-            if type(e) is PeerError:  # not ConnectionClosed, LinkError, RemoteCommandError
+            if isinstance(e, p.ForeignPeer):
+                self.foreign = e
+            if type(e) is PeerError or isinstance(e, p.ForeignPeer):
+                # not ConnectionClosed, LinkError, RemoteCommandError
                 # the decoder's "peer speaks version N, ..." etc.: say which peer
                 self.protocol_error = PeerError(f"{self.host}: {e.message}")
                 raise self.protocol_error from None
@@ -200,8 +235,15 @@ class RemoteRun:
             status_error = se
         line = self.relay.last_error()
         result: DiskrsyncError = e
+        foreign = ch.foreign if ch is not None else None
+        go_said = self.relay.go_said or (_go_words(foreign.head) if foreign else None)
         if ch is not None and ch.peer_error is not None:
             result = ch.peer_error
+        elif go_said is not None and (foreign is not None or status or status_error):
+            result = PeerError(f"{host}: {GO_HINT} (it answered: {go_said}): use --legacy")
+        elif foreign is not None:
+            result = PeerError(f"{host}: {self.cmd} {foreign.message.removeprefix('peer ')}; "
+                               f"{NOT_OURS_HINT}")
         elif ch is not None and ch.protocol_error is not None:
             result = ch.protocol_error
         elif isinstance(status_error, RemoteCommandError) \
@@ -230,8 +272,7 @@ class RemoteRun:
         ``serve``, or the original Go tool (which rejects ``serve`` as a usage error)."""
         hint = ""
         if status == EXIT_USAGE or not self.relay.lines:
-            hint = ("; if it is the original Go diskrsync, use --legacy, otherwise install the "
-                    "same diskrsync release on both ends")
+            hint = f"; {NOT_OURS_HINT}"
         return RemoteCommandError(
             f"{self.cmd} on {self.host} exited with status {status} before speaking the "
             f"diskrsync protocol{self.relay.last_words()}{hint}")

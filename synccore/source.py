@@ -119,6 +119,9 @@ class PushStats:
     root_hash: str = ""
     target_root_hash: str = ""
     generation: int | None = None
+    #: The push created DST: a new image (generation 1), or with --legacy a new file (a Go
+    #: target that was missing or empty, which then reports no generation).
+    created: bool = False
     resumed: bool = False
     dry_run: bool = False
     differing_ranges: list[tuple[int, int]] = field(default_factory=list)
@@ -322,6 +325,7 @@ class SourceSession:
             seen.record(self.codec.key.key_id, self.place, res.generation, res.root)
             if self.place:
                 seen.remember_place(self.place, self.codec.key.key_id)
+        self.stats.created = self.stats.generation == 1
         if self.opts.dry_run:
             self.stats.target_root_hash = res.root.hex()
         self.stats.bytes_sent = self.ch.bytes_sent

@@ -16,7 +16,7 @@ from diskrsync.base.units import human
 from diskrsync.cli.keys import LOSS_WARNING
 from diskrsync.cli.requests import push_request
 from diskrsync.compression.sources import open_source
-from diskrsync.synccore.location import LocalPath, parse_location
+from diskrsync.synccore.location import LocalPath, RemotePath, parse_location
 from diskrsync.synccore.push import local_push
 
 
@@ -47,10 +47,16 @@ def _push_summary(stats: Any, args: argparse.Namespace) -> int:
             print(f"source root: {stats.root_hash}")
             print(f"target root: {stats.target_root_hash}")
         else:
-            gen = f"generation {stats.generation}" if stats.generation else "updated in place"
-            print(f"{gen}, root {stats.root_hash[:16]}…: {stats.chunks_differing} of "
-                  f"{stats.chunks} chunks differed, {human(stats.bytes_sent)} sent in "
-                  f"{stats.duration:.1f} s")
+            if stats.generation:
+                what = f"generation {stats.generation}"
+            elif args.legacy and isinstance(parse_location(args.dst), RemotePath):
+                # a Go target makes no generations: say what it holds now
+                what = f"{'created' if stats.created else 'updated'} {args.dst} (Go diskrsync)"
+            else:
+                what = "created" if stats.created else "updated in place"
+            root = f", root {stats.root_hash[:16]}…" if stats.root_hash else ""
+            print(f"{what}{root}: {stats.chunks_differing} of {stats.chunks} chunks differed, "
+                  f"{human(stats.bytes_sent)} sent in {stats.duration:.1f} s")
     for w in warnings:
         print(f"diskrsync: warning: {w}", file=sys.stderr)
     if stats.source_changed_chunks:
