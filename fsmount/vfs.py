@@ -5,7 +5,9 @@ live in ``reader.py``). The layout::
 
     /disk.raw                      the top-level generation's disk (the newest, or --generation G)
     /partitions/p1, p2, ...        byte ranges of that disk, one per partition
-    /partitions/by-label/<label>   symlinks "../pN" (GPT names; only when some partition has one)
+    /partitions/by-label/<label>   symlinks "../pN" (file system labels: ext2/3/4, XFS, Btrfs, FAT)
+    /partitions/by-partlabel/<n>   symlinks "../pN" (GPT partition names), as udev names both;
+                                   each directory only when some partition has such a label
     /generations/<N>-<UTC time>/   every retained generation, e.g. 7-2026-11-26T13-05-00Z/
         disk.raw
         partitions/...             as above
@@ -30,13 +32,14 @@ import os
 import stat
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from diskrsync.base.errors import DataError
 from diskrsync.compression.api import DiskImage, DiskSnapshot, GenerationInfo
 from diskrsync.fsmount.partitions import (
     NO_TABLE,
     PartitionTable,
+    filesystem_label,
     label_entries,
     read_partition_table,
 )
@@ -59,6 +62,7 @@ DISK_NAME = "disk.raw"
 PARTITIONS_NAME = "partitions"
 GENERATIONS_NAME = "generations"
 BY_LABEL_NAME = "by-label"
+BY_PARTLABEL_NAME = "by-partlabel"
 
 
 class VfsError(Exception):
@@ -174,10 +178,26 @@ def load_generation(image: DiskImage, number: int) -> GenerationView:
         except DataError as exc:  # a damaged table area: still show the whole disk
             log.warning("generation %d: partition table unreadable (%s)", number, exc)
             table = NO_TABLE
+        table = _with_fs_labels(table, snapshot, number)
     except BaseException:
         snapshot.close()
         raise
     return GenerationView(snapshot, table)
+
+
+def _with_fs_labels(table: PartitionTable, snapshot: DiskSnapshot, number: int) -> PartitionTable:
+    """The table with each partition's file system label (for by-label); a damaged
+    superblock area only leaves that partition out of by-label."""
+    parts = []
+    for part in table.partitions:
+        try:
+            label = filesystem_label(snapshot.read, part.start, part.size)
+        except DataError as exc:
+            log.warning("generation %d: p%d: file system label unreadable (%s)", number,
+                        part.number, exc)
+            label = ""
+        parts.append(replace(part, fs_label=label))
+    return replace(table, partitions=tuple(parts))
 
 
 @dataclass(eq=False)
@@ -302,10 +322,12 @@ class MountVFS:
             )
             self._nodes[node.inode] = node
             children[name] = node
-        labels = label_entries(view.table.partitions)
-        if labels:
+        for dir_name, filesystem in ((BY_LABEL_NAME, True), (BY_PARTLABEL_NAME, False)):
+            labels = label_entries(view.table.partitions, filesystem=filesystem)
+            if not labels:
+                continue
             by_label = self._dir(
-                f"{base}/{PARTITIONS_NAME}/{BY_LABEL_NAME}", mtime, STABLE_TIMEOUT, STABLE_TIMEOUT
+                f"{base}/{PARTITIONS_NAME}/{dir_name}", mtime, STABLE_TIMEOUT, STABLE_TIMEOUT
             )
             for label, part in labels.items():
                 link = LinkNode(
@@ -314,7 +336,7 @@ class MountVFS:
                 )
                 self._nodes[link.inode] = link
                 by_label.children[label] = link
-            children[BY_LABEL_NAME] = by_label
+            children[dir_name] = by_label
         directory.children[DISK_NAME] = disk
         partitions = self._dir(f"{base}/{PARTITIONS_NAME}", mtime, STABLE_TIMEOUT, STABLE_TIMEOUT)
         partitions.children.update(children)
@@ -324,8 +346,8 @@ class MountVFS:
     def _partitions_dir(
         self, path: str, mtime_ns: int, children: Mapping[str, Node], timeout: float
     ) -> DirNode:
-        # by-label is a directory, and a directory inode must have one parent: give each
-        # partitions/ directory its own by-label whose links are shared.
+        # by-label and by-partlabel are directories, and a directory inode must have one
+        # parent: give each partitions/ directory its own copies whose links are shared.
         node = self._dir(path, mtime_ns, timeout, STABLE_TIMEOUT)
         for name, child in children.items():
             if isinstance(child, DirNode):

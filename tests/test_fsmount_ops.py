@@ -81,7 +81,7 @@ def test_lookup_getattr_readlink(disk: bytes) -> None:
         assert again.st_ino == attr.st_ino and again.st_mtime_ns == attr.st_mtime_ns
         parts = await walk(ops, "/partitions")
         assert parts.entry_timeout == VOLATILE_TIMEOUT
-        link = await walk(ops, "/partitions/by-label/root")
+        link = await walk(ops, "/partitions/by-partlabel/root")
         assert await ops.readlink(link.st_ino) == b"../p1"
         assert await errno_of(ops.lookup(ROOT_INODE, b"missing")) == errno.ENOENT
         assert await errno_of(ops.getattr(99_999)) == errno.ENOENT

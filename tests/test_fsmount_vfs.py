@@ -90,12 +90,31 @@ def test_tree_layout(disk: bytes) -> None:
     assert vfs.getattr(top.inode).mtime_ns == int((T0 + 60) * 1e9)
     p2 = vfs.resolve("/partitions/p2")
     assert isinstance(p2, FileNode) and (p2.start, p2.size) == (4101 * 512, 1536 * 1024)
-    link = vfs.resolve("/partitions/by-label/data")
+    link = vfs.resolve("/partitions/by-partlabel/data")
     assert isinstance(link, LinkNode) and vfs.readlink(link.inode) == b"../p2"
-    assert sorted(vfs.resolve("/partitions/by-label").children) == ["data", "root"]
+    assert sorted(vfs.resolve("/partitions/by-partlabel").children) == ["data", "root"]
+    assert "by-label" not in vfs.resolve("/partitions").children  # no file systems in it
     attr = vfs.getattr(ROOT_INODE)
     assert attr.nlink == 4 and attr.mode & 0o777 == 0o555
     assert vfs.getattr(p2.inode).mode & 0o777 == 0o444
+
+
+@pytest.mark.process
+def test_by_label_holds_file_system_labels_and_by_partlabel_gpt_names(
+        tmp_path: Path) -> None:
+    """As udev: by-label/ names file systems by their own labels, by-partlabel/ names GPT
+    partitions; each in every partitions/ directory, the generations' too."""
+    if diskbuild.missing_tools("sgdisk", "mkfs.ext4"):
+        pytest.skip("needs sgdisk and mkfs.ext4 (Debian: gdisk, e2fsprogs)")
+    built = diskbuild.build_labelled_gpt_disk(tmp_path / "l.img", tmp_path)
+    _, vfs = make(built.path.read_bytes())
+    gen = next(iter(vfs.resolve("/generations").children))
+    for parts in ("/partitions", f"/generations/{gen}/partitions"):
+        links = {d: {n: vfs.readlink(c.inode) for n, c in
+                     vfs.resolve(f"{parts}/{d}").children.items()}
+                 for d in ("by-label", "by-partlabel")}
+        assert links == {"by-label": {"ROOTFS": b"../p1", "spare": b"../p2"},
+                         "by-partlabel": {"root": b"../p1", "swap": b"../p3"}}
 
 
 @pytest.mark.process
@@ -120,9 +139,9 @@ def test_readdir_offsets(disk: bytes) -> None:
     _, vfs = make(disk)
     fh = vfs.opendir(vfs.resolve("/partitions").inode)
     entries = vfs.readdir(fh, 0)
-    assert [e.name for e in entries] == ["p1", "p2", "by-label"]
+    assert [e.name for e in entries] == ["p1", "p2", "by-partlabel"]
     assert [e.next_id for e in entries] == [1, 2, 3]
-    assert [e.name for e in vfs.readdir(fh, 2)] == ["by-label"]
+    assert [e.name for e in vfs.readdir(fh, 2)] == ["by-partlabel"]
     vfs.releasedir(fh)
 
 

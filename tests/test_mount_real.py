@@ -178,8 +178,9 @@ def test_gpt_image_mounts_and_partitions_loop_mount(
     assert st.st_mtime_ns == int(commit_time * 1e9)
     assert st.st_blksize == CHUNK
     assert sha_file(mp / "disk.raw") == sha_file(gpt.path)
-    assert sorted(os.listdir(mp / "partitions")) == ["by-label", "p1", "p2"]
+    assert sorted(os.listdir(mp / "partitions")) == ["by-label", "by-partlabel", "p1", "p2"]
     assert sorted(os.listdir(mp / "partitions" / "by-label")) == ["data", "root"]
+    assert sorted(os.listdir(mp / "partitions" / "by-partlabel")) == ["data", "root"]
     for part in gpt.partitions:
         assert os.stat(mp / "partitions" / f"p{part.number}").st_size == part.size
     # read-only everywhere
@@ -216,7 +217,9 @@ def test_mbr_image_primary_and_logical_partitions(
     image, mp = tmp_path / "mbr.dimg", tmp_path / "mnt"
     push(mbr.path, image)
     mounts.mount(image, mp)
-    assert sorted(os.listdir(mp / "partitions")) == ["p1", "p5", "p6"]  # no labels on MBR
+    # no partition names on MBR (no by-partlabel), but the file systems have labels
+    assert sorted(os.listdir(mp / "partitions")) == ["by-label", "p1", "p5", "p6"]
+    assert os.readlink(mp / "partitions" / "by-label" / "mbr5") == "../p5"
     for part in mbr.partitions:
         node = mp / "partitions" / f"p{part.number}"
         assert os.stat(node).st_size == part.size
@@ -351,7 +354,7 @@ def test_prune_and_generation_option(
     assert sorted(os.listdir(pinned / "generations")) == sorted([d1, d2])
     assert os.stat(pinned / "disk.raw").st_mtime_ns == int(t1 * 1e9)
     assert sha_file(pinned / "disk.raw") == sha_file(gpt.path)
-    assert sorted(os.listdir(pinned / "partitions")) == ["by-label", "p1", "p2"]
+    assert sorted(os.listdir(pinned / "partitions")) == ["by-label", "by-partlabel", "p1", "p2"]
     cli_ok("umount", pinned)
     bad = cli("mount", image, pinned, "--generation", "7")
     assert bad.returncode == 2
@@ -360,7 +363,7 @@ def test_prune_and_generation_option(
     # the newest by default; a prune while mounted takes the old generation away
     mp = tmp_path / "mnt"
     mounts.mount(image, mp)
-    assert sorted(os.listdir(mp / "partitions")) == ["p1", "p5", "p6"]
+    assert sorted(os.listdir(mp / "partitions")) == ["by-label", "p1", "p5", "p6"]
     cli_ok("prune", image, "--keep", "1")
     wait_for(lambda: os.listdir(mp / "generations") == [d2], "the pruned generation to go", 6)
     wait_for(lambda: not (mp / "generations" / d1).exists(), "the kernel to forget it", 2)
