@@ -190,6 +190,18 @@ def test_push_and_pull_through_the_system_ssh(env: Env, tmp_path: Path) -> None:
     pulled = env.ok(f"viassh:{remote}/disk.spgz", str(tmp_path / "pulled.spgz"))
     assert pulled["generation"] == 1 and pulled["bytes_sent"] > 3 * MiB
     assert content(tmp_path / "pulled.spgz", tmp_path) == data
+    # a pull's generation names the host it came from; --label names what the user says
+    assert sources(tmp_path / "pulled.spgz") == [f"viassh:{remote}/disk.spgz (generation 2)"]
+    env.ok(f"viassh:{remote}/disk.spgz", str(tmp_path / "pulled.spgz"), "--label",
+           "web1:/dev/vg0/root")
+    assert sources(tmp_path / "pulled.spgz")[-1] == "web1:/dev/vg0/root"
+
+
+def sources(image: Path) -> list[str]:
+    res = subprocess.run([sys.executable, "-m", "diskrsync.cli", "info", "--json", str(image)],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    return [g["source"] for g in json.loads(res.stdout)["generations"]]
 
 
 @needs_ssh

@@ -31,6 +31,7 @@ from diskrsync.base.errors import (
     UsageError,
 )
 from diskrsync.base.merkle import leaf_hash, tree_root
+from diskrsync.cli.main import main as cli_main
 from diskrsync.compression.format import MAGIC
 from diskrsync.compression.image import Image, writer_active
 from diskrsync.compression.sources import RawSource
@@ -730,3 +731,21 @@ class _Sock:
     def close_send(self) -> None:
         with contextlib.suppress(OSError):
             self.s.shutdown(socket.SHUT_WR)
+
+
+@pytest.mark.inproc
+def test_label_names_the_generations_source(tmp_path, capsys):
+    """push --label: what the generation records as its source (a snapshot job names the
+    volume, not its temporary snapshot device)."""
+    src = tmp_path / "root-diskrsync"
+    src.write_bytes(random.Random(3).randbytes(200_000))
+    image = tmp_path / "img.spgz"
+    assert cli_main(["push", "-q", str(src), str(image)]) == 0
+    assert cli_main(["push", "-q", str(src), str(image), "--label", "web1:/dev/vg0/root"]) == 0
+    img = Image.open(str(image))
+    try:
+        assert [g.source for g in img.generations()] == [str(src), "web1:/dev/vg0/root"]
+    finally:
+        img.close()
+    assert cli_main(["push", "-q", str(src), str(image), "--label", "a\nb"]) == 2
+    assert "--label must be" in capsys.readouterr().err

@@ -147,6 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="a new image is encrypted with a new key wrapped by the passphrase "
                          "(later pushes into it need the passphrase, not this option)")
     _key_options(sp)
+    sp.add_argument("--label", metavar="TEXT",
+                    help="the source the new generation records (default: SRC's path; in a "
+                         "pull HOST:PATH), e.g. the volume a snapshot was taken of")
     _ssh_options(sp)
 
     sp = sub.add_parser("serve", description="The remote end of a push (started over SSH).")

@@ -25,12 +25,18 @@ from diskrsync.synccore.target import TargetOptions
 #: Testing aid: "INTERVAL,COUNT" overrides the keepalive watchdog (default 15 s x 4), so a
 #: test can show a silent link is detected without waiting a minute.
 KEEPALIVE_ENV = "DISKRSYNC_SSH_KEEPALIVE"
+#: The longest --label (a generation's source description).
+MAX_LABEL = 256
 
 
 def push_request(args: argparse.Namespace) -> PushRequest:
     """The push/serve options as a PushRequest."""
 
     limit = DEFAULT_MAX_SIZE if args.max_size is None else args.max_size
+    label = getattr(args, "label", None)
+    if label is not None and (not label.strip() or len(label) > MAX_LABEL
+                              or not label.isprintable()):
+        raise UsageError(f"--label must be 1-{MAX_LABEL} printable characters")
     target = TargetOptions(keep=args.keep, dry_run=args.dry_run, max_size=limit)
     if getattr(args, "checkpoint_interval", None):
         target = replace(target, checkpoint_bytes=args.checkpoint_interval)
@@ -38,7 +44,8 @@ def push_request(args: argparse.Namespace) -> PushRequest:
         source=SourceOptions(chunk_size=args.chunk_size, dry_run=args.dry_run,
                              ignore_read_errors=getattr(args, "ignore_read_errors", False),
                              keyring=keyring(args) if hasattr(args, "passphrase_file") else None,
-                             encrypt=getattr(args, "encrypt", False), kdf=kdf_params()),
+                             encrypt=getattr(args, "encrypt", False), kdf=kdf_params(),
+                             info={"source": label} if label else {}),
         target=target,
         raw_target=args.no_compress,
         generation=getattr(args, "generation", None),
