@@ -218,6 +218,7 @@ class RemoteRun:
         """The most useful single error for a failed conversation.
 
         In order: our own side's error; the remote's stated reason (its Error message);
+        the original Go tool rejecting a native request (its words on stderr or stdout);
         a protocol complaint (foreign program, other version); a missing command; a lost
         link; the remote's last words (its ``diskrsync: ...`` line); a program that never
         spoke our protocol; then whatever the pipe said.
