@@ -827,3 +827,13 @@ def test_dash_f_replaces_both_configs_as_ssh_does() -> None:
     assert opts(None).system_ssh_config == Path("/etc/ssh/ssh_config")
     assert opts("/x/cfg").system_ssh_config is None
     assert opts("none").ssh_config is None
+
+
+@pytest.mark.inproc
+def test_unparsable_config_names_the_files_read(tmp_path: Path) -> None:
+    user = tmp_path / "user"
+    user.write_text("Host x\n    User a\n")
+    system = tmp_path / "system"
+    system.write_text("Match nonsense-criterion\n")
+    with pytest.raises(UsageError, match=f"cannot parse ssh config {user} \\+ {system}"):
+        load_config(SshOptions(ssh_config=user, system_ssh_config=system))

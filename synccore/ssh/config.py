@@ -91,17 +91,21 @@ def load_config(opts: SshOptions) -> paramiko.SSHConfig:
     if opts.ssh_config is None:
         return paramiko.SSHConfig()
     lines: list[str] = []
+    read: list[str] = []
     path = opts.ssh_config.expanduser()
     if path.exists() or opts.ssh_config != DEFAULT_SSH_CONFIG:
         lines += _read_config(path, USER_SSH_DIR.expanduser(), depth=0, context=None)
+        read.append(str(path))
     system = opts.system_ssh_config
     if system is not None and system.exists():
         lines.append("Host *")  # back to "every host" after the user's last block
         lines += _read_config(system, system.parent, depth=0, context=None)
+        read.append(str(system))
     try:
         return paramiko.SSHConfig.from_text("\n".join(lines))
     except Exception as e:
-        raise UsageError(f"cannot parse ssh config {path}: {e}") from None
+        raise UsageError(f"cannot parse ssh config {' + '.join(read)} (with their Includes): "
+                         f"{e}") from None
 
 
 _KEYWORD = re.compile(r"\s*(\w+)(?:\s*=\s*|\s+)(.*)")
