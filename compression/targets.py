@@ -161,7 +161,8 @@ class ImageStore:
 
     def __init__(self, path: str, size: int, chunk_size: int, opts: TargetOptions, *,
                  source: str = "", encrypt: dict[str, Any] | None = None,
-                 source_encrypts: bool = False) -> None:
+                 source_encrypts: bool = False, label: str = "",
+                 source_host: str = "") -> None:
         """``encrypt``: the source's new key (public parts) for a new image; an existing
         encrypted image keeps its own. ``source_encrypts``: the source can push into an
         encrypted image (its Hello lists the capability); an older one is refused."""
@@ -170,6 +171,7 @@ class ImageStore:
         self.tx: Transaction | None = None
         self._img: Image | None = None
         self.source = source
+        self.label, self.source_host = label, source_host
         st = stat_or_none(path, "cannot open")
         check_push_target(path, st)
         if st is not None and st.st_size > 0:
@@ -293,8 +295,10 @@ class ImageStore:
                                self.stored)
         meta = {k: v for k, v in info.items() if v and k not in ("dry_run", "seal", "source")}
         seal = str(info.get("seal", ""))
-        # a source names itself in Done (older ones did in their Hello: self.source)
-        source = str(info.get("source") or self.source)
+        # a source names itself in Done (older ones did in their Hello: self.source); the
+        # target end of a pull says which host, or --label names it
+        said = str(info.get("source") or self.source)
+        source = self.label or (f"{self.source_host}:{said}" if self.source_host else said)
         if self.encrypted and not seal:
             raise PeerError("the source sent no sealed record for a generation of an "
                             "encrypted image")
@@ -581,7 +585,8 @@ def plan_target(path: str, *, raw: bool, rules: TargetRules = NATIVE_RULES,
 
 def open_target(path: str, size: int, chunk_size: int, opts: TargetOptions, *, raw: bool,
                 name: str | None = None, source: str = "", encrypt: dict[str, Any] | None = None,
-                source_encrypts: bool = False) -> ImageStore | RawStore:
+                source_encrypts: bool = False, label: str = "",
+                source_host: str = "") -> ImageStore | RawStore:
     """The native protocol's store for ``path``, by :func:`plan_target`'s rules: a source
     of ``size`` bytes named ``name``, recorded in the generation as ``source``; ``encrypt``
     and ``source_encrypts`` as :class:`ImageStore` takes them."""
@@ -591,4 +596,4 @@ def open_target(path: str, size: int, chunk_size: int, opts: TargetOptions, *, r
             raise UsageError(f"{plan.path} would be a raw target: --encrypt needs an image")
         return RawStore(plan.path, size, chunk_size, opts)
     return ImageStore(plan.path, size, chunk_size, opts, source=source, encrypt=encrypt,
-                      source_encrypts=source_encrypts)
+                      source_encrypts=source_encrypts, label=label, source_host=source_host)

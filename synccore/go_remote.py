@@ -349,7 +349,7 @@ def _pull_from_go(src: RemotePath, dst: str, req: PushRequest,
 
         sent, received = _converse(src, opts, argv, target, on_events)
         # only a complete exchange with a remote that exited 0 becomes a generation
-        label = str(req.source.info.get("source") or f"Go diskrsync on {src}")
+        label = req.source.label or f"Go diskrsync on {src}"
         gen = end.commit(label, {"protocol": "BSNC0002"})
     finally:
         bars[0].close()

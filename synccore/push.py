@@ -123,15 +123,11 @@ def run_target_end(channel: Channel, dst: str, req: PushRequest, *, verify: bool
     here what this end received. ``pulled_from`` names the source's host in a warning and
     in the generation's source label (``HOST:PATH``, unless ``--label`` gave one)."""
     opened: list[WireStore] = []
-    label = req.source.info.get("source")
 
     def opener(hello: p.Hello) -> TargetStore:
         # the generation's source label: --label, else in a pull HOST:what the source says
-        if label or pulled_from is not None:
-            said = str(hello.info.get("source", ""))
-            hello = replace(hello, info={**hello.info,
-                                         "source": label or f"{pulled_from}:{said}"})
-        store = open_store(dst, hello, req.target, raw=req.raw_target)
+        store = open_store(dst, hello, req.target, raw=req.raw_target,
+                           label=req.source.label, source_host=pulled_from or "")
         opened.append(store)
         return store
 

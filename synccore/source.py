@@ -97,6 +97,8 @@ class SourceOptions:
     #: the target's host ("" here): with the path the target names, the place this client
     #: remembers having pushed encrypted into (a host must not downgrade it to plain)
     host: str = ""
+    #: what the new generation records as its source (``--label``; default: SRC's path)
+    label: str = ""
 
 
 @dataclass
@@ -280,8 +282,9 @@ class SourceSession:
                     self._cv.wait(0.5)
             self.fail.check()
             self.stats.read_errors = merge_ranges(self.stats.read_errors)
+            description = self.opts.label or self.reader.description
             done_info = {
-                "source": self.reader.description,
+                "source": description,
                 "dry_run": self.opts.dry_run,
                 "source_changed_chunks": len(self.stats.source_changed_chunks),
                 "read_errors": self.stats.read_errors[:1000],  # the target stores it: bounded
@@ -291,7 +294,7 @@ class SourceSession:
                 # the generation's number and root (see compression/crypto.py)
                 root = root_from_leaves(self.src, conv.leaves)
                 done_info["seal"] = self.codec.seal(self.next_generation, root, {
-                    "source": self.reader.description, "time": time.time(),
+                    "source": description, "time": time.time(),
                     "meta": {k: v for k, v in done_info.items()
                              if v and k not in ("dry_run", "source")}})
                 done_info["read_errors"] = []

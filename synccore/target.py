@@ -90,12 +90,15 @@ class WireStore:
         return p.Committed(r.generation, r.root, r.info)
 
 
-def open_store(path: str, hello: p.Hello, opts: TargetOptions, *, raw: bool) -> WireStore:
+def open_store(path: str, hello: p.Hello, opts: TargetOptions, *, raw: bool,
+               label: str = "", source_host: str = "") -> WireStore:
     """The store for a push into ``path`` (``compression.targets.open_target``'s rules),
-    for the source that said ``hello``."""
+    for the source that said ``hello``. The generation records as its source ``label``,
+    else what the source says it is (prefixed ``source_host:`` in a pull)."""
     store = open_target(path, hello.size, hello.chunk_size, opts, raw=raw,
                         name=str(hello.info.get("name", "")),
                         source=str(hello.info.get("source", "")),
+                        label=label, source_host=source_host,
                         encrypt=hello.info.get("encrypt"),
                         source_encrypts="encryption" in hello.info.get("caps", ()))
     return WireStore(store, hello)

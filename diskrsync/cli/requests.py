@@ -45,7 +45,7 @@ def push_request(args: argparse.Namespace) -> PushRequest:
                              ignore_read_errors=getattr(args, "ignore_read_errors", False),
                              keyring=keyring(args) if hasattr(args, "passphrase_file") else None,
                              encrypt=getattr(args, "encrypt", False), kdf=kdf_params(),
-                             info={"source": label} if label else {}),
+                             label=label or ""),
         target=target,
         raw_target=args.no_compress,
         generation=getattr(args, "generation", None),
