@@ -12,7 +12,7 @@ messages, so nothing here knows a wire format.
 protocols; :class:`TargetRules` names the two places where the Go protocol, to do what the
 Go tool does, differs (an ``SPGZ0001`` file is converted, another non-empty file is updated
 raw). A directory means ``DIR/<name>.spgz`` for an image and ``DIR/<name>`` for a raw target
-(``--no-compress``).
+(``--raw-target``).
 """
 
 from __future__ import annotations
@@ -543,7 +543,7 @@ def plan_target(path: str, *, raw: bool, rules: TargetRules = NATIVE_RULES,
                 name: str | None = None) -> TargetPlan:
     """Decide what a push into ``path`` writes, refusing before anything is opened.
 
-    A block device is updated in place; ``raw`` (``--no-compress``) updates a file in place;
+    A block device is updated in place; ``raw`` (``--raw-target``) updates a file in place;
     otherwise the target is an image (existing, an empty file made one in place, or new). An
     existing image or SPGZ0001 file is never overwritten with raw data, a file that is
     neither an image nor meant as a raw target is refused unless ``rules`` say otherwise, and
@@ -563,22 +563,22 @@ def plan_target(path: str, *, raw: bool, rules: TargetRules = NATIVE_RULES,
         if not rules.convert_spgz:
             raise UsageError(f"{path} is a Go SPGZ0001 file: convert it first with "
                              f"`diskrsync convert {path} NEW.spgz`"
-                             + (" (--no-compress would overwrite it with raw data)"
+                             + (" (--raw-target would overwrite it with raw data)"
                                 if raw else ""))
         if raw:
-            raise UsageError(f"{path} is an SPGZ0001 file; drop --no-compress to update it "
+            raise UsageError(f"{path} is an SPGZ0001 file; drop --raw-target to update it "
                              f"(it is then converted into a diskrsync image)")
         return TargetPlan(path, "spgz", st)
     if kind == "image":
         if raw:
-            raise UsageError(f"{path} is a diskrsync image; drop --no-compress to update it")
+            raise UsageError(f"{path} is a diskrsync image; drop --raw-target to update it")
         return TargetPlan(path, "image", st)
     if raw:
         return TargetPlan(path, "raw", st)
     if st is not None and st.st_size:
         if not rules.foreign_as_raw:
             raise UsageError(f"{path} exists and is not a diskrsync image; refusing to replace "
-                             f"it (use --no-compress to update it as a raw file)")
+                             f"it (use --raw-target to update it as a raw file)")
         return TargetPlan(path, "foreign", st)
     return TargetPlan(path, "new" if st is None else "empty", st)
 

@@ -21,7 +21,7 @@ from diskrsync.base.merkle import Shape
 from diskrsync.compression.sources import open_source
 from diskrsync.synccore import protocol as p
 from diskrsync.synccore.channel import Channel, channel_pair
-from diskrsync.synccore.source import PushStats, SourceOptions, SourceSession
+from diskrsync.synccore.source import PushStats, SourceOptions, SourceSession, target_report
 from diskrsync.synccore.target import (
     TargetOptions,
     TargetStore,
@@ -35,7 +35,7 @@ from diskrsync.synccore.target import (
 class PushRequest:
     source: SourceOptions = field(default_factory=SourceOptions)
     target: TargetOptions = field(default_factory=TargetOptions)
-    raw_target: bool = False  # --no-compress: DST is a raw file updated in place
+    raw_target: bool = False  # --raw-target: DST is a raw file updated in place
     generation: int | None = None  # of SRC, when it is an image
 
 
@@ -139,6 +139,7 @@ def run_target_end(channel: Channel, dst: str, req: PushRequest, *, verify: bool
     if opened:
         _target_stats(stats, opened[0], dry_run, pulled_from)
     if committed is not None:
+        stats.target = target_report(committed.info)
         if dry_run:
             stats.target_root_hash = committed.root.hex()
         else:

@@ -329,7 +329,7 @@ def _target_argv(path: str, req: PushRequest) -> list[str]:
     argv = ["serve", "--target", path, "--keep", str(t.keep),
             "--chunk-size", str(req.source.chunk_size)]
     if req.raw_target:
-        argv.append("--no-compress")
+        argv.append("--no-compress")  # --raw-target's old name: every server knows this one
     if t.dry_run:
         argv.append("--dry-run")
     if t.checkpoint_bytes != type(t)().checkpoint_bytes:

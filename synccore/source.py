@@ -130,6 +130,18 @@ class PushStats:
     source_changed_chunks: list[int] = field(default_factory=list)
     read_errors: list[tuple[int, int]] = field(default_factory=list)  # (offset, length), merged
     warnings: list[str] = field(default_factory=list)
+    phases: dict[str, float] = field(default_factory=dict)  # seconds: connect, compare, ...
+    target: dict[str, Any] = field(default_factory=dict)  # what it reported: target_report
+
+
+def target_report(info: dict[str, Any]) -> dict[str, Any]:
+    """What a target's Committed ``info`` says it did, only the members this release knows
+    and of the right types (a peer's word: an older one sends fewer, a hostile one junk)."""
+    kinds: dict[str, type | tuple[type, ...]] = {
+        "path": str, "chunks_written": int, "commit_seconds": (int, float)}
+    return {k: info[k] for k, t in kinds.items()
+            if isinstance(info.get(k), t) and not isinstance(info[k], bool)
+            and (k == "path" or info[k] >= 0)}
 
 
 @dataclass
@@ -262,6 +274,7 @@ class SourceSession:
         conv = self.conv
         try:
             ready = self._handshake()
+            t_ready = time.monotonic()
             self.cs, self.fanout = ready.hello.chunk_size, ready.hello.fanout
             self.src, self.dst = ready.src, ready.dst
             self.stats.chunk_size = self.cs
@@ -277,10 +290,12 @@ class SourceSession:
                 self._compare_by_index(index)
             else:
                 self._scan()
+            t_scanned = time.monotonic()
             with self._cv:
                 while self._outstanding and not self.fail.event.is_set():
                     self._cv.wait(0.5)
             self.fail.check()
+            t_drained = time.monotonic()
             self.stats.read_errors = merge_ranges(self.stats.read_errors)
             description = self.opts.label or self.reader.description
             done_info = {
@@ -322,7 +337,8 @@ class SourceSession:
                 self.ch.close()
         res = conv.result
         assert res is not None
-        self.stats.generation = res.generation if not self.opts.dry_run else None
+        # 0: a raw target, which has no generations (as a pull reports it too)
+        self.stats.generation = res.generation or None if not self.opts.dry_run else None
         if isinstance(self.codec, SealedCodec) and not self.opts.dry_run:
             seen = SeenGenerations()
             seen.record(self.codec.key.key_id, self.place, res.generation, res.root)
@@ -333,7 +349,11 @@ class SourceSession:
             self.stats.target_root_hash = res.root.hex()
         self.stats.bytes_sent = self.ch.bytes_sent
         self.stats.bytes_received = self.ch.bytes_received
-        self.stats.duration = time.monotonic() - t0
+        t_end = time.monotonic()
+        self.stats.duration = t_end - t0
+        self.stats.phases = {"connect": t_ready - t0, "compare": t_scanned - t_ready,
+                             "drain": t_drained - t_scanned, "commit": t_end - t_drained}
+        self.stats.target = target_report(res.info)
         return self.stats
 
     # .. receiving ..

@@ -10,6 +10,7 @@ over any channel.
 from __future__ import annotations
 
 import contextlib
+import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -86,8 +87,11 @@ class WireStore:
 
     def finish(self, root: bytes, info: dict[str, Any]) -> p.Committed:
         self.done = (root, info)
+        t0 = time.monotonic()
         self.result = r = self.store.finish(root, info)
-        return p.Committed(r.generation, r.root, r.info)
+        # what this end did, for the source's `push -v` and --json (see target_report)
+        did = {"chunks_written": r.stored.chunks, "commit_seconds": time.monotonic() - t0}
+        return p.Committed(r.generation, r.root, {**r.info, **did})
 
 
 def open_store(path: str, hello: p.Hello, opts: TargetOptions, *, raw: bool,

@@ -581,8 +581,11 @@ def test_metrics_keep_last_success_across_a_failure(tmp_path):
                      stdin=json.dumps(SUMMARY))
     assert ok.returncode == 0, ok.stderr
     assert parse_prom(out)["diskrsync_last_success_timestamp_seconds", "db"] == 1000
-    # a push that died before printing a summary (e.g. SSH refused): exit code only
-    bad = run_metrics("--job", "db", "--exit-code", "5", "--dir", str(tmp_path), "--now", "2000")
+    # a push that failed (e.g. SSH refused) prints an error object: exit code only
+    failed = {"version": 1, "command": "push",
+              "error": {"category": "peer", "exit_code": 5, "message": "vault: refused"}}
+    bad = run_metrics("--job", "db", "--exit-code", "5", "--dir", str(tmp_path), "--now", "2000",
+                      stdin=json.dumps(failed))
     assert bad.returncode == 0, bad.stderr
     v = parse_prom(out)
     assert v["diskrsync_last_success_timestamp_seconds", "db"] == 1000

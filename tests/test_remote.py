@@ -254,7 +254,7 @@ def test_raw_target_no_compress_and_dry_run(env: Env, tmp_path: Path) -> None:
     src = tmp_path / "src.img"
     data = disk(src, 8 * MiB, seed=1)
     raw = env.remote / "copy 'of' disk.raw"
-    env.ok(str(src), env.rpath(raw.name), "--no-compress")
+    env.ok(str(src), env.rpath(raw.name), "--raw-target")
     assert raw.read_bytes() == data
 
     data = patch(src, [2 * MiB, 6 * MiB])
@@ -777,7 +777,7 @@ def test_restricted_key_cannot_shrink_history(env: Env, tmp_path: Path,
         assert gens == [1, 2, 3, 4]
         for number, data in zip(gens, good, strict=False):
             assert content(image, tmp_path, number) == data
-        failed(env.push(str(src), dst, "--no-compress"), "refused:", "--no-compress")
+        failed(env.push(str(src), dst, "--raw-target"), "refused:", "--raw-target")
         assert [g["number"] for g in info(image)["generations"]] == gens
     finally:
         srv.set_authorized_keys()
@@ -906,7 +906,7 @@ def test_retention_policy_over_a_client_request(capsys: pytest.CaptureFixture[st
     raw = _parse_request("diskrsync serve --target /b/x.raw --no-compress")
     apply_retention(raw, floor=None, append_only=False)
     for policy in ({"floor": 2, "append_only": False}, {"floor": None, "append_only": True}):
-        with pytest.raises(UsageError, match=r"refused: .*--no-compress"):
+        with pytest.raises(UsageError, match=r"refused: .*--raw-target"):
             apply_retention(raw, **policy)
     with pytest.raises(UsageError, match="at least 1"):
         keep(2, floor=0, append_only=False)

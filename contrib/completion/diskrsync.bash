@@ -31,7 +31,7 @@ _diskrsync() {
     esac
     if [ -z "$cmd" ]; then
         if [[ "$cur" == -* ]]; then
-            mapfile -t COMPREPLY < <(compgen -W "--help -h --version" -- "$cur")
+            mapfile -t COMPREPLY < <(compgen -W "--help -h --version -V" -- "$cur")
         else
             mapfile -t COMPREPLY < <(compgen -W "info verify restore prune push mount umount convert key" -- "$cur")
         fi
@@ -47,15 +47,15 @@ _diskrsync() {
             valopts=" --generation -g --passphrase-file --key-file "
             positional=(_diskrsync_files) ;;
         restore)
-            opts="--generation -g --force --quiet -q --passphrase-file --key-file --help"
+            opts="--generation -g --force --quiet -q --passphrase-file --key-file --json --help"
             valopts=" --generation -g --passphrase-file --key-file "
             positional=(_diskrsync_files _diskrsync_files) ;;
         prune)
-            opts="--keep --help"
+            opts="--keep --json --help"
             valopts=" --keep "
             positional=(_diskrsync_files) ;;
         push)
-            opts="--no-compress --chunk-size --keep --generation -g --dry-run -n --ignore-read-errors --timeout --max-size --json --quiet -q --verbose -v --encrypt --passphrase-file --key-file --label --identity -i --ssh-config -F --accept-new-host-key --remote-cmd --legacy --rsh -e --help"
+            opts="--raw-target --no-compress --chunk-size --keep --generation -g --dry-run -n --ignore-read-errors --timeout --max-size --json --quiet -q --verbose -v --encrypt --passphrase-file --key-file --label --identity -i --ssh-config -F --accept-new-host-key --remote-cmd --legacy --rsh -e --help"
             valopts=" --chunk-size --keep --generation -g --timeout --max-size --passphrase-file --key-file --label --identity -i --ssh-config -F --remote-cmd --rsh -e "
             positional=(_diskrsync_files _diskrsync_files) ;;
         mount)
@@ -67,7 +67,7 @@ _diskrsync() {
             valopts="  "
             positional=(_diskrsync_dirs) ;;
         convert)
-            opts="--chunk-size --encrypt --passphrase-file --key-file --help"
+            opts="--chunk-size --encrypt --json --passphrase-file --key-file --help"
             valopts=" --chunk-size --passphrase-file --key-file "
             positional=(_diskrsync_files _diskrsync_files) ;;
         key)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import sys
 import time
@@ -12,6 +11,7 @@ import time
 from diskrsync.base.errors import EXIT_REDUNDANCY_LOST, DataError, UsageError
 from diskrsync.base.progress import Progress
 from diskrsync.base.units import human
+from diskrsync.cli import jsonout
 from diskrsync.cli.keys import kdf_params, keyring, optional_keyring
 from diskrsync.compression.container import open_image, sniff
 from diskrsync.compression.convert import convert
@@ -33,7 +33,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     finally:
         img.close()
     if args.json:
-        print(json.dumps(info, indent=2))
+        jsonout.emit("info", info)
         return 0
     print(f"image:        {info['path']} ({info['format']})")
     print(f"size:         {info['size']} bytes ({human(info['size'])})")
@@ -63,23 +63,30 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     # opened even when the newest commit may be lost: verify names it, --repair accepts it
+    started = time.time()
     img = open_image(args.image, accept_loss=True,
                      keyring=None if args.no_key else optional_keyring(args))
+    repaired: list[str] = []
     try:
         if args.repair:
             if not isinstance(img, Image):
                 raise UsageError(f"{args.image}: --repair works on diskrsync images only")
             for line in img.repair():
+                repaired.append(line)
                 print(f"repair: {line}", file=sys.stderr)
             img.refresh()
         report = verify(img, args.generation)
     finally:
         img.close()
     if args.json:
-        print(json.dumps({"ok": report.ok, "problems": report.problems,
-                          "warnings": report.warnings, "bad_chunks": report.bad_chunks,
-                          "chunks_checked": report.chunks_checked,
-                          "contents_checked": not report.unchecked}, indent=2))
+        out = {"path": args.image, "generation": args.generation, "started": started,
+               "duration": time.time() - started, "ok": report.ok,
+               "problems": report.problems, "warnings": report.warnings,
+               "bad_chunks": report.bad_chunks, "chunks_checked": report.chunks_checked,
+               "repaired": repaired, "contents_checked": not report.unchecked}
+        jsonout.cap(out, "problems")
+        jsonout.cap(out, "bad_chunks")
+        jsonout.emit("verify", out)
     else:
         for w in report.warnings:
             print(f"warning: {w}", file=sys.stderr)
@@ -102,11 +109,16 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
+    if args.json and args.dest == "-":
+        raise UsageError("--json prints on stdout, where DEST - writes the disk: restore to a "
+                         "file or device, or drop --json")
+    started = time.time()
     img = open_image(args.image, keyring=keyring(args))
     try:
         snap = img.snapshot(args.generation)
         try:
-            bar = Progress(snap.size, "restore", args.dest != "-" and not args.quiet)
+            number, size = snap.info.number, snap.size
+            bar = Progress(size, "restore", args.dest != "-" and not args.quiet)
             try:
                 restore(snap, args.dest, force=args.force, progress=bar.update)
             finally:
@@ -115,18 +127,29 @@ def cmd_restore(args: argparse.Namespace) -> int:
             snap.close()
     finally:
         img.close()
+    if args.json:
+        jsonout.emit("restore", {"image": args.image, "generation": number, "dest": args.dest,
+                                 "size": size, "started": started,
+                                 "duration": time.time() - started})
     return 0
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
+    started = time.time()
     img = open_image(args.image)
     try:
         if not isinstance(img, Image):
             raise UsageError(f"{args.image} is an SPGZ0001 file: it has one generation only")
         pruned = img.prune(args.keep)
+        img.refresh()
+        kept = [g.number for g in img.generations()]
     finally:
         img.close()
-    if pruned:
+    if args.json:
+        jsonout.emit("prune", {"image": args.image, "keep": args.keep, "pruned": pruned,
+                               "kept": kept, "started": started,
+                               "duration": time.time() - started})
+    elif pruned:
         print(f"pruned generation(s) {', '.join(map(str, pruned))}")
     else:
         print("nothing to prune")
@@ -134,17 +157,23 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
+    started = time.time()
     old, new = args.old, args.new
     if args.encrypt:
         return _convert_encrypted(args)
     size = os.path.getsize(old) if os.path.isfile(old) else 0
-    bar = Progress(size, "convert")
+    bar = Progress(size, "convert", not args.json)
     try:
         gen = convert(old, new, chunk_size=args.chunk_size, progress=bar.update,
                       log=lambda m: print(f"diskrsync: {m}", file=sys.stderr))
     finally:
         bar.close()
-    print(f"converted {old} into {new}: generation {gen.number}, {human(gen.size)}")
+    if args.json:
+        jsonout.emit("convert", {"old": old, "new": new, "generation": gen.number,
+                                 "size": gen.size, "chunk_size": args.chunk_size,
+                                 "started": started, "duration": time.time() - started})
+    else:
+        print(f"converted {old} into {new}: generation {gen.number}, {human(gen.size)}")
     return 0
 
 

@@ -5,14 +5,15 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
-import json
 import sys
+import time
 from dataclasses import asdict
 from typing import Any
 
 from diskrsync.base.errors import EXIT_READ_ERRORS_IGNORED, EXIT_SOURCE_CHANGED, DiskrsyncError
 from diskrsync.base.progress import Progress
 from diskrsync.base.units import human
+from diskrsync.cli import jsonout
 from diskrsync.cli.keys import LOSS_WARNING
 from diskrsync.cli.requests import push_request
 from diskrsync.compression.sources import open_source
@@ -20,7 +21,7 @@ from diskrsync.synccore.location import LocalPath, RemotePath, parse_location
 from diskrsync.synccore.push import local_push
 
 
-def _push_summary(stats: Any, args: argparse.Namespace) -> int:
+def _push_summary(stats: Any, args: argparse.Namespace, started: float) -> int:
 
     warnings = stats.warnings
     if getattr(args, "encrypt", False) and stats.generation == 1:
@@ -35,15 +36,15 @@ def _push_summary(stats: Any, args: argparse.Namespace) -> int:
         warnings.append(f"{len(stats.read_errors)} unreadable range(s) stored as zeros "
                         f"(offset+length): {ranges}{more}")
     if args.json:
-        print(json.dumps(asdict(stats), indent=2))
+        out = {"src": args.src, "dst": args.dst, "started": started, **asdict(stats)}
+        for name in ("differing_ranges", "source_changed_chunks", "read_errors"):
+            jsonout.cap(out, name)
+        jsonout.emit("push", out)
     elif not args.quiet:
         if stats.dry_run:
             print(f"dry run: {stats.chunks_differing} of {stats.chunks} chunks differ "
                   f"({human(stats.chunk_bytes_differing)} would move before compression)")
-            for off, n in stats.differing_ranges[:50]:
-                print(f"  differs: bytes {off}-{off + n - 1}")
-            if len(stats.differing_ranges) > 50:
-                print(f"  ... {len(stats.differing_ranges) - 50} more ranges")
+            _ranges(stats)
             print(f"source root: {stats.root_hash}")
             print(f"target root: {stats.target_root_hash}")
         else:
@@ -57,6 +58,10 @@ def _push_summary(stats: Any, args: argparse.Namespace) -> int:
             root = f", root {stats.root_hash[:16]}…" if stats.root_hash else ""
             print(f"{what}{root}: {stats.chunks_differing} of {stats.chunks} chunks differed, "
                   f"{human(stats.bytes_sent)} sent in {stats.duration:.1f} s")
+            if args.verbose:
+                _ranges(stats)
+        if args.verbose:
+            _details(stats, args)
     for w in warnings:
         print(f"diskrsync: warning: {w}", file=sys.stderr)
     if stats.source_changed_chunks:
@@ -66,13 +71,45 @@ def _push_summary(stats: Any, args: argparse.Namespace) -> int:
     return 0
 
 
+def _ranges(stats: Any, limit: int = 50) -> None:
+    for off, n in stats.differing_ranges[:limit]:
+        print(f"  differs: bytes {off}-{off + n - 1}")
+    if len(stats.differing_ranges) > limit:
+        print(f"  ... {len(stats.differing_ranges) - limit} more ranges")
+
+
+def _details(stats: Any, args: argparse.Namespace) -> None:
+    """``push -v``: what each end did and where the time went."""
+    print(f"source:   {args.src}: {human(stats.size)}, {stats.chunks} chunks of "
+          f"{human(stats.chunk_size)}, {stats.zero_chunks} all zeros")
+    print(f"read:     {human(stats.bytes_read)} read, {human(stats.bytes_hashed)} hashed")
+    print(f"compared: {stats.pages_compared} index pages, {stats.pages_differing} differed; "
+          f"{stats.chunks_differing} chunks ({human(stats.chunk_bytes_differing)}) differed")
+    print(f"wire:     {human(stats.bytes_sent)} sent, {human(stats.bytes_received)} received"
+          + (" (resumed from a checkpoint)" if stats.resumed else ""))
+    t = stats.target
+    did = [f"wrote {t['chunks_written']} chunks"] if "chunks_written" in t else []
+    if stats.dry_run:
+        did.append("committed nothing (dry run)")
+    elif stats.generation:
+        did.append(f"committed generation {stats.generation}")
+    else:
+        did.append("flushed the raw target")
+    if "commit_seconds" in t:
+        did[-1] += f" in {t['commit_seconds']:.2f} s"
+    print(f"target:   {t.get('path', args.dst)}: {', '.join(did)}")
+    if stats.phases:
+        print("phases:   " + ", ".join(f"{k} {v:.2f} s" for k, v in stats.phases.items()))
+
+
 def cmd_push(args: argparse.Namespace) -> int:
+    started = time.time()
     req = push_request(args)
     src, dst = parse_location(args.src), parse_location(args.dst)
     if not (isinstance(src, LocalPath) and isinstance(dst, LocalPath)) or args.legacy:
         # the SSH stack (paramiko, ~0.1 s to import) is loaded only for a remote end
         remote = importlib.import_module("diskrsync.cli.remote")
-        return _push_summary(remote.push(src, dst, req, args), args)
+        return _push_summary(remote.push(src, dst, req, args), args, started)
     total = 0
     if not args.quiet and not args.json and sys.stderr.isatty():
         with contextlib.suppress(DiskrsyncError):
@@ -84,4 +121,4 @@ def cmd_push(args: argparse.Namespace) -> int:
         stats = local_push(args.src, args.dst, req, progress=bar.update)
     finally:
         bar.close()
-    return _push_summary(stats, args)
+    return _push_summary(stats, args, started)

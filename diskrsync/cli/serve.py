@@ -56,6 +56,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 _CLIENT_OPTIONS = {
     "--target": True, "--source": True, "--keep": True, "--chunk-size": True,
     "--checkpoint-interval": True, "--generation": True, "-g": True, "--no-compress": False,
+    "--raw-target": False,
     "--dry-run": False, "-n": False, "--ignore-read-errors": False,
 }
 
@@ -115,7 +116,7 @@ def apply_retention(req: argparse.Namespace, *, floor: int | None, append_only: 
     A stolen client key must not shrink what the server keeps: with ``--append-only`` no
     generation is pruned on a client's behalf (pruning is the administrator's ``prune``), with
     ``--keep N`` at least N are kept (clients may ask for more). Either way a raw target
-    (``--no-compress``), which keeps no history and is overwritten in place, is refused.
+    (``--raw-target``), which keeps no history and is overwritten in place, is refused.
     """
     if floor is not None and floor < 1:
         raise UsageError("serve --keep must be at least 1")
@@ -124,7 +125,7 @@ def apply_retention(req: argparse.Namespace, *, floor: int | None, append_only: 
     if req.no_compress:
         raise UsageError("refused: this key keeps the backups' history (serve "
                          f"{'--append-only' if append_only else f'--keep {floor}'}): "
-                         "--no-compress would overwrite a file in place")
+                         "--raw-target would overwrite a file in place")
     if append_only:
         _note(f"this server keeps every generation (serve --append-only): --keep {req.keep} "
               f"is ignored; pruning is the server administrator's job")
