@@ -17,16 +17,18 @@ naming the host.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import TypeVar
 
 from diskrsync.base.errors import DiskrsyncError, PeerError, UsageError, error_from_wire
+from diskrsync.base.progress import INTERVAL as PROGRESS_INTERVAL
 from diskrsync.base.progress import Progress
 from diskrsync.compression.sources import open_source
 from diskrsync.synccore import protocol as p
@@ -391,5 +393,33 @@ def _pull(remote: RemotePath, local: str, req: PushRequest, opts: RemoteOptions)
         raise UsageError(f"target directory {folder} does not exist")
     r = start_remote(remote, opts, _source_argv(remote.path, req))
     channel = r.framed()
-    return r.converse(lambda: run_target_end(channel, local, req, verify=True,
-                                             pulled_from=remote.host))
+    with _arrival_progress(channel, opts.progress):
+        return r.converse(lambda: run_target_end(channel, local, req, verify=True,
+                                                 pulled_from=remote.host))
+
+
+@contextlib.contextmanager
+def _arrival_progress(channel: FramedChannel, shown: bool) -> Iterator[None]:
+    """A pull's progress line: the bytes arrived so far and their rate (the target end
+    cannot know how many will: only the source knows what differs)."""
+    bar = Progress(0, "pull", shown)
+    if not bar.on:
+        yield
+        return
+    stop = threading.Event()
+
+    def tick() -> None:
+        seen = 0
+        while not stop.wait(PROGRESS_INTERVAL):
+            now = channel.bytes_received
+            bar.update(now - seen)
+            seen = now
+
+    ticker = threading.Thread(target=tick, name="pull-progress", daemon=True)
+    ticker.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        ticker.join()
+        bar.close()

@@ -16,7 +16,7 @@ from diskrsync.cli.keys import kdf_params, keyring, optional_keyring
 from diskrsync.compression.container import open_image, sniff
 from diskrsync.compression.convert import convert
 from diskrsync.compression.image import Image, fsync_dir, remove_stale_temps, temp_name
-from diskrsync.compression.maintenance import image_info, restore, verify
+from diskrsync.compression.maintenance import image_info, restore, verify, verify_chunks
 from diskrsync.synccore.push import PushRequest, local_push
 from diskrsync.synccore.source import SourceOptions
 from diskrsync.synccore.target import TargetOptions
@@ -75,7 +75,12 @@ def cmd_verify(args: argparse.Namespace) -> int:
                 repaired.append(line)
                 print(f"repair: {line}", file=sys.stderr)
             img.refresh()
-        report = verify(img, args.generation)
+        bar = Progress(verify_chunks(img, args.generation), "verify", not args.json,
+                       unit="chunks")
+        try:
+            report = verify(img, args.generation, progress=bar.update)
+        finally:
+            bar.close()
     finally:
         img.close()
     if args.json:
@@ -118,7 +123,8 @@ def cmd_restore(args: argparse.Namespace) -> int:
         snap = img.snapshot(args.generation)
         try:
             number, size = snap.info.number, snap.size
-            bar = Progress(size, "restore", args.dest != "-" and not args.quiet)
+            # on stderr, also while the disk goes to stdout (`restore IMAGE - | ssh ...`)
+            bar = Progress(size, "restore", not (args.quiet or args.json))
             try:
                 restore(snap, args.dest, force=args.force, progress=bar.update)
             finally:
