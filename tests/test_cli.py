@@ -73,6 +73,12 @@ def test_unknown_option_before_the_command() -> None:
 
 
 @pytest.mark.pure
+def test_too_many_arguments() -> None:
+    code, text, _ = parse("info", "a", "b", "c")
+    assert code == 2 and "too many arguments: b c" in text
+
+
+@pytest.mark.pure
 def test_unknown_command_gets_a_suggestion_and_the_list() -> None:
     code, text, _ = parse("pusj", "a", "b")
     assert code == 2

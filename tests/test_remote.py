@@ -27,6 +27,7 @@ from support.sshd import SshServer, free_port, make_key
 
 from diskrsync.base.errors import ConnectionClosed, DiskrsyncError, UsageError
 from diskrsync.base.merkle import leaf_hash
+from diskrsync.cli import jsonout
 from diskrsync.cli.main import build_parser
 from diskrsync.cli.requests import ssh_options
 from diskrsync.cli.serve import KEEP_ALL, _parse_request, apply_retention
@@ -104,6 +105,7 @@ class Env:
         assert res.returncode == 0, res.stderr
         assert "Traceback" not in res.stderr
         stats: dict[str, Any] = json.loads(res.stdout)
+        assert jsonout.check(stats) == []  # pushes and pulls over SSH follow docs/json.md too
         return stats
 
 
@@ -193,6 +195,8 @@ def test_push_then_pull_first_and_incremental(env: Env, tmp_path: Path) -> None:
     assert second["generation"] == 2
     assert second["chunks_differing"] == 3
     assert second["bytes_sent"] < 1 * MiB
+    assert second["target"]["chunks_written"] == 3  # what the serving end reported
+    assert set(second["phases"]) == {"connect", "compare", "drain", "commit"}
     assert content(image, tmp_path) == data
     assert content(image, tmp_path, 1) != data  # the older generation is still there
 
@@ -208,6 +212,7 @@ def test_push_then_pull_first_and_incremental(env: Env, tmp_path: Path) -> None:
     env.ok(str(src), env.rpath("web 1.spgz"))
     again = env.ok(env.rpath("web 1.spgz"), str(local))
     assert again["generation"] == 2 and again["chunks_differing"] == 1
+    assert again["target"]["chunks_written"] == 1  # this end, the target of the pull
     assert again["bytes_sent"] < 1 * MiB
     assert content(local, tmp_path) == data
 
@@ -215,6 +220,12 @@ def test_push_then_pull_first_and_incremental(env: Env, tmp_path: Path) -> None:
     raw_remote.write_bytes(data)
     from_raw = env.ok(f"testhost:{raw_remote}", str(local))
     assert from_raw["chunks_differing"] == 0 and from_raw["bytes_sent"] < 1 * MiB
+
+    # -v on a pull: what this end (the target) did; it does not pretend to know the source's
+    verbose = env.push(f"testhost:{raw_remote}", str(local), "-v")
+    assert verbose.returncode == 0, verbose.stderr
+    assert f"target:   {local}: wrote 0 chunks, committed generation " in verbose.stdout
+    assert "read:" not in verbose.stdout and "phases:" not in verbose.stdout
 
 
 @pytest.mark.process

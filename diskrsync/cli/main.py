@@ -75,11 +75,13 @@ class _Parser(argparse.ArgumentParser):
         super()._check_value(action, value)
 
     def error(self, message: str) -> NoReturn:
-        # left over at the top level: options before the command
+        # left over at the top level: options before the command, or words after the
+        # command's last positional argument
         unknown = message.removeprefix("unrecognized arguments: ")
         if unknown != message and self._subparsers is not None:
             word = unknown.split()[0]
-            message = f"unknown option {word}{_did_you_mean(word, self._options())}"
+            message = (f"unknown option {word}{_did_you_mean(word, self._options())}"
+                       if word.startswith("-") else f"too many arguments: {unknown}")
         super().error(message)
 
 

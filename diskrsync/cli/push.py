@@ -80,11 +80,17 @@ def _ranges(stats: Any, limit: int = 50) -> None:
 
 def _details(stats: Any, args: argparse.Namespace) -> None:
     """``push -v``: what each end did and where the time went."""
+    # phases: this process ran the source end; a pull knows the target's side only
+    here = bool(stats.phases)
+    zeros = f", {stats.zero_chunks} all zeros" if here else ""
     print(f"source:   {args.src}: {human(stats.size)}, {stats.chunks} chunks of "
-          f"{human(stats.chunk_size)}, {stats.zero_chunks} all zeros")
-    print(f"read:     {human(stats.bytes_read)} read, {human(stats.bytes_hashed)} hashed")
-    print(f"compared: {stats.pages_compared} index pages, {stats.pages_differing} differed; "
-          f"{stats.chunks_differing} chunks ({human(stats.chunk_bytes_differing)}) differed")
+          f"{human(stats.chunk_size)}{zeros}")
+    if here:
+        print(f"read:     {human(stats.bytes_read)} read, {human(stats.bytes_hashed)} hashed")
+    pages = (f"{stats.pages_compared} index pages, {stats.pages_differing} differed; "
+             if here else "")
+    print(f"compared: {pages}{stats.chunks_differing} chunks "
+          f"({human(stats.chunk_bytes_differing)}) differed")
     print(f"wire:     {human(stats.bytes_sent)} sent, {human(stats.bytes_received)} received"
           + (" (resumed from a checkpoint)" if stats.resumed else ""))
     t = stats.target
