@@ -141,7 +141,7 @@ def target_report(info: dict[str, Any]) -> dict[str, Any]:
         "path": str, "chunks_written": int, "commit_seconds": (int, float)}
     return {k: info[k] for k, t in kinds.items()
             if isinstance(info.get(k), t) and not isinstance(info[k], bool)
-            and (k == "path" or info[k] >= 0)}
+            and (k == "path" or 0 <= info[k] < 1 << 63)}  # no NaN, no Infinity
 
 
 @dataclass

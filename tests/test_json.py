@@ -20,6 +20,7 @@ from support.paths import VECTORS
 from diskrsync.cli import jsonout
 from diskrsync.cli.main import build_parser, main
 from diskrsync.compression.image import Image
+from diskrsync.synccore.source import target_report
 
 CS = 16 * 1024  # the smallest chunk size: many chunks from few bytes
 
@@ -231,3 +232,15 @@ def test_cap() -> None:
     out: dict[str, Any] = {"r": list(range(jsonout.CAP * 2))}
     jsonout.cap(out, "r")
     assert out["r"] == list(range(jsonout.CAP)) and out["r_total"] == 2 * jsonout.CAP
+
+
+@pytest.mark.pure
+def test_target_report_takes_only_what_it_knows() -> None:
+    """The target's Committed info is a peer's word: unknown members and wrong types are
+    dropped, so they never reach --json or push -v."""
+    good = {"path": "/b/x.spgz", "chunks_written": 3, "commit_seconds": 0.25}
+    assert target_report({**good, "extra": [1] * 10}) == good
+    assert target_report({"path": 7, "chunks_written": True, "commit_seconds": -1.0}) == {}
+    assert target_report({"chunks_written": "3", "commit_seconds": "fast"}) == {}
+    assert target_report({"chunks_written": 1 << 70, "commit_seconds": float("inf")}) == {}
+    assert target_report({"commit_seconds": float("nan")}) == {}
