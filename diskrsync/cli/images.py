@@ -202,6 +202,7 @@ def _convert_encrypted(args: argparse.Namespace) -> int:
         raise UsageError(f"{old} has no generation to convert")
     remove_stale_temps(new)
     temp = temp_name(new, "convert")
+    started = time.time()
     try:
         for i, number in enumerate(numbers):
             opts = SourceOptions(chunk_size=args.chunk_size, keyring=ring, encrypt=i == 0,
@@ -209,8 +210,9 @@ def _convert_encrypted(args: argparse.Namespace) -> int:
             req = PushRequest(source=opts, target=TargetOptions(keep=len(numbers)),
                               generation=number)
             stats = local_push(old, temp, req)
-            print(f"generation {number or 1} of {old}: {human(stats.chunk_bytes_differing)} "
-                  f"encrypted", file=sys.stderr)
+            if not args.json:
+                print(f"generation {number or 1} of {old}: "
+                      f"{human(stats.chunk_bytes_differing)} encrypted", file=sys.stderr)
         try:
             os.link(temp, new)  # never over a NEW that appeared meanwhile
             fsync_dir(new)
@@ -219,5 +221,11 @@ def _convert_encrypted(args: argparse.Namespace) -> int:
     finally:
         with contextlib.suppress(OSError):
             os.unlink(temp)
-    print(f"converted {old} into the encrypted image {new}: {len(numbers)} generation(s)")
+    if args.json:
+        jsonout.emit("convert", {"old": old, "new": new, "generation": stats.generation,
+                                 "generations": len(numbers), "encrypted": True,
+                                 "size": stats.size, "chunk_size": stats.chunk_size,
+                                 "started": started, "duration": time.time() - started})
+    else:
+        print(f"converted {old} into the encrypted image {new}: {len(numbers)} generation(s)")
     return 0

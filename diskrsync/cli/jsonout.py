@@ -110,6 +110,8 @@ COMMANDS: dict[str, tuple[Field, ...]] = {
         Field("generation", "integer or null", "the generation committed; null: a raw "
                                                "target or a dry run"),
         Field("resumed", "boolean", "the push resumed an interrupted one's checkpoint"),
+        Field("created", "boolean", "the target was created by this push (its first "
+                                    "generation, or a new raw file)"),
         Field("dry_run", "boolean", "`--dry-run`: nothing was written"),
         *_capped("differing_ranges", "range", "byte ranges of SRC that differed, merged"),
         *_capped("source_changed_chunks", "integer", "chunks that changed while the push "
@@ -123,7 +125,17 @@ COMMANDS: dict[str, tuple[Field, ...]] = {
     ),
     "info": (
         Field("path", "string", "the image"),
-        Field("format", "string", "`diskrsync image v1` or `SPGZ0001 (Go diskrsync)`"),
+        Field("format", "string", "`diskrsync image v1`, `diskrsync image v2 (encrypted)` or "
+                                  "`SPGZ0001 (Go diskrsync)`"),
+        Field("encryption", "object", "an encrypted image only", (
+            Field("key_id", "string", "the key's public id (hex)"),
+            Field("cipher", "string", "`aes-256-gcm` or `chacha20-poly1305`"),
+            Field("key_in_image", "boolean", "the wrapped key is kept in the image (else "
+                                             "only in a key file)"),
+            Field("unlocked", "boolean", "the key was given: sources, times and metadata "
+                                         "below are the client's sealed ones; without it "
+                                         "sources read `(encrypted)`"),
+        ), optional=True),
         Field("size", "integer", "bytes of the newest generation"),
         Field("chunk_size", "integer", "bytes per chunk"),
         Field("fanout", "integer", "entries per index page", optional=True),
@@ -162,6 +174,9 @@ COMMANDS: dict[str, tuple[Field, ...]] = {
                                                      "(images only)", optional=True),
         )),
         Field("chunks_checked", "integer", "stored chunks read and checked"),
+        Field("contents_checked", "boolean", "chunk contents were decoded and hash-checked "
+                                             "(false: an encrypted image checked without its "
+                                             "key, structure and sizes only)"),
         Field("repaired", "array of string", "what `--repair` rewrote (empty without it)"),
     ),
     "restore": (
@@ -179,9 +194,13 @@ COMMANDS: dict[str, tuple[Field, ...]] = {
         *_timing("prune"),
     ),
     "convert": (
-        Field("old", "string", "the SPGZ0001 file read"),
+        Field("old", "string", "the SPGZ0001 file (or, with `--encrypt`, image) read"),
         Field("new", "string", "the image written"),
-        Field("generation", "integer", "the generation committed"),
+        Field("generation", "integer", "the (newest) generation committed"),
+        Field("generations", "integer", "generations written (`--encrypt` copies every "
+                                        "retained one)", optional=True),
+        Field("encrypted", "boolean", "`--encrypt`: the new image is encrypted",
+              optional=True),
         Field("size", "integer", "bytes"),
         Field("chunk_size", "integer", "chunk size of the new image"),
         *_timing("conversion"),
