@@ -47,6 +47,7 @@ from diskrsync.base.merkle import (
     zero_hash,
 )
 from diskrsync.base.parallel import ordered_map
+from diskrsync.base.retention import Retention
 from diskrsync.compression import codec
 from diskrsync.compression.codec import Kind
 from diskrsync.compression.container import sniff
@@ -89,7 +90,10 @@ def check_chunk_size(cs: int) -> int:
 
 @dataclass(frozen=True)
 class TargetOptions:
-    keep: int = 2
+    keep: int | Retention = 2  # the retention policy a commit applies (an int: the newest N)
+    # commit a new generation even when the content equals the newest one (else that one
+    # records the run in its metadata and no retention slot is used)
+    always_new_generation: bool = False
     dry_run: bool = False
     checkpoint_bytes: int = CHECKPOINT_BYTES
     checkpoint_seconds: float = CHECKPOINT_SECONDS
@@ -302,10 +306,17 @@ class ImageStore:
         if self.encrypted and not seal:
             raise PeerError("the source sent no sealed record for a generation of an "
                             "encrypted image")
-        gen = self.tx.commit(source=source, meta=meta, keep=self.opts.keep,
-                             expect_root=root, seal=seal if self.encrypted else "")
+        # a run that read zeros for unreadable sectors, or saw the source change, is a
+        # generation of its own even when its content looks the same
+        new_generation = self.opts.always_new_generation or bool(
+            meta.get("read_errors") or meta.get("source_changed_chunks"))
+        tx = self.tx
+        gen = tx.commit(source=source, meta=meta, keep=self.opts.keep, expect_root=root,
+                        seal=seal if self.encrypted else "", new_generation=new_generation)
         self.tx = None
-        return StoreResult(gen.number, gen.root_hash, {"path": self.path}, self.stored)
+        return StoreResult(gen.number, gen.root_hash,
+                           {"path": self.path, "unchanged": tx.unchanged,
+                            "pruned": list(tx.pruned)}, self.stored)
 
     def abort(self, save: bool) -> None:
         if self.tx is not None:

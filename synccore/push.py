@@ -21,7 +21,13 @@ from diskrsync.base.merkle import Shape
 from diskrsync.compression.sources import open_source
 from diskrsync.synccore import protocol as p
 from diskrsync.synccore.channel import Channel, channel_pair
-from diskrsync.synccore.source import PushStats, SourceOptions, SourceSession, target_report
+from diskrsync.synccore.source import (
+    PushStats,
+    SourceOptions,
+    SourceSession,
+    commit_outcome,
+    target_report,
+)
 from diskrsync.synccore.target import (
     TargetOptions,
     TargetStore,
@@ -145,6 +151,7 @@ def run_target_end(channel: Channel, dst: str, req: PushRequest, *, verify: bool
         else:
             stats.generation = committed.generation or None
             stats.created = stats.generation == 1
+            stats.unchanged, stats.pruned = commit_outcome(committed.info)
     return stats
 
 

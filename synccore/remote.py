@@ -30,6 +30,8 @@ from typing import TypeVar
 from diskrsync.base.errors import DiskrsyncError, PeerError, UsageError, error_from_wire
 from diskrsync.base.progress import INTERVAL as PROGRESS_INTERVAL
 from diskrsync.base.progress import Progress
+from diskrsync.base.retention import Retention
+from diskrsync.compression.image import retention_of
 from diskrsync.compression.sources import open_source
 from diskrsync.synccore import protocol as p
 from diskrsync.synccore.channel import FramedChannel
@@ -328,8 +330,14 @@ def start_remote(remote: RemotePath, opts: RemoteOptions, argv: list[str], *,
 def _target_argv(path: str, req: PushRequest) -> list[str]:
     """`serve --target` with every option the far end (the target) acts on."""
     t = req.target
-    argv = ["serve", "--target", path, "--keep", str(t.keep),
-            "--chunk-size", str(req.source.chunk_size)]
+    policy = retention_of(t.keep)
+    # a policy of --keep N alone goes as --keep N, which servers before the --keep-* rules
+    # understand too
+    keep = ["--keep", str(policy.last)] if policy == Retention(last=policy.last) \
+        else policy.options()
+    argv = ["serve", "--target", path, *keep, "--chunk-size", str(req.source.chunk_size)]
+    if t.always_new_generation:
+        argv.append("--always-new-generation")
     if req.raw_target:
         argv.append("--no-compress")  # --raw-target's old name: every server knows this one
     if t.dry_run:

@@ -124,6 +124,9 @@ class PushStats:
     #: The push created DST: a new image (generation 1), or with --legacy a new file (a Go
     #: target that was missing or empty, which then reports no generation).
     created: bool = False
+    # the content equalled the newest generation: no new one, that one recorded the run
+    unchanged: bool = False
+    pruned: list[int] = field(default_factory=list)  # generations the commit pruned
     resumed: bool = False
     dry_run: bool = False
     differing_ranges: list[tuple[int, int]] = field(default_factory=list)
@@ -345,6 +348,7 @@ class SourceSession:
             if self.place:
                 seen.remember_place(self.place, self.codec.key.key_id)
         self.stats.created = self.stats.generation == 1
+        self.stats.unchanged, self.stats.pruned = commit_outcome(res.info)
         if self.opts.dry_run:
             self.stats.target_root_hash = res.root.hex()
         self.stats.bytes_sent = self.ch.bytes_sent
@@ -613,6 +617,16 @@ class SourceSession:
 
 class _Stopped(Exception):
     """A worker noticed another thread failed; the real error is in _Failure."""
+
+
+def commit_outcome(info: dict[str, Any]) -> tuple[bool, list[int]]:
+    """(unchanged, pruned generation numbers) from a target's Committed info; a peer's
+    nonsense there (or an older target's silence) reads as (False, [])."""
+    pruned = info.get("pruned")
+    numbers: list[int] = []
+    if isinstance(pruned, list):
+        numbers = [n for n in pruned[:100_000] if type(n) is int and 0 < n < 1 << 63]
+    return info.get("unchanged") is True, numbers
 
 
 def merge_ranges(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:

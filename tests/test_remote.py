@@ -913,7 +913,7 @@ def test_retention_policy_over_a_client_request(capsys: pytest.CaptureFixture[st
     assert keep(1, floor=3, append_only=False) == 3
     assert keep(9, floor=3, append_only=False) == 9
     assert keep(9, floor=3, append_only=True) == KEEP_ALL
-    assert "--keep 9 is ignored" in capsys.readouterr().err
+    assert "--keep-last 9 is ignored" in capsys.readouterr().err
     raw = _parse_request("diskrsync serve --target /b/x.raw --no-compress")
     apply_retention(raw, floor=None, append_only=False)
     for policy in ({"floor": 2, "append_only": False}, {"floor": None, "append_only": True}):

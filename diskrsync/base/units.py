@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 
 SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
@@ -37,3 +38,23 @@ def human(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return str(n)
+
+
+#: Duration units as restic writes them (``2y5m7d3h``): m is a month, min a minute.
+DURATION_UNITS = {"s": 1, "min": 60, "h": 3600, "d": 86400, "w": 7 * 86400,
+                  "m": 30 * 86400, "y": 365 * 86400}
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(min|[smhdwy])")
+
+
+def parse_duration(text: str) -> float:
+    """``7d``, ``36h``, ``2w``, ``1y6m`` (m: a month of 30 days; min: a minute; y: 365
+    days), ``90s`` or plain seconds, as seconds."""
+    t = text.strip()
+    total = -1.0
+    if re.fullmatch(r"\d+(\.\d+)?", t):
+        total = float(t)
+    elif t and _DURATION.sub("", t) == "":
+        total = sum(float(n) * DURATION_UNITS[u] for n, u in _DURATION.findall(t))
+    if not 0 <= total < 1e12:
+        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (e.g. 7d, 36h, 2w, 1y6m)")
+    return total

@@ -13,6 +13,7 @@ from diskrsync.base.progress import Progress
 from diskrsync.base.units import human
 from diskrsync.cli import jsonout
 from diskrsync.cli.keys import kdf_params, keyring, optional_keyring
+from diskrsync.cli.requests import retention
 from diskrsync.compression.container import open_image, sniff
 from diskrsync.compression.convert import convert
 from diskrsync.compression.image import Image, fsync_dir, remove_stale_temps, temp_name
@@ -51,6 +52,9 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(f"  {g['number']:>4}  {_when(g['time'])}  {human(g['size']):>10}  {root}  "
               f"{g['source']}")
         meta = g.get("meta", {})
+        if meta.get("checks"):
+            print(f"        unchanged by {meta['checks']} later push(es), the last at "
+                  f"{_when(meta.get('last_checked') or 0)}")
         if meta.get("source_changed_chunks"):
             print(f"        warning: the source changed during this push "
                   f"({meta['source_changed_chunks']} chunk(s) differ from the scan)")
@@ -142,20 +146,39 @@ def cmd_restore(args: argparse.Namespace) -> int:
 
 def cmd_prune(args: argparse.Namespace) -> int:
     started = time.time()
+    policy = retention(args)
+    if policy is None:
+        raise UsageError("prune needs at least one rule: --keep-last N, --keep-daily N, ... "
+                         "(see `diskrsync prune --help`)")
     img = open_image(args.image)
     try:
         if not isinstance(img, Image):
             raise UsageError(f"{args.image} is an SPGZ0001 file: it has one generation only")
-        pruned = img.prune(args.keep)
-        img.refresh()
-        kept = [g.number for g in img.generations()]
+        if args.dry_run:
+            verdicts = img.verdicts(policy)
+            pruned = [v.number for v in verdicts if not v.kept]
+            kept = [v.number for v in verdicts if v.kept]
+        else:
+            pruned = img.prune(policy)
+            img.refresh()
+            kept = [g.number for g in img.generations()]
     finally:
         img.close()
     if args.json:
-        jsonout.emit("prune", {"image": args.image, "keep": args.keep, "pruned": pruned,
-                               "kept": kept, "started": started,
-                               "duration": time.time() - started})
-    elif pruned:
+        jsonout.emit("prune", {"image": args.image, "rules": policy.describe(),
+                               "dry_run": args.dry_run, "pruned": pruned, "kept": kept,
+                               "started": started, "duration": time.time() - started})
+        return 0
+    if args.dry_run:
+        # newest first, with every rule that keeps each one (local time: the rules' time)
+        for v in reversed(verdicts):
+            when = time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(v.time))
+            why = ", ".join(v.reasons) if v.kept else "no rule keeps it"
+            print(f"{'keep ' if v.kept else 'prune'} {v.number:>5}  {when}  {why}")
+        print(f"dry run: would prune generation(s) {', '.join(map(str, pruned))}" if pruned
+              else "dry run: nothing to prune")
+        return 0
+    if pruned:
         print(f"pruned generation(s) {', '.join(map(str, pruned))}")
     else:
         print("nothing to prune")

@@ -188,7 +188,10 @@ COMMANDS: dict[str, tuple[Field, ...]] = {
     ),
     "prune": (
         Field("image", "string", "the image"),
-        Field("keep", "integer", "`--keep`"),
+        Field("rules", "string", "the retention rules applied (`--keep-last 2 --keep-daily 7` "
+                                 "...)"),
+        Field("dry_run", "boolean", "`--dry-run`: nothing was pruned; `pruned` is what would "
+                                    "go"),
         Field("pruned", "array of integer", "the generations removed, oldest first"),
         Field("kept", "array of integer", "the generations left, oldest first"),
         *_timing("prune"),

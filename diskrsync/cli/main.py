@@ -33,7 +33,7 @@ from diskrsync.base.errors import (
     category,
     from_oserror,
 )
-from diskrsync.base.units import parse_seconds, parse_size
+from diskrsync.base.units import parse_duration, parse_seconds, parse_size
 from diskrsync.cli.jsonout import emit_error
 
 
@@ -118,10 +118,10 @@ def _push_options(sp: argparse.ArgumentParser, *, serve: bool = False) -> None:
                          "(--no-compress: its old name, the Go diskrsync's)")
     sp.add_argument("--chunk-size", type=parse_size, default=128 * 1024, metavar="N",
                     help="chunk size of a new image (power of two, 16K-4M; default 128K)")
-    sp.add_argument("--keep", type=int, default=2, metavar="N",
-                    help="generations to keep (default 2); with --restrict-to a floor: "
-                         "clients may ask to keep more, never fewer" if serve else
-                         "generations to keep in the image (default 2)")
+    _retention_options(sp, serve=serve)
+    sp.add_argument("--always-new-generation", action="store_true",
+                    help="commit a new generation even when nothing changed (by default the "
+                         "newest one records the run and no retention slot is used)")
     sp.add_argument("--generation", "-g", type=int, metavar="G",
                     help="when SRC is an image: push its generation G (default: newest)")
     sp.add_argument("--dry-run", "-n", action="store_true",
@@ -149,6 +149,31 @@ def _key_options(sp: argparse.ArgumentParser) -> None:
     g.add_argument("--key-file", metavar="FILE",
                    help="use this exported key (`diskrsync key export`) instead of the "
                         "copy inside the image")
+
+
+def _retention_options(sp: argparse.ArgumentParser, *, serve: bool = False,
+                       prune: bool = False) -> None:
+    """The --keep-* rules (see the user guide, "Generations and retention")."""
+    if prune:
+        what = "keep"
+    elif serve:
+        what = ("with --restrict-to a floor (clients may ask to keep more, never fewer); "
+                "without: as push's")
+    else:
+        what = "applied at each commit (default: --keep-last 2)"
+    g = sp.add_argument_group(
+        "retention", f"Which generations to keep; rules combine (a generation stays when any "
+                     f"rule keeps it), the newest always stays; {what}.")
+    g.add_argument("--keep-last", "--keep", dest="keep", type=int, metavar="N",
+                   help="the N newest generations (--keep is the same)")
+    for period, unit in (("hourly", "hour"), ("daily", "day"), ("weekly", "week"),
+                         ("monthly", "month"), ("yearly", "year")):
+        g.add_argument(f"--keep-{period}", type=int, metavar="N",
+                       help=f"the newest generation of each of the last N {unit}s that have "
+                            f"one (local time)")
+    g.add_argument("--keep-within", type=parse_duration, metavar="DURATION",
+                   help="every generation up to DURATION older than the newest (7d, 36h, 2w, "
+                        "1y6m: m is a month)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -204,10 +229,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", action="store_true",
                     help="print a machine-readable object (docs/json.md; not with DEST -)")
 
-    sp = add("prune", "images:cmd_prune", "Keep only the newest N generations of an image.")
+    sp = add("prune", "images:cmd_prune",
+             "Drop the generations that no retention rule (--keep-*) keeps.")
     sp.add_argument("image", metavar="IMAGE")
-    sp.add_argument("--keep", type=int, required=True, metavar="N",
-                    help="how many of the newest generations to keep (at least 1)")
+    sp.add_argument("--dry-run", "-n", action="store_true",
+                    help="list what would go and which rule keeps each one; change nothing")
+    _retention_options(sp, prune=True)
     sp.add_argument("--json", action="store_true",
                     help="print a machine-readable object (docs/json.md)")
 

@@ -48,7 +48,10 @@ def _push_summary(stats: Any, args: argparse.Namespace, started: float) -> int:
             print(f"source root: {stats.root_hash}")
             print(f"target root: {stats.target_root_hash}")
         else:
-            if stats.generation:
+            if stats.unchanged:
+                what = (f"unchanged: generation {stats.generation} is still current (this run "
+                        f"is recorded in it, no new generation)")
+            elif stats.generation:
                 what = f"generation {stats.generation}"
             elif args.legacy and isinstance(parse_location(args.dst), RemotePath):
                 # a Go target makes no generations: say what it holds now
@@ -58,6 +61,8 @@ def _push_summary(stats: Any, args: argparse.Namespace, started: float) -> int:
             root = f", root {stats.root_hash[:16]}…" if stats.root_hash else ""
             print(f"{what}{root}: {stats.chunks_differing} of {stats.chunks} chunks differed, "
                   f"{human(stats.bytes_sent)} sent in {stats.duration:.1f} s")
+            if stats.pruned:
+                print(f"pruned generation(s) {', '.join(map(str, stats.pruned))}")
             if args.verbose:
                 _ranges(stats)
         if args.verbose:

@@ -10,7 +10,9 @@ from dataclasses import replace
 from pathlib import Path
 
 from diskrsync.base.errors import UsageError
+from diskrsync.base.retention import Retention
 from diskrsync.cli.keys import kdf_params, keyring
+from diskrsync.compression.image import DEFAULT_KEEP
 from diskrsync.synccore.protocol import DEFAULT_MAX_SIZE
 from diskrsync.synccore.push import PushRequest
 from diskrsync.synccore.source import SourceOptions
@@ -29,6 +31,31 @@ KEEPALIVE_ENV = "DISKRSYNC_SSH_KEEPALIVE"
 MAX_LABEL = 256
 
 
+#: The --keep-* options: Retention field -> argparse dest.
+RETENTION_DESTS = {"last": "keep", "hourly": "keep_hourly", "daily": "keep_daily",
+                   "weekly": "keep_weekly", "monthly": "keep_monthly",
+                   "yearly": "keep_yearly", "within": "keep_within"}
+
+
+def retention(args: argparse.Namespace) -> Retention | None:
+    """The --keep-* options as a policy; None when none is given."""
+    given = {f: getattr(args, d, None) for f, d in RETENTION_DESTS.items()}
+    if all(v is None for v in given.values()):
+        return None
+    if given["last"] is not None and given["last"] < 1:
+        raise UsageError("--keep must be at least 1")
+    for f, v in given.items():
+        if v is not None and v < 0:
+            raise UsageError(f"--keep-{f} must not be negative")
+    return Retention(**{f: v for f, v in given.items() if v is not None})
+
+
+def set_retention(args: argparse.Namespace, policy: Retention) -> None:
+    """Write ``policy`` back as the --keep-* options (what ``retention`` reads)."""
+    for f, d in RETENTION_DESTS.items():
+        setattr(args, d, getattr(policy, f) or None)
+
+
 def push_request(args: argparse.Namespace) -> PushRequest:
     """The push/serve options as a PushRequest."""
 
@@ -37,7 +64,9 @@ def push_request(args: argparse.Namespace) -> PushRequest:
     if label is not None and (not label.strip() or len(label) > MAX_LABEL
                               or not label.isprintable()):
         raise UsageError(f"--label must be 1-{MAX_LABEL} printable characters")
-    target = TargetOptions(keep=args.keep, dry_run=args.dry_run, max_size=limit)
+    target = TargetOptions(keep=retention(args) or Retention(last=DEFAULT_KEEP),
+                           dry_run=args.dry_run, max_size=limit,
+                           always_new_generation=getattr(args, "always_new_generation", False))
     if getattr(args, "checkpoint_interval", None):
         target = replace(target, checkpoint_bytes=args.checkpoint_interval)
     return PushRequest(
