@@ -8,9 +8,10 @@ live in ``reader.py``). The layout::
     /partitions/by-label/<label>   symlinks "../pN" (file system labels: ext2/3/4, XFS, Btrfs, FAT)
     /partitions/by-partlabel/<n>   symlinks "../pN" (GPT partition names), as udev names both;
                                    each directory only when some partition has such a label
-    /generations/<N>-<UTC time>/   every retained generation, e.g. 7-2026-11-26T13-05-00Z/
-        disk.raw
+    /generations/<N>-<UTC time>/   every retained generation, e.g. 000007-2026-11-26T13-05-00Z/
+        disk.raw                   (N zero-padded to 6 digits, so names sort in number order)
         partitions/...             as above
+    /generations/latest, oldest    symlinks to the newest and the oldest retained generation
 
 The top-level ``disk.raw`` and ``partitions/p*`` are the same inodes as those in the generation's
 own directory (hard links), so the kernel page cache is shared. Every generation's content is
@@ -63,6 +64,8 @@ PARTITIONS_NAME = "partitions"
 GENERATIONS_NAME = "generations"
 BY_LABEL_NAME = "by-label"
 BY_PARTLABEL_NAME = "by-partlabel"
+LATEST_NAME = "latest"
+OLDEST_NAME = "oldest"
 
 
 class VfsError(Exception):
@@ -94,9 +97,11 @@ class NotALink(VfsError):
 
 
 def generation_dir_name(info: GenerationInfo) -> str:
-    """``<N>-<UTC commit time>``, e.g. ``7-2026-11-26T13-05-00Z`` (no colons: scp/SMB friendly)."""
+    """``<N>-<UTC commit time>``, e.g. ``000007-2026-11-26T13-05-00Z``: the number first
+    and zero-padded, so that names sort in commit order (``ls``, shell globs) whatever the
+    clock did; no colons (scp/SMB friendly). A generation's name never changes."""
     stamp = time.strftime("%Y-%m-%dT%H-%M-%SZ", time.gmtime(info.commit_time))
-    return f"{info.number}-{stamp}"
+    return f"{info.number:06d}-{stamp}"
 
 
 def chunk_ranges(
@@ -407,6 +412,31 @@ class MountVFS:
                 elif gen.view.open_count == 0:
                     changes.extend(self._drop(number))
         changes.extend(self._choose_top())
+        changes.extend(self._point_links())
+        return changes
+
+    def _point_links(self) -> Changes:
+        """``generations/latest`` and ``oldest``: symlinks to the newest and the oldest
+        retained generation (none while none is). A link whose target changes is a new
+        inode, the old name invalidated: one inode never changes its target."""
+        changes = Changes()
+        live = sorted(n for n, g in self._gens.items() if not g.view.removed)
+        folder = self.generations_dir
+        for name, number in ((LATEST_NAME, live[-1] if live else None),
+                             (OLDEST_NAME, live[0] if live else None)):
+            target = self._gens[number].view.dir_name.encode() if number is not None else None
+            old = folder.children.get(name)
+            if isinstance(old, LinkNode) and old.target == target:
+                continue
+            if old is not None:
+                del folder.children[name]
+                changes.invalidate.append((folder.inode, name))
+            if target is not None:
+                link = LinkNode(self._inode(), f"{folder.path}/{name}", time.time_ns(),
+                                VOLATILE_TIMEOUT, VOLATILE_TIMEOUT, target)
+                self._nodes[link.inode] = link
+                folder.children[name] = link
+            self._touch(folder)
         return changes
 
     def _touch(self, node: DirNode) -> None:

@@ -141,7 +141,9 @@ def test_gpt_partitions_loop_mount(
     images, mp = setup_images(tmp_path, gpt)
     mounts.start(images, mp)
     assert sorted(os.listdir(mp)) == ["disk.raw", "generations", "partitions"]
-    assert os.listdir(mp / "generations") == ["1-2026-11-26T13-05-00Z"]
+    assert sorted(os.listdir(mp / "generations")) == ["000001-2026-11-26T13-05-00Z", "latest",
+                                                      "oldest"]
+    assert os.readlink(mp / "generations" / "latest") == "000001-2026-11-26T13-05-00Z"
     assert os.stat(mp / "disk.raw").st_size == gpt.size
     assert os.stat(mp / "disk.raw").st_mtime == 1795698300.0
     assert sorted(os.listdir(mp / "partitions")) == ["by-label", "by-partlabel", "p1", "p2"]
@@ -187,12 +189,14 @@ def test_generations_come_and_go_while_mounted(
     gpt, mbr = disks["gpt"], disks["mbr"]
     images, mp = setup_images(tmp_path, gpt)
     mounts.start(images, mp)
-    gen1 = mp / "generations" / "1-2026-11-26T13-05-00Z"
+    gen1 = mp / "generations" / "000001-2026-11-26T13-05-00Z"
     mounts.loop_mount(gen1 / "partitions" / "p1", tmp_path / "ext4")  # holds gen 1 open
     with open(mp / "disk.raw", "rb") as held:  # the top-level file, opened while it is gen 1
         first = hashlib.sha256(held.read(8 << 20)).hexdigest()
         add_generation(images, 2, mbr.path)
-        wait_for(lambda: len(os.listdir(mp / "generations")) == 2, "generation 2 to appear")
+        wait_for(lambda: len(os.listdir(mp / "generations")) == 4, "generation 2 to appear")
+        assert os.readlink(mp / "generations" / "latest").startswith("000002-")
+        assert os.readlink(mp / "generations" / "oldest") == gen1.name
         wait_for(lambda: os.stat(mp / "disk.raw").st_size == mbr.size, "the top level to move")
         assert sorted(os.listdir(mp / "partitions")) == ["by-label", "p1", "p5", "p6"]
         held.seek(0)
