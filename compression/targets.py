@@ -48,6 +48,7 @@ from diskrsync.base.merkle import (
 )
 from diskrsync.base.parallel import ordered_map
 from diskrsync.base.retention import Retention
+from diskrsync.base.units import human
 from diskrsync.compression import codec
 from diskrsync.compression.codec import Kind
 from diskrsync.compression.container import sniff
@@ -86,6 +87,54 @@ def check_chunk_size(cs: int) -> int:
         raise UsageError(f"chunk size must be a power of two from {MIN_CHUNK} to {MAX_CHUNK}, "
                          f"not {cs}")
     return cs
+
+
+#: What a first push stores beyond its chunks (index pages, tables), per chunk and in all.
+INDEX_BYTES_PER_CHUNK = 64
+SPACE_SLACK = 64 << 10  # superblocks, tables, the last page
+
+
+@dataclass(frozen=True)
+class SpaceEstimate:
+    """What a first push of the source will store (``sources.space_estimate``, sent in the
+    source's Hello): in an image, in a raw target, and how many bytes the guess read."""
+
+    stored: int
+    raw: int
+    sampled: int
+
+    @classmethod
+    def from_info(cls, value: Any) -> SpaceEstimate | None:
+        """The estimate a peer sent, or None when it sent none or nonsense."""
+        if not isinstance(value, dict):
+            return None
+        got = [value.get(k) for k in ("stored", "raw", "sampled")]
+        if not all(type(v) is int and 0 <= v < 1 << 63 for v in got):
+            return None
+        return cls(*got)  # type: ignore[arg-type]
+
+
+def free_bytes(folder: str) -> int | None:
+    """Bytes an unprivileged writer may still use in ``folder``'s filesystem (None: unknown)."""
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
+
+
+def check_space(path: str, needed: int, est: SpaceEstimate, what: str) -> None:
+    """Refuse a first push that will not fit, before anything is written: a full disk
+    half-way through costs the time and leaves the space taken until the next writer."""
+    folder = os.path.dirname(os.path.abspath(path))
+    free = free_bytes(folder)
+    if free is None or needed <= free:
+        return
+    how = (f"from {human(est.sampled)} sampled, compressed as it will be" if est.sampled
+           else "the source's size")
+    raise LocalError(f"not enough space for {what} {path}: about {human(needed)} needed "
+                     f"(estimated {how}), {human(free)} free in {folder}; nothing was "
+                     f"written")
 
 
 @dataclass(frozen=True)
@@ -166,7 +215,7 @@ class ImageStore:
     def __init__(self, path: str, size: int, chunk_size: int, opts: TargetOptions, *,
                  source: str = "", encrypt: dict[str, Any] | None = None,
                  source_encrypts: bool = False, label: str = "",
-                 source_host: str = "") -> None:
+                 source_host: str = "", estimate: SpaceEstimate | None = None) -> None:
         """``encrypt``: the source's new key (public parts) for a new image; an existing
         encrypted image keeps its own. ``source_encrypts``: the source can push into an
         encrypted image (its Hello lists the capability); an older one is refused."""
@@ -178,6 +227,12 @@ class ImageStore:
         self.label, self.source_host = label, source_host
         st = stat_or_none(path, "cannot open")
         check_push_target(path, st)
+
+        def first_push(cs: int) -> None:
+            if estimate is not None and not opts.dry_run:
+                needed = estimate.stored + -(-size // cs) * INDEX_BYTES_PER_CHUNK + SPACE_SLACK
+                check_space(path, needed, estimate, "a first push into")
+
         if st is not None and st.st_size > 0:
             img = Image.open(path, nofollow=opts.nofollow)  # opaque when encrypted: no key here
             if img.encrypted and not source_encrypts:
@@ -188,11 +243,18 @@ class ImageStore:
                 img.close()
                 raise UsageError(f"{path} is an unencrypted image: --encrypt cannot apply to "
                                  f"it (`diskrsync convert --encrypt` makes an encrypted copy)")
+            if not (img.generations() or img.table.checkpoint):
+                try:
+                    first_push(img.chunk_size)
+                except BaseException:
+                    img.close()
+                    raise
             if not opts.dry_run:
                 remove_stale_temps(path)  # e.g. a new image's, after a power cut
         elif opts.dry_run:
             img = None
         else:
+            first_push(check_chunk_size(chunk_size))
             # an empty file holds nothing to lose, but it is someone's: it becomes the image
             # in place, keeping its inode, owner and mode
             img = Image.create(path, chunk_size=check_chunk_size(chunk_size), fanout=DEFAULT_FANOUT,
@@ -204,6 +266,9 @@ class ImageStore:
         self.fanout = img.fanout if img else DEFAULT_FANOUT
         # the path tells a client that pushed here encrypted before that this is the place
         self.info: dict[str, Any] = {"kind": "image", "path": os.path.abspath(path)}
+        if img is not None and img.generations():
+            # a source smaller than this is warned about (it shrinks the backup)
+            self.info["previous_size"] = img.generations()[-1].size
         if img is None:
             self.base = TreeView.empty(self.chunk_size, self.fanout)
         elif opts.dry_run:
@@ -347,12 +412,15 @@ class RawStore:
     ``min(old size, new size)`` and grown space starts as zeros (holes).
     """
 
-    def __init__(self, path: str, size: int, chunk_size: int, opts: TargetOptions) -> None:
+    def __init__(self, path: str, size: int, chunk_size: int, opts: TargetOptions, *,
+                 estimate: SpaceEstimate | None = None) -> None:
         self.path = path
         self.opts = opts
         self.chunk_size = check_chunk_size(chunk_size)
         self.fanout = DEFAULT_FANOUT
         self.stored = StoredCounts()
+        if estimate is not None and not opts.dry_run and not os.path.lexists(path):
+            check_space(path, estimate.raw + SPACE_SLACK, estimate, "a new raw file")
         self.fd, self.is_file, self.created = open_raw(path, write=not opts.dry_run,
                                                        nofollow=opts.nofollow)
         try:
@@ -381,7 +449,7 @@ class RawStore:
         self._pages_ready = 0
         self._cv = threading.Condition()
         self._error: BaseException | None = None
-        self.info: dict[str, Any] = {"kind": "raw"}
+        self.info: dict[str, Any] = {"kind": "raw", "previous_size": old}
 
     def _set_leaf(self, c: int, digest: bytes) -> None:
         self.leaves[c * HASH_SIZE : (c + 1) * HASH_SIZE] = digest
@@ -596,15 +664,17 @@ def plan_target(path: str, *, raw: bool, rules: TargetRules = NATIVE_RULES,
 
 def open_target(path: str, size: int, chunk_size: int, opts: TargetOptions, *, raw: bool,
                 name: str | None = None, source: str = "", encrypt: dict[str, Any] | None = None,
-                source_encrypts: bool = False, label: str = "",
-                source_host: str = "") -> ImageStore | RawStore:
+                source_encrypts: bool = False, label: str = "", source_host: str = "",
+                estimate: SpaceEstimate | None = None) -> ImageStore | RawStore:
     """The native protocol's store for ``path``, by :func:`plan_target`'s rules: a source
     of ``size`` bytes named ``name``, recorded in the generation as ``source``; ``encrypt``
-    and ``source_encrypts`` as :class:`ImageStore` takes them."""
+    and ``source_encrypts`` as :class:`ImageStore` takes them; a first push is refused when
+    ``estimate`` says it will not fit."""
     plan = plan_target(path, raw=raw, name=name)
     if plan.kind == "raw":
         if encrypt is not None:
             raise UsageError(f"{plan.path} would be a raw target: --encrypt needs an image")
-        return RawStore(plan.path, size, chunk_size, opts)
+        return RawStore(plan.path, size, chunk_size, opts, estimate=estimate)
     return ImageStore(plan.path, size, chunk_size, opts, source=source, encrypt=encrypt,
-                      source_encrypts=source_encrypts, label=label, source_host=source_host)
+                      source_encrypts=source_encrypts, label=label, source_host=source_host,
+                      estimate=estimate)

@@ -26,6 +26,7 @@ from diskrsync.synccore.source import (
     SourceOptions,
     SourceSession,
     commit_outcome,
+    note_shrink,
     target_report,
 )
 from diskrsync.synccore.target import (
@@ -161,6 +162,7 @@ def _target_stats(stats: PushStats, store: WireStore, dry_run: bool,
     stats.size, stats.chunk_size, stats.chunks = shape.size, shape.chunk_size, shape.chunks
     stats.target_root_hash = str(store.info.get("root", ""))
     stats.resumed = bool(store.info.get("resumed"))
+    note_shrink(stats, store.info)
     stored = store.store.stored
     stats.differing_ranges = list(stored.byte_ranges(shape))
     stats.chunks_differing = stored.chunks

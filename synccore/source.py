@@ -65,7 +65,7 @@ from diskrsync.compression.crypto import (
     encryption_entry,
 )
 from diskrsync.compression.format import DEFAULT_CHUNK, DEFAULT_FANOUT
-from diskrsync.compression.sources import SourceReader
+from diskrsync.compression.sources import SourceReader, space_estimate
 from diskrsync.synccore import protocol as p
 from diskrsync.synccore.channel import Channel
 from diskrsync.synccore.conversation import (
@@ -129,6 +129,10 @@ class PushStats:
     pruned: list[int] = field(default_factory=list)  # generations the commit pruned
     resumed: bool = False
     dry_run: bool = False
+    # the target held a larger disk before (its newest generation, or a raw target's size):
+    # the backup shrank to ``size``; None when it did not
+    shrunk_from: int | None = None
+    chunk_size_ignored: bool = False  # --chunk-size differs from the existing target's
     differing_ranges: list[tuple[int, int]] = field(default_factory=list)
     source_changed_chunks: list[int] = field(default_factory=list)
     read_errors: list[tuple[int, int]] = field(default_factory=list)  # (offset, length), merged
@@ -212,6 +216,8 @@ class SourceSession:
             envelope = Envelope.wrap(key, options.keyring.passphrase(
                 "a new encryption key", new=True), options.kdf)
             hello_info["encrypt"] = encryption_entry(key, envelope)
+        if not options.dry_run:  # a target refuses a first push that will not fit
+            hello_info["estimate"] = space_estimate(reader)
         self.conv = SourceConversation(
             reader.size, options.chunk_size, DEFAULT_FANOUT, f"diskrsync {__version__}",
             hello_info, dry_run=options.dry_run)
@@ -284,6 +290,7 @@ class SourceSession:
             self.stats.chunks = self.src.chunks
             self.stats.target_root_hash = str(ready.hello.info.get("root", ""))
             self.stats.resumed = bool(ready.hello.info.get("resumed"))
+            note_shrink(self.stats, ready.hello.info)
             receiver = threading.Thread(target=self._receive, name="push-recv", daemon=True)
             receiver.start()
             # an image's digests are comparable only when it hashes as this push does
@@ -617,6 +624,20 @@ class SourceSession:
 
 class _Stopped(Exception):
     """A worker noticed another thread failed; the real error is in _Failure."""
+
+
+def note_shrink(stats: PushStats, target_info: dict[str, Any]) -> None:
+    """Warn when the target's previous disk (its ``previous_size``, as the target said it)
+    was larger than this source: the backup shrinks with it, silently otherwise."""
+    previous = target_info.get("previous_size")
+    if type(previous) is int and stats.size < previous < 1 << 63:
+        stats.shrunk_from = previous
+        image = target_info.get("kind") == "image"
+        stats.warnings.append(
+            f"the source ({stats.size} bytes) is smaller than the target's previous disk "
+            f"({previous} bytes): the {'new generation' if image else 'target'} "
+            f"{'would shrink' if stats.dry_run else 'shrank'} to the source's size"
+            + (" (older generations keep theirs)" if image else ""))
 
 
 def commit_outcome(info: dict[str, Any]) -> tuple[bool, list[int]]:

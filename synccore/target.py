@@ -21,6 +21,7 @@ from diskrsync.base.errors import DiskrsyncError, PeerError
 from diskrsync.compression.targets import (
     ImageStore,
     RawStore,
+    SpaceEstimate,
     StoreResult,
     TargetOptions,
     open_target,
@@ -104,7 +105,8 @@ def open_store(path: str, hello: p.Hello, opts: TargetOptions, *, raw: bool,
                         source=str(hello.info.get("source", "")),
                         label=label, source_host=source_host,
                         encrypt=hello.info.get("encrypt"),
-                        source_encrypts="encryption" in hello.info.get("caps", ()))
+                        source_encrypts="encryption" in hello.info.get("caps", ()),
+                        estimate=SpaceEstimate.from_info(hello.info.get("estimate")))
     return WireStore(store, hello)
 
 

@@ -433,6 +433,19 @@ def test_remote_disk_full(env: Env, tmp_path: Path) -> None:
         assert [g["number"] for g in info(image)["generations"]] == [1]
 
 
+@pytest.mark.process
+def test_remote_first_push_that_will_not_fit_is_refused(env: Env, tmp_path: Path) -> None:
+    """The source's estimate travels in its Hello; the server refuses before writing."""
+    src = tmp_path / "src.img"
+    with tmpfs(env.remote / "small fs", "2m") as small:
+        src.write_bytes(os.urandom(4 * MiB))
+        res = env.push(str(src), f"testhost:{small}/full.spgz")
+        failed(res, "diskrsync: testhost: ", "not enough space for a first push into",
+               "nothing was written")
+        assert res.returncode == 5
+        assert list(small.iterdir()) == []
+
+
 def _serve_pids(srv: SshServer, what: str) -> list[int]:
     return [q.pid for q in srv.descendants() if "serve" in q.cmdline and what in q.cmdline]
 

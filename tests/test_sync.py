@@ -32,6 +32,7 @@ from diskrsync.base.errors import (
 )
 from diskrsync.base.merkle import leaf_hash, tree_root
 from diskrsync.cli.main import main as cli_main
+from diskrsync.compression import targets
 from diskrsync.compression.format import MAGIC
 from diskrsync.compression.image import Image, writer_active
 from diskrsync.compression.sources import RawSource
@@ -659,9 +660,11 @@ def test_target_disk_full_keeps_previous_generation(tmp_path):
 
 @pytest.mark.process
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
-def test_new_raw_target_on_a_full_disk_is_removed(tmp_path):
+def test_new_raw_target_on_a_full_disk_is_removed(tmp_path, monkeypatch):
     """push --no-compress into a new file on a disk too small for it: the file this push
-    created is removed, so the failure gives the space back (it stayed, filling the disk)."""
+    created is removed, so the failure gives the space back (it stayed, filling the disk).
+    The free-space estimate refuses such a push first; a wrong estimate (faked here) must
+    still end this way."""
     mnt = tmp_path / "small"
     mnt.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], check=True)
@@ -669,6 +672,10 @@ def test_new_raw_target_on_a_full_disk_is_removed(tmp_path):
         src = tmp_path / "s"
         src.write_bytes(os.urandom(CS * 200))  # 3.1 MiB
         dst = mnt / "d.raw"
+        with pytest.raises(LocalError, match="not enough space for a new raw file"):
+            local_push(str(src), str(dst), PushRequest(raw_target=True))
+        assert list(mnt.iterdir()) == []
+        monkeypatch.setattr(targets, "free_bytes", lambda folder: 1 << 40)
         with pytest.raises(LocalError, match="no space left on device"):
             local_push(str(src), str(dst), PushRequest(raw_target=True))
         assert list(mnt.iterdir()) == []

@@ -47,7 +47,7 @@ _diskrsync() {
             valopts=" --generation -g --passphrase-file --key-file "
             positional=(_diskrsync_files) ;;
         restore)
-            opts="--generation -g --force --quiet -q --passphrase-file --key-file --json --help"
+            opts="--generation -g --force -f --quiet -q --passphrase-file --key-file --json --help"
             valopts=" --generation -g --passphrase-file --key-file "
             positional=(_diskrsync_files _diskrsync_files) ;;
         prune)

@@ -118,6 +118,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
+    if args.dest == "-" and sys.stdout.isatty() and not args.force:
+        # as zstd does: a disk's bytes on a terminal help nobody and may upset it
+        raise UsageError("refusing to write a disk to a terminal: redirect stdout (`> FILE`, "
+                         "`| CMD`), or pass --force")
     if args.json and args.dest == "-":
         raise UsageError("--json prints on stdout, where DEST - writes the disk: restore to a "
                          "file or device, or drop --json")

@@ -116,8 +116,9 @@ def _push_options(sp: argparse.ArgumentParser, *, serve: bool = False) -> None:
     sp.add_argument("--raw-target", "--no-compress", dest="no_compress", action="store_true",
                     help="DST is a raw file or device updated in place, not an image "
                          "(--no-compress: its old name, the Go diskrsync's)")
-    sp.add_argument("--chunk-size", type=parse_size, default=128 * 1024, metavar="N",
-                    help="chunk size of a new image (power of two, 16K-4M; default 128K)")
+    sp.add_argument("--chunk-size", type=parse_size, metavar="N",
+                    help="chunk size of a new image (power of two, 16K-4M; default 128K); an "
+                         "existing image keeps its own (a warning says so)")
     _retention_options(sp, serve=serve)
     sp.add_argument("--always-new-generation", action="store_true",
                     help="commit a new generation even when nothing changed (by default the "
@@ -223,7 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("dest", metavar="DEST")
     sp.add_argument("--generation", "-g", type=int, metavar="G",
                     help="restore generation G (default: the newest; see `diskrsync info`)")
-    sp.add_argument("--force", action="store_true", help="overwrite a non-empty DEST file")
+    sp.add_argument("--force", "-f", action="store_true",
+                    help="overwrite a non-empty DEST file; with DEST -, write to stdout even "
+                         "when it is a terminal")
     sp.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     _key_options(sp)
     sp.add_argument("--json", action="store_true",

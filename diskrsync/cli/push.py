@@ -26,6 +26,13 @@ def _push_summary(stats: Any, args: argparse.Namespace, started: float) -> int:
     warnings = stats.warnings
     if getattr(args, "encrypt", False) and stats.generation == 1:
         warnings.append(LOSS_WARNING)
+    asked = getattr(args, "chunk_size", None)
+    # (a Go target's block size is not a chunk size: --legacy is not compared)
+    if asked and stats.chunk_size and asked != stats.chunk_size and not args.legacy:
+        stats.chunk_size_ignored = True
+        warnings.append(f"--chunk-size {human(asked)} is ignored: {args.dst} has "
+                        f"{human(stats.chunk_size)} chunks (fixed when it was created; push "
+                        f"into a new image for another chunk size)")
     if stats.source_changed_chunks:
         warnings.append(f"the source changed during the push: {len(stats.source_changed_chunks)}"
                         f" chunk(s) differ from the scan (use a snapshot); the backup holds what "

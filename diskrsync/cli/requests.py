@@ -12,6 +12,7 @@ from pathlib import Path
 from diskrsync.base.errors import UsageError
 from diskrsync.base.retention import Retention
 from diskrsync.cli.keys import kdf_params, keyring
+from diskrsync.compression.format import DEFAULT_CHUNK
 from diskrsync.compression.image import DEFAULT_KEEP
 from diskrsync.synccore.protocol import DEFAULT_MAX_SIZE
 from diskrsync.synccore.push import PushRequest
@@ -70,7 +71,8 @@ def push_request(args: argparse.Namespace) -> PushRequest:
     if getattr(args, "checkpoint_interval", None):
         target = replace(target, checkpoint_bytes=args.checkpoint_interval)
     return PushRequest(
-        source=SourceOptions(chunk_size=args.chunk_size, dry_run=args.dry_run,
+        source=SourceOptions(chunk_size=args.chunk_size or DEFAULT_CHUNK,
+                             dry_run=args.dry_run,
                              ignore_read_errors=getattr(args, "ignore_read_errors", False),
                              keyring=keyring(args) if hasattr(args, "passphrase_file") else None,
                              encrypt=getattr(args, "encrypt", False), kdf=kdf_params(),

@@ -57,7 +57,8 @@ _CLIENT_OPTIONS = {
     "--keep-hourly": True, "--keep-daily": True, "--keep-weekly": True, "--keep-monthly": True,
     "--keep-yearly": True, "--keep-within": True, "--always-new-generation": False,
     "--chunk-size": True, "--checkpoint-interval": True, "--generation": True, "-g": True,
-    "--no-compress": False, "--raw-target": False, "--dry-run": False, "-n": False, "--ignore-read-errors": False,
+    "--no-compress": False, "--raw-target": False, "--dry-run": False, "-n": False,
+    "--ignore-read-errors": False,
 }
 
 
