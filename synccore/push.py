@@ -20,7 +20,7 @@ from diskrsync.base.errors import DiskrsyncError, UsageError
 from diskrsync.base.merkle import Shape
 from diskrsync.compression.sources import open_source
 from diskrsync.synccore import protocol as p
-from diskrsync.synccore.channel import Channel, channel_pair
+from diskrsync.synccore.channel import Channel, TokenBucket, channel_pair
 from diskrsync.synccore.source import (
     PushStats,
     SourceOptions,
@@ -44,6 +44,11 @@ class PushRequest:
     target: TargetOptions = field(default_factory=TargetOptions)
     raw_target: bool = False  # --raw-target: DST is a raw file updated in place
     generation: int | None = None  # of SRC, when it is an image
+    bwlimit: float = 0.0  # --bwlimit: bytes per second over the wire, this end's (0: none)
+
+    def limit(self) -> TokenBucket | None:
+        """A fresh token bucket for ``bwlimit`` (None: unlimited)."""
+        return TokenBucket(self.bwlimit) if self.bwlimit else None
 
 
 def _same_file(a: str, b: str) -> bool:
@@ -60,7 +65,7 @@ def local_push(src: str, dst: str, req: PushRequest,
     if _same_file(src, dst):
         raise UsageError(f"{src} and {dst} are the same file")
     reader = open_source(src, req.generation, req.source.keyring)
-    a, b = channels or channel_pair()
+    a, b = channels or channel_pair(limit=req.limit())
     failure: list[BaseException] = []
 
     def opener(hello: p.Hello) -> TargetStore:

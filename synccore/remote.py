@@ -34,7 +34,7 @@ from diskrsync.base.retention import Retention
 from diskrsync.compression.image import retention_of
 from diskrsync.compression.sources import open_source
 from diskrsync.synccore import protocol as p
-from diskrsync.synccore.channel import FramedChannel
+from diskrsync.synccore.channel import FramedChannel, TokenBucket
 from diskrsync.synccore.go_io import ProgressLineParser
 from diskrsync.synccore.location import LocalPath, Location, RemotePath
 from diskrsync.synccore.push import PushRequest, run_target_end
@@ -202,9 +202,9 @@ class RemoteRun:
     conn: SshConnection | None = None
     channel: _HostChannel | None = None
 
-    def framed(self) -> _HostChannel:
-        """The native protocol over the process's pipes."""
-        self.channel = _HostChannel(FramedChannel(self.proc), self.host)
+    def framed(self, limit: TokenBucket | None = None) -> _HostChannel:
+        """The native protocol over the process's pipes (paced by ``limit``: --bwlimit)."""
+        self.channel = _HostChannel(FramedChannel(self.proc, limit=limit), self.host)
         return self.channel
 
     def finish(self, wait: float = EXIT_WAIT) -> None:
@@ -381,7 +381,7 @@ def _push(local: str, remote: RemotePath, req: PushRequest, opts: RemoteOptions)
         host = f"{remote.user}@{remote.host}" if remote.user else remote.host
         src_opts = replace(req.source, info=info, host=host)
         r = start_remote(remote, opts, _target_argv(remote.path, req))
-        channel = r.framed()
+        channel = r.framed(req.limit())
         bar = Progress(reader.size, "push", opts.progress)
         try:
             stats: PushStats = r.converse(
@@ -400,7 +400,7 @@ def _pull(remote: RemotePath, local: str, req: PushRequest, opts: RemoteOptions)
     if not os.path.isdir(folder):
         raise UsageError(f"target directory {folder} does not exist")
     r = start_remote(remote, opts, _source_argv(remote.path, req))
-    channel = r.framed()
+    channel = r.framed(req.limit())
     with _arrival_progress(channel, opts.progress):
         return r.converse(lambda: run_target_end(channel, local, req, verify=True,
                                                  pulled_from=remote.host))

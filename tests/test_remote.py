@@ -418,6 +418,21 @@ def tmpfs(path: Path, size: str) -> Iterator[Path]:
 
 
 @pytest.mark.process
+def test_push_and_pull_with_bwlimit(env: Env, tmp_path: Path) -> None:
+    """--bwlimit paces this end's channel both ways (tests/test_bwlimit.py counts the bytes
+    against a fake clock); over SSH it only has to deliver the same result."""
+    src = tmp_path / "src.img"
+    data = os.urandom(MiB)
+    src.write_bytes(data)
+    image = env.remote / "limited.spgz"
+    assert env.ok(str(src), f"testhost:{image}", "--bwlimit", "64M")["generation"] == 1
+    assert content(image, tmp_path) == data
+    pulled = tmp_path / "pulled.spgz"
+    assert env.ok(f"testhost:{image}", str(pulled), "--bwlimit", "64M")["generation"] == 1
+    assert content(pulled, tmp_path) == data
+
+
+@pytest.mark.process
 def test_remote_disk_full(env: Env, tmp_path: Path) -> None:
     src = tmp_path / "src.img"
     with tmpfs(env.remote / "small fs", "6m") as small:

@@ -26,7 +26,7 @@ _diskrsync() {
     case "$prev" in
         --identity|--key-file|--log-file|--passphrase-file|--remote-cmd|--ssh-config|-F|-i)
             _diskrsync_files; return ;;
-        --cache-size|--chunk-size|--generation|--keep|--keep-daily|--keep-hourly|--keep-last|--keep-monthly|--keep-weekly|--keep-within|--keep-yearly|--label|--max-size|--rsh|--timeout|-e|-g)
+        --bwlimit|--cache-size|--chunk-size|--generation|--keep|--keep-daily|--keep-hourly|--keep-last|--keep-monthly|--keep-weekly|--keep-within|--keep-yearly|--label|--max-size|--rsh|--timeout|-e|-g)
             return ;;
     esac
     if [ -z "$cmd" ]; then
@@ -55,8 +55,8 @@ _diskrsync() {
             valopts=" --keep-last --keep --keep-hourly --keep-daily --keep-weekly --keep-monthly --keep-yearly --keep-within "
             positional=(_diskrsync_files) ;;
         push)
-            opts="--raw-target --no-compress --chunk-size --keep-last --keep --keep-hourly --keep-daily --keep-weekly --keep-monthly --keep-yearly --keep-within --always-new-generation --generation -g --dry-run -n --ignore-read-errors --timeout --max-size --json --quiet -q --verbose -v --encrypt --passphrase-file --key-file --label --identity -i --ssh-config -F --accept-new-host-key --remote-cmd --legacy --rsh -e --help"
-            valopts=" --chunk-size --keep-last --keep --keep-hourly --keep-daily --keep-weekly --keep-monthly --keep-yearly --keep-within --generation -g --timeout --max-size --passphrase-file --key-file --label --identity -i --ssh-config -F --remote-cmd --rsh -e "
+            opts="--raw-target --no-compress --chunk-size --keep-last --keep --keep-hourly --keep-daily --keep-weekly --keep-monthly --keep-yearly --keep-within --always-new-generation --generation -g --dry-run -n --ignore-read-errors --timeout --max-size --bwlimit --json --quiet -q --verbose -v --encrypt --passphrase-file --key-file --label --identity -i --ssh-config -F --accept-new-host-key --remote-cmd --legacy --rsh -e --help"
+            valopts=" --chunk-size --keep-last --keep --keep-hourly --keep-daily --keep-weekly --keep-monthly --keep-yearly --keep-within --generation -g --timeout --max-size --bwlimit --passphrase-file --key-file --label --identity -i --ssh-config -F --remote-cmd --rsh -e "
             positional=(_diskrsync_files _diskrsync_files) ;;
         mount)
             opts="--foreground -f --generation -g --allow-other --cache-size --verbose -v --log-file --passphrase-file --key-file --help"

@@ -58,3 +58,19 @@ def parse_duration(text: str) -> float:
     if not 0 <= total < 1e12:
         raise argparse.ArgumentTypeError(f"not a duration: {text!r} (e.g. 7d, 36h, 2w, 1y6m)")
     return total
+
+
+def parse_rate(text: str) -> float:
+    """A transfer rate as rsync's ``--bwlimit`` reads it, in bytes per second: a plain
+    number is KiB/s; a unit K, M, G, T (powers of 1024, optionally followed by B or iB) or B
+    alone (bytes), then optionally /s (``10M``, ``1.5MiB/s``, ``500K``, ``800``, ``100B``);
+    0 means no limit."""
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)([KMGT]?)(I?B)?(?:/S)?", text.strip().upper())
+    value = -1.0
+    if m and not (m[3] == "IB" and not m[2]):
+        number, unit, suffix = float(m[1]), m[2], m[3]
+        value = number * (SIZE_UNITS[unit] if unit or suffix else 1024)
+    if not (value == 0 or 1 <= value < 1 << 50):
+        raise argparse.ArgumentTypeError(f"not a rate: {text!r} (e.g. 500K, 10M, 1.5MiB/s; "
+                                         f"a plain number is KiB/s)")
+    return value

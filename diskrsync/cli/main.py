@@ -33,7 +33,7 @@ from diskrsync.base.errors import (
     category,
     from_oserror,
 )
-from diskrsync.base.units import parse_duration, parse_seconds, parse_size
+from diskrsync.base.units import parse_duration, parse_rate, parse_seconds, parse_size
 from diskrsync.cli.jsonout import emit_error
 
 
@@ -248,6 +248,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="an image (created if missing), or with --raw-target a raw file; "
                          "a directory means DIR/<name of SRC>.spgz")
     _push_options(sp)
+    sp.add_argument("--bwlimit", type=parse_rate, default=0.0, metavar="RATE",
+                    help="at most RATE bytes per second over the wire, both ways together "
+                         "(as rsync: a plain number is KiB/s; 500K, 10M, 1.5MiB/s; 0: no "
+                         "limit)")
     sp.add_argument("--json", action="store_true",
                     help="print a machine-readable object (docs/json.md)")
     sp.add_argument("--quiet", "-q", action="store_true", help="no progress, no summary")

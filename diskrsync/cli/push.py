@@ -10,7 +10,12 @@ import time
 from dataclasses import asdict
 from typing import Any
 
-from diskrsync.base.errors import EXIT_READ_ERRORS_IGNORED, EXIT_SOURCE_CHANGED, DiskrsyncError
+from diskrsync.base.errors import (
+    EXIT_READ_ERRORS_IGNORED,
+    EXIT_SOURCE_CHANGED,
+    DiskrsyncError,
+    UsageError,
+)
 from diskrsync.base.progress import Progress
 from diskrsync.base.units import human
 from diskrsync.cli import jsonout
@@ -123,6 +128,8 @@ def _details(stats: Any, args: argparse.Namespace) -> None:
 def cmd_push(args: argparse.Namespace) -> int:
     started = time.time()
     req = push_request(args)
+    if args.legacy and req.bwlimit:
+        raise UsageError("--bwlimit works with the native protocol only, not with --legacy")
     src, dst = parse_location(args.src), parse_location(args.dst)
     if not (isinstance(src, LocalPath) and isinstance(dst, LocalPath)) or args.legacy:
         # the SSH stack (paramiko, ~0.1 s to import) is loaded only for a remote end

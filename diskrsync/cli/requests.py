@@ -80,6 +80,7 @@ def push_request(args: argparse.Namespace) -> PushRequest:
         target=target,
         raw_target=args.no_compress,
         generation=getattr(args, "generation", None),
+        bwlimit=getattr(args, "bwlimit", 0.0) or 0.0,
     )
 
 
