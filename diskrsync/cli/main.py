@@ -156,7 +156,7 @@ def _retention_options(sp: argparse.ArgumentParser, *, serve: bool = False,
                        prune: bool = False) -> None:
     """The --keep-* rules (see the user guide, "Generations and retention")."""
     if prune:
-        what = "keep"
+        what = "give at least one"
     elif serve:
         what = ("with --restrict-to a floor (clients may ask to keep more, never fewer); "
                 "without: as push's")
