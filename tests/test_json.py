@@ -212,11 +212,12 @@ def test_every_schema_has_a_test_of_the_real_output() -> None:
 
 @pytest.mark.pure
 def test_check_finds_what_is_wrong() -> None:
-    good = jsonout.envelope("prune", {"image": "x", "keep": 1, "pruned": [1], "kept": [2],
-                                      "started": 1.0, "duration": 0.5})
+    good = jsonout.envelope("prune", {"image": "x", "rules": "--keep-last 1", "dry_run": False,
+                                      "pruned": [1], "kept": [2], "started": 1.0,
+                                      "duration": 0.5})
     assert jsonout.check(good) == []
     assert jsonout.check({**good, "new": 1}) == [".new: not in the schema"]
-    assert jsonout.check({**good, "keep": "1"}) == [".keep: '1' is not integer"]
+    assert jsonout.check({**good, "dry_run": "no"}) == [".dry_run: 'no' is not boolean"]
     missing = dict(good)
     del missing["kept"]
     assert jsonout.check(missing) == [".kept: missing"]

@@ -112,6 +112,14 @@ COMMANDS: dict[str, tuple[Field, ...]] = {
         Field("resumed", "boolean", "the push resumed an interrupted one's checkpoint"),
         Field("created", "boolean", "the target was created by this push (its first "
                                     "generation, or a new raw file)"),
+        Field("unchanged", "boolean", "the content equalled the newest generation's: no new "
+                                      "generation, that one recorded the run (`generation` "
+                                      "is its number)"),
+        Field("pruned", "array of integer", "the generations this push's commit pruned"),
+        Field("shrunk_from", "integer or null", "the target's previous size when SRC is "
+                                                "smaller (a warning); null otherwise"),
+        Field("chunk_size_ignored", "boolean", "`--chunk-size` was given for an existing "
+                                               "image with another chunk size (a warning)"),
         Field("dry_run", "boolean", "`--dry-run`: nothing was written"),
         *_capped("differing_ranges", "range", "byte ranges of SRC that differed, merged"),
         *_capped("source_changed_chunks", "integer", "chunks that changed while the push "
