@@ -15,13 +15,15 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import random
 import stat
 from collections.abc import Iterator
 from typing import Any
 
-from diskrsync.base.errors import LocalError, ReadError, UsageError, from_oserror
-from diskrsync.compression.codec import STANDARD, ChunkCodec
+from diskrsync.base.errors import DiskrsyncError, LocalError, ReadError, UsageError, from_oserror
+from diskrsync.compression.codec import STANDARD, ChunkCodec, encode, is_zero
 from diskrsync.compression.container import open_image, sniff
+from diskrsync.compression.crypto import Keyring
 
 SECTOR = 512  # the smallest unit a failing read of a disk is narrowed down to
 
@@ -179,6 +181,9 @@ class SnapshotSource(SourceReader):
         self.sector = snapshot.chunk_size  # a damaged chunk is unreadable as a whole
         self.codec = getattr(snapshot, "codec", STANDARD)
         self.extents_map = "zero-chunks"
+        #: an encrypted image's key entry (public parts): a push of it stays encrypted
+        table = getattr(owner, "table", None)
+        self.encryption: dict[str, Any] | None = getattr(table, "encryption", None)
 
     def read(self, offset: int, length: int) -> bytes:
         data: bytes = self.snap.read(offset, length)
@@ -219,8 +224,10 @@ class SnapshotSource(SourceReader):
             self._owner.close()
 
 
-def open_source(path: str, generation: int | None = None) -> SourceReader:
-    """A raw file or device, or a generation of an image / SPGZ0001 file."""
+def open_source(path: str, generation: int | None = None,
+                keyring: Keyring | None = None) -> SourceReader:
+    """A raw file or device, or a generation of an image / SPGZ0001 file (an encrypted
+    image unlocked through ``keyring``)."""
     if os.path.isdir(path):
         raise UsageError(f"{path} is a directory: give a file, a block device or an image")
     try:
@@ -234,10 +241,46 @@ def open_source(path: str, generation: int | None = None) -> SourceReader:
         if generation is not None:
             raise UsageError(f"{path} is not an image, so it has no generation {generation}")
         return RawSource(path)
-    img = open_image(path)
+    img = open_image(path, keyring=keyring)
     try:
         snap = img.snapshot(generation)
     except BaseException:
         img.close()
         raise
     return SnapshotSource(snap, f"{path} (generation {snap.info.number})", owner=img)
+
+
+# -- what a first push of a source will need at the target --------------------------------
+
+SAMPLES = 32  # reads spread over the source: a few MiB in all, a fraction of a second on a disk
+SAMPLE_BYTES = 64 << 10
+
+
+def space_estimate(reader: SourceReader, samples: int = SAMPLES) -> dict[str, int]:
+    """What a first push of ``reader`` will store, estimated from ``samples`` reads of 64
+    KiB spread over it, each compressed as a chunk would be (zeros cost nothing, in an image and
+    in a sparse raw file): ``{"stored": bytes in an image, "raw": bytes of a raw target,
+    "sampled": bytes read}``. A source of at most ``samples`` pieces is read whole, so its
+    estimate is exact; an unreadable sample is left out."""
+    size = reader.size
+    pieces = -(-size // SAMPLE_BYTES)
+    if pieces <= samples:
+        starts = [i * SAMPLE_BYTES for i in range(pieces)]
+    else:  # pseudo-random, the same for every push: even spacing would alias with layouts
+        starts = sorted(p * SAMPLE_BYTES for p in random.Random(0).sample(range(pieces),
+                                                                         samples))
+    sampled = stored = raw = 0
+    for off in starts:
+        length = min(SAMPLE_BYTES, size - off)
+        try:
+            data = reader.read(off, length)
+        except (DiskrsyncError, OSError):
+            continue
+        sampled += length
+        if not is_zero(data):
+            raw += length
+            stored += len(encode(data)[1])
+    if not sampled:
+        return {"stored": size, "raw": size, "sampled": 0}
+    return {"stored": stored * size // sampled, "raw": raw * size // sampled,
+            "sampled": sampled}

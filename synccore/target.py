@@ -10,6 +10,7 @@ over any channel.
 from __future__ import annotations
 
 import contextlib
+import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -20,6 +21,7 @@ from diskrsync.base.errors import DiskrsyncError, PeerError
 from diskrsync.compression.targets import (
     ImageStore,
     RawStore,
+    SpaceEstimate,
     StoreResult,
     TargetOptions,
     open_target,
@@ -86,16 +88,25 @@ class WireStore:
 
     def finish(self, root: bytes, info: dict[str, Any]) -> p.Committed:
         self.done = (root, info)
+        t0 = time.monotonic()
         self.result = r = self.store.finish(root, info)
-        return p.Committed(r.generation, r.root, r.info)
+        # what this end did, for the source's `push -v` and --json (see target_report)
+        did = {"chunks_written": r.stored.chunks, "commit_seconds": time.monotonic() - t0}
+        return p.Committed(r.generation, r.root, {**r.info, **did})
 
 
-def open_store(path: str, hello: p.Hello, opts: TargetOptions, *, raw: bool) -> WireStore:
+def open_store(path: str, hello: p.Hello, opts: TargetOptions, *, raw: bool,
+               label: str = "", source_host: str = "") -> WireStore:
     """The store for a push into ``path`` (``compression.targets.open_target``'s rules),
-    for the source that said ``hello``."""
+    for the source that said ``hello``. The generation records as its source ``label``,
+    else what the source says it is (prefixed ``source_host:`` in a pull)."""
     store = open_target(path, hello.size, hello.chunk_size, opts, raw=raw,
                         name=str(hello.info.get("name", "")),
-                        source=str(hello.info.get("source", "")))
+                        source=str(hello.info.get("source", "")),
+                        label=label, source_host=source_host,
+                        encrypt=hello.info.get("encrypt"),
+                        source_encrypts="encryption" in hello.info.get("caps", ()),
+                        estimate=SpaceEstimate.from_info(hello.info.get("estimate")))
     return WireStore(store, hello)
 
 
