@@ -261,7 +261,8 @@ def space_estimate(reader: SourceReader, samples: int = SAMPLES) -> dict[str, in
     KiB spread over it, each compressed as a chunk would be (zeros cost nothing, in an image and
     in a sparse raw file): ``{"stored": bytes in an image, "raw": bytes of a raw target,
     "sampled": bytes read}``. A source of at most ``samples`` pieces is read whole, so its
-    estimate is exact; an unreadable sample is left out."""
+    estimate is exact; an unreadable sample is left out, a sample in a hole (outside the
+    reader's extents) is zeros without being read."""
     size = reader.size
     pieces = -(-size // SAMPLE_BYTES)
     if pieces <= samples:
@@ -269,9 +270,13 @@ def space_estimate(reader: SourceReader, samples: int = SAMPLES) -> dict[str, in
     else:  # pseudo-random, the same for every push: even spacing would alias with layouts
         starts = sorted(p * SAMPLE_BYTES for p in random.Random(0).sample(range(pieces),
                                                                          samples))
+    extents = list(reader.extents())
     sampled = stored = raw = 0
     for off in starts:
         length = min(SAMPLE_BYTES, size - off)
+        if not any(a < off + length and off < a + n for a, n in extents):
+            sampled += length  # a hole: zeros, stored as nothing, never read
+            continue
         try:
             data = reader.read(off, length)
         except (DiskrsyncError, OSError):

@@ -215,7 +215,7 @@ class ImageStore:
     def __init__(self, path: str, size: int, chunk_size: int, opts: TargetOptions, *,
                  source: str = "", encrypt: dict[str, Any] | None = None,
                  source_encrypts: bool = False, label: str = "",
-                 source_host: str = "", estimate: SpaceEstimate | None = None) -> None:
+                 source_host: str = "") -> None:
         """``encrypt``: the source's new key (public parts) for a new image; an existing
         encrypted image keeps its own. ``source_encrypts``: the source can push into an
         encrypted image (its Hello lists the capability); an older one is refused."""
@@ -227,11 +227,9 @@ class ImageStore:
         self.label, self.source_host = label, source_host
         st = stat_or_none(path, "cannot open")
         check_push_target(path, st)
-
-        def first_push(cs: int) -> None:
-            if estimate is not None and not opts.dry_run:
-                needed = estimate.stored + -(-size // cs) * INDEX_BYTES_PER_CHUNK + SPACE_SLACK
-                check_space(path, needed, estimate, "a first push into")
+        self._size = size
+        self._first = False  # a first push: the source's estimate is checked (check_space)
+        self._made = ""  # "new": this push created the file; "in_place": it was empty
 
         if st is not None and st.st_size > 0:
             img = Image.open(path, nofollow=opts.nofollow)  # opaque when encrypted: no key here
@@ -243,18 +241,14 @@ class ImageStore:
                 img.close()
                 raise UsageError(f"{path} is an unencrypted image: --encrypt cannot apply to "
                                  f"it (`diskrsync convert --encrypt` makes an encrypted copy)")
-            if not (img.generations() or img.table.checkpoint):
-                try:
-                    first_push(img.chunk_size)
-                except BaseException:
-                    img.close()
-                    raise
+            self._first = not (img.generations() or img.table.checkpoint)
             if not opts.dry_run:
                 remove_stale_temps(path)  # e.g. a new image's, after a power cut
         elif opts.dry_run:
             img = None
         else:
-            first_push(check_chunk_size(chunk_size))
+            self._first = True
+            self._made = "new" if st is None else "in_place"
             # an empty file holds nothing to lose, but it is someone's: it becomes the image
             # in place, keeping its inode, owner and mode
             img = Image.create(path, chunk_size=check_chunk_size(chunk_size), fanout=DEFAULT_FANOUT,
@@ -269,6 +263,8 @@ class ImageStore:
         if img is not None and img.generations():
             # a source smaller than this is warned about (it shrinks the backup)
             self.info["previous_size"] = img.generations()[-1].size
+        if self._first and not opts.dry_run:
+            self.info["space_check"] = True  # the source sends an Estimate before any chunk
         if img is None:
             self.base = TreeView.empty(self.chunk_size, self.fanout)
         elif opts.dry_run:
@@ -390,6 +386,39 @@ class ImageStore:
                            {"path": self.path, "unchanged": tx.unchanged,
                             "pruned": list(tx.pruned)}, self.stored)
 
+    def check_space(self, info: dict[str, Any]) -> None:
+        """A first push's estimate (the source's ``Estimate``, before any chunk): refused
+        when it will not fit, and then the image this push made is undone (removed, or the
+        empty file it was made in emptied again), so nothing is left written."""
+        est = SpaceEstimate.from_info(info)
+        if est is None or not self._first or self.opts.dry_run:
+            return
+        needed = est.stored + -(-self._size // self.chunk_size) * INDEX_BYTES_PER_CHUNK \
+            + SPACE_SLACK
+        try:
+            check_space(self.path, needed, est, "a first push into")
+        except LocalError:
+            self._undo_create()
+            raise
+
+    def _undo_create(self) -> None:
+        made, self._made = self._made, ""
+        self.close()
+        if made:
+            with contextlib.suppress(OSError):
+                if made == "new":
+                    os.unlink(self.path)
+                    fsync_dir(self.path)
+                else:
+                    flags = os.O_WRONLY | os.O_CLOEXEC | (os.O_NOFOLLOW if self.opts.nofollow
+                                                         else 0)
+                    fd = os.open(self.path, flags)
+                    try:
+                        os.ftruncate(fd, 0)
+                        os.fsync(fd)
+                    finally:
+                        os.close(fd)
+
     def abort(self, save: bool) -> None:
         if self.tx is not None:
             if save and self._written > self._written_at_cp and self._checkpoint_pays():
@@ -419,15 +448,12 @@ class RawStore:
     ``min(old size, new size)`` and grown space starts as zeros (holes).
     """
 
-    def __init__(self, path: str, size: int, chunk_size: int, opts: TargetOptions, *,
-                 estimate: SpaceEstimate | None = None) -> None:
+    def __init__(self, path: str, size: int, chunk_size: int, opts: TargetOptions) -> None:
         self.path = path
         self.opts = opts
         self.chunk_size = check_chunk_size(chunk_size)
         self.fanout = DEFAULT_FANOUT
         self.stored = StoredCounts()
-        if estimate is not None and not opts.dry_run and not os.path.lexists(path):
-            check_space(path, estimate.raw + SPACE_SLACK, estimate, "a new raw file")
         self.fd, self.is_file, self.created = open_raw(path, write=not opts.dry_run,
                                                        nofollow=opts.nofollow)
         try:
@@ -457,6 +483,8 @@ class RawStore:
         self._cv = threading.Condition()
         self._error: BaseException | None = None
         self.info: dict[str, Any] = {"kind": "raw", "previous_size": old}
+        if self.created and not self.opts.dry_run:
+            self.info["space_check"] = True  # the source sends an Estimate before any chunk
 
     def _set_leaf(self, c: int, digest: bytes) -> None:
         self.leaves[c * HASH_SIZE : (c + 1) * HASH_SIZE] = digest
@@ -545,6 +573,13 @@ class RawStore:
         except OSError as e:
             raise from_oserror(e, f"flushing {self.path}") from None
         return StoreResult(0, mine, {"path": self.path}, self.stored)
+
+    def check_space(self, info: dict[str, Any]) -> None:
+        """A new raw file: refused when the source's estimate will not fit (the file is then
+        removed by ``abort``)."""
+        est = SpaceEstimate.from_info(info)
+        if est is not None and self.created and not self.opts.dry_run:
+            check_space(self.path, est.raw + SPACE_SLACK, est, "a new raw file")
 
     def abort(self, save: bool) -> None:
         """A file this push created is removed after a failure of ours (a full disk: it
@@ -671,17 +706,15 @@ def plan_target(path: str, *, raw: bool, rules: TargetRules = NATIVE_RULES,
 
 def open_target(path: str, size: int, chunk_size: int, opts: TargetOptions, *, raw: bool,
                 name: str | None = None, source: str = "", encrypt: dict[str, Any] | None = None,
-                source_encrypts: bool = False, label: str = "", source_host: str = "",
-                estimate: SpaceEstimate | None = None) -> ImageStore | RawStore:
+                source_encrypts: bool = False, label: str = "",
+                source_host: str = "") -> ImageStore | RawStore:
     """The native protocol's store for ``path``, by :func:`plan_target`'s rules: a source
     of ``size`` bytes named ``name``, recorded in the generation as ``source``; ``encrypt``
-    and ``source_encrypts`` as :class:`ImageStore` takes them; a first push is refused when
-    ``estimate`` says it will not fit."""
+    and ``source_encrypts`` as :class:`ImageStore` takes them."""
     plan = plan_target(path, raw=raw, name=name)
     if plan.kind == "raw":
         if encrypt is not None:
             raise UsageError(f"{plan.path} would be a raw target: --encrypt needs an image")
-        return RawStore(plan.path, size, chunk_size, opts, estimate=estimate)
+        return RawStore(plan.path, size, chunk_size, opts)
     return ImageStore(plan.path, size, chunk_size, opts, source=source, encrypt=encrypt,
-                      source_encrypts=source_encrypts, label=label, source_host=source_host,
-                      estimate=estimate)
+                      source_encrypts=source_encrypts, label=label, source_host=source_host)

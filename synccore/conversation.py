@@ -115,8 +115,15 @@ class DoneArrived:
     info: dict[str, Any]
 
 
+@dataclass(frozen=True)
+class EstimateArrived:
+    """A first push's estimate: check it fits (``store.check_space``) before any chunk."""
+
+    info: dict[str, Any]
+
+
 SourceEvent = TargetReady | PagesKnown | SendChunks | Finished
-TargetEvent = SourceHello | LeavesWanted | ChunkArrived | DoneArrived
+TargetEvent = SourceHello | LeavesWanted | ChunkArrived | DoneArrived | EstimateArrived
 
 
 def peer_error(msg: p.Error, who: str) -> DiskrsyncError:
@@ -359,6 +366,7 @@ class TargetConversation(_Conversation):
         self._pages = 0  # pages the target compares against
         self._state = "hello"  # -> "opening" -> "transfer" -> "finishing" -> "committed"
         self.encrypted = False
+        self._estimated = self._chunks = False  # an Estimate comes once, before any Chunk
 
     def receive(self, msg: p.Message | None) -> TargetEvent | None:
         if isinstance(msg, p.Alive):
@@ -382,7 +390,13 @@ class TargetConversation(_Conversation):
                             f"target answered its hello")
         if state != "transfer":
             raise PeerError(f"unexpected {type(msg).__name__} from the source after its Done")
+        if isinstance(msg, p.Estimate):
+            if self._estimated or self._chunks:
+                raise PeerError("the source sent an estimate after its data, or twice")
+            self._estimated = True
+            return EstimateArrived(msg.info)
         if isinstance(msg, p.Chunk):
+            self._chunks = True
             assert self.shape is not None
             if msg.index >= self.shape.chunks:
                 raise PeerError(f"the source sent chunk {msg.index}, outside the disk")

@@ -127,17 +127,27 @@ class Error:
 
 
 @dataclass(frozen=True)
+class Estimate:
+    """Source → target, once, before any Chunk, when the target's Hello asked for it
+    (``space_check``: a first push): what the push will store (``stored``, ``raw``,
+    ``sampled``: bytes), so a target that cannot hold it refuses before writing."""
+
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class Alive:
     """Either side, after a quiet spell, to peers whose Hello lists the "alive" capability:
     I am still here (so the peer's ``--timeout`` measures a frozen peer, not a long scan of
     unchanged data). Channels consume it; the conversation never sees it."""
 
 
-Message = Hello | PageHashes | NeedLeaves | Leaves | Chunk | Done | Committed | Error | Alive
+Message = (Hello | PageHashes | NeedLeaves | Leaves | Chunk | Done | Committed | Error | Alive
+           | Estimate)
 
 _TYPES: dict[type, int] = {
     Hello: 1, PageHashes: 2, NeedLeaves: 3, Leaves: 4, Chunk: 5, Done: 6, Committed: 7, Error: 8,
-    Alive: 9,
+    Alive: 9, Estimate: 10,
 }
 
 
@@ -177,6 +187,8 @@ def _to_json(msg: Message) -> dict[str, Any]:
         return {"generation": msg.generation, "root": msg.root.hex(), "info": msg.info}
     if isinstance(msg, Error):
         return {"kind": msg.kind, "message": msg.message}
+    if isinstance(msg, Estimate):
+        return {"info": msg.info}
     raise TypeError(msg)
 
 
@@ -308,6 +320,11 @@ def _from_json(t: int, payload: bytes) -> Message:
             return _hello(d)
         if t == 6:
             return Done(_digest(d, "root"), _done_info(_field(d, "info", dict, {})))
+        if t == 10:
+            info = _field(d, "info", dict, {})
+            for name in ("stored", "raw", "sampled"):
+                _int(info, name, 0, MAX_DISK_SIZE)
+            return Estimate(info)
         if t == 7:
             return Committed(_int(d, "generation", 0, 1 << 63), _digest(d, "root"),
                              _field(d, "info", dict, {}))

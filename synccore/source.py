@@ -241,8 +241,6 @@ class SourceSession:
             envelope = Envelope.wrap(key, options.keyring.passphrase(
                 "a new encryption key", new=True), options.kdf)
             hello_info["encrypt"] = encryption_entry(key, envelope)
-        if not options.dry_run:  # a target refuses a first push that will not fit
-            hello_info["estimate"] = space_estimate(reader)
         self.conv = SourceConversation(
             reader.size, options.chunk_size, DEFAULT_FANOUT, f"diskrsync {__version__}",
             hello_info, dry_run=options.dry_run)
@@ -327,6 +325,10 @@ class SourceSession:
             self.stats.target_root_hash = str(ready.hello.info.get("root", ""))
             self.stats.resumed = bool(ready.hello.info.get("resumed"))
             note_shrink(self.stats, ready.hello.info)
+            if ready.hello.info.get("space_check") is True and not self.opts.dry_run:
+                # a first push: the target checks what it will store before anything is
+                # written (samples of the source, compressed as they will be)
+                self.ch.send(p.Estimate(space_estimate(self.reader)))
             # an image's digests are comparable only when it hashes as this push does
             index = self.reader.index_for(self.cs, self.fanout) \
                 if self.reader.codec.name == self.codec.name else None

@@ -21,7 +21,6 @@ from diskrsync.base.errors import DiskrsyncError, PeerError
 from diskrsync.compression.targets import (
     ImageStore,
     RawStore,
-    SpaceEstimate,
     StoreResult,
     TargetOptions,
     open_target,
@@ -31,6 +30,7 @@ from diskrsync.synccore.channel import Channel
 from diskrsync.synccore.conversation import (
     ChunkArrived,
     DoneArrived,
+    EstimateArrived,
     LeavesWanted,
     SourceHello,
     TargetConversation,
@@ -47,6 +47,10 @@ class TargetStore(Protocol):
     info: dict[str, Any]
 
     def send_page_hashes(self, send: Callable[[p.Message], None]) -> None: ...
+
+    def check_space(self, info: dict[str, Any]) -> None:
+        """A first push's estimate: refuse (LocalError) when it will not fit."""
+        ...
 
     def leaf_hashes(self, page: int) -> bytes: ...
 
@@ -77,6 +81,7 @@ class WireStore:
         self.info: dict[str, Any] = {"hash": p.HASH, "caps": list(p.CAPABILITIES),
                                      **store.info}
         self.leaf_hashes = store.leaf_hashes
+        self.check_space = store.check_space
         self.put = store.put
         self.abort = store.abort
         self.close = store.close
@@ -105,8 +110,7 @@ def open_store(path: str, hello: p.Hello, opts: TargetOptions, *, raw: bool,
                         source=str(hello.info.get("source", "")),
                         label=label, source_host=source_host,
                         encrypt=hello.info.get("encrypt"),
-                        source_encrypts="encryption" in hello.info.get("caps", ()),
-                        estimate=SpaceEstimate.from_info(hello.info.get("estimate")))
+                        source_encrypts="encryption" in hello.info.get("caps", ()))
     return WireStore(store, hello)
 
 
@@ -166,6 +170,8 @@ def serve_target(channel: Channel, opener: Callable[[p.Hello], TargetStore], *,
             event = conv.receive(channel.recv())
             if isinstance(event, ChunkArrived):
                 verifier.add(event.chunk)
+            elif isinstance(event, EstimateArrived):
+                store.check_space(event.info)
             elif isinstance(event, LeavesWanted):
                 channel.send(conv.leaves(event.page, store.leaf_hashes(event.page)))
             elif isinstance(event, DoneArrived):

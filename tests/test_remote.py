@@ -450,7 +450,8 @@ def test_remote_disk_full(env: Env, tmp_path: Path) -> None:
 
 @pytest.mark.process
 def test_remote_first_push_that_will_not_fit_is_refused(env: Env, tmp_path: Path) -> None:
-    """The source's estimate travels in its Hello; the server refuses before writing."""
+    """The server asks for the source's estimate (a first push) and refuses it before
+    writing."""
     src = tmp_path / "src.img"
     with tmpfs(env.remote / "small fs", "2m") as small:
         src.write_bytes(os.urandom(4 * MiB))

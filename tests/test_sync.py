@@ -749,7 +749,8 @@ def test_label_names_the_generations_source(tmp_path, capsys):
     src.write_bytes(random.Random(3).randbytes(200_000))
     image = tmp_path / "img.spgz"
     assert cli_main(["push", "-q", str(src), str(image)]) == 0
-    assert cli_main(["push", "-q", str(src), str(image), "--label", "web1:/dev/vg0/root"]) == 0
+    assert cli_main(["push", "-q", str(src), str(image), "--label", "web1:/dev/vg0/root",
+                     "--always-new-generation"]) == 0
     img = Image.open(str(image))
     try:
         assert [g.source for g in img.generations()] == [str(src), "web1:/dev/vg0/root"]

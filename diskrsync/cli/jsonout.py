@@ -118,6 +118,10 @@ COMMANDS: dict[str, tuple[Field, ...]] = {
         Field("pruned", "array of integer", "the generations this push's commit pruned"),
         Field("shrunk_from", "integer or null", "the target's previous size when SRC is "
                                                 "smaller (a warning); null otherwise"),
+        Field("map", "string", "what narrowed the scan: `full`, `sparse`, `free-blocks`, a "
+                               "map of changed ranges such as `dirty-bitmap`, joined with `+`"),
+        Field("map_fallback", "string", "why a map of changed ranges was not used (a full "
+                                        "scan instead; empty when it was, or there was none)"),
         Field("chunk_size_ignored", "boolean", "`--chunk-size` was given for an existing "
                                                "image with another chunk size (a warning)"),
         Field("dry_run", "boolean", "`--dry-run`: nothing was written"),
