@@ -3,9 +3,9 @@ computed (pure, thread-aware).
 
 Every image, importer, maintenance and sync path encodes, decodes and hashes chunks through a
 :class:`ChunkCodec` object, so a codec that also encrypts (AEAD bound to the chunk's position)
-and hashes with a key replaces :data:`STANDARD` without changing them. Calls that a future
-codec must bind to a place pass a :class:`ChunkAt`; new fields (a generation, a disk) get
-defaults, so only the callers that know them change.
+and hashes with a key replaces :data:`STANDARD` without changing them. Calls that a codec
+must bind to a place pass a :class:`ChunkAt`. ``compression/crypto.py`` has the encrypting
+codec (format version 2).
 
 Today's codec, :data:`STANDARD`: a chunk is stored as nothing (all zeros), as a zstd frame, or
 raw when zstd does not save at least 1/32 of it (random data: storing raw keeps reads a plain
@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import Protocol
 
+import blake3
 import zstandard
 
 from diskrsync.base import merkle
@@ -108,10 +109,12 @@ def decode(kind: Kind | int, stored: bytes, length: int) -> bytes:
 @dataclass(frozen=True, slots=True)
 class ChunkAt:
     """Where a chunk belongs: what a codec may bind its stored form to (an AEAD's associated
-    data), so a stored chunk cannot be replayed at another place. The standard codec ignores
-    it."""
+    data), so a stored chunk cannot be replayed at another place or as another version of
+    itself: ``digest`` is the chunk's leaf digest (an encrypting codec needs it; the standard
+    codec ignores both)."""
 
     index: int
+    digest: bytes = b""
 
 
 Bytes = bytes | bytearray | memoryview
@@ -132,8 +135,10 @@ class ChunkCodec(Protocol):
 
     def decode(self, kind: Kind | int, stored: bytes, length: int, at: ChunkAt) -> bytes: ...
 
-    def leaf_hash(self, data: Bytes) -> bytes:
-        """The digest of a chunk's bytes (a Merkle leaf)."""
+    def leaf_hash(self, data: Bytes, index: int) -> bytes:
+        """The digest of chunk ``index``'s bytes (a Merkle leaf); a chunk of zeros has
+        ``zero_hash`` instead, which callers use without hashing (they test for zeros
+        first)."""
         ...
 
     def zero_hash(self, length: int) -> bytes:
@@ -145,9 +150,11 @@ class StandardCodec:
     """zstd level 1 or raw, unencrypted; plain BLAKE3 digests (format version 1)."""
 
     name = "zstd+blake3"
-    # the hash functions themselves, not wrappers: the scan hashes every chunk of a disk
-    leaf_hash = staticmethod(merkle.leaf_hash)
     zero_hash = staticmethod(merkle.zero_hash)
+
+    @staticmethod
+    def leaf_hash(data: Bytes, index: int = 0) -> bytes:
+        return blake3.blake3(data).digest()
 
     def __init__(self, level: int = DEFAULT_LEVEL) -> None:
         self.level = level

@@ -6,6 +6,7 @@ import os
 import stat
 
 from diskrsync.base.errors import DataError, UsageError, from_oserror
+from diskrsync.compression.crypto import Keyring
 from diskrsync.compression.format import MAGIC
 from diskrsync.compression.image import Image
 from diskrsync.compression.spgz import MAGIC as SPGZ_MAGIC
@@ -38,13 +39,14 @@ def sniff(path: str) -> str | None:
     return "spgz" if head == SPGZ_MAGIC else None
 
 
-def open_image(path: str, *, accept_loss: bool = False) -> Image | SpgzImage:
+def open_image(path: str, *, accept_loss: bool = False,
+               keyring: Keyring | None = None) -> Image | SpgzImage:
     """The container at ``path``; a clear error for anything that is not one.
-    ``accept_loss``: see ``Image.open``."""
+    ``accept_loss``, ``keyring``: see ``Image.open``."""
     path = os.fspath(path)
     kind = sniff(path)
     if kind == "image":
-        return Image.open(path, accept_loss=accept_loss)
+        return Image.open(path, accept_loss=accept_loss, keyring=keyring)
     if kind == "spgz":
         return SpgzImage.open(path)
     raise DataError(f"{path} is not a diskrsync image or SPGZ0001 file")

@@ -20,6 +20,8 @@ from diskrsync.compression.codec import Kind
 
 MAGIC = b"DSKRSYNC"
 FORMAT_VERSION = 1
+ENCRYPTED_VERSION = 2  # an encrypted image: readers before encryption refuse it, never write it
+VERSIONS = (FORMAT_VERSION, ENCRYPTED_VERSION)
 SUPERBLOCK_SLOTS = (0, 4096)
 SLOT_SIZE = 4096
 WRITER_SLOT = 8192  # informational: who holds the writer lock (for the "busy" message)
@@ -60,10 +62,11 @@ class Superblock:
     table_length: int
     table_checksum: bytes
     flags: int = 0
+    version: int = FORMAT_VERSION
 
     def encode(self) -> bytes:
         body = _SB.pack(
-            MAGIC, FORMAT_VERSION, self.flags, self.chunk_size, self.fanout, 0, self.counter,
+            MAGIC, self.version, self.flags, self.chunk_size, self.fanout, 0, self.counter,
             self.table_offset, self.table_length, self.table_checksum,
         )
         return (body + checksum(body)).ljust(SLOT_SIZE, b"\0")
@@ -79,14 +82,14 @@ class Superblock:
             raise DataError("no diskrsync image magic")
         if raw[_SB.size : _SB.size + CHECKSUM_SIZE] != checksum(body):
             raise DataError("superblock checksum mismatch")
-        if version != FORMAT_VERSION:
+        if version not in VERSIONS:
             raise FormatVersionError(
                 f"image format version {version} is not supported "
-                f"(this diskrsync reads version {FORMAT_VERSION})"
+                f"(this diskrsync reads versions {', '.join(map(str, VERSIONS))})"
             )
         if not (MIN_CHUNK <= cs <= MAX_CHUNK and cs & (cs - 1) == 0) or not 2 <= fanout <= 4096:
             raise DataError(f"superblock has impossible geometry (chunk {cs}, fanout {fanout})")
-        return cls(cs, fanout, counter, toff, tlen, tsum, flags)
+        return cls(cs, fanout, counter, toff, tlen, tsum, flags, version)
 
 
 @dataclass(frozen=True)
@@ -176,6 +179,8 @@ class GenRecord:
     root_hash: bytes
     source: str = ""
     meta: dict[str, Any] = field(default_factory=dict)
+    #: encrypted images: the client's record of this generation, sealed (crypto.py)
+    seal: str = ""
 
 
 @dataclass(frozen=True)
@@ -186,12 +191,21 @@ class GenTable:
     zombies: tuple[GenRecord, ...] = ()  # pruned but maybe still pinned by a reader
     checkpoint: GenRecord | None = None  # pending generation a killed push resumes from
     next_number: int = 1
+    #: encrypted images: {"key_id", "cipher", "envelope" (the wrapped key, or None)}
+    encryption: dict[str, Any] | None = None
+
+    @property
+    def version(self) -> int:
+        """The format version a superblock naming this table carries."""
+        return ENCRYPTED_VERSION if self.encryption is not None else FORMAT_VERSION
 
     def encode(self) -> bytes:
         def rec(r: GenRecord) -> dict[str, Any]:
             d = asdict(r)
             d["root_hash"] = r.root_hash.hex()
             d["tree"]["hash"] = r.tree.hash.hex()
+            if not r.seal:
+                del d["seal"]
             return d
 
         doc = {
@@ -200,6 +214,8 @@ class GenTable:
             "checkpoint": rec(self.checkpoint) if self.checkpoint else None,
             "next_number": self.next_number,
         }
+        if self.encryption is not None:
+            doc["encryption"] = self.encryption
         return json.dumps(doc, separators=(",", ":"), sort_keys=True).encode()
 
     @classmethod
@@ -212,7 +228,7 @@ class GenTable:
                 tree = TreeRef(t["size"], t["offset"], t["length"], bytes.fromhex(t["hash"]))
                 return GenRecord(
                     d["number"], d["time"], tree, bytes.fromhex(d["root_hash"]),
-                    d.get("source", ""), d.get("meta", {}),
+                    d.get("source", ""), d.get("meta", {}), d.get("seal", ""),
                 )
 
             cp = doc.get("checkpoint")
@@ -221,6 +237,20 @@ class GenTable:
                 tuple(rec(r) for r in doc.get("zombies", [])),
                 rec(cp) if cp else None,
                 doc["next_number"],
+                check_encryption_entry(doc.get("encryption")),
             )
         except (ValueError, KeyError, TypeError) as e:
             raise DataError(f"generation table unreadable: {e}") from None
+
+
+def check_encryption_entry(doc: Any) -> dict[str, Any] | None:
+    """A table's (or a peer's) encryption entry, checked for shape (ValueError); the
+    envelope itself is checked when it is used."""
+    if doc is None:
+        return None
+    if not (isinstance(doc, dict) and isinstance(doc.get("key_id"), str)
+            and len(doc["key_id"]) == 32 and isinstance(doc.get("cipher"), str)
+            and (doc.get("envelope") is None or isinstance(doc["envelope"], dict))):
+        raise ValueError("its encryption entry is malformed")
+    bytes.fromhex(doc["key_id"])
+    return doc

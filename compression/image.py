@@ -61,9 +61,18 @@ from diskrsync.base.errors import (
     from_oserror,
 )
 from diskrsync.base.merkle import Shape, node_hash_packed, root_hash
+from diskrsync.base.retention import Retention, Verdict, select
 from diskrsync.compression.alloc import FreeSpace
 from diskrsync.compression.api import GenerationInfo, read_span
 from diskrsync.compression.codec import STANDARD, ChunkAt, ChunkCodec, Kind, is_zero, zeros
+from diskrsync.compression.crypto import (
+    Envelope,
+    Keyring,
+    MasterKey,
+    OpaqueCodec,
+    SealedCodec,
+    SeenGenerations,
+)
 from diskrsync.compression.format import (
     DATA_START,
     DEFAULT_CHUNK,
@@ -386,7 +395,11 @@ def _read_slot(store: FileStore, path: str, index: int, raw: bytes) -> _Slot:
         blob = store.read(sb.table_offset, sb.table_length, "generation table")
         if checksum(blob) != sb.table_checksum:
             raise DataError("generation table checksum mismatch")
-        return _Slot(index, sb, GenTable.decode(blob))
+        table = GenTable.decode(blob)
+        if table.version != sb.version:  # encryption is never added or stripped silently
+            raise DataError(f"superblock says format version {sb.version}, its table "
+                            f"version {table.version}")
+        return _Slot(index, sb, table)
     except DataError as e:
         return _Slot(index, sb, None, e.message)
 
@@ -583,6 +596,24 @@ def _claim_empty(fd: int, path: str) -> None:
         raise BusyError(f"{path} was written by another process meanwhile")
 
 
+def retention_of(keep: int | Retention) -> Retention:
+    """``keep`` as a policy: an int N is ``--keep-last N`` (at least 1)."""
+    if isinstance(keep, Retention):
+        return keep
+    if keep < 1:
+        raise UsageError("--keep must be at least 1")
+    return Retention(last=keep)
+
+
+def _retain(gens: tuple[GenRecord, ...],
+            policy: Retention) -> tuple[tuple[GenRecord, ...], tuple[GenRecord, ...]]:
+    """(kept, pruned) of ``gens`` under ``policy``, both in table order."""
+    verdicts = select([(r.number, r.time) for r in gens], policy)
+    kept = tuple(r for r, v in zip(gens, verdicts, strict=True) if v.kept)
+    cut = tuple(r for r, v in zip(gens, verdicts, strict=True) if not v.kept)
+    return kept, cut
+
+
 def _info(rec: GenRecord) -> GenerationInfo:
     return GenerationInfo(rec.number, rec.time, rec.tree.size, rec.root_hash, rec.source, rec.meta)
 
@@ -606,12 +637,53 @@ class Image:
     """An image file: lists generations, hands out pinned snapshots, and begins transactions."""
 
     def __init__(self, path: str, fd: int, state: _State, *, accept_loss: bool = False,
-                 codec: ChunkCodec = STANDARD) -> None:
+                 codec: ChunkCodec = STANDARD, keyring: Keyring | None = None) -> None:
         self.path = path
         self.store = FileStore(fd, path)
-        self.codec = codec
         self._accept_loss = accept_loss
         self._state = self._checked(state)
+        self.key: MasterKey | None = None
+        self.codec: ChunkCodec = codec
+        enc = state.table.encryption
+        if enc is not None:
+            key_id = bytes.fromhex(enc["key_id"])
+            if keyring is None:
+                self.codec = OpaqueCodec(key_id, str(enc["cipher"]))
+            else:
+                envelope = Envelope.from_json(enc["envelope"]) if enc.get("envelope") else None
+                self.key = keyring.unlock(key_id, envelope, path)
+                self.codec = SealedCodec(self.key)
+                self._check_seals(state.table)
+
+    @property
+    def encrypted(self) -> bool:
+        return self._state.table.encryption is not None
+
+    @property
+    def key_id(self) -> bytes | None:
+        enc = self._state.table.encryption
+        return bytes.fromhex(enc["key_id"]) if enc is not None else None
+
+    def _check_seals(self, table: GenTable) -> None:
+        """With the key: every generation's seal opens for its number and root, and the
+        image is not older than this client has seen it (see crypto.py)."""
+        codec = self.codec
+        assert isinstance(codec, SealedCodec) and self.key is not None
+        for rec in table.generations:
+            codec.open_seal(rec.number, rec.root_hash, rec.seal)
+        gens = table.generations
+        seen, place = SeenGenerations(), ":" + os.path.abspath(self.path)
+        seen.check(self.key.key_id, place,
+                   (gens[-1].number, gens[-1].root_hash) if gens else None,
+                   {r.number: r.root_hash for r in gens}, self.path)
+        if gens:
+            seen.record(self.key.key_id, place, gens[-1].number, gens[-1].root_hash)
+
+    def sealed_record(self, rec: GenRecord) -> dict[str, Any]:
+        """What the client sealed into a generation (``{}`` for a plain image)."""
+        if isinstance(self.codec, SealedCodec):
+            return self.codec.open_seal(rec.number, rec.root_hash, rec.seal)
+        return {}
 
     def _checked(self, state: _State) -> _State:
         if not self._accept_loss:
@@ -622,18 +694,21 @@ class Image:
 
     @classmethod
     def open(cls, path: str, *, accept_loss: bool = False, nofollow: bool = False,
-             codec: ChunkCodec = STANDARD) -> Image:
+             codec: ChunkCodec = STANDARD, keyring: Keyring | None = None) -> Image:
         """Open an image for reading. A state that may have lost its newest commit is a
         DataError unless ``accept_loss`` (for verify and repair, which report it).
-        ``nofollow``: refuse a symlink as the final component (ELOOP). ``codec``: how its
-        chunks are stored and hashed (every snapshot and transaction of it uses it)."""
+        ``nofollow``: refuse a symlink as the final component (ELOOP). ``codec``: how a
+        plain image's chunks are stored and hashed (every snapshot and transaction of it
+        uses it). An encrypted image is unlocked through ``keyring`` (every generation's
+        seal checked); without one it is opened opaque: its structure can be read and
+        written (a ``serve`` end), its data not."""
         path = os.fspath(path)
         if os.path.isdir(path):
             raise UsageError(f"{path} is a directory, not an image")
         fd = _open_fd(path, os.O_RDONLY | (os.O_NOFOLLOW if nofollow else 0))
         try:
             return cls(path, fd, _read_state(FileStore(fd, path), path), accept_loss=accept_loss,
-                       codec=codec)
+                       codec=codec, keyring=keyring)
         except BaseException:
             os.close(fd)
             raise
@@ -642,13 +717,15 @@ class Image:
     def create(
         cls, path: str, *, chunk_size: int = DEFAULT_CHUNK, fanout: int = DEFAULT_FANOUT,
         in_place: bool = False, nofollow: bool = False, codec: ChunkCodec = STANDARD,
+        encryption: dict[str, Any] | None = None, keyring: Keyring | None = None,
     ) -> Image:
         """A new, empty image (no generation yet); fails if ``path`` exists.
 
         With ``in_place``, ``path`` must instead be an existing empty regular file, which
         becomes the image and keeps its inode, owner and mode; it is checked empty under the
         writer lock, so an image another writer put there meanwhile is never overwritten.
-        ``nofollow``: refuse a symlink as the final component (ELOOP).
+        ``nofollow``: refuse a symlink as the final component (ELOOP). ``encryption``
+        (:func:`encryption_entry`) makes it an encrypted image (format version 2).
         """
         path = os.fspath(path)
         if not (MIN_CHUNK <= chunk_size <= MAX_CHUNK and chunk_size & (chunk_size - 1) == 0):
@@ -676,12 +753,13 @@ class Image:
                 os.close(fd)
                 raise
         try:
-            table = GenTable().encode()
+            empty = GenTable(encryption=encryption)
+            table = empty.encode()
             for slot, off in enumerate(SUPERBLOCK_SLOTS):
                 at = DATA_START + slot * SECTOR  # one table copy per slot, own sectors
                 os.pwrite(fd, table, at)
                 sb = Superblock(chunk_size, fanout, 1, at, len(table), checksum(table),
-                                FLAG_MIRRORED)
+                                FLAG_MIRRORED, empty.version)
                 os.pwrite(fd, sb.encode(), off)
             os.fsync(fd)
             if not in_place:
@@ -701,7 +779,7 @@ class Image:
                 with contextlib.suppress(OSError):
                     os.unlink(path)
         os.close(fd)
-        return cls.open(target, nofollow=nofollow, codec=codec)
+        return cls.open(target, nofollow=nofollow, codec=codec, keyring=keyring)
 
     def close(self) -> None:
         self.store.close()
@@ -773,6 +851,8 @@ class Image:
                 raise
             self._state = state
             if any(r.number == rec.number for r in state.table.generations):
+                if isinstance(self.codec, SealedCodec):
+                    self.codec.open_seal(rec.number, rec.root_hash, rec.seal)
                 return Snapshot(self.path, store, rec, state.sb.chunk_size, state.sb.fanout,
                                 self.codec)
             store.close()
@@ -857,10 +937,15 @@ class Image:
         finally:
             tx.close()
 
-    def prune(self, keep: int) -> list[int]:
-        """Keep the newest ``keep`` generations; returns the numbers pruned."""
-        if keep < 1:
-            raise UsageError("--keep must be at least 1")
+    def verdicts(self, keep: int | Retention) -> list[Verdict]:
+        """What the retention policy ``keep`` would keep of the retained generations, and
+        why (``prune --dry-run``), oldest first."""
+        return select([(r.number, r.time) for r in self.table.generations], retention_of(keep))
+
+    def prune(self, keep: int | Retention) -> list[int]:
+        """Keep what the retention policy ``keep`` (an int: the newest N) keeps; returns the
+        numbers pruned."""
+        retention_of(keep)  # checked before the writer lock is taken
         tx = self.begin(what="prune")
         try:
             return tx.commit_prune(keep)
@@ -939,11 +1024,11 @@ def read_checked(store: ChunkReader, codec: ChunkCodec, index: int, e: Entry, le
     """One stored chunk as (stored bytes, decoded bytes), both only once they hash right."""
     try:
         stored = store.read(e.offset, e.length, f"chunk {index}")
-        data = codec.decode(e.kind, stored, length, ChunkAt(index))
+        data = codec.decode(e.kind, stored, length, ChunkAt(index, e.hash))
     except (DataError, ValueError) as err:
         detail = err.message if isinstance(err, DiskrsyncError) else str(err)
         raise CorruptChunkError(index, index * chunk_size, detail) from None
-    if codec.leaf_hash(data) != e.hash:
+    if codec.leaf_hash(data, index) != e.hash:
         raise CorruptChunkError(index, index * chunk_size)
     return stored, data
 
@@ -979,6 +1064,8 @@ class Transaction:
         self._fresh: dict[int, tuple[int, int]] = {}  # chunk -> extent written since checkpoint
         store.open_space(self._used(state))
         self._torn_publish = False  # a superblock write failed: what it names must stay
+        self.pruned: tuple[int, ...] = ()  # what the commit pruned
+        self.unchanged = False  # the commit recorded a run in the newest generation
         self._closed = False
 
     # -- free space ----------------------------------------------------------------------
@@ -1123,8 +1210,8 @@ class Transaction:
             h = codec.zero_hash(len(data))
             self.put_chunk(chunk, Kind.ZERO, b"", h, len(data))
             return h
-        kind, stored = codec.encode(data, ChunkAt(chunk))
-        h = codec.leaf_hash(data)
+        h = codec.leaf_hash(data, chunk)
+        kind, stored = codec.encode(data, ChunkAt(chunk, h))
         self.put_chunk(chunk, kind, stored, h, len(data))
         return h
 
@@ -1209,7 +1296,7 @@ class Transaction:
             self._store.sync()
             for slot, at in zip(SUPERBLOCK_SLOTS, copies, strict=True):
                 sb = Superblock(self.chunk_size, self.fanout, counter, at, len(blob),
-                                checksum(blob), FLAG_MIRRORED)
+                                checksum(blob), FLAG_MIRRORED, table.version)
                 self._torn_publish = True
                 self._store.write_head(slot, sb.encode())
                 self._store.sync()
@@ -1230,10 +1317,22 @@ class Transaction:
         self._check_open()
         self._publish(table)
 
-    def _record(self, number: int, source: str, meta: dict[str, Any]) -> GenRecord:
+    def _record(self, number: int, source: str, meta: dict[str, Any],
+                seal: str = "") -> GenRecord:
         ref = self._write_tree()
         root = root_hash(ref.size, self.chunk_size, self.fanout, ref.hash)
-        return GenRecord(number, time.time(), ref, root, source, meta)
+        now = time.time()
+        if self._table.encryption is not None:
+            # an encrypted image keeps the source and metadata only inside the seal (a
+            # checkpoint keeps its structural counts)
+            if number and not seal:
+                codec = self.codec
+                if not isinstance(codec, SealedCodec):
+                    raise UsageError(f"committing to {self.path} needs its key (it is "
+                                     f"encrypted)")
+                seal = codec.seal(number, root, {"source": source, "time": now, "meta": meta})
+            source, meta = "", meta if not number else {}
+        return GenRecord(number, now, ref, root, source, meta, seal)
 
     def checkpoint(self, source: str = "", meta: dict[str, Any] | None = None) -> None:
         """Make what was written so far durable as a resumable checkpoint (not current)."""
@@ -1250,37 +1349,62 @@ class Transaction:
         self,
         source: str = "",
         meta: dict[str, Any] | None = None,
-        keep: int = DEFAULT_KEEP,
+        keep: int | Retention = DEFAULT_KEEP,
         expect_root: bytes | None = None,
+        seal: str = "",
+        *,
+        new_generation: bool = True,
     ) -> GenerationInfo:
-        """Make the new generation current, pruning beyond the newest ``keep``.
+        """Make the new generation current, pruning what the retention policy ``keep`` (an
+        int: the newest N) does not keep; ``pruned`` then names them.
 
         With ``expect_root`` nothing is published unless the new tree's root equals it (the
-        pages written for the check lie in free space and cost nothing to drop).
+        pages written for the check lie in free space and cost nothing to drop). An
+        encrypted image's generation carries ``seal``, made by the client that has the key
+        (or made here when this image was opened with it). Without ``new_generation``,
+        content equal to the newest generation's commits no generation: that generation's
+        metadata records the run instead (``last_checked``, ``checks`` and ``meta``), so an
+        unchanged push does not push history out (``unchanged`` is then True). That is still
+        a whole commit (two tables, two superblocks, three fsyncs).
         """
         self._check_open()
-        if keep < 1:
-            raise UsageError("--keep must be at least 1")
+        policy = retention_of(keep)
         t = self._table
-        rec = self._record(t.next_number, source, dict(meta or {}))
+        rec = self._record(t.next_number, source, dict(meta or {}), seal)
         if expect_root is not None and rec.root_hash != expect_root:
             raise DataError(
                 f"new root hash {rec.root_hash.hex()[:16]}… differs from the source's "
                 f"{expect_root.hex()[:16]}…; nothing committed"
             )
-        gens = (*t.generations, rec)
-        zombies = t.zombies + gens[:-keep]
-        table = GenTable(gens[-keep:], zombies, None, t.next_number + 1)
-        self._publish(table)
+        newest = t.generations[-1] if t.generations else None
+        next_number = t.next_number + 1
+        if (not new_generation and newest is not None and newest.root_hash == rec.root_hash
+                and newest.tree.size == rec.tree.size):
+            # nothing new references what this transaction wrote (a resumed checkpoint's
+            # chunks, the pages just written for the check): give it back now
+            self._store.give_back()
+            checks = newest.meta.get("checks")
+            rec = replace(newest, meta={
+                **newest.meta, **rec.meta, "last_checked": rec.time,
+                "checks": (checks if isinstance(checks, int) else 0) + 1})
+            gens = (*t.generations[:-1], rec)
+            next_number = t.next_number
+            self.unchanged = True
+        else:
+            gens = (*t.generations, rec)
+        kept, cut = _retain(gens, policy)
+        self._publish(replace(t, generations=kept, zombies=t.zombies + cut, checkpoint=None,
+                             next_number=next_number))
+        self.pruned = tuple(r.number for r in cut)
         self.close()
         return _info(rec)
 
-    def commit_prune(self, keep: int) -> list[int]:
-        """Publish a table that keeps only the newest ``keep`` generations (no new one)."""
+    def commit_prune(self, keep: int | Retention) -> list[int]:
+        """Publish a table that keeps only what the policy ``keep`` keeps (no new one)."""
         t = self._table
-        cut = t.generations[:-keep] if len(t.generations) > keep else ()
+        kept, cut = _retain(t.generations, retention_of(keep))
         if cut:
-            self._publish(replace(t, generations=t.generations[-keep:], zombies=t.zombies + cut))
+            self._publish(replace(t, generations=kept, zombies=t.zombies + cut))
         return [r.number for r in cut]
 
     def abort(self) -> None:

@@ -32,6 +32,7 @@ def write_new_image(
     ``read(offset, length)`` returns (thread-safe) as its first generation. The caller
     removes ``path`` if this fails."""
     img = Image.create(path, chunk_size=chunk_size, codec=codec)
+    codec = img.codec
     try:
         tx = img.begin(what="import")
         try:
@@ -52,8 +53,9 @@ def write_new_image(
                         out.append((c, Kind.ZERO, b"", codec.zero_hash(n), n))
                     else:
                         piece = view[at : at + n]
-                        kind, stored = codec.encode(piece, ChunkAt(c))
-                        out.append((c, kind, stored, codec.leaf_hash(piece), n))
+                        digest = codec.leaf_hash(piece, c)
+                        kind, stored = codec.encode(piece, ChunkAt(c, digest))
+                        out.append((c, kind, stored, digest, n))
                 return out
 
             for batch in ordered_map(encode, range(0, shape.chunks, BATCH_CHUNKS)):

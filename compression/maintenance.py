@@ -22,6 +22,7 @@ from diskrsync.base.errors import (
 from diskrsync.base.merkle import root_hash
 from diskrsync.base.parallel import ordered_map
 from diskrsync.compression.codec import ChunkCodec, Kind, is_zero, zeros
+from diskrsync.compression.crypto import OpaqueCodec, SealedCodec
 from diskrsync.compression.destination import open_dest
 from diskrsync.compression.format import ENTRY_SIZE, TreeRef, iter_entries
 from diskrsync.compression.image import (
@@ -61,8 +62,24 @@ def image_info(img: Image | SpgzImage) -> dict[str, Any]:
     }
     if isinstance(img, Image):
         usage = img.usage()
+        if img.encrypted:
+            enc = img.table.encryption or {}
+            unlocked = isinstance(img.codec, SealedCodec)
+            info["encryption"] = {"key_id": enc.get("key_id"), "cipher": enc.get("cipher"),
+                                  "key_in_image": bool(enc.get("envelope")),
+                                  "unlocked": unlocked}
+            for g, rec in zip(info["generations"], img.table.generations, strict=True):
+                if unlocked:  # the client's own record, authenticated
+                    sealed = img.sealed_record(rec)
+                    g["source"] = str(sealed.get("source", ""))
+                    g["time"] = sealed.get("time", g["time"])
+                    if sealed.get("meta"):
+                        g["meta"] = sealed["meta"]
+                else:
+                    g["source"] = "(encrypted)"
         info.update(
-            format="diskrsync image v1",
+            format=f"diskrsync image v{img.table.version}"
+                   + (" (encrypted)" if img.encrypted else ""),
             chunk_size=img.chunk_size,
             fanout=img.fanout,
             stored_bytes=usage["stored"],
@@ -84,14 +101,27 @@ class VerifyReport:
     # references it ("generation" is the first of them)
     bad_chunks: list[dict[str, Any]] = field(default_factory=list)
     chunks_checked: int = 0
+    unchecked: str = ""  # what could not be checked (an encrypted image without its key)
 
     @property
     def ok(self) -> bool:
         return not self.problems and not self.bad_chunks
 
 
-def verify(img: Image | SpgzImage, generation: int | None = None) -> VerifyReport:
-    """Check metadata and every chunk of the chosen (default: every retained) generation."""
+def verify_chunks(img: Image | SpgzImage, generation: int | None = None) -> int:
+    """How many chunks ``verify`` reports to its ``progress`` (0: it reports none)."""
+    if isinstance(img, SpgzImage):
+        return 0
+    records = [img.record(generation)] if generation is not None else img.table.generations
+    return sum(-(-rec.tree.size // img.chunk_size) for rec in records)
+
+
+def verify(img: Image | SpgzImage, generation: int | None = None,
+           progress: Callable[[int], None] | None = None) -> VerifyReport:
+    """Check metadata and every chunk of the chosen (default: every retained) generation.
+    ``progress(n)``: n more chunks dealt with (checked, or shared with a generation already
+    checked), ``verify_chunks`` in all."""
+    tick = progress or (lambda _n: None)
     report = VerifyReport()
     if isinstance(img, SpgzImage):
         for block, offset, problem in img.verify():
@@ -100,12 +130,18 @@ def verify(img: Image | SpgzImage, generation: int | None = None) -> VerifyRepor
         return report
     report.warnings.extend(img.redundancy_warnings)
     report.problems.extend(img.lost_commits)
+    if isinstance(img.codec, OpaqueCodec):
+        report.unchecked = (
+            "the image is encrypted and was checked without its key: superblocks, "
+            "generation tables, every index page and its digest chain, and each chunk's "
+            "stored size; chunk contents and generation seals need the key (give the "
+            "passphrase to check them)")
     records = [img.record(generation)] if generation is not None else img.table.generations
     done: set[int] = set()  # stored offsets already checked (generations share chunks)
     bad: dict[int, tuple[int, str]] = {}  # stored offset -> (chunk, problem)
     for rec in records:
         with _view(img, rec.tree) as view:
-            _verify_tree(view, img.codec, rec.number, rec.root_hash, report, done, bad)
+            _verify_tree(view, img.codec, rec.number, rec.root_hash, report, done, bad, tick)
     # a bad chunk is bad in every generation sharing it: name them all, so that "restore
     # another generation" is not advice to restore one that is broken too
     users: dict[int, list[int]] = {off: [] for off in bad}
@@ -150,6 +186,7 @@ def _verify_tree(
     report: VerifyReport,
     done: set[int],
     bad: dict[int, tuple[int, str]],
+    tick: Callable[[int], None],
 ) -> None:
     shape = view.shape
     got_root = root_hash(shape.size, shape.chunk_size, shape.fanout, view.ref.hash)
@@ -178,15 +215,25 @@ def _verify_tree(
         for c in batch:
             e = view.entry(c)
             try:
-                decode_checked(view.store, codec, c, e, shape.chunk_length(c), shape.chunk_size)
+                if isinstance(codec, OpaqueCodec):  # no key: what a host can check
+                    try:
+                        codec.check_shape(e.kind, e.length, shape.chunk_length(c))
+                        view.store.read(e.offset, e.length, f"chunk {c}")
+                    except (ValueError, DataError) as err:
+                        raise CorruptChunkError(c, c * shape.chunk_size, str(err)) from None
+                else:
+                    decode_checked(view.store, codec, c, e, shape.chunk_length(c),
+                                   shape.chunk_size)
             except CorruptChunkError as err:
                 out.append((e.offset, c, err.message))
         return out
 
+    tick(shape.chunks - len(todo))  # zero, shared with a generation checked, or unreadable
     batches = [todo[i : i + BATCH] for i in range(0, len(todo), BATCH)]
-    for found in ordered_map(check, batches):
+    for batch, found in zip(batches, ordered_map(check, batches), strict=True):
         for off, c, msg in found:
             bad[off] = (c, msg)
+        tick(len(batch))
     report.chunks_checked += len(todo)
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import random
 import stat
 import threading
 from collections.abc import Iterator
@@ -28,8 +29,9 @@ from diskrsync.base.errors import (
     UsageError,
     from_oserror,
 )
-from diskrsync.compression.codec import STANDARD, ChunkCodec
+from diskrsync.compression.codec import STANDARD, ChunkCodec, encode, is_zero
 from diskrsync.compression.container import open_image, sniff
+from diskrsync.compression.crypto import Keyring
 from diskrsync.compression.nbd import (
     BASE_ALLOCATION,
     DIRTY_BITMAP_PREFIX,
@@ -206,6 +208,9 @@ class SnapshotSource(SourceReader):
         self.sector = snapshot.chunk_size  # a damaged chunk is unreadable as a whole
         self.codec = getattr(snapshot, "codec", STANDARD)
         self.extents_map = "zero-chunks"
+        #: an encrypted image's key entry (public parts): a push of it stays encrypted
+        table = getattr(owner, "table", None)
+        self.encryption: dict[str, Any] | None = getattr(table, "encryption", None)
 
     def read(self, offset: int, length: int) -> bytes:
         data: bytes = self.snap.read(offset, length)
@@ -389,10 +394,11 @@ def source_name(path: str) -> str:
     return os.path.basename(path.rstrip("/"))
 
 
-def open_source(path: str, generation: int | None = None, *, dirty_bitmap: str | None = None,
-                qmp: str | None = None) -> SourceReader:
-    """A raw file or device, a generation of an image / SPGZ0001 file, or an NBD export
-    (``nbd://`` / ``nbd+unix://``, with a QEMU dirty bitmap: see NbdSource)."""
+def open_source(path: str, generation: int | None = None, keyring: Keyring | None = None, *,
+                dirty_bitmap: str | None = None, qmp: str | None = None) -> SourceReader:
+    """A raw file or device, a generation of an image / SPGZ0001 file (an encrypted image
+    unlocked through ``keyring``), or an NBD export (``nbd://`` / ``nbd+unix://``, with a
+    QEMU dirty bitmap: see NbdSource)."""
     if is_nbd_url(path):
         if generation is not None:
             raise UsageError(f"{path} is an NBD export: it has no generations")
@@ -413,10 +419,51 @@ def open_source(path: str, generation: int | None = None, *, dirty_bitmap: str |
         if generation is not None:
             raise UsageError(f"{path} is not an image, so it has no generation {generation}")
         return RawSource(path)
-    img = open_image(path)
+    img = open_image(path, keyring=keyring)
     try:
         snap = img.snapshot(generation)
     except BaseException:
         img.close()
         raise
     return SnapshotSource(snap, f"{path} (generation {snap.info.number})", owner=img)
+
+
+# -- what a first push of a source will need at the target --------------------------------
+
+SAMPLES = 32  # reads spread over the source: a few MiB in all, a fraction of a second on a disk
+SAMPLE_BYTES = 64 << 10
+
+
+def space_estimate(reader: SourceReader, samples: int = SAMPLES) -> dict[str, int]:
+    """What a first push of ``reader`` will store, estimated from ``samples`` reads of 64
+    KiB spread over it, each compressed as a chunk would be (zeros cost nothing, in an image and
+    in a sparse raw file): ``{"stored": bytes in an image, "raw": bytes of a raw target,
+    "sampled": bytes read}``. A source of at most ``samples`` pieces is read whole, so its
+    estimate is exact; an unreadable sample is left out, a sample in a hole (outside the
+    reader's extents) is zeros without being read."""
+    size = reader.size
+    pieces = -(-size // SAMPLE_BYTES)
+    if pieces <= samples:
+        starts = [i * SAMPLE_BYTES for i in range(pieces)]
+    else:  # pseudo-random, the same for every push: even spacing would alias with layouts
+        starts = sorted(p * SAMPLE_BYTES for p in random.Random(0).sample(range(pieces),
+                                                                         samples))
+    extents = list(reader.extents())
+    sampled = stored = raw = 0
+    for off in starts:
+        length = min(SAMPLE_BYTES, size - off)
+        if not any(a < off + length and off < a + n for a, n in extents):
+            sampled += length  # a hole: zeros, stored as nothing, never read
+            continue
+        try:
+            data = reader.read(off, length)
+        except (DiskrsyncError, OSError):
+            continue
+        sampled += length
+        if not is_zero(data):
+            raw += length
+            stored += len(encode(data)[1])
+    if not sampled:
+        return {"stored": size, "raw": size, "sampled": 0}
+    return {"stored": stored * size // sampled, "raw": raw * size // sampled,
+            "sampled": sampled}

@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 
 need=()
 for pkg in fuse3 libfuse3-dev pkg-config openssh-server openssh-client e2fsprogs xfsprogs gdisk fdisk \
-        qemu-system-common qemu-utils; do
+        btrfs-progs dosfstools qemu-system-common qemu-utils; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need+=("$pkg")
 done
 if [ ${#need[@]} -gt 0 ]; then

@@ -49,6 +49,7 @@ from diskrsync.base.merkle import (
 )
 from diskrsync.compression import codec
 from diskrsync.compression.codec import Kind
+from diskrsync.compression.crypto import OpaqueCodec
 from diskrsync.synccore import protocol as p
 
 # -- events -------------------------------------------------------------------------------
@@ -114,8 +115,15 @@ class DoneArrived:
     info: dict[str, Any]
 
 
+@dataclass(frozen=True)
+class EstimateArrived:
+    """A first push's estimate: check it fits (``store.check_space``) before any chunk."""
+
+    info: dict[str, Any]
+
+
 SourceEvent = TargetReady | PagesKnown | SendChunks | Finished
-TargetEvent = SourceHello | LeavesWanted | ChunkArrived | DoneArrived
+TargetEvent = SourceHello | LeavesWanted | ChunkArrived | DoneArrived | EstimateArrived
 
 
 def peer_error(msg: p.Error, who: str) -> DiskrsyncError:
@@ -357,6 +365,8 @@ class TargetConversation(_Conversation):
         self.shape: Shape | None = None  # the disk as it will be (source's size)
         self._pages = 0  # pages the target compares against
         self._state = "hello"  # -> "opening" -> "transfer" -> "finishing" -> "committed"
+        self.encrypted = False
+        self._estimated = self._chunks = False  # an Estimate comes once, before any Chunk
 
     def receive(self, msg: p.Message | None) -> TargetEvent | None:
         if isinstance(msg, p.Alive):
@@ -380,7 +390,13 @@ class TargetConversation(_Conversation):
                             f"target answered its hello")
         if state != "transfer":
             raise PeerError(f"unexpected {type(msg).__name__} from the source after its Done")
+        if isinstance(msg, p.Estimate):
+            if self._estimated or self._chunks:
+                raise PeerError("the source sent an estimate after its data, or twice")
+            self._estimated = True
+            return EstimateArrived(msg.info)
         if isinstance(msg, p.Chunk):
+            self._chunks = True
             assert self.shape is not None
             if msg.index >= self.shape.chunks:
                 raise PeerError(f"the source sent chunk {msg.index}, outside the disk")
@@ -412,6 +428,8 @@ class TargetConversation(_Conversation):
         assert self._state == "opening" and self.source is not None
         self.shape = Shape(self.source.size, chunk_size, fanout)
         self._pages = Shape(base_size, chunk_size, fanout).count(1)
+        # an encrypted image's chunks can be checked only for shape here (no key)
+        self.encrypted = info.get("encryption") is not None
         self._state = "transfer"
         return p.Hello("target", base_size, chunk_size, fanout, software, info)
 
@@ -424,6 +442,12 @@ class TargetConversation(_Conversation):
         length = self.shape.chunk_length(msg.index)
         if msg.kind == Kind.ZERO:
             ok = msg.digest == zero_hash(length) and not msg.payload
+        elif self.encrypted:
+            try:
+                OpaqueCodec.check_shape(msg.kind, len(msg.payload), length)
+            except ValueError as e:
+                raise PeerError(f"chunk {msg.index} from the source: {e}") from None
+            ok = True
         else:
             try:
                 ok = leaf_hash(codec.decode(msg.kind, msg.payload, length)) == msg.digest

@@ -20,8 +20,15 @@ from diskrsync.base.errors import DiskrsyncError, UsageError
 from diskrsync.base.merkle import Shape
 from diskrsync.compression.sources import SourceReader, open_source, source_name
 from diskrsync.synccore import protocol as p
-from diskrsync.synccore.channel import Channel, channel_pair
-from diskrsync.synccore.source import PushStats, SourceOptions, SourceSession
+from diskrsync.synccore.channel import Channel, TokenBucket, channel_pair
+from diskrsync.synccore.source import (
+    PushStats,
+    SourceOptions,
+    SourceSession,
+    commit_outcome,
+    note_shrink,
+    target_report,
+)
 from diskrsync.synccore.target import (
     TargetOptions,
     TargetStore,
@@ -35,10 +42,15 @@ from diskrsync.synccore.target import (
 class PushRequest:
     source: SourceOptions = field(default_factory=SourceOptions)
     target: TargetOptions = field(default_factory=TargetOptions)
-    raw_target: bool = False  # --no-compress: DST is a raw file updated in place
+    raw_target: bool = False  # --raw-target: DST is a raw file updated in place
     generation: int | None = None  # of SRC, when it is an image
     dirty_bitmap: str | None = None  # SRC is an NBD export: QEMU's bitmap of what changed
     qmp: str | None = None  # QEMU's monitor socket: the push manages that bitmap itself
+    bwlimit: float = 0.0  # --bwlimit: bytes per second over the wire, this end's (0: none)
+
+    def limit(self) -> TokenBucket | None:
+        """A fresh token bucket for ``bwlimit`` (None: unlimited)."""
+        return TokenBucket(self.bwlimit) if self.bwlimit else None
 
 
 def _same_file(a: str, b: str) -> bool:
@@ -55,7 +67,7 @@ def local_push(src: str, dst: str, req: PushRequest,
     if _same_file(src, dst):
         raise UsageError(f"{src} and {dst} are the same file")
     reader = open_push_source(src, req)
-    a, b = channels or channel_pair()
+    a, b = channels or channel_pair(limit=req.limit())
     failure: list[BaseException] = []
 
     def opener(hello: p.Hello) -> TargetStore:
@@ -99,7 +111,8 @@ def local_push(src: str, dst: str, req: PushRequest,
 
 def open_push_source(src: str, req: PushRequest) -> SourceReader:
     """SRC as the push reads it (its generation, or its NBD dirty bitmap)."""
-    return open_source(src, req.generation, dirty_bitmap=req.dirty_bitmap, qmp=req.qmp)
+    return open_source(src, req.generation, req.source.keyring, dirty_bitmap=req.dirty_bitmap,
+                       qmp=req.qmp)
 
 
 def source_committed(reader: SourceReader, stats: PushStats) -> None:
@@ -141,11 +154,14 @@ def run_target_end(channel: Channel, dst: str, req: PushRequest, *, verify: bool
 
     Returns what this end knows, from its own store: sizes, the chunks it stored, the roots
     and the commit. The byte counts keep PushStats' meaning: "sent" is source to target,
-    here what this end received. ``pulled_from`` names the source's host in a warning."""
+    here what this end received. ``pulled_from`` names the source's host in a warning and
+    in the generation's source label (``HOST:PATH``, unless ``--label`` gave one)."""
     opened: list[WireStore] = []
 
     def opener(hello: p.Hello) -> TargetStore:
-        store = open_store(dst, hello, req.target, raw=req.raw_target)
+        # the generation's source label: --label, else in a pull HOST:what the source says
+        store = open_store(dst, hello, req.target, raw=req.raw_target,
+                           label=req.source.label, source_host=pulled_from or "")
         opened.append(store)
         return store
 
@@ -157,10 +173,13 @@ def run_target_end(channel: Channel, dst: str, req: PushRequest, *, verify: bool
     if opened:
         _target_stats(stats, opened[0], dry_run, pulled_from)
     if committed is not None:
+        stats.target = target_report(committed.info)
         if dry_run:
             stats.target_root_hash = committed.root.hex()
         else:
             stats.generation = committed.generation or None
+            stats.created = stats.generation == 1
+            stats.unchanged, stats.pruned = commit_outcome(committed.info)
     return stats
 
 
@@ -170,6 +189,7 @@ def _target_stats(stats: PushStats, store: WireStore, dry_run: bool,
     stats.size, stats.chunk_size, stats.chunks = shape.size, shape.chunk_size, shape.chunks
     stats.target_root_hash = str(store.info.get("root", ""))
     stats.resumed = bool(store.info.get("resumed"))
+    note_shrink(stats, store.info)
     stored = store.store.stored
     stats.differing_ranges = list(stored.byte_ranges(shape))
     stats.chunks_differing = stored.chunks

@@ -53,20 +53,31 @@ from typing import Any
 from diskrsync import __version__
 from diskrsync.base.errors import (
     CorruptChunkError,
+    DataError,
     LocalError,
+    PeerError,
     ReadError,
+    UsageError,
 )
 from diskrsync.base.merkle import (
     HASH_SIZE,
-    leaf_hash,
     zero_hash,
 )
 from diskrsync.base.parallel import ordered_map
 from diskrsync.compression import codec
-from diskrsync.compression.codec import Kind
+from diskrsync.compression.codec import STANDARD, ChunkAt, ChunkCodec, Kind
+from diskrsync.compression.crypto import (
+    Envelope,
+    KdfParams,
+    Keyring,
+    MasterKey,
+    SealedCodec,
+    SeenGenerations,
+    encryption_entry,
+)
 from diskrsync.compression.format import DEFAULT_CHUNK, DEFAULT_FANOUT
 from diskrsync.compression.fsmaps import free_blocks, subtract_ranges
-from diskrsync.compression.sources import SourceReader
+from diskrsync.compression.sources import SourceReader, space_estimate
 from diskrsync.synccore import protocol as p
 from diskrsync.synccore.channel import Channel
 from diskrsync.synccore.conversation import (
@@ -98,6 +109,15 @@ class SourceOptions:
     ignore_read_errors: bool = False
     skip_free_blocks: bool = False  # ext2/3/4 and xfs free blocks are zeros, never read
     info: dict[str, Any] = field(default_factory=dict)  # passed to the target in Hello
+    #: where keys come from when the target is encrypted (or ``encrypt`` makes it so)
+    keyring: Keyring | None = None
+    encrypt: bool = False  # a new image is created encrypted, with a new key
+    kdf: KdfParams | None = None  # the new key's passphrase hardening (None: the default)
+    #: the target's host ("" here): with the path the target names, the place this client
+    #: remembers having pushed encrypted into (a host must not downgrade it to plain)
+    host: str = ""
+    #: what the new generation records as its source (``--label``; default: SRC's path)
+    label: str = ""
 
 
 @dataclass
@@ -120,8 +140,18 @@ class PushStats:
     root_hash: str = ""
     target_root_hash: str = ""
     generation: int | None = None
+    #: The push created DST: a new image (generation 1), or with --legacy a new file (a Go
+    #: target that was missing or empty, which then reports no generation).
+    created: bool = False
+    # the content equalled the newest generation: no new one, that one recorded the run
+    unchanged: bool = False
+    pruned: list[int] = field(default_factory=list)  # generations the commit pruned
     resumed: bool = False
     dry_run: bool = False
+    # the target held a larger disk before (its newest generation, or a raw target's size):
+    # the backup shrank to ``size``; None when it did not
+    shrunk_from: int | None = None
+    chunk_size_ignored: bool = False  # --chunk-size differs from the existing target's
     differing_ranges: list[tuple[int, int]] = field(default_factory=list)
     source_changed_chunks: list[int] = field(default_factory=list)
     read_errors: list[tuple[int, int]] = field(default_factory=list)  # (offset, length), merged
@@ -130,6 +160,18 @@ class PushStats:
     #: such as "dirty-bitmap", joined with "+"), recorded in the generation's metadata
     map: str = "full"
     map_fallback: str = ""  # why a map of changed ranges was not used (a full scan instead)
+    phases: dict[str, float] = field(default_factory=dict)  # seconds: connect, compare, ...
+    target: dict[str, Any] = field(default_factory=dict)  # what it reported: target_report
+
+
+def target_report(info: dict[str, Any]) -> dict[str, Any]:
+    """What a target's Committed ``info`` says it did, only the members this release knows
+    and of the right types (a peer's word: an older one sends fewer, a hostile one junk)."""
+    kinds: dict[str, type | tuple[type, ...]] = {
+        "path": str, "chunks_written": int, "commit_seconds": (int, float)}
+    return {k: info[k] for k, t in kinds.items()
+            if isinstance(info.get(k), t) and not isinstance(info[k], bool)
+            and (k == "path" or 0 <= info[k] < 1 << 63)}  # no NaN, no Infinity
 
 
 @dataclass
@@ -181,9 +223,28 @@ class SourceSession:
         self.stats = PushStats(size=reader.size, dry_run=options.dry_run)
         self.fail = _Failure()
         self._cv = threading.Condition()
+        self.codec: ChunkCodec = STANDARD  # until the target says whether it is encrypted
+        self._new_key: MasterKey | None = None
+        self._sealed_base: Any = None  # an encrypted target's newest change_base (sealed)
+        # the source's description travels in Done (sealed when the target is encrypted,
+        # which is not known yet): the Hello says only what the target needs to open
+        hello_info = dict(options.info)
+        entry = getattr(reader, "encryption", None)
+        if isinstance(reader.codec, SealedCodec) and entry is not None and not options.encrypt:
+            # an encrypted image pushed on (an offsite copy) stays encrypted, with its own
+            # key, and its chunks travel as they are stored
+            self._new_key = reader.codec.key
+            hello_info["encrypt"] = entry
+        elif options.encrypt:
+            if options.keyring is None:
+                raise UsageError("--encrypt needs a passphrase source")
+            self._new_key = key = MasterKey.generate()
+            envelope = Envelope.wrap(key, options.keyring.passphrase(
+                "a new encryption key", new=True), options.kdf)
+            hello_info["encrypt"] = encryption_entry(key, envelope)
         self.conv = SourceConversation(
             reader.size, options.chunk_size, DEFAULT_FANOUT, f"diskrsync {__version__}",
-            {"source": reader.description, **options.info}, dry_run=options.dry_run)
+            hello_info, dry_run=options.dry_run)
         self._outstanding = 0  # NeedLeaves without Leaves, plus chunk sends in progress
         self._slots = threading.BoundedSemaphore(MAX_PENDING_PAGES)
         self._page_left: dict[int, int] = {}  # page -> chunk sends not yet done
@@ -198,7 +259,58 @@ class SourceSession:
         self.ch.send(self.conv.hello())
         ready = self.conv.receive(self.ch.recv())
         assert isinstance(ready, TargetReady)
+        self._choose_codec(ready.hello.info)
         return ready
+
+    def _choose_codec(self, info: dict[str, Any]) -> None:
+        """The target's image is encrypted: unlock its key (ours when we just made it),
+        check the newest generation the target holds is one this key sealed and not older
+        than this client has seen (a rolled-back host), and hash and encrypt with it."""
+        enc = info.get("encryption")
+        path = info.get("path")
+        self.place = f"{self.opts.host}:{path}" if isinstance(path, str) and path else ""
+        if enc is None:
+            if self.opts.encrypt:
+                raise PeerError("the target did not create an encrypted image")
+            was = SeenGenerations().encrypted_at(self.place) if self.place else None
+            if was is not None:
+                raise DataError(
+                    f"{self.place.lstrip(':')} was an encrypted image (key {was[:12]}…) when "
+                    f"this client last pushed into it, and is not one now: refusing to send "
+                    f"it plain data (was it replaced or removed on the host?). Push with "
+                    f"--encrypt to start a new encrypted image there")
+            return
+        key_id = bytes.fromhex(enc["key_id"])
+        if self._new_key is not None and self._new_key.key_id == key_id:
+            key = self._new_key
+        else:
+            if self.opts.keyring is None:
+                raise UsageError("the target image is encrypted: give its passphrase")
+            envelope = Envelope.from_json(enc["envelope"]) if enc.get("envelope") else None
+            key = self.opts.keyring.unlock(key_id, envelope, "the target image")
+        codec = SealedCodec(key)
+        self.next_generation = info.get("next_generation")
+        if type(self.next_generation) is not int or self.next_generation < 1:
+            raise PeerError("the encrypted target did not say its next generation number")
+        newest = info.get("newest")
+        seen = SeenGenerations()
+        if isinstance(newest, dict):
+            try:
+                number, root = int(newest["number"]), bytes.fromhex(newest["root"])
+                seal = str(newest["seal"])
+            except (KeyError, ValueError, TypeError):
+                raise PeerError("the target described its newest generation badly") from None
+            sealed = codec.open_seal(number, root, seal)  # DataError: forged or rolled back
+            seen.check(key_id, self.place, (number, root), {number: root}, "the target image")
+            # what a map of changed ranges is relative to is kept in the seal, not in the
+            # host's clear metadata: take it from there
+            meta = sealed.get("meta")
+            base = meta.get("change_base") if isinstance(meta, dict) else None
+            if info.get("generation") == number and base is not None:
+                self._sealed_base = base
+        else:
+            seen.check(key_id, self.place, None, {}, "the target image")
+        self.codec = codec
 
     def run(self) -> PushStats:
         t0 = time.monotonic()
@@ -206,15 +318,26 @@ class SourceSession:
         conv = self.conv
         try:
             ready = self._handshake()
+            t_ready = time.monotonic()
             self.cs, self.fanout = ready.hello.chunk_size, ready.hello.fanout
             self.src, self.dst = ready.src, ready.dst
             self.stats.chunk_size = self.cs
             self.stats.chunks = self.src.chunks
             self.stats.target_root_hash = str(ready.hello.info.get("root", ""))
             self.stats.resumed = bool(ready.hello.info.get("resumed"))
-            index = self.reader.index_for(self.cs, self.fanout)
+            note_shrink(self.stats, ready.hello.info)
+            if ready.hello.info.get("space_check") is True and not self.opts.dry_run:
+                # a first push: the target checks what it will store before anything is
+                # written (samples of the source, compressed as they will be)
+                self.ch.send(p.Estimate(space_estimate(self.reader)))
+            # an image's digests are comparable only when it hashes as this push does
+            index = self.reader.index_for(self.cs, self.fanout) \
+                if self.reader.codec.name == self.codec.name else None
             if index is None:
-                self._plan(ready.hello.info)
+                plan_info = dict(ready.hello.info)
+                if isinstance(self.codec, SealedCodec):
+                    plan_info["change_base"] = self._sealed_base
+                self._plan(plan_info)
             elif self.opts.skip_free_blocks:
                 self.stats.warnings.append("--skip-free-blocks: the source is an image, whose "
                                            "stored chunks are compared as they are")
@@ -224,12 +347,16 @@ class SourceSession:
                 self._compare_by_index(index)
             else:
                 self._scan()
+            t_scanned = time.monotonic()
             with self._cv:
                 while self._outstanding and not self.fail.event.is_set():
                     self._cv.wait(0.5)
             self.fail.check()
+            t_drained = time.monotonic()
             self.stats.read_errors = merge_ranges(self.stats.read_errors)
+            description = self.opts.label or self.reader.description
             done_info: dict[str, Any] = {
+                "source": description,
                 "dry_run": self.opts.dry_run,
                 "source_changed_chunks": len(self.stats.source_changed_chunks),
                 "read_errors": self.stats.read_errors[:1000],  # the target stores it: bounded
@@ -241,6 +368,17 @@ class SourceSession:
                 # how this scan was narrowed, or why not (a pulling target reports them)
                 "map_warnings": [w[:500] for w in self.stats.warnings[:20]],
             }
+            if isinstance(self.codec, SealedCodec) and not self.opts.dry_run:
+                # the host keeps only what it must in the clear; the rest is sealed with
+                # the generation's number and root (see compression/crypto.py)
+                sealed = {k: v for k, v in done_info.items()
+                          if v and k not in ("dry_run", "source")}
+                # the host gets the seal and what it needs to decide the commit, no more
+                done_info = {"dry_run": False, "seal": self.codec.seal(
+                    self.next_generation, conv.root(),
+                    {"source": description, "time": time.time(), "meta": sealed}),
+                    "source_changed_chunks": len(self.stats.source_changed_chunks),
+                    "read_errors": []}
             if self.opts.dry_run:
                 # no chunks travel in a dry run: tell a pulling target what would have
                 # (a dry run commits nothing, so this never reaches an image's metadata)
@@ -264,12 +402,24 @@ class SourceSession:
                 self.ch.close()
         res = conv.result
         assert res is not None
-        self.stats.generation = res.generation if not self.opts.dry_run else None
+        # 0: a raw target, which has no generations (as a pull reports it too)
+        self.stats.generation = res.generation or None if not self.opts.dry_run else None
+        if isinstance(self.codec, SealedCodec) and not self.opts.dry_run:
+            seen = SeenGenerations()
+            seen.record(self.codec.key.key_id, self.place, res.generation, res.root)
+            if self.place:
+                seen.remember_place(self.place, self.codec.key.key_id)
+        self.stats.created = self.stats.generation == 1
+        self.stats.unchanged, self.stats.pruned = commit_outcome(res.info)
         if self.opts.dry_run:
             self.stats.target_root_hash = res.root.hex()
         self.stats.bytes_sent = self.ch.bytes_sent
         self.stats.bytes_received = self.ch.bytes_received
-        self.stats.duration = time.monotonic() - t0
+        t_end = time.monotonic()
+        self.stats.duration = t_end - t0
+        self.stats.phases = {"connect": t_ready - t0, "compare": t_scanned - t_ready,
+                             "drain": t_drained - t_scanned, "commit": t_end - t_drained}
+        self.stats.target = target_report(res.info)
         return self.stats
 
     # .. receiving ..
@@ -411,7 +561,9 @@ class SourceSession:
             self.ch.send(p.Chunk(c, held[0], want, held[1]))
             return
         try:
-            stored = self.reader.read_stored(c, self.cs)  # decoded and checked on this thread
+            # decoded and checked on this thread; sent as stored only in the push's own form
+            stored = self.reader.read_stored(c, self.cs) \
+                if self.reader.codec.name == self.codec.name else None
         except CorruptChunkError:
             if not self.opts.ignore_read_errors:
                 raise
@@ -429,8 +581,8 @@ class SourceSession:
         if codec.is_zero(data):
             digest, kind, payload = zero_hash(length), int(Kind.ZERO), b""
         else:
-            digest = leaf_hash(data)
-            kind, payload = self._encode(data)
+            digest = self.codec.leaf_hash(data, c)
+            kind, payload = self._encode(data, c, digest)
         if digest != want:
             # the disk changed since we scanned it: send what we read now, and say so
             with self._stats_lock:
@@ -438,8 +590,9 @@ class SourceSession:
             self.conv.set_leaf(c, digest)
         self.ch.send(p.Chunk(c, kind, digest, payload))
 
-    def _encode(self, data: bytes | bytearray | memoryview) -> tuple[int, bytes]:
-        kind, payload = codec.encode(data)
+    def _encode(self, data: bytes | bytearray | memoryview, c: int,
+                digest: bytes) -> tuple[int, bytes]:
+        kind, payload = self.codec.encode(data, ChunkAt(c, digest))
         return int(kind), payload
 
     def _record_bad(self, bad: list[tuple[int, int]]) -> None:
@@ -658,6 +811,7 @@ class SourceSession:
         hold = self.changed is not None and not send_now and not self.opts.dry_run
         hashes: list[bytes] = []
         zero: list[bool] = []
+        leaf_hash = self.codec.leaf_hash
         encoded: list[tuple[int, bytes] | None] | None = [] if send_now else None
         view = memoryview(data)
         for c in range(first, last):
@@ -675,12 +829,14 @@ class SourceSession:
                     self._hold(c, (int(Kind.ZERO), b""))
                 continue
             piece = view[at : at + length]
-            hashes.append(leaf_hash(piece))
+            digest = leaf_hash(piece, c)
+            hashes.append(digest)
             zero.append(False)
             if hold:
-                self._hold(c, self._encode(piece))
+                self._hold(c, self._encode(piece, c, digest))
             if encoded is not None:
-                encoded.append(self._encode(piece) if not self.opts.dry_run else (0, b""))
+                encoded.append(self._encode(piece, c, digest) if not self.opts.dry_run
+                               else (0, b""))
         return _Batch(first, hashes, zero, encoded, bad, unread, read)
 
     def _compare_by_index(self, index: Any) -> None:
@@ -700,6 +856,30 @@ class SourceSession:
 
 class _Stopped(Exception):
     """A worker noticed another thread failed; the real error is in _Failure."""
+
+
+def note_shrink(stats: PushStats, target_info: dict[str, Any]) -> None:
+    """Warn when the target's previous disk (its ``previous_size``, as the target said it)
+    was larger than this source: the backup shrinks with it, silently otherwise."""
+    previous = target_info.get("previous_size")
+    if type(previous) is int and stats.size < previous < 1 << 63:
+        stats.shrunk_from = previous
+        image = target_info.get("kind") == "image"
+        stats.warnings.append(
+            f"the source ({stats.size} bytes) is smaller than the target's previous disk "
+            f"({previous} bytes): the {'new generation' if image else 'target'} "
+            f"{'would shrink' if stats.dry_run else 'shrank'} to the source's size"
+            + (" (older generations keep theirs)" if image else ""))
+
+
+def commit_outcome(info: dict[str, Any]) -> tuple[bool, list[int]]:
+    """(unchanged, pruned generation numbers) from a target's Committed info; a peer's
+    nonsense there (or an older target's silence) reads as (False, [])."""
+    pruned = info.get("pruned")
+    numbers: list[int] = []
+    if isinstance(pruned, list):
+        numbers = [n for n in pruned[:100_000] if type(n) is int and 0 < n < 1 << 63]
+    return info.get("unchanged") is True, numbers
 
 
 def merge_ranges(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:

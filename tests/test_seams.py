@@ -41,7 +41,7 @@ class PlacedCodec:
             raise ValueError(f"stored for another place than chunk {at.index}")
         return STANDARD.decode(kind, stored[8:], length, at)
 
-    def leaf_hash(self, data: bytes | bytearray | memoryview) -> bytes:
+    def leaf_hash(self, data: bytes | bytearray | memoryview, index: int = 0) -> bytes:
         return leaf_hash(b"key" + bytes(data))  # a keyed hash stands apart from the plain one
 
     def zero_hash(self, length: int) -> bytes:
