@@ -372,8 +372,9 @@ def test_libvirt_bitmap_first_push_reads_all_and_starts_a_chain(stubs, tmp_path)
     assert f"<scratch file='{stubs.images}/web1.img.diskrsync-scratch'/>" in backup
     assert "<disk name='vdb' backup='no'/>" in backup
     socket = re.search(r"socket='([^']+)'", backup)[1]  # type: ignore[index]
+    label = f"{os.uname().nodename}:web1/vda"
     assert push == ["diskrsync", "push", f"nbd+unix:///vda?socket={socket}", "/b/web1.spgz",
-                    "--dirty-bitmap", "backup-vda", "--keep", "4"]
+                    "--label", label, "--dirty-bitmap", "backup-vda", "--keep", "4"]
     checkpoint = re.search(r"<name>(.+)</name>",
                            Path(f"{stubs.log}.checkpoint.xml").read_text())[1]  # type: ignore[index]
     assert state.read_text().strip() == checkpoint
