@@ -61,6 +61,7 @@ from diskrsync.base.errors import (
     from_oserror,
 )
 from diskrsync.base.merkle import Shape, node_hash_packed, root_hash
+from diskrsync.base.retention import Retention, Verdict, select
 from diskrsync.compression.alloc import FreeSpace
 from diskrsync.compression.api import GenerationInfo, read_span
 from diskrsync.compression.codec import STANDARD, ChunkAt, ChunkCodec, Kind, is_zero, zeros
@@ -595,6 +596,24 @@ def _claim_empty(fd: int, path: str) -> None:
         raise BusyError(f"{path} was written by another process meanwhile")
 
 
+def retention_of(keep: int | Retention) -> Retention:
+    """``keep`` as a policy: an int N is ``--keep-last N`` (at least 1)."""
+    if isinstance(keep, Retention):
+        return keep
+    if keep < 1:
+        raise UsageError("--keep must be at least 1")
+    return Retention(last=keep)
+
+
+def _retain(gens: tuple[GenRecord, ...],
+            policy: Retention) -> tuple[tuple[GenRecord, ...], tuple[GenRecord, ...]]:
+    """(kept, pruned) of ``gens`` under ``policy``, both in table order."""
+    verdicts = select([(r.number, r.time) for r in gens], policy)
+    kept = tuple(r for r, v in zip(gens, verdicts, strict=True) if v.kept)
+    cut = tuple(r for r, v in zip(gens, verdicts, strict=True) if not v.kept)
+    return kept, cut
+
+
 def _info(rec: GenRecord) -> GenerationInfo:
     return GenerationInfo(rec.number, rec.time, rec.tree.size, rec.root_hash, rec.source, rec.meta)
 
@@ -972,10 +991,15 @@ class Image:
         finally:
             tx.close()
 
-    def prune(self, keep: int) -> list[int]:
-        """Keep the newest ``keep`` generations; returns the numbers pruned."""
-        if keep < 1:
-            raise UsageError("--keep must be at least 1")
+    def verdicts(self, keep: int | Retention) -> list[Verdict]:
+        """What the retention policy ``keep`` would keep of the retained generations, and
+        why (``prune --dry-run``), oldest first."""
+        return select([(r.number, r.time) for r in self.table.generations], retention_of(keep))
+
+    def prune(self, keep: int | Retention) -> list[int]:
+        """Keep what the retention policy ``keep`` (an int: the newest N) keeps; returns the
+        numbers pruned."""
+        retention_of(keep)  # checked before the writer lock is taken
         tx = self.begin(what="prune")
         try:
             return tx.commit_prune(keep)
@@ -1094,6 +1118,8 @@ class Transaction:
         self._fresh: dict[int, tuple[int, int]] = {}  # chunk -> extent written since checkpoint
         store.open_space(self._used(state))
         self._torn_publish = False  # a superblock write failed: what it names must stay
+        self.pruned: tuple[int, ...] = ()  # what the commit pruned
+        self.unchanged = False  # the commit recorded a run in the newest generation
         self._closed = False
 
     # -- free space ----------------------------------------------------------------------
@@ -1377,20 +1403,26 @@ class Transaction:
         self,
         source: str = "",
         meta: dict[str, Any] | None = None,
-        keep: int = DEFAULT_KEEP,
+        keep: int | Retention = DEFAULT_KEEP,
         expect_root: bytes | None = None,
         seal: str = "",
+        *,
+        new_generation: bool = True,
     ) -> GenerationInfo:
-        """Make the new generation current, pruning beyond the newest ``keep``.
+        """Make the new generation current, pruning what the retention policy ``keep`` (an
+        int: the newest N) does not keep; ``pruned`` then names them.
 
         With ``expect_root`` nothing is published unless the new tree's root equals it (the
         pages written for the check lie in free space and cost nothing to drop). An
         encrypted image's generation carries ``seal``, made by the client that has the key
-        (or made here when this image was opened with it).
+        (or made here when this image was opened with it). Without ``new_generation``,
+        content equal to the newest generation's commits no generation: that generation's
+        metadata records the run instead (``last_checked``, ``checks`` and ``meta``), so an
+        unchanged push does not push history out (``unchanged`` is then True). That is still
+        a whole commit (two tables, two superblocks, three fsyncs).
         """
         self._check_open()
-        if keep < 1:
-            raise UsageError("--keep must be at least 1")
+        policy = retention_of(keep)
         t = self._table
         rec = self._record(t.next_number, source, dict(meta or {}), seal)
         if expect_root is not None and rec.root_hash != expect_root:
@@ -1398,20 +1430,35 @@ class Transaction:
                 f"new root hash {rec.root_hash.hex()[:16]}… differs from the source's "
                 f"{expect_root.hex()[:16]}…; nothing committed"
             )
-        gens = (*t.generations, rec)
-        zombies = t.zombies + gens[:-keep]
-        table = replace(t, generations=gens[-keep:], zombies=zombies, checkpoint=None,
-                        next_number=t.next_number + 1)
-        self._publish(table)
+        newest = t.generations[-1] if t.generations else None
+        next_number = t.next_number + 1
+        if (not new_generation and newest is not None and newest.root_hash == rec.root_hash
+                and newest.tree.size == rec.tree.size):
+            # nothing new references what this transaction wrote (a resumed checkpoint's
+            # chunks, the pages just written for the check): give it back now
+            self._store.give_back()
+            checks = newest.meta.get("checks")
+            rec = replace(newest, meta={
+                **newest.meta, **rec.meta, "last_checked": rec.time,
+                "checks": (checks if isinstance(checks, int) else 0) + 1})
+            gens = (*t.generations[:-1], rec)
+            next_number = t.next_number
+            self.unchanged = True
+        else:
+            gens = (*t.generations, rec)
+        kept, cut = _retain(gens, policy)
+        self._publish(replace(t, generations=kept, zombies=t.zombies + cut, checkpoint=None,
+                             next_number=next_number))
+        self.pruned = tuple(r.number for r in cut)
         self.close()
         return _info(rec)
 
-    def commit_prune(self, keep: int) -> list[int]:
-        """Publish a table that keeps only the newest ``keep`` generations (no new one)."""
+    def commit_prune(self, keep: int | Retention) -> list[int]:
+        """Publish a table that keeps only what the policy ``keep`` keeps (no new one)."""
         t = self._table
-        cut = t.generations[:-keep] if len(t.generations) > keep else ()
+        kept, cut = _retain(t.generations, retention_of(keep))
         if cut:
-            self._publish(replace(t, generations=t.generations[-keep:], zombies=t.zombies + cut))
+            self._publish(replace(t, generations=kept, zombies=t.zombies + cut))
         return [r.number for r in cut]
 
     def abort(self) -> None:
