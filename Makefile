@@ -26,12 +26,14 @@ lint: setup
 bench: setup
 	$(BIN)/python tests/bench/run.py $(BENCH_ARGS)
 
-# Regenerate the completions, man page and CLI reference from the CLI's parser.
+# Regenerate the completions, man page and CLI reference from the CLI's parser, and
+# docs/json.md from the --json schema.
 docs: setup
 	$(BIN)/python scripts/docgen.py bash > contrib/completion/diskrsync.bash
 	$(BIN)/python scripts/docgen.py zsh > contrib/completion/_diskrsync
 	$(BIN)/python scripts/docgen.py man > contrib/diskrsync.1
 	$(BIN)/python scripts/docgen.py markdown > docs/cli.md
+	$(BIN)/python scripts/docgen.py json > docs/json.md
 
 clean:
 	rm -rf $(VENV) demo-work .pytest_cache .mypy_cache .ruff_cache

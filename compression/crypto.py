@@ -77,6 +77,8 @@ CIPHERS = ("aes-256-gcm", "chacha20-poly1305")
 ENVELOPE_VERSION = 1
 MAX_ENVELOPE = 4096  # bytes of JSON; a key file or table entry larger than this is damaged
 MAX_SEAL = 64 * 1024  # bytes of a sealed generation record (hex doubles it on the wire)
+MAX_KDF_MEMORY_KIB = 2 << 20  # 2 GiB
+MAX_KDF_WORK = 6 << 20  # KiB times passes: 2 GiB x 3, 32 times the default's
 
 # What each derived key is for (BLAKE3 derive_key contexts: globally unique, never reused).
 _CTX_LEAF = "diskrsync 2026-11 leaf digest"
@@ -141,8 +143,13 @@ class KdfParams:
     lanes: int = 4
 
     def check(self) -> None:
-        if not (8 * self.lanes <= self.memory_kib <= 4 << 20 and 1 <= self.iterations <= 64
-                and 1 <= self.lanes <= 64):
+        """The parameters of an envelope come from whoever stored it (a host can rewrite
+        them: the envelope's checksum is public), and the client pays them before it can
+        tell a wrong passphrase: at most RFC 9106's first recommendation (2 GiB) and about
+        32 times the default's work (memory times passes), a few seconds."""
+        if not (8 * self.lanes <= self.memory_kib <= MAX_KDF_MEMORY_KIB
+                and 1 <= self.iterations <= 64 and 1 <= self.lanes <= 64
+                and self.memory_kib * self.iterations <= MAX_KDF_WORK):
             raise DataError(f"key material has impossible KDF parameters "
                             f"({self.memory_kib} KiB, {self.iterations} passes, "
                             f"{self.lanes} lanes)")
@@ -334,6 +341,8 @@ class SealedCodec:
 
     def seal(self, number: int, root: bytes, record: dict[str, Any]) -> str:
         """The sealed form (hex) of a generation's client-side record."""
+        if not 0 <= number < 1 << 64:
+            raise DataError(f"generation number {number} is out of range (a damaged table?)")
         salt = os.urandom(SALT_SIZE)
         aead = _aead(self.key.cipher, blake3.blake3(salt, key=self.key.seal_key).digest())
         plain = json.dumps(record, sort_keys=True, separators=(",", ":")).encode()
@@ -344,6 +353,8 @@ class SealedCodec:
         """The record sealed for generation ``number`` with ``root``; DataError when it was
         sealed for another generation or root, damaged, or missing."""
         try:
+            if not 0 <= number < 1 << 64:
+                raise ValueError("generation number out of range")
             raw = bytes.fromhex(seal)
             if not SALT_SIZE + TAG_SIZE <= len(raw) <= MAX_SEAL:
                 raise ValueError("wrong size")
@@ -467,6 +478,11 @@ class Keyring:
         if key is not None:
             return key
         env = self._file or envelope
+        if self._file is not None and self._file.key_id != key_id \
+                and self._file.key_id in self._keys and envelope is not None:
+            # the key file served the image it belongs to; another image of the same command
+            # (convert's new image, a push's target) opens with its own copy
+            env = envelope
         if env is None:
             raise UsageError(f"{what} is encrypted and holds no copy of its key: give the "
                              f"exported key with --key-file")
@@ -534,12 +550,13 @@ class SeenGenerations:
 
     # -- where this client pushed encrypted: a host must not turn that into plaintext --
 
-    def _places(self) -> str:
+    @property
+    def places_file(self) -> str:
         return os.path.join(self.directory, "encrypted-destinations.json")
 
     def _read_places(self) -> dict[str, str]:
         try:
-            with open(self._places(), "rb") as f:
+            with open(self.places_file, "rb") as f:
                 doc = json.loads(f.read(1 << 22))
             return {str(k): str(v) for k, v in doc.items()} if isinstance(doc, dict) else {}
         except (OSError, ValueError):
@@ -549,18 +566,31 @@ class SeenGenerations:
         """The key id (hex) this client last pushed into ``place`` with, if it did."""
         return self._read_places().get(place)
 
+    def check_key_at(self, place: str, key_id: bytes, what: str) -> None:
+        """DataError when this client last used ``place`` with another key: another of its
+        encrypted images put there (each opens with the passphrase, each has valid seals)."""
+        was = self.encrypted_at(place)
+        if was is not None and was != key_id.hex():
+            raise DataError(
+                f"{what} is encrypted with key {key_id.hex()[:12]}…, but this client last "
+                f"used {place.lstrip(':')} with another key ({was[:12]}…): another image in "
+                f"its place? If it was replaced on purpose, remove its line from "
+                f"{self.places_file}")
+
     def remember_place(self, place: str, key_id: bytes) -> None:
         places = self._read_places()
         if places.get(place) == key_id.hex():
             return
         places[place] = key_id.hex()
-        self._write(self._places(), places)
+        self._write(self.places_file, places)
 
     def _write(self, path: str, doc: Any) -> None:
         with contextlib.suppress(OSError):
             os.makedirs(self.directory, mode=0o700, exist_ok=True)
-            tmp = f"{path}.{os.getpid()}.tmp"
-            with open(tmp, "w") as f:
+            tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
+            # where this client backs up to is its own business, whatever the directory's mode
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            with os.fdopen(fd, "w") as f:
                 json.dump(doc, f)
             os.replace(tmp, path)
 

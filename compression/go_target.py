@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 from diskrsync.base.errors import BusyError, UsageError, from_oserror, stat_or_none
+from diskrsync.base.retention import Retention
 from diskrsync.compression.api import GenerationInfo, read_span
 from diskrsync.compression.codec import zeros
 from diskrsync.compression.convert import convert_file
@@ -256,7 +257,7 @@ class LegacyTargetEnd:
     path: str
     kind: Literal["image", "new", "converted", "raw"]
     store: GoStore
-    keep: int = 2
+    keep: int | Retention = 2
     temp: str | None = None
     replaces: os.stat_result | None = None
     image: Image | None = None
@@ -339,7 +340,7 @@ def _put_in_place(temp: str, path: str, replaces: os.stat_result | None) -> None
 
 
 def _open_image_end(
-    path: str, kind: Literal["image", "new", "converted"], image_path: str, keep: int,
+    path: str, kind: Literal["image", "new", "converted"], image_path: str, keep: int | Retention,
     log: Callable[[str], None], temp: str | None,
 ) -> LegacyTargetEnd:
 
@@ -358,7 +359,7 @@ def open_legacy_target(
     path: str,
     *,
     raw: bool,
-    keep: int = 2,
+    keep: int | Retention = 2,
     log: Callable[[str], None] = lambda _m: None,
     chunk_size: int | None = None,
     name: str | None = None,

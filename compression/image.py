@@ -61,6 +61,7 @@ from diskrsync.base.errors import (
     from_oserror,
 )
 from diskrsync.base.merkle import Shape, node_hash_packed, root_hash
+from diskrsync.base.retention import Retention, Verdict, select
 from diskrsync.compression.alloc import FreeSpace
 from diskrsync.compression.api import GenerationInfo, read_span
 from diskrsync.compression.codec import STANDARD, ChunkAt, ChunkCodec, Kind, is_zero, zeros
@@ -595,6 +596,24 @@ def _claim_empty(fd: int, path: str) -> None:
         raise BusyError(f"{path} was written by another process meanwhile")
 
 
+def retention_of(keep: int | Retention) -> Retention:
+    """``keep`` as a policy: an int N is ``--keep-last N`` (at least 1)."""
+    if isinstance(keep, Retention):
+        return keep
+    if keep < 1:
+        raise UsageError("--keep must be at least 1")
+    return Retention(last=keep)
+
+
+def _retain(gens: tuple[GenRecord, ...],
+            policy: Retention) -> tuple[tuple[GenRecord, ...], tuple[GenRecord, ...]]:
+    """(kept, pruned) of ``gens`` under ``policy``, both in table order."""
+    verdicts = select([(r.number, r.time) for r in gens], policy)
+    kept = tuple(r for r, v in zip(gens, verdicts, strict=True) if v.kept)
+    cut = tuple(r for r, v in zip(gens, verdicts, strict=True) if not v.kept)
+    return kept, cut
+
+
 def _info(rec: GenRecord) -> GenerationInfo:
     return GenerationInfo(rec.number, rec.time, rec.tree.size, rec.root_hash, rec.source, rec.meta)
 
@@ -626,6 +645,8 @@ class Image:
         self.key: MasterKey | None = None
         self.codec: ChunkCodec = codec
         enc = state.table.encryption
+        if enc is None and keyring is not None:
+            self._check_not_stripped()
         if enc is not None:
             key_id = bytes.fromhex(enc["key_id"])
             if keyring is None:
@@ -634,7 +655,7 @@ class Image:
                 envelope = Envelope.from_json(enc["envelope"]) if enc.get("envelope") else None
                 self.key = keyring.unlock(key_id, envelope, path)
                 self.codec = SealedCodec(self.key)
-                self._check_seals(state.table)
+                self._check_seals(self._state)
 
     @property
     def encrypted(self) -> bool:
@@ -645,25 +666,51 @@ class Image:
         enc = self._state.table.encryption
         return bytes.fromhex(enc["key_id"]) if enc is not None else None
 
-    def _check_seals(self, table: GenTable) -> None:
+    def _check_seals(self, state: _State) -> None:
         """With the key: every generation's seal opens for its number and root, and the
         image is not older than this client has seen it (see crypto.py)."""
         codec = self.codec
         assert isinstance(codec, SealedCodec) and self.key is not None
-        for rec in table.generations:
-            codec.open_seal(rec.number, rec.root_hash, rec.seal)
-        gens = table.generations
+        for rec in state.table.generations:
+            self._open_seal(rec, state.sb)
+        gens = state.table.generations
         seen, place = SeenGenerations(), ":" + os.path.abspath(self.path)
+        seen.check_key_at(place, self.key.key_id, self.path)
         seen.check(self.key.key_id, place,
                    (gens[-1].number, gens[-1].root_hash) if gens else None,
                    {r.number: r.root_hash for r in gens}, self.path)
         if gens:
             seen.record(self.key.key_id, place, gens[-1].number, gens[-1].root_hash)
+        seen.remember_place(place, self.key.key_id)
+
+    def _check_not_stripped(self) -> None:
+        """A plain image where this client knows an encrypted one (it opened it with the
+        key, or pushed into it) is someone else's data in its place: refused, as a push
+        into it is (see crypto.SeenGenerations)."""
+        place = ":" + os.path.abspath(self.path)
+        was = SeenGenerations().encrypted_at(place)
+        if was is not None:
+            raise DataError(
+                f"{self.path} was an encrypted image (key {was[:12]}…) when this client last "
+                f"used it, and is not one now: refusing to read it as that backup (was it "
+                f"replaced?). If it was replaced on purpose, remove its line from "
+                f"{SeenGenerations().places_file}")
+
+    def _open_seal(self, rec: GenRecord, sb: Superblock) -> dict[str, Any]:
+        """The record sealed into generation ``rec``, once it is the generation the seal
+        names: the seal binds the root hash, and the root must be that of the tree the
+        record points at in this geometry (else a host could keep a newer generation's root
+        and seal, and point it at an older tree or at pieces of several)."""
+        assert isinstance(self.codec, SealedCodec)
+        if root_hash(rec.tree.size, sb.chunk_size, sb.fanout, rec.tree.hash) != rec.root_hash:
+            raise DataError(f"generation {rec.number} does not authenticate: its tree is not "
+                            f"the one its root hash names (root {rec.root_hash.hex()[:16]}…)")
+        return self.codec.open_seal(rec.number, rec.root_hash, rec.seal)
 
     def sealed_record(self, rec: GenRecord) -> dict[str, Any]:
         """What the client sealed into a generation (``{}`` for a plain image)."""
         if isinstance(self.codec, SealedCodec):
-            return self.codec.open_seal(rec.number, rec.root_hash, rec.seal)
+            return self._open_seal(rec, self._state.sb)
         return {}
 
     def _checked(self, state: _State) -> _State:
@@ -801,10 +848,31 @@ class Image:
         return self._state.lost
 
     def refresh(self) -> None:
-        self._state = self._checked(_read_state(self.store, self.path))
+        """Re-read the image (a long-lived reader: the mount). Unlocked, the new state is
+        checked as an open checks it: still this key, every seal, not rolled back."""
+        state = self._checked(_read_state(self.store, self.path))
+        if self.key is not None:
+            enc = state.table.encryption
+            if enc is None or bytes.fromhex(enc["key_id"]) != self.key.key_id:
+                raise DataError(f"{self.path} is no longer encrypted with the key it was "
+                                f"opened with (replaced?)")
+            self._check_seals(state)
+        self._state = state
 
     def generations(self) -> list[GenerationInfo]:
-        return [_info(r) for r in self._state.table.generations]
+        return [_info(self._authentic(r)) for r in self._state.table.generations]
+
+    def _authentic(self, rec: GenRecord, sb: Superblock | None = None) -> GenRecord:
+        """``rec`` as its writer recorded it: an unlocked image's time, source and metadata
+        come from the seal (the table's copies are the host's word: its clock, or whatever
+        it wrote there, e.g. in the mount's generation names)."""
+        if not isinstance(self.codec, SealedCodec):
+            return rec
+        sealed = self._open_seal(rec, sb or self._state.sb)
+        t, source, meta = sealed.get("time"), sealed.get("source"), sealed.get("meta")
+        return replace(rec, time=float(t) if isinstance(t, int | float) else rec.time,
+                       source=source if isinstance(source, str) else "",
+                       meta=meta if isinstance(meta, dict) else {})
 
     def record(self, number: int | None = None) -> GenRecord:
         gens = self._state.table.generations
@@ -832,8 +900,11 @@ class Image:
                 raise
             self._state = state
             if any(r.number == rec.number for r in state.table.generations):
-                if isinstance(self.codec, SealedCodec):
-                    self.codec.open_seal(rec.number, rec.root_hash, rec.seal)
+                try:
+                    rec = self._authentic(rec, state.sb)
+                except BaseException:
+                    store.close()
+                    raise
                 return Snapshot(self.path, store, rec, state.sb.chunk_size, state.sb.fanout,
                                 self.codec)
             store.close()
@@ -871,11 +942,13 @@ class Image:
                 with contextlib.suppress(Exception):
                     raw = store.read_head(WRITER_SLOT, 1024).rstrip(b"\0")
                     w = json.loads(raw)
-                    holder = f" ({w['what']} by pid {w['pid']} on {w['host']} since {w['since']})"
+                    where = f" on {w['host']}" if w.get("host") else ""
+                    holder = f" ({w['what']} by pid {w['pid']}{where} since {w['since']})"
                 raise BusyError(f"{self.path} is being written by another process{holder}")
             info = {
                 "pid": os.getpid(),
-                "host": socket.gethostname(),
+                # the file of an encrypted image may be all its host sees: not our name
+                "host": "" if self.encrypted else socket.gethostname(),
                 "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "what": what,
             }
@@ -918,10 +991,15 @@ class Image:
         finally:
             tx.close()
 
-    def prune(self, keep: int) -> list[int]:
-        """Keep the newest ``keep`` generations; returns the numbers pruned."""
-        if keep < 1:
-            raise UsageError("--keep must be at least 1")
+    def verdicts(self, keep: int | Retention) -> list[Verdict]:
+        """What the retention policy ``keep`` would keep of the retained generations, and
+        why (``prune --dry-run``), oldest first."""
+        return select([(r.number, r.time) for r in self.table.generations], retention_of(keep))
+
+    def prune(self, keep: int | Retention) -> list[int]:
+        """Keep what the retention policy ``keep`` (an int: the newest N) keeps; returns the
+        numbers pruned."""
+        retention_of(keep)  # checked before the writer lock is taken
         tx = self.begin(what="prune")
         try:
             return tx.commit_prune(keep)
@@ -1040,6 +1118,8 @@ class Transaction:
         self._fresh: dict[int, tuple[int, int]] = {}  # chunk -> extent written since checkpoint
         store.open_space(self._used(state))
         self._torn_publish = False  # a superblock write failed: what it names must stay
+        self.pruned: tuple[int, ...] = ()  # what the commit pruned
+        self.unchanged = False  # the commit recorded a run in the newest generation
         self._closed = False
 
     # -- free space ----------------------------------------------------------------------
@@ -1323,20 +1403,26 @@ class Transaction:
         self,
         source: str = "",
         meta: dict[str, Any] | None = None,
-        keep: int = DEFAULT_KEEP,
+        keep: int | Retention = DEFAULT_KEEP,
         expect_root: bytes | None = None,
         seal: str = "",
+        *,
+        new_generation: bool = True,
     ) -> GenerationInfo:
-        """Make the new generation current, pruning beyond the newest ``keep``.
+        """Make the new generation current, pruning what the retention policy ``keep`` (an
+        int: the newest N) does not keep; ``pruned`` then names them.
 
         With ``expect_root`` nothing is published unless the new tree's root equals it (the
         pages written for the check lie in free space and cost nothing to drop). An
         encrypted image's generation carries ``seal``, made by the client that has the key
-        (or made here when this image was opened with it).
+        (or made here when this image was opened with it). Without ``new_generation``,
+        content equal to the newest generation's commits no generation: that generation's
+        metadata records the run instead (``last_checked``, ``checks`` and ``meta``), so an
+        unchanged push does not push history out (``unchanged`` is then True). That is still
+        a whole commit (two tables, two superblocks, three fsyncs).
         """
         self._check_open()
-        if keep < 1:
-            raise UsageError("--keep must be at least 1")
+        policy = retention_of(keep)
         t = self._table
         rec = self._record(t.next_number, source, dict(meta or {}), seal)
         if expect_root is not None and rec.root_hash != expect_root:
@@ -1344,20 +1430,35 @@ class Transaction:
                 f"new root hash {rec.root_hash.hex()[:16]}… differs from the source's "
                 f"{expect_root.hex()[:16]}…; nothing committed"
             )
-        gens = (*t.generations, rec)
-        zombies = t.zombies + gens[:-keep]
-        table = replace(t, generations=gens[-keep:], zombies=zombies, checkpoint=None,
-                        next_number=t.next_number + 1)
-        self._publish(table)
+        newest = t.generations[-1] if t.generations else None
+        next_number = t.next_number + 1
+        if (not new_generation and newest is not None and newest.root_hash == rec.root_hash
+                and newest.tree.size == rec.tree.size):
+            # nothing new references what this transaction wrote (a resumed checkpoint's
+            # chunks, the pages just written for the check): give it back now
+            self._store.give_back()
+            checks = newest.meta.get("checks")
+            rec = replace(newest, meta={
+                **newest.meta, **rec.meta, "last_checked": rec.time,
+                "checks": (checks if isinstance(checks, int) else 0) + 1})
+            gens = (*t.generations[:-1], rec)
+            next_number = t.next_number
+            self.unchanged = True
+        else:
+            gens = (*t.generations, rec)
+        kept, cut = _retain(gens, policy)
+        self._publish(replace(t, generations=kept, zombies=t.zombies + cut, checkpoint=None,
+                             next_number=next_number))
+        self.pruned = tuple(r.number for r in cut)
         self.close()
         return _info(rec)
 
-    def commit_prune(self, keep: int) -> list[int]:
-        """Publish a table that keeps only the newest ``keep`` generations (no new one)."""
+    def commit_prune(self, keep: int | Retention) -> list[int]:
+        """Publish a table that keeps only what the policy ``keep`` keeps (no new one)."""
         t = self._table
-        cut = t.generations[:-keep] if len(t.generations) > keep else ()
+        kept, cut = _retain(t.generations, retention_of(keep))
         if cut:
-            self._publish(replace(t, generations=t.generations[-keep:], zombies=t.zombies + cut))
+            self._publish(replace(t, generations=kept, zombies=t.zombies + cut))
         return [r.number for r in cut]
 
     def abort(self) -> None:

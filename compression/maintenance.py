@@ -108,8 +108,20 @@ class VerifyReport:
         return not self.problems and not self.bad_chunks
 
 
-def verify(img: Image | SpgzImage, generation: int | None = None) -> VerifyReport:
-    """Check metadata and every chunk of the chosen (default: every retained) generation."""
+def verify_chunks(img: Image | SpgzImage, generation: int | None = None) -> int:
+    """How many chunks ``verify`` reports to its ``progress`` (0: it reports none)."""
+    if isinstance(img, SpgzImage):
+        return 0
+    records = [img.record(generation)] if generation is not None else img.table.generations
+    return sum(-(-rec.tree.size // img.chunk_size) for rec in records)
+
+
+def verify(img: Image | SpgzImage, generation: int | None = None,
+           progress: Callable[[int], None] | None = None) -> VerifyReport:
+    """Check metadata and every chunk of the chosen (default: every retained) generation.
+    ``progress(n)``: n more chunks dealt with (checked, or shared with a generation already
+    checked), ``verify_chunks`` in all."""
+    tick = progress or (lambda _n: None)
     report = VerifyReport()
     if isinstance(img, SpgzImage):
         for block, offset, problem in img.verify():
@@ -129,7 +141,7 @@ def verify(img: Image | SpgzImage, generation: int | None = None) -> VerifyRepor
     bad: dict[int, tuple[int, str]] = {}  # stored offset -> (chunk, problem)
     for rec in records:
         with _view(img, rec.tree) as view:
-            _verify_tree(view, img.codec, rec.number, rec.root_hash, report, done, bad)
+            _verify_tree(view, img.codec, rec.number, rec.root_hash, report, done, bad, tick)
     # a bad chunk is bad in every generation sharing it: name them all, so that "restore
     # another generation" is not advice to restore one that is broken too
     users: dict[int, list[int]] = {off: [] for off in bad}
@@ -174,6 +186,7 @@ def _verify_tree(
     report: VerifyReport,
     done: set[int],
     bad: dict[int, tuple[int, str]],
+    tick: Callable[[int], None],
 ) -> None:
     shape = view.shape
     got_root = root_hash(shape.size, shape.chunk_size, shape.fanout, view.ref.hash)
@@ -215,10 +228,12 @@ def _verify_tree(
                 out.append((e.offset, c, err.message))
         return out
 
+    tick(shape.chunks - len(todo))  # zero, shared with a generation checked, or unreadable
     batches = [todo[i : i + BATCH] for i in range(0, len(todo), BATCH)]
-    for found in ordered_map(check, batches):
+    for batch, found in zip(batches, ordered_map(check, batches), strict=True):
         for off, c, msg in found:
             bad[off] = (c, msg)
+        tick(len(batch))
     report.chunks_checked += len(todo)
 
 

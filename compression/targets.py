@@ -12,7 +12,7 @@ messages, so nothing here knows a wire format.
 protocols; :class:`TargetRules` names the two places where the Go protocol, to do what the
 Go tool does, differs (an ``SPGZ0001`` file is converted, another non-empty file is updated
 raw). A directory means ``DIR/<name>.spgz`` for an image and ``DIR/<name>`` for a raw target
-(``--no-compress``).
+(``--raw-target``).
 """
 
 from __future__ import annotations
@@ -47,6 +47,8 @@ from diskrsync.base.merkle import (
     zero_hash,
 )
 from diskrsync.base.parallel import ordered_map
+from diskrsync.base.retention import Retention
+from diskrsync.base.units import human
 from diskrsync.compression import codec
 from diskrsync.compression.codec import Kind
 from diskrsync.compression.container import sniff
@@ -87,9 +89,60 @@ def check_chunk_size(cs: int) -> int:
     return cs
 
 
+#: What a first push stores beyond its chunks (index pages, tables), per chunk and in all.
+INDEX_BYTES_PER_CHUNK = 64
+SPACE_SLACK = 64 << 10  # superblocks, tables, the last page
+
+
+@dataclass(frozen=True)
+class SpaceEstimate:
+    """What a first push of the source will store (``sources.space_estimate``, sent in the
+    source's Hello): in an image, in a raw target, and how many bytes the guess read."""
+
+    stored: int
+    raw: int
+    sampled: int
+
+    @classmethod
+    def from_info(cls, value: Any) -> SpaceEstimate | None:
+        """The estimate a peer sent, or None when it sent none or nonsense."""
+        if not isinstance(value, dict):
+            return None
+        got = [value.get(k) for k in ("stored", "raw", "sampled")]
+        if not all(type(v) is int and 0 <= v < 1 << 63 for v in got):
+            return None
+        return cls(*got)  # type: ignore[arg-type]
+
+
+def free_bytes(folder: str) -> int | None:
+    """Bytes an unprivileged writer may still use in ``folder``'s filesystem (None: unknown)."""
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
+
+
+def check_space(path: str, needed: int, est: SpaceEstimate, what: str) -> None:
+    """Refuse a first push that will not fit, before anything is written: a full disk
+    half-way through costs the time and leaves the space taken until the next writer."""
+    folder = os.path.dirname(os.path.abspath(path))
+    free = free_bytes(folder)
+    if free is None or needed <= free:
+        return
+    how = (f"from {human(est.sampled)} sampled, compressed as it will be" if est.sampled
+           else "the source's size")
+    raise LocalError(f"not enough space for {what} {path}: about {human(needed)} needed "
+                     f"(estimated {how}), {human(free)} free in {folder}; nothing was "
+                     f"written")
+
+
 @dataclass(frozen=True)
 class TargetOptions:
-    keep: int = 2
+    keep: int | Retention = 2  # the retention policy a commit applies (an int: the newest N)
+    # commit a new generation even when the content equals the newest one (else that one
+    # records the run in its metadata and no retention slot is used)
+    always_new_generation: bool = False
     dry_run: bool = False
     checkpoint_bytes: int = CHECKPOINT_BYTES
     checkpoint_seconds: float = CHECKPOINT_SECONDS
@@ -161,7 +214,8 @@ class ImageStore:
 
     def __init__(self, path: str, size: int, chunk_size: int, opts: TargetOptions, *,
                  source: str = "", encrypt: dict[str, Any] | None = None,
-                 source_encrypts: bool = False) -> None:
+                 source_encrypts: bool = False, label: str = "",
+                 source_host: str = "") -> None:
         """``encrypt``: the source's new key (public parts) for a new image; an existing
         encrypted image keeps its own. ``source_encrypts``: the source can push into an
         encrypted image (its Hello lists the capability); an older one is refused."""
@@ -170,8 +224,13 @@ class ImageStore:
         self.tx: Transaction | None = None
         self._img: Image | None = None
         self.source = source
+        self.label, self.source_host = label, source_host
         st = stat_or_none(path, "cannot open")
         check_push_target(path, st)
+        self._size = size
+        self._first = False  # a first push: the source's estimate is checked (check_space)
+        self._made = ""  # "new": this push created the file; "in_place": it was empty
+
         if st is not None and st.st_size > 0:
             img = Image.open(path, nofollow=opts.nofollow)  # opaque when encrypted: no key here
             if img.encrypted and not source_encrypts:
@@ -182,11 +241,14 @@ class ImageStore:
                 img.close()
                 raise UsageError(f"{path} is an unencrypted image: --encrypt cannot apply to "
                                  f"it (`diskrsync convert --encrypt` makes an encrypted copy)")
+            self._first = not (img.generations() or img.table.checkpoint)
             if not opts.dry_run:
                 remove_stale_temps(path)  # e.g. a new image's, after a power cut
         elif opts.dry_run:
             img = None
         else:
+            self._first = True
+            self._made = "new" if st is None else "in_place"
             # an empty file holds nothing to lose, but it is someone's: it becomes the image
             # in place, keeping its inode, owner and mode
             img = Image.create(path, chunk_size=check_chunk_size(chunk_size), fanout=DEFAULT_FANOUT,
@@ -198,6 +260,11 @@ class ImageStore:
         self.fanout = img.fanout if img else DEFAULT_FANOUT
         # the path tells a client that pushed here encrypted before that this is the place
         self.info: dict[str, Any] = {"kind": "image", "path": os.path.abspath(path)}
+        if img is not None and img.generations():
+            # a source smaller than this is warned about (it shrinks the backup)
+            self.info["previous_size"] = img.generations()[-1].size
+        if self._first and not opts.dry_run:
+            self.info["space_check"] = True  # the source sends an Estimate before any chunk
         if img is None:
             self.base = TreeView.empty(self.chunk_size, self.fanout)
         elif opts.dry_run:
@@ -214,6 +281,13 @@ class ImageStore:
                 self.close()
                 raise
         self.base_size = self.base.shape.size
+        # the newest generation and the map of changed ranges it was pushed with: a source
+        # trusts its own map only when it is relative to that generation
+        gens = self.tx.table.generations if self.tx is not None else (
+            [self._snap.info] if img is not None and self._snap is not None else [])
+        self.info["generation"] = gens[-1].number if gens else 0
+        if gens and isinstance(gens[-1].meta.get("change_base"), dict):
+            self.info["change_base"] = gens[-1].meta["change_base"]
         shape = self.base.shape
         top = self.base.ref.hash if shape.chunks else b""
         self.info["root"] = root_hash(shape.size, shape.chunk_size, shape.fanout, top).hex()
@@ -291,15 +365,61 @@ class ImageStore:
         if self.tx is None:
             return StoreResult(0, bytes.fromhex(self.info["root"]), {"dry_run": True},
                                self.stored)
-        meta = {k: v for k, v in info.items() if v and k not in ("dry_run", "seal")}
+        meta = {k: v for k, v in info.items()
+                if v and k not in ("dry_run", "seal", "source", "new_generation")}
         seal = str(info.get("seal", ""))
+        # a source names itself in Done (older ones did in their Hello: self.source); the
+        # target end of a pull says which host, or --label names it
+        said = str(info.get("source") or self.source)
+        source = self.label or (f"{self.source_host}:{said}" if self.source_host else said)
         if self.encrypted and not seal:
             raise PeerError("the source sent no sealed record for a generation of an "
                             "encrypted image")
-        gen = self.tx.commit(source=self.source, meta=meta, keep=self.opts.keep,
-                             expect_root=root, seal=seal if self.encrypted else "")
+        # a run that read zeros for unreadable sectors, or saw the source change, is a
+        # generation of its own even when its content looks the same
+        new_generation = self.opts.always_new_generation or bool(
+            meta.get("read_errors") or meta.get("source_changed_chunks")
+            or info.get("new_generation") is True)  # (an encrypted push keeps those sealed)
+        tx = self.tx
+        gen = tx.commit(source=source, meta=meta, keep=self.opts.keep, expect_root=root,
+                        seal=seal if self.encrypted else "", new_generation=new_generation)
         self.tx = None
-        return StoreResult(gen.number, gen.root_hash, {"path": self.path}, self.stored)
+        return StoreResult(gen.number, gen.root_hash,
+                           {"path": self.path, "unchanged": tx.unchanged,
+                            "pruned": list(tx.pruned)}, self.stored)
+
+    def check_space(self, info: dict[str, Any]) -> None:
+        """A first push's estimate (the source's ``Estimate``, before any chunk): refused
+        when it will not fit, and then the image this push made is undone (removed, or the
+        empty file it was made in emptied again), so nothing is left written."""
+        est = SpaceEstimate.from_info(info)
+        if est is None or not self._first or self.opts.dry_run:
+            return
+        needed = est.stored + -(-self._size // self.chunk_size) * INDEX_BYTES_PER_CHUNK \
+            + SPACE_SLACK
+        try:
+            check_space(self.path, needed, est, "a first push into")
+        except LocalError:
+            self._undo_create()
+            raise
+
+    def _undo_create(self) -> None:
+        made, self._made = self._made, ""
+        self.close()
+        if made:
+            with contextlib.suppress(OSError):
+                if made == "new":
+                    os.unlink(self.path)
+                    fsync_dir(self.path)
+                else:
+                    flags = os.O_WRONLY | os.O_CLOEXEC | (os.O_NOFOLLOW if self.opts.nofollow
+                                                         else 0)
+                    fd = os.open(self.path, flags)
+                    try:
+                        os.ftruncate(fd, 0)
+                        os.fsync(fd)
+                    finally:
+                        os.close(fd)
 
     def abort(self, save: bool) -> None:
         if self.tx is not None:
@@ -364,7 +484,9 @@ class RawStore:
         self._pages_ready = 0
         self._cv = threading.Condition()
         self._error: BaseException | None = None
-        self.info: dict[str, Any] = {"kind": "raw"}
+        self.info: dict[str, Any] = {"kind": "raw", "previous_size": old}
+        if self.created and not self.opts.dry_run:
+            self.info["space_check"] = True  # the source sends an Estimate before any chunk
 
     def _set_leaf(self, c: int, digest: bytes) -> None:
         self.leaves[c * HASH_SIZE : (c + 1) * HASH_SIZE] = digest
@@ -454,6 +576,13 @@ class RawStore:
             raise from_oserror(e, f"flushing {self.path}") from None
         return StoreResult(0, mine, {"path": self.path}, self.stored)
 
+    def check_space(self, info: dict[str, Any]) -> None:
+        """A new raw file: refused when the source's estimate will not fit (the file is then
+        removed by ``abort``)."""
+        est = SpaceEstimate.from_info(info)
+        if est is not None and self.created and not self.opts.dry_run:
+            check_space(self.path, est.raw + SPACE_SLACK, est, "a new raw file")
+
     def abort(self, save: bool) -> None:
         """A file this push created is removed after a failure of ours (a full disk: it
         would keep the space); after a broken link (``save``) it stays, so the next push
@@ -537,7 +666,7 @@ def plan_target(path: str, *, raw: bool, rules: TargetRules = NATIVE_RULES,
                 name: str | None = None) -> TargetPlan:
     """Decide what a push into ``path`` writes, refusing before anything is opened.
 
-    A block device is updated in place; ``raw`` (``--no-compress``) updates a file in place;
+    A block device is updated in place; ``raw`` (``--raw-target``) updates a file in place;
     otherwise the target is an image (existing, an empty file made one in place, or new). An
     existing image or SPGZ0001 file is never overwritten with raw data, a file that is
     neither an image nor meant as a raw target is refused unless ``rules`` say otherwise, and
@@ -557,29 +686,30 @@ def plan_target(path: str, *, raw: bool, rules: TargetRules = NATIVE_RULES,
         if not rules.convert_spgz:
             raise UsageError(f"{path} is a Go SPGZ0001 file: convert it first with "
                              f"`diskrsync convert {path} NEW.spgz`"
-                             + (" (--no-compress would overwrite it with raw data)"
+                             + (" (--raw-target would overwrite it with raw data)"
                                 if raw else ""))
         if raw:
-            raise UsageError(f"{path} is an SPGZ0001 file; drop --no-compress to update it "
+            raise UsageError(f"{path} is an SPGZ0001 file; drop --raw-target to update it "
                              f"(it is then converted into a diskrsync image)")
         return TargetPlan(path, "spgz", st)
     if kind == "image":
         if raw:
-            raise UsageError(f"{path} is a diskrsync image; drop --no-compress to update it")
+            raise UsageError(f"{path} is a diskrsync image; drop --raw-target to update it")
         return TargetPlan(path, "image", st)
     if raw:
         return TargetPlan(path, "raw", st)
     if st is not None and st.st_size:
         if not rules.foreign_as_raw:
             raise UsageError(f"{path} exists and is not a diskrsync image; refusing to replace "
-                             f"it (use --no-compress to update it as a raw file)")
+                             f"it (use --raw-target to update it as a raw file)")
         return TargetPlan(path, "foreign", st)
     return TargetPlan(path, "new" if st is None else "empty", st)
 
 
 def open_target(path: str, size: int, chunk_size: int, opts: TargetOptions, *, raw: bool,
                 name: str | None = None, source: str = "", encrypt: dict[str, Any] | None = None,
-                source_encrypts: bool = False) -> ImageStore | RawStore:
+                source_encrypts: bool = False, label: str = "",
+                source_host: str = "") -> ImageStore | RawStore:
     """The native protocol's store for ``path``, by :func:`plan_target`'s rules: a source
     of ``size`` bytes named ``name``, recorded in the generation as ``source``; ``encrypt``
     and ``source_encrypts`` as :class:`ImageStore` takes them."""
@@ -589,4 +719,4 @@ def open_target(path: str, size: int, chunk_size: int, opts: TargetOptions, *, r
             raise UsageError(f"{plan.path} would be a raw target: --encrypt needs an image")
         return RawStore(plan.path, size, chunk_size, opts)
     return ImageStore(plan.path, size, chunk_size, opts, source=source, encrypt=encrypt,
-                      source_encrypts=source_encrypts)
+                      source_encrypts=source_encrypts, label=label, source_host=source_host)

@@ -5,10 +5,13 @@ live in ``reader.py``). The layout::
 
     /disk.raw                      the top-level generation's disk (the newest, or --generation G)
     /partitions/p1, p2, ...        byte ranges of that disk, one per partition
-    /partitions/by-label/<label>   symlinks "../pN" (GPT names; only when some partition has one)
-    /generations/<N>-<UTC time>/   every retained generation, e.g. 7-2026-11-26T13-05-00Z/
-        disk.raw
+    /partitions/by-label/<label>   symlinks "../pN" (file system labels: ext2/3/4, XFS, Btrfs, FAT)
+    /partitions/by-partlabel/<n>   symlinks "../pN" (GPT partition names), as udev names both;
+                                   each directory only when some partition has such a label
+    /generations/<N>-<UTC time>/   every retained generation, e.g. 000007-2026-11-26T13-05-00Z/
+        disk.raw                   (N zero-padded to 6 digits, so names sort in number order)
         partitions/...             as above
+    /generations/latest, oldest    symlinks to the newest and the oldest retained generation
 
 The top-level ``disk.raw`` and ``partitions/p*`` are the same inodes as those in the generation's
 own directory (hard links), so the kernel page cache is shared. Every generation's content is
@@ -30,13 +33,14 @@ import os
 import stat
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from diskrsync.base.errors import DataError
 from diskrsync.compression.api import DiskImage, DiskSnapshot, GenerationInfo
-from diskrsync.fsmount.partitions import (
+from diskrsync.compression.partitions import (
     NO_TABLE,
     PartitionTable,
+    filesystem_label,
     label_entries,
     read_partition_table,
 )
@@ -59,6 +63,9 @@ DISK_NAME = "disk.raw"
 PARTITIONS_NAME = "partitions"
 GENERATIONS_NAME = "generations"
 BY_LABEL_NAME = "by-label"
+BY_PARTLABEL_NAME = "by-partlabel"
+LATEST_NAME = "latest"
+OLDEST_NAME = "oldest"
 
 
 class VfsError(Exception):
@@ -90,9 +97,11 @@ class NotALink(VfsError):
 
 
 def generation_dir_name(info: GenerationInfo) -> str:
-    """``<N>-<UTC commit time>``, e.g. ``7-2026-11-26T13-05-00Z`` (no colons: scp/SMB friendly)."""
+    """``<N>-<UTC commit time>``, e.g. ``000007-2026-11-26T13-05-00Z``: the number first
+    and zero-padded, so that names sort in commit order (``ls``, shell globs) whatever the
+    clock did; no colons (scp/SMB friendly). A generation's name never changes."""
     stamp = time.strftime("%Y-%m-%dT%H-%M-%SZ", time.gmtime(info.commit_time))
-    return f"{info.number}-{stamp}"
+    return f"{info.number:06d}-{stamp}"
 
 
 def chunk_ranges(
@@ -174,10 +183,26 @@ def load_generation(image: DiskImage, number: int) -> GenerationView:
         except DataError as exc:  # a damaged table area: still show the whole disk
             log.warning("generation %d: partition table unreadable (%s)", number, exc)
             table = NO_TABLE
+        table = _with_fs_labels(table, snapshot, number)
     except BaseException:
         snapshot.close()
         raise
     return GenerationView(snapshot, table)
+
+
+def _with_fs_labels(table: PartitionTable, snapshot: DiskSnapshot, number: int) -> PartitionTable:
+    """The table with each partition's file system label (for by-label); a damaged
+    superblock area only leaves that partition out of by-label."""
+    parts = []
+    for part in table.partitions:
+        try:
+            label = filesystem_label(snapshot.read, part.start, part.size)
+        except DataError as exc:
+            log.warning("generation %d: p%d: file system label unreadable (%s)", number,
+                        part.number, exc)
+            label = ""
+        parts.append(replace(part, fs_label=label))
+    return replace(table, partitions=tuple(parts))
 
 
 @dataclass(eq=False)
@@ -302,10 +327,12 @@ class MountVFS:
             )
             self._nodes[node.inode] = node
             children[name] = node
-        labels = label_entries(view.table.partitions)
-        if labels:
+        for dir_name, filesystem in ((BY_LABEL_NAME, True), (BY_PARTLABEL_NAME, False)):
+            labels = label_entries(view.table.partitions, filesystem=filesystem)
+            if not labels:
+                continue
             by_label = self._dir(
-                f"{base}/{PARTITIONS_NAME}/{BY_LABEL_NAME}", mtime, STABLE_TIMEOUT, STABLE_TIMEOUT
+                f"{base}/{PARTITIONS_NAME}/{dir_name}", mtime, STABLE_TIMEOUT, STABLE_TIMEOUT
             )
             for label, part in labels.items():
                 link = LinkNode(
@@ -314,7 +341,7 @@ class MountVFS:
                 )
                 self._nodes[link.inode] = link
                 by_label.children[label] = link
-            children[BY_LABEL_NAME] = by_label
+            children[dir_name] = by_label
         directory.children[DISK_NAME] = disk
         partitions = self._dir(f"{base}/{PARTITIONS_NAME}", mtime, STABLE_TIMEOUT, STABLE_TIMEOUT)
         partitions.children.update(children)
@@ -324,8 +351,8 @@ class MountVFS:
     def _partitions_dir(
         self, path: str, mtime_ns: int, children: Mapping[str, Node], timeout: float
     ) -> DirNode:
-        # by-label is a directory, and a directory inode must have one parent: give each
-        # partitions/ directory its own by-label whose links are shared.
+        # by-label and by-partlabel are directories, and a directory inode must have one
+        # parent: give each partitions/ directory its own copies whose links are shared.
         node = self._dir(path, mtime_ns, timeout, STABLE_TIMEOUT)
         for name, child in children.items():
             if isinstance(child, DirNode):
@@ -385,6 +412,31 @@ class MountVFS:
                 elif gen.view.open_count == 0:
                     changes.extend(self._drop(number))
         changes.extend(self._choose_top())
+        changes.extend(self._point_links())
+        return changes
+
+    def _point_links(self) -> Changes:
+        """``generations/latest`` and ``oldest``: symlinks to the newest and the oldest
+        retained generation (none while none is). A link whose target changes is a new
+        inode, the old name invalidated: one inode never changes its target."""
+        changes = Changes()
+        live = sorted(n for n, g in self._gens.items() if not g.view.removed)
+        folder = self.generations_dir
+        for name, number in ((LATEST_NAME, live[-1] if live else None),
+                             (OLDEST_NAME, live[0] if live else None)):
+            target = self._gens[number].view.dir_name.encode() if number is not None else None
+            old = folder.children.get(name)
+            if isinstance(old, LinkNode) and old.target == target:
+                continue
+            if old is not None:
+                del folder.children[name]
+                changes.invalidate.append((folder.inode, name))
+            if target is not None:
+                link = LinkNode(self._inode(), f"{folder.path}/{name}", time.time_ns(),
+                                VOLATILE_TIMEOUT, VOLATILE_TIMEOUT, target)
+                self._nodes[link.inode] = link
+                folder.children[name] = link
+            self._touch(folder)
         return changes
 
     def _touch(self, node: DirNode) -> None:

@@ -1,9 +1,10 @@
 """Shell completion, man page and CLI reference, generated from the CLI's own parser.
 
-    .venv/bin/python scripts/docgen.py {bash,zsh,man,markdown}
+    .venv/bin/python scripts/docgen.py {bash,zsh,man,markdown,json}
 
 prints one of them on stdout; ``make docs`` writes them to ``contrib/completion/``,
-``contrib/diskrsync.1`` and ``docs/cli.md``, and ``tests/test_docs.py`` fails when a committed
+``contrib/diskrsync.1``, ``docs/cli.md`` and ``docs/json.md`` (from the ``--json`` schema in
+``diskrsync/cli/jsonout.py``), and ``tests/test_docs.py`` fails when a committed
 copy differs from what this module makes of the current parser. The output depends only on
 ``build_parser()`` and the tables below (no dates), so regenerating is idempotent. A development
 tool, not installed with diskrsync: it imports the installed package (run it with the venv's
@@ -19,45 +20,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from diskrsync import __version__
-from diskrsync.base.errors import (
-    EXIT_BROKEN_PIPE,
-    EXIT_INTERRUPTED,
-    EXIT_READ_ERRORS_IGNORED,
-    EXIT_REDUNDANCY_LOST,
-    EXIT_SOURCE_CHANGED,
-    EXIT_TERMINATED,
-    BusyError,
-    DataError,
-    LocalError,
-    PeerError,
-    UsageError,
-)
+from diskrsync.base import errors
+from diskrsync.cli import jsonout
 from diskrsync.cli.main import build_parser
 
 PROG = "diskrsync"
 
-# Exit statuses, in order; the numbers come from diskrsync.base.errors so they cannot drift.
-EXIT_CODES: list[tuple[int, str]] = [
-    (0, "success"),
-    (UsageError.exit_code, "usage: bad arguments, a missing file, a path that cannot be used "
-                           "as asked"),
-    (LocalError.exit_code, "local failure: I/O error, no space left, no permission, a stale "
-                           "mount"),
-    (BusyError.exit_code, "busy: another process is writing the image"),
-    (PeerError.exit_code, "the other end failed: SSH connection, host key, remote command "
-                          "missing, remote error"),
-    (DataError.exit_code, "data: not an image, damaged metadata, a corrupt chunk, verify "
-                          "found problems"),
-    (EXIT_SOURCE_CHANGED, "push committed, but the source changed while it was read (use a "
-                          "snapshot)"),
-    (EXIT_READ_ERRORS_IGNORED, "push committed with --ignore-read-errors and some source "
-                               "sectors were unreadable (stored as zeros)"),
-    (EXIT_REDUNDANCY_LOST, "verify: every generation is intact, but a superblock or "
-                           "generation table copy is damaged (verify --repair)"),
-    (EXIT_INTERRUPTED, "interrupted (SIGINT); a push keeps a checkpoint"),
-    (EXIT_TERMINATED, "terminated (SIGTERM); a push keeps a checkpoint"),
-    (EXIT_BROKEN_PIPE, "the reader of stdout went away (e.g. `restore IMAGE - | head`)"),
-]
+# Exit statuses, in order: base/errors.py's table, so they cannot drift.
+EXIT_CODES = list(errors.EXIT_CODES)
 
 ENVIRONMENT: list[tuple[str, str]] = [
     ("DISKRSYNC_SSH_KEEPALIVE", "INTERVAL,COUNT of the SSH keepalive watchdog (e.g. 15,4)"),
@@ -73,7 +43,6 @@ DIR_METAVARS = {"MOUNTPOINT", "DIR"}
 POSITIONAL_HELP = {
     "IMAGE": "a diskrsync image (or a Go diskrsync SPGZ0001 file)",
     "DEST": "a file (written sparse), a block device, or - for stdout",
-    "MOUNTPOINT": "an empty directory",
     "OLD.spgz": "the Go diskrsync SPGZ0001 file to read",
     "NEW.spgz": "the diskrsync image to create",
 }
@@ -84,7 +53,7 @@ POSITIONAL_HELP = {
 
 @dataclass
 class Option:
-    flags: list[str]  # long first, then short
+    flags: list[str]  # long first (the preferred name first), then short
     metavar: str | None  # None: a flag without a value
     help: str
     group: str
@@ -122,7 +91,7 @@ def _metavar(action: argparse.Action) -> str:
 
 
 def _option(action: argparse.Action, group: str) -> Option:
-    flags = sorted(action.option_strings, key=lambda f: (not f.startswith("--"), f))
+    flags = sorted(action.option_strings, key=lambda f: not f.startswith("--"))  # stable
     takes_value = action.nargs != 0
     return Option(
         flags=flags,
@@ -182,7 +151,8 @@ def _synopsis_parts(cmd: Command) -> list[str]:
     for o in cmd.options:
         if o.required:
             parts.append(f"{o.flags[0]} {o.metavar}" if o.metavar else o.flags[0])
-    parts.append("[OPTIONS]")
+    if any(not o.required for o in cmd.options):
+        parts.append("[OPTIONS]")
     parts.extend(p.name for p in cmd.positionals)
     return parts
 
@@ -543,6 +513,68 @@ def markdown(cli: Cli) -> str:
     return "\n".join(out)
 
 
+# -- docs/json.md ----------------------------------------------------------------------
+
+
+def _json_rows(fields: Sequence[jsonout.Field], prefix: str = "") -> list[str]:
+    rows = []
+    for f in fields:
+        name = f"{prefix}{f.name}"
+        doc = _help_sentence(f.doc) + (" Optional." if f.optional else "")
+        rows.append(f"| `{name}` | {f.type} | {_md(doc)} |")
+        if f.fields:
+            inner = f"{name}[]." if f.type.startswith("array of") else f"{name}."
+            rows += _json_rows(f.fields, inner)
+    return rows
+
+
+def json_reference() -> str:
+    """docs/json.md, from the schema in diskrsync/cli/jsonout.py (not from the parser)."""
+    table = ["| field | type | meaning |", "|---|---|---|"]
+    out = [
+        "# diskrsync --json reference",
+        "",
+        "<!-- Generated by `scripts/docgen.py json` (`make docs`) from "
+        "diskrsync/cli/jsonout.py; do not edit. -->",
+        "",
+        "With `--json`, " + ", ".join(f"`{c}`" for c in jsonout.COMMANDS) + " print one JSON "
+        "object on stdout and nothing else there (messages, warnings and progress go to "
+        "stderr). Every object has the envelope's fields; a command that fails prints the "
+        "envelope and `error` instead of its own fields, with the same exit status. "
+        "`restore --json` refuses DEST `-` (the disk would share stdout with the object).",
+        "",
+        f"**Bounded size.** A list that grows with the disk holds at most its first "
+        f"{jsonout.CAP} entries, and a `NAME_total` field counts them all. "
+        f"**Types.** `range` is `[offset, length]` in bytes; times are Unix times in seconds "
+        f"(UTC), durations seconds; hashes are lowercase hex.",
+        "",
+        f"**Compatibility.** This is schema version {jsonout.VERSION}. Within one version "
+        f"fields are only added, so a reader must ignore fields it does not know; removing, "
+        f"renaming or changing the meaning of one raises `version`. tests/test_json.py checks "
+        f"every command's real output against these tables.",
+        "",
+        "## Envelope",
+        "",
+        *table,
+        *_json_rows(jsonout.ENVELOPE),
+        "",
+        "## Errors",
+        "",
+        *table,
+        *_json_rows([jsonout.ERROR]),
+        "",
+        "Exit statuses (`error.exit_code`, also the process's):",
+        "",
+        "| status | meaning |",
+        "|---|---|",
+        *[f"| {code} | {_md(text)} |" for code, text in EXIT_CODES],
+    ]
+    for command, fields in jsonout.COMMANDS.items():
+        out += ["", f"## {command}", "", *table, *_json_rows(fields)]
+    out.append("")
+    return "\n".join(out)
+
+
 GENERATORS: dict[str, Callable[[Cli], str]] = {
     "bash": bash,
     "zsh": zsh,
@@ -556,17 +588,23 @@ OUTPUTS: dict[str, str] = {
     "zsh": "contrib/completion/_diskrsync",
     "man": "contrib/diskrsync.1",
     "markdown": "docs/cli.md",
+    "json": "docs/json.md",
 }
+
+# Outputs made from something else than the parser.
+DOCS: dict[str, Callable[[], str]] = {"json": json_reference}
 
 
 def generate(kind: str, parser: argparse.ArgumentParser | None = None) -> str:
+    if kind in DOCS:
+        return DOCS[kind]()
     return GENERATORS[kind](model(parser))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="scripts/docgen.py",
                                  description="Print completion, man page or CLI reference.")
-    ap.add_argument("kind", choices=sorted(GENERATORS))
+    ap.add_argument("kind", choices=sorted([*GENERATORS, *DOCS]))
     args = ap.parse_args(argv)
     sys.stdout.write(generate(args.kind))
     return 0

@@ -6,7 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need=()
-for pkg in fuse3 libfuse3-dev pkg-config openssh-server openssh-client e2fsprogs xfsprogs gdisk fdisk; do
+for pkg in fuse3 libfuse3-dev pkg-config openssh-server openssh-client e2fsprogs xfsprogs gdisk fdisk \
+        btrfs-progs dosfstools qemu-system-common qemu-utils; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need+=("$pkg")
 done
 # the tests' S3 service (tests/support/swift.py); without --no-install-recommends it pulls GTK

@@ -18,6 +18,7 @@ import queue
 import select
 import threading
 import time
+from collections.abc import Callable
 from typing import Protocol
 
 from diskrsync.base.errors import ConnectionClosed, PeerError
@@ -26,6 +27,45 @@ from diskrsync.synccore import protocol as p
 _EOF = object()
 #: A FramedChannel that has sent nothing for this long sends an Alive frame.
 ALIVE_INTERVAL = 1.0
+
+
+class TokenBucket:
+    """``--bwlimit``: at most ``rate`` bytes per second on average, in bursts of at most
+    ``burst`` bytes (default: a quarter of a second's worth, at least 4 KiB).
+
+    ``take(n)`` waits until ``n`` more bytes may pass. Bytes beyond the bucket's content
+    are owed, and the wait pays the debt, so one large message is paced as well as many
+    small ones; callers send large frames in pieces of at most ``burst`` (``pieces``) so
+    the link never falls silent for long. ``clock`` and ``sleep`` are injectable: the tests
+    count bytes against a fake clock instead of measuring time. Thread-safe.
+    """
+
+    def __init__(self, rate: float, burst: int | None = None, *,
+                 clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
+        if not rate > 0:
+            raise ValueError("a rate must be positive")
+        self.rate = float(rate)
+        self.burst = burst or max(int(rate / 4), 4096)
+        self._clock, self._sleep = clock, sleep
+        self._tokens = float(self.burst)
+        self._last = clock()
+        self._lock = threading.Lock()
+
+    def take(self, n: int) -> None:
+        with self._lock:
+            now = self._clock()
+            self._tokens = min(self.burst, self._tokens + (now - self._last) * self.rate)
+            self._last = now
+            self._tokens -= n
+            wait = -self._tokens / self.rate if self._tokens < 0 else 0.0
+        if wait > 0:
+            self._sleep(wait)
+
+    def pieces(self, data: bytes) -> list[memoryview]:
+        """``data`` cut into pieces of at most ``burst`` bytes."""
+        view = memoryview(data)
+        return [view[i : i + self.burst] for i in range(0, len(view), self.burst)] or [view]
 
 
 class Stream(Protocol):
@@ -108,8 +148,10 @@ class FdStream:
 class FramedChannel:
     """Messages over a byte stream, with the preamble sent first and checked on receipt."""
 
-    def __init__(self, stream: Stream, *, recv_size: int = 1 << 20) -> None:
+    def __init__(self, stream: Stream, *, recv_size: int = 1 << 20,
+                 limit: TokenBucket | None = None) -> None:
         self.stream = stream
+        self.limit = limit  # --bwlimit: bytes both ways together, Alive frames excepted
         self._decoder = p.Decoder()
         self._send_lock = threading.Lock()
         self._greeted = False
@@ -127,7 +169,12 @@ class FramedChannel:
                 frame = p.preamble() + frame
                 self._greeted = True
             try:
-                self.stream.send(frame)
+                if self.limit is None or isinstance(msg, p.Alive):
+                    self.stream.send(frame)
+                else:
+                    for piece in self.limit.pieces(frame):
+                        self.limit.take(len(piece))
+                        self.stream.send(bytes(piece))
             except TimeoutError as e:
                 raise PeerError(str(e)) from None
             except (BrokenPipeError, ConnectionError) as e:
@@ -169,6 +216,8 @@ class FramedChannel:
                         "the peer closed the connection in the middle of a message")
                 return None
             self.bytes_received += len(data)
+            if self.limit is not None:
+                self.limit.take(len(data))  # reading slower slows the sender (flow control)
             self._decoder.feed(data)
 
     def close(self) -> None:
@@ -180,8 +229,10 @@ class FramedChannel:
 class QueueChannel:
     """One end of an in-process pair: messages pass as objects through bounded queues."""
 
-    def __init__(self, inbox: queue.Queue[object], outbox: queue.Queue[object]) -> None:
+    def __init__(self, inbox: queue.Queue[object], outbox: queue.Queue[object], *,
+                 limit: TokenBucket | None = None) -> None:
         self._in, self._out = inbox, outbox
+        self.limit = limit  # --bwlimit on a local push: what would cross a wire, sent
         self.bytes_sent = 0
         self.bytes_received = 0
         self._closed = False
@@ -189,8 +240,11 @@ class QueueChannel:
     def send(self, msg: p.Message) -> None:
         if self._closed:
             raise PeerError("channel closed")
+        size = p.wire_size(msg)
+        if self.limit is not None:
+            self.limit.take(size)
         self._out.put(msg)
-        self.bytes_sent += p.wire_size(msg)
+        self.bytes_sent += size
 
     def recv(self) -> p.Message | None:
         item = self._in.get()
@@ -206,11 +260,13 @@ class QueueChannel:
             self._out.put(_EOF)
 
 
-def channel_pair(maxsize: int = 64) -> tuple[QueueChannel, QueueChannel]:
-    """Two connected in-process ends; each direction holds at most ``maxsize`` messages."""
+def channel_pair(maxsize: int = 64, *,
+                 limit: TokenBucket | None = None) -> tuple[QueueChannel, QueueChannel]:
+    """Two connected in-process ends; each direction holds at most ``maxsize`` messages;
+    ``limit`` paces what the first end sends."""
     a: queue.Queue[object] = queue.Queue(maxsize)
     b: queue.Queue[object] = queue.Queue(maxsize)
-    return QueueChannel(a, b), QueueChannel(b, a)
+    return QueueChannel(a, b, limit=limit), QueueChannel(b, a)
 
 
 class DelayedChannel:

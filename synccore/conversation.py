@@ -21,6 +21,7 @@ A push, as the source sees it::
     hello() -> Hello           receive(Hello)       -> TargetReady (shapes of both ends)
                                receive(PageHashes)  -> PagesKnown  (page digests so far)
     page_equal(j, digest)?  else  page_differs(j) -> NeedLeaves | SendChunks
+    (adopt_page(j): unchanged by a map of changed ranges, the target's digest is ours)
                                receive(Leaves)      -> SendChunks  (chunks that differ)
     done(info) -> Done         receive(Committed)   -> Finished
 
@@ -43,7 +44,7 @@ from diskrsync.base.merkle import (
     Shape,
     leaf_hash,
     node_hash_packed,
-    root_from_leaves,
+    root_from_pages,
     zero_hash,
 )
 from diskrsync.compression import codec
@@ -114,8 +115,15 @@ class DoneArrived:
     info: dict[str, Any]
 
 
+@dataclass(frozen=True)
+class EstimateArrived:
+    """A first push's estimate: check it fits (``store.check_space``) before any chunk."""
+
+    info: dict[str, Any]
+
+
 SourceEvent = TargetReady | PagesKnown | SendChunks | Finished
-TargetEvent = SourceHello | LeavesWanted | ChunkArrived | DoneArrived
+TargetEvent = SourceHello | LeavesWanted | ChunkArrived | DoneArrived | EstimateArrived
 
 
 def peer_error(msg: p.Error, who: str) -> DiskrsyncError:
@@ -184,6 +192,8 @@ class SourceConversation(_Conversation):
         self.leaves = bytearray()
         self._page_hashes = bytearray()
         self._asked: set[int] = set()  # pages whose Leaves we wait for
+        self._unread: dict[int, tuple[int, ...]] = {}  # page -> chunks whose digest is theirs
+        self._adopted: set[int] = set()  # pages whose digest is the target's
         self._done: p.Done | None = None  # a Committed before our Done is the target's lie
         self.result: p.Committed | None = None
 
@@ -248,14 +258,14 @@ class SourceConversation(_Conversation):
         """Chunk c's digest changed since the scan (what is sent is what counts)."""
         self.leaves[c * HASH_SIZE : (c + 1) * HASH_SIZE] = digest
 
-    def _comparable(self, c: int) -> bool:
+    def comparable(self, c: int) -> bool:
         return c < self.dst.chunks and self.dst.chunk_length(c) == self.src.chunk_length(c)
 
     def needs_target_page(self, j: int) -> bool:
         """Whether page j can be compared, so the target's digest of it is worth waiting for."""
         a, b = self.src.chunk_range(1, j)
         return j < self.dst.count(1) and self.dst.chunk_range(1, j) == (a, b) \
-            and self._comparable(b - 1)
+            and self.comparable(b - 1)
 
     def page_equal(self, j: int, mine: bytes | None = None) -> bool:
         """Whether page j (whose leaves are set; ``mine`` its digest when known) equals the
@@ -268,11 +278,22 @@ class SourceConversation(_Conversation):
         assert j < self.pages_known, "page decided before the target's digest of it"
         return mine == self._page_hashes[j * HASH_SIZE : (j + 1) * HASH_SIZE]
 
-    def page_differs(self, j: int) -> p.NeedLeaves | SendChunks:
+    def adopt_page(self, j: int) -> None:
+        """Page j is known not to have changed since the target's generation (a map of
+        changed ranges says so): its digest is the target's, and its leaves are never known."""
+        assert self.needs_target_page(j) and j < self.pages_known
+        self._adopted.add(j)
+
+    def page_differs(self, j: int, unread: tuple[int, ...] = ()) -> p.NeedLeaves | SendChunks:
         """Page j differs: ask for its leaf digests, or, where the target has none of it,
-        send its chunks that are not zeros (new space starts out as zeros)."""
+        send its chunks that are not zeros (new space starts out as zeros). ``unread``
+        chunks (comparable ones a map of changed ranges says are unchanged) take the
+        target's digests when they arrive."""
         a, b = self.src.chunk_range(1, j)
-        if a >= self.dst.chunks:
+        if unread:
+            assert all(a <= c < b and self.comparable(c) for c in unread)
+            self._unread[j] = unread
+        elif a >= self.dst.chunks:
             return SendChunks(j, tuple(c for c in range(a, b)
                                        if self.leaf(c) != zero_hash(self.src.chunk_length(c))))
         self._asked.add(j)
@@ -288,9 +309,12 @@ class SourceConversation(_Conversation):
         if len(msg.hashes) != (tb - ta) * HASH_SIZE:
             raise PeerError(f"target sent {len(msg.hashes) // HASH_SIZE} leaf digests for page "
                             f"{j}, expected {tb - ta}")
+        for c in self._unread.pop(j, ()):
+            self.leaves[c * HASH_SIZE : (c + 1) * HASH_SIZE] = \
+                msg.hashes[(c - ta) * HASH_SIZE : (c - ta + 1) * HASH_SIZE]
         send = []
         for c in range(a, b):
-            if self._comparable(c):
+            if self.comparable(c):
                 theirs = msg.hashes[(c - ta) * HASH_SIZE : (c - ta + 1) * HASH_SIZE]
                 if theirs == self.leaf(c):
                     continue
@@ -301,10 +325,21 @@ class SourceConversation(_Conversation):
 
     # .. ending ..
 
+    def root(self) -> bytes:
+        """The root of the source's disk from its leaves, and from the target's digest for
+        each adopted page (whose leaves are never known)."""
+        pages = [
+            bytes(self._page_hashes[j * HASH_SIZE : (j + 1) * HASH_SIZE]) if j in self._adopted
+            else node_hash_packed(self.leaves[a * HASH_SIZE : b * HASH_SIZE])
+            for j, (a, b) in enumerate(self.src.chunk_range(1, j)
+                                       for j in range(self.src.count(1)))
+        ]
+        return root_from_pages(self.src, pages)
+
     def done(self, info: dict[str, Any]) -> p.Done:
         """Everything is decided and sent: the root of what the target should now hold."""
         assert self.target is not None and not self._asked
-        self._done = p.Done(root_from_leaves(self.src, self.leaves), info)
+        self._done = p.Done(self.root(), info)
         return self._done
 
     def _on_committed(self, msg: p.Committed) -> Finished:
@@ -331,6 +366,7 @@ class TargetConversation(_Conversation):
         self._pages = 0  # pages the target compares against
         self._state = "hello"  # -> "opening" -> "transfer" -> "finishing" -> "committed"
         self.encrypted = False
+        self._estimated = self._chunks = False  # an Estimate comes once, before any Chunk
 
     def receive(self, msg: p.Message | None) -> TargetEvent | None:
         if isinstance(msg, p.Alive):
@@ -354,7 +390,13 @@ class TargetConversation(_Conversation):
                             f"target answered its hello")
         if state != "transfer":
             raise PeerError(f"unexpected {type(msg).__name__} from the source after its Done")
+        if isinstance(msg, p.Estimate):
+            if self._estimated or self._chunks:
+                raise PeerError("the source sent an estimate after its data, or twice")
+            self._estimated = True
+            return EstimateArrived(msg.info)
         if isinstance(msg, p.Chunk):
+            self._chunks = True
             assert self.shape is not None
             if msg.index >= self.shape.chunks:
                 raise PeerError(f"the source sent chunk {msg.index}, outside the disk")

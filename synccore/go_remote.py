@@ -11,14 +11,17 @@ adapter of ``compression/go_target.py``, opened by the same rules as a native ta
 from __future__ import annotations
 
 import sys
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
 from diskrsync.base.errors import PeerError, UsageError
+from diskrsync.base.merkle import HASH_SIZE, Shape, leaf_hash, root_from_leaves
 from diskrsync.base.progress import Progress
+from diskrsync.compression.format import DEFAULT_FANOUT
 from diskrsync.compression.go_target import ImageTargetStore, open_legacy_target
-from diskrsync.compression.sources import open_source
+from diskrsync.compression.sources import SourceReader, open_source
 from diskrsync.synccore.go_io import GoProgressLines, parallel_leaf_hashes, run_machine
 from diskrsync.synccore.legacy import (
     TAIL_BLOCK_SIZE,
@@ -156,6 +159,73 @@ class _Tally:
                     st.bytes_read += ev.length
 
 
+class _RootOfReads:
+    """The native root of the source (what a native push of it reports and ``diskrsync info``
+    shows for an image holding the same bytes), from the bytes the Go exchange reads anyway.
+
+    The exchange reads every source byte exactly once for the Go tree or the tail, and
+    re-reads the leaves it sends: each native chunk is hashed once its bytes are all in,
+    pieces of a chunk overlapping what it already has (the re-reads) are ignored.
+    """
+
+    def __init__(self, reader: SourceReader, chunk_size: int) -> None:
+        self.reader = reader
+        self.shape = Shape(reader.size, chunk_size, DEFAULT_FANOUT)
+        self._leaves = bytearray(self.shape.chunks * HASH_SIZE)
+        self._done = bytearray(self.shape.chunks)
+        self._parts: dict[int, dict[int, bytes]] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def size(self) -> int:
+        return self.reader.size
+
+    def read(self, offset: int, length: int) -> bytes:
+        data = self.reader.read(offset, length)
+        self._feed(offset, memoryview(data))
+        return data
+
+    def _feed(self, offset: int, data: memoryview) -> None:
+        cs, pos = self.shape.chunk_size, 0
+        while pos < len(data):
+            at = offset + pos
+            index = at // cs
+            start, end = index * cs, min(index * cs + cs, self.shape.size)
+            n = min(end - at, len(data) - pos)
+            if at == start and n == end - start:
+                self._leaf(index, data[pos : pos + n])
+            else:
+                self._piece(index, at, bytes(data[pos : pos + n]), end - start)
+            pos += n
+
+    def _leaf(self, index: int, data: memoryview | bytes) -> None:
+        with self._lock:
+            if self._done[index]:
+                return
+            self._done[index] = 1
+            self._parts.pop(index, None)
+        self._leaves[index * HASH_SIZE : (index + 1) * HASH_SIZE] = leaf_hash(data)
+
+    def _piece(self, index: int, at: int, data: bytes, chunk_length: int) -> None:
+        with self._lock:
+            if self._done[index]:
+                return
+            parts = self._parts.setdefault(index, {})
+            if any(o < at + len(data) and at < o + len(d) for o, d in parts.items()):
+                return  # a re-read of bytes this chunk already has
+            parts[at] = data
+            if sum(len(d) for d in parts.values()) < chunk_length:
+                return
+            whole = b"".join(parts[o] for o in sorted(parts))
+        self._leaf(index, whole)
+
+    def root(self) -> str:
+        """The root as hex; "" if some byte was never read (cannot happen after a sync)."""
+        if self._done.count(0):
+            return ""
+        return root_from_leaves(self.shape, self._leaves).hex()
+
+
 def _converse(
     remote: RemotePath, opts: RemoteOptions, argv: list[str],
     machine: LegacySource | LegacyTarget, on_events: Callable[[list[Any]], None],
@@ -192,6 +262,8 @@ def legacy_push(src_loc: Location, dst_loc: Location, req: PushRequest,
                          "compare without writing")
     if req.source.ignore_read_errors:
         raise UsageError("--ignore-read-errors is not possible with --legacy")
+    if req.source.skip_free_blocks:
+        raise UsageError("--skip-free-blocks is not possible with --legacy")
     if isinstance(src_loc, RemotePath) and isinstance(dst_loc, RemotePath):
         raise UsageError("--legacy: one end must be on this machine")
     if isinstance(src_loc, LocalPath) and isinstance(dst_loc, LocalPath):
@@ -215,6 +287,7 @@ def _push_to_go(src: str, dst: RemotePath, req: PushRequest, opts: RemoteOptions
     try:
         stats = PushStats(size=reader.size)
         tally = _Tally(stats, reads_ranges=True)
+        hashed = _RootOfReads(reader, req.source.chunk_size)
         argv = ["--target"]
         if req.raw_target:
             argv.append("--no-compress")  # we quote word by word: no leading space (cf. Go)
@@ -222,12 +295,15 @@ def _push_to_go(src: str, dst: RemotePath, req: PushRequest, opts: RemoteOptions
         if progress:
             argv += ["--calc-progress", "--sync-progress"]
         argv.append(dst.path)
-        source = LegacySource(reader, leaf_hashes=parallel_leaf_hashes(reader.read))
+        source = LegacySource(hashed, leaf_hashes=parallel_leaf_hashes(hashed.read))
         bar = Progress(reader.size, "push", progress)
         done = [0]
 
         def on_events(events: list[Any]) -> None:
             tally.events(events)
+            for ev in events:
+                if isinstance(ev, HeaderExchanged):
+                    stats.created = ev.peer_size == 0  # Go creates a missing PATH
             bar.update(source.position - done[0])
             done[0] = source.position
 
@@ -238,6 +314,7 @@ def _push_to_go(src: str, dst: RemotePath, req: PushRequest, opts: RemoteOptions
     finally:
         reader.close()
     stats.bytes_sent, stats.bytes_received = sent, received
+    stats.root_hash = hashed.root()
     stats.duration = time.monotonic() - started
     return stats
 
@@ -274,11 +351,14 @@ def _pull_from_go(src: RemotePath, dst: str, req: PushRequest,
 
         sent, received = _converse(src, opts, argv, target, on_events)
         # only a complete exchange with a remote that exited 0 becomes a generation
-        gen = end.commit(f"Go diskrsync on {src}", {"protocol": "BSNC0002"})
+        label = req.source.label or f"Go diskrsync on {src}"
+        gen = end.commit(label, {"protocol": "BSNC0002"})
     finally:
         bars[0].close()
         end.close()
-    stats.bytes_sent, stats.bytes_received = sent, received
+    # as in a native pull, bytes_sent is source to target: what arrived here
+    stats.bytes_sent, stats.bytes_received = received, sent
+    stats.created = end.kind == "new" or (end.kind == "raw" and end.created)
     stats.generation = gen.number if gen else None
     stats.root_hash = gen.root_hash.hex() if gen else ""
     stats.duration = time.monotonic() - started

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from diskrsync.base.errors import UsageError
+from diskrsync.compression.nbd import is_nbd_url
 
 
 @dataclass(frozen=True)
@@ -107,13 +108,16 @@ def _parse_ssh_url(text: str) -> RemotePath:
 
 def parse_location(text: str) -> Location:
     """Parse a path as scp/rsync/git accept it: local path, ``[user@]host:path`` or
-    ``ssh://[user@]host[:port]/path`` (IPv6 hosts in brackets).
+    ``ssh://[user@]host[:port]/path`` (IPv6 hosts in brackets). An NBD URI (``nbd://``,
+    ``nbd+unix://``) is local: this machine connects to it.
 
     Like scp, a colon only makes a location remote when it comes before any slash, so
     ``./a:b`` and ``/abs:x`` stay local.
     """
     if not text:
         raise UsageError("empty path")
+    if is_nbd_url(text):  # read by this machine's NBD client: local to the push
+        return LocalPath(text)
     if text.startswith("ssh://"):
         return _parse_ssh_url(text)
     i = 0

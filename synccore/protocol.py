@@ -127,17 +127,27 @@ class Error:
 
 
 @dataclass(frozen=True)
+class Estimate:
+    """Source → target, once, before any Chunk, when the target's Hello asked for it
+    (``space_check``: a first push): what the push will store (``stored``, ``raw``,
+    ``sampled``: bytes), so a target that cannot hold it refuses before writing."""
+
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class Alive:
     """Either side, after a quiet spell, to peers whose Hello lists the "alive" capability:
     I am still here (so the peer's ``--timeout`` measures a frozen peer, not a long scan of
     unchanged data). Channels consume it; the conversation never sees it."""
 
 
-Message = Hello | PageHashes | NeedLeaves | Leaves | Chunk | Done | Committed | Error | Alive
+Message = (Hello | PageHashes | NeedLeaves | Leaves | Chunk | Done | Committed | Error | Alive
+           | Estimate)
 
 _TYPES: dict[type, int] = {
     Hello: 1, PageHashes: 2, NeedLeaves: 3, Leaves: 4, Chunk: 5, Done: 6, Committed: 7, Error: 8,
-    Alive: 9,
+    Alive: 9, Estimate: 10,
 }
 
 
@@ -177,6 +187,8 @@ def _to_json(msg: Message) -> dict[str, Any]:
         return {"generation": msg.generation, "root": msg.root.hex(), "info": msg.info}
     if isinstance(msg, Error):
         return {"kind": msg.kind, "message": msg.message}
+    if isinstance(msg, Estimate):
+        return {"info": msg.info}
     raise TypeError(msg)
 
 
@@ -250,6 +262,10 @@ def _hello(d: dict[str, Any]) -> Hello:
         raise _Malformed("'caps' must be a list of strings")
     if not isinstance(info.get("hash", ""), str):
         raise _Malformed("'hash' must be a string")
+    if "generation" in info:
+        _int(info, "generation", 0, 1 << 63)
+    if not isinstance(info.get("change_base", {}), dict):
+        raise _Malformed("'change_base' must be an object")
     for name in ("encrypt", "encryption"):  # a new image's key / the target image's
         try:
             check_encryption_entry(info.get(name))
@@ -263,6 +279,13 @@ def _done_info(info: dict[str, Any]) -> dict[str, Any]:
     for name in ("source_changed_chunks", "chunks_differing", "chunk_bytes_differing"):
         if name in info:
             _int(info, name, 0, MAX_DISK_SIZE)
+    source = info.get("source", "")
+    if not isinstance(source, str) or len(source) > 4096:
+        raise _Malformed("'source' must be a string of at most 4096 characters")
+    if source:
+        info["source"] = _line(source, 4096)  # recorded, and shown to users later
+    if not isinstance(info.get("new_generation", False), bool):
+        raise _Malformed("'new_generation' must be true or false")
     seal = info.get("seal", "")
     if not isinstance(seal, str) or len(seal) > MAX_SEAL_HEX \
             or not re.fullmatch(r"(?:[0-9a-f]{2})*", seal):
@@ -273,6 +296,16 @@ def _done_info(info: dict[str, Any]) -> dict[str, Any]:
                 isinstance(r, list) and len(r) == 2 and all(
                     type(n) is int and 0 <= n <= MAX_DISK_SIZE for n in r) for r in ranges):
             raise _Malformed(f"{name!r} must be a list of [offset, length] pairs")
+    for name in ("map", "map_fallback"):
+        if not isinstance(info.get(name, ""), str):
+            raise _Malformed(f"{name!r} must be a string")
+    if "map_warnings" in info:
+        notes = info["map_warnings"]
+        if not isinstance(notes, list) or not all(isinstance(n, str) for n in notes):
+            raise _Malformed("'map_warnings' must be a list of strings")
+        info["map_warnings"] = [_line(n, 500) for n in notes[:20]]
+    if not isinstance(info.get("change_base") or {}, dict):
+        raise _Malformed("'change_base' must be an object")
     return info
 
 
@@ -289,6 +322,11 @@ def _from_json(t: int, payload: bytes) -> Message:
             return _hello(d)
         if t == 6:
             return Done(_digest(d, "root"), _done_info(_field(d, "info", dict, {})))
+        if t == 10:
+            info = _field(d, "info", dict, {})
+            for name in ("stored", "raw", "sampled"):
+                _int(info, name, 0, MAX_DISK_SIZE)
+            return Estimate(info)
         if t == 7:
             return Committed(_int(d, "generation", 0, 1 << 63), _digest(d, "root"),
                              _field(d, "info", dict, {}))
@@ -321,10 +359,11 @@ class Decoder:
             if len(buf) - pos < PREAMBLE_SIZE:
                 if len(buf) - pos >= 4 and not GO_MAGIC.startswith(bytes(buf[pos : pos + 4])) \
                         and not PREAMBLE.startswith(bytes(buf[pos : pos + 4])):
-                    raise PeerError(f"peer does not speak the diskrsync protocol "
-                                    f"(it sent {bytes(buf[pos:pos + 16])!r})")
+                    raise ForeignPeer(bytes(buf[pos : pos + 80]))
                 return None
             head = bytes(buf[pos : pos + PREAMBLE_SIZE])
+            if head != GO_MAGIC and not head.startswith(PREAMBLE):
+                raise ForeignPeer(bytes(buf[pos : pos + 80]))  # all we have of its words
             check_preamble(head)
             self._pos = pos = pos + PREAMBLE_SIZE
             self._greeted = True
@@ -346,6 +385,26 @@ class Decoder:
         return len(self._buf) - self._pos
 
 
+class ForeignPeer(PeerError):
+    """The peer's first bytes are neither our preamble nor the Go tool's: another program
+    answered (a shell's or a program's text, usually). ``head`` holds those bytes."""
+
+    def __init__(self, head: bytes) -> None:
+        super().__init__(f"peer does not speak the diskrsync protocol (it sent "
+                         f"{describe_bytes(head)})")
+        self.head = head
+
+
+def describe_bytes(data: bytes) -> str:
+    """A peer's bytes for a message: quoted text when they are printable, else hex (never a
+    Python bytes repr)."""
+    text = data.decode("ascii", "replace")
+    if all(c.isprintable() or c in "\t\r\n" for c in text) and "\ufffd" not in text:
+        shown = text.replace("\r", "").replace("\n", " ").replace("\t", " ").strip()
+        return f'text "{shown}..."' if shown else "blank lines"
+    return f"bytes {data.hex(' ')}"
+
+
 def check_preamble(head: bytes) -> None:
     """Accept our preamble at our version; name what the peer is otherwise."""
     if head == GO_MAGIC:
@@ -353,7 +412,7 @@ def check_preamble(head: bytes) -> None:
             "the peer is the original Go diskrsync (it speaks BSNC0002): use --legacy"
         )
     if not head.startswith(PREAMBLE):
-        raise PeerError(f"peer does not speak the diskrsync protocol (it sent {head!r})")
+        raise ForeignPeer(head)
     (version,) = struct.unpack(">H", head[len(PREAMBLE) :])
     if version != PROTOCOL_VERSION:
         raise PeerError(

@@ -18,10 +18,17 @@ from typing import Any
 
 from diskrsync.base.errors import DiskrsyncError, UsageError
 from diskrsync.base.merkle import Shape
-from diskrsync.compression.sources import open_source
+from diskrsync.compression.sources import SourceReader, open_source, source_name
 from diskrsync.synccore import protocol as p
-from diskrsync.synccore.channel import Channel, channel_pair
-from diskrsync.synccore.source import PushStats, SourceOptions, SourceSession
+from diskrsync.synccore.channel import Channel, TokenBucket, channel_pair
+from diskrsync.synccore.source import (
+    PushStats,
+    SourceOptions,
+    SourceSession,
+    commit_outcome,
+    note_shrink,
+    target_report,
+)
 from diskrsync.synccore.target import (
     TargetOptions,
     TargetStore,
@@ -35,8 +42,15 @@ from diskrsync.synccore.target import (
 class PushRequest:
     source: SourceOptions = field(default_factory=SourceOptions)
     target: TargetOptions = field(default_factory=TargetOptions)
-    raw_target: bool = False  # --no-compress: DST is a raw file updated in place
+    raw_target: bool = False  # --raw-target: DST is a raw file updated in place
     generation: int | None = None  # of SRC, when it is an image
+    dirty_bitmap: str | None = None  # SRC is an NBD export: QEMU's bitmap of what changed
+    qmp: str | None = None  # QEMU's monitor socket: the push manages that bitmap itself
+    bwlimit: float = 0.0  # --bwlimit: bytes per second over the wire, this end's (0: none)
+
+    def limit(self) -> TokenBucket | None:
+        """A fresh token bucket for ``bwlimit`` (None: unlimited)."""
+        return TokenBucket(self.bwlimit) if self.bwlimit else None
 
 
 def _same_file(a: str, b: str) -> bool:
@@ -52,8 +66,8 @@ def local_push(src: str, dst: str, req: PushRequest,
     link in between."""
     if _same_file(src, dst):
         raise UsageError(f"{src} and {dst} are the same file")
-    reader = open_source(src, req.generation, req.source.keyring)
-    a, b = channels or channel_pair()
+    reader = open_push_source(src, req)
+    a, b = channels or channel_pair(limit=req.limit())
     failure: list[BaseException] = []
 
     def opener(hello: p.Hello) -> TargetStore:
@@ -72,10 +86,13 @@ def local_push(src: str, dst: str, req: PushRequest,
     thread = threading.Thread(target=run_target, name="push-target", daemon=True)
     thread.start()
     opts = req.source
-    info = {"name": os.path.basename(src.rstrip("/")), **opts.info}
+    info = {"name": source_name(src), **opts.info}
     session = SourceSession(a, reader, _with_info(opts, info), progress)
     try:
         stats = session.run()
+        thread.join()
+        if not failure:
+            source_committed(reader, stats)
     except BaseException as e:
         # let the target finish aborting: it keeps what arrived as a checkpoint (also on
         # Ctrl-C), so the next push resumes instead of starting over
@@ -87,10 +104,27 @@ def local_push(src: str, dst: str, req: PushRequest,
         raise  # ours, or the target only echoed it: its category (exit code) is the true one
     finally:
         reader.close()
-    thread.join()
     if failure:
         raise failure[0]
     return stats
+
+
+def open_push_source(src: str, req: PushRequest) -> SourceReader:
+    """SRC as the push reads it (its generation, or its NBD dirty bitmap)."""
+    return open_source(src, req.generation, req.source.keyring, dirty_bitmap=req.dirty_bitmap,
+                       qmp=req.qmp)
+
+
+def source_committed(reader: SourceReader, stats: PushStats) -> None:
+    """Tell the source its push committed a generation (a dirty bitmap is cleared only now,
+    never after a failure), and pass on what it has to say."""
+    if stats.generation is not None and not stats.dry_run:
+        try:
+            reader.committed()
+        except DiskrsyncError as e:  # the generation stands; the source still has more
+            stats.warnings.append(f"generation {stats.generation} committed, but {e} (nothing "
+                                  f"is lost: the next push reads more than it would need)")
+    stats.warnings.extend(reader.warnings())
 
 
 def _with_info(opts: SourceOptions, info: dict[str, Any]) -> SourceOptions:
@@ -108,7 +142,7 @@ def serve_source(channel: Channel, path: str, generation: int | None,
             channel.send(p.Error(type(e).__name__, str(e)))
         raise
     try:
-        info = {"name": os.path.basename(path.rstrip("/")), **opts.info}
+        info = {"name": source_name(path), **opts.info}
         return SourceSession(channel, reader, _with_info(opts, info)).run()
     finally:
         reader.close()
@@ -120,11 +154,14 @@ def run_target_end(channel: Channel, dst: str, req: PushRequest, *, verify: bool
 
     Returns what this end knows, from its own store: sizes, the chunks it stored, the roots
     and the commit. The byte counts keep PushStats' meaning: "sent" is source to target,
-    here what this end received. ``pulled_from`` names the source's host in a warning."""
+    here what this end received. ``pulled_from`` names the source's host in a warning and
+    in the generation's source label (``HOST:PATH``, unless ``--label`` gave one)."""
     opened: list[WireStore] = []
 
     def opener(hello: p.Hello) -> TargetStore:
-        store = open_store(dst, hello, req.target, raw=req.raw_target)
+        # the generation's source label: --label, else in a pull HOST:what the source says
+        store = open_store(dst, hello, req.target, raw=req.raw_target,
+                           label=req.source.label, source_host=pulled_from or "")
         opened.append(store)
         return store
 
@@ -136,10 +173,13 @@ def run_target_end(channel: Channel, dst: str, req: PushRequest, *, verify: bool
     if opened:
         _target_stats(stats, opened[0], dry_run, pulled_from)
     if committed is not None:
+        stats.target = target_report(committed.info)
         if dry_run:
             stats.target_root_hash = committed.root.hex()
         else:
             stats.generation = committed.generation or None
+            stats.created = stats.generation == 1
+            stats.unchanged, stats.pruned = commit_outcome(committed.info)
     return stats
 
 
@@ -149,6 +189,7 @@ def _target_stats(stats: PushStats, store: WireStore, dry_run: bool,
     stats.size, stats.chunk_size, stats.chunks = shape.size, shape.chunk_size, shape.chunks
     stats.target_root_hash = str(store.info.get("root", ""))
     stats.resumed = bool(store.info.get("resumed"))
+    note_shrink(stats, store.info)
     stored = store.store.stored
     stats.differing_ranges = list(stored.byte_ranges(shape))
     stats.chunks_differing = stored.chunks
@@ -158,6 +199,10 @@ def _target_stats(stats: PushStats, store: WireStore, dry_run: bool,
     root, info = store.done
     stats.root_hash = root.hex()
     stats.read_errors = [(int(o), int(n)) for o, n in info.get("read_errors") or []]
+    stats.map = str(info.get("map") or "full")
+    stats.map_fallback = str(info.get("map_fallback") or "")
+    source = f"{pulled_from}: " if pulled_from else ""
+    stats.warnings += [f"{source}{w}" for w in info.get("map_warnings") or []]
     changed = int(info.get("source_changed_chunks") or 0)
     if changed and pulled_from is not None:
         stats.warnings.append(f"{pulled_from}: the source changed during the pull: {changed} "

@@ -1,10 +1,11 @@
 """Running the far end of a sync over SSH, for both wire formats, and the native remote push.
 
 :class:`RemoteRun` is the one wrapper around a remote command: it starts it over
-``synccore.ssh``, relays its stderr as ``host: line`` (:class:`StderrRelay`), checks its exit
-status, and explains a failure in one line (:meth:`RemoteRun.explain`). The native protocol
-(``diskrsync serve`` at the far end) and the Go protocol (``synccore/go_remote.py``) both
-run through it.
+``synccore.ssh`` (the built-in paramiko client, or with ``--rsh`` an external program such as
+the system's ``ssh``: two process backends with one contract), relays its stderr as
+``host: line`` (:class:`StderrRelay`), checks its exit status, and explains a failure in
+one line (:meth:`RemoteRun.explain`). The native protocol (``diskrsync serve`` at the far
+end) and the Go protocol (``synccore/go_remote.py``) both run through it.
 
 :func:`remote_push` runs ``diskrsync serve`` on the other host and speaks the framed protocol
 over its stdin/stdout: a push runs the source here and the target there (which verifies every
@@ -16,26 +17,32 @@ naming the host.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import re
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import TypeVar
 
 from diskrsync.base.errors import DiskrsyncError, PeerError, UsageError, error_from_wire
+from diskrsync.base.progress import INTERVAL as PROGRESS_INTERVAL
 from diskrsync.base.progress import Progress
-from diskrsync.compression.sources import open_source
+from diskrsync.base.retention import Retention
+from diskrsync.compression.image import retention_of
+from diskrsync.compression.sources import open_source, source_name
 from diskrsync.synccore import protocol as p
-from diskrsync.synccore.channel import FramedChannel
+from diskrsync.synccore.channel import FramedChannel, TokenBucket
 from diskrsync.synccore.go_io import ProgressLineParser
 from diskrsync.synccore.location import LocalPath, Location, RemotePath
-from diskrsync.synccore.push import PushRequest, run_target_end
+from diskrsync.synccore.push import PushRequest, run_target_end, source_committed
 from diskrsync.synccore.source import PushStats, SourceSession
 from diskrsync.synccore.ssh.config import RemoteOptions
 from diskrsync.synccore.ssh.connection import SshConnection, connect
 from diskrsync.synccore.ssh.errors import EXIT_NOT_FOUND, LinkError, RemoteCommandError
+from diskrsync.synccore.ssh.external import ExternalProcess, rsh_argv
 from diskrsync.synccore.ssh.process import RemoteProcess
 
 __all__ = ["RemoteOptions", "RemoteRun", "StderrRelay", "remote_push", "start_remote"]
@@ -50,12 +57,22 @@ FAILURE_WAIT = 5.0
 EXIT_USAGE = UsageError.exit_code
 
 
+#: What the original Go diskrsync says when it rejects a native request (its flag parser's
+#: complaints, its usage text, its fatal log lines), on stderr or (merged) as its first output.
+GO_WORDS = re.compile(r"unknown (shorthand )?flag: .+|flag needs an argument: .+|Usage of \S+:|"
+                      r"Usage: \S+ \[flags\] <src> <dst>|"
+                      r"\d{4}/\d\d/\d\d \d\d:\d\d:\d\d (Source|Target) failed: .+")
+
+
 class StderrRelay:
     """Relays the remote's stderr as ``host: line``.
 
     A diskrsync ``serve`` ends a failure with ``diskrsync: <error>`` lines: they are held back
     (``hold_errors``), since they usually become our own one-line error instead of being
-    printed twice. A Go remote's progress lines (``progress_lines``) are consumed, not shown.
+    printed twice. So is everything from the first line in which the original Go tool
+    rejects a native request (``go_said``): the error then names the Go tool instead of
+    showing its usage text. A Go remote's progress lines (``progress_lines``) are consumed,
+    not shown.
     """
 
     def __init__(self, host: str, *, hold_errors: bool = True,
@@ -65,6 +82,7 @@ class StderrRelay:
         self.parser = ProgressLineParser() if progress_lines else None
         self.held: list[str] = []
         self.lines: list[str] = []
+        self.go_said: str | None = None
         self._lock = threading.Lock()
 
     def __call__(self, line: str) -> None:
@@ -72,8 +90,11 @@ class StderrRelay:
             return
         with self._lock:
             self.lines.append(line)
-            if self.hold_errors and line.startswith("diskrsync: ") \
-                    and not line.startswith("diskrsync: warning:"):
+            if self.hold_errors and self.go_said is None and GO_WORDS.fullmatch(line.strip()):
+                self.go_said = line.strip()
+            if self.hold_errors and (self.go_said is not None or (
+                    line.startswith("diskrsync: ")
+                    and not line.startswith("diskrsync: warning:"))):
                 self.held.append(line)
                 return
         if line.strip() or self.hold_errors:
@@ -99,14 +120,30 @@ class StderrRelay:
         return f": {lines[-1].strip()}" if lines else ""
 
     def flush(self, unless_in: str = "") -> None:
-        """Print held lines, except those the final error already says."""
+        """Print held lines, except those the final error already says (all of the Go
+        tool's, when the error names it)."""
         with self._lock:
             held, self.held = self.held, []
+        if GO_HINT in unless_in:
+            return
         for line in held:
             text = line.removeprefix("diskrsync: ")
             said = text.removeprefix("target: ").removeprefix("source: ")
             if said not in unless_in:
                 self._print(line)
+
+
+#: The documented words (docs/migration.md) for a remote that is the original Go tool.
+GO_HINT = "the peer is the original Go diskrsync"
+NOT_OURS_HINT = ("if it is the original Go diskrsync, use --legacy, otherwise install the same "
+                 "diskrsync release on both ends")
+
+
+def _go_words(head: bytes) -> str | None:
+    """The Go tool's first line when a peer's first output is it (stderr merged into
+    stdout, e.g. under a pty), else None."""
+    first = head.decode("ascii", "replace").split("\n")[0].strip()
+    return first if GO_WORDS.match(first) else None
 
 
 class _HostChannel:
@@ -118,6 +155,7 @@ class _HostChannel:
         self.host = host
         self.peer_error: DiskrsyncError | None = None
         self.protocol_error: PeerError | None = None
+        self.foreign: p.ForeignPeer | None = None  # another program answered
 
     @property
     def bytes_sent(self) -> int:
@@ -134,7 +172,10 @@ class _HostChannel:
         try:
             msg = self.inner.recv()
         except PeerError as e:
-            if type(e) is PeerError:  # not ConnectionClosed, LinkError, RemoteCommandError
+            if isinstance(e, p.ForeignPeer):
+                self.foreign = e
+            if type(e) is PeerError or isinstance(e, p.ForeignPeer):
+                # not ConnectionClosed, LinkError, RemoteCommandError
                 # the decoder's "peer speaks version N, ..." etc.: say which peer
                 self.protocol_error = PeerError(f"{self.host}: {e.message}")
                 raise self.protocol_error from None
@@ -150,22 +191,20 @@ class _HostChannel:
 
 @dataclass
 class RemoteRun:
-    """One started remote command: its connection, process and stderr relay; ``channel``
-    when it speaks the native protocol (its errors then explain a failure best)."""
+    """One started remote command: its process (over our SSH connection ``conn``, or an
+    external ``--rsh`` program, then ``conn`` is None) and stderr relay; ``channel`` when it
+    speaks the native protocol (its errors then explain a failure best)."""
 
-    conn: SshConnection
-    proc: RemoteProcess
+    host: str
+    proc: RemoteProcess | ExternalProcess
     relay: StderrRelay
     cmd: str
+    conn: SshConnection | None = None
     channel: _HostChannel | None = None
 
-    @property
-    def host(self) -> str:
-        return self.conn.host
-
-    def framed(self) -> _HostChannel:
-        """The native protocol over the process's pipes."""
-        self.channel = _HostChannel(FramedChannel(self.proc), self.host)
+    def framed(self, limit: TokenBucket | None = None) -> _HostChannel:
+        """The native protocol over the process's pipes (paced by ``limit``: --bwlimit)."""
+        self.channel = _HostChannel(FramedChannel(self.proc, limit=limit), self.host)
         return self.channel
 
     def finish(self, wait: float = EXIT_WAIT) -> None:
@@ -183,6 +222,7 @@ class RemoteRun:
         """The most useful single error for a failed conversation.
 
         In order: our own side's error; the remote's stated reason (its Error message);
+        the original Go tool rejecting a native request (its words on stderr or stdout);
         a protocol complaint (foreign program, other version); a missing command; a lost
         link; the remote's last words (its ``diskrsync: ...`` line); a program that never
         spoke our protocol; then whatever the pipe said.
@@ -200,8 +240,15 @@ class RemoteRun:
             status_error = se
         line = self.relay.last_error()
         result: DiskrsyncError = e
+        foreign = ch.foreign if ch is not None else None
+        go_said = self.relay.go_said or (_go_words(foreign.head) if foreign else None)
         if ch is not None and ch.peer_error is not None:
             result = ch.peer_error
+        elif go_said is not None and (foreign is not None or status or status_error):
+            result = PeerError(f"{host}: {GO_HINT} (it answered: {go_said}): use --legacy")
+        elif foreign is not None:
+            result = PeerError(f"{host}: {self.cmd} {foreign.message.removeprefix('peer ')}; "
+                               f"{NOT_OURS_HINT}")
         elif ch is not None and ch.protocol_error is not None:
             result = ch.protocol_error
         elif isinstance(status_error, RemoteCommandError) \
@@ -230,8 +277,7 @@ class RemoteRun:
         ``serve``, or the original Go tool (which rejects ``serve`` as a usage error)."""
         hint = ""
         if status == EXIT_USAGE or not self.relay.lines:
-            hint = ("; if it is the original Go diskrsync, use --legacy, otherwise install the "
-                    "same diskrsync release on both ends")
+            hint = f"; {NOT_OURS_HINT}"
         return RemoteCommandError(
             f"{self.cmd} on {self.host} exited with status {status} before speaking the "
             f"diskrsync protocol{self.relay.last_words()}{hint}")
@@ -251,25 +297,31 @@ class RemoteRun:
 
     def close(self) -> None:
         self.proc.close()
-        self.conn.close()
+        if self.conn is not None:
+            self.conn.close()
 
 
 def start_remote(remote: RemotePath, opts: RemoteOptions, argv: list[str], *,
                  go: bool = False) -> RemoteRun:
     """Connect and start ``remote_cmd [extra...] argv...`` there; ``go``: it is the original
-    Go tool (its lines are relayed as they come, minus its progress lines)."""
+    Go tool (its lines are relayed as they come, minus its progress lines). With
+    ``opts.rsh`` the external program runs it instead of the built-in client."""
+    relay = StderrRelay(remote.host, hold_errors=not go, progress_lines=go)
+    timeout = None if go else opts.timeout
+    if opts.rsh:
+        command = rsh_argv(opts.rsh, remote, opts.ssh, [*opts.extra, *argv])
+        ext = ExternalProcess(command, remote.host, opts.ssh.remote_cmd, relay, timeout)
+        return RemoteRun(remote.host, ext, relay, opts.command)
     # paramiko logs socket errors it also raises; with no handler Python would print them
     # ("Socket exception: ...") next to our one-line error
     logging.getLogger("paramiko").addHandler(logging.NullHandler())
     conn = connect(remote, opts.ssh)
     try:
-        relay = StderrRelay(conn.host, hold_errors=not go, progress_lines=go)
-        proc = conn.run([*opts.extra, *argv], on_stderr=relay,
-                        timeout=None if go else opts.timeout)
+        proc = conn.run([*opts.extra, *argv], on_stderr=relay, timeout=timeout)
     except BaseException:
         conn.close()
         raise
-    return RemoteRun(conn, proc, relay, opts.command)
+    return RemoteRun(conn.host, proc, relay, opts.command, conn)
 
 
 # -- push and pull -------------------------------------------------------------------------
@@ -278,10 +330,16 @@ def start_remote(remote: RemotePath, opts: RemoteOptions, argv: list[str], *,
 def _target_argv(path: str, req: PushRequest) -> list[str]:
     """`serve --target` with every option the far end (the target) acts on."""
     t = req.target
-    argv = ["serve", "--target", path, "--keep", str(t.keep),
-            "--chunk-size", str(req.source.chunk_size)]
+    policy = retention_of(t.keep)
+    # a policy of --keep N alone goes as --keep N, which servers before the --keep-* rules
+    # understand too
+    keep = ["--keep", str(policy.last)] if policy == Retention(last=policy.last) \
+        else policy.options()
+    argv = ["serve", "--target", path, *keep, "--chunk-size", str(req.source.chunk_size)]
+    if t.always_new_generation:
+        argv.append("--always-new-generation")
     if req.raw_target:
-        argv.append("--no-compress")
+        argv.append("--no-compress")  # --raw-target's old name: every server knows this one
     if t.dry_run:
         argv.append("--dry-run")
     if t.checkpoint_bytes != type(t)().checkpoint_bytes:
@@ -298,6 +356,8 @@ def _source_argv(path: str, req: PushRequest) -> list[str]:
         argv.append("--dry-run")
     if req.source.ignore_read_errors:
         argv.append("--ignore-read-errors")
+    if req.source.skip_free_blocks:
+        argv.append("--skip-free-blocks")
     return argv
 
 
@@ -317,19 +377,22 @@ def remote_push(src: Location, dst: Location, req: PushRequest,
 
 def _push(local: str, remote: RemotePath, req: PushRequest, opts: RemoteOptions) -> PushStats:
     """This machine is the source; ``serve --target`` runs on the remote host."""
-    reader = open_source(local, req.generation, req.source.keyring)  # local mistakes first
+    # local mistakes first, before any SSH
+    reader = open_source(local, req.generation, req.source.keyring,
+                         dirty_bitmap=req.dirty_bitmap, qmp=req.qmp)
     try:
-        info = {"name": os.path.basename(local.rstrip("/")), **req.source.info}
+        info = {"name": source_name(local), **req.source.info}
         host = f"{remote.user}@{remote.host}" if remote.user else remote.host
-        src_opts = replace(req.source, info=info, host=host)
+        src_opts = replace(req.source, info=info, host=host, target=remote.path)
         r = start_remote(remote, opts, _target_argv(remote.path, req))
-        channel = r.framed()
+        channel = r.framed(req.limit())
         bar = Progress(reader.size, "push", opts.progress)
         try:
             stats: PushStats = r.converse(
                 lambda: SourceSession(channel, reader, src_opts, bar.update).run())
         finally:
             bar.close()
+        source_committed(reader, stats)
         return stats
     finally:
         reader.close()
@@ -342,6 +405,34 @@ def _pull(remote: RemotePath, local: str, req: PushRequest, opts: RemoteOptions)
     if not os.path.isdir(folder):
         raise UsageError(f"target directory {folder} does not exist")
     r = start_remote(remote, opts, _source_argv(remote.path, req))
-    channel = r.framed()
-    return r.converse(lambda: run_target_end(channel, local, req, verify=True,
-                                             pulled_from=remote.host))
+    channel = r.framed(req.limit())
+    with _arrival_progress(channel, opts.progress):
+        return r.converse(lambda: run_target_end(channel, local, req, verify=True,
+                                                 pulled_from=remote.host))
+
+
+@contextlib.contextmanager
+def _arrival_progress(channel: FramedChannel, shown: bool) -> Iterator[None]:
+    """A pull's progress line: the bytes arrived so far and their rate (the target end
+    cannot know how many will: only the source knows what differs)."""
+    bar = Progress(0, "pull", shown)
+    if not bar.on:
+        yield
+        return
+    stop = threading.Event()
+
+    def tick() -> None:
+        seen = 0
+        while not stop.wait(PROGRESS_INTERVAL):
+            now = channel.bytes_received
+            bar.update(now - seen)
+            seen = now
+
+    ticker = threading.Thread(target=tick, name="pull-progress", daemon=True)
+    ticker.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        ticker.join()
+        bar.close()

@@ -18,6 +18,15 @@ pages are compared without reading data at all, and differing chunks travel as s
 decoded and checked against its digest first (on the sender pool), so a damaged image stops the
 push instead of passing its bad bytes on.
 
+The scan reads only what may hold data and may have changed. Bytes outside the reader's
+``extents`` (a sparse file's holes, free blocks of a file system) are zeros without a read. A
+reader whose ``changed_ranges`` map is relative to the target's newest generation (the
+target's Hello names that generation's recorded ``change_base``) has its other chunks take
+the target's digests: a page of them takes the target's page digest, a page with some asks
+for its leaves. Any mismatch (first push, another map, a resumed checkpoint, a raw target)
+scans in full and says so. The chunks such a scan reads mostly differ, so they are kept as
+encoded (up to ``HELD_BYTES``) and sent without a second read.
+
 A read that fails (or comes back short: a disk returns the bytes before a bad sector and fails
 the next read) is split in halves down to the reader's sector, so exactly the unreadable
 sectors are found; with ``--ignore-read-errors`` they are sent as zeros and listed, otherwise
@@ -26,14 +35,17 @@ the first one stops the push. The scan and the re-read for sending share that lo
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import errno
 import functools
+import itertools
+import json
 import math
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,6 +54,7 @@ from diskrsync import __version__
 from diskrsync.base.errors import (
     CorruptChunkError,
     DataError,
+    DiskrsyncError,
     LocalError,
     PeerError,
     ReadError,
@@ -49,7 +62,6 @@ from diskrsync.base.errors import (
 )
 from diskrsync.base.merkle import (
     HASH_SIZE,
-    root_from_leaves,
     zero_hash,
 )
 from diskrsync.base.parallel import ordered_map
@@ -65,7 +77,8 @@ from diskrsync.compression.crypto import (
     encryption_entry,
 )
 from diskrsync.compression.format import DEFAULT_CHUNK, DEFAULT_FANOUT
-from diskrsync.compression.sources import SourceReader
+from diskrsync.compression.fsmaps import free_blocks, subtract_ranges
+from diskrsync.compression.sources import SourceReader, space_estimate
 from diskrsync.synccore import protocol as p
 from diskrsync.synccore.channel import Channel
 from diskrsync.synccore.conversation import (
@@ -79,6 +92,12 @@ from diskrsync.synccore.conversation import (
 BATCH_CHUNKS = 32  # at most this many chunks read and hashed per worker task
 SCAN_WINDOW = 6  # batches in flight
 MAX_PENDING_PAGES = 256  # pages asked about or being sent; bounds the source's backlog
+#: with a map of changed ranges most chunks read differ: up to this many encoded bytes of
+#: them are kept from the scan until their page is decided, instead of being read again
+HELD_BYTES = 64 << 20
+#: extents closer than this are read with one read (what lies between is then zeroed)
+READ_GAP = 32 << 10
+PREFETCH_BATCHES = 8  # a scan of pieces asks for them this many batches ahead
 
 
 # -- options and results ----------------------------------------------------------------
@@ -89,6 +108,7 @@ class SourceOptions:
     chunk_size: int = DEFAULT_CHUNK  # used only when the target has no geometry yet
     dry_run: bool = False
     ignore_read_errors: bool = False
+    skip_free_blocks: bool = False  # ext2/3/4 and xfs free blocks are zeros, never read
     info: dict[str, Any] = field(default_factory=dict)  # passed to the target in Hello
     #: where keys come from when the target is encrypted (or ``encrypt`` makes it so)
     keyring: Keyring | None = None
@@ -97,6 +117,11 @@ class SourceOptions:
     #: the target's host ("" here): with the path the target names, the place this client
     #: remembers having pushed encrypted into (a host must not downgrade it to plain)
     host: str = ""
+    #: the target path as this client asked for it (the remote end resolves it and names
+    #: the image it opened; that name is the host's word, this one the client's own)
+    target: str = ""
+    #: what the new generation records as its source (``--label``; default: SRC's path)
+    label: str = ""
 
 
 @dataclass
@@ -119,12 +144,38 @@ class PushStats:
     root_hash: str = ""
     target_root_hash: str = ""
     generation: int | None = None
+    #: The push created DST: a new image (generation 1), or with --legacy a new file (a Go
+    #: target that was missing or empty, which then reports no generation).
+    created: bool = False
+    # the content equalled the newest generation: no new one, that one recorded the run
+    unchanged: bool = False
+    pruned: list[int] = field(default_factory=list)  # generations the commit pruned
     resumed: bool = False
     dry_run: bool = False
+    # the target held a larger disk before (its newest generation, or a raw target's size):
+    # the backup shrank to ``size``; None when it did not
+    shrunk_from: int | None = None
+    chunk_size_ignored: bool = False  # --chunk-size differs from the existing target's
     differing_ranges: list[tuple[int, int]] = field(default_factory=list)
     source_changed_chunks: list[int] = field(default_factory=list)
     read_errors: list[tuple[int, int]] = field(default_factory=list)  # (offset, length), merged
     warnings: list[str] = field(default_factory=list)
+    #: what narrowed the scan ("full": nothing; "sparse", "free-blocks", a changed-ranges map
+    #: such as "dirty-bitmap", joined with "+"), recorded in the generation's metadata
+    map: str = "full"
+    map_fallback: str = ""  # why a map of changed ranges was not used (a full scan instead)
+    phases: dict[str, float] = field(default_factory=dict)  # seconds: connect, compare, ...
+    target: dict[str, Any] = field(default_factory=dict)  # what it reported: target_report
+
+
+def target_report(info: dict[str, Any]) -> dict[str, Any]:
+    """What a target's Committed ``info`` says it did, only the members this release knows
+    and of the right types (a peer's word: an older one sends fewer, a hostile one junk)."""
+    kinds: dict[str, type | tuple[type, ...]] = {
+        "path": str, "chunks_written": int, "commit_seconds": (int, float)}
+    return {k: info[k] for k, t in kinds.items()
+            if isinstance(info.get(k), t) and not isinstance(info[k], bool)
+            and (k == "path" or 0 <= info[k] < 1 << 63)}  # no NaN, no Infinity
 
 
 @dataclass
@@ -134,6 +185,8 @@ class _Batch:
     zero: list[bool]
     encoded: list[tuple[int, bytes] | None] | None  # (kind, payload) when sent straight away
     bad: list[tuple[int, int]]  # unreadable ranges filled with zeros
+    unread: list[int]  # chunks a map of changed ranges says are unchanged: the target's digest
+    read: int  # bytes read from the source
 
 
 class _Failure:
@@ -176,14 +229,16 @@ class SourceSession:
         self._cv = threading.Condition()
         self.codec: ChunkCodec = STANDARD  # until the target says whether it is encrypted
         self._new_key: MasterKey | None = None
-        hello_info = {"source": reader.description, **options.info}
+        self._sealed_base: Any = None  # an encrypted target's newest change_base (sealed)
+        # the source's description travels in Done (sealed when the target is encrypted,
+        # which is not known yet): the Hello says only what the target needs to open
+        hello_info = dict(options.info)
         entry = getattr(reader, "encryption", None)
         if isinstance(reader.codec, SealedCodec) and entry is not None and not options.encrypt:
             # an encrypted image pushed on (an offsite copy) stays encrypted, with its own
             # key, and its chunks travel as they are stored
             self._new_key = reader.codec.key
             hello_info["encrypt"] = entry
-            del hello_info["source"]
         elif options.encrypt:
             if options.keyring is None:
                 raise UsageError("--encrypt needs a passphrase source")
@@ -191,7 +246,8 @@ class SourceSession:
             envelope = Envelope.wrap(key, options.keyring.passphrase(
                 "a new encryption key", new=True), options.kdf)
             hello_info["encrypt"] = encryption_entry(key, envelope)
-            del hello_info["source"]  # the host learns no more than it must
+        self._hide_errors = self._new_key is not None  # see _error_for_peer
+        self._have: tuple[int, bytes] | None = None  # the target's newest, authenticated
         self.conv = SourceConversation(
             reader.size, options.chunk_size, DEFAULT_FANOUT, f"diskrsync {__version__}",
             hello_info, dry_run=options.dry_run)
@@ -199,6 +255,11 @@ class SourceSession:
         self._slots = threading.BoundedSemaphore(MAX_PENDING_PAGES)
         self._page_left: dict[int, int] = {}  # page -> chunk sends not yet done
         self._stats_lock = threading.Lock()
+        self.data = _Ranges([(0, reader.size)], reader.size)  # what is read; the rest: zeros
+        self.changed: _Ranges | None = None  # a trusted map of changed ranges
+        self.change_base: Any = None  # what that map is relative to, as JSON
+        self._held: dict[int, tuple[int, bytes]] = {}  # chunk -> encoded at the scan
+        self._held_bytes = 0
 
     def _handshake(self) -> TargetReady:
         self.ch.send(self.conv.hello())
@@ -207,23 +268,48 @@ class SourceSession:
         self._choose_codec(ready.hello.info)
         return ready
 
+    def _places(self, info: dict[str, Any]) -> list[str]:
+        """Where this push goes, as the client remembers it: the path the target names
+        (its image, resolved) and, for a remote target, the path this client asked for
+        with the source's name (a directory target names the image after it). The host
+        can name any path; the second place is the client's own word, so a host that
+        answers with another path neither escapes the rollback memory nor gets plaintext
+        where this client pushed encrypted."""
+        path = info.get("path")
+        places = [f"{self.opts.host}:{path}"] if isinstance(path, str) and path else []
+        if self.opts.target:
+            own = f"{self.opts.host}:{self.opts.target} <- {self.opts.info.get('name', '')}"
+            places.append(own)
+        return places
+
+    def _error_for_peer(self, e: BaseException) -> p.Error:
+        """What the target hears when this push stops: the error's kind only, when the
+        target is (or is to be) an encrypted image, whose host must not learn the source's
+        path or this client's state from an error's text (the user reads it here)."""
+        msg = error_message(e)
+        if self._hide_errors and not (isinstance(e, DiskrsyncError) and e.relayed):
+            return p.Error(msg.kind, "the source stopped (the reason is shown on its side)")
+        return msg
+
     def _choose_codec(self, info: dict[str, Any]) -> None:
         """The target's image is encrypted: unlock its key (ours when we just made it),
         check the newest generation the target holds is one this key sealed and not older
         than this client has seen (a rolled-back host), and hash and encrypt with it."""
         enc = info.get("encryption")
-        path = info.get("path")
-        self.place = f"{self.opts.host}:{path}" if isinstance(path, str) and path else ""
+        self._hide_errors = self._hide_errors or enc is not None
+        self.places = self._places(info)
+        seen = SeenGenerations()
         if enc is None:
-            if self.opts.encrypt:
+            if self._new_key is not None:  # --encrypt, or an encrypted image pushed on
                 raise PeerError("the target did not create an encrypted image")
-            was = SeenGenerations().encrypted_at(self.place) if self.place else None
-            if was is not None:
-                raise DataError(
-                    f"{self.place.lstrip(':')} was an encrypted image (key {was[:12]}…) when "
-                    f"this client last pushed into it, and is not one now: refusing to send "
-                    f"it plain data (was it replaced or removed on the host?). Push with "
-                    f"--encrypt to start a new encrypted image there")
+            for place in self.places:
+                was = seen.encrypted_at(place)
+                if was is not None:
+                    raise DataError(
+                        f"{place.lstrip(':')} was an encrypted image (key {was[:12]}…) when "
+                        f"this client last pushed into it, and is not one now: refusing to "
+                        f"send it plain data (was it replaced or removed on the host?). Push "
+                        f"with --encrypt to start a new encrypted image there")
             return
         key_id = bytes.fromhex(enc["key_id"])
         if self._new_key is not None and self._new_key.key_id == key_id:
@@ -235,20 +321,40 @@ class SourceSession:
             key = self.opts.keyring.unlock(key_id, envelope, "the target image")
         codec = SealedCodec(key)
         self.next_generation = info.get("next_generation")
-        if type(self.next_generation) is not int or self.next_generation < 1:
+        if type(self.next_generation) is not int or not 1 <= self.next_generation < 1 << 63:
             raise PeerError("the encrypted target did not say its next generation number")
         newest = info.get("newest")
-        seen = SeenGenerations()
+        have: tuple[int, bytes] | None = None
         if isinstance(newest, dict):
             try:
-                number, root = int(newest["number"]), bytes.fromhex(newest["root"])
+                have = int(newest["number"]), bytes.fromhex(newest["root"])
                 seal = str(newest["seal"])
+                if not 1 <= have[0] < 1 << 63:
+                    raise ValueError("number out of range")
             except (KeyError, ValueError, TypeError):
                 raise PeerError("the target described its newest generation badly") from None
-            codec.open_seal(number, root, seal)  # DataError: forged or rolled back
-            seen.check(key_id, self.place, (number, root), {number: root}, "the target image")
-        else:
-            seen.check(key_id, self.place, None, {}, "the target image")
+            sealed = codec.open_seal(*have, seal)  # DataError: forged or rolled back
+            self._have = have
+            # what a map of changed ranges is relative to is kept in the seal, not in the
+            # host's clear metadata: take it from there
+            meta = sealed.get("meta")
+            base = meta.get("change_base") if isinstance(meta, dict) else None
+            if info.get("generation") == have[0] and base is not None:
+                self._sealed_base = base
+        for place in self.places or [""]:
+            seen.check(key_id, place, have, dict([have]) if have else {}, "the target image")
+        if self._new_key is None or self._new_key.key_id != key_id:  # ours: made for it
+            for place in self.places:
+                seen.check_key_at(place, key_id, "the target image")
+        if have is not None and self.next_generation <= have[0]:
+            # a second seal for a number the host holds one of would let it serve either
+            raise PeerError(f"the target would number the next generation "
+                            f"{self.next_generation}, but already holds generation {have[0]}")
+        if not self.opts.dry_run:
+            # from now on the place is encrypted for this client, even if this push breaks
+            # off before its commit (and the host removes what arrived)
+            for place in self.places:
+                seen.remember_place(place, key_id)
         self.codec = codec
 
     def run(self) -> PushStats:
@@ -257,39 +363,69 @@ class SourceSession:
         conv = self.conv
         try:
             ready = self._handshake()
+            t_ready = time.monotonic()
             self.cs, self.fanout = ready.hello.chunk_size, ready.hello.fanout
             self.src, self.dst = ready.src, ready.dst
             self.stats.chunk_size = self.cs
             self.stats.chunks = self.src.chunks
             self.stats.target_root_hash = str(ready.hello.info.get("root", ""))
             self.stats.resumed = bool(ready.hello.info.get("resumed"))
-            receiver = threading.Thread(target=self._receive, name="push-recv", daemon=True)
-            receiver.start()
+            note_shrink(self.stats, ready.hello.info)
+            if ready.hello.info.get("space_check") is True and not self.opts.dry_run:
+                # a first push: the target checks what it will store before anything is
+                # written (samples of the source, compressed as they will be)
+                self.ch.send(p.Estimate(space_estimate(self.reader)))
             # an image's digests are comparable only when it hashes as this push does
             index = self.reader.index_for(self.cs, self.fanout) \
                 if self.reader.codec.name == self.codec.name else None
+            if index is None:
+                plan_info = dict(ready.hello.info)
+                if isinstance(self.codec, SealedCodec):
+                    plan_info["change_base"] = self._sealed_base
+                self._plan(plan_info)
+            elif self.opts.skip_free_blocks:
+                self.stats.warnings.append("--skip-free-blocks: the source is an image, whose "
+                                           "stored chunks are compared as they are")
+            receiver = threading.Thread(target=self._receive, name="push-recv", daemon=True)
+            receiver.start()
             if index is not None:
                 self._compare_by_index(index)
             else:
                 self._scan()
+            t_scanned = time.monotonic()
             with self._cv:
                 while self._outstanding and not self.fail.event.is_set():
                     self._cv.wait(0.5)
             self.fail.check()
+            t_drained = time.monotonic()
             self.stats.read_errors = merge_ranges(self.stats.read_errors)
-            done_info = {
+            description = self.opts.label or self.reader.description
+            done_info: dict[str, Any] = {
+                "source": description,
                 "dry_run": self.opts.dry_run,
                 "source_changed_chunks": len(self.stats.source_changed_chunks),
                 "read_errors": self.stats.read_errors[:1000],  # the target stores it: bounded
+                # an image keeps these in the generation's metadata: which map the push
+                # trusted, and what the next push's map must be relative to
+                "map": self.stats.map,
+                "map_fallback": self.stats.map_fallback,
+                "change_base": self.change_base,
+                # how this scan was narrowed, or why not (a pulling target reports them)
+                "map_warnings": [w[:500] for w in self.stats.warnings[:20]],
             }
             if isinstance(self.codec, SealedCodec) and not self.opts.dry_run:
                 # the host keeps only what it must in the clear; the rest is sealed with
                 # the generation's number and root (see compression/crypto.py)
-                root = root_from_leaves(self.src, conv.leaves)
-                done_info["seal"] = self.codec.seal(self.next_generation, root, {
-                    "source": self.reader.description, "time": time.time(),
-                    "meta": {k: v for k, v in done_info.items() if v and k != "dry_run"}})
-                done_info["read_errors"] = []
+                seal = self.codec.seal(self.next_generation, conv.root(), {
+                    "source": description, "time": time.time(),
+                    "meta": {k: v for k, v in done_info.items()
+                             if v and k not in ("dry_run", "source")}})
+                # only the seal travels, and one bit a target that keeps an unchanged run
+                # in the newest generation needs: whatever else a push records (now or in
+                # a later release) stays inside the seal
+                done_info = {"dry_run": False, "seal": seal}
+                if self.stats.read_errors or self.stats.source_changed_chunks:
+                    done_info["new_generation"] = True
             if self.opts.dry_run:
                 # no chunks travel in a dry run: tell a pulling target what would have
                 # (a dry run commits nothing, so this never reaches an image's metadata)
@@ -305,7 +441,7 @@ class SourceSession:
         except BaseException as e:
             self.fail.set(e)
             with contextlib.suppress(Exception):  # the peer may be gone: then this just fails
-                self.ch.send(error_message(e))
+                self.ch.send(self._error_for_peer(e))
             raise
         finally:
             self.sender.shutdown(wait=True, cancel_futures=True)
@@ -313,17 +449,29 @@ class SourceSession:
                 self.ch.close()
         res = conv.result
         assert res is not None
-        self.stats.generation = res.generation if not self.opts.dry_run else None
+        # 0: a raw target, which has no generations (as a pull reports it too)
+        self.stats.generation = res.generation or None if not self.opts.dry_run else None
         if isinstance(self.codec, SealedCodec) and not self.opts.dry_run:
+            # the number sealed, or (a target that keeps an unchanged run in the newest
+            # generation) the newest one, authenticated above, when the disk equals it
+            if res.generation != self.next_generation and (res.generation, res.root) \
+                    != self._have:
+                raise PeerError(f"the target committed generation {res.generation}, but this "
+                                f"push sealed generation {self.next_generation}")
             seen = SeenGenerations()
-            seen.record(self.codec.key.key_id, self.place, res.generation, res.root)
-            if self.place:
-                seen.remember_place(self.place, self.codec.key.key_id)
+            for place in self.places or [""]:
+                seen.record(self.codec.key.key_id, place, res.generation, res.root)
+        self.stats.created = self.stats.generation == 1
+        self.stats.unchanged, self.stats.pruned = commit_outcome(res.info)
         if self.opts.dry_run:
             self.stats.target_root_hash = res.root.hex()
         self.stats.bytes_sent = self.ch.bytes_sent
         self.stats.bytes_received = self.ch.bytes_received
-        self.stats.duration = time.monotonic() - t0
+        t_end = time.monotonic()
+        self.stats.duration = t_end - t0
+        self.stats.phases = {"connect": t_ready - t0, "compare": t_scanned - t_ready,
+                             "drain": t_drained - t_scanned, "commit": t_end - t_drained}
+        self.stats.target = target_report(res.info)
         return self.stats
 
     # .. receiving ..
@@ -355,20 +503,30 @@ class SourceSession:
 
     # .. deciding ..
 
-    def _decide_page(self, j: int, *, src_page_hash: bytes | None = None) -> None:
+    def _decide_page(self, j: int, *, src_page_hash: bytes | None = None,
+                     unread: tuple[int, ...] = ()) -> None:
         """After page j's digests are known: skip it, ask for its leaves, or (when the
-        target has none of it) send its non-zero chunks."""
+        target has none of it) send its non-zero chunks. ``unread`` chunks (unchanged by the
+        map of changed ranges) take the target's digests: a page of nothing else takes the
+        target's page digest, any other asks for its leaves."""
         conv = self.conv
         self.stats.pages_compared += 1
-        if conv.needs_target_page(j):
-            self._wait_target_page(j)
-        with self._cv:
-            if conv.page_equal(j, src_page_hash):
-                return
+        a, b = self.src.chunk_range(1, j)
+        adopt = len(unread) == b - a and conv.needs_target_page(j)
+        if not unread or adopt:
+            if conv.needs_target_page(j):
+                self._wait_target_page(j)
+            with self._cv:
+                if adopt:
+                    conv.adopt_page(j)
+                    return
+                if conv.page_equal(j, src_page_hash):
+                    self._release_held(j, ())
+                    return
         self.stats.pages_differing += 1
         self._slots.acquire()  # held until the page's chunks are sent: bounds the backlog
         with self._cv:
-            action = conv.page_differs(j)
+            action = conv.page_differs(j, unread)
             if isinstance(action, p.NeedLeaves):
                 self._outstanding += 1
         if isinstance(action, SendChunks):
@@ -401,6 +559,7 @@ class SourceSession:
     def _send_page(self, j: int, chunks: Sequence[int]) -> None:
         """Re-read and send ``chunks`` of page j on the sender pool; the page's slot is freed
         when the last one is sent. Never blocks: it runs on the receiver thread too."""
+        self._release_held(j, chunks)
         self._count_differing(chunks)
         if self.opts.dry_run or not chunks:
             self._slots.release()
@@ -423,11 +582,36 @@ class SourceSession:
                 self._slots.release()
         self._done_one()
 
+    def _hold(self, c: int, encoded: tuple[int, bytes]) -> None:
+        """Keep chunk c as encoded at the scan, if the budget allows, for sending."""
+        with self._stats_lock:
+            if self._held_bytes + len(encoded[1]) <= HELD_BYTES:
+                self._held[c] = encoded
+                self._held_bytes += len(encoded[1])
+
+    def _release_held(self, j: int, keep: Sequence[int]) -> None:
+        """Page j is decided: drop what was held of its chunks but ``keep``."""
+        if not self._held:
+            return
+        a, b = self.src.chunk_range(1, j)
+        with self._stats_lock:
+            for c in set(range(a, b)).difference(keep):
+                enc = self._held.pop(c, None)
+                if enc is not None:
+                    self._held_bytes -= len(enc[1])
+
     def _reread_and_send(self, c: int) -> None:
         if self.fail.event.is_set():
             return
         length = self.src.chunk_length(c)
         want = self.conv.leaf(c)
+        with self._stats_lock:
+            held = self._held.pop(c, None)
+            if held is not None:
+                self._held_bytes -= len(held[1])
+        if held is not None:  # read and encoded at the scan: not read again
+            self.ch.send(p.Chunk(c, held[0], want, held[1]))
+            return
         try:
             # decoded and checked on this thread; sent as stored only in the push's own form
             stored = self.reader.read_stored(c, self.cs) \
@@ -444,7 +628,7 @@ class SourceSession:
             self.ch.send(p.Chunk(c, kind, want, payload))
             return
         bad: list[tuple[int, int]] = []
-        data = self._read_mapped(c * self.cs, length, bad)
+        data, _n = self._read_data(c * self.cs, c * self.cs + length, bad)
         self._record_bad(bad)
         if codec.is_zero(data):
             digest, kind, payload = zero_hash(length), int(Kind.ZERO), b""
@@ -458,7 +642,8 @@ class SourceSession:
             self.conv.set_leaf(c, digest)
         self.ch.send(p.Chunk(c, kind, digest, payload))
 
-    def _encode(self, data: bytes | memoryview, c: int, digest: bytes) -> tuple[int, bytes]:
+    def _encode(self, data: bytes | bytearray | memoryview, c: int,
+                digest: bytes) -> tuple[int, bytes]:
         kind, payload = self.codec.encode(data, ChunkAt(c, digest))
         return int(kind), payload
 
@@ -501,25 +686,98 @@ class SourceSession:
 
     # .. scanning ..
 
+    def _plan(self, target_info: dict[str, Any]) -> None:
+        """What the scan reads: the reader's extents (bytes outside them are zeros), less the
+        chunks its map of changed ranges says are unchanged since the target's newest
+        generation, when that generation is the one the map is relative to."""
+        reader, size = self.reader, self.reader.size
+        self.data = _Ranges(reader.extents(), size)
+        names = [reader.extents_map] if self.data.total < size else []
+        if self.opts.skip_free_blocks:
+            free = free_blocks(self._read_metadata, size)
+            self.stats.warnings += [f"--skip-free-blocks: {w}" for w in free.problems]
+            if free.free:
+                self.data = _Ranges(subtract_ranges(self.data.ranges(), free.free), size)
+                names.append("free-blocks")
+        base = reader.change_base()
+        # compared and recorded as JSON, the form the target's metadata gives back
+        self.change_base = json.loads(json.dumps(base)) if base is not None else None
+        ranges = reader.changed_ranges()
+        name = str((self.change_base or {}).get("map", "changed ranges"))
+        if ranges is None and self.change_base is not None:
+            self.stats.map_fallback = "the source knows no changed ranges"
+        elif ranges is not None:
+            refused = _map_refused(target_info, self.change_base)
+            if refused:
+                self.stats.map_fallback = refused
+            else:
+                self.changed = _Ranges(ranges, size)
+                names.insert(0, name)
+        if self.stats.map_fallback:
+            self.stats.warnings.append(f"full scan: {name} not used because "
+                                       f"{self.stats.map_fallback}")
+        self.stats.map = "+".join(names) or "full"
+
+    def _read_metadata(self, offset: int, length: int) -> bytes:
+        """A file system's allocation maps, for --skip-free-blocks (counted as read)."""
+        data = self.reader.read(offset, length)
+        self.stats.bytes_read += len(data)
+        return data
+
+    def _unchanged(self, c: int) -> bool:
+        """Chunk c equals the target's: the map of changed ranges says so and the target's
+        chunk covers the same bytes."""
+        if self.changed is None or not self.conv.comparable(c):
+            return False
+        off = c * self.cs
+        return not self.changed.overlaps(off, off + self.src.chunk_length(c))
+
+    def _read_data(self, start: int, stop: int,
+                   bad: list[tuple[int, int]]) -> tuple[bytes | bytearray, int]:
+        """Bytes [start, stop) with only the reader's extents read (the rest are zeros), and
+        how many bytes were read."""
+        pieces = self.data.pieces(start, stop)
+        if pieces == [(start, stop)]:
+            return self._read_mapped(start, stop - start, bad), stop - start
+        buf = bytearray(stop - start)
+        read = 0
+        i = 0
+        while i < len(pieces):  # pieces a small gap apart are read at once, the gap zeroed
+            j = i + 1
+            while j < len(pieces) and pieces[j][0] - pieces[j - 1][1] < READ_GAP:
+                j += 1
+            a, b = pieces[i][0], pieces[j - 1][1]
+            view = memoryview(self._read_mapped(a, b - a, bad))
+            for x, y in pieces[i:j]:
+                buf[x - start : y - start] = view[x - a : y - a]
+            read += b - a
+            i = j
+        return buf, read
+
     def _scan(self) -> None:
         # batches never straddle a page, so a page is either compared or sent while scanned
         self.batch = math.gcd(self.fanout, BATCH_CHUNKS)
         # pages wholly past the target's end have nothing to compare: sent as they are read
         self.send_from = -(-self.dst.chunks // self.fanout) * self.fanout
-        batches = range(0, self.src.chunks, self.batch)
+        batches: Iterable[int] = range(0, self.src.chunks, self.batch)
+        if PREFETCH_BATCHES and (self.data.total < self.src.size or self.changed is not None):
+            batches = self._prefetching(batches)
         page = 0
+        page_unread: list[int] = []
         try:
-            for batch in ordered_map(self._scan_batch, batches, window=SCAN_WINDOW):
+            for batch in self._batches(batches):
                 self.fail.check()
                 first, end = batch.first, batch.first + len(batch.hashes)
                 self.conv.leaves[first * HASH_SIZE : end * HASH_SIZE] = b"".join(batch.hashes)
                 length = min(end * self.cs, self.src.size) - first * self.cs
-                zero_bytes = sum(self.src.chunk_length(first + k)
-                                 for k, z in enumerate(batch.zero) if z)
+                skipped = sum(self.src.chunk_length(first + k)
+                              for k, z in enumerate(batch.zero) if z)
+                skipped += sum(self.src.chunk_length(c) for c in batch.unread)
                 self.stats.zero_chunks += sum(batch.zero)
                 self._record_bad(batch.bad)
-                self.stats.bytes_read += length
-                self.stats.bytes_hashed += length - zero_bytes
+                self.stats.bytes_read += batch.read
+                self.stats.bytes_hashed += length - skipped
+                page_unread += batch.unread
                 if batch.encoded is not None:  # past the target's end: send as scanned
                     sent = [first + k for k, enc in enumerate(batch.encoded) if enc is not None]
                     self._count_differing(sent)
@@ -528,12 +786,48 @@ class SourceSession:
                             kind, payload = batch.encoded[c - first]  # type: ignore[misc]
                             self.ch.send(p.Chunk(c, kind, self.conv.leaf(c), payload))
                 elif end % self.fanout == 0 or end == self.src.chunks:
-                    self._decide_page(page)
+                    self._decide_page(page, unread=tuple(page_unread))
+                    page_unread = []
                 page = end // self.fanout
                 self.progress(length, self.ch.bytes_sent)
         except _Stopped:
             self.fail.check()
             raise
+
+    def _batches(self, batches: Iterable[int]) -> Iterator[_Batch]:
+        """The scan's batches in order: those that a map of changed ranges leaves wholly
+        unread are made right here (nothing to read or hash: a dirty-bitmap push of a big
+        disk is mostly these), the others on the worker threads."""
+        if self.changed is None:
+            yield from ordered_map(self._scan_batch, batches, window=SCAN_WINDOW)
+            return
+        ahead, inorder = itertools.tee(batches)  # the workers' side runs a window ahead
+        work = ordered_map(self._scan_batch, (f for f in ahead if not self._all_unread(f)),
+                           window=SCAN_WINDOW)
+        for first in inorder:
+            if self._all_unread(first):
+                n = min(first + self.batch, self.src.chunks) - first
+                yield _Batch(first, [bytes(HASH_SIZE)] * n, [False] * n, None, [],
+                             list(range(first, first + n)), 0)
+            else:
+                yield next(work)
+
+    def _all_unread(self, first: int) -> bool:
+        """Every chunk of the batch at ``first`` is unchanged (see ``_unchanged``)."""
+        last = min(first + self.batch, self.src.chunks)
+        if self.changed is None or first >= self.send_from or not self.conv.comparable(last - 1):
+            return False
+        return not self.changed.overlaps(first * self.cs, min(last * self.cs, self.src.size))
+
+    def _prefetching(self, batches: Iterable[int]) -> Iterator[int]:
+        """``batches``, asking the reader for the pieces of each a few batches ahead."""
+        cs, size, ahead = self.cs, self.src.size, PREFETCH_BATCHES * self.batch
+        for first in batches:
+            a, b = (first + ahead) * cs, min((first + ahead + self.batch) * cs, size)
+            for x, y in self.data.pieces(a, b) if a < b else []:
+                if self.changed is None or self.changed.overlaps(x, y):
+                    self.reader.prefetch(x, y - x)
+            yield first
 
     def _scan_batch(self, first: int) -> _Batch:
         if self.fail.event.is_set():
@@ -543,7 +837,30 @@ class SourceSession:
         send_now = first >= self.send_from
         bad: list[tuple[int, int]] = []
         start, stop = first * cs, min(last * cs, self.src.size)
-        data = self._read_mapped(start, stop - start, bad)
+        if self.changed is not None and not self.changed.overlaps(start, stop) \
+                and self.conv.comparable(last - 1):  # (then so are the batch's other chunks)
+            n = last - first  # unchanged: every digest is the target's
+            return _Batch(first, [bytes(HASH_SIZE)] * n, [False] * n, None, [],
+                          list(range(first, last)), 0)
+        unread = [c for c in range(first, last) if self._unchanged(c)]
+        if not unread and not self.data.overlaps(start, stop):  # a hole: zeros, nothing read
+            lengths = [self.src.chunk_length(c) for c in range(first, last)]
+            return _Batch(first, [zero_hash(n) for n in lengths], [True] * len(lengths),
+                          [None] * len(lengths) if send_now else None, [], [], 0)
+        if not unread:
+            data, read = self._read_data(start, stop, bad)
+        else:  # read the runs of chunks between the unchanged ones
+            buf = bytearray(stop - start)
+            read = 0
+            edges = [first, *[x for c in unread for x in (c, c + 1)], last]
+            for a, b in zip(edges[::2], edges[1::2], strict=True):
+                if a < b:
+                    part, n = self._read_data(a * cs, min(b * cs, self.src.size), bad)
+                    buf[(a - first) * cs : (a - first) * cs + len(part)] = part
+                    read += n
+            data = buf
+        skip = set(unread)
+        hold = self.changed is not None and not send_now and not self.opts.dry_run
         hashes: list[bytes] = []
         zero: list[bool] = []
         leaf_hash = self.codec.leaf_hash
@@ -551,20 +868,28 @@ class SourceSession:
         view = memoryview(data)
         for c in range(first, last):
             at, length = (c - first) * cs, self.src.chunk_length(c)
+            if c in skip:  # its digest comes from the target
+                hashes.append(bytes(HASH_SIZE))
+                zero.append(False)
+                continue
             if data.startswith(codec.zeros(length), at):  # memcmp, no copy
                 hashes.append(zero_hash(length))
                 zero.append(True)
                 if encoded is not None:
                     encoded.append(None)
+                if hold:
+                    self._hold(c, (int(Kind.ZERO), b""))
                 continue
             piece = view[at : at + length]
             digest = leaf_hash(piece, c)
             hashes.append(digest)
             zero.append(False)
+            if hold:
+                self._hold(c, self._encode(piece, c, digest))
             if encoded is not None:
                 encoded.append(self._encode(piece, c, digest) if not self.opts.dry_run
                                else (0, b""))
-        return _Batch(first, hashes, zero, encoded, bad)
+        return _Batch(first, hashes, zero, encoded, bad, unread, read)
 
     def _compare_by_index(self, index: Any) -> None:
         """Image source with the target's geometry: digests come from its index."""
@@ -585,6 +910,30 @@ class _Stopped(Exception):
     """A worker noticed another thread failed; the real error is in _Failure."""
 
 
+def note_shrink(stats: PushStats, target_info: dict[str, Any]) -> None:
+    """Warn when the target's previous disk (its ``previous_size``, as the target said it)
+    was larger than this source: the backup shrinks with it, silently otherwise."""
+    previous = target_info.get("previous_size")
+    if type(previous) is int and stats.size < previous < 1 << 63:
+        stats.shrunk_from = previous
+        image = target_info.get("kind") == "image"
+        stats.warnings.append(
+            f"the source ({stats.size} bytes) is smaller than the target's previous disk "
+            f"({previous} bytes): the {'new generation' if image else 'target'} "
+            f"{'would shrink' if stats.dry_run else 'shrank'} to the source's size"
+            + (" (older generations keep theirs)" if image else ""))
+
+
+def commit_outcome(info: dict[str, Any]) -> tuple[bool, list[int]]:
+    """(unchanged, pruned generation numbers) from a target's Committed info; a peer's
+    nonsense there (or an older target's silence) reads as (False, [])."""
+    pruned = info.get("pruned")
+    numbers: list[int] = []
+    if isinstance(pruned, list):
+        numbers = [n for n in pruned[:100_000] if type(n) is int and 0 < n < 1 << 63]
+    return info.get("unchanged") is True, numbers
+
+
 def merge_ranges(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
     """(offset, length) ranges sorted, with overlapping and adjacent ones joined."""
     out: list[tuple[int, int]] = []
@@ -595,3 +944,64 @@ def merge_ranges(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
         else:
             out.append((off, n))
     return out
+
+
+def _map_refused(target: dict[str, Any], base: Any) -> str:
+    """Why a map of changed ranges relative to ``base`` cannot be trusted against the target
+    that said ``target`` in its Hello ("" when it can)."""
+    if base is None:
+        return "the source does not say which generation its map is relative to"
+    if target.get("kind") == "raw":
+        return "the target is a raw file, whose content no generation records"
+    if "generation" not in target:
+        return "the target does not report its newest generation (an older diskrsync)"
+    gen = target["generation"]
+    if not gen:
+        return "the target has no generation yet (first push)"
+    if target.get("resumed"):
+        return "the target resumes an interrupted push's checkpoint"
+    theirs = target.get("change_base")
+    if theirs is None:
+        return f"the target's newest generation {gen} was not pushed with this map"
+    if theirs != base:
+        return f"the target's newest generation {gen} was pushed with another map " \
+               f"({_short(theirs)}, this one is relative to {_short(base)})"
+    return ""
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, sort_keys=True)
+    return text if len(text) <= 120 else text[:119] + "…"
+
+
+class _Ranges:
+    """Disjoint [start, end) byte ranges within a disk, answering overlap queries by bisection
+    (a source's extents or changed ranges: validated here, since a reader may be sloppy)."""
+
+    def __init__(self, ranges: Iterable[tuple[int, int]], size: int) -> None:
+        clipped = []
+        for off, n in ranges:
+            a, b = max(int(off), 0), min(int(off) + int(n), size)
+            if a < b:
+                clipped.append((a, b - a))
+        merged = merge_ranges(clipped)
+        self.starts = [o for o, _n in merged]
+        self.ends = [o + n for o, n in merged]
+        self.total = sum(n for _o, n in merged)
+
+    def pieces(self, a: int, b: int) -> list[tuple[int, int]]:
+        """The parts of [a, b) inside the ranges, as (start, end)."""
+        out = []
+        i = bisect.bisect_right(self.ends, a)
+        while i < len(self.starts) and self.starts[i] < b:
+            out.append((max(self.starts[i], a), min(self.ends[i], b)))
+            i += 1
+        return out
+
+    def ranges(self) -> list[tuple[int, int]]:
+        """As (offset, length)."""
+        return [(a, b - a) for a, b in zip(self.starts, self.ends, strict=True)]
+
+    def overlaps(self, a: int, b: int) -> bool:
+        i = bisect.bisect_right(self.ends, a)
+        return i < len(self.starts) and self.starts[i] < b

@@ -10,6 +10,7 @@ over any channel.
 from __future__ import annotations
 
 import contextlib
+import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -29,6 +30,7 @@ from diskrsync.synccore.channel import Channel
 from diskrsync.synccore.conversation import (
     ChunkArrived,
     DoneArrived,
+    EstimateArrived,
     LeavesWanted,
     SourceHello,
     TargetConversation,
@@ -45,6 +47,10 @@ class TargetStore(Protocol):
     info: dict[str, Any]
 
     def send_page_hashes(self, send: Callable[[p.Message], None]) -> None: ...
+
+    def check_space(self, info: dict[str, Any]) -> None:
+        """A first push's estimate: refuse (LocalError) when it will not fit."""
+        ...
 
     def leaf_hashes(self, page: int) -> bytes: ...
 
@@ -75,6 +81,7 @@ class WireStore:
         self.info: dict[str, Any] = {"hash": p.HASH, "caps": list(p.CAPABILITIES),
                                      **store.info}
         self.leaf_hashes = store.leaf_hashes
+        self.check_space = store.check_space
         self.put = store.put
         self.abort = store.abort
         self.close = store.close
@@ -86,16 +93,22 @@ class WireStore:
 
     def finish(self, root: bytes, info: dict[str, Any]) -> p.Committed:
         self.done = (root, info)
+        t0 = time.monotonic()
         self.result = r = self.store.finish(root, info)
-        return p.Committed(r.generation, r.root, r.info)
+        # what this end did, for the source's `push -v` and --json (see target_report)
+        did = {"chunks_written": r.stored.chunks, "commit_seconds": time.monotonic() - t0}
+        return p.Committed(r.generation, r.root, {**r.info, **did})
 
 
-def open_store(path: str, hello: p.Hello, opts: TargetOptions, *, raw: bool) -> WireStore:
+def open_store(path: str, hello: p.Hello, opts: TargetOptions, *, raw: bool,
+               label: str = "", source_host: str = "") -> WireStore:
     """The store for a push into ``path`` (``compression.targets.open_target``'s rules),
-    for the source that said ``hello``."""
+    for the source that said ``hello``. The generation records as its source ``label``,
+    else what the source says it is (prefixed ``source_host:`` in a pull)."""
     store = open_target(path, hello.size, hello.chunk_size, opts, raw=raw,
                         name=str(hello.info.get("name", "")),
                         source=str(hello.info.get("source", "")),
+                        label=label, source_host=source_host,
                         encrypt=hello.info.get("encrypt"),
                         source_encrypts="encryption" in hello.info.get("caps", ()))
     return WireStore(store, hello)
@@ -157,6 +170,8 @@ def serve_target(channel: Channel, opener: Callable[[p.Hello], TargetStore], *,
             event = conv.receive(channel.recv())
             if isinstance(event, ChunkArrived):
                 verifier.add(event.chunk)
+            elif isinstance(event, EstimateArrived):
+                store.check_space(event.info)
             elif isinstance(event, LeavesWanted):
                 channel.send(conv.leaves(event.page, store.leaf_hashes(event.page)))
             elif isinstance(event, DoneArrived):

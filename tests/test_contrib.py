@@ -31,6 +31,7 @@ LIBVIRT = CONTRIB / "diskrsync-libvirt"
 JOB = CONTRIB / "diskrsync-job"
 METRICS = CONTRIB / "diskrsync-metrics"
 SCRIPTS = [LVM, LIBVIRT, JOB]
+HOST = os.uname().nodename  # the wrappers label generations HOST:VOLUME
 
 SUMMARY = {"size": 1 << 30, "chunk_size": 131072, "bytes_read": 1 << 30, "bytes_hashed": 5000,
            "bytes_sent": 123456, "bytes_received": 999, "chunks": 8192, "chunks_differing": 17,
@@ -66,6 +67,8 @@ case "$1" in
         for a in "$@"; do
             case "$a" in *snapshot=external,file=*) : >"${a#*file=}" ;; esac
         done ;;
+    backup-begin) cat "$3" >"$STUB_LOG.backup.xml"; cat "$4" >"$STUB_LOG.checkpoint.xml" ;;
+    checkpoint-list) printf '%b' "${STUB_VIRSH_CHECKPOINTS:-}" ;;
 esac
 exit 0
 """,
@@ -142,9 +145,31 @@ def test_lvm_success_creates_pushes_and_removes(stubs):
     assert stubs.calls() == [
         ["lvs", "vg0/root-diskrsync"],
         ["lvcreate", "-s", "-n", "root-diskrsync", "-L", "5G", "vg0/root"],
-        ["diskrsync", "push", "/dev/vg0/root-diskrsync", "/srv/b/root.spgz", "--keep", "3"],
+        ["diskrsync", "push", "/dev/vg0/root-diskrsync", "/srv/b/root.spgz", "--label",
+         f"{HOST}:/dev/vg0/root", "--keep", "3"],
         ["lvremove", "-f", "vg0/root-diskrsync"],
     ]
+
+
+@pytest.mark.parametrize(("dest", "extra", "image"), [
+    ("{tmp}/backups", [], "{tmp}/backups/vg0-root.spgz"),
+    ("{tmp}/backups/", [], "{tmp}/backups/vg0-root.spgz"),
+    ("vault:/srv/b/", [], "vault:/srv/b/vg0-root.spgz"),
+    ("vault:/srv/b/", ["--no-compress"], "vault:/srv/b/vg0-root"),
+    ("vault:/srv/b/web1.spgz", [], "vault:/srv/b/web1.spgz"),
+])
+@pytest.mark.process
+def test_lvm_directory_dest_is_named_after_vg_and_lv(stubs, tmp_path, dest, extra, image):
+    """vg0/root and vg1/root into one directory: two images, not one root-diskrsync.spgz."""
+    (tmp_path / "backups").mkdir()
+    dest, image = dest.format(tmp=tmp_path), image.format(tmp=tmp_path)
+    r = stubs.run(LVM, "vg0/root", dest, *extra)
+    assert r.returncode == 0, r.stderr
+    assert stubs.calls()[2][2:4] == ["/dev/vg0/root-diskrsync", image]
+    stubs.log.write_text("")
+    r = stubs.run(LVM, "my-vg/my-lv", f"{tmp_path}/backups")
+    assert stubs.calls()[2][3:6] == [f"{tmp_path}/backups/my--vg-my--lv.spgz", "--label",
+                                     f"{HOST}:/dev/my-vg/my-lv"]
 
 
 @pytest.mark.process
@@ -221,9 +246,52 @@ def test_libvirt_external_snapshot_push_and_merge_back(stubs):
     assert snap[1:2] == ["web1"] or snap[2] == "web1"
     specs = [snap[i + 1] for i, a in enumerate(snap) if a == "--diskspec"]
     assert specs == [f"vda,snapshot=external,file={overlay}", "vdb,snapshot=no"]
-    assert calls[3] == ["diskrsync", "push", base, "/srv/b/web1.spgz", "--keep", "4"]
+    assert calls[3] == ["diskrsync", "push", base, "/srv/b/web1.spgz", "--label",
+                        f"{HOST}:web1/vda", "--keep", "4"]
     assert calls[4] == ["virsh", "blockcommit", "web1", "vda", "--active", "--pivot", "--wait"]
     assert not Path(overlay).exists(), "overlay file left behind after the merge"
+
+
+@pytest.mark.process
+def test_libvirt_block_device_overlay_goes_to_real_storage(stubs, tmp_path):
+    """A disk on a block device used to get its overlay beside it: in /dev, i.e. in RAM.
+    Now it goes to the overlay directory (default /var/lib/libvirt/images), whose free space
+    is checked first."""
+    blk = stubs.env["STUB_VIRSH_BLKLIST"].replace(f"file   disk     vda      {stubs.images}"
+                                                  f"/web1.img", "block  disk     vda      "
+                                                  "/dev/vg0/web1-disk")
+    store = tmp_path / "overlays"
+    store.mkdir()
+    r = stubs.run(LIBVIRT, "--overlay-dir", store, "web1", "b.spgz", STUB_VIRSH_BLKLIST=blk)
+    assert r.returncode == 0, r.stderr
+    overlay = f"{store}/web1-vda.diskrsync-overlay"
+    assert f"vda,snapshot=external,file={overlay}" in stubs.calls()[2]
+    assert stubs.calls()[3][:3] == ["diskrsync", "push", "/dev/vg0/web1-disk"]
+    assert not Path(overlay).exists()
+    # the default is not /dev
+    stubs.log.write_text("")
+    r = stubs.run(LIBVIRT, "web1", "b.spgz", "--overlay-min-free", "0",
+                  STUB_VIRSH_BLKLIST=blk, STUB_VIRSH_FAIL="snapshot-create-as")
+    overlay = "/var/lib/libvirt/images/web1-vda.diskrsync-overlay"
+    assert any(f"file={overlay}" in a for a in stubs.calls()[-1]) or \
+        "overlay directory /var/lib/libvirt/images does not exist" in r.stderr
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--overlay-min-free", "1E"], "free for the overlay in {store}, less than"),
+    (["--overlay-dir", "/dev/shm"], "overlay directory /dev/shm is in RAM"),
+    (["--overlay-dir", "{store}/missing"], "overlay directory {store}/missing does not exist"),
+    (["--overlay-min-free", "lots"], "--overlay-min-free: bad size"),
+])
+@pytest.mark.process
+def test_libvirt_refuses_an_overlay_place_that_cannot_take_it(stubs, tmp_path, args, message):
+    store = tmp_path / "overlays"
+    store.mkdir()
+    args = [a.format(store=store) for a in args]
+    r = stubs.run(LIBVIRT, "--overlay-dir", store, *args, "web1", "b.spgz")
+    assert r.returncode == 1, r.stderr
+    assert message.format(store=store) in r.stderr
+    assert stubs.names() == ["virsh domblklist", "virsh domstate"]  # no snapshot, no push
 
 
 @pytest.mark.process
@@ -267,17 +335,98 @@ def test_libvirt_thaws_when_freeze_fails_and_pushes_nothing(stubs):
     assert stubs.names()[-1] == "virsh domfsthaw"
 
 
-@pytest.mark.parametrize("mode", ["freeze", "external"])
+@pytest.mark.parametrize("mode", ["freeze", "external", "bitmap"])
 @pytest.mark.process
-def test_libvirt_sigterm_during_push_cleans_up(stubs, mode):
-    p = stubs.start(LIBVIRT, "-m", mode, "web1", "b.spgz", STUB_DISKRSYNC_SLEEP="30")
+def test_libvirt_sigterm_during_push_cleans_up(stubs, mode, tmp_path):
+    p = stubs.start(LIBVIRT, "-m", mode, "--state", tmp_path / "st", "web1", "b.spgz",
+                    STUB_DISKRSYNC_SLEEP="30")
     stubs.wait_for("diskrsync sleeping")
     p.send_signal(signal.SIGTERM)
     _out, err = p.communicate(timeout=10)
     assert p.returncode == 143, err
     assert "diskrsync got TERM" in stubs.log.read_text()
-    last = {"freeze": "virsh domfsthaw", "external": "virsh blockcommit"}[mode]
+    last = {"freeze": "virsh domfsthaw", "external": "virsh blockcommit",
+            "bitmap": "virsh domjobabort"}[mode]
     assert stubs.names()[-1] == last
+    assert not (tmp_path / "st").exists()  # nothing committed: the old chain stays
+
+
+def _bitmap_push(stubs: Stubs, state: Path, *extra: str, **env: str,
+                 ) -> tuple[subprocess.CompletedProcess[str], list[str]]:
+    """Run --mode bitmap; the result and the diskrsync argv."""
+    r = stubs.run(LIBVIRT, "--mode", "bitmap", "--state", state, "web1", "/b/web1.spgz",
+                  *extra, **env)
+    pushes = [c for c in stubs.calls() if c[0] == "diskrsync"]
+    return r, pushes[-1] if pushes else []
+
+
+@pytest.mark.process
+def test_libvirt_bitmap_first_push_reads_all_and_starts_a_chain(stubs, tmp_path):
+    state = tmp_path / "state"
+    r, push = _bitmap_push(stubs, state, "--keep", "4")
+    assert r.returncode == 0, r.stderr
+    assert stubs.names() == ["virsh domblklist", "virsh domstate", "virsh backup-begin",
+                             "diskrsync", "virsh domjobabort", "virsh checkpoint-list"]
+    backup = Path(f"{stubs.log}.backup.xml").read_text()
+    assert "<incremental>" not in backup
+    assert f"<scratch file='{stubs.images}/web1.img.diskrsync-scratch'/>" in backup
+    assert "<disk name='vdb' backup='no'/>" in backup
+    socket = re.search(r"socket='([^']+)'", backup)[1]  # type: ignore[index]
+    label = f"{os.uname().nodename}:web1/vda"
+    assert push == ["diskrsync", "push", f"nbd+unix:///vda?socket={socket}", "/b/web1.spgz",
+                    "--label", label, "--dirty-bitmap", "backup-vda", "--keep", "4"]
+    checkpoint = re.search(r"<name>(.+)</name>",
+                           Path(f"{stubs.log}.checkpoint.xml").read_text())[1]  # type: ignore[index]
+    assert state.read_text().strip() == checkpoint
+    assert not Path(socket).parent.exists()  # the XML and socket directory went
+
+
+@pytest.mark.process
+def test_libvirt_bitmap_push_reads_changes_since_the_last_and_drops_old_checkpoints(
+        stubs, tmp_path):
+    state = tmp_path / "state"
+    _bitmap_push(stubs, state)
+    prev = state.read_text().strip()
+    tag = prev.split("-")[1]
+    r, _push = _bitmap_push(stubs, state,
+                            STUB_VIRSH_CHECKPOINTS=f"{prev}\nother\ndiskrsync-{tag}-99\n")
+    assert r.returncode == 0, r.stderr
+    assert f"<incremental>{prev}</incremental>" in Path(f"{stubs.log}.backup.xml").read_text()
+    deleted = [c[3] for c in stubs.calls() if c[:2] == ["virsh", "checkpoint-delete"]]
+    assert deleted == [prev, f"diskrsync-{tag}-99"]  # ours, older: never "other"
+
+
+@pytest.mark.process
+def test_libvirt_bitmap_failed_push_keeps_the_chain(stubs, tmp_path):
+    state = tmp_path / "state"
+    state.write_text("diskrsync-1-100\n")
+    r, _push = _bitmap_push(stubs, state, STUB_DISKRSYNC_RC="5")
+    assert r.returncode == 5
+    assert "<incremental>diskrsync-1-100</incremental>" in \
+        Path(f"{stubs.log}.backup.xml").read_text()
+    new = re.search(r"<name>(.+)</name>",
+                    Path(f"{stubs.log}.checkpoint.xml").read_text())[1]  # type: ignore[index]
+    assert stubs.names()[-2:] == ["virsh domjobabort", "virsh checkpoint-delete"]
+    assert stubs.calls()[-1] == ["virsh", "checkpoint-delete", "web1", new]
+    assert state.read_text() == "diskrsync-1-100\n"
+
+
+@pytest.mark.process
+def test_libvirt_bitmap_gone_checkpoint_means_a_full_push(stubs, tmp_path):
+    state = tmp_path / "state"
+    state.write_text("diskrsync-1-100\n")
+    r, _push = _bitmap_push(stubs, state, STUB_VIRSH_FAIL="checkpoint-dumpxml")
+    assert r.returncode == 0, r.stderr
+    assert "is gone" in r.stderr
+    assert "<incremental>" not in Path(f"{stubs.log}.backup.xml").read_text()
+
+
+@pytest.mark.process
+def test_libvirt_bitmap_backup_begin_failure_pushes_nothing(stubs, tmp_path):
+    r, push = _bitmap_push(stubs, tmp_path / "state", STUB_VIRSH_FAIL="backup-begin")
+    assert r.returncode == 1
+    assert push == []
+    assert "virsh domjobabort" in stubs.names()
 
 
 @pytest.mark.process
@@ -332,8 +481,9 @@ METRICS_DIR={metrics}
     assert stubs.calls() == [
         ["lvs", "vg0/root-diskrsync"],
         ["lvcreate", "-s", "-n", "root-diskrsync", "-L", "5G", "vg0/root"],
-        ["diskrsync", "push", "/dev/vg0/root-diskrsync", "/srv/backups/web 1.spgz", "--json",
-         "--keep", "7", "-i", "/etc/diskrsync/id_ed25519", "--chunk-size", "256K"],
+        ["diskrsync", "push", "/dev/vg0/root-diskrsync", "/srv/backups/web 1.spgz", "--label",
+         f"{HOST}:/dev/vg0/root", "--json", "--keep", "7", "-i", "/etc/diskrsync/id_ed25519",
+         "--chunk-size", "256K"],
         ["lvremove", "-f", "vg0/root-diskrsync"],
     ]
     assert "diskrsync job web1-root: ok, generation 4, 17 of 8192 chunks differed" in r.stdout
@@ -364,7 +514,7 @@ def test_job_libvirt_config(stubs, tmp_path):
     assert stubs.names() == ["virsh domblklist", "virsh domstate", "virsh domfsfreeze",
                              "diskrsync", "virsh domfsthaw"]
     assert stubs.calls()[3] == ["diskrsync", "push", f"{stubs.images}/web1-data.img",
-                                "/b/vm.spgz", "--json"]
+                                "/b/vm.spgz", "--label", f"{HOST}:web1/vdb", "--json"]
 
 
 @pytest.mark.parametrize(("text", "message"), [
@@ -382,6 +532,53 @@ def test_job_rejects_bad_config(stubs, tmp_path, text, message):
     assert r.returncode == 2
     assert message in r.stderr
     assert stubs.calls() == []
+
+
+@pytest.mark.process
+def test_job_comments_after_values_are_comments(stubs, tmp_path):
+    conf = write_conf(tmp_path / "c.conf",
+                      "SOURCE=/dev/sdb   # the data disk\n"
+                      "DEST='/b/x # kept.spgz'  # quoted: the # inside stays\n"
+                      "KEEP=3\t# three\n"
+                      "OPTIONS=--remote-cmd=/opt/a#b\n")
+    r = stubs.run(JOB, "--config", conf)
+    assert r.returncode == 0, r.stderr
+    assert stubs.calls() == [["diskrsync", "push", "/dev/sdb", "/b/x # kept.spgz", "--json",
+                              "--keep", "3", "--remote-cmd=/opt/a#b"]]
+    bad = write_conf(tmp_path / "q.conf", "SOURCE=/x\nDEST=\"/b\" trailing\n")
+    r = stubs.run(JOB, "--config", bad)
+    assert r.returncode == 2 and ":2: unbalanced quotes" in r.stderr
+
+
+@pytest.mark.process
+def test_job_warns_when_lv_is_set_without_lvm_snapshots(stubs, tmp_path):
+    """LV= alone used to push SOURCE live without a word."""
+    conf = write_conf(tmp_path / "w.conf", "SOURCE=/dev/vg0/root\nLV=vg0/root\nDEST=/b\n"
+                                           "DOMAIN=web1\n")
+    r = stubs.run(JOB, "--config", conf)
+    assert r.returncode == 0, r.stderr
+    assert "warning:" in r.stderr and "LV= is ignored without SNAPSHOT=lvm" in r.stderr
+    assert "DOMAIN= is ignored without SNAPSHOT=libvirt" in r.stderr
+    ok = write_conf(tmp_path / "ok.conf", "SNAPSHOT=lvm\nLV=vg0/root\nDEST=/b\n")
+    assert "warning" not in stubs.run(JOB, "--config", ok).stderr
+
+
+@pytest.mark.process
+def test_job_overlay_dir_goes_to_the_libvirt_wrapper(stubs, tmp_path):
+    conf = write_conf(tmp_path / "o.conf", "SNAPSHOT=libvirt\nDOMAIN=web1\nDEST=/b\n"
+                                           "OVERLAY_DIR=/srv/overlays\n")
+    r = stubs.run(JOB, "--config", conf, "--dry-run")
+    assert r.returncode == 0, r.stderr
+    cmd = shlex.split(r.stdout)
+    assert cmd[cmd.index("--overlay-dir") + 1] == "/srv/overlays"
+
+
+@pytest.mark.process
+def test_job_with_a_missing_config_fails(stubs, tmp_path):
+    """What a timer with a mistyped job name runs (the unit has no ConditionPathExists)."""
+    r = stubs.run(JOB, "web1-rooot", DISKRSYNC_CONF_DIR=str(tmp_path))
+    assert r.returncode == 2
+    assert "cannot read config file" in r.stderr
 
 
 @pytest.mark.process
@@ -467,8 +664,11 @@ def test_metrics_keep_last_success_across_a_failure(tmp_path):
                      stdin=json.dumps(SUMMARY))
     assert ok.returncode == 0, ok.stderr
     assert parse_prom(out)["diskrsync_last_success_timestamp_seconds", "db"] == 1000
-    # a push that died before printing a summary (e.g. SSH refused): exit code only
-    bad = run_metrics("--job", "db", "--exit-code", "5", "--dir", str(tmp_path), "--now", "2000")
+    # a push that failed (e.g. SSH refused) prints an error object: exit code only
+    failed = {"version": 1, "command": "push",
+              "error": {"category": "peer", "exit_code": 5, "message": "vault: refused"}}
+    bad = run_metrics("--job", "db", "--exit-code", "5", "--dir", str(tmp_path), "--now", "2000",
+                      stdin=json.dumps(failed))
     assert bad.returncode == 0, bad.stderr
     v = parse_prom(out)
     assert v["diskrsync_last_success_timestamp_seconds", "db"] == 1000
@@ -490,6 +690,22 @@ def test_metrics_garbage_summary_still_records_the_run(tmp_path):
     assert r.returncode == 0
     assert "not JSON" in r.stderr
     assert parse_prom(tmp_path / "x.prom")["diskrsync_exit_code", "x"] == 3
+
+
+@pytest.mark.parametrize("stdin", ["Traceback (most recent call last):\n", "", "[1, 2]\n"])
+@pytest.mark.process
+def test_metrics_status_0_without_a_summary_is_unknown_not_success(tmp_path, stdin):
+    out = tmp_path / "x.prom"
+    run_metrics("--job", "x", "--exit-code", "0", "--output", str(out), "--now", "1000",
+                stdin=json.dumps(SUMMARY))
+    r = run_metrics("--job", "x", "--exit-code", "0", "--output", str(out), "--now", "2000",
+                    stdin=stdin)
+    assert r.returncode == 0
+    assert "UNKNOWN" in r.stdout
+    v = parse_prom(out)
+    assert v["diskrsync_exit_code", "x"] == -1  # the exit-code alert fires
+    assert v["diskrsync_last_success_timestamp_seconds", "x"] == 1000  # not 2000
+    assert v["diskrsync_last_run_timestamp_seconds", "x"] == 2000
 
 
 @pytest.mark.process
@@ -618,6 +834,8 @@ def unit_settings(name: str) -> dict[str, list[str]]:
 def test_unit_settings_that_matter():
     svc = unit_settings("diskrsync-push@.service")
     assert svc["ExecStart"] == ["/usr/local/lib/diskrsync/diskrsync-job %i"]
+    # a mistyped job name must fail the unit (and fire OnFailure=), not skip it silently
+    assert not [k for k in svc if k.startswith("Condition")], svc
     assert svc["Type"] == ["oneshot"]
     assert svc["OnFailure"] == ["diskrsync-failure@%n.service"]
     assert svc["KillMode"] == ["mixed"]  # SIGTERM to the wrapper first: it cleans up

@@ -24,6 +24,7 @@ from support.mounts import MountCleanup
 
 from diskrsync.base.errors import CorruptChunkError, DataError, PeerError, UsageError
 from diskrsync.base.merkle import zero_hash
+from diskrsync.cli import jsonout
 from diskrsync.compression import maintenance
 from diskrsync.compression.codec import STANDARD, ChunkAt, Kind
 from diskrsync.compression.crypto import (
@@ -38,10 +39,11 @@ from diskrsync.compression.crypto import (
 )
 from diskrsync.compression.format import DATA_START, WRITER_SLOT, GenTable
 from diskrsync.compression.image import Image
+from diskrsync.compression.sources import RawSource
 from diskrsync.synccore import protocol as p
 from diskrsync.synccore.channel import channel_pair
 from diskrsync.synccore.push import PushRequest, local_push
-from diskrsync.synccore.source import SourceOptions
+from diskrsync.synccore.source import SourceOptions, SourceSession
 from diskrsync.synccore.target import TargetOptions, WireStore, open_store, serve_target
 
 FAST = KdfParams(1024, 1, 1)  # Argon2id at its cheapest: these tests are about the scheme
@@ -207,7 +209,7 @@ def test_encrypted_push_hides_data_and_names_and_reads_back(tmp_path: Path) -> N
     # a push with nothing changed sends no chunk; a change sends that chunk only
     opts = SourceOptions(chunk_size=CS, keyring=ring())
     stats = local_push(str(src), str(img), PushRequest(source=opts))
-    assert stats.chunks_differing == 0 and stats.generation == 2
+    assert stats.chunks_differing == 0 and stats.generation == 1 and stats.unchanged
     data[5 * CS + 7] ^= 0xFF
     src.write_bytes(data)
     stats = local_push(str(src), str(img), PushRequest(source=opts))
@@ -450,6 +452,9 @@ def test_cli_exit_codes_of_encrypted_images(cli_image: CliImage, tmp_path: Path)
     assert checked.returncode == 0 and "without its key" in checked.stderr
     full = json.loads(cli("info", "--json", "--passphrase-file", pw, img).stdout)
     assert full["generations"][0]["source"] == str(src)
+    assert jsonout.check(shown) == [] and jsonout.check(full) == []
+    checked_json = json.loads(cli("verify", "--json", img).stdout)
+    assert checked_json["contents_checked"] is False and jsonout.check(checked_json) == []
     # one flipped bit in a chunk: verify and restore name it, exit 6
     off, length = entry(img, 1)
     _flip(img, off + length // 2)
@@ -495,8 +500,10 @@ def test_cli_convert_encrypts_every_generation(cli_image: CliImage, tmp_path: Pa
     src.write_bytes(data)
     assert cli("push", "-q", src, plain).returncode == 0
     enc = tmp_path / "enc.spgz"
-    res = cli("convert", "--encrypt", "--passphrase-file", pw, plain, enc)
+    res = cli("convert", "--encrypt", "--json", "--passphrase-file", pw, plain, enc)
     assert res.returncode == 0, res.stderr
+    summary = json.loads(res.stdout)
+    assert summary["generations"] == 2 and jsonout.check(summary) == []
     assert SECRET_TEXT not in enc.read_bytes()
     for g in (1, 2):
         out = tmp_path / f"g{g}"
@@ -564,3 +571,18 @@ def test_cli_warns_of_key_loss_and_never_sends_plain_to_a_go_server(cli_image: C
     assert res.returncode == 0 and "without the key the backup is unreadable" in res.stderr
     go = cli("push", "--legacy", "--passphrase-file", pw, img, "nohost.invalid:/x.spgz")
     assert go.returncode == 2 and "would receive it in plain" in go.stderr, go.stderr
+
+
+@pytest.mark.inproc
+def test_the_hello_never_names_the_source(tmp_path: Path) -> None:
+    """Whether the target is encrypted is known only from its answer, so the source's
+    description travels in Done: in the seal when encrypted. (It was in the Hello: every
+    later push into an encrypted image told the host the source's path.)"""
+    src = tmp_path / "secret-project-disk.img"
+    disk(src, 2)
+    reader = RawSource(str(src))
+    try:
+        session = SourceSession(channel_pair()[0], reader, SourceOptions(keyring=ring()))
+        assert "secret-project" not in json.dumps(session.conv.hello().info)
+    finally:
+        reader.close()

@@ -83,6 +83,13 @@ def test_the_guide_lists_exactly_the_named_codes() -> None:
     assert set(documented()) == {0} | {value for _, _, value, _ in CONTRACT}
 
 
+def test_the_help_table_lists_exactly_the_named_codes() -> None:
+    """base/errors.EXIT_CODES is what --help, the man page and docs/cli.md show."""
+    codes = [code for code, _ in e.EXIT_CODES]
+    assert len(codes) == len(set(codes))
+    assert set(codes) == {0} | {value for _, _, value, _ in CONTRACT}
+
+
 def test_every_error_class_exits_with_its_categorys_code() -> None:
     classes = error_classes()
     assert e.FormatVersionError in classes and e.ConnectionClosed in classes

@@ -141,10 +141,12 @@ def test_gpt_partitions_loop_mount(
     images, mp = setup_images(tmp_path, gpt)
     mounts.start(images, mp)
     assert sorted(os.listdir(mp)) == ["disk.raw", "generations", "partitions"]
-    assert os.listdir(mp / "generations") == ["1-2026-11-26T13-05-00Z"]
+    assert sorted(os.listdir(mp / "generations")) == ["000001-2026-11-26T13-05-00Z", "latest",
+                                                      "oldest"]
+    assert os.readlink(mp / "generations" / "latest") == "000001-2026-11-26T13-05-00Z"
     assert os.stat(mp / "disk.raw").st_size == gpt.size
     assert os.stat(mp / "disk.raw").st_mtime == 1795698300.0
-    assert sorted(os.listdir(mp / "partitions")) == ["by-label", "p1", "p2"]
+    assert sorted(os.listdir(mp / "partitions")) == ["by-label", "by-partlabel", "p1", "p2"]
     assert os.readlink(mp / "partitions" / "by-label" / "data") == "../p2"
     with open(mp / "disk.raw", "rb") as f, open(gpt.path, "rb") as g:
         f.seek(gpt.partition(2).start)
@@ -172,7 +174,7 @@ def test_mbr_logical_partitions_loop_mount(
     mbr = disks["mbr"]
     images, mp = setup_images(tmp_path, mbr)
     mounts.start(images, mp)
-    assert sorted(os.listdir(mp / "partitions")) == ["p1", "p5", "p6"]
+    assert sorted(os.listdir(mp / "partitions")) == ["by-label", "p1", "p5", "p6"]
     for number in (1, 5, 6):
         where = tmp_path / f"p{number}"
         mounts.loop_mount(mp / "partitions" / f"p{number}", where)
@@ -187,14 +189,16 @@ def test_generations_come_and_go_while_mounted(
     gpt, mbr = disks["gpt"], disks["mbr"]
     images, mp = setup_images(tmp_path, gpt)
     mounts.start(images, mp)
-    gen1 = mp / "generations" / "1-2026-11-26T13-05-00Z"
+    gen1 = mp / "generations" / "000001-2026-11-26T13-05-00Z"
     mounts.loop_mount(gen1 / "partitions" / "p1", tmp_path / "ext4")  # holds gen 1 open
     with open(mp / "disk.raw", "rb") as held:  # the top-level file, opened while it is gen 1
         first = hashlib.sha256(held.read(8 << 20)).hexdigest()
         add_generation(images, 2, mbr.path)
-        wait_for(lambda: len(os.listdir(mp / "generations")) == 2, "generation 2 to appear")
+        wait_for(lambda: len(os.listdir(mp / "generations")) == 4, "generation 2 to appear")
+        assert os.readlink(mp / "generations" / "latest").startswith("000002-")
+        assert os.readlink(mp / "generations" / "oldest") == gen1.name
         wait_for(lambda: os.stat(mp / "disk.raw").st_size == mbr.size, "the top level to move")
-        assert sorted(os.listdir(mp / "partitions")) == ["p1", "p5", "p6"]
+        assert sorted(os.listdir(mp / "partitions")) == ["by-label", "p1", "p5", "p6"]
         held.seek(0)
         assert hashlib.sha256(held.read(8 << 20)).hexdigest() == first
         # Prune generation 1 while it is in use: it stays, byte-identical, until released.

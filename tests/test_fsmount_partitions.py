@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import struct
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
@@ -10,9 +12,10 @@ import pytest
 from support import diskbuild
 from support.diskbuild import BuiltDisk
 
-from diskrsync.fsmount.partitions import (
+from diskrsync.compression.partitions import (
     NO_TABLE,
     Partition,
+    filesystem_label,
     label_entries,
     read_partition_table,
 )
@@ -27,7 +30,8 @@ def reader(data: bytes) -> Callable[[int, int], bytes]:
 def need(*tools: str) -> None:
     missing = diskbuild.missing_tools(*tools)
     if missing:
-        pytest.skip(f"needs {', '.join(missing)} (Debian: gdisk, fdisk, e2fsprogs, xfsprogs)")
+        pytest.skip(f"needs {', '.join(missing)} (Debian: gdisk, fdisk, e2fsprogs, xfsprogs, "
+                    f"btrfs-progs, dosfstools)")
 
 
 @pytest.fixture(scope="module")
@@ -134,3 +138,84 @@ def test_label_entries() -> None:
     )
     entries = label_entries(parts)
     assert {name: p.number for name, p in entries.items()} == {"root": 1, "x_y": 3}
+
+
+@pytest.mark.pure
+def test_label_entries_by_file_system_label() -> None:
+    parts = (
+        Partition(1, 0, 1, "root", "t", fs_label="ROOTFS"),
+        Partition(2, 0, 1, "data", "t", fs_label=""),
+        Partition(3, 0, 1, "", "t", fs_label="a/b"),
+    )
+    assert {n: p.number for n, p in label_entries(parts, filesystem=True).items()} == {
+        "ROOTFS": 1, "a_b": 3}
+    assert {n: p.number for n, p in label_entries(parts).items()} == {"root": 1, "data": 2}
+
+
+def _file_reader(path: Path) -> Callable[[int, int], bytes]:
+    fd = os.open(path, os.O_RDONLY)
+    return lambda offset, length: os.pread(fd, length, offset)
+
+
+def _mkfs(kind: str, path: Path, label: str | None, work: Path) -> None:
+    """A file system image of ``kind`` made by its own mkfs (labelled unless None)."""
+    sizes = {"ext4": 8, "xfs": 64, "btrfs": 128, "fat16": 16, "fat32": 40}
+    size = sizes[kind] << 20
+    if kind == "xfs":
+        diskbuild.make_xfs(path, size, label or "", {}, work)  # "" is no label to mkfs.xfs
+        return
+    if kind.startswith("fat"):
+        cmd = ["mkfs.fat", "-C", "-F", kind[3:], *(["-n", label] if label else []),
+               str(path), str(size // 1024)]
+    else:
+        with open(path, "wb") as f:
+            f.truncate(size)
+        cmd = [f"mkfs.{kind}", "-q", "-f" if kind == "btrfs" else "-F",
+               *(["-L", label] if label else []), str(path)]
+    subprocess.run(cmd, check=True, capture_output=True)
+
+
+@pytest.mark.process
+@pytest.mark.parametrize(("kind", "label"), [
+    ("ext4", "root fs-1"), ("xfs", "xdata"), ("btrfs", "pool/äöü"), ("fat16", "BOOT"),
+    ("fat32", "EFI SYSTEM"),
+])
+def test_filesystem_labels_as_their_mkfs_wrote_them(kind: str, label: str,
+                                                    work: Path) -> None:
+    tool = {"fat16": "mkfs.fat", "fat32": "mkfs.fat"}.get(kind, f"mkfs.{kind}")
+    need(tool)
+    for want in (label, None):
+        image = work / f"label-{kind}.img"
+        image.unlink(missing_ok=True)
+        _mkfs(kind, image, want, work)
+        size = image.stat().st_size
+        assert filesystem_label(_file_reader(image), 0, size) == (want or "")
+        # the same file system inside a disk, at an offset
+        disk = work / f"disk-{kind}.img"
+        with open(disk, "wb") as f:
+            f.truncate(1 << 20)
+        diskbuild.copy_into(disk, image, 1 << 20)
+        assert filesystem_label(_file_reader(disk), 1 << 20, size) == (want or "")
+        disk.unlink()
+        image.unlink()
+
+
+@pytest.mark.pure
+def test_filesystem_label_needs_the_magic() -> None:
+    blank = bytes(128 * 1024)
+    assert filesystem_label(reader(blank), 0, len(blank)) == ""
+    # ext magic without room for the superblock, a FAT boot sector without its signature
+    fake = bytearray(blank)
+    fake[1024 + 56 : 1024 + 58] = b"\x53\xef"
+    fake[1024 + 120 : 1024 + 124] = b"name"
+    assert filesystem_label(reader(bytes(fake)), 0, len(fake)) == "name"
+    assert filesystem_label(reader(bytes(fake)), 0, 1100) == ""
+    fat = bytearray(blank)
+    fat[510:512] = b"\x55\xaa"
+    fat[54:59] = b"FAT16"
+    fat[43:54] = b"LABEL      "
+    assert filesystem_label(reader(bytes(fat)), 0, len(fat)) == ""  # no 0x29 signature
+    fat[38] = 0x29
+    assert filesystem_label(reader(bytes(fat)), 0, len(fat)) == "LABEL"
+    fat[43:54] = b"NO NAME    "
+    assert filesystem_label(reader(bytes(fat)), 0, len(fat)) == ""

@@ -75,7 +75,46 @@ def test_chunk_ranges_cover_exactly() -> None:
 def test_generation_dir_name() -> None:
     image = FakeImage()
     image.add_generation(bytes(10), commit_time=1795698300.0)
-    assert generation_dir_name(image.generations()[0]) == "1-2026-11-26T13-05-00Z"
+    assert generation_dir_name(image.generations()[0]) == "000001-2026-11-26T13-05-00Z"
+
+
+@pytest.mark.pure
+def test_generation_names_sort_and_latest_oldest_links() -> None:
+    """From generation 10 on, ``ls`` listed 10-... before 9-...; and there were no links."""
+    image = FakeImage(CHUNK)
+    vfs = MountVFS(uid=0, gid=0)
+    assert sync(vfs, image).invalidate == [] and vfs.generations_dir.children == {}
+    for n in range(12):
+        image.add_generation(bytes([n]) * CHUNK, commit_time=T0 + 60 * n)
+    sync(vfs, image)
+    folder = vfs.resolve("/generations")
+    assert isinstance(folder, DirNode)
+    names = sorted(n for n in folder.children if n[0].isdigit())
+    assert [int(n.split("-")[0]) for n in names] == list(range(1, 13))
+    assert names == [generation_dir_name(i) for i in image.generations()]
+
+    def link(name: str) -> bytes:
+        node = vfs.resolve(f"/generations/{name}")
+        assert isinstance(node, LinkNode)
+        return vfs.readlink(node.inode)
+
+    assert (link("latest"), link("oldest")) == (names[-1].encode(), names[0].encode())
+    old_latest = vfs.resolve("/generations/latest")
+    oldest = vfs.resolve("/generations/oldest")
+    image.add_generation(b"new" * CHUNK, commit_time=T0 + 3600)
+    image.prune(1)
+    changes = sync(vfs, image)
+    assert link("latest").startswith(b"000013-") and link("oldest").startswith(b"000002-")
+    # a link that moves is a new inode, its name invalidated; one that stays is untouched
+    assert vfs.resolve("/generations/latest") is not old_latest
+    assert (folder.inode, "latest") in changes.invalidate
+    assert (folder.inode, "oldest") in changes.invalidate
+    assert vfs.readlink(old_latest.inode) == names[-1].encode()  # the old inode still answers
+    image.add_generation(b"newer" * CHUNK, commit_time=T0 + 7200)
+    oldest = vfs.resolve("/generations/oldest")
+    changes = sync(vfs, image)
+    assert vfs.resolve("/generations/oldest") is oldest
+    assert (folder.inode, "oldest") not in changes.invalidate
 
 
 @pytest.mark.process
@@ -83,19 +122,38 @@ def test_tree_layout(disk: bytes) -> None:
     image, vfs = make(disk, 2)
     assert sorted(vfs.root.children) == ["disk.raw", "generations", "partitions"]
     names = sorted(vfs.resolve("/generations").children)
-    assert names == [generation_dir_name(i) for i in image.generations()]
+    assert names == [*(generation_dir_name(i) for i in image.generations()), "latest", "oldest"]
     top = vfs.resolve("/disk.raw")
     assert isinstance(top, FileNode) and top.size == len(disk)
     assert top is vfs.resolve(f"/generations/{names[1]}/disk.raw")  # newest; same inode
     assert vfs.getattr(top.inode).mtime_ns == int((T0 + 60) * 1e9)
     p2 = vfs.resolve("/partitions/p2")
     assert isinstance(p2, FileNode) and (p2.start, p2.size) == (4101 * 512, 1536 * 1024)
-    link = vfs.resolve("/partitions/by-label/data")
+    link = vfs.resolve("/partitions/by-partlabel/data")
     assert isinstance(link, LinkNode) and vfs.readlink(link.inode) == b"../p2"
-    assert sorted(vfs.resolve("/partitions/by-label").children) == ["data", "root"]
+    assert sorted(vfs.resolve("/partitions/by-partlabel").children) == ["data", "root"]
+    assert "by-label" not in vfs.resolve("/partitions").children  # no file systems in it
     attr = vfs.getattr(ROOT_INODE)
     assert attr.nlink == 4 and attr.mode & 0o777 == 0o555
     assert vfs.getattr(p2.inode).mode & 0o777 == 0o444
+
+
+@pytest.mark.process
+def test_by_label_holds_file_system_labels_and_by_partlabel_gpt_names(
+        tmp_path: Path) -> None:
+    """As udev: by-label/ names file systems by their own labels, by-partlabel/ names GPT
+    partitions; each in every partitions/ directory, the generations' too."""
+    if diskbuild.missing_tools("sgdisk", "mkfs.ext4"):
+        pytest.skip("needs sgdisk and mkfs.ext4 (Debian: gdisk, e2fsprogs)")
+    built = diskbuild.build_labelled_gpt_disk(tmp_path / "l.img", tmp_path)
+    _, vfs = make(built.path.read_bytes())
+    gen = next(iter(vfs.resolve("/generations").children))
+    for parts in ("/partitions", f"/generations/{gen}/partitions"):
+        links = {d: {n: vfs.readlink(c.inode) for n, c in
+                     vfs.resolve(f"{parts}/{d}").children.items()}
+                 for d in ("by-label", "by-partlabel")}
+        assert links == {"by-label": {"ROOTFS": b"../p1", "spare": b"../p2"},
+                         "by-partlabel": {"root": b"../p1", "swap": b"../p3"}}
 
 
 @pytest.mark.process
@@ -120,9 +178,9 @@ def test_readdir_offsets(disk: bytes) -> None:
     _, vfs = make(disk)
     fh = vfs.opendir(vfs.resolve("/partitions").inode)
     entries = vfs.readdir(fh, 0)
-    assert [e.name for e in entries] == ["p1", "p2", "by-label"]
+    assert [e.name for e in entries] == ["p1", "p2", "by-partlabel"]
     assert [e.next_id for e in entries] == [1, 2, 3]
-    assert [e.name for e in vfs.readdir(fh, 2)] == ["by-label"]
+    assert [e.name for e in vfs.readdir(fh, 2)] == ["by-partlabel"]
     vfs.releasedir(fh)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import glob
 import hashlib
+import json
 import os
 import random
 import re
@@ -55,7 +56,8 @@ from diskrsync.synccore.legacy import (
     go_tree_shape,
 )
 from diskrsync.synccore.location import parse_location
-from diskrsync.synccore.push import PushRequest
+from diskrsync.synccore.protocol import Decoder, ForeignPeer
+from diskrsync.synccore.push import PushRequest, local_push
 from diskrsync.synccore.remote import RemoteOptions
 from diskrsync.synccore.source import SourceOptions, SourceSession
 from diskrsync.synccore.target import TargetOptions
@@ -986,6 +988,115 @@ def test_cli_push_legacy_and_plain_push_hint(srv: Any, tmp_path: Path,
                "--remote-cmd", str(fake)])
     assert rc != 0
     assert "--legacy" in capsys.readouterr().err
+
+
+# What the Go diskrsync (spf13/pflag, log.Fatalf) answers to a native request: `serve
+# --target PATH --keep 2 ...` is rejected by its flag parser (exit 2, usage on stderr);
+# `serve --source PATH` parses, then fails to open the file "serve" (exit 1).
+FAKE_GO_REJECTING = """#!/bin/sh
+[ "$MERGE" = 1 ] && exec 2>&1
+for a; do
+  case "$a" in
+    --keep|--chunk-size|--generation)
+      echo "unknown flag: $a" >&2
+      printf 'Usage of %s:\\n      --cmd-path string   Remote command path\\n' "$0" >&2
+      printf '      --no-compress       Store target as a raw file\\n' >&2
+      exit 2;;
+  esac
+done
+echo "2026/11/30 08:00:00 Source failed: open serve: no such file or directory" >&2
+exit 1
+"""
+
+
+@pytest.mark.ssh
+@pytest.mark.parametrize("merged", [False, True], ids=["stderr", "merged-into-stdout"])
+@pytest.mark.parametrize("direction", ["push", "pull"])
+@pytest.mark.process
+def test_forgetting_legacy_against_the_go_tool_prints_the_hint(
+        srv: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch, direction: str, merged: bool) -> None:
+    """No Go usage text and no Python bytes repr: one line naming the Go tool and
+    --legacy, whether the Go tool's words arrive on stderr or, merged, as its output."""
+    fake = tmp_path / "go-diskrsync"
+    fake.write_text(FAKE_GO_REJECTING.replace("$MERGE", "1" if merged else "0"))
+    fake.chmod(0o755)
+    disk = tmp_path / "disk.raw"
+    disk.write_bytes(b"d" * 300_000)
+    remote = url(srv, tmp_path / "r.img")
+    src, dst = (str(disk), remote) if direction == "push" else (remote, str(tmp_path / "l.img"))
+    rc = main(["push", src, dst, "-i", str(srv.client_key), "--remote-cmd", str(fake)])
+    err = capsys.readouterr().err
+    assert rc == PeerError.exit_code, err
+    said = "unknown flag: --keep" if direction == "push" else "Source failed: open serve"
+    assert err.splitlines() == [err.splitlines()[-1]], err  # nothing relayed before it
+    assert err.startswith(f"diskrsync: {srv.host}: the peer is the original Go diskrsync "
+                          f"(it answered: "), err
+    assert said in err and err.rstrip().endswith("): use --legacy"), err
+    assert "b'" not in err and "Usage of" not in err
+
+
+@pytest.mark.pure
+def test_foreign_peer_bytes_are_described_not_repred() -> None:
+    for data, shown in [(b"unknown flag: --keep\nUsage of x:\n", 'text "unknown flag'),
+                        (b"\xff\xfe\x00\x01garbage", "bytes ff fe 00 01")]:
+        d = Decoder()
+        d.feed(data)
+        with pytest.raises(ForeignPeer) as info:
+            d.next()
+        assert shown in str(info.value) and "b'" not in str(info.value)
+
+
+@pytest.mark.ssh
+@pytest.mark.parametrize(("before", "after"), [
+    (0, 3 * M + 4321),  # new target: everything is tail
+    (1 * M + 777, 2 * M + 5),  # grows: partial chunks at the common end, re-read leaves
+    (3 * M, 1 * M + 99_999),  # shrinks
+], ids=["new", "grow", "shrink"])
+@pytest.mark.process
+def test_push_legacy_reports_the_native_root(srv: Any, tmp_path: Path, before: int,
+                                             after: int) -> None:
+    """The root a push --legacy reports is the one a native push of the same source
+    reports, whatever the Go target held before; created says whether it was new."""
+    rng = random.Random(before + after)
+    data = rng.randbytes(after // 2) + bytes(after // 4) + rng.randbytes(after - after // 2
+                                                                           - after // 4)
+    remote = tmp_path / "remote.raw"
+    if before:
+        remote.write_bytes(_mutate(data[:before] + rng.randbytes(max(0, before - after)),
+                                   rng, 5))
+    src = tmp_path / "disk.raw"
+    src.write_bytes(data)
+    stats = legacy_push(loc(str(src)), loc(url(srv, remote)), request(raw=True),
+                        legacy_args(srv))
+    assert remote.read_bytes() == data
+    native = local_push(str(src), str(tmp_path / "native.img"), request())
+    assert stats.root_hash == native.root_hash != ""
+    assert stats.created == (before == 0)
+
+
+@pytest.mark.ssh
+@pytest.mark.process
+def test_push_and_pull_legacy_summaries_say_what_happened(
+        srv: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = random.Random(14).randbytes(900_000)
+    src = tmp_path / "disk.raw"
+    src.write_bytes(data)
+    remote = url(srv, tmp_path / "r.img")
+    common = ["-i", str(srv.client_key), "--remote-cmd", str(DISKRSYNC_BIN)]
+    assert main(["push", "--legacy", str(src), remote, *common]) == 0
+    first = capsys.readouterr().out
+    assert re.match(rf"created {re.escape(remote)} \(Go diskrsync\), root [0-9a-f]{{16}}…: ",
+                    first), first
+    assert main(["push", "--legacy", str(src), remote, *common]) == 0
+    assert capsys.readouterr().out.startswith(f"updated {remote} (Go diskrsync), root ")
+    # a pull reports the bytes that arrived here, as a native pull does
+    local = tmp_path / "pulled.img"
+    assert main(["push", "--legacy", "--json", remote, str(local), *common]) == 0
+    pulled = json.loads(capsys.readouterr().out)
+    assert pulled["bytes_sent"] > len(data) // 2 and pulled["bytes_received"] == 16
+    assert pulled["created"] and pulled["generation"] == 1
+    assert pulled["root_hash"] == generations(local)[-1].root_hash.hex()
 
 
 @pytest.mark.pure

@@ -154,6 +154,11 @@ def mounts(tmp_path: Path) -> Iterator[Mounts]:
         m.cleanup()
 
 
+def listed(folder: Path) -> list[str]:
+    """The generation directories of a mount's ``generations/`` (not its links), sorted."""
+    return sorted(n for n in os.listdir(folder) if n not in ("latest", "oldest"))
+
+
 def generations(image: Path) -> list[tuple[int, float, str]]:
     """(number, commit time, directory name) of each retained generation."""
     with Image.open(str(image)) as img:
@@ -172,14 +177,16 @@ def test_gpt_image_mounts_and_partitions_loop_mount(
     [(_, commit_time, dir_name)] = generations(image)
     mounts.mount(image, mp)
     assert sorted(os.listdir(mp)) == ["disk.raw", "generations", "partitions"]
-    assert os.listdir(mp / "generations") == [dir_name]
+    assert listed(mp / "generations") == [dir_name]
+    assert os.readlink(mp / "generations" / "latest") == dir_name
     st = os.stat(mp / "disk.raw")
     assert st.st_size == gpt.size
     assert st.st_mtime_ns == int(commit_time * 1e9)
     assert st.st_blksize == CHUNK
     assert sha_file(mp / "disk.raw") == sha_file(gpt.path)
-    assert sorted(os.listdir(mp / "partitions")) == ["by-label", "p1", "p2"]
+    assert sorted(os.listdir(mp / "partitions")) == ["by-label", "by-partlabel", "p1", "p2"]
     assert sorted(os.listdir(mp / "partitions" / "by-label")) == ["data", "root"]
+    assert sorted(os.listdir(mp / "partitions" / "by-partlabel")) == ["data", "root"]
     for part in gpt.partitions:
         assert os.stat(mp / "partitions" / f"p{part.number}").st_size == part.size
     # read-only everywhere
@@ -216,7 +223,9 @@ def test_mbr_image_primary_and_logical_partitions(
     image, mp = tmp_path / "mbr.dimg", tmp_path / "mnt"
     push(mbr.path, image)
     mounts.mount(image, mp)
-    assert sorted(os.listdir(mp / "partitions")) == ["p1", "p5", "p6"]  # no labels on MBR
+    # no partition names on MBR (no by-partlabel), but the file systems have labels
+    assert sorted(os.listdir(mp / "partitions")) == ["by-label", "p1", "p5", "p6"]
+    assert os.readlink(mp / "partitions" / "by-label" / "mbr5") == "../p5"
     for part in mbr.partitions:
         node = mp / "partitions" / f"p{part.number}"
         assert os.stat(node).st_size == part.size
@@ -309,7 +318,7 @@ def test_push_while_mounted_keeps_the_loop_mounted_generation_consistent(
                      "the top level to show the new generation", 4)
             assert sha_file(mp / "disk.raw") == sha_file(source.path)
             # the loop-mounted generation 1 stays (in use), the one in between goes
-            wait_for(lambda: sorted(os.listdir(mp / "generations")) == [first_dir, dir_name],
+            wait_for(lambda: listed(mp / "generations") == [first_dir, dir_name],
                      "the generation in between to go", 6)
             wait_for(lambda: reader.passes >= passes + 2, "two more reader passes", 20)
             assert not reader.errors, reader.errors[:5]
@@ -329,7 +338,7 @@ def test_push_while_mounted_keeps_the_loop_mounted_generation_consistent(
     mounts.loop_umount(ext4, dev)
     wait_for(lambda: first_dir not in os.listdir(mp / "generations"),
              "the pruned generation to leave once the loop device is detached", 6)
-    assert os.listdir(mp / "generations") == [generations(image)[0][2]]
+    assert listed(mp / "generations") == [generations(image)[0][2]]
     # the new generation's partition holds the new files
     dev = mounts.loop_mount(p1, ext4, "ext4")
     check_files(ext4, source.partition(1))
@@ -348,10 +357,10 @@ def test_prune_and_generation_option(
     # --generation G shows G at the top; every generation stays listed
     pinned = tmp_path / "pinned"
     mounts.mount(image, pinned, "--generation", str(g1))
-    assert sorted(os.listdir(pinned / "generations")) == sorted([d1, d2])
+    assert listed(pinned / "generations") == sorted([d1, d2])
     assert os.stat(pinned / "disk.raw").st_mtime_ns == int(t1 * 1e9)
     assert sha_file(pinned / "disk.raw") == sha_file(gpt.path)
-    assert sorted(os.listdir(pinned / "partitions")) == ["by-label", "p1", "p2"]
+    assert sorted(os.listdir(pinned / "partitions")) == ["by-label", "by-partlabel", "p1", "p2"]
     cli_ok("umount", pinned)
     bad = cli("mount", image, pinned, "--generation", "7")
     assert bad.returncode == 2
@@ -360,9 +369,9 @@ def test_prune_and_generation_option(
     # the newest by default; a prune while mounted takes the old generation away
     mp = tmp_path / "mnt"
     mounts.mount(image, mp)
-    assert sorted(os.listdir(mp / "partitions")) == ["p1", "p5", "p6"]
+    assert sorted(os.listdir(mp / "partitions")) == ["by-label", "p1", "p5", "p6"]
     cli_ok("prune", image, "--keep", "1")
-    wait_for(lambda: os.listdir(mp / "generations") == [d2], "the pruned generation to go", 6)
+    wait_for(lambda: listed(mp / "generations") == [d2], "the pruned generation to go", 6)
     wait_for(lambda: not (mp / "generations" / d1).exists(), "the kernel to forget it", 2)
     assert sha_file(mp / "disk.raw") == sha_file(mbr.path)
 
@@ -427,8 +436,8 @@ def test_go_spgz_file_mounts(tmp_path: Path, mounts: Mounts) -> None:
     want = (inputs / "mixed_1m.raw").read_bytes()
     mp = tmp_path / "mnt"
     mounts.mount(spgz, mp)
-    [gen] = os.listdir(mp / "generations")
-    assert gen.startswith("1-")
+    [gen] = listed(mp / "generations")
+    assert gen.startswith("000001-")
     disk = mp / "disk.raw"
     assert os.stat(disk).st_size == len(want)
     assert os.stat(disk).st_blksize == 65536  # a power of two below the 131071-byte blocks

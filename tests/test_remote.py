@@ -27,6 +27,7 @@ from support.sshd import SshServer, free_port, make_key
 
 from diskrsync.base.errors import ConnectionClosed, DiskrsyncError, UsageError
 from diskrsync.base.merkle import leaf_hash
+from diskrsync.cli import jsonout
 from diskrsync.cli.main import build_parser
 from diskrsync.cli.requests import ssh_options
 from diskrsync.cli.serve import KEEP_ALL, _parse_request, apply_retention
@@ -104,6 +105,7 @@ class Env:
         assert res.returncode == 0, res.stderr
         assert "Traceback" not in res.stderr
         stats: dict[str, Any] = json.loads(res.stdout)
+        assert jsonout.check(stats) == []  # pushes and pulls over SSH follow docs/json.md too
         return stats
 
 
@@ -193,6 +195,8 @@ def test_push_then_pull_first_and_incremental(env: Env, tmp_path: Path) -> None:
     assert second["generation"] == 2
     assert second["chunks_differing"] == 3
     assert second["bytes_sent"] < 1 * MiB
+    assert second["target"]["chunks_written"] == 3  # what the serving end reported
+    assert set(second["phases"]) == {"connect", "compare", "drain", "commit"}
     assert content(image, tmp_path) == data
     assert content(image, tmp_path, 1) != data  # the older generation is still there
 
@@ -208,6 +212,7 @@ def test_push_then_pull_first_and_incremental(env: Env, tmp_path: Path) -> None:
     env.ok(str(src), env.rpath("web 1.spgz"))
     again = env.ok(env.rpath("web 1.spgz"), str(local))
     assert again["generation"] == 2 and again["chunks_differing"] == 1
+    assert again["target"]["chunks_written"] == 1  # this end, the target of the pull
     assert again["bytes_sent"] < 1 * MiB
     assert content(local, tmp_path) == data
 
@@ -215,6 +220,12 @@ def test_push_then_pull_first_and_incremental(env: Env, tmp_path: Path) -> None:
     raw_remote.write_bytes(data)
     from_raw = env.ok(f"testhost:{raw_remote}", str(local))
     assert from_raw["chunks_differing"] == 0 and from_raw["bytes_sent"] < 1 * MiB
+
+    # -v on a pull: what this end (the target) did; it does not pretend to know the source's
+    verbose = env.push(f"testhost:{raw_remote}", str(local), "-v")
+    assert verbose.returncode == 0, verbose.stderr
+    assert f"target:   {local}: wrote 0 chunks, committed generation " in verbose.stdout
+    assert "read:" not in verbose.stdout and "phases:" not in verbose.stdout
 
 
 @pytest.mark.process
@@ -254,7 +265,7 @@ def test_raw_target_no_compress_and_dry_run(env: Env, tmp_path: Path) -> None:
     src = tmp_path / "src.img"
     data = disk(src, 8 * MiB, seed=1)
     raw = env.remote / "copy 'of' disk.raw"
-    env.ok(str(src), env.rpath(raw.name), "--no-compress")
+    env.ok(str(src), env.rpath(raw.name), "--raw-target")
     assert raw.read_bytes() == data
 
     data = patch(src, [2 * MiB, 6 * MiB])
@@ -407,6 +418,21 @@ def tmpfs(path: Path, size: str) -> Iterator[Path]:
 
 
 @pytest.mark.process
+def test_push_and_pull_with_bwlimit(env: Env, tmp_path: Path) -> None:
+    """--bwlimit paces this end's channel both ways (tests/test_bwlimit.py counts the bytes
+    against a fake clock); over SSH it only has to deliver the same result."""
+    src = tmp_path / "src.img"
+    data = os.urandom(MiB)
+    src.write_bytes(data)
+    image = env.remote / "limited.spgz"
+    assert env.ok(str(src), f"testhost:{image}", "--bwlimit", "64M")["generation"] == 1
+    assert content(image, tmp_path) == data
+    pulled = tmp_path / "pulled.spgz"
+    assert env.ok(f"testhost:{image}", str(pulled), "--bwlimit", "64M")["generation"] == 1
+    assert content(pulled, tmp_path) == data
+
+
+@pytest.mark.process
 def test_remote_disk_full(env: Env, tmp_path: Path) -> None:
     src = tmp_path / "src.img"
     with tmpfs(env.remote / "small fs", "6m") as small:
@@ -420,6 +446,20 @@ def test_remote_disk_full(env: Env, tmp_path: Path) -> None:
         assert res.returncode == 5
         assert content(image, tmp_path) == first
         assert [g["number"] for g in info(image)["generations"]] == [1]
+
+
+@pytest.mark.process
+def test_remote_first_push_that_will_not_fit_is_refused(env: Env, tmp_path: Path) -> None:
+    """The server asks for the source's estimate (a first push) and refuses it before
+    writing."""
+    src = tmp_path / "src.img"
+    with tmpfs(env.remote / "small fs", "2m") as small:
+        src.write_bytes(os.urandom(4 * MiB))
+        res = env.push(str(src), f"testhost:{small}/full.spgz")
+        failed(res, "diskrsync: testhost: ", "not enough space for a first push into",
+               "nothing was written")
+        assert res.returncode == 5
+        assert list(small.iterdir()) == []
 
 
 def _serve_pids(srv: SshServer, what: str) -> list[int]:
@@ -777,7 +817,7 @@ def test_restricted_key_cannot_shrink_history(env: Env, tmp_path: Path,
         assert gens == [1, 2, 3, 4]
         for number, data in zip(gens, good, strict=False):
             assert content(image, tmp_path, number) == data
-        failed(env.push(str(src), dst, "--no-compress"), "refused:", "--no-compress")
+        failed(env.push(str(src), dst, "--raw-target"), "refused:", "--raw-target")
         assert [g["number"] for g in info(image)["generations"]] == gens
     finally:
         srv.set_authorized_keys()
@@ -902,11 +942,11 @@ def test_retention_policy_over_a_client_request(capsys: pytest.CaptureFixture[st
     assert keep(1, floor=3, append_only=False) == 3
     assert keep(9, floor=3, append_only=False) == 9
     assert keep(9, floor=3, append_only=True) == KEEP_ALL
-    assert "--keep 9 is ignored" in capsys.readouterr().err
+    assert "--keep-last 9 is ignored" in capsys.readouterr().err
     raw = _parse_request("diskrsync serve --target /b/x.raw --no-compress")
     apply_retention(raw, floor=None, append_only=False)
     for policy in ({"floor": 2, "append_only": False}, {"floor": None, "append_only": True}):
-        with pytest.raises(UsageError, match=r"refused: .*--no-compress"):
+        with pytest.raises(UsageError, match=r"refused: .*--raw-target"):
             apply_retention(raw, **policy)
     with pytest.raises(UsageError, match="at least 1"):
         keep(2, floor=0, append_only=False)

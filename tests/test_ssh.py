@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import logging
 import os
@@ -23,8 +24,9 @@ from hypothesis import strategies as st
 from support.sshd import SSH_KEYGEN, SshServer, free_port, make_key, public_line
 
 from diskrsync.base.errors import PeerError, UsageError
+from diskrsync.cli.requests import ssh_options
 from diskrsync.synccore.location import LocalPath, RemotePath, parse_location
-from diskrsync.synccore.ssh.config import SshOptions
+from diskrsync.synccore.ssh.config import DEFAULT_SSH_CONFIG, SshOptions, load_config, resolve
 from diskrsync.synccore.ssh.connection import SshConnection, connect
 from diskrsync.synccore.ssh.errors import (
     EXIT_NOT_FOUND,
@@ -179,6 +181,7 @@ def options(srv: SshServer, **kw: object) -> SshOptions:
         known_hosts=srv.known_hosts,
         use_agent=False,
         global_known_hosts=None,
+        system_ssh_config=None,
         connect_timeout=10.0,
     )
     return replace(base, **kw)
@@ -711,3 +714,126 @@ def test_send_lands_exactly_for_odd_sizes(conn: SshConnection) -> None:
     proc.close_send()
     assert read_all(proc).split()[0].decode() == hashlib.sha256(data).hexdigest()
     assert proc.wait(5) == 0
+
+
+# --------------------------------------------------------------------------------------
+# ssh_config as OpenSSH reads it: Include, the system-wide file, StrictHostKeyChecking
+
+
+def _home_ssh() -> Path:
+    ssh_dir = Path(os.environ["HOME"]) / ".ssh"
+    ssh_dir.mkdir(exist_ok=True)
+    return ssh_dir
+
+
+@pytest.mark.ssh
+@pytest.mark.process
+def test_include_with_a_glob_relative_to_dot_ssh(srv: SshServer, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """`ssh -G vault` works through an Include: so must we (relative to ~/.ssh, not to
+    the working directory)."""
+    ssh_dir = _home_ssh()
+    (ssh_dir / "conf.d").mkdir()
+    srv.write_ssh_config(ssh_dir / "conf.d" / "20-vault.conf", alias="vault")
+    (ssh_dir / "conf.d" / "10-other.conf").write_text("Host elsewhere\n    Port 1\n")
+    (ssh_dir / "config").write_text("# comment\nInclude conf.d/*.conf missing/*.conf\n")
+    monkeypatch.chdir(tmp_path)
+    opts = options(srv, identity_files=(), ssh_config=DEFAULT_SSH_CONFIG, remote_cmd="sh")
+    with connect(RemotePath(None, "vault", None, "/x"), opts) as c:
+        assert read_all(sh(c, "echo included")) == b"included\n"
+
+
+@pytest.mark.ssh
+@pytest.mark.process
+def test_system_config_is_read_after_the_users(srv: SshServer, tmp_path: Path) -> None:
+    """The system file (its relative Includes next to it, as /etc/ssh) supplies what the
+    user's file does not say; where both say something, the user's value wins."""
+    etc = tmp_path / "etc-ssh"
+    (etc / "ssh_config.d").mkdir(parents=True)
+    srv.write_ssh_config(etc / "ssh_config.d" / "vault.conf", alias="vault")
+    system = etc / "ssh_config"
+    system.write_text("Include ssh_config.d/*.conf\nHost *\n    User nobody-at-all\n")
+    user = tmp_path / "user_config"
+    user.write_text("# nothing about vault yet\n")
+    opts = options(srv, identity_files=(), ssh_config=user, system_ssh_config=system,
+                   remote_cmd="sh")
+    with connect(RemotePath(None, "vault", None, "/x"), opts) as c:
+        assert read_all(sh(c, 'echo "$(id -un)"')) == f"{srv.user}\n".encode()
+    user.write_text("Host vault\n    User nobody-here\n")
+    with pytest.raises(AuthError, match="nobody-here@"):
+        connect(RemotePath(None, "vault", None, "/x"), opts)
+    # as ssh -F FILE: the system file is not read, so vault is unknown
+    with pytest.raises(ConnectError, match="resolve"):
+        connect(RemotePath(None, "vault", None, "/x"), replace(opts, system_ssh_config=None))
+
+
+@pytest.mark.ssh
+@pytest.mark.parametrize("value", ["accept-new", "no"])
+@pytest.mark.process
+def test_strict_host_key_checking_accept_new_from_the_config(
+        srv: SshServer, tmp_path: Path, value: str) -> None:
+    known = tmp_path / "new_known_hosts"
+    cfg = srv.write_ssh_config(tmp_path / "ssh_config", alias="vault",
+                               StrictHostKeyChecking=value, HashKnownHosts="no")
+    opts = options(srv, identity_files=(), ssh_config=cfg, known_hosts=known,
+                   remote_cmd="true")
+    with connect(RemotePath(None, "vault", None, "/x"), opts) as c:
+        assert c.run([]).wait(5) == 0
+    assert known.read_text().startswith(f"{srv.host_pattern} ssh-ed25519 ")
+    # a changed key is refused all the same
+    srv.write_known_hosts(known, key=make_key(tmp_path / "other_key"))
+    with pytest.raises(HostKeyChangedError):
+        connect(RemotePath(None, "vault", None, "/x"), opts)
+    # without the setting an unknown key is still refused
+    cfg = srv.write_ssh_config(tmp_path / "ssh_config", alias="vault")
+    known.unlink()
+    with pytest.raises(UnknownHostKeyError):
+        connect(RemotePath(None, "vault", None, "/x"), opts)
+
+
+@pytest.mark.inproc
+def test_include_inside_a_host_block_applies_only_there(tmp_path: Path) -> None:
+    """Lines of a file included from a Host block, and its own Host blocks, apply only
+    where that block does; the lines after the Include are still that block's."""
+    ssh_dir = _home_ssh()
+    (ssh_dir / "inner").write_text("Port 2201\nHost *\n    User inner-user\n")
+    (ssh_dir / "config").write_text(
+        "Host vault\n    Include inner\n    HostName vault.example\n"
+        "Host *\n    User outer-user\n")
+    opts = SshOptions(system_ssh_config=None)
+    cfg = load_config(opts)
+    vault = resolve("vault", None, None, cfg, opts)
+    assert (vault.hostname, vault.port, vault.user) == ("vault.example", 2201, "inner-user")
+    other = resolve("other", None, None, cfg, opts)
+    assert (other.hostname, other.port, other.user) == ("other", 22, "outer-user")
+
+
+@pytest.mark.inproc
+def test_include_loop_is_an_error_not_a_hang(tmp_path: Path) -> None:
+    cfg = tmp_path / "loop"
+    cfg.write_text(f"Include {cfg}\n")
+    with pytest.raises(UsageError, match="nested more than 16"):
+        load_config(SshOptions(ssh_config=cfg, system_ssh_config=None))
+
+
+@pytest.mark.inproc
+def test_dash_f_replaces_both_configs_as_ssh_does() -> None:
+    def opts(config: str | None) -> SshOptions:
+        ns = argparse.Namespace(ssh_config=config, identity=[], remote_cmd="diskrsync",
+                                accept_new_host_key=False)
+        return ssh_options(ns)[0]
+
+    assert opts(None).ssh_config == DEFAULT_SSH_CONFIG
+    assert opts(None).system_ssh_config == Path("/etc/ssh/ssh_config")
+    assert opts("/x/cfg").system_ssh_config is None
+    assert opts("none").ssh_config is None
+
+
+@pytest.mark.inproc
+def test_unparsable_config_names_the_files_read(tmp_path: Path) -> None:
+    user = tmp_path / "user"
+    user.write_text("Host x\n    User a\n")
+    system = tmp_path / "system"
+    system.write_text("Match nonsense-criterion\n")
+    with pytest.raises(UsageError, match=f"cannot parse ssh config {user} \\+ {system}"):
+        load_config(SshOptions(ssh_config=user, system_ssh_config=system))

@@ -26,12 +26,12 @@ _diskrsync() {
     case "$prev" in
         --identity|--key-file|--log-file|--passphrase-file|--remote-cmd|--ssh-config|-F|-i)
             _diskrsync_files; return ;;
-        --cache-size|--chunk-size|--generation|--keep|--max-size|--timeout|-g)
+        --bwlimit|--cache-size|--chunk-size|--dirty-bitmap|--generation|--keep|--keep-daily|--keep-hourly|--keep-last|--keep-monthly|--keep-weekly|--keep-within|--keep-yearly|--label|--max-size|--qmp|--rsh|--timeout|-e|-g)
             return ;;
     esac
     if [ -z "$cmd" ]; then
         if [[ "$cur" == -* ]]; then
-            mapfile -t COMPREPLY < <(compgen -W "--help -h --version" -- "$cur")
+            mapfile -t COMPREPLY < <(compgen -W "--help -h --version -V" -- "$cur")
         else
             mapfile -t COMPREPLY < <(compgen -W "info verify restore prune push mount umount convert key" -- "$cur")
         fi
@@ -39,7 +39,7 @@ _diskrsync() {
     fi
     case "$cmd" in
         info)
-            opts="--json --passphrase-file --key-file --help"
+            opts="--json --no-key --passphrase-file --key-file --help"
             valopts=" --passphrase-file --key-file "
             positional=(_diskrsync_files) ;;
         verify)
@@ -47,16 +47,16 @@ _diskrsync() {
             valopts=" --generation -g --passphrase-file --key-file "
             positional=(_diskrsync_files) ;;
         restore)
-            opts="--generation -g --force --quiet -q --passphrase-file --key-file --help"
+            opts="--generation -g --force -f --quiet -q --passphrase-file --key-file --json --help"
             valopts=" --generation -g --passphrase-file --key-file "
             positional=(_diskrsync_files _diskrsync_files) ;;
         prune)
-            opts="--keep --help"
-            valopts=" --keep "
+            opts="--dry-run -n --keep-last --keep --keep-hourly --keep-daily --keep-weekly --keep-monthly --keep-yearly --keep-within --json --help"
+            valopts=" --keep-last --keep --keep-hourly --keep-daily --keep-weekly --keep-monthly --keep-yearly --keep-within "
             positional=(_diskrsync_files) ;;
         push)
-            opts="--no-compress --chunk-size --keep --generation -g --dry-run -n --ignore-read-errors --timeout --max-size --json --quiet -q --verbose -v --encrypt --passphrase-file --key-file --identity -i --ssh-config -F --accept-new-host-key --remote-cmd --legacy --help"
-            valopts=" --chunk-size --keep --generation -g --timeout --max-size --passphrase-file --key-file --identity -i --ssh-config -F --remote-cmd "
+            opts="--raw-target --no-compress --chunk-size --keep-last --keep --keep-hourly --keep-daily --keep-weekly --keep-monthly --keep-yearly --keep-within --always-new-generation --generation -g --dry-run -n --ignore-read-errors --skip-free-blocks --timeout --max-size --bwlimit --json --quiet -q --verbose -v --encrypt --passphrase-file --key-file --label --dirty-bitmap --qmp --identity -i --ssh-config -F --accept-new-host-key --remote-cmd --legacy --rsh -e --help"
+            valopts=" --chunk-size --keep-last --keep --keep-hourly --keep-daily --keep-weekly --keep-monthly --keep-yearly --keep-within --generation -g --timeout --max-size --bwlimit --passphrase-file --key-file --label --dirty-bitmap --qmp --identity -i --ssh-config -F --remote-cmd --rsh -e "
             positional=(_diskrsync_files _diskrsync_files) ;;
         mount)
             opts="--foreground -f --generation -g --allow-other --cache-size --verbose -v --log-file --passphrase-file --key-file --help"
@@ -67,7 +67,7 @@ _diskrsync() {
             valopts="  "
             positional=(_diskrsync_dirs) ;;
         convert)
-            opts="--chunk-size --encrypt --passphrase-file --key-file --help"
+            opts="--chunk-size --encrypt --json --passphrase-file --key-file --help"
             valopts=" --chunk-size --passphrase-file --key-file "
             positional=(_diskrsync_files _diskrsync_files) ;;
         key)

@@ -119,6 +119,32 @@ EXIT_BROKEN_PIPE = 141  # SIGPIPE: the reader of our stdout went away
 EXIT_TERMINATED = 143  # SIGTERM
 
 
+#: Every exit status with what it means, in order: the one table ``--help``, the man page,
+#: docs/cli.md and ``--json`` error objects are made from (the user guide's table is checked
+#: against the same numbers by tests/test_exit_codes.py).
+EXIT_CODES: tuple[tuple[int, str], ...] = (
+    (0, "success"),
+    (UsageError.exit_code, "usage: bad arguments, a missing file, a path that cannot be used "
+                           "as asked"),
+    (LocalError.exit_code, "local failure: I/O error, no space left, no permission, a stale "
+                           "mount"),
+    (BusyError.exit_code, "busy: another process is writing the image"),
+    (PeerError.exit_code, "the other end failed: SSH connection, host key, remote command "
+                          "missing, remote error"),
+    (DataError.exit_code, "data: not an image, damaged metadata, a corrupt chunk, verify "
+                          "found problems"),
+    (EXIT_SOURCE_CHANGED, "push committed, but the source changed while it was read (use a "
+                          "snapshot)"),
+    (EXIT_READ_ERRORS_IGNORED, "push committed with --ignore-read-errors and some source "
+                               "sectors were unreadable (stored as zeros)"),
+    (EXIT_REDUNDANCY_LOST, "verify: every generation is intact, but a superblock or "
+                           "generation table copy is damaged (verify --repair)"),
+    (EXIT_INTERRUPTED, "interrupted (SIGINT); a push keeps a checkpoint"),
+    (EXIT_TERMINATED, "terminated (SIGTERM); a push keeps a checkpoint"),
+    (EXIT_BROKEN_PIPE, "the reader of stdout went away (e.g. `restore IMAGE - | head`)"),
+)
+
+
 class Terminated(BaseException):
     """SIGTERM arrived: stop like on Ctrl-C (a push keeps a checkpoint), exit 143.
 
@@ -146,6 +172,15 @@ def from_oserror(exc: OSError, what: str) -> DiskrsyncError:
 _CATEGORIES: tuple[type[DiskrsyncError], ...] = (
     UsageError, BusyError, LocalError, PeerError, DataError,
 )
+
+
+def category(err: DiskrsyncError) -> str:
+    """The category of ``err`` as a word (``usage``, ``busy``, ``local``, ``peer``, ``data``;
+    ``error`` for a bare DiskrsyncError): what ``--json`` error objects name."""
+    for c in _CATEGORIES:
+        if isinstance(err, c):
+            return c.__name__.removesuffix("Error").lower()
+    return "error"
 
 
 def _error_class(kind: str) -> type[DiskrsyncError] | None:

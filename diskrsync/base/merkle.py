@@ -129,10 +129,16 @@ def _level_counts(chunks: int, fanout: int) -> tuple[int, ...]:
 def root_from_leaves(shape: Shape, leaves: bytes | bytearray | memoryview) -> bytes:
     """Root hash from every chunk digest laid end to end (what a source or a raw target
     holds in memory), computing only the inner nodes."""
-    level = [
+    return root_from_pages(shape, [
         node_hash_packed(leaves[a * HASH_SIZE : b * HASH_SIZE])
         for a, b in (shape.chunk_range(1, j) for j in range(shape.count(1)))
-    ]
+    ])
+
+
+def root_from_pages(shape: Shape, pages: list[bytes]) -> bytes:
+    """Root hash from every level-1 digest (a source that took some pages' digests from the
+    target, without their leaves)."""
+    level = pages
     while len(level) > 1:
         f = shape.fanout
         level = [node_hash_packed(b"".join(level[i : i + f])) for i in range(0, len(level), f)]

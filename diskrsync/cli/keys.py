@@ -24,6 +24,7 @@ PASSPHRASE_ENV = "DISKRSYNC_PASSPHRASE"
 NEW_PASSPHRASE_ENV = "DISKRSYNC_NEW_PASSPHRASE"
 #: testing aid: "MEMORY_KIB,ITERATIONS,LANES" for new keys (the default costs ~0.35 s)
 KDF_ENV = "DISKRSYNC_KDF"
+MIN_NEW_PASSPHRASE = 8  # characters (bytes) of a passphrase a new key is wrapped with
 LOSS_WARNING = ("without the key the backup is unreadable: keep the passphrase, and export "
                 "the key now (`diskrsync key export IMAGE FILE`) to a place other than the "
                 "backup host")
@@ -35,6 +36,7 @@ def _read_first_line(path: str) -> bytes:
             line = f.read(65536).split(b"\n", 1)[0]
     except OSError as e:
         raise from_oserror(e, f"cannot read the passphrase file {path}") from None
+    line = line.removesuffix(b"\r")  # a file saved with Windows line ends
     if not line:
         raise UsageError(f"the passphrase file {path} is empty")
     return line
@@ -49,12 +51,16 @@ def _prompt(why: str, new: bool) -> bytes:
                          f"${PASSPHRASE_ENV} (there is no terminal to ask on)") from None
     first = getpass.getpass(f"{why}; passphrase: ").encode()
     if new:
-        if len(first) < 8:
-            raise UsageError("the passphrase must have at least 8 characters")
+        _check_new(first)
         if getpass.getpass("the same passphrase again: ").encode() != first:
             raise UsageError("the two passphrases differ")
         print(f"diskrsync: {LOSS_WARNING}", file=sys.stderr)
     return first
+
+
+def _check_new(passphrase: bytes) -> None:
+    if len(passphrase) < MIN_NEW_PASSPHRASE:
+        raise UsageError(f"the passphrase must have at least {MIN_NEW_PASSPHRASE} characters")
 
 
 def passphrase_source(file: str | None,
@@ -70,6 +76,8 @@ def passphrase_source(file: str | None,
                 cache.append(os.environ[env].encode())
             else:
                 cache.append(_prompt(why, new))
+            if new:  # a new key's passphrase, from wherever it comes
+                _check_new(cache[0])
         return cache[0]
 
     return get

@@ -21,8 +21,9 @@ from dataclasses import replace
 from pathlib import Path
 
 from diskrsync.base.errors import DiskrsyncError, LocalError, UsageError, from_oserror
+from diskrsync.base.retention import Retention
 from diskrsync.cli.main import build_parser
-from diskrsync.cli.requests import push_request
+from diskrsync.cli.requests import push_request, retention, set_retention
 from diskrsync.compression.image import DEFAULT_KEEP
 from diskrsync.compression.targets import target_path
 from diskrsync.synccore import protocol as p
@@ -34,8 +35,6 @@ from diskrsync.synccore.target import TargetStore, open_store, serve_target
 def cmd_serve(args: argparse.Namespace) -> int:
     if args.restrict_to or args.append_only or os.environ.get("SSH_ORIGINAL_COMMAND"):
         return restricted_serve(args)  # owns stdout: it may have to send a refusal
-    if args.keep is None:
-        args.keep = 2  # the client always names it; a person typing serve may not
     if not (args.target or args.source):
         raise UsageError("serve needs --target PATH or --source PATH")
     # stdout carries the protocol: nothing else may be printed there
@@ -45,7 +44,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.target:
         run_target_end(channel, args.target, push_request(args), verify=True)
     else:
-        # the source's options (--dry-run, --ignore-read-errors) come from the pulling client
+        # the source's options (--dry-run, --ignore-read-errors, --skip-free-blocks) come
+        # from the pulling client
         serve_source(channel, args.source, args.generation, push_request(args).source)
     return 0
 
@@ -54,9 +54,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 #: Options a client may send to a restricted serve: name -> takes a value.
 _CLIENT_OPTIONS = {
-    "--target": True, "--source": True, "--keep": True, "--chunk-size": True,
-    "--checkpoint-interval": True, "--generation": True, "-g": True, "--no-compress": False,
-    "--dry-run": False, "-n": False, "--ignore-read-errors": False,
+    "--target": True, "--source": True, "--keep": True, "--keep-last": True,
+    "--keep-hourly": True, "--keep-daily": True, "--keep-weekly": True, "--keep-monthly": True,
+    "--keep-yearly": True, "--keep-within": True, "--always-new-generation": False,
+    "--chunk-size": True, "--checkpoint-interval": True, "--generation": True, "-g": True,
+    "--no-compress": False, "--raw-target": False, "--dry-run": False, "-n": False,
+    "--ignore-read-errors": False,
+    "--skip-free-blocks": False,
 }
 
 
@@ -94,7 +98,7 @@ def _parse_request(command: str) -> argparse.Namespace:
         raise UsageError(f"refused: bad option value in the request ({why})") from None
     if (req.target is None) == (req.source is None):
         raise UsageError("refused: the request must name exactly one --target or --source")
-    if req.keep is None:
+    if retention(req) is None:
         req.keep = DEFAULT_KEEP  # a client that names no --keep asks for the default
     return req
 
@@ -109,30 +113,37 @@ def _note(message: str) -> None:
     sys.stderr.flush()
 
 
-def apply_retention(req: argparse.Namespace, *, floor: int | None, append_only: bool) -> None:
+def apply_retention(req: argparse.Namespace, *, floor: int | Retention | None,
+                    append_only: bool) -> None:
     """The server's retention policy over a client's target request (``req``, in place).
 
     A stolen client key must not shrink what the server keeps: with ``--append-only`` no
     generation is pruned on a client's behalf (pruning is the administrator's ``prune``), with
-    ``--keep N`` at least N are kept (clients may ask for more). Either way a raw target
-    (``--no-compress``), which keeps no history and is overwritten in place, is refused.
+    ``--keep N`` (or any ``--keep-*`` rule) the server's rules are a floor: what they keep is
+    kept whatever the client asks (the union of both policies; clients may keep more). Either
+    way a raw target (``--raw-target``), which keeps no history and is overwritten in place,
+    is refused.
     """
-    if floor is not None and floor < 1:
-        raise UsageError("serve --keep must be at least 1")
+    if isinstance(floor, int):
+        if floor < 1:
+            raise UsageError("serve --keep must be at least 1")
+        floor = Retention(last=floor)
     if not (append_only or floor):
         return
+    asked = retention(req) or Retention(last=DEFAULT_KEEP)
     if req.no_compress:
-        raise UsageError("refused: this key keeps the backups' history (serve "
-                         f"{'--append-only' if append_only else f'--keep {floor}'}): "
-                         "--no-compress would overwrite a file in place")
+        rule = "--append-only" if append_only else floor.describe()  # type: ignore[union-attr]
+        raise UsageError(f"refused: this key keeps the backups' history (serve {rule}): "
+                         "--raw-target would overwrite a file in place")
     if append_only:
-        _note(f"this server keeps every generation (serve --append-only): --keep {req.keep} "
+        _note(f"this server keeps every generation (serve --append-only): {asked.describe()} "
               f"is ignored; pruning is the server administrator's job")
-        req.keep = KEEP_ALL
-    elif floor is not None and req.keep < floor:
-        _note(f"this server keeps at least {floor} generations: --keep {req.keep} raised "
-              f"to {floor}")
-        req.keep = floor
+        set_retention(req, Retention(last=KEEP_ALL))
+    elif floor is not None and not asked.covers(floor):
+        union = asked.union(floor)
+        _note(f"this server keeps at least {floor.describe()}: {asked.describe()} raised to "
+              f"{union.describe()}")
+        set_retention(req, union)
 
 
 def _inside(path: str, root: str) -> bool:
@@ -235,7 +246,8 @@ def _plan_restricted(args: argparse.Namespace) -> tuple[argparse.Namespace, str 
             raise UsageError("refused: this key is write-only: it may push backups but "
                              "not read them (--source)")
         fixed = argparse.Namespace(**vars(args))
-        fixed.keep = DEFAULT_KEEP if args.keep is None else args.keep
+        if retention(fixed) is None:
+            fixed.keep = DEFAULT_KEEP
         if args.target:
             apply_retention(fixed, floor=None, append_only=args.append_only)
         return fixed, None
@@ -249,7 +261,7 @@ def _plan_restricted(args: argparse.Namespace) -> tuple[argparse.Namespace, str 
         raise UsageError("refused: this key is write-only: it may push backups but not read "
                          "them (--source)")
     if req.target is not None:
-        apply_retention(req, floor=args.keep, append_only=args.append_only)
+        apply_retention(req, floor=retention(args), append_only=args.append_only)
     path = req.target or req.source
     real = _guard(path, root)
     if root is not None:

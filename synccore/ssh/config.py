@@ -7,6 +7,9 @@ paramiko is imported only when a config file is read, so a command that merely b
 from __future__ import annotations
 
 import getpass
+import glob
+import re
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -17,12 +20,18 @@ from diskrsync.synccore.location import split_port
 if TYPE_CHECKING:
     import paramiko
 
-__all__ = ["DEFAULT_KNOWN_HOSTS", "DEFAULT_SSH_CONFIG", "SshOptions", "Target", "load_config",
-           "parse_jump", "resolve"]
+__all__ = ["DEFAULT_KNOWN_HOSTS", "DEFAULT_SSH_CONFIG", "SYSTEM_SSH_CONFIG", "SshOptions",
+           "Target", "load_config", "parse_jump", "resolve"]
 
 DEFAULT_SSH_CONFIG = Path("~/.ssh/config")
 DEFAULT_KNOWN_HOSTS = Path("~/.ssh/known_hosts")
 GLOBAL_KNOWN_HOSTS = Path("/etc/ssh/ssh_known_hosts")
+#: The system-wide client config, read after the user's (OpenSSH's SSHDIR/ssh_config).
+SYSTEM_SSH_CONFIG = Path("/etc/ssh/ssh_config")
+#: Where a relative ``Include`` in the user's config is looked for (OpenSSH: ~/.ssh).
+USER_SSH_DIR = Path("~/.ssh")
+#: OpenSSH's READCONF_MAX_DEPTH: Includes nested deeper are an error (a loop, usually).
+MAX_INCLUDE_DEPTH = 16
 
 
 @dataclass(frozen=True)
@@ -41,6 +50,9 @@ class SshOptions:
     use_agent: bool = True
     #: Read-only system-wide known hosts (as OpenSSH's GlobalKnownHostsFile); None: skip.
     global_known_hosts: Path | None = GLOBAL_KNOWN_HOSTS
+    #: The system-wide ssh_config, read after ``ssh_config`` (first value wins); None: skip
+    #: (as ``ssh -F FILE`` does). Relative Includes in it are relative to its directory.
+    system_ssh_config: Path | None = SYSTEM_SSH_CONFIG
 
 
 @dataclass(frozen=True)
@@ -59,6 +71,9 @@ class Target:
     hash_known_hosts: bool
     known_hosts: Path
     extra_known_hosts: tuple[Path, ...] = field(default=())
+    #: ``StrictHostKeyChecking accept-new`` (or ``no``) in ssh_config: add unknown host keys
+    #: (a changed key is refused all the same).
+    accept_new_host_key: bool = False
 
     @property
     def known_hosts_name(self) -> str:
@@ -68,22 +83,96 @@ class Target:
 
 
 def load_config(opts: SshOptions) -> paramiko.SSHConfig:
-    """The ssh_config file named by ``opts`` (OpenSSH's default one only if it exists)."""
+    """ssh_config as OpenSSH reads it: the user's file (``opts.ssh_config``; the default one
+    only if it exists), then the system's (``opts.system_ssh_config``, if it exists), with
+    every ``Include`` expanded; the first value obtained for a setting wins."""
     import paramiko
 
     if opts.ssh_config is None:
         return paramiko.SSHConfig()
+    lines: list[str] = []
+    read: list[str] = []
     path = opts.ssh_config.expanduser()
-    if not path.exists():
-        if opts.ssh_config == DEFAULT_SSH_CONFIG:
-            return paramiko.SSHConfig()
-        raise UsageError(f"ssh config file {path} not found")
+    if path.exists() or opts.ssh_config != DEFAULT_SSH_CONFIG:
+        lines += _read_config(path, USER_SSH_DIR.expanduser(), depth=0, context=None)
+        read.append(str(path))
+    system = opts.system_ssh_config
+    if system is not None and system.exists():
+        lines.append("Host *")  # back to "every host" after the user's last block
+        lines += _read_config(system, system.parent, depth=0, context=None)
+        read.append(str(system))
     try:
-        return paramiko.SSHConfig.from_path(str(path))
+        return paramiko.SSHConfig.from_text("\n".join(lines))
+    except Exception as e:
+        raise UsageError(f"cannot parse ssh config {' + '.join(read)} (with their Includes): "
+                         f"{e}") from None
+
+
+_KEYWORD = re.compile(r"\s*(\w+)(?:\s*=\s*|\s+)(.*)")
+
+
+def _criteria(block: str) -> list[str]:
+    """A ``Host``/``Match`` line as ``Match`` criteria words (``Host a b`` is ``Match
+    originalhost a,b``: Host patterns see the name as typed)."""
+    key, _, rest = block.replace("=", " ", 1).partition(" ")
+    if key.lower() == "host":
+        return ["originalhost", ",".join(rest.split())]
+    words = rest.split()
+    return [] if [w.lower() for w in words] == ["all"] else words
+
+
+def _within(outer: str | None, block: str) -> str:
+    """``block`` of an included file, restricted to where the Include's own block
+    (``outer``) applies: OpenSSH never matches anything in a file included from a block
+    that does not apply."""
+    if outer is None:
+        return block
+    words = _criteria(outer) + _criteria(block)
+    return "Match " + " ".join(words) if words else "Match all"
+
+
+def _read_config(path: Path, base: Path, *, depth: int, context: str | None) -> list[str]:
+    """The lines of one config file with its ``Include``s replaced by the included files.
+
+    An included file's lines apply under the block the Include stands in (``context``, the
+    last ``Host``/``Match`` line): its own blocks match only where that one does (see
+    ``_within``), and the block is reopened after each Include, so the lines that follow it
+    keep their meaning, as in OpenSSH. Relative Include paths are relative to
+    ``base`` (~/.ssh for the user's config, /etc/ssh for the system's); globs are sorted;
+    a pattern that matches nothing is skipped.
+    """
+    if depth > MAX_INCLUDE_DEPTH:
+        raise UsageError(f"ssh config {path}: Include nested more than {MAX_INCLUDE_DEPTH} "
+                         f"deep (does it include itself?)")
+    try:
+        text = path.read_text(errors="replace")
+    except FileNotFoundError:
+        raise UsageError(f"ssh config file {path} not found") from None
     except OSError as e:
         raise LocalError(f"cannot read ssh config {path}: {e.strerror or e}") from None
-    except Exception as e:
-        raise UsageError(f"cannot parse ssh config {path}: {e}") from None
+    outer, out = context, []
+    for line in text.splitlines():
+        m = _KEYWORD.match(line)
+        key = m[1].lower() if m else ""
+        if key in ("host", "match"):
+            line = context = _within(outer, line.strip())
+        if key != "include":
+            out.append(line)
+            continue
+        assert m is not None
+        try:
+            patterns = shlex.split(m[2], comments=True)
+        except ValueError as e:
+            raise UsageError(f"ssh config {path}: bad Include line: {e}") from None
+        for pattern in patterns:
+            full = Path(pattern).expanduser()
+            if not full.is_absolute():
+                full = base / full
+            for name in sorted(glob.glob(str(full))):
+                if Path(name).is_file():
+                    out += _read_config(Path(name), base, depth=depth + 1, context=context)
+        out.append(context or "Host *")
+    return out
 
 
 def _yes(value: Any) -> bool:
@@ -113,6 +202,7 @@ def resolve(
     if known == DEFAULT_KNOWN_HOSTS and c.get("userknownhostsfile"):
         known = Path(c["userknownhostsfile"].split()[0])
     extra = (opts.global_known_hosts,) if opts.global_known_hosts else ()
+    strict = str(c.get("stricthostkeychecking", "ask")).lower()
     return Target(
         alias=alias,
         hostname=hostname,
@@ -126,6 +216,7 @@ def resolve(
         hash_known_hosts=_yes(c.get("hashknownhosts", "no")),
         known_hosts=known.expanduser(),
         extra_known_hosts=tuple(p.expanduser() for p in extra),
+        accept_new_host_key=strict in ("accept-new", "no", "off"),
     )
 
 
@@ -150,6 +241,9 @@ class RemoteOptions:
     progress: bool = False  # draw a progress bar here
     remote_progress: bool = False  # ask a Go remote for its progress lines (a bar on a tty)
     timeout: float | None = None  # fail when the remote sends nothing for this long
+    #: ``--rsh``: the words of an external program (``ssh -o ...``) that runs the remote
+    #: command instead of the built-in client; empty: the built-in client.
+    rsh: tuple[str, ...] = ()
 
     @property
     def command(self) -> str:

@@ -146,7 +146,8 @@ def _start_transport(sock: Any, target: Target, opts: SshOptions) -> paramiko.Tr
                 f"{target.hostname} port {target.port}: timed out after "
                 f"{opts.connect_timeout:g} s waiting for {what}"
             )
-        check_host_key(target, t.get_remote_server_key(), opts.accept_new_host_key)
+        check_host_key(target, t.get_remote_server_key(),
+                       opts.accept_new_host_key or target.accept_new_host_key)
         authenticate(t, target, opts)
         return t
     except BaseException:

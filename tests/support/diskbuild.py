@@ -187,6 +187,28 @@ def build_gpt_disk(path: Path, work: Path, *, seed: int = 1) -> BuiltDisk:
     return BuiltDisk(path, size, "gpt", tuple(parts))
 
 
+def build_labelled_gpt_disk(path: Path, work: Path) -> BuiltDisk:
+    """GPT names and file system labels that differ: p1 "root" holds ext4 "ROOTFS", p2 (no
+    name) ext4 "spare", p3 "swap" no file system; for by-label versus by-partlabel."""
+    size = 40 * MiB
+    _sparse_file(path, size)
+    _run("sgdisk", "-n", "1:2048:+12M", "-c", "1:root", "-n", "2:0:+12M",
+         "-n", "3:0:+4M", "-c", "3:swap", str(path))
+    parts = []
+    for entry in _layout(path):
+        number = _number(str(entry["node"]))
+        start, count = int(entry["start"]), int(entry["size"])  # type: ignore[call-overload]
+        fs_label = {1: "ROOTFS", 2: "spare"}.get(number)
+        if fs_label:
+            fs = work / f"labelled-p{number}.img"
+            make_ext4(fs, count * SECTOR, fs_label, {"f": b"x"}, work)
+            copy_into(path, fs, start * SECTOR)
+            fs.unlink()
+        parts.append(BuiltPartition(number, start * SECTOR, count * SECTOR,
+                                    str(entry.get("name", "")), "ext4" if fs_label else "", {}))
+    return BuiltDisk(path, size, "gpt", tuple(parts))
+
+
 def build_mbr_disk(path: Path, work: Path, *, seed: int = 2) -> BuiltDisk:
     size = 104 * MiB
     _sparse_file(path, size)

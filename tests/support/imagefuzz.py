@@ -138,7 +138,7 @@ def main() -> None:
         signal.alarm(ALARM_S)
         try:
             rec["info"], doc = run_cli("info", "--json", work)
-            if doc is not None:
+            if doc is not None and "error" not in doc:  # a failure prints an error object
                 rec["info_gens"] = [g["number"] for g in doc["generations"]]
             rec["verify"], _ = run_cli("verify", "--json", work)
             rec["read"] = read_all(work, model)

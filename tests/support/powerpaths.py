@@ -231,6 +231,34 @@ def _run_abort(root: str, src: str, rng: random.Random, contents: dict[int, byte
     rec.mark(("image", (1, 2)))
 
 
+def _run_push_unchanged(root: str, src: str, rng: random.Random, contents: dict[int, bytes],
+                        rec: Recorder) -> None:
+    """A push of the content the image holds commits no generation but a metadata-only
+    commit (the newest record gains ``last_checked``); before it, a killed push of that
+    same content left a checkpoint, which that commit drops (and what it wrote is given
+    back). Then a changed push commits the next number."""
+    path = os.path.join(root, "t.img")
+    n = max(contents)
+    same = contents[n]
+    with Image.open(path) as img:
+        tx = img.begin()
+        try:
+            tx.resize(len(same))
+            for c in rng.sample(range(tx.shape.chunks), 4):
+                tx.write_chunk(c, same[c * CS : (c + 1) * CS])
+            tx.checkpoint()
+        finally:
+            tx.abort()
+    rec.mark(("image", (n - 1, n)))
+    push(src, path, same)
+    with Image.open(path) as img:
+        assert img.generations()[-1].meta.get("checks") == 1 and img.table.checkpoint is None
+    rec.mark(("image", (n - 1, n)))
+    contents[n + 1] = mutate(rng, same, len(same), 5)
+    push(src, path, contents[n + 1])
+    rec.mark(("image", (n, n + 1)))
+
+
 def _set_spgz(name: str) -> Callable[..., None]:
     def setup(root: str, src: str, rng: random.Random, contents: dict[int, bytes]) -> None:
         shutil.copyfile(SPGZ_VECTOR, os.path.join(root, name))
@@ -316,6 +344,8 @@ PATHS: dict[str, Path] = {p.name: p for p in [
          lambda r, s, g, c, rec: _run_push(r, s, g, c, rec, checkpoint_bytes=CS // 4),
          lambda r, s, d, c: _image_again(r, s, d, c, "t.img")),
     Path("prune", "t.img", _set_existing(3, keep=3), _run_prune,
+         lambda r, s, d, c: _image_again(r, s, d, c, "t.img")),
+    Path("push-unchanged", "t.img", _set_existing(2), _run_push_unchanged,
          lambda r, s, d, c: _image_again(r, s, d, c, "t.img")),
     Path("abort", "t.img", _set_existing(1), _run_abort,
          lambda r, s, d, c: _image_again(r, s, d, c, "t.img")),

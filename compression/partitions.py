@@ -37,6 +37,7 @@ class Partition:
     size: int  # bytes (clipped to the disk)
     label: str  # GPT partition name; "" for MBR
     type: str  # GPT type GUID (lower case) or MBR type as "0x83"
+    fs_label: str = ""  # the label of the file system in it (see filesystem_label)
 
 
 @dataclass(frozen=True)
@@ -202,15 +203,62 @@ def read_partitions(read: ReadFn, disk_size: int) -> tuple[Partition, ...]:
     return read_partition_table(read, disk_size).partitions
 
 
-def label_entries(partitions: tuple[Partition, ...]) -> dict[str, Partition]:
-    """File names for ``by-label``: usable labels, first (lowest-numbered) one wins.
+def label_entries(partitions: tuple[Partition, ...], *,
+                  filesystem: bool = False) -> dict[str, Partition]:
+    """File names for ``by-partlabel`` (GPT partition names) or, with ``filesystem``,
+    ``by-label`` (file system labels): usable labels, first (lowest-numbered) one wins.
 
     A "/" becomes "_" and NUL is dropped; empty labels and "." / ".." are skipped.
     """
     out: dict[str, Partition] = {}
     for part in sorted(partitions, key=lambda p: p.number):
-        name = part.label.replace("\0", "").replace("/", "_")
+        label = part.fs_label if filesystem else part.label
+        name = label.replace("\0", "").replace("/", "_")
         if name in ("", ".", "..") or name in out:
             continue
         out[name] = part
     return out
+
+
+# -- file system labels (what udev's by-label shows) -----------------------------------------
+
+_EXT_MAGIC = b"\x53\xef"  # s_magic 0xEF53, little endian, at superblock offset 56
+_XFS_MAGIC = b"XFSB"
+_BTRFS_SUPER = 64 * 1024
+_BTRFS_MAGIC = b"_BHRfS_M"
+_FAT_NO_LABEL = "NO NAME"
+
+
+def _text(raw: bytes) -> str:
+    return raw.split(b"\0", 1)[0].decode("utf-8", "replace").strip()
+
+
+def filesystem_label(read: ReadFn, start: int, size: int) -> str:
+    """The label of the file system in ``[start, start + size)``: ext2/3/4, XFS, Btrfs or
+    FAT, read from its superblock or boot sector as blkid does; "" when it has none, is
+    none of these, or the fields fail their magic checks."""
+
+    def at(offset: int, length: int) -> bytes | None:
+        return _exact(read, start + offset, length) if offset + length <= size else None
+
+    ext = at(1024, 256)
+    if ext is not None and ext[56:58] == _EXT_MAGIC:
+        return _text(ext[120:136])  # s_volume_name
+    head = at(0, SECTOR)
+    if head is not None and head[:4] == _XFS_MAGIC:
+        return _text(head[108:120])  # sb_fname
+    btrfs = at(_BTRFS_SUPER, 4096)
+    if btrfs is not None and btrfs[64:72] == _BTRFS_MAGIC:
+        return _text(btrfs[299:555])  # label[256]
+    if head is not None and head[510:512] == b"\x55\xaa":
+        # FAT32 keeps its extended BPB at 64, FAT12/16 at 36: boot signature 0x29, then the
+        # serial and an 11-byte label padded with spaces ("NO NAME" when unset)
+        if head[82:87] == b"FAT32" and head[66] == 0x29:
+            label = head[71:82]
+        elif head[54:59] in (b"FAT12", b"FAT16") and head[38] == 0x29:
+            label = head[43:54]
+        else:
+            return ""
+        text = label.decode("latin-1").rstrip(" \0")
+        return "" if text == _FAT_NO_LABEL else text
+    return ""
