@@ -186,14 +186,14 @@ def test_push_and_pull_through_the_system_ssh(env: Env, tmp_path: Path) -> None:
     assert first["generation"] == 1 and first["bytes_sent"] > 3 * MiB
     assert content(remote / "disk.spgz", tmp_path) == data
     again = env.ok(str(src), f"viassh:{remote}/disk.spgz")
-    assert again["generation"] == 2 and again["chunks_differing"] == 0
+    assert again["generation"] == 1 and again["unchanged"] and again["chunks_differing"] == 0
     pulled = env.ok(f"viassh:{remote}/disk.spgz", str(tmp_path / "pulled.spgz"))
     assert pulled["generation"] == 1 and pulled["bytes_sent"] > 3 * MiB
     assert content(tmp_path / "pulled.spgz", tmp_path) == data
     # a pull's generation names the host it came from; --label names what the user says
-    assert sources(tmp_path / "pulled.spgz") == [f"viassh:{remote}/disk.spgz (generation 2)"]
+    assert sources(tmp_path / "pulled.spgz") == [f"viassh:{remote}/disk.spgz (generation 1)"]
     env.ok(f"viassh:{remote}/disk.spgz", str(tmp_path / "pulled.spgz"), "--label",
-           "web1:/dev/vg0/root")
+           "web1:/dev/vg0/root", "--always-new-generation")  # (unchanged: no new one else)
     assert sources(tmp_path / "pulled.spgz")[-1] == "web1:/dev/vg0/root"
 
 
@@ -241,7 +241,7 @@ def test_control_master_connection_is_reused(env: Env, srv: SshServer,
                                capture_output=True, text=True, env=env.env, timeout=30)
         assert check.returncode == 0, check.stderr  # the master outlived the push
         logins = srv.log.read_text().count("Accepted publickey")
-        assert env.ok(str(src), f"viassh:{tmp_path}/c.spgz", rsh=rsh)["generation"] == 2
+        assert env.ok(str(src), f"viassh:{tmp_path}/c.spgz", rsh=rsh)["unchanged"]
         # no new login at the server: the master's connection carried the second push
         assert srv.log.read_text().count("Accepted publickey") == logins
     finally:
