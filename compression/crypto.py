@@ -301,12 +301,13 @@ class SealedCodec:
         self.level = level
         self.name = f"{key.cipher}+keyed-blake3:{key.key_id.hex()}"
         self._sessions = _Sessions(key)
-        self._leaf = blake3.blake3(key=key.leaf_key)  # copied per chunk: no re-keying
+        self._leaf_key = key.leaf_key
 
     def leaf_hash(self, data: Bytes, index: int) -> bytes:
-        h = self._leaf.copy()
-        h.update(struct.pack("<Q", index))
-        h.update(data)
+        # the position follows the bytes (u64 index, u32 length: unambiguous): a prefix would
+        # misalign BLAKE3's 1 KiB chunks and cost ~25% more per chunk (measured)
+        h = blake3.blake3(data, key=self._leaf_key)
+        h.update(struct.pack("<QI", index, len(data)))
         return h.digest()
 
     zero_hash = staticmethod(merkle.zero_hash)
@@ -331,7 +332,8 @@ class SealedCodec:
         salt, nonce = stored[:SALT_SIZE], stored[SALT_SIZE : SALT_SIZE + NONCE_SIZE]
         try:
             body = self._sessions.reader(salt).decrypt(
-                nonce, stored[SALT_SIZE + NONCE_SIZE :], self._ad(at, int(kind), length))
+                nonce, memoryview(stored)[SALT_SIZE + NONCE_SIZE :],  # no copy
+                self._ad(at, int(kind), length))
         except InvalidTag:
             raise ValueError("does not authenticate (damaged, forged, or moved from another "
                              "place or version)") from None
@@ -384,14 +386,11 @@ class ContentSealedCodec(SealedCodec):
     def __init__(self, key: MasterKey, level: int = DEFAULT_LEVEL) -> None:
         super().__init__(key, level)
         self.name = f"{key.cipher}+content-blake3:{key.key_id.hex()}"
-        self._leaf = blake3.blake3(key=blake3.blake3(
-            key.secret, derive_key_context=_CTX_CONTENT).digest())
+        self._content_key = blake3.blake3(key.secret, derive_key_context=_CTX_CONTENT).digest()
         self._object_key = blake3.blake3(key.secret, derive_key_context=_CTX_OBJECT).digest()
 
     def leaf_hash(self, data: Bytes, index: int = 0) -> bytes:
-        h = self._leaf.copy()
-        h.update(data)
-        return h.digest()
+        return blake3.blake3(data, key=self._content_key).digest()
 
     def _ad(self, at: ChunkAt, kind: int, length: int) -> bytes:
         if len(at.digest) != merkle.HASH_SIZE:
