@@ -46,6 +46,7 @@ import stat
 import struct
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
@@ -452,21 +453,41 @@ def _read_state(store: FileStore, path: str) -> _State:
 
 class TreeView:
     """Read access to one tree of the index; pages are loaded on demand and checked both by
-    their own checksum and against the digest their parent records."""
+    their own checksum and against the digest their parent records.
+
+    Pages above level 1 (1/fanout of the index) stay in memory once read; level-1 pages, the
+    bulk of the index (48 bytes per chunk: 384 MiB for 1 TiB of 128 KiB chunks), only the
+    last ``LEAF_PAGES`` read, so walking a whole tree costs the same memory at any disk size
+    (issue 16)."""
+
+    LEAF_PAGES = 64
 
     def __init__(self, store: ChunkReader, ref: TreeRef, chunk_size: int, fanout: int) -> None:
         self.store = store
         self.ref = ref
         self.shape = Shape(ref.size, chunk_size, fanout)
-        self._pages: dict[tuple[int, int], bytes] = {}
+        self._pages: dict[tuple[int, int], bytes] = {}  # levels >= 2
+        self._leaf_pages: OrderedDict[int, bytes] = OrderedDict()  # level 1, least recent first
         self._lock = threading.Lock()
+
+    def cached_pages(self) -> int:
+        """Index pages held in memory now (what the memory bound is about)."""
+        with self._lock:
+            return len(self._pages) + len(self._leaf_pages)
 
     def page(self, level: int, index: int) -> bytes:
         """Packed entries of index page (level, index), level >= 1."""
+        if level == 1:
+            with self._lock:
+                got = self._leaf_pages.get(index)
+                if got is not None:
+                    self._leaf_pages.move_to_end(index)
+                    return got
+        else:
+            got = self._pages.get((level, index))
+            if got is not None:
+                return got
         key = (level, index)
-        got = self._pages.get(key)
-        if got is not None:
-            return got
         shape = self.shape
         top = shape.top_level
         if level == top:
@@ -490,7 +511,12 @@ class TreeView:
         if node_hash_packed(entry_digests(entries)) != want:
             raise DataError(f"index page ({level},{index}) at offset {off} fails its Merkle hash")
         with self._lock:
-            self._pages[key] = entries
+            if level == 1:
+                self._leaf_pages[index] = entries
+                if len(self._leaf_pages) > self.LEAF_PAGES:
+                    self._leaf_pages.popitem(last=False)
+            else:
+                self._pages[key] = entries
         return entries
 
     @classmethod
@@ -1150,7 +1176,14 @@ class Transaction:
         seen: set[int] = set()
         for rec in live:
             try:
-                used.extend(TreeView(store, rec.tree, cs, fo).extents(seen))
+                # extents written one after another (a push's chunks) merge as they come,
+                # so the list grows with the image's fragments rather than its chunks
+                for off, length in TreeView(store, rec.tree, cs, fo).extents(seen):
+                    last_off, last_len = used[-1] if used else (-1, 0)
+                    if last_off + last_len == off:
+                        used[-1] = (last_off, last_len + length)
+                    else:
+                        used.append((off, length))
             except DataError:
                 if rec in state.table.generations or rec is state.table.checkpoint:
                     raise

@@ -174,9 +174,12 @@ class _Conversation:
 class SourceConversation(_Conversation):
     """The source's side: compares page and chunk digests, decides what travels.
 
-    The driver writes its chunk digests into ``leaves`` (32 bytes per chunk, once the shapes
-    are known) as it scans; a page is decided with ``page_equal``/``page_differs`` once the
-    target's digest of it is known (``needs_target_page``, ``pages_known``).
+    The driver gives its chunk digests to ``set_leaves`` as it scans; a page is decided with
+    ``page_equal``/``page_differs`` once the target's digest of it is known
+    (``needs_target_page``, ``pages_known``). Leaf digests are kept only for the pages not
+    settled yet (equal, adopted, or their chunks sent: ``page_sent``); a settled page keeps
+    its digest alone, 32 bytes per ``fanout`` chunks, so memory follows the pages in flight
+    and not the disk (issue 16: 32 bytes per chunk were 256 MiB for 1 TiB).
     """
 
     def __init__(self, size: int, chunk_size: int, fanout: int, software: str,
@@ -189,7 +192,9 @@ class SourceConversation(_Conversation):
                                "caps": list(p.CAPABILITIES), **info})
         self.target: p.Hello | None = None
         self.src = self.dst = Shape(0, p.MAX_CHUNK, 2)
-        self.leaves = bytearray()
+        self._leaves: dict[int, bytearray] = {}  # page -> leaf digests, until settled
+        self._mine = bytearray()  # digests of the settled pages
+        self._settled = bytearray()  # 1 for each page settled
         self._page_hashes = bytearray()
         self._asked: set[int] = set()  # pages whose Leaves we wait for
         self._unread: dict[int, tuple[int, ...]] = {}  # page -> chunks whose digest is theirs
@@ -246,17 +251,57 @@ class SourceConversation(_Conversation):
         self.target = hello
         self.src = Shape(self.size, hello.chunk_size, hello.fanout)
         self.dst = Shape(hello.size, hello.chunk_size, hello.fanout)
-        self.leaves = bytearray(HASH_SIZE * self.src.chunks)
+        self._mine = bytearray(HASH_SIZE * self.src.count(1))
+        self._settled = bytearray(self.src.count(1))
         return TargetReady(hello, self.src, self.dst)
 
     # .. deciding ..
 
+    def _page_leaves(self, j: int) -> bytearray:
+        got = self._leaves.get(j)
+        if got is None:
+            a, b = self.src.chunk_range(1, j)
+            got = self._leaves[j] = bytearray(HASH_SIZE * (b - a))
+        return got
+
+    @property
+    def pages_held(self) -> int:
+        """Pages whose leaf digests are held (scanned or being scanned, not settled)."""
+        return len(self._leaves)
+
+    def set_leaves(self, first: int, digests: bytes | bytearray) -> None:
+        """The digests of chunks ``first ..`` (32 bytes each), of pages not settled."""
+        f = self.src.fanout
+        c, at = first, 0
+        while at < len(digests):
+            j = c // f
+            page = self._page_leaves(j)
+            k = c - j * f
+            n = min(len(page) // HASH_SIZE - k, (len(digests) - at) // HASH_SIZE)
+            page[k * HASH_SIZE : (k + n) * HASH_SIZE] = digests[at : at + n * HASH_SIZE]
+            c, at = c + n, at + n * HASH_SIZE
+
     def leaf(self, c: int) -> bytes:
-        return bytes(self.leaves[c * HASH_SIZE : (c + 1) * HASH_SIZE])
+        j, k = divmod(c, self.src.fanout)
+        return bytes(self._leaves[j][k * HASH_SIZE : (k + 1) * HASH_SIZE])
 
     def set_leaf(self, c: int, digest: bytes) -> None:
         """Chunk c's digest changed since the scan (what is sent is what counts)."""
-        self.leaves[c * HASH_SIZE : (c + 1) * HASH_SIZE] = digest
+        j, k = divmod(c, self.src.fanout)
+        self._leaves[j][k * HASH_SIZE : (k + 1) * HASH_SIZE] = digest
+
+    def _settle(self, j: int, digest: bytes | None = None) -> None:
+        assert not self._settled[j], f"page {j} settled twice"
+        leaves = self._leaves.pop(j, None)
+        if digest is None:
+            digest = node_hash_packed(leaves if leaves is not None else self._page_leaves(j))
+            self._leaves.pop(j, None)
+        self._mine[j * HASH_SIZE : (j + 1) * HASH_SIZE] = digest
+        self._settled[j] = 1
+
+    def page_sent(self, j: int) -> None:
+        """Page j's differing chunks are sent (their digests final): only its digest stays."""
+        self._settle(j)
 
     def comparable(self, c: int) -> bool:
         return c < self.dst.chunks and self.dst.chunk_length(c) == self.src.chunk_length(c)
@@ -273,16 +318,19 @@ class SourceConversation(_Conversation):
         if not self.needs_target_page(j):
             return False
         if mine is None:
-            a, b = self.src.chunk_range(1, j)
-            mine = node_hash_packed(self.leaves[a * HASH_SIZE : b * HASH_SIZE])
+            mine = node_hash_packed(self._page_leaves(j))
         assert j < self.pages_known, "page decided before the target's digest of it"
-        return mine == self._page_hashes[j * HASH_SIZE : (j + 1) * HASH_SIZE]
+        equal = mine == self._page_hashes[j * HASH_SIZE : (j + 1) * HASH_SIZE]
+        if equal:
+            self._settle(j, mine)
+        return equal
 
     def adopt_page(self, j: int) -> None:
         """Page j is known not to have changed since the target's generation (a map of
         changed ranges says so): its digest is the target's, and its leaves are never known."""
         assert self.needs_target_page(j) and j < self.pages_known
         self._adopted.add(j)
+        self._settle(j, bytes(self._page_hashes[j * HASH_SIZE : (j + 1) * HASH_SIZE]))
 
     def page_differs(self, j: int, unread: tuple[int, ...] = ()) -> p.NeedLeaves | SendChunks:
         """Page j differs: ask for its leaf digests, or, where the target has none of it,
@@ -310,8 +358,7 @@ class SourceConversation(_Conversation):
             raise PeerError(f"target sent {len(msg.hashes) // HASH_SIZE} leaf digests for page "
                             f"{j}, expected {tb - ta}")
         for c in self._unread.pop(j, ()):
-            self.leaves[c * HASH_SIZE : (c + 1) * HASH_SIZE] = \
-                msg.hashes[(c - ta) * HASH_SIZE : (c - ta + 1) * HASH_SIZE]
+            self.set_leaf(c, msg.hashes[(c - ta) * HASH_SIZE : (c - ta + 1) * HASH_SIZE])
         send = []
         for c in range(a, b):
             if self.comparable(c):
@@ -326,15 +373,13 @@ class SourceConversation(_Conversation):
     # .. ending ..
 
     def root(self) -> bytes:
-        """The root of the source's disk from its leaves, and from the target's digest for
-        each adopted page (whose leaves are never known)."""
-        pages = [
-            bytes(self._page_hashes[j * HASH_SIZE : (j + 1) * HASH_SIZE]) if j in self._adopted
-            else node_hash_packed(self.leaves[a * HASH_SIZE : b * HASH_SIZE])
-            for j, (a, b) in enumerate(self.src.chunk_range(1, j)
-                                       for j in range(self.src.count(1)))
-        ]
-        return root_from_pages(self.src, pages)
+        """The root of the source's disk from its page digests (the target's for each adopted
+        page, whose leaves are never known); pages not settled yet are settled now."""
+        for j in range(self.src.count(1)):
+            if not self._settled[j]:
+                self._settle(j)
+        return root_from_pages(self.src, [bytes(self._mine[j * HASH_SIZE : (j + 1) * HASH_SIZE])
+                                          for j in range(self.src.count(1))])
 
     def done(self, info: dict[str, Any]) -> p.Done:
         """Everything is decided and sent: the root of what the target should now hold."""

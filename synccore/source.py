@@ -562,6 +562,8 @@ class SourceSession:
         self._release_held(j, chunks)
         self._count_differing(chunks)
         if self.opts.dry_run or not chunks:
+            with self._cv:
+                self.conv.page_sent(j)
             self._slots.release()
             return
         with self._cv:
@@ -579,6 +581,7 @@ class SourceSession:
             self._page_left[j] -= 1
             if not self._page_left[j]:
                 del self._page_left[j]
+                self.conv.page_sent(j)
                 self._slots.release()
         self._done_one()
 
@@ -768,7 +771,8 @@ class SourceSession:
             for batch in self._batches(batches):
                 self.fail.check()
                 first, end = batch.first, batch.first + len(batch.hashes)
-                self.conv.leaves[first * HASH_SIZE : end * HASH_SIZE] = b"".join(batch.hashes)
+                with self._cv:
+                    self.conv.set_leaves(first, b"".join(batch.hashes))
                 length = min(end * self.cs, self.src.size) - first * self.cs
                 skipped = sum(self.src.chunk_length(first + k)
                               for k, z in enumerate(batch.zero) if z)
@@ -785,6 +789,9 @@ class SourceSession:
                         for c in sent:
                             kind, payload = batch.encoded[c - first]  # type: ignore[misc]
                             self.ch.send(p.Chunk(c, kind, self.conv.leaf(c), payload))
+                    if end % self.fanout == 0 or end == self.src.chunks:
+                        with self._cv:
+                            self.conv.page_sent(first // self.fanout)
                 elif end % self.fanout == 0 or end == self.src.chunks:
                     self._decide_page(page, unread=tuple(page_unread))
                     page_unread = []
@@ -895,8 +902,8 @@ class SourceSession:
         """Image source with the target's geometry: digests come from its index."""
         for c_page, h in enumerate(index.node_hashes(1)):
             a, b = self.src.chunk_range(1, c_page)
-            for k, leaf in enumerate(index.leaf_hashes(c_page)):
-                self.conv.leaves[(a + k) * HASH_SIZE : (a + k + 1) * HASH_SIZE] = leaf
+            with self._cv:
+                self.conv.set_leaves(a, b"".join(index.leaf_hashes(c_page)))
             for c in range(a, b):
                 if self.conv.leaf(c) == zero_hash(self.src.chunk_length(c)):
                     self.stats.zero_chunks += 1

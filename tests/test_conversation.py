@@ -172,7 +172,7 @@ class MemSource(_End):
         while (event := self.conv.next_event()) is not None:
             if isinstance(event, TargetReady):
                 self.ready = event
-                self.conv.leaves[:] = _leaves(self.data, event.src)
+                self.conv.set_leaves(0, _leaves(self.data, event.src))
             elif isinstance(event, SendChunks):
                 self.send_chunks(event.chunks)
             elif isinstance(event, Finished):
@@ -574,7 +574,7 @@ class MapSource(MemSource):
         super().feed(data)
         if ready is None and self.ready is not None:
             for c in self.unchanged:  # never computed: garbage until the Leaves say
-                self.conv.leaves[c * HASH_SIZE : (c + 1) * HASH_SIZE] = b"\xee" * HASH_SIZE
+                self.conv.set_leaf(c, b"\xee" * HASH_SIZE)
 
     def step(self) -> bool:
         if not self.can_step():
@@ -625,3 +625,37 @@ def test_a_map_of_changed_ranges_takes_the_rest_from_the_target(
     if unchanged == set(range(shape.chunks)) and shape.chunks and len(after) == len(before):
         # (a shrunk disk's last page covers fewer chunks than the target's: asked for)
         assert src.adopted  # nothing asked: every page's digest was the target's
+
+
+def test_source_holds_leaf_digests_only_of_pages_in_flight():
+    """A page's leaf digests are dropped once it is settled (equal, or its chunks sent), so a
+    source's memory follows the pages in flight, not the disk (issue 16: the array of every
+    leaf was 32 bytes per chunk, 256 MiB for 1 TiB); the root still comes out right."""
+    pages = 50
+    shape = Shape(pages * FANOUT * CS, CS, FANOUT)
+    rnd = random.Random(3)
+    mine = [rnd.randbytes(HASH_SIZE) for _ in range(shape.chunks)]
+    theirs = list(mine)
+    for c in range(0, shape.chunks, 7):  # some pages differ
+        theirs[c] = rnd.randbytes(HASH_SIZE)
+    conv = SourceConversation(shape.size, CS, FANOUT, "test", {}, dry_run=False)
+    conv.hello()
+    conv.receive(p.Hello("target", shape.size, CS, FANOUT, "test",
+                         {"hash": p.HASH, "caps": list(p.CAPABILITIES)}))
+    page_digests = b"".join(node_hash_packed(b"".join(theirs[j * FANOUT : (j + 1) * FANOUT]))
+                            for j in range(pages))
+    conv.receive(p.PageHashes(0, page_digests))
+    most = 0
+    for j in range(pages):
+        a, b = shape.chunk_range(1, j)
+        conv.set_leaves(a, b"".join(mine[a:b]))
+        most = max(most, conv.pages_held)
+        if not conv.page_equal(j):
+            assert isinstance(conv.page_differs(j), p.NeedLeaves)
+            event = conv.receive(p.Leaves(j, b"".join(theirs[a:b])))
+            assert isinstance(event, SendChunks) and event.chunks
+            conv.page_sent(j)
+        assert conv.pages_held == 0
+    assert most == 1
+    done = conv.done({})
+    assert done.root == root_from_leaves(shape, b"".join(mine))

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from diskrsync.base.errors import BusyError, DataError, UsageError
 from diskrsync.base.merkle import leaf_hash, tree_root
 from diskrsync.compression.api import GenerationInfo
-from diskrsync.compression.image import Image
+from diskrsync.compression.image import Image, TreeView
 from diskrsync.compression.importer import BATCH_CHUNKS, write_new_image
 
 pytestmark = pytest.mark.inproc
@@ -178,3 +178,25 @@ def test_write_new_image_in_one_pass(tmp_path):
         assert sum(s.chunk_is_zero(i) for i in range(s.chunk_count)) == 30
     with pytest.raises(UsageError, match="already exists"):
         write_new_image(lambda o, n: data[o : o + n], len(data), path, chunk_size=CS)
+
+
+def test_tree_walk_holds_a_bounded_number_of_index_pages(tmp_path):
+    """Walking every chunk of a tree (a push's compare, the allocator's extents, a mount's
+    read) keeps at most LEAF_PAGES level-1 pages, not the whole index (issue 16: 384 MiB for
+    a 1 TiB disk)."""
+    img = Image.create(str(tmp_path / "a.spgz"), chunk_size=CS, fanout=4)
+    pages = TreeView.LEAF_PAGES * 3
+    data = b"".join(i.to_bytes(4, "little") * (CS // 4) for i in range(pages * 4))
+    write_all(img, data)
+    img.refresh()
+    with img.snapshot() as s:
+        assert s.read(0, s.size) == data
+        for p in range(pages):
+            assert len(s.tree.leaf_hashes(p)) == 4
+        upper = s.tree.shape.count(2) + s.tree.shape.count(3) + s.tree.shape.count(4) + 1
+        assert s.tree.cached_pages() <= TreeView.LEAF_PAGES + upper
+        extents = list(s.tree.extents(set()))
+        assert len(extents) >= pages * 5  # a page and its 4 chunks each
+        assert s.tree.cached_pages() <= TreeView.LEAF_PAGES + upper
+        # an evicted page reads again, checked as the first time
+        assert s.read(0, CS) == data[:CS]
