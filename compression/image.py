@@ -372,6 +372,7 @@ class _State:
     slots: tuple[_Slot, ...]
     warnings: tuple[str, ...] = ()  # a copy is damaged: redundancy lost, the newest is intact
     lost: tuple[str, ...] = ()  # the newest commit may be unreadable: refuse, name it
+    head: bytes = b""  # both superblock slots as read: the same bytes name the same state
 
     @property
     def counter(self) -> int:
@@ -448,7 +449,7 @@ def _read_state(store: FileStore, path: str) -> _State:
         elif s.table is None:
             warnings.append(f"the generation table of superblock copy {s.index} is damaged "
                             f"({s.problem}); copy {best.index} holds the newest commit")
-    return _State(best.sb, best.table, slots, tuple(warnings), tuple(lost))
+    return _State(best.sb, best.table, slots, tuple(warnings), tuple(lost), head)
 
 
 class TreeView:
@@ -906,9 +907,9 @@ class Image:
             raise UsageError(f"{self.path} has no committed generation yet")
         if number is None:
             return gens[-1]
-        for r in gens:
-            if r.number == number:
-                return r
+        got = self._state.table.by_number.get(number)
+        if got is not None:
+            return got
         have = ", ".join(str(r.number) for r in gens)
         raise GenerationGoneError(f"{self.path} has no generation {number} (retained: {have})")
 
@@ -919,13 +920,18 @@ class Image:
             store = FileStore(_open_fd(self.path, os.O_RDONLY), self.path)
             try:
                 _ofd_lock(store.fd, fcntl.F_RDLCK, PIN_BASE + rec.number)
-                # the pin counts only if rec is still live
-                state = self._checked(_read_state(store, self.path))
+                # the pin counts only if rec is still live. Superblocks as we read them last
+                # name the tables we decoded then (each checksummed in its superblock): not
+                # decoded again, or pinning every generation (the mount's start) would decode
+                # the whole table once per generation (issue 16)
+                head = store.read_head(0, SLOT_SIZE * 2)
+                state = self._state if head == self._state.head and self._state.head \
+                    else self._checked(_read_state(store, self.path))
             except BaseException:
                 store.close()
                 raise
             self._state = state
-            if any(r.number == rec.number for r in state.table.generations):
+            if rec.number in state.table.by_number:
                 try:
                     rec = self._authentic(rec, state.sb)
                 except BaseException:
@@ -1172,7 +1178,9 @@ class Transaction:
             live += s.table.generations
             if s.table.checkpoint:
                 live.append(s.table.checkpoint)
-            live += [z for z in s.table.zombies if z not in live and _is_pinned(fd, z.number)]
+            numbers = {r.number for r in live}  # a set: a list's `in` made this quadratic
+            live += [z for z in s.table.zombies
+                     if z.number not in numbers and _is_pinned(fd, z.number)]
         seen: set[int] = set()
         for rec in live:
             try:

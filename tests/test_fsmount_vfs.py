@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -177,7 +179,7 @@ def test_lookup_errors_and_stable_inodes(disk: bytes) -> None:
 def test_readdir_offsets(disk: bytes) -> None:
     _, vfs = make(disk)
     fh = vfs.opendir(vfs.resolve("/partitions").inode)
-    entries = vfs.readdir(fh, 0)
+    entries = list(vfs.readdir(fh, 0))
     assert [e.name for e in entries] == ["p1", "p2", "by-partlabel"]
     assert [e.next_id for e in entries] == [1, 2, 3]
     assert [e.name for e in vfs.readdir(fh, 2)] == ["by-partlabel"]
@@ -425,3 +427,35 @@ def test_image_snapshot_read_matches(disk: bytes, tmp_path: Path) -> None:
     assert snap.read(CHUNK - 3, 10) == disk[CHUNK - 3 : CHUNK + 7]
     snap.close()
     assert isinstance(MountVFS().root, DirNode)
+
+
+@pytest.mark.pure
+def test_readdir_makes_only_the_entries_taken(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kernel lists a directory a bufferful per call: each call makes only the entries it
+    takes, from where it starts, so listing generations/ of N generations is linear in N
+    (it made every entry from the first each call: quadratic, issue 16)."""
+    image = FakeImage(CHUNK)
+    for n in range(60):
+        image.add_generation(bytes(CHUNK), commit_time=T0 + 60 * n)
+    vfs = MountVFS(uid=0, gid=0)
+    sync(vfs, image)
+    made = 0
+    attributes = vfs.attributes
+
+    def counting(node: Any) -> Any:
+        nonlocal made
+        made += 1
+        return attributes(node)
+
+    monkeypatch.setattr(vfs, "attributes", counting)
+    fh = vfs.opendir(vfs.resolve("/generations").inode)
+    names, start = [], 0
+    while True:  # as the kernel does: 7 entries per call
+        batch = list(itertools.islice(vfs.readdir(fh, start), 7))
+        if not batch:
+            break
+        names += [e.name for e in batch]
+        start = batch[-1].next_id
+    vfs.releasedir(fh)
+    assert len(names) == 62 and names[-2:] == ["latest", "oldest"]
+    assert made == len(names)

@@ -122,11 +122,14 @@ def mount_case(img: Path, work: Path, size: int) -> tuple[float, int]:
 
 
 def main() -> None:
+    global EXE
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="8G,1T")
     ap.add_argument("--work", default=None, help="a directory for the sparse files and images")
     ap.add_argument("--no-mount", action="store_true")
+    ap.add_argument("--exe", default=EXE, help="the diskrsync to measure (another build)")
     args = ap.parse_args()
+    EXE = args.exe
     work = Path(tempfile.mkdtemp(prefix="limits-", dir=args.work))
     fake = work / "fakessh"
     try:
