@@ -1,5 +1,5 @@
 """Write a whole disk's content into a new image in one pass (convert, and the format's own
-write-speed reference): runs of chunks are read, hashed and compressed on two threads and
+write-speed reference): runs of chunks are read, hashed and compressed on the worker threads and
 stored in order into one transaction."""
 
 from __future__ import annotations

@@ -238,7 +238,7 @@ def _verify_tree(
 
 
 def iter_chunks(snap: Snapshot | Any) -> Iterator[tuple[int, bytes | None]]:
-    """(index, bytes) of every chunk in order, decoded on both cores; None for zero chunks.
+    """(index, bytes) of every chunk in order, decoded on the worker threads; None for zero chunks.
 
     Each chunk is read once and its bytes compared with zeros (a memcmp): an image answers a
     zero chunk without I/O anyway, and an SPGZ0001 raw slot is not read twice."""

@@ -1,7 +1,7 @@
 """Write a whole disk into a repository in one pass (the repository's counterpart of
 ``importer.py``, and the reference its pushes are measured against): runs of chunks are
 read, tested for zeros, hashed to their content ids and, when the repository lacks them,
-encoded, on two threads; chunks equal to the newest generation's cost nothing more."""
+encoded, on the worker threads; chunks equal to the newest generation's cost nothing more."""
 
 from __future__ import annotations
 

@@ -1,10 +1,10 @@
-"""I/O around the Go protocol's machines: leaf hashing on two threads, the progress lines a
-Go client reads, and the byte pump that drives a machine over a pipe.
+"""I/O around the Go protocol's machines: leaf hashing on the worker threads, the progress
+lines a Go client reads, and the byte pump that drives a machine over a pipe.
 
 A single thread drives a machine (:func:`run_machine`) because BSNC0002 is lock-step (the
 target sends a digest and waits for its answer; only the source's tail is a one-way stream).
-The Go tree's leaf digests are computed from data on two threads (``ordered_map``): reading,
-decompressing and BLAKE2b all release the GIL.
+The Go tree's leaf digests are computed from data on the worker threads (``ordered_map``):
+reading, decompressing and BLAKE2b all release the GIL.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def parallel_leaf_hashes(
     on_done: Callable[[], None] | None = None,
     batch_bytes: int = _LEAF_BATCH_BYTES,
 ) -> LeafHashProvider:
-    """A ``leaf_hashes`` provider that reads and hashes runs of leaves on two threads.
+    """A ``leaf_hashes`` provider that reads and hashes runs of leaves on the worker threads.
 
     ``read(offset, length)`` must be thread-safe (pread, image snapshots and transactions
     are). The callbacks report the "calc" phase: its size, the bytes hashed so far (in

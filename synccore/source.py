@@ -64,7 +64,7 @@ from diskrsync.base.merkle import (
     HASH_SIZE,
     zero_hash,
 )
-from diskrsync.base.parallel import ordered_map
+from diskrsync.base.parallel import ordered_map, worker_count
 from diskrsync.compression import codec
 from diskrsync.compression.codec import STANDARD, ChunkAt, ChunkCodec, Kind
 from diskrsync.compression.crypto import (
@@ -359,7 +359,7 @@ class SourceSession:
 
     def run(self) -> PushStats:
         t0 = time.monotonic()
-        self.sender = ThreadPoolExecutor(2, thread_name_prefix="push-send")
+        self.sender = ThreadPoolExecutor(worker_count(), thread_name_prefix="push-send")
         conv = self.conv
         try:
             ready = self._handshake()

@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 from diskrsync import __version__
 from diskrsync.base.errors import DiskrsyncError, PeerError
+from diskrsync.base.parallel import worker_count
 from diskrsync.compression.targets import (
     ImageStore,
     RawStore,
@@ -118,13 +119,16 @@ def open_store(path: str, hello: p.Hello, opts: TargetOptions, *, raw: bool,
 
 
 class _Verifier:
-    """Checks received chunks on two threads (``check``), storing them in arrival order."""
+    """Checks received chunks on the worker threads (``check``), storing them in arrival
+    order."""
 
     def __init__(self, store: TargetStore, check: Callable[[p.Chunk], p.Chunk],
                  enabled: bool) -> None:
         self.store = store
         self.check = check
-        self.pool = ThreadPoolExecutor(2, thread_name_prefix="verify") if enabled else None
+        n = worker_count()
+        self.pool = ThreadPoolExecutor(n, thread_name_prefix="verify") if enabled else None
+        self.window = max(16, 2 * n)  # chunks being checked (each up to a chunk's bytes)
         self.pending: deque[Future[p.Chunk]] = deque()
 
     def add(self, msg: p.Chunk) -> None:
@@ -132,7 +136,7 @@ class _Verifier:
             self._store(msg)
             return
         self.pending.append(self.pool.submit(self.check, msg))
-        while len(self.pending) > 16 or (self.pending and self.pending[0].done()):
+        while len(self.pending) > self.window or (self.pending and self.pending[0].done()):
             self._store(self.pending.popleft().result())
 
     def _store(self, msg: p.Chunk) -> None:

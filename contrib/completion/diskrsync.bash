@@ -26,7 +26,7 @@ _diskrsync() {
     case "$prev" in
         --identity|--key-file|--log-file|--passphrase-file|--remote-cmd|--ssh-config|-F|-i)
             _diskrsync_files; return ;;
-        --bwlimit|--cache-size|--chunk-size|--dirty-bitmap|--generation|--keep|--keep-daily|--keep-hourly|--keep-last|--keep-monthly|--keep-weekly|--keep-within|--keep-yearly|--label|--max-size|--qmp|--rsh|--timeout|-e|-g)
+        --bwlimit|--cache-size|--chunk-size|--dirty-bitmap|--generation|--keep|--keep-daily|--keep-hourly|--keep-last|--keep-monthly|--keep-weekly|--keep-within|--keep-yearly|--label|--max-size|--qmp|--rsh|--timeout|--workers|-e|-g)
             return ;;
     esac
     if [ -z "$cmd" ]; then
@@ -43,20 +43,20 @@ _diskrsync() {
             valopts=" --passphrase-file --key-file "
             positional=(_diskrsync_files) ;;
         verify)
-            opts="--generation -g --json --repair --no-key --passphrase-file --key-file --help"
-            valopts=" --generation -g --passphrase-file --key-file "
+            opts="--generation -g --json --repair --no-key --passphrase-file --key-file --workers --help"
+            valopts=" --generation -g --passphrase-file --key-file --workers "
             positional=(_diskrsync_files) ;;
         restore)
-            opts="--generation -g --force -f --quiet -q --passphrase-file --key-file --json --help"
-            valopts=" --generation -g --passphrase-file --key-file "
+            opts="--generation -g --force -f --quiet -q --passphrase-file --key-file --json --workers --help"
+            valopts=" --generation -g --passphrase-file --key-file --workers "
             positional=(_diskrsync_files _diskrsync_files) ;;
         prune)
             opts="--dry-run -n --keep-last --keep --keep-hourly --keep-daily --keep-weekly --keep-monthly --keep-yearly --keep-within --json --help"
             valopts=" --keep-last --keep --keep-hourly --keep-daily --keep-weekly --keep-monthly --keep-yearly --keep-within "
             positional=(_diskrsync_files) ;;
         push)
-            opts="--raw-target --no-compress --chunk-size --keep-last --keep --keep-hourly --keep-daily --keep-weekly --keep-monthly --keep-yearly --keep-within --always-new-generation --generation -g --dry-run -n --ignore-read-errors --skip-free-blocks --timeout --max-size --bwlimit --json --quiet -q --verbose -v --encrypt --passphrase-file --key-file --label --dirty-bitmap --qmp --identity -i --ssh-config -F --accept-new-host-key --remote-cmd --legacy --rsh -e --help"
-            valopts=" --chunk-size --keep-last --keep --keep-hourly --keep-daily --keep-weekly --keep-monthly --keep-yearly --keep-within --generation -g --timeout --max-size --bwlimit --passphrase-file --key-file --label --dirty-bitmap --qmp --identity -i --ssh-config -F --remote-cmd --rsh -e "
+            opts="--raw-target --no-compress --chunk-size --keep-last --keep --keep-hourly --keep-daily --keep-weekly --keep-monthly --keep-yearly --keep-within --always-new-generation --generation -g --dry-run -n --ignore-read-errors --skip-free-blocks --timeout --max-size --bwlimit --workers --json --quiet -q --verbose -v --encrypt --passphrase-file --key-file --label --dirty-bitmap --qmp --identity -i --ssh-config -F --accept-new-host-key --remote-cmd --legacy --rsh -e --help"
+            valopts=" --chunk-size --keep-last --keep --keep-hourly --keep-daily --keep-weekly --keep-monthly --keep-yearly --keep-within --generation -g --timeout --max-size --bwlimit --workers --passphrase-file --key-file --label --dirty-bitmap --qmp --identity -i --ssh-config -F --remote-cmd --rsh -e "
             positional=(_diskrsync_files _diskrsync_files) ;;
         mount)
             opts="--foreground -f --generation -g --allow-other --cache-size --verbose -v --log-file --passphrase-file --key-file --help"

@@ -33,6 +33,7 @@ from diskrsync.base.errors import (
     category,
     from_oserror,
 )
+from diskrsync.base.parallel import MAX_AUTO_WORKERS, set_workers
 from diskrsync.base.units import parse_duration, parse_rate, parse_seconds, parse_size
 from diskrsync.cli.jsonout import emit_error
 
@@ -224,6 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--no-key", action="store_true",
                     help="an encrypted image: check only what can be checked without its key")
     _key_options(sp)
+    _workers_option(sp)
 
     sp = add("restore", "images:cmd_restore",
              "Write a generation of an image to a file (sparse), a device, or - (stdout).")
@@ -238,6 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     _key_options(sp)
     sp.add_argument("--json", action="store_true",
                     help="print a machine-readable object (docs/json.md; not with DEST -)")
+    _workers_option(sp)
 
     sp = add("prune", "images:cmd_prune",
              "Drop the generations that no retention rule (--keep-*) keeps.")
@@ -259,6 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="at most RATE bytes per second over the wire, both ways together "
                          "(as rsync: a plain number is KiB/s; 500K, 10M, 1.5MiB/s; 0: no "
                          "limit)")
+    _workers_option(sp)
     sp.add_argument("--json", action="store_true",
                     help="print a machine-readable object (docs/json.md)")
     sp.add_argument("--quiet", "-q", action="store_true", help="no progress, no summary")
@@ -411,8 +415,15 @@ def _parse_or_raise(parser: argparse.ArgumentParser, argv: list[str]) -> argpars
         raise UsageError(lines[-1].split("error: ", 1)[-1]) from None
 
 
+def _workers_option(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--workers", type=int, metavar="N",
+                    help=f"threads hashing, compressing and decoding chunks (default: one per "
+                         f"core, at most {MAX_AUTO_WORKERS})")
+
+
 def _dispatch(args: argparse.Namespace) -> int:
     """Import the chosen command's module (see the module docstring) and run the command."""
+    set_workers(getattr(args, "workers", None))  # every command: none keeps another's
     module, name = args.func.split(":")
     command: Callable[[argparse.Namespace], int] = getattr(
         importlib.import_module(f"diskrsync.cli.{module}"), name)
