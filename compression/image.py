@@ -533,16 +533,21 @@ class TreeView:
 
     def node_hashes(self, level: int) -> list[bytes]:
         """Digests of every node of ``level`` (0 = chunks), from the pages one level up."""
+        return list(self.iter_node_hashes(level))
+
+    def iter_node_hashes(self, level: int) -> Iterator[bytes]:
+        """``node_hashes`` a page at a time (a target streams its page digests without
+        holding them all: 64 bytes each in a list, 5 MiB per TiB of disk)."""
         shape = self.shape
         if level > shape.top_level or shape.chunks == 0:
-            return []
+            return
         if level == shape.top_level:
-            return [self.ref.hash]
-        out: list[bytes] = []
+            yield self.ref.hash
+            return
         for j in range(shape.count(level + 1)):
             entries = self.page(level + 1, j)
-            out.extend(entry_hash(entries, k) for k in range(len(entries) // ENTRY_SIZE))
-        return out
+            for k in range(len(entries) // ENTRY_SIZE):
+                yield entry_hash(entries, k)
 
     def leaf_hashes(self, page: int) -> list[bytes]:
         """Chunk digests under level-1 node ``page``."""

@@ -333,9 +333,15 @@ class ImageStore:
         self._pages_since_cp.clear()
 
     def send_page_hashes(self, emit: PageSink) -> None:
-        digests = self.base.node_hashes(1)
-        for i in range(0, len(digests), PAGE_BATCH):
-            emit(i, b"".join(digests[i : i + PAGE_BATCH]))
+        # a batch at a time, as the index is walked: never every digest at once
+        start, batch = 0, []
+        for digest in self.base.iter_node_hashes(1):
+            batch.append(digest)
+            if len(batch) == PAGE_BATCH:
+                emit(start, b"".join(batch))
+                start, batch = start + len(batch), []
+        if batch:
+            emit(start, b"".join(batch))
 
     def leaf_hashes(self, page: int) -> bytes:
         if page >= self.base.shape.count(1):

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from diskrsync.base.errors import BusyError, DataError, UsageError
 from diskrsync.base.merkle import leaf_hash, tree_root
+from diskrsync.compression import targets
 from diskrsync.compression.api import GenerationInfo
 from diskrsync.compression.image import Image, TreeView
 from diskrsync.compression.importer import BATCH_CHUNKS, write_new_image
@@ -200,3 +201,22 @@ def test_tree_walk_holds_a_bounded_number_of_index_pages(tmp_path):
         assert s.tree.cached_pages() <= TreeView.LEAF_PAGES + upper
         # an evicted page reads again, checked as the first time
         assert s.read(0, CS) == data[:CS]
+
+
+def test_image_store_streams_page_digests_a_batch_at_a_time(tmp_path, monkeypatch):
+    """The target sends its page digests as it walks the index, PAGE_BATCH at a time, the
+    same digests as the whole list (which it no longer builds: 5 MiB per TiB)."""
+    monkeypatch.setattr(targets, "PAGE_BATCH", 3)
+    path = str(tmp_path / "a.spgz")
+    img = Image.create(path, chunk_size=CS, fanout=4)
+    data = b"".join(i.to_bytes(4, "little") * (CS // 4) for i in range(40))  # 10 pages
+    write_all(img, data)
+    img.close()
+    store = targets.ImageStore(path, len(data), CS, targets.TargetOptions())
+    try:
+        got: list[tuple[int, bytes]] = []
+        store.send_page_hashes(lambda start, hashes: got.append((start, hashes)))
+        assert [(s, len(h) // 32) for s, h in got] == [(0, 3), (3, 3), (6, 3), (9, 1)]
+        assert b"".join(h for _s, h in got) == b"".join(store.base.node_hashes(1))
+    finally:
+        store.abort(save=False)
