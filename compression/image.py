@@ -456,10 +456,10 @@ class TreeView:
     """Read access to one tree of the index; pages are loaded on demand and checked both by
     their own checksum and against the digest their parent records.
 
-    Pages above level 1 (1/fanout of the index) stay in memory once read; level-1 pages, the
-    bulk of the index (48 bytes per chunk: 384 MiB for 1 TiB of 128 KiB chunks), only the
-    last ``LEAF_PAGES`` read, so walking a whole tree costs the same memory at any disk size
-    (issue 16)."""
+    Pages above level 2 (1/fanout^2 of the index) stay in memory once read; of levels 1 and
+    2, the bulk of the index (48 bytes per chunk: 384 MiB for 1 TiB of 128 KiB chunks, and
+    3 MiB more), only the last ``LEAF_PAGES`` read, so walking a whole tree costs the same
+    memory at any disk size (issue 16)."""
 
     LEAF_PAGES = 64
 
@@ -467,8 +467,9 @@ class TreeView:
         self.store = store
         self.ref = ref
         self.shape = Shape(ref.size, chunk_size, fanout)
-        self._pages: dict[tuple[int, int], bytes] = {}  # levels >= 2
-        self._leaf_pages: OrderedDict[int, bytes] = OrderedDict()  # level 1, least recent first
+        self._pages: dict[tuple[int, int], bytes] = {}  # levels >= 3
+        # levels 1 and 2, least recently used first
+        self._leaf_pages: OrderedDict[tuple[int, int], bytes] = OrderedDict()
         self._lock = threading.Lock()
 
     def cached_pages(self) -> int:
@@ -478,17 +479,17 @@ class TreeView:
 
     def page(self, level: int, index: int) -> bytes:
         """Packed entries of index page (level, index), level >= 1."""
-        if level == 1:
+        key = (level, index)
+        if level <= 2:
             with self._lock:
-                got = self._leaf_pages.get(index)
+                got = self._leaf_pages.get(key)
                 if got is not None:
-                    self._leaf_pages.move_to_end(index)
+                    self._leaf_pages.move_to_end(key)
                     return got
         else:
-            got = self._pages.get((level, index))
+            got = self._pages.get(key)
             if got is not None:
                 return got
-        key = (level, index)
         shape = self.shape
         top = shape.top_level
         if level == top:
@@ -512,8 +513,8 @@ class TreeView:
         if node_hash_packed(entry_digests(entries)) != want:
             raise DataError(f"index page ({level},{index}) at offset {off} fails its Merkle hash")
         with self._lock:
-            if level == 1:
-                self._leaf_pages[index] = entries
+            if level <= 2:
+                self._leaf_pages[key] = entries
                 if len(self._leaf_pages) > self.LEAF_PAGES:
                     self._leaf_pages.popitem(last=False)
             else:
