@@ -9,9 +9,9 @@ the newest generation is the only thing sent; chunks the repository holds under 
 disk or generation are not stored twice. A push that breaks off keeps what it uploaded
 (indexed, so the next push reuses it: resuming is deduplication, docs/repository.md).
 
-Not wired yet: ``targets.plan_target``/``open_target`` do not map a repository URL to this
-store, and an encrypted repository is refused (its chunks need the content-keyed codec on
-the source's side).
+``synccore.push.local_push`` opens it for a repository location (``REPO#DISK``); an
+encrypted repository is refused (its chunks need the content-keyed codec on the source's
+side).
 """
 
 from __future__ import annotations
@@ -98,8 +98,11 @@ class RepoStore:
         self.stored.add(index)
 
     def finish(self, root: bytes, info: dict[str, Any]) -> StoreResult:
-        meta = {k: v for k, v in info.items() if v and k not in ("dry_run", "seal")}
-        m = self.writer.commit(source=self.source, meta=meta, expect_root=root)
+        meta = {k: v for k, v in info.items()
+                if v and k not in ("dry_run", "seal", "source", "new_generation")}
+        # a source names itself in Done (as for images: targets.ImageStore.finish)
+        source = str(info.get("source") or self.source)
+        m = self.writer.commit(source=source, meta=meta, expect_root=root)
         self.close()
         return StoreResult(m.number, m.root, {"url": self.repo.store.url, "disk": self.disk},
                            self.stored)

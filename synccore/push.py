@@ -14,10 +14,14 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, cast
 
 from diskrsync.base.errors import DiskrsyncError, UsageError
 from diskrsync.base.merkle import Shape
+from diskrsync.compression.objstore import S3Options
+from diskrsync.compression.repolocation import open_repository, parse_repo_location
+from diskrsync.compression.repository import RepoSource
+from diskrsync.compression.repotarget import RepoStore
 from diskrsync.compression.sources import SourceReader, open_source, source_name
 from diskrsync.synccore import protocol as p
 from diskrsync.synccore.channel import Channel, TokenBucket, channel_pair
@@ -47,6 +51,7 @@ class PushRequest:
     dirty_bitmap: str | None = None  # SRC is an NBD export: QEMU's bitmap of what changed
     qmp: str | None = None  # QEMU's monitor socket: the push manages that bitmap itself
     bwlimit: float = 0.0  # --bwlimit: bytes per second over the wire, this end's (0: none)
+    s3: S3Options = field(default_factory=S3Options)  # --s3-endpoint, --s3-profile
 
     def limit(self) -> TokenBucket | None:
         """A fresh token bucket for ``bwlimit`` (None: unlimited)."""
@@ -66,11 +71,22 @@ def local_push(src: str, dst: str, req: PushRequest,
     link in between."""
     if _same_file(src, dst):
         raise UsageError(f"{src} and {dst} are the same file")
+    into = parse_repo_location(dst)
+    if into is not None:
+        disk = into.need_disk("a push into a repository")
+        if req.raw_target:
+            raise UsageError("--raw-target does not apply to a repository")
+        # opened (and created if new) before the source, so a bad location fails first
+        repo = open_repository(into, keyring=req.source.keyring, s3=req.s3, create=True)
     reader = open_push_source(src, req)
     a, b = channels or channel_pair(limit=req.limit())
     failure: list[BaseException] = []
 
     def opener(hello: p.Hello) -> TargetStore:
+        if into is not None:
+            return WireStore(cast(Any, RepoStore(repo, disk, hello.size, req.target,
+                                                 source=str(hello.info.get("source", "")))),
+                             hello)
         return open_store(dst, hello, req.target, raw=req.raw_target)
 
     def run_target() -> None:
@@ -110,7 +126,15 @@ def local_push(src: str, dst: str, req: PushRequest,
 
 
 def open_push_source(src: str, req: PushRequest) -> SourceReader:
-    """SRC as the push reads it (its generation, or its NBD dirty bitmap)."""
+    """SRC as the push reads it (its generation, or its NBD dirty bitmap; a repository
+    disk's generation, pinned by a read lease until the reader is closed)."""
+    loc = parse_repo_location(src)
+    if loc is not None:
+        if req.dirty_bitmap or req.qmp:
+            raise UsageError("--dirty-bitmap and --qmp need an NBD source")
+        disk = loc.need_disk("a push out of a repository")
+        repo = open_repository(loc, keyring=req.source.keyring, s3=req.s3)
+        return RepoSource(repo.pin(disk, req.generation))
     return open_source(src, req.generation, req.source.keyring, dirty_bitmap=req.dirty_bitmap,
                        qmp=req.qmp)
 

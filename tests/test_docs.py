@@ -105,12 +105,31 @@ def _ends_command(word: str) -> bool:
     return word in {"|", "||", "&&", ";", "&"} or re.match(r"\d*[<>]", word) is not None
 
 
+def _cut_comment(line: str) -> str:
+    """``line`` without its comment, as the shell cuts it: ``#`` starts one only at the
+    start of a word (``repo:DIR#DISK`` is one word), never inside quotes."""
+    quote = ""
+    escaped = False
+    for i, c in enumerate(line):
+        if escaped:
+            escaped = False
+        elif c == "\\" and quote != "'":
+            escaped = True
+        elif quote:
+            quote = "" if c == quote else quote
+        elif c in "'\"":
+            quote = c
+        elif c == "#" and (i == 0 or line[i - 1].isspace()):
+            return line[:i]
+    return line
+
+
 def diskrsync_lines(text: str) -> list[str]:
     """The ``diskrsync ...`` commands of a shell block (continuations joined, comments cut)."""
     joined = re.sub(r"\\\n\s*", " ", text)
     out = []
     for line in joined.splitlines():
-        words = shlex.split(line, comments=True)
+        words = shlex.split(_cut_comment(line))
         for i, w in enumerate(words):
             before = words[i - 1] if i else ";"
             if w != "diskrsync" or not (_ends_command(before) or before.endswith(";")

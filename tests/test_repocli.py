@@ -1,0 +1,310 @@
+"""The command line on repositories (docs/repository.md, "Naming a repository"): push into
+and out of a repository disk, info, verify, restore, prune, copy and mount, on a local
+repository directory (``repo:DIR#DISK``, fast) and a few on the real S3 service (Swift)."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from support.mounts import MountCleanup
+from support.swift import ACCESS_KEY, REGION, SECRET_KEY, SwiftServer
+
+from diskrsync.base.errors import UsageError
+from diskrsync.cli import jsonout
+from diskrsync.cli.main import main
+from diskrsync.compression.image import Image
+from diskrsync.compression.objstore import DirStore
+from diskrsync.compression.repolocation import parse_repo_location
+from diskrsync.compression.repository import Repository, pack_key
+from diskrsync.synccore.location import LocalPath, RemotePath, parse_location
+
+CS = 16 * 1024
+
+
+@pytest.fixture(autouse=True)
+def _keep_sigterm() -> Iterator[None]:
+    """``main`` installs its SIGTERM handler; leave the test process's as it was."""
+    before = signal.getsignal(signal.SIGTERM)
+    yield
+    signal.signal(signal.SIGTERM, before)
+
+
+def disk(path: Path, chunks: int, *, seed: int = 0, every: int = 2) -> bytes:
+    """A disk of ``chunks`` 128 KiB chunks: every ``every``-th random, the others zeros."""
+    rng = random.Random(seed)
+    data = b"".join(rng.randbytes(128 * 1024) if c % every == 0 else bytes(128 * 1024)
+                    for c in range(chunks))
+    path.write_bytes(data)
+    return data
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
+    capsys.readouterr()
+    code = main(list(argv))
+    return code, capsys.readouterr().out
+
+
+def run_json(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, dict[str, object]]:
+    code, out = run(capsys, *argv, "--json")
+    obj = json.loads(out)
+    assert jsonout.check(obj) == [], obj
+    return code, obj
+
+
+# -- naming --------------------------------------------------------------------------------
+
+
+@pytest.mark.pure
+def test_locations_parse() -> None:
+    loc = parse_repo_location("s3://bucket/some/prefix#vm1")
+    assert loc is not None and (loc.store, loc.disk, loc.is_s3) == (
+        "s3://bucket/some/prefix", "vm1", True)
+    loc = parse_repo_location("repo:/srv/a#b/repo#vm-2.x")
+    assert loc is not None and (loc.store, loc.disk) == ("/srv/a#b/repo", "vm-2.x")
+    loc = parse_repo_location("repo:backups")
+    assert loc is not None and (loc.store, loc.disk) == ("backups", None)
+    assert parse_repo_location("disk#1.spgz") is None  # an image path keeps its meaning
+    assert parse_repo_location("host:repo#x") is None
+    for bad in ("s3://#vm", "repo:#vm", "repo:dir#", "s3://b/p#../x", "repo:d#a/b"):
+        with pytest.raises(UsageError):
+            parse_repo_location(bad)
+
+
+@pytest.mark.pure
+def test_repository_locations_are_local_not_ssh_hosts() -> None:
+    assert parse_location("repo:dir#vm") == LocalPath("repo:dir#vm")
+    assert parse_location("s3://b/p#vm") == LocalPath("s3://b/p#vm")
+    assert isinstance(parse_location("repohost:dir"), RemotePath)
+
+
+# -- a local repository directory ----------------------------------------------------------
+
+
+@pytest.mark.inproc
+def test_push_info_restore_verify(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    a, b = tmp_path / "a.raw", tmp_path / "b.raw"
+    data_a, data_b = disk(a, 24), disk(b, 24, seed=1)
+    repo = f"repo:{tmp_path / 'repo'}"  # created by the first push
+    assert run(capsys, "push", "-q", str(a), f"{repo}#vm1")[0] == 0
+    assert run(capsys, "push", "-q", str(b), f"{repo}#vm1")[0] == 0
+    assert run(capsys, "push", "-q", str(a), f"{repo}#vm2")[0] == 0  # deduplicated
+    code, info = run_json(capsys, "info", repo)
+    assert code == 0 and info["command"] == "info"
+    disks = {d["name"]: [g["number"] for g in d["generations"]]
+             for d in info["disks"]}  # type: ignore[attr-defined]
+    assert disks == {"vm1": [1, 2], "vm2": [1]}
+    assert info["logical_bytes"] == 3 * 12 * 128 * 1024
+    # vm2 cost nothing: the repository holds 24 distinct random chunks, not 36
+    stored = Repository.open(DirStore(str(tmp_path / "repo"))).index()
+    assert sum(1 for loc in stored.values() if loc.type == 0) == 24
+    code, text = run(capsys, "info", f"{repo}#vm2")
+    assert code == 0 and "disk vm2:" in text and "vm1" not in text
+    out = tmp_path / "out.raw"
+    assert run(capsys, "restore", "-q", "-g", "1", f"{repo}#vm1", str(out))[0] == 0
+    assert out.read_bytes() == data_a
+    assert run(capsys, "restore", "-q", "--force", f"{repo}#vm1", str(out))[0] == 0
+    assert out.read_bytes() == data_b
+    code, report = run_json(capsys, "verify", repo)
+    assert code == 0 and report["ok"] and report["generations"] == 3
+
+
+@pytest.mark.inproc
+def test_push_out_of_a_repository_into_an_image(tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    a = tmp_path / "a.raw"
+    data = disk(a, 16)
+    repo = f"repo:{tmp_path / 'repo'}"
+    assert run(capsys, "push", "-q", str(a), f"{repo}#vm")[0] == 0
+    img = tmp_path / "vm.spgz"
+    assert run(capsys, "push", "-q", f"{repo}#vm", str(img))[0] == 0
+    with Image.open(str(img)) as image, image.snapshot() as snap:
+        assert snap.read(0, snap.size) == data
+    # the generation's root is the same in both: the trees are the same
+    info = Repository.open(DirStore(str(tmp_path / "repo"))).generation("vm")
+    with Image.open(str(img)) as image:
+        assert image.generations()[-1].root_hash == info.root
+
+
+@pytest.mark.inproc
+def test_verify_names_the_generations_a_damaged_pack_affects(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    a = tmp_path / "a.raw"
+    disk(a, 8)
+    repo = f"repo:{tmp_path / 'repo'}"
+    assert run(capsys, "push", "-q", str(a), f"{repo}#vm")[0] == 0
+    r = Repository.open(DirStore(str(tmp_path / "repo")))
+    pack = next(iter({loc.pack for loc in r.index().values()}))
+    path = tmp_path / "repo" / pack_key(pack)
+    raw = bytearray(path.read_bytes())
+    raw[100] ^= 0xFF
+    path.write_bytes(raw)
+    code, report = run_json(capsys, "verify", f"{repo}#vm")
+    assert code == 6 and not report["ok"]
+    assert [(x["disk"], x["generation"]) for x in report["affected"]] == [  # type: ignore[attr-defined]
+        ("vm", 1)]
+
+
+@pytest.mark.inproc
+def test_prune_applies_retention_per_disk_and_collects(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    repo = f"repo:{tmp_path / 'repo'}"
+    for seed in range(3):
+        a = tmp_path / f"{seed}.raw"
+        disk(a, 8, seed=seed)
+        assert run(capsys, "push", "-q", str(a), f"{repo}#vm")[0] == 0
+    assert run(capsys, "push", "-q", str(tmp_path / "0.raw"), f"{repo}#other")[0] == 0
+    code, dry = run_json(capsys, "prune", "--dry-run", "--keep-last", "1", repo)
+    assert code == 0 and dry["dry_run"] and dry["pruned"] == {"vm": [1, 2], "other": []}
+    r = Repository.open(DirStore(str(tmp_path / "repo")))
+    assert [g.number for g in r.generations("vm")] == [1, 2, 3]  # nothing changed
+    code, text = run(capsys, "prune", "--keep-last", "1", f"{repo}#vm")
+    assert code == 0 and "prune generation(s) 1, 2" in text
+    assert [g.number for g in r.generations("vm")] == [3]
+    assert [g.number for g in r.generations("other")] == [1]
+    code, _ = run(capsys, "verify", repo)
+    assert code == 0
+    # generation 1 of vm is what "other" holds: it can still be restored from there
+    out = tmp_path / "out.raw"
+    assert run(capsys, "restore", "-q", f"{repo}#other", str(out))[0] == 0
+    assert out.read_bytes() == (tmp_path / "0.raw").read_bytes()
+
+
+@pytest.mark.inproc
+def test_copy_image_to_repository_to_repository(tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    img = tmp_path / "vm.spgz"
+    datas = []
+    for seed in range(2):
+        a = tmp_path / f"{seed}.raw"
+        datas.append(disk(a, 8, seed=seed))
+        assert run(capsys, "push", "-q", "--keep-last", "5", str(a), str(img))[0] == 0
+    one, two = f"repo:{tmp_path / 'one'}", f"repo:{tmp_path / 'two'}"
+    code, out = run_json(capsys, "copy", str(img), f"{one}#vm")
+    assert code == 0 and out["copied"] == [1, 2] and out["skipped"] == 0
+    code, out = run_json(capsys, "copy", str(img), f"{one}#vm")
+    assert code == 0 and out["copied"] == [] and out["skipped"] == 2
+    code, out = run_json(capsys, "copy", f"{one}#vm", f"{two}#offsite")
+    assert code == 0 and out["copied"] == [1, 2]
+    with Image.open(str(img)) as image:
+        times = [g.commit_time for g in image.generations()]
+    r = Repository.open(DirStore(str(tmp_path / "two")))
+    assert [r.manifest(g).time for g in r.generations("offsite")] == times
+    for number, data in enumerate(datas, 1):
+        out_file = tmp_path / f"r{number}.raw"
+        assert run(capsys, "restore", "-q", "-g", str(number), f"{two}#offsite",
+                   str(out_file))[0] == 0
+        assert out_file.read_bytes() == data
+
+
+@pytest.mark.inproc
+@pytest.mark.parametrize("argv", [
+    ["push", "{a}", "repo:{t}/repo"],  # no disk
+    ["push", "--raw-target", "{a}", "repo:{t}/repo#vm"],
+    ["push", "{a}", "repo:{t}/no/such/parent#vm"],
+    ["push", "{a}", "repo:{t}#vm"],  # a directory with other files, no repository
+    ["restore", "repo:{t}/repo", "{t}/x.raw"],
+    ["info", "repo:{t}/none"],
+    ["copy", "repo:{t}/repo#vm", "{t}/x.spgz"],
+    ["mount", "repo:{t}/repo", "{t}"],
+    ["mount", "--cache-dir", "{t}", "{a}", "{t}"],
+    ["verify", "--repair", "repo:{t}/repo"],
+])
+def test_usage_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                      argv: list[str]) -> None:
+    a = tmp_path / "a.raw"
+    disk(a, 2)
+    (tmp_path / "repo").mkdir()
+    Repository.init(DirStore(str(tmp_path / "repo")))
+    code, _ = run(capsys, *(x.format(a=a, t=tmp_path) for x in argv))
+    assert code == 2
+    assert "Traceback" not in capsys.readouterr().err
+
+
+# -- the real S3 service ---------------------------------------------------------------------
+
+
+def _env(srv: SwiftServer | None = None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(PYTHONSAFEPATH="1", AWS_ACCESS_KEY_ID=ACCESS_KEY,
+               AWS_SECRET_ACCESS_KEY=SECRET_KEY, AWS_DEFAULT_REGION=REGION,
+               AWS_CONFIG_FILE="/nonexistent/diskrsync-tests",
+               AWS_SHARED_CREDENTIALS_FILE="/nonexistent/diskrsync-tests")
+    if srv is not None:
+        env["AWS_ENDPOINT_URL"] = srv.endpoint
+    return env
+
+
+def cli(env: dict[str, str], *args: str | Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "diskrsync.cli", *map(str, args)],
+                          capture_output=True, text=True, timeout=120, env=env, cwd="/")
+
+
+@pytest.mark.process
+def test_s3_push_restore_prune_copy(tmp_path: Path, swift: SwiftServer) -> None:
+    a = tmp_path / "a.raw"
+    data = disk(a, 24)
+    bucket = swift.new_bucket()
+    where = f"s3://{bucket}/backups"
+    env = _env()
+    r = cli(env, "push", "-q", "--s3-endpoint", swift.endpoint, a, f"{where}#vm")
+    assert r.returncode == 0, r.stderr
+    env = _env(swift)  # the endpoint from the environment, as AWS tools take it
+    assert cli(env, "push", "-q", a, f"{where}#vm").returncode == 0
+    out = tmp_path / "out.raw"
+    r = cli(env, "restore", "-q", f"{where}#vm", out)
+    assert r.returncode == 0, r.stderr
+    assert out.read_bytes() == data
+    r = cli(env, "prune", "--keep-last", "1", "--json", where)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["pruned"] == {"vm": [1]}
+    r = cli(env, "copy", f"{where}#vm", f"repo:{tmp_path / 'local'}#vm")
+    assert r.returncode == 0, r.stderr
+    r = cli(env, "verify", f"repo:{tmp_path / 'local'}")
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr
+
+
+@pytest.mark.process
+def test_s3_errors_exit_2_with_what_to_check(tmp_path: Path, swift: SwiftServer) -> None:
+    a = tmp_path / "a.raw"
+    disk(a, 2)
+    env = _env(swift)
+    r = cli(env, "push", "-q", a, "s3://no-such-bucket-here/x#vm")
+    assert r.returncode == 2 and "does not exist" in r.stderr, r.stderr
+    bad = dict(env, AWS_SECRET_ACCESS_KEY="wrong")
+    r = cli(bad, "push", "-q", a, f"s3://{swift.new_bucket()}/x#vm")
+    assert r.returncode == 2 and "credentials" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+
+
+@pytest.mark.process
+@pytest.mark.fuse
+@pytest.mark.slow
+def test_mount_a_disk_from_s3_with_a_blob_cache(tmp_path: Path, swift: SwiftServer) -> None:
+    if not os.path.exists("/dev/fuse"):
+        pytest.skip("no /dev/fuse")
+    a = tmp_path / "a.raw"
+    data = disk(a, 24)
+    where = f"s3://{swift.new_bucket()}/r#vm"
+    env = _env(swift)
+    assert cli(env, "push", "-q", a, where).returncode == 0
+    mp, cache = tmp_path / "mnt", tmp_path / "cache"
+    mp.mkdir()
+    done = MountCleanup(tmp_path)
+    done.fuse.append(mp)
+    try:
+        r = cli(env, "mount", where, mp, "--cache-dir", cache, "--cache-size", "64M",
+                "--log-file", tmp_path / "mount.log")
+        assert r.returncode == 0, r.stderr
+        assert (mp / "disk.raw").read_bytes() == data
+        assert any(cache.rglob("*"))  # fetched blobs were kept
+    finally:
+        subprocess.run(["fusermount3", "-u", "-z", str(mp)], capture_output=True)
+        done.cleanup()
