@@ -20,7 +20,7 @@ from diskrsync.base.errors import DiskrsyncError, UsageError
 from diskrsync.base.merkle import Shape
 from diskrsync.compression.objstore import S3Options
 from diskrsync.compression.repolocation import open_repository, parse_repo_location
-from diskrsync.compression.repository import RepoSource
+from diskrsync.compression.repository import Repository, RepoSource
 from diskrsync.compression.repotarget import RepoStore
 from diskrsync.compression.sources import SourceReader, open_source, source_name
 from diskrsync.synccore import protocol as p
@@ -71,23 +71,14 @@ def local_push(src: str, dst: str, req: PushRequest,
     link in between."""
     if _same_file(src, dst):
         raise UsageError(f"{src} and {dst} are the same file")
-    into = parse_repo_location(dst)
-    if into is not None:
-        disk = into.need_disk("a push into a repository")
-        if req.raw_target:
-            raise UsageError("--raw-target does not apply to a repository")
-        # opened (and created if new) before the source, so a bad location fails first
-        repo = open_repository(into, keyring=req.source.keyring, s3=req.s3, create=True)
+    # a repository is opened (and created if new) before the source: a bad location fails first
+    into = repository_target(dst, req)
     reader = open_push_source(src, req)
     a, b = channels or channel_pair(limit=req.limit())
     failure: list[BaseException] = []
 
     def opener(hello: p.Hello) -> TargetStore:
-        if into is not None:
-            return WireStore(cast(Any, RepoStore(repo, disk, hello.size, req.target,
-                                                 source=str(hello.info.get("source", "")))),
-                             hello)
-        return open_store(dst, hello, req.target, raw=req.raw_target)
+        return _open_target(dst, into, hello, req)
 
     def run_target() -> None:
         try:
@@ -123,6 +114,35 @@ def local_push(src: str, dst: str, req: PushRequest,
     if failure:
         raise failure[0]
     return stats
+
+
+def repository_target(dst: str, req: PushRequest) -> tuple[Repository, str] | None:
+    """DST's repository and disk when it names one (``REPO#DISK``), opened for a push into
+    it and created when the store is empty; None for any other DST."""
+    into = parse_repo_location(dst)
+    if into is None:
+        return None
+    disk = into.need_disk("a push into a repository")
+    if req.raw_target:
+        raise UsageError("--raw-target does not apply to a repository")
+    if req.target.dry_run:
+        raise UsageError("--dry-run into a repository is not supported yet")
+    if req.source.encrypt:
+        raise UsageError("--encrypt: encrypted repositories cannot be created or pushed into "
+                         "from the command line yet (push into an encrypted image instead)")
+    return open_repository(into, keyring=req.source.keyring, s3=req.s3, create=True), disk
+
+
+def _open_target(dst: str, into: tuple[Repository, str] | None, hello: p.Hello,
+                 req: PushRequest, *, label: str = "", source_host: str = "") -> WireStore:
+    if into is None:
+        return open_store(dst, hello, req.target, raw=req.raw_target, label=label,
+                          source_host=source_host)
+    repo, disk = into
+    said = str(hello.info.get("source", ""))
+    source = label or (f"{source_host}:{said}" if source_host else said)
+    return WireStore(cast(Any, RepoStore(repo, disk, hello.size, req.target, source=source)),
+                     hello)
 
 
 def open_push_source(src: str, req: PushRequest) -> SourceReader:
@@ -173,19 +193,24 @@ def serve_source(channel: Channel, path: str, generation: int | None,
 
 
 def run_target_end(channel: Channel, dst: str, req: PushRequest, *, verify: bool = True,
-                   pulled_from: str | None = None) -> PushStats:
-    """The target's side over a channel (serve --target, or the local end of a pull).
+                   pulled_from: str | None = None, repositories: bool = False) -> PushStats:
+    """The target's side over a channel (serve --target, or the local end of a pull: only
+    that one, ``repositories``, takes a repository location as ``dst``).
 
     Returns what this end knows, from its own store: sizes, the chunks it stored, the roots
     and the commit. The byte counts keep PushStats' meaning: "sent" is source to target,
     here what this end received. ``pulled_from`` names the source's host in a warning and
     in the generation's source label (``HOST:PATH``, unless ``--label`` gave one)."""
     opened: list[WireStore] = []
+    if parse_repo_location(dst) is not None and not repositories:
+        raise UsageError(f"{dst}: a repository is not a target over SSH yet; run the push on "
+                         f"a machine that reaches the repository")
+    into = repository_target(dst, req)
 
     def opener(hello: p.Hello) -> TargetStore:
         # the generation's source label: --label, else in a pull HOST:what the source says
-        store = open_store(dst, hello, req.target, raw=req.raw_target,
-                           label=req.source.label, source_host=pulled_from or "")
+        store = _open_target(dst, into, hello, req, label=req.source.label,
+                             source_host=pulled_from or "")
         opened.append(store)
         return store
 

@@ -20,13 +20,16 @@ from support.swift import ACCESS_KEY, REGION, SECRET_KEY, SwiftServer
 from diskrsync.base.errors import UsageError
 from diskrsync.cli import jsonout
 from diskrsync.cli.main import main
+from diskrsync.compression.crypto import Envelope, KdfParams, MasterKey
 from diskrsync.compression.image import Image
 from diskrsync.compression.objstore import DirStore
+from diskrsync.compression.repoimport import write_disk
 from diskrsync.compression.repolocation import parse_repo_location
 from diskrsync.compression.repository import Repository, pack_key
+from diskrsync.synccore.channel import channel_pair
 from diskrsync.synccore.location import LocalPath, RemotePath, parse_location
+from diskrsync.synccore.push import PushRequest, run_target_end
 
-CS = 16 * 1024
 
 
 @pytest.fixture(autouse=True)
@@ -308,3 +311,67 @@ def test_mount_a_disk_from_s3_with_a_blob_cache(tmp_path: Path, swift: SwiftServ
     finally:
         subprocess.run(["fusermount3", "-u", "-z", str(mp)], capture_output=True)
         done.cleanup()
+
+
+# -- what is refused, and encrypted repositories -----------------------------------------------
+
+
+@pytest.mark.inproc
+def test_over_ssh_and_encrypt_are_refused_before_anything_starts(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    a = tmp_path / "a.raw"
+    disk(a, 2)
+    repo = tmp_path / "repo"
+    for argv in (["push", str(a), f"somehost:repo:{repo}#vm"],  # no SSH is started
+                 ["push", f"somehost:repo:{repo}#vm", str(tmp_path / "x.spgz")],
+                 ["push", "--encrypt", str(a), f"repo:{repo}#vm"],
+                 ["push", "--dry-run", str(a), f"repo:{repo}#vm"]):
+        capsys.readouterr()
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert "not supported" in err or "cannot" in err, err
+    assert not repo.exists() or not any((repo / "disks").glob("*"))
+    # the remote end (serve --target) refuses a repository too: its credentials and paths
+    # are not the client's to choose
+    with pytest.raises(UsageError, match="not a target over SSH"):
+        run_target_end(channel_pair()[1], f"repo:{repo}#vm", PushRequest())
+
+
+@pytest.mark.inproc
+def test_an_encrypted_repository_is_read_with_the_key_options(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    a = tmp_path / "a.raw"
+    data = disk(a, 8)
+    (tmp_path / "repo").mkdir()
+    key = MasterKey.generate()
+    r = Repository.init(DirStore(str(tmp_path / "repo")), key=key,
+                        envelope=Envelope.wrap(key, b"a long passphrase", KdfParams(1024, 1, 1)))
+    write_disk(r, "vm", lambda o, n: data[o : o + n], len(data))
+    repo = f"repo:{tmp_path / 'repo'}"
+    monkeypatch.delenv("DISKRSYNC_PASSPHRASE", raising=False)
+    pw = tmp_path / "pw"
+    pw.write_text("a long passphrase\n")
+    out = tmp_path / "out.raw"
+    assert run(capsys, "restore", "-q", "--passphrase-file", str(pw), f"{repo}#vm",
+               str(out))[0] == 0
+    assert out.read_bytes() == data
+    monkeypatch.setenv("DISKRSYNC_PASSPHRASE", "a long passphrase")
+    code, info = run_json(capsys, "info", repo)
+    assert code == 0 and info["encrypted"]
+    assert run(capsys, "verify", repo)[0] == 0
+    monkeypatch.setenv("DISKRSYNC_PASSPHRASE", "the wrong passphrase")
+    assert run(capsys, "restore", "-q", "--force", f"{repo}#vm", str(out))[0] != 0
+    # pushing into it needs the content-keyed codec on the source side: refused, clearly
+    monkeypatch.setenv("DISKRSYNC_PASSPHRASE", "a long passphrase")
+    capsys.readouterr()
+    assert main(["push", "-q", str(a), f"{repo}#vm"]) == 2
+    assert "encrypted" in capsys.readouterr().err
+    # copy goes through the repository's own codec: into it and out of it to a plain one
+    img = tmp_path / "img.spgz"
+    assert run(capsys, "push", "-q", str(a), str(img))[0] == 0
+    assert run(capsys, "copy", "-q", str(img), f"{repo}#fromimage")[0] == 0
+    plain = f"repo:{tmp_path / 'plain'}"
+    assert run(capsys, "copy", "-q", f"{repo}#fromimage", f"{plain}#vm")[0] == 0
+    assert run(capsys, "restore", "-q", "--force", f"{plain}#vm", str(out))[0] == 0
+    assert out.read_bytes() == data

@@ -252,10 +252,7 @@ def _copy_image(path: str, dst: RepoLocation, args: argparse.Namespace,
     if parse_repo_location(path) is None and not os.path.exists(path):
         raise UsageError(f"{path}: no such file")
     disk = dst.need_disk("copy")
-    repo = _open(dst, args, create=True)
-    if repo.config.encryption is not None:
-        raise UsageError(f"{dst.text}: copying an image into an encrypted repository is not "
-                         f"supported yet")
+    repo = _open(dst, args, create=True)  # an encrypted one: chunks sealed as they go in
     done = {str(repo.manifest(g).meta.get("copy_of")) for g in repo.generations(disk)}
     copied: list[int] = []
     skipped = sent = 0
