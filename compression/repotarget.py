@@ -36,7 +36,8 @@ from diskrsync.compression.targets import (
 
 class RepoStore:
     def __init__(self, repo: Repository, disk: str, size: int, opts: TargetOptions, *,
-                 source: str = "", lease: float = LEASE) -> None:
+                 source: str = "", lease: float = LEASE, label: str = "",
+                 source_host: str = "") -> None:
         if isinstance(repo.codec, ContentSealedCodec) or repo.codec.name != STANDARD.name:
             raise UsageError(f"{repo.store.url} is encrypted: pushing into it over the sync "
                              f"protocol is not supported yet")
@@ -45,6 +46,7 @@ class RepoStore:
         self.repo = repo
         self.disk = disk
         self.source = source
+        self.label, self.source_host = label, source_host
         self.opts = opts
         cfg = repo.config
         self.chunk_size, self.fanout = cfg.chunk_size, cfg.fanout
@@ -100,8 +102,9 @@ class RepoStore:
     def finish(self, root: bytes, info: dict[str, Any]) -> StoreResult:
         meta = {k: v for k, v in info.items()
                 if v and k not in ("dry_run", "seal", "source", "new_generation")}
-        # a source names itself in Done (as for images: targets.ImageStore.finish)
-        source = str(info.get("source") or self.source)
+        # a source names itself in Done; --label, or in a pull HOST: (as ImageStore.finish)
+        said = str(info.get("source") or self.source)
+        source = self.label or (f"{self.source_host}:{said}" if self.source_host else said)
         m = self.writer.commit(source=source, meta=meta, expect_root=root)
         self.close()
         return StoreResult(m.number, m.root, {"url": self.repo.store.url, "disk": self.disk},

@@ -139,10 +139,10 @@ def _open_target(dst: str, into: tuple[Repository, str] | None, hello: p.Hello,
         return open_store(dst, hello, req.target, raw=req.raw_target, label=label,
                           source_host=source_host)
     repo, disk = into
-    said = str(hello.info.get("source", ""))
-    source = label or (f"{source_host}:{said}" if source_host else said)
-    return WireStore(cast(Any, RepoStore(repo, disk, hello.size, req.target, source=source)),
-                     hello)
+    store = RepoStore(repo, disk, hello.size, req.target,
+                      source=str(hello.info.get("source", "")), label=label,
+                      source_host=source_host)
+    return WireStore(cast(Any, store), hello)
 
 
 def open_push_source(src: str, req: PushRequest) -> SourceReader:

@@ -31,7 +31,6 @@ from diskrsync.synccore.location import LocalPath, RemotePath, parse_location
 from diskrsync.synccore.push import PushRequest, run_target_end
 
 
-
 @pytest.fixture(autouse=True)
 def _keep_sigterm() -> Iterator[None]:
     """``main`` installs its SIGTERM handler; leave the test process's as it was."""
@@ -229,6 +228,28 @@ def test_usage_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str],
     code, _ = run(capsys, *(x.format(a=a, t=tmp_path) for x in argv))
     assert code == 2
     assert "Traceback" not in capsys.readouterr().err
+
+
+@pytest.mark.process
+def test_a_pull_writes_into_a_local_repository(tmp_path: Path) -> None:
+    """The local end of a pull is the repository's writer; the far end is reached through
+    a --rsh stand-in that runs the remote command on this machine."""
+    a = tmp_path / "a.raw"
+    data = disk(a, 8)
+    rsh = tmp_path / "rsh"
+    rsh.write_text('#!/bin/sh\nwhile [ "${1#-}" != "$1" ]; do shift; done\nshift\n'
+                   'exec sh -c "$*"\n')
+    rsh.chmod(0o755)
+    me = Path(sys.executable).parent / "diskrsync"
+    repo = f"repo:{tmp_path / 'repo'}"
+    r = cli(_env(), "push", "-q", "--rsh", rsh, "--remote-cmd", me, f"somehost:{a}",
+            f"{repo}#vm")
+    assert r.returncode == 0, r.stderr
+    m = Repository.open(DirStore(str(tmp_path / "repo"))).generation("vm")
+    assert m.source == f"somehost:{a}"
+    out = tmp_path / "out.raw"
+    assert cli(_env(), "restore", "-q", f"{repo}#vm", out).returncode == 0
+    assert out.read_bytes() == data
 
 
 # -- the real S3 service ---------------------------------------------------------------------
