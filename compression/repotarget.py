@@ -62,6 +62,7 @@ class RepoStore:
             self.close()
             raise
         self.base_size = self.base_shape.size
+        self.base = base.manifest if base is not None else None
         top = base.manifest.top if base is not None else b""
         self.info: dict[str, Any] = {
             "kind": "repository", "url": repo.store.url, "disk": disk,
@@ -105,10 +106,20 @@ class RepoStore:
         # a source names itself in Done; --label, or in a pull HOST: (as ImageStore.finish)
         said = str(info.get("source") or self.source)
         source = self.label or (f"{self.source_host}:{said}" if self.source_host else said)
+        where = {"url": self.repo.store.url, "disk": self.disk}
+        # as an image: equal content is no new generation, unless asked for or the run read
+        # zeros for unreadable sectors or saw the source change (manifests are immutable, so
+        # the run is not recorded in the old one: `unchanged` says so to the source)
+        new_generation = self.opts.always_new_generation or bool(
+            meta.get("read_errors") or meta.get("source_changed_chunks")
+            or info.get("new_generation") is True)
+        if not new_generation and self.base is not None and self.base.root == root:
+            self.close()
+            return StoreResult(self.base.number, root, {**where, "unchanged": True},
+                               self.stored)
         m = self.writer.commit(source=source, meta=meta, expect_root=root)
         self.close()
-        return StoreResult(m.number, m.root, {"url": self.repo.store.url, "disk": self.disk},
-                           self.stored)
+        return StoreResult(m.number, m.root, where, self.stored)
 
     def abort(self, save: bool) -> None:
         if save and self._open:  # index what was uploaded: the next push reuses it

@@ -98,6 +98,8 @@ def test_push_info_restore_verify(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert run(capsys, "push", "-q", str(a), f"{repo}#vm1")[0] == 0
     assert run(capsys, "push", "-q", str(b), f"{repo}#vm1")[0] == 0
     assert run(capsys, "push", "-q", str(a), f"{repo}#vm2")[0] == 0  # deduplicated
+    code, again = run_json(capsys, "push", str(b), f"{repo}#vm1")  # nothing changed
+    assert code == 0 and again["unchanged"] and again["generation"] == 2
     code, info = run_json(capsys, "info", repo)
     assert code == 0 and info["command"] == "info"
     disks = {d["name"]: [g["number"] for g in d["generations"]]
@@ -281,7 +283,7 @@ def test_s3_push_restore_prune_copy(tmp_path: Path, swift: SwiftServer) -> None:
     r = cli(env, "push", "-q", "--s3-endpoint", swift.endpoint, a, f"{where}#vm")
     assert r.returncode == 0, r.stderr
     env = _env(swift)  # the endpoint from the environment, as AWS tools take it
-    assert cli(env, "push", "-q", a, f"{where}#vm").returncode == 0
+    assert cli(env, "push", "-q", "--always-new-generation", a, f"{where}#vm").returncode == 0
     out = tmp_path / "out.raw"
     r = cli(env, "restore", "-q", f"{where}#vm", out)
     assert r.returncode == 0, r.stderr

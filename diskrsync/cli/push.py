@@ -22,6 +22,7 @@ from diskrsync.cli import jsonout
 from diskrsync.cli.keys import LOSS_WARNING
 from diskrsync.cli.requests import push_request
 from diskrsync.compression.nbd import is_nbd_url
+from diskrsync.compression.repolocation import is_repo_location
 from diskrsync.compression.sources import open_source
 from diskrsync.synccore.location import LocalPath, RemotePath, parse_location
 from diskrsync.synccore.push import local_push
@@ -61,7 +62,10 @@ def _push_summary(stats: Any, args: argparse.Namespace, started: float) -> int:
             print(f"source root: {stats.root_hash}")
             print(f"target root: {stats.target_root_hash}")
         else:
-            if stats.unchanged:
+            if stats.unchanged and is_repo_location(args.dst):
+                what = (f"unchanged: generation {stats.generation} is still current (no new "
+                        f"generation)")
+            elif stats.unchanged:
                 what = (f"unchanged: generation {stats.generation} is still current (this run "
                         f"is recorded in it, no new generation)")
             elif stats.generation:
