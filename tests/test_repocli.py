@@ -206,6 +206,18 @@ def test_copy_image_to_repository_to_repository(tmp_path: Path,
         assert run(capsys, "restore", "-q", "-g", str(number), f"{two}#offsite",
                    str(out_file))[0] == 0
         assert out_file.read_bytes() == data
+    # and back out into an image: every generation, once
+    back = tmp_path / "back.spgz"
+    code, out = run_json(capsys, "copy", f"{two}#offsite", str(back))
+    assert code == 0 and out["copied"] == [1, 2]
+    code, out = run_json(capsys, "copy", f"{two}#offsite", str(back))
+    assert code == 0 and out["copied"] == [] and out["skipped"] == 2
+    with Image.open(str(back)) as image, Image.open(str(img)) as original:
+        assert [g.source for g in image.generations()] == [
+            g.source for g in original.generations()]
+        for g, data in zip(image.generations(), datas, strict=True):
+            with image.snapshot(g.number) as snap:
+                assert snap.read(0, snap.size) == data
 
 
 @pytest.mark.inproc
@@ -216,7 +228,8 @@ def test_copy_image_to_repository_to_repository(tmp_path: Path,
     ["push", "{a}", "repo:{t}#vm"],  # a directory with other files, no repository
     ["restore", "repo:{t}/repo", "{t}/x.raw"],
     ["info", "repo:{t}/none"],
-    ["copy", "repo:{t}/repo#vm", "{t}/x.spgz"],
+    ["copy", "{a}", "{t}/x.spgz"],  # two images: that is push
+    ["copy", "repo:{t}/repo#vm", "{t}/x.spgz"],  # no such disk
     ["mount", "repo:{t}/repo", "{t}"],
     ["mount", "--cache-dir", "{t}", "{a}", "{t}"],
     ["verify", "--repair", "repo:{t}/repo"],

@@ -362,12 +362,13 @@ def build_parser() -> argparse.ArgumentParser:
     _key_options(sp)
 
     sp = add("copy", "repos:cmd_copy",
-             "Copy a disk with all its generations into a repository, from an image or "
-             "another repository, sending only the chunks the destination lacks.")
+             "Copy a disk with all its generations between an image and a repository or "
+             "two repositories, sending only the chunks the destination lacks.")
     sp.add_argument("src", metavar="SRC", help="an image, or a repository disk (REPO#DISK)")
     sp.add_argument("dst", metavar="DST",
                     help="a repository disk (REPO#DISK; a new local repository directory is "
-                         "created); generations it has already are skipped")
+                         "created), or an image (created if missing); generations it has "
+                         "already are skipped")
     sp.add_argument("--json", action="store_true",
                     help="print a machine-readable object (docs/json.md)")
     sp.add_argument("--quiet", "-q", action="store_true", help="no progress, no summary")

@@ -13,7 +13,7 @@ from typing import Any
 
 from diskrsync.base.errors import DataError, UsageError
 from diskrsync.base.progress import Progress
-from diskrsync.base.retention import Verdict, select
+from diskrsync.base.retention import Retention, Verdict, select
 from diskrsync.base.units import human
 from diskrsync.cli import jsonout
 from diskrsync.cli.keys import keyring
@@ -30,6 +30,9 @@ from diskrsync.compression.repolocation import (
     parse_repo_location,
 )
 from diskrsync.compression.repository import Repository
+from diskrsync.synccore.push import PushRequest, local_push
+from diskrsync.synccore.source import SourceOptions
+from diskrsync.synccore.target import TargetOptions
 
 
 def _when(t: float) -> str:
@@ -216,13 +219,15 @@ def _image_generations(path: str, args: argparse.Namespace) -> Iterator[Any]:
 def cmd_copy(args: argparse.Namespace) -> int:
     started = time.time()
     src, dst = parse_repo_location(args.src), parse_repo_location(args.dst)
-    if dst is None:
-        raise UsageError("copy writes into a repository (s3://BUCKET/PREFIX#DISK or "
-                         "repo:DIR#DISK); to copy out of one, use `diskrsync push "
-                         "REPO#DISK IMAGE` per generation, or `restore`")
+    if src is None and dst is None:
+        raise UsageError("copy needs a repository disk on at least one side (s3://BUCKET/"
+                         "PREFIX#DISK or repo:DIR#DISK); between two images use push")
     bar = Progress(0, "copy", not (args.quiet or args.json))
     try:
-        if src is not None:
+        if dst is None:
+            assert src is not None
+            copied, skipped, sent = _copy_to_image(src, args.dst, args)
+        elif src is not None:
             disk = src.need_disk("copy")
             source = _open(src, args)
             target = _open(dst, args, create=True)
@@ -243,6 +248,48 @@ def cmd_copy(args: argparse.Namespace) -> int:
               + (f", {skipped} already there" if skipped else "")
               + f": {human(sent)} sent")
     return 0
+
+
+def _copy_to_image(src: RepoLocation, path: str, args: argparse.Namespace
+                   ) -> tuple[list[int], int, int]:
+    """Every generation of the repository disk ``src``, oldest first, pushed into the image
+    at ``path`` (created with the repository's chunk size) as a generation of its own; one
+    whose root the image holds already is skipped (a plain repository's roots are an image's
+    roots for the same bytes and chunk size). The image's generations are dated by the copy
+    and keep the source's name."""
+    disk = src.need_disk("copy")
+    repo = _open(src, args)
+    ring = keyring(args)
+    have: set[bytes] = set()
+    if os.path.exists(path):
+        img = open_image(path, keyring=ring)
+        try:
+            have = {g.root_hash for g in img.generations()}
+            kept = len(img.generations())
+        finally:
+            img.close()
+    else:
+        kept = 0
+    gens = [repo.manifest(g) for g in repo.generations(disk)]
+    if not gens:
+        raise UsageError(f"{src.text}: the repository has no disk {disk}")
+    copied: list[int] = []
+    skipped = sent = 0
+    keep = Retention(last=kept + len(gens))  # the copy prunes nothing the image had
+    for m in gens:
+        if m.root in have:
+            skipped += 1
+            continue
+        req = PushRequest(source=SourceOptions(chunk_size=repo.config.chunk_size,
+                                               keyring=ring, label=m.source or src.text),
+                          target=TargetOptions(keep=keep, always_new_generation=True),
+                          generation=m.number, s3=s3_options(args))
+        stats = local_push(f"{src.text}", path, req)
+        if stats.generation is not None:
+            copied.append(stats.generation)
+        sent += stats.bytes_sent
+        have.add(m.root)
+    return copied, skipped, sent
 
 
 def _copy_image(path: str, dst: RepoLocation, args: argparse.Namespace,
