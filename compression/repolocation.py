@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass
 
 from diskrsync.base.errors import UsageError
-from diskrsync.compression.crypto import Keyring
+from diskrsync.compression.crypto import Envelope, KdfParams, Keyring, MasterKey
 from diskrsync.compression.objstore import DirStore, ObjectStore, S3Options, S3Store
 from diskrsync.compression.repository import Repository, check_disk_name
 
@@ -85,9 +85,11 @@ def open_store(loc: RepoLocation, s3: S3Options | None = None, *,
 
 
 def open_repository(loc: RepoLocation, *, keyring: Keyring | None = None,
-                    s3: S3Options | None = None, create: bool = False) -> Repository:
+                    s3: S3Options | None = None, create: bool = False,
+                    encrypt: bool = False, kdf: KdfParams | None = None) -> Repository:
     """The repository at ``loc``. With ``create`` (a push or copy into it), an empty store
-    becomes a new plain repository; encrypted ones are not created this way yet."""
+    becomes a new repository: plain, or with ``encrypt`` encrypted with a new key wrapped
+    by the keyring's passphrase (asked for as a new one)."""
     store = open_store(loc, s3, create=create)
     if create:
         store.check()
@@ -95,5 +97,17 @@ def open_repository(loc: RepoLocation, *, keyring: Keyring | None = None,
             if any(True for _ in store.list("")):
                 raise UsageError(f"{loc.store} is not empty and holds no repository (no "
                                  f"config): refusing to create one among other files")
-            return Repository.init(store)
-    return Repository.open(store, keyring)
+            if not encrypt:
+                return Repository.init(store)
+            if keyring is None:
+                raise UsageError("--encrypt needs a passphrase source")
+            key = MasterKey.generate()
+            envelope = Envelope.wrap(key, keyring.passphrase("a new encryption key", new=True),
+                                     kdf)
+            keyring.add(key)
+            return Repository.init(store, key=key, envelope=envelope)
+    repo = Repository.open(store, keyring)
+    if encrypt and repo.config.encryption is None:
+        raise UsageError(f"{loc.store} is a plain repository: --encrypt makes a new one "
+                         f"encrypted (copy into a new repository to encrypt this one)")
+    return repo

@@ -20,7 +20,7 @@ from support.swift import ACCESS_KEY, REGION, SECRET_KEY, SwiftServer
 from diskrsync.base.errors import UsageError
 from diskrsync.cli import jsonout
 from diskrsync.cli.main import main
-from diskrsync.compression.crypto import Envelope, KdfParams, MasterKey
+from diskrsync.compression.crypto import Envelope, KdfParams, Keyring, MasterKey
 from diskrsync.compression.image import Image
 from diskrsync.compression.objstore import DirStore
 from diskrsync.compression.repoimport import write_disk
@@ -411,3 +411,34 @@ def test_an_encrypted_repository_is_read_with_the_key_options(
     assert run(capsys, "copy", "-q", f"{repo}#fromimage", f"{plain}#vm")[0] == 0
     assert run(capsys, "restore", "-q", "--force", f"{plain}#vm", str(out))[0] == 0
     assert out.read_bytes() == data
+
+
+@pytest.mark.inproc
+def test_copy_encrypt_makes_an_encrypted_repository(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    a = tmp_path / "a.raw"
+    data = disk(a, 8)
+    img = tmp_path / "img.spgz"
+    assert run(capsys, "push", "-q", str(a), str(img))[0] == 0
+    monkeypatch.setenv("DISKRSYNC_KDF", "1024,1,1")  # a fast Argon2id for the test
+    monkeypatch.setenv("DISKRSYNC_PASSPHRASE", "a long passphrase")
+    secret = f"repo:{tmp_path / 'secret'}"
+    assert run(capsys, "copy", "-q", "--encrypt", str(img), f"{secret}#vm")[0] == 0
+    r = Repository.open(DirStore(str(tmp_path / "secret")),
+                        Keyring(lambda why, new: b"a long passphrase"))
+    assert r.config.encryption is not None
+    # the store holds no chunk in the clear
+    raw = b"".join(p.read_bytes() for p in (tmp_path / "secret").rglob("*") if p.is_file())
+    assert data[:4096] not in raw
+    out = tmp_path / "out.raw"
+    assert run(capsys, "restore", "-q", f"{secret}#vm", str(out))[0] == 0
+    assert out.read_bytes() == data
+    monkeypatch.delenv("DISKRSYNC_PASSPHRASE")
+    assert run(capsys, "copy", "-q", "--encrypt", str(img), f"repo:{tmp_path / 'p'}#vm",
+               "--passphrase-file", "/nonexistent")[0] == 2
+    plain = f"repo:{tmp_path / 'plain'}"
+    assert run(capsys, "copy", "-q", str(img), f"{plain}#vm")[0] == 0
+    capsys.readouterr()
+    assert main(["copy", "-q", "--encrypt", str(img), f"{plain}#other"]) == 2
+    assert "plain repository" in capsys.readouterr().err

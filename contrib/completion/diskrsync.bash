@@ -73,7 +73,7 @@ _diskrsync() {
             valopts=" --chunk-size --passphrase-file --key-file "
             positional=(_diskrsync_files _diskrsync_files) ;;
         copy)
-            opts="--json --quiet -q --passphrase-file --key-file --s3-endpoint --s3-profile --help"
+            opts="--json --quiet -q --encrypt --passphrase-file --key-file --s3-endpoint --s3-profile --help"
             valopts=" --passphrase-file --key-file --s3-endpoint --s3-profile "
             positional=(_diskrsync_files _diskrsync_files) ;;
         key)

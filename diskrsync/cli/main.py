@@ -372,6 +372,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", action="store_true",
                     help="print a machine-readable object (docs/json.md)")
     sp.add_argument("--quiet", "-q", action="store_true", help="no progress, no summary")
+    sp.add_argument("--encrypt", action="store_true",
+                    help="a new destination repository is encrypted with a new key wrapped by "
+                         "the passphrase (every later command on it needs the passphrase)")
     _key_options(sp)
     _s3_options(sp)
 

@@ -16,7 +16,7 @@ from diskrsync.base.progress import Progress
 from diskrsync.base.retention import Retention, Verdict, select
 from diskrsync.base.units import human
 from diskrsync.cli import jsonout
-from diskrsync.cli.keys import keyring
+from diskrsync.cli.keys import kdf_params, keyring
 from diskrsync.cli.requests import retention, s3_options
 from diskrsync.compression import repomaint
 from diskrsync.compression.container import open_image
@@ -40,7 +40,11 @@ def _when(t: float) -> str:
 
 
 def _open(loc: RepoLocation, args: argparse.Namespace, *, create: bool = False) -> Repository:
-    return open_repository(loc, keyring=keyring(args), s3=s3_options(args), create=create)
+    """``loc``'s repository; with ``create`` (a copy into it) made when new, encrypted with
+    ``--encrypt``."""
+    encrypt = create and bool(getattr(args, "encrypt", False))
+    return open_repository(loc, keyring=keyring(args), s3=s3_options(args), create=create,
+                           encrypt=encrypt, kdf=kdf_params() if encrypt else None)
 
 
 def _disks(repo: Repository, loc: RepoLocation) -> list[str]:
@@ -226,6 +230,9 @@ def cmd_copy(args: argparse.Namespace) -> int:
     try:
         if dst is None:
             assert src is not None
+            if args.encrypt:
+                raise UsageError("copy --encrypt makes a new encrypted repository; to get an "
+                                 "encrypted image, push --encrypt into a new image")
             copied, skipped, sent = _copy_to_image(src, args.dst, args)
         elif src is not None:
             disk = src.need_disk("copy")
