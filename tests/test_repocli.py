@@ -442,3 +442,36 @@ def test_copy_encrypt_makes_an_encrypted_repository(
     capsys.readouterr()
     assert main(["copy", "-q", "--encrypt", str(img), f"{plain}#other"]) == 2
     assert "plain repository" in capsys.readouterr().err
+
+
+@pytest.mark.process
+@pytest.mark.slow
+@pytest.mark.parametrize("delay", [0.2, 0.35, 0.5, 0.7])
+def test_copy_killed_then_run_again_completes(tmp_path: Path, delay: float) -> None:
+    """SIGKILL of `copy` at some point: nothing half-visible, and the next run finishes
+    the job (the generations already written are skipped) and verify passes."""
+    img = tmp_path / "vm.spgz"
+    for seed in range(3):
+        a = tmp_path / f"{seed}.raw"
+        disk(a, 320, seed=seed, every=1)
+        assert cli(_env(), "push", "-q", "--keep-last", "5", a, img).returncode == 0
+    repo = f"repo:{tmp_path / 'repo'}"
+    proc = subprocess.Popen([sys.executable, "-m", "diskrsync.cli", "copy", "-q", str(img),
+                             f"{repo}#vm"], env=_env(), cwd="/", stderr=subprocess.DEVNULL)
+    try:
+        proc.wait(delay)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    if (tmp_path / "repo").exists() and (tmp_path / "repo" / "config").exists():
+        r = cli(_env(), "verify", repo)  # what is visible is whole
+        assert r.returncode == 0, r.stdout + r.stderr
+    r = cli(_env(), "copy", "--json", img, f"{repo}#vm")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert len(out["copied"]) + out["skipped"] == 3
+    r = cli(_env(), "verify", repo)
+    assert r.returncode == 0, r.stdout + r.stderr
+    restored = tmp_path / "out.raw"
+    assert cli(_env(), "restore", "-q", f"{repo}#vm", restored).returncode == 0
+    assert restored.read_bytes() == (tmp_path / "2.raw").read_bytes()
