@@ -19,6 +19,7 @@ from typing import Any, cast
 from diskrsync.base.errors import DiskrsyncError, UsageError
 from diskrsync.base.merkle import Shape
 from diskrsync.compression.objstore import S3Options
+from diskrsync.compression.repoimport import write_disk
 from diskrsync.compression.repolocation import open_repository, parse_repo_location
 from diskrsync.compression.repository import Repository, RepoSource
 from diskrsync.compression.repotarget import RepoStore
@@ -74,6 +75,11 @@ def local_push(src: str, dst: str, req: PushRequest,
     # a repository is opened (and created if new) before the source: a bad location fails first
     into = repository_target(dst, req)
     reader = open_push_source(src, req)
+    if into is not None and into[0].config.encryption is not None:
+        try:
+            return _push_sealed(reader, *into, req, progress)
+        finally:
+            reader.close()
     a, b = channels or channel_pair(limit=req.limit())
     failure: list[BaseException] = []
 
@@ -127,10 +133,38 @@ def repository_target(dst: str, req: PushRequest) -> tuple[Repository, str] | No
         raise UsageError("--raw-target does not apply to a repository")
     if req.target.dry_run:
         raise UsageError("--dry-run into a repository is not supported yet")
-    if req.source.encrypt:
-        raise UsageError("--encrypt: encrypted repositories cannot be created or pushed into "
-                         "from the command line yet (push into an encrypted image instead)")
-    return open_repository(into, keyring=req.source.keyring, s3=req.s3, create=True), disk
+    return open_repository(into, keyring=req.source.keyring, s3=req.s3, create=True,
+                           encrypt=req.source.encrypt, kdf=req.source.kdf), disk
+
+
+def _push_sealed(reader: SourceReader, repo: Repository, disk: str, req: PushRequest,
+                 progress: Callable[[int, int], None] | None) -> PushStats:
+    """A local push into an encrypted repository. Its chunk ids are keyed content hashes
+    that only this end can compute (``ContentSealedCodec``), which the sync protocol's
+    source does not speak; so the source is read whole here and sealed into the repository
+    directly (``repoimport.write_disk``): chunks whose id the newest generation or any other
+    disk holds cost no upload, and equal content makes no new generation."""
+    t0 = time.monotonic()
+    gens = repo.generations(disk)
+    before = repo.manifest(gens[-1]) if gens else None
+
+    def step(n: int) -> None:
+        if progress is not None:
+            progress(n, 0)
+
+    label = req.source.label or reader.description
+    m, counts = write_disk(repo, disk, reader.read, reader.size, source=label,
+                           progress=step, new_generation=req.target.always_new_generation)
+    shape = Shape(reader.size, repo.config.chunk_size, repo.config.fanout)
+    unchanged = before is not None and m.number == before.number
+    return PushStats(
+        size=reader.size, chunk_size=shape.chunk_size, chunks=shape.chunks,
+        bytes_read=reader.size, bytes_hashed=reader.size,
+        bytes_sent=counts["bytes_stored"], chunks_differing=counts["chunks_stored"],
+        duration=time.monotonic() - t0, root_hash=m.root.hex(),
+        target_root_hash=before.root.hex() if before is not None else "",
+        generation=m.number, created=before is None, unchanged=unchanged,
+        target=target_report({"chunks_written": counts["chunks_stored"]}))
 
 
 def _open_target(dst: str, into: tuple[Repository, str] | None, hello: p.Hello,

@@ -353,14 +353,13 @@ def test_mount_a_disk_from_s3_with_a_blob_cache(tmp_path: Path, swift: SwiftServ
 
 
 @pytest.mark.inproc
-def test_over_ssh_and_encrypt_are_refused_before_anything_starts(
+def test_over_ssh_and_dry_run_are_refused_before_anything_starts(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     a = tmp_path / "a.raw"
     disk(a, 2)
     repo = tmp_path / "repo"
     for argv in (["push", str(a), f"somehost:repo:{repo}#vm"],  # no SSH is started
                  ["push", f"somehost:repo:{repo}#vm", str(tmp_path / "x.spgz")],
-                 ["push", "--encrypt", str(a), f"repo:{repo}#vm"],
                  ["push", "--dry-run", str(a), f"repo:{repo}#vm"]):
         capsys.readouterr()
         assert main(argv) == 2, argv
@@ -398,11 +397,20 @@ def test_an_encrypted_repository_is_read_with_the_key_options(
     assert run(capsys, "verify", repo)[0] == 0
     monkeypatch.setenv("DISKRSYNC_PASSPHRASE", "the wrong passphrase")
     assert run(capsys, "restore", "-q", "--force", f"{repo}#vm", str(out))[0] != 0
-    # pushing into it needs the content-keyed codec on the source side: refused, clearly
+    # a push seals into it on this end: equal content makes no generation, new content one
     monkeypatch.setenv("DISKRSYNC_PASSPHRASE", "a long passphrase")
+    code, pushed = run_json(capsys, "push", str(a), f"{repo}#vm")
+    assert code == 0 and pushed["unchanged"] and pushed["generation"] == 1
+    b = tmp_path / "b.raw"
+    data_b = disk(b, 8, seed=5)
+    code, pushed = run_json(capsys, "push", str(b), f"{repo}#vm")
+    assert code == 0 and pushed["generation"] == 2 and not pushed["unchanged"]
+    assert run(capsys, "restore", "-q", "--force", f"{repo}#vm", str(out))[0] == 0
+    assert out.read_bytes() == data_b
+    # a pull (the remote's far end cannot seal for it) into an encrypted repository: refused
     capsys.readouterr()
-    assert main(["push", "-q", str(a), f"{repo}#vm"]) == 2
-    assert "encrypted" in capsys.readouterr().err
+    with pytest.raises(UsageError, match="encrypted"):
+        run_target_end(channel_pair()[1], f"{repo}#vm", PushRequest(), repositories=True)
     # copy goes through the repository's own codec: into it and out of it to a plain one
     img = tmp_path / "img.spgz"
     assert run(capsys, "push", "-q", str(a), str(img))[0] == 0
@@ -411,6 +419,32 @@ def test_an_encrypted_repository_is_read_with_the_key_options(
     assert run(capsys, "copy", "-q", f"{repo}#fromimage", f"{plain}#vm")[0] == 0
     assert run(capsys, "restore", "-q", "--force", f"{plain}#vm", str(out))[0] == 0
     assert out.read_bytes() == data
+
+
+@pytest.mark.inproc
+def test_push_encrypt_makes_an_encrypted_repository(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    a = tmp_path / "a.raw"
+    data = disk(a, 8)
+    monkeypatch.setenv("DISKRSYNC_KDF", "1024,1,1")
+    monkeypatch.setenv("DISKRSYNC_PASSPHRASE", "a long passphrase")
+    repo = f"repo:{tmp_path / 'secret'}"
+    capsys.readouterr()
+    assert main(["push", "-q", "--encrypt", str(a), f"{repo}#vm"]) == 0
+    assert "keep the passphrase" in capsys.readouterr().err
+    raw = b"".join(p.read_bytes() for p in (tmp_path / "secret").rglob("*") if p.is_file())
+    assert data[:4096] not in raw
+    assert run(capsys, "push", "-q", str(a), f"{repo}#other")[0] == 0  # deduplicated
+    r = Repository.open(DirStore(str(tmp_path / "secret")),
+                        Keyring(lambda why, new: b"a long passphrase"))
+    assert sum(1 for loc in r.index().values() if loc.type == 0) == 4
+    out = tmp_path / "out.raw"
+    assert run(capsys, "restore", "-q", f"{repo}#other", str(out))[0] == 0
+    assert out.read_bytes() == data
+    monkeypatch.delenv("DISKRSYNC_PASSPHRASE")
+    assert run(capsys, "push", "-q", "--passphrase-file", "/nonexistent", str(a),
+               f"{repo}#vm")[0] == 2
 
 
 @pytest.mark.inproc

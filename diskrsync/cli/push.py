@@ -19,7 +19,7 @@ from diskrsync.base.errors import (
 from diskrsync.base.progress import Progress
 from diskrsync.base.units import human
 from diskrsync.cli import jsonout
-from diskrsync.cli.keys import LOSS_WARNING
+from diskrsync.cli.keys import LOSS_WARNING, REPO_LOSS_WARNING
 from diskrsync.cli.requests import push_request
 from diskrsync.compression.nbd import is_nbd_url
 from diskrsync.compression.repolocation import is_repo_location
@@ -32,7 +32,7 @@ def _push_summary(stats: Any, args: argparse.Namespace, started: float) -> int:
 
     warnings = stats.warnings
     if getattr(args, "encrypt", False) and stats.generation == 1:
-        warnings.append(LOSS_WARNING)
+        warnings.append(REPO_LOSS_WARNING if is_repo_location(args.dst) else LOSS_WARNING)
     asked = getattr(args, "chunk_size", None)
     # (a Go target's block size is not a chunk size: --legacy is not compared)
     if asked and stats.chunk_size and asked != stats.chunk_size and not args.legacy:
