@@ -407,6 +407,11 @@ def test_an_encrypted_repository_is_read_with_the_key_options(
     assert code == 0 and pushed["generation"] == 2 and not pushed["unchanged"]
     assert run(capsys, "restore", "-q", "--force", f"{repo}#vm", str(out))[0] == 0
     assert out.read_bytes() == data_b
+    monkeypatch.delenv("DISKRSYNC_PASSPHRASE")
+    code, pruned = run_json(capsys, "prune", "--keep-last", "1", "--passphrase-file", str(pw),
+                            repo)
+    assert code == 0 and pruned["pruned"] == {"vm": [1]}
+    monkeypatch.setenv("DISKRSYNC_PASSPHRASE", "a long passphrase")
     # a pull (the remote's far end cannot seal for it) into an encrypted repository: refused
     capsys.readouterr()
     with pytest.raises(UsageError, match="encrypted"):

@@ -53,8 +53,8 @@ _diskrsync() {
             valopts=" --generation -g --passphrase-file --key-file --s3-endpoint --s3-profile "
             positional=(_diskrsync_files _diskrsync_files) ;;
         prune)
-            opts="--dry-run -n --keep-last --keep --keep-hourly --keep-daily --keep-weekly --keep-monthly --keep-yearly --keep-within --json --s3-endpoint --s3-profile --help"
-            valopts=" --keep-last --keep --keep-hourly --keep-daily --keep-weekly --keep-monthly --keep-yearly --keep-within --s3-endpoint --s3-profile "
+            opts="--dry-run -n --keep-last --keep --keep-hourly --keep-daily --keep-weekly --keep-monthly --keep-yearly --keep-within --passphrase-file --key-file --json --s3-endpoint --s3-profile --help"
+            valopts=" --keep-last --keep --keep-hourly --keep-daily --keep-weekly --keep-monthly --keep-yearly --keep-within --passphrase-file --key-file --s3-endpoint --s3-profile "
             positional=(_diskrsync_files) ;;
         push)
             opts="--raw-target --no-compress --chunk-size --keep-last --keep --keep-hourly --keep-daily --keep-weekly --keep-monthly --keep-yearly --keep-within --always-new-generation --generation -g --dry-run -n --ignore-read-errors --skip-free-blocks --timeout --max-size --bwlimit --json --quiet -q --verbose -v --encrypt --passphrase-file --key-file --label --dirty-bitmap --qmp --identity -i --ssh-config -F --accept-new-host-key --remote-cmd --legacy --rsh -e --s3-endpoint --s3-profile --help"

@@ -147,7 +147,7 @@ def _push_options(sp: argparse.ArgumentParser, *, serve: bool = False) -> None:
 
 
 def _key_options(sp: argparse.ArgumentParser) -> None:
-    g = sp.add_argument_group("encrypted images")
+    g = sp.add_argument_group("encrypted images and repositories")
     g.add_argument("--passphrase-file", metavar="FILE",
                    help="read the passphrase from FILE's first line (else "
                         "$DISKRSYNC_PASSPHRASE, else a prompt on the terminal)")
@@ -265,6 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--dry-run", "-n", action="store_true",
                     help="list what would go and which rule keeps each one; change nothing")
     _retention_options(sp, prune=True)
+    _key_options(sp)  # an encrypted repository's prune reads its manifests
     sp.add_argument("--json", action="store_true",
                     help="print a machine-readable object (docs/json.md)")
     _s3_options(sp)
