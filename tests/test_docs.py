@@ -507,6 +507,40 @@ def _corrupt_chunk(block: Block, work: Path) -> None:
     check_expectations(block, work, base_env())
 
 
+SECRET = "another long passphrase"
+
+
+def _encrypted_sample(work: Path) -> dict[str, str]:
+    """backups/secret.spgz, encrypted as the guide's section 12 makes it; the environment
+    that unlocks it."""
+    env = {**base_env(), "DISKRSYNC_PASSPHRASE": SECRET}
+    r = run_shell("diskrsync push -q --encrypt disk.img backups/secret.spgz", work, env)
+    assert r.returncode == 0, r.stderr
+    return env
+
+
+@scenario("wrong-passphrase")
+def _wrong_passphrase(block: Block, work: Path) -> None:
+    _encrypted_sample(work)
+    check_expectations(block, work, base_env())
+    assert not (work / "secret-out.img").exists()
+
+
+@scenario("rolled-back")
+def _rolled_back(block: Block, work: Path) -> None:
+    # a copy of the encrypted image set aside, then a newer generation this client sees,
+    # then the old copy put back in its place (what a host serving old backups does)
+    env = _encrypted_sample(work)
+    image, old = work / "backups" / "secret.spgz", work / "secret-old.spgz"
+    shutil.copyfile(image, old)
+    r = run_shell("dd if=/dev/urandom of=disk.img bs=4k count=1 seek=300 conv=notrunc "
+                  "status=none && diskrsync push -q disk.img backups/secret.spgz "
+                  "&& diskrsync info backups/secret.spgz > /dev/null", work, env)
+    assert r.returncode == 0, r.stderr
+    shutil.copyfile(old, image)
+    check_expectations(block, work, env)
+
+
 @scenario("source-changed")
 def _source_changed(block: Block, work: Path) -> None:
     cs, n = 128 * 1024, 512
