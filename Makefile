@@ -4,13 +4,18 @@
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test test-fast lint bench docs clean
+.PHONY: setup demo demo-s3 test test-fast lint bench docs clean
 
 setup:
 	@bash scripts/setup.sh
 
 demo: setup
 	@bash scripts/demo.sh
+
+# the object-storage demo: a private S3 service (Swift), a deduplicating repository in it,
+# a mount from the bucket and a single-file restore, an offsite copy
+demo-s3: setup
+	@bash scripts/demo-s3.sh
 
 # lint first: it takes seconds and a failure fails the run
 test: lint
@@ -36,4 +41,4 @@ docs: setup
 	$(BIN)/python scripts/docgen.py json > docs/json.md
 
 clean:
-	rm -rf $(VENV) demo-work .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) demo-work demo-work-s3 .pytest_cache .mypy_cache .ruff_cache

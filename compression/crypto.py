@@ -84,7 +84,6 @@ MAX_KDF_WORK = 6 << 20  # KiB times passes: 2 GiB x 3, 32 times the default's
 _CTX_LEAF = "diskrsync 2026-11 leaf digest"
 _CTX_CHUNK = "diskrsync 2026-11 chunk encryption"
 _CTX_SEAL = "diskrsync 2026-11 generation seal"
-_CTX_CHECK = "diskrsync 2026-11 key check"
 _CTX_CONTENT = "diskrsync 2026-11 repository chunk id"
 _CTX_OBJECT = "diskrsync 2026-11 repository object"
 
@@ -123,12 +122,6 @@ class MasterKey:
     @classmethod
     def generate(cls, cipher: str | None = None) -> MasterKey:
         return cls(os.urandom(SECRET_SIZE), os.urandom(KEY_ID_SIZE), cipher or default_cipher())
-
-    @property
-    def check(self) -> str:
-        """A public fingerprint proving which secret belongs to the key id (hex)."""
-        return blake3.blake3(self.key_id, key=blake3.blake3(
-            self.secret, derive_key_context=_CTX_CHECK).digest()).hexdigest()[:32]
 
 
 # -- wrapping: the envelope -----------------------------------------------------------------

@@ -217,9 +217,14 @@ def pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
 def fsync_dir(path: str) -> None:
     """Make the directory entries of ``path``'s folder durable (a new name, a link, a
     rename): a file's own fsync does not, and a power cut may lose the name of a file whose
-    data is on disk. A filesystem that cannot sync a directory (EINVAL) has nothing to do."""
+    data is on disk."""
     # a bare name is in the working directory (which a restricted serve entered by fd)
-    fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    sync_folder(os.path.dirname(path) or ".")
+
+
+def sync_folder(folder: str) -> None:
+    """fsync a directory itself; a filesystem that cannot (EINVAL) has nothing to do."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         os.fsync(fd)
     except OSError as e:

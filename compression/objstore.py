@@ -27,7 +27,6 @@ directory's I/O errors are LocalError (exit 3).
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import random
 import threading
@@ -46,6 +45,7 @@ from diskrsync.base.errors import (
     UsageError,
     from_oserror,
 )
+from diskrsync.compression.image import sync_folder
 
 T = TypeVar("T")
 
@@ -149,7 +149,7 @@ class DirStore:
             finally:
                 os.close(fd)
             os.replace(tmp, path)
-            _fsync_dir(folder)
+            sync_folder(folder)
         except OSError as e:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
@@ -229,17 +229,6 @@ def _local(e: OSError, what: str) -> DiskrsyncError:
     store was opened, so whatever vanished vanished behind our back."""
     err = from_oserror(e, what)
     return LocalError(err.message) if isinstance(err, UsageError) else err
-
-
-def _fsync_dir(folder: str) -> None:
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    except OSError as e:
-        if e.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
-            raise
-    finally:
-        os.close(fd)
 
 
 # -- S3 ---------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ encoded, on the worker threads; chunks equal to the newest generation's cost not
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -18,7 +19,9 @@ BATCH_CHUNKS = 32  # chunks per worker task: amortises the hand-off, bounds memo
 
 def write_disk(repo: Repository, disk: str, read: Callable[[int, int], bytes], size: int, *,
                source: str = "", meta: dict[str, Any] | None = None, incremental: bool = True,
-               progress: Callable[[int], None] | None = None) -> tuple[Manifest, dict[str, int]]:
+               progress: Callable[[int], None] | None = None,
+               now: Callable[[], float] = time.time,
+               new_generation: bool = True) -> tuple[Manifest, dict[str, int]]:
     """Store ``size`` bytes that ``read(offset, length)`` returns (thread-safe) as a new
     generation of ``disk``; with ``incremental``, chunks whose content id equals the newest
     generation's at the same place are not even encoded. Returns the manifest and counts."""
@@ -60,5 +63,7 @@ def write_disk(repo: Repository, disk: str, read: Callable[[int, int], bytes], s
                     w.put_stored(c, bid, kind, stored, n)
             if progress is not None:
                 progress(sum(item[4] for item in batch))
-        manifest = w.commit(source=source, meta=meta)
+        if not new_generation and base is not None and w.root() == base.manifest.root:
+            return base.manifest, w.stats
+        manifest = w.commit(source=source, meta=meta, now=now)
         return manifest, w.stats

@@ -1033,6 +1033,14 @@ class GenerationWriter:
             ids = above
         return ids[0] if ids else b""
 
+    def root(self) -> bytes:
+        """The root the generation will have (its pages stored as commit stores them): a
+        writer compares it with the newest generation's to make no generation for equal
+        content."""
+        assert self.shape is not None
+        cfg = self.repo.config
+        return root_hash(self.shape.size, cfg.chunk_size, cfg.fanout, self._tree())
+
     def commit(self, *, source: str = "", meta: dict[str, Any] | None = None,
                now: Callable[[], float] = time.time,
                expect_root: bytes | None = None) -> Manifest:

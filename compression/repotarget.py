@@ -9,9 +9,9 @@ the newest generation is the only thing sent; chunks the repository holds under 
 disk or generation are not stored twice. A push that breaks off keeps what it uploaded
 (indexed, so the next push reuses it: resuming is deduplication, docs/repository.md).
 
-Not wired yet: ``targets.plan_target``/``open_target`` do not map a repository URL to this
-store, and an encrypted repository is refused (its chunks need the content-keyed codec on
-the source's side).
+``synccore.push.local_push`` opens it for a repository location (``REPO#DISK``); an
+encrypted repository is refused (its chunks need the content-keyed codec on the source's
+side).
 """
 
 from __future__ import annotations
@@ -36,7 +36,8 @@ from diskrsync.compression.targets import (
 
 class RepoStore:
     def __init__(self, repo: Repository, disk: str, size: int, opts: TargetOptions, *,
-                 source: str = "", lease: float = LEASE) -> None:
+                 source: str = "", lease: float = LEASE, label: str = "",
+                 source_host: str = "") -> None:
         if isinstance(repo.codec, ContentSealedCodec) or repo.codec.name != STANDARD.name:
             raise UsageError(f"{repo.store.url} is encrypted: pushing into it over the sync "
                              f"protocol is not supported yet")
@@ -45,6 +46,7 @@ class RepoStore:
         self.repo = repo
         self.disk = disk
         self.source = source
+        self.label, self.source_host = label, source_host
         self.opts = opts
         cfg = repo.config
         self.chunk_size, self.fanout = cfg.chunk_size, cfg.fanout
@@ -60,6 +62,7 @@ class RepoStore:
             self.close()
             raise
         self.base_size = self.base_shape.size
+        self.base = base.manifest if base is not None else None
         top = base.manifest.top if base is not None else b""
         self.info: dict[str, Any] = {
             "kind": "repository", "url": repo.store.url, "disk": disk,
@@ -98,11 +101,25 @@ class RepoStore:
         self.stored.add(index)
 
     def finish(self, root: bytes, info: dict[str, Any]) -> StoreResult:
-        meta = {k: v for k, v in info.items() if v and k not in ("dry_run", "seal")}
-        m = self.writer.commit(source=self.source, meta=meta, expect_root=root)
+        meta = {k: v for k, v in info.items()
+                if v and k not in ("dry_run", "seal", "source", "new_generation")}
+        # a source names itself in Done; --label, or in a pull HOST: (as ImageStore.finish)
+        said = str(info.get("source") or self.source)
+        source = self.label or (f"{self.source_host}:{said}" if self.source_host else said)
+        where = {"url": self.repo.store.url, "disk": self.disk}
+        # as an image: equal content is no new generation, unless asked for or the run read
+        # zeros for unreadable sectors or saw the source change (manifests are immutable, so
+        # the run is not recorded in the old one: `unchanged` says so to the source)
+        new_generation = self.opts.always_new_generation or bool(
+            meta.get("read_errors") or meta.get("source_changed_chunks")
+            or info.get("new_generation") is True)
+        if not new_generation and self.base is not None and self.base.root == root:
+            self.close()
+            return StoreResult(self.base.number, root, {**where, "unchanged": True},
+                               self.stored)
+        m = self.writer.commit(source=source, meta=meta, expect_root=root)
         self.close()
-        return StoreResult(m.number, m.root, {"url": self.repo.store.url, "disk": self.disk},
-                           self.stored)
+        return StoreResult(m.number, m.root, where, self.stored)
 
     def abort(self, save: bool) -> None:
         if save and self._open:  # index what was uploaded: the next push reuses it

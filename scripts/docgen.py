@@ -571,6 +571,10 @@ def json_reference() -> str:
     ]
     for command, fields in jsonout.COMMANDS.items():
         out += ["", f"## {command}", "", *table, *_json_rows(fields)]
+    for command, fields in jsonout.REPOSITORY.items():
+        out += ["", f"## {command} (a repository)", "",
+                f"`{command}` of a repository location (`s3://...`, `repo:DIR`, with or without "
+                f"`#DISK`) prints this object instead.", "", *table, *_json_rows(fields)]
     out.append("")
     return "\n".join(out)
 

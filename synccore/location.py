@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from diskrsync.base.errors import UsageError
 from diskrsync.compression.nbd import is_nbd_url
+from diskrsync.compression.repolocation import is_repo_location
 
 
 @dataclass(frozen=True)
@@ -116,8 +117,8 @@ def parse_location(text: str) -> Location:
     """
     if not text:
         raise UsageError("empty path")
-    if is_nbd_url(text):  # read by this machine's NBD client: local to the push
-        return LocalPath(text)
+    if is_nbd_url(text) or is_repo_location(text):
+        return LocalPath(text)  # this machine's NBD client or object store client reads it
     if text.startswith("ssh://"):
         return _parse_ssh_url(text)
     i = 0

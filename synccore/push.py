@@ -14,10 +14,15 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, cast
 
 from diskrsync.base.errors import DiskrsyncError, UsageError
 from diskrsync.base.merkle import Shape
+from diskrsync.compression.objstore import S3Options
+from diskrsync.compression.repoimport import write_disk
+from diskrsync.compression.repolocation import open_repository, parse_repo_location
+from diskrsync.compression.repository import Repository, RepoSource
+from diskrsync.compression.repotarget import RepoStore
 from diskrsync.compression.sources import SourceReader, open_source, source_name
 from diskrsync.synccore import protocol as p
 from diskrsync.synccore.channel import Channel, TokenBucket, channel_pair
@@ -47,6 +52,7 @@ class PushRequest:
     dirty_bitmap: str | None = None  # SRC is an NBD export: QEMU's bitmap of what changed
     qmp: str | None = None  # QEMU's monitor socket: the push manages that bitmap itself
     bwlimit: float = 0.0  # --bwlimit: bytes per second over the wire, this end's (0: none)
+    s3: S3Options = field(default_factory=S3Options)  # --s3-endpoint, --s3-profile
 
     def limit(self) -> TokenBucket | None:
         """A fresh token bucket for ``bwlimit`` (None: unlimited)."""
@@ -66,12 +72,19 @@ def local_push(src: str, dst: str, req: PushRequest,
     link in between."""
     if _same_file(src, dst):
         raise UsageError(f"{src} and {dst} are the same file")
+    # a repository is opened (and created if new) before the source: a bad location fails first
+    into = repository_target(dst, req)
     reader = open_push_source(src, req)
+    if into is not None and into[0].config.encryption is not None:
+        try:
+            return _push_sealed(reader, *into, req, progress)
+        finally:
+            reader.close()
     a, b = channels or channel_pair(limit=req.limit())
     failure: list[BaseException] = []
 
     def opener(hello: p.Hello) -> TargetStore:
-        return open_store(dst, hello, req.target, raw=req.raw_target)
+        return _open_target(dst, into, hello, req)
 
     def run_target() -> None:
         try:
@@ -109,8 +122,73 @@ def local_push(src: str, dst: str, req: PushRequest,
     return stats
 
 
+def repository_target(dst: str, req: PushRequest) -> tuple[Repository, str] | None:
+    """DST's repository and disk when it names one (``REPO#DISK``), opened for a push into
+    it and created when the store is empty; None for any other DST."""
+    into = parse_repo_location(dst)
+    if into is None:
+        return None
+    disk = into.need_disk("a push into a repository")
+    if req.raw_target:
+        raise UsageError("--raw-target does not apply to a repository")
+    if req.target.dry_run:
+        raise UsageError("--dry-run into a repository is not supported yet")
+    return open_repository(into, keyring=req.source.keyring, s3=req.s3, create=True,
+                           encrypt=req.source.encrypt, kdf=req.source.kdf), disk
+
+
+def _push_sealed(reader: SourceReader, repo: Repository, disk: str, req: PushRequest,
+                 progress: Callable[[int, int], None] | None) -> PushStats:
+    """A local push into an encrypted repository. Its chunk ids are keyed content hashes
+    that only this end can compute (``ContentSealedCodec``), which the sync protocol's
+    source does not speak; so the source is read whole here and sealed into the repository
+    directly (``repoimport.write_disk``): chunks whose id the newest generation or any other
+    disk holds cost no upload, and equal content makes no new generation."""
+    t0 = time.monotonic()
+    gens = repo.generations(disk)
+    before = repo.manifest(gens[-1]) if gens else None
+
+    def step(n: int) -> None:
+        if progress is not None:
+            progress(n, 0)
+
+    label = req.source.label or reader.description
+    m, counts = write_disk(repo, disk, reader.read, reader.size, source=label,
+                           progress=step, new_generation=req.target.always_new_generation)
+    shape = Shape(reader.size, repo.config.chunk_size, repo.config.fanout)
+    unchanged = before is not None and m.number == before.number
+    return PushStats(
+        size=reader.size, chunk_size=shape.chunk_size, chunks=shape.chunks,
+        bytes_read=reader.size, bytes_hashed=reader.size,
+        bytes_sent=counts["bytes_stored"], chunks_differing=counts["chunks_stored"],
+        duration=time.monotonic() - t0, root_hash=m.root.hex(),
+        target_root_hash=before.root.hex() if before is not None else "",
+        generation=m.number, created=before is None, unchanged=unchanged,
+        target=target_report({"chunks_written": counts["chunks_stored"]}))
+
+
+def _open_target(dst: str, into: tuple[Repository, str] | None, hello: p.Hello,
+                 req: PushRequest, *, label: str = "", source_host: str = "") -> WireStore:
+    if into is None:
+        return open_store(dst, hello, req.target, raw=req.raw_target, label=label,
+                          source_host=source_host)
+    repo, disk = into
+    store = RepoStore(repo, disk, hello.size, req.target,
+                      source=str(hello.info.get("source", "")), label=label,
+                      source_host=source_host)
+    return WireStore(cast(Any, store), hello)
+
+
 def open_push_source(src: str, req: PushRequest) -> SourceReader:
-    """SRC as the push reads it (its generation, or its NBD dirty bitmap)."""
+    """SRC as the push reads it (its generation, or its NBD dirty bitmap; a repository
+    disk's generation, pinned by a read lease until the reader is closed)."""
+    loc = parse_repo_location(src)
+    if loc is not None:
+        if req.dirty_bitmap or req.qmp:
+            raise UsageError("--dirty-bitmap and --qmp need an NBD source")
+        disk = loc.need_disk("a push out of a repository")
+        repo = open_repository(loc, keyring=req.source.keyring, s3=req.s3)
+        return RepoSource(repo.pin(disk, req.generation))
     return open_source(src, req.generation, req.source.keyring, dirty_bitmap=req.dirty_bitmap,
                        qmp=req.qmp)
 
@@ -149,19 +227,24 @@ def serve_source(channel: Channel, path: str, generation: int | None,
 
 
 def run_target_end(channel: Channel, dst: str, req: PushRequest, *, verify: bool = True,
-                   pulled_from: str | None = None) -> PushStats:
-    """The target's side over a channel (serve --target, or the local end of a pull).
+                   pulled_from: str | None = None, repositories: bool = False) -> PushStats:
+    """The target's side over a channel (serve --target, or the local end of a pull: only
+    that one, ``repositories``, takes a repository location as ``dst``).
 
     Returns what this end knows, from its own store: sizes, the chunks it stored, the roots
     and the commit. The byte counts keep PushStats' meaning: "sent" is source to target,
     here what this end received. ``pulled_from`` names the source's host in a warning and
     in the generation's source label (``HOST:PATH``, unless ``--label`` gave one)."""
     opened: list[WireStore] = []
+    if parse_repo_location(dst) is not None and not repositories:
+        raise UsageError(f"{dst}: a repository is not a target over SSH yet; run the push on "
+                         f"a machine that reaches the repository")
+    into = repository_target(dst, req)
 
     def opener(hello: p.Hello) -> TargetStore:
         # the generation's source label: --label, else in a pull HOST:what the source says
-        store = open_store(dst, hello, req.target, raw=req.raw_target,
-                           label=req.source.label, source_host=pulled_from or "")
+        store = _open_target(dst, into, hello, req, label=req.source.label,
+                             source_host=pulled_from or "")
         opened.append(store)
         return store
 

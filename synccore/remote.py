@@ -32,12 +32,18 @@ from diskrsync.base.progress import INTERVAL as PROGRESS_INTERVAL
 from diskrsync.base.progress import Progress
 from diskrsync.base.retention import Retention
 from diskrsync.compression.image import retention_of
-from diskrsync.compression.sources import open_source, source_name
+from diskrsync.compression.repolocation import is_repo_location
+from diskrsync.compression.sources import source_name
 from diskrsync.synccore import protocol as p
 from diskrsync.synccore.channel import FramedChannel, TokenBucket
 from diskrsync.synccore.go_io import ProgressLineParser
 from diskrsync.synccore.location import LocalPath, Location, RemotePath
-from diskrsync.synccore.push import PushRequest, run_target_end, source_committed
+from diskrsync.synccore.push import (
+    PushRequest,
+    open_push_source,
+    run_target_end,
+    source_committed,
+)
 from diskrsync.synccore.source import PushStats, SourceSession
 from diskrsync.synccore.ssh.config import RemoteOptions
 from diskrsync.synccore.ssh.connection import SshConnection, connect
@@ -378,8 +384,11 @@ def remote_push(src: Location, dst: Location, req: PushRequest,
 def _push(local: str, remote: RemotePath, req: PushRequest, opts: RemoteOptions) -> PushStats:
     """This machine is the source; ``serve --target`` runs on the remote host."""
     # local mistakes first, before any SSH
-    reader = open_source(local, req.generation, req.source.keyring,
-                         dirty_bitmap=req.dirty_bitmap, qmp=req.qmp)
+    if is_repo_location(remote.path):
+        raise UsageError(f"{remote.path}: pushing into a repository over SSH is not supported "
+                         f"yet; run the push on a machine that reaches the repository (an S3 "
+                         f"service directly, a local repository on its own host)")
+    reader = open_push_source(local, req)
     try:
         info = {"name": source_name(local), **req.source.info}
         host = f"{remote.user}@{remote.host}" if remote.user else remote.host
@@ -401,14 +410,17 @@ def _push(local: str, remote: RemotePath, req: PushRequest, opts: RemoteOptions)
 def _pull(remote: RemotePath, local: str, req: PushRequest, opts: RemoteOptions) -> PushStats:
     """``serve --source`` runs on the remote host; this machine is the target and verifies
     every chunk it receives. The target end reports what it stored."""
+    if is_repo_location(remote.path):
+        raise UsageError(f"{remote.path}: reading a repository over SSH is not supported yet; "
+                         f"run the push on a machine that reaches the repository")
     folder = local if os.path.isdir(local) else os.path.dirname(os.path.abspath(local))
-    if not os.path.isdir(folder):
+    if not is_repo_location(local) and not os.path.isdir(folder):
         raise UsageError(f"target directory {folder} does not exist")
     r = start_remote(remote, opts, _source_argv(remote.path, req))
     channel = r.framed(req.limit())
     with _arrival_progress(channel, opts.progress):
         return r.converse(lambda: run_target_end(channel, local, req, verify=True,
-                                                 pulled_from=remote.host))
+                                                 pulled_from=remote.host, repositories=True))
 
 
 @contextlib.contextmanager

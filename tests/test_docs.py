@@ -105,12 +105,31 @@ def _ends_command(word: str) -> bool:
     return word in {"|", "||", "&&", ";", "&"} or re.match(r"\d*[<>]", word) is not None
 
 
+def _cut_comment(line: str) -> str:
+    """``line`` without its comment, as the shell cuts it: ``#`` starts one only at the
+    start of a word (``repo:DIR#DISK`` is one word), never inside quotes."""
+    quote = ""
+    escaped = False
+    for i, c in enumerate(line):
+        if escaped:
+            escaped = False
+        elif c == "\\" and quote != "'":
+            escaped = True
+        elif quote:
+            quote = "" if c == quote else quote
+        elif c in "'\"":
+            quote = c
+        elif c == "#" and (i == 0 or line[i - 1].isspace()):
+            return line[:i]
+    return line
+
+
 def diskrsync_lines(text: str) -> list[str]:
     """The ``diskrsync ...`` commands of a shell block (continuations joined, comments cut)."""
     joined = re.sub(r"\\\n\s*", " ", text)
     out = []
     for line in joined.splitlines():
-        words = shlex.split(line, comments=True)
+        words = shlex.split(_cut_comment(line))
         for i, w in enumerate(words):
             before = words[i - 1] if i else ";"
             if w != "diskrsync" or not (_ends_command(before) or before.endswith(";")
@@ -486,6 +505,40 @@ def _corrupt_chunk(block: Block, work: Path) -> None:
         f.seek(-1, os.SEEK_CUR)
         f.write(bytes([byte[0] ^ 0xFF]))
     check_expectations(block, work, base_env())
+
+
+SECRET = "another long passphrase"
+
+
+def _encrypted_sample(work: Path) -> dict[str, str]:
+    """backups/secret.spgz, encrypted as the guide's section 12 makes it; the environment
+    that unlocks it."""
+    env = {**base_env(), "DISKRSYNC_PASSPHRASE": SECRET}
+    r = run_shell("diskrsync push -q --encrypt disk.img backups/secret.spgz", work, env)
+    assert r.returncode == 0, r.stderr
+    return env
+
+
+@scenario("wrong-passphrase")
+def _wrong_passphrase(block: Block, work: Path) -> None:
+    _encrypted_sample(work)
+    check_expectations(block, work, base_env())
+    assert not (work / "secret-out.img").exists()
+
+
+@scenario("rolled-back")
+def _rolled_back(block: Block, work: Path) -> None:
+    # a copy of the encrypted image set aside, then a newer generation this client sees,
+    # then the old copy put back in its place (what a host serving old backups does)
+    env = _encrypted_sample(work)
+    image, old = work / "backups" / "secret.spgz", work / "secret-old.spgz"
+    shutil.copyfile(image, old)
+    r = run_shell("dd if=/dev/urandom of=disk.img bs=4k count=1 seek=300 conv=notrunc "
+                  "status=none && diskrsync push -q disk.img backups/secret.spgz "
+                  "&& diskrsync info backups/secret.spgz > /dev/null", work, env)
+    assert r.returncode == 0, r.stderr
+    shutil.copyfile(old, image)
+    check_expectations(block, work, env)
 
 
 @scenario("source-changed")

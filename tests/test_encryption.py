@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from support.imagetools import publish_forged
 from support.mounts import MountCleanup
 
 from diskrsync.base.errors import CorruptChunkError, DataError, PeerError, UsageError
@@ -295,14 +296,7 @@ def test_flipped_bit_swapped_and_replayed_chunks_are_refused_with_chunk_and_offs
 
 
 def _publish_forged(image: Path, forge: Callable[[GenTable], GenTable]) -> None:
-    """What a host with write access can do: rewrite the generation table (with valid
-    checksums) through the image code, without the key."""
-    with Image.open(str(image)) as opened:
-        tx = opened.begin(what="attack")
-        try:
-            tx.publish(forge(tx.table))
-        finally:
-            tx.close()
+    publish_forged(str(image), forge)
 
 
 @pytest.mark.inproc

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support.imagetools import publish_forged
 
 from diskrsync.base.errors import DataError, LocalError, PeerError, ReadError, UsageError
 from diskrsync.cli.keys import PASSPHRASE_ENV, passphrase_source
@@ -297,13 +298,7 @@ def test_the_strongest_sensible_kdf_costs_are_still_accepted() -> None:
 
 
 def _publish_forged(image: Path, forge: Callable[[GenTable], GenTable]) -> None:
-    """A host rewrites the generation table (valid checksums, no key)."""
-    with Image.open(str(image)) as opened:
-        tx = opened.begin(what="attack")
-        try:
-            tx.publish(forge(tx.table))
-        finally:
-            tx.close()
+    publish_forged(str(image), forge)
 
 
 @pytest.mark.inproc

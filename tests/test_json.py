@@ -128,6 +128,30 @@ def test_prune_object(image: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert code == 0 and obj["pruned"] == [1] and obj["kept"] == [2]
 
 
+@pytest.mark.inproc
+def test_copy_object(tmp_path: Path, image: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    repo = f"repo:{tmp_path / 'repo'}"
+    code, obj = run_json(capsys, "copy", str(image), f"{repo}#vm")
+    assert code == 0 and obj["copied"] == [1, 2] and obj["bytes_sent"] > 0
+
+
+@pytest.mark.inproc
+def test_repository_objects(tmp_path: Path, image: Path,
+                            capsys: pytest.CaptureFixture[str]) -> None:
+    """info, verify and prune of a repository print the REPOSITORY variants of the schema
+    (restore's object is the image's)."""
+    repo = f"repo:{tmp_path / 'repo'}"
+    assert main(["copy", "-q", str(image), f"{repo}#vm"]) == 0
+    code, obj = run_json(capsys, "info", repo)
+    assert code == 0 and "repository" in obj and obj["disks"][0]["name"] == "vm"
+    code, obj = run_json(capsys, "verify", f"{repo}#vm")
+    assert code == 0 and obj["ok"] and obj["generations"] == 2
+    code, obj = run_json(capsys, "restore", f"{repo}#vm", str(tmp_path / "out.raw"))
+    assert code == 0 and obj["generation"] == 2
+    code, obj = run_json(capsys, "prune", "--keep", "1", repo)
+    assert code == 0 and obj["pruned"] == {"vm": [1]} and obj["kept"] == {"vm": [2]}
+
+
 @pytest.mark.skipif(not have_vectors(), reason="Go vectors not found")
 @pytest.mark.inproc
 def test_convert_object(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -206,8 +230,11 @@ def test_every_json_command_has_a_schema() -> None:
 def test_every_schema_has_a_test_of_the_real_output() -> None:
     tested = {"push": test_push_object, "info": test_info_object,
               "verify": test_verify_object, "restore": test_restore_object,
-              "prune": test_prune_object, "convert": test_convert_object}
+              "prune": test_prune_object, "convert": test_convert_object,
+              "copy": test_copy_object}
     assert set(tested) == set(jsonout.COMMANDS)
+    repository = {"info", "verify", "prune"}  # test_repository_objects
+    assert repository == set(jsonout.REPOSITORY)
 
 
 @pytest.mark.pure

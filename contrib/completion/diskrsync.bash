@@ -26,41 +26,43 @@ _diskrsync() {
     case "$prev" in
         --identity|--key-file|--log-file|--passphrase-file|--remote-cmd|--ssh-config|-F|-i)
             _diskrsync_files; return ;;
-        --bwlimit|--cache-size|--chunk-size|--dirty-bitmap|--generation|--keep|--keep-daily|--keep-hourly|--keep-last|--keep-monthly|--keep-weekly|--keep-within|--keep-yearly|--label|--max-size|--qmp|--rsh|--timeout|--workers|-e|-g)
+        --cache-dir)
+            _diskrsync_dirs; return ;;
+        --bwlimit|--cache-size|--chunk-size|--dirty-bitmap|--generation|--keep|--keep-daily|--keep-hourly|--keep-last|--keep-monthly|--keep-weekly|--keep-within|--keep-yearly|--label|--max-size|--qmp|--rsh|--s3-endpoint|--s3-profile|--timeout|--workers|-e|-g)
             return ;;
     esac
     if [ -z "$cmd" ]; then
         if [[ "$cur" == -* ]]; then
             mapfile -t COMPREPLY < <(compgen -W "--help -h --version -V" -- "$cur")
         else
-            mapfile -t COMPREPLY < <(compgen -W "info verify restore prune push mount umount convert key" -- "$cur")
+            mapfile -t COMPREPLY < <(compgen -W "info verify restore prune push mount umount convert copy key" -- "$cur")
         fi
         return
     fi
     case "$cmd" in
         info)
-            opts="--json --no-key --passphrase-file --key-file --help"
-            valopts=" --passphrase-file --key-file "
+            opts="--json --no-key --passphrase-file --key-file --s3-endpoint --s3-profile --help"
+            valopts=" --passphrase-file --key-file --s3-endpoint --s3-profile "
             positional=(_diskrsync_files) ;;
         verify)
-            opts="--generation -g --json --repair --no-key --passphrase-file --key-file --workers --help"
-            valopts=" --generation -g --passphrase-file --key-file --workers "
+            opts="--generation -g --json --repair --no-key --passphrase-file --key-file --workers --s3-endpoint --s3-profile --help"
+            valopts=" --generation -g --passphrase-file --key-file --workers --s3-endpoint --s3-profile "
             positional=(_diskrsync_files) ;;
         restore)
-            opts="--generation -g --force -f --quiet -q --passphrase-file --key-file --json --workers --help"
-            valopts=" --generation -g --passphrase-file --key-file --workers "
+            opts="--generation -g --force -f --quiet -q --passphrase-file --key-file --json --workers --s3-endpoint --s3-profile --help"
+            valopts=" --generation -g --passphrase-file --key-file --workers --s3-endpoint --s3-profile "
             positional=(_diskrsync_files _diskrsync_files) ;;
         prune)
-            opts="--dry-run -n --keep-last --keep --keep-hourly --keep-daily --keep-weekly --keep-monthly --keep-yearly --keep-within --json --help"
-            valopts=" --keep-last --keep --keep-hourly --keep-daily --keep-weekly --keep-monthly --keep-yearly --keep-within "
+            opts="--dry-run -n --keep-last --keep --keep-hourly --keep-daily --keep-weekly --keep-monthly --keep-yearly --keep-within --passphrase-file --key-file --json --s3-endpoint --s3-profile --help"
+            valopts=" --keep-last --keep --keep-hourly --keep-daily --keep-weekly --keep-monthly --keep-yearly --keep-within --passphrase-file --key-file --s3-endpoint --s3-profile "
             positional=(_diskrsync_files) ;;
         push)
-            opts="--raw-target --no-compress --chunk-size --keep-last --keep --keep-hourly --keep-daily --keep-weekly --keep-monthly --keep-yearly --keep-within --always-new-generation --generation -g --dry-run -n --ignore-read-errors --skip-free-blocks --timeout --max-size --bwlimit --workers --json --quiet -q --verbose -v --encrypt --passphrase-file --key-file --label --dirty-bitmap --qmp --identity -i --ssh-config -F --accept-new-host-key --remote-cmd --legacy --rsh -e --help"
-            valopts=" --chunk-size --keep-last --keep --keep-hourly --keep-daily --keep-weekly --keep-monthly --keep-yearly --keep-within --generation -g --timeout --max-size --bwlimit --workers --passphrase-file --key-file --label --dirty-bitmap --qmp --identity -i --ssh-config -F --remote-cmd --rsh -e "
+            opts="--raw-target --no-compress --chunk-size --keep-last --keep --keep-hourly --keep-daily --keep-weekly --keep-monthly --keep-yearly --keep-within --always-new-generation --generation -g --dry-run -n --ignore-read-errors --skip-free-blocks --timeout --max-size --bwlimit --workers --json --quiet -q --verbose -v --encrypt --passphrase-file --key-file --label --dirty-bitmap --qmp --identity -i --ssh-config -F --accept-new-host-key --remote-cmd --legacy --rsh -e --s3-endpoint --s3-profile --help"
+            valopts=" --chunk-size --keep-last --keep --keep-hourly --keep-daily --keep-weekly --keep-monthly --keep-yearly --keep-within --generation -g --timeout --max-size --bwlimit --workers --passphrase-file --key-file --label --dirty-bitmap --qmp --identity -i --ssh-config -F --remote-cmd --rsh -e --s3-endpoint --s3-profile "
             positional=(_diskrsync_files _diskrsync_files) ;;
         mount)
-            opts="--foreground -f --generation -g --allow-other --cache-size --verbose -v --log-file --passphrase-file --key-file --help"
-            valopts=" --generation -g --cache-size --log-file --passphrase-file --key-file "
+            opts="--foreground -f --generation -g --allow-other --cache-size --cache-dir --verbose -v --log-file --passphrase-file --key-file --s3-endpoint --s3-profile --help"
+            valopts=" --generation -g --cache-size --cache-dir --log-file --passphrase-file --key-file --s3-endpoint --s3-profile "
             positional=(_diskrsync_files _diskrsync_dirs) ;;
         umount)
             opts=" --help"
@@ -69,6 +71,10 @@ _diskrsync() {
         convert)
             opts="--chunk-size --encrypt --json --passphrase-file --key-file --help"
             valopts=" --chunk-size --passphrase-file --key-file "
+            positional=(_diskrsync_files _diskrsync_files) ;;
+        copy)
+            opts="--json --quiet -q --encrypt --passphrase-file --key-file --s3-endpoint --s3-profile --help"
+            valopts=" --passphrase-file --key-file --s3-endpoint --s3-profile "
             positional=(_diskrsync_files _diskrsync_files) ;;
         key)
             opts=" --help"

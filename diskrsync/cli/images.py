@@ -11,13 +11,14 @@ import time
 from diskrsync.base.errors import EXIT_REDUNDANCY_LOST, DataError, UsageError
 from diskrsync.base.progress import Progress
 from diskrsync.base.units import human
-from diskrsync.cli import jsonout
+from diskrsync.cli import jsonout, repos
 from diskrsync.cli.keys import kdf_params, keyring, optional_keyring
 from diskrsync.cli.requests import retention
 from diskrsync.compression.container import open_image, sniff
 from diskrsync.compression.convert import convert
 from diskrsync.compression.image import Image, fsync_dir, remove_stale_temps, temp_name
 from diskrsync.compression.maintenance import image_info, restore, verify, verify_chunks
+from diskrsync.compression.repolocation import parse_repo_location
 from diskrsync.synccore.push import PushRequest, local_push
 from diskrsync.synccore.source import SourceOptions
 from diskrsync.synccore.target import TargetOptions
@@ -28,6 +29,9 @@ def _when(t: float) -> str:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
+    loc = parse_repo_location(args.image)
+    if loc is not None:
+        return repos.repo_info(loc, args)
     img = open_image(args.image, keyring=None if args.no_key else optional_keyring(args))
     try:
         info = image_info(img)
@@ -66,6 +70,9 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    loc = parse_repo_location(args.image)
+    if loc is not None:
+        return repos.repo_verify(loc, args)
     # opened even when the newest commit may be lost: verify names it, --repair accepts it
     started = time.time()
     img = open_image(args.image, accept_loss=True,
@@ -125,6 +132,9 @@ def cmd_restore(args: argparse.Namespace) -> int:
     if args.json and args.dest == "-":
         raise UsageError("--json prints on stdout, where DEST - writes the disk: restore to a "
                          "file or device, or drop --json")
+    loc = parse_repo_location(args.image)
+    if loc is not None:
+        return repos.repo_restore(loc, args)
     started = time.time()
     img = open_image(args.image, keyring=keyring(args))
     try:
@@ -149,6 +159,9 @@ def cmd_restore(args: argparse.Namespace) -> int:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
+    loc = parse_repo_location(args.image)
+    if loc is not None:
+        return repos.repo_prune(loc, args)
     started = time.time()
     policy = retention(args)
     if policy is None:

@@ -208,6 +208,17 @@ COMMANDS: dict[str, tuple[Field, ...]] = {
         Field("kept", "array of integer", "the generations left, oldest first"),
         *_timing("prune"),
     ),
+    "copy": (
+        Field("src", "string", "SRC as given (an image or `REPO#DISK`)"),
+        Field("dst", "string", "DST as given (`REPO#DISK`)"),
+        Field("copied", "array of integer", "the destination's numbers of the generations "
+                                            "written, oldest first"),
+        Field("skipped", "integer", "generations the destination held already (copied "
+                                    "before)"),
+        Field("bytes_sent", "integer", "stored bytes written to the destination (what it "
+                                       "lacked)"),
+        *_timing("copy"),
+    ),
     "convert": (
         Field("old", "string", "the SPGZ0001 file (or, with `--encrypt`, image) read"),
         Field("new", "string", "the image written"),
@@ -219,6 +230,69 @@ COMMANDS: dict[str, tuple[Field, ...]] = {
         Field("size", "integer", "bytes"),
         Field("chunk_size", "integer", "chunk size of the new image"),
         *_timing("conversion"),
+    ),
+}
+
+#: The objects of info, verify and prune on a repository location (they have `repository`
+#: where the image's have `path` or `image`); restore's is the image's (`image` = REPO#DISK).
+_REPO = (Field("repository", "string", "the repository's store (`s3://BUCKET/PREFIX` or a "
+                                       "directory)"),
+         Field("disk", "string or null", "the disk named with `#DISK`; null: every disk"))
+_COUNTS = tuple(
+    field for what, doc in (
+        ("repacked", "partly used packs rewritten (their live blobs moved)"),
+        ("condemned", "packs nothing references any more, condemned by this run"),
+        ("deleted", "packs condemned by an earlier prune, deleted now"),
+        ("waiting", "condemned packs left for the grace period or a reader"))
+    for field in (Field(f"{what}_packs", "integer", doc),
+                  Field(f"{what}_bytes", "integer", "the bytes of those packs")))
+REPOSITORY: dict[str, tuple[Field, ...]] = {
+    "info": (
+        *_REPO,
+        Field("id", "string", "the repository's id (hex)"),
+        Field("chunk_size", "integer", "bytes per chunk, every disk's"),
+        Field("pack_size", "integer", "the pack size target"),
+        Field("encrypted", "boolean", "an encrypted repository"),
+        Field("disks", "array of object", "by name", (
+            Field("name", "string", "the disk"),
+            Field("generations", "array of object", "oldest first", (
+                Field("number", "integer", "generation number"),
+                Field("time", "number", "commit time (Unix time, seconds)"),
+                Field("size", "integer", "bytes"),
+                Field("root_hash", "string", "hex BLAKE3 root"),
+                Field("source", "string", "what was pushed (path or label)"),
+                Field("meta", "object", "what the push or copy recorded (free-form)"),
+            )),
+        )),
+        Field("packs", "integer", "pack objects in the store"),
+        Field("stored_bytes", "integer", "bytes the packs occupy"),
+        Field("logical_bytes", "integer", "bytes of the non-zero chunks of every generation "
+                                          "of every disk, as if each were stored alone"),
+        Field("ratio", "number or null", "logical_bytes / stored_bytes (what dedup and "
+                                         "compression save); null when nothing is stored"),
+    ),
+    "verify": (
+        *_REPO,
+        *_timing("verify"),
+        Field("ok", "boolean", "every generation readable and every blob good"),
+        Field("generations", "integer", "generations checked"),
+        Field("packs", "integer", "packs read"),
+        Field("blobs", "integer", "blobs checked"),
+        *_capped("affected", "object", "generations that need a missing or damaged object", (
+            Field("disk", "string", "the disk"),
+            Field("generation", "integer", "the generation"),
+            Field("problems", "array of string", "what is wrong, naming packs and blobs"),
+        )),
+    ),
+    "prune": (
+        *_REPO,
+        Field("rules", "string", "the retention rules applied, to each disk on its own"),
+        Field("dry_run", "boolean", "`--dry-run`: nothing was changed; the rest is what "
+                                    "would be"),
+        Field("pruned", "object", "disk name -> the generations removed, oldest first"),
+        Field("kept", "object", "disk name -> the generations left, oldest first"),
+        *_COUNTS,
+        *_timing("prune"),
     ),
 }
 
@@ -307,4 +381,6 @@ def check(obj: dict[str, Any]) -> list[str]:
     command = obj.get("command")
     if command not in COMMANDS:
         return [f"command {command!r} has no schema"]
-    return check_object(obj, (*ENVELOPE, *COMMANDS[command]))
+    fields = REPOSITORY[command] if "repository" in obj and command in REPOSITORY \
+        else COMMANDS[command]
+    return check_object(obj, (*ENVELOPE, *fields))

@@ -28,6 +28,8 @@ MIN_NEW_PASSPHRASE = 8  # characters (bytes) of a passphrase a new key is wrappe
 LOSS_WARNING = ("without the key the backup is unreadable: keep the passphrase, and export "
                 "the key now (`diskrsync key export IMAGE FILE`) to a place other than the "
                 "backup host")
+REPO_LOSS_WARNING = ("without the key the repository is unreadable: its key is kept only in "
+                     "the repository, wrapped by the passphrase; keep the passphrase")
 
 
 def _read_first_line(path: str) -> bytes:

@@ -148,13 +148,27 @@ def _push_options(sp: argparse.ArgumentParser, *, serve: bool = False) -> None:
 
 
 def _key_options(sp: argparse.ArgumentParser) -> None:
-    g = sp.add_argument_group("encrypted images")
+    g = sp.add_argument_group("encrypted images and repositories")
     g.add_argument("--passphrase-file", metavar="FILE",
                    help="read the passphrase from FILE's first line (else "
                         "$DISKRSYNC_PASSPHRASE, else a prompt on the terminal)")
     g.add_argument("--key-file", metavar="FILE",
                    help="use this exported key (`diskrsync key export`) instead of the "
                         "copy inside the image")
+
+
+def _s3_options(sp: argparse.ArgumentParser) -> None:
+    g = sp.add_argument_group(
+        "repositories", "A disk in a deduplicating repository: s3://BUCKET[/PREFIX]#DISK, or "
+                        "repo:DIR#DISK for a local directory (docs/repository.md). S3 "
+                        "credentials, region and endpoint come from the environment and "
+                        "profiles as for every AWS tool (AWS_ACCESS_KEY_ID, AWS_PROFILE, "
+                        "AWS_ENDPOINT_URL...).")
+    g.add_argument("--s3-endpoint", metavar="URL",
+                   help="the S3 service's URL (MinIO, Ceph RGW, Swift...; default: "
+                        "AWS_ENDPOINT_URL, else AWS)")
+    g.add_argument("--s3-profile", metavar="NAME",
+                   help="the AWS profile to take credentials from (default: AWS_PROFILE)")
 
 
 def _retention_options(sp: argparse.ArgumentParser, *, serve: bool = False,
@@ -203,18 +217,20 @@ def build_parser() -> argparse.ArgumentParser:
         sp.set_defaults(func=func)
         return sp
 
-    sp = add("info", "images:cmd_info", "Show an image's size, generations and space use.")
-    sp.add_argument("image", metavar="IMAGE")
+    sp = add("info", "images:cmd_info",
+             "Show an image's (or a repository's) size, generations and space use.")
+    sp.add_argument("image", metavar="IMAGE", help="an image, or a repository (REPO[#DISK])")
     sp.add_argument("--json", action="store_true",
                     help="print a machine-readable object (docs/json.md)")
     sp.add_argument("--no-key", action="store_true",
                     help="an encrypted image: show what can be shown without its key (no "
                          "passphrase asked for)")
     _key_options(sp)
+    _s3_options(sp)
 
     sp = add("verify", "images:cmd_verify",
              "Check an image's metadata and every chunk against its hash.")
-    sp.add_argument("image", metavar="IMAGE")
+    sp.add_argument("image", metavar="IMAGE", help="an image, or a repository (REPO[#DISK])")
     sp.add_argument("--generation", "-g", type=int, metavar="G",
                     help="check only generation G (default: every retained one)")
     sp.add_argument("--json", action="store_true",
@@ -226,10 +242,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="an encrypted image: check only what can be checked without its key")
     _key_options(sp)
     _workers_option(sp)
+    _s3_options(sp)
 
     sp = add("restore", "images:cmd_restore",
              "Write a generation of an image to a file (sparse), a device, or - (stdout).")
-    sp.add_argument("image", metavar="IMAGE")
+    sp.add_argument("image", metavar="IMAGE", help="an image, or a repository disk (REPO#DISK)")
     sp.add_argument("dest", metavar="DEST")
     sp.add_argument("--generation", "-g", type=int, metavar="G",
                     help="restore generation G (default: the newest; see `diskrsync info`)")
@@ -241,22 +258,29 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", action="store_true",
                     help="print a machine-readable object (docs/json.md; not with DEST -)")
     _workers_option(sp)
+    _s3_options(sp)
 
     sp = add("prune", "images:cmd_prune",
              "Drop the generations that no retention rule (--keep-*) keeps.")
-    sp.add_argument("image", metavar="IMAGE")
+    sp.add_argument("image", metavar="IMAGE",
+                    help="an image, or a repository (REPO[#DISK]: then unreferenced packs are "
+                         "collected too)")
     sp.add_argument("--dry-run", "-n", action="store_true",
                     help="list what would go and which rule keeps each one; change nothing")
     _retention_options(sp, prune=True)
+    _key_options(sp)  # an encrypted repository's prune reads its manifests
     sp.add_argument("--json", action="store_true",
                     help="print a machine-readable object (docs/json.md)")
+    _s3_options(sp)
 
     sp = add("push", "push:cmd_push",
              "Make DST equal to SRC, sending only the chunks that differ.")
-    sp.add_argument("src", metavar="SRC", help="a file, a block device, or an image")
+    sp.add_argument("src", metavar="SRC",
+                    help="a file, a block device, an image, or a repository disk (REPO#DISK)")
     sp.add_argument("dst", metavar="DST",
                     help="an image (created if missing), or with --raw-target a raw file; "
-                         "a directory means DIR/<name of SRC>.spgz")
+                         "a directory means DIR/<name of SRC>.spgz; a repository disk "
+                         "(REPO#DISK; a new local repository directory is created)")
     _push_options(sp)
     sp.add_argument("--bwlimit", type=parse_rate, default=0.0, metavar="RATE",
                     help="at most RATE bytes per second over the wire, both ways together "
@@ -284,6 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --dirty-bitmap: QEMU's QMP socket; the push then creates the "
                         "bitmap, reads a frozen copy and clears it only after it committed")
     _ssh_options(sp)
+    _s3_options(sp)
 
     sp = add("serve", "serve:cmd_serve", "The remote end of a push (started over SSH).",
              hidden=True)
@@ -304,7 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = add("mount", "mounts:cmd_mount",
              "Mount an image read-only: disk.raw, partitions/ and generations/.")
-    sp.add_argument("image", metavar="IMAGE")
+    sp.add_argument("image", metavar="IMAGE", help="an image, or a repository disk (REPO#DISK)")
     sp.add_argument("mountpoint", metavar="MOUNTPOINT", help="an empty directory to mount on")
     sp.add_argument("--foreground", "-f", action="store_true",
                     help="stay in the foreground and log to stderr")
@@ -313,11 +338,16 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--allow-other", action="store_true",
                     help="let other users read the mount (needs user_allow_other)")
     sp.add_argument("--cache-size", type=parse_size, default=256 << 20, metavar="SIZE",
-                    help="decompressed-chunk cache (default 256M)")
+                    help="decompressed-chunk cache (default 256M); with --cache-dir also "
+                         "the bound of the blob cache there")
+    sp.add_argument("--cache-dir", metavar="DIR",
+                    help="a repository disk: keep fetched blobs in DIR (least recently used "
+                         "out first), so reading again costs no request")
     sp.add_argument("--verbose", "-v", action="store_true", help="log every error in detail")
     sp.add_argument("--log-file", metavar="FILE",
                     help="log to FILE (default: stderr with -f, else syslog)")
     _key_options(sp)
+    _s3_options(sp)
 
     sp = add("umount", "mounts:cmd_umount", "Unmount a diskrsync mount (also a stale one).")
     sp.add_argument("mountpoint", metavar="MOUNTPOINT",
@@ -335,6 +365,23 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", action="store_true",
                     help="print a machine-readable object (docs/json.md)")
     _key_options(sp)
+
+    sp = add("copy", "repos:cmd_copy",
+             "Copy a disk with all its generations between an image and a repository or "
+             "two repositories, sending only the chunks the destination lacks.")
+    sp.add_argument("src", metavar="SRC", help="an image, or a repository disk (REPO#DISK)")
+    sp.add_argument("dst", metavar="DST",
+                    help="a repository disk (REPO#DISK; a new local repository directory is "
+                         "created), or an image (created if missing); generations it has "
+                         "already are skipped")
+    sp.add_argument("--json", action="store_true",
+                    help="print a machine-readable object (docs/json.md)")
+    sp.add_argument("--quiet", "-q", action="store_true", help="no progress, no summary")
+    sp.add_argument("--encrypt", action="store_true",
+                    help="a new destination repository is encrypted with a new key wrapped by "
+                         "the passphrase (every later command on it needs the passphrase)")
+    _key_options(sp)
+    _s3_options(sp)
 
     sp = add("key", "keys:cmd_key_show",
              "Manage the key of an encrypted image: show, export, import, change-passphrase.")

@@ -19,9 +19,10 @@ from diskrsync.base.errors import (
 from diskrsync.base.progress import Progress
 from diskrsync.base.units import human
 from diskrsync.cli import jsonout
-from diskrsync.cli.keys import LOSS_WARNING
+from diskrsync.cli.keys import LOSS_WARNING, REPO_LOSS_WARNING
 from diskrsync.cli.requests import push_request
 from diskrsync.compression.nbd import is_nbd_url
+from diskrsync.compression.repolocation import is_repo_location
 from diskrsync.compression.sources import open_source
 from diskrsync.synccore.location import LocalPath, RemotePath, parse_location
 from diskrsync.synccore.push import local_push
@@ -31,7 +32,7 @@ def _push_summary(stats: Any, args: argparse.Namespace, started: float) -> int:
 
     warnings = stats.warnings
     if getattr(args, "encrypt", False) and stats.generation == 1:
-        warnings.append(LOSS_WARNING)
+        warnings.append(REPO_LOSS_WARNING if is_repo_location(args.dst) else LOSS_WARNING)
     asked = getattr(args, "chunk_size", None)
     # (a Go target's block size is not a chunk size: --legacy is not compared)
     if asked and stats.chunk_size and asked != stats.chunk_size and not args.legacy:
@@ -61,7 +62,10 @@ def _push_summary(stats: Any, args: argparse.Namespace, started: float) -> int:
             print(f"source root: {stats.root_hash}")
             print(f"target root: {stats.target_root_hash}")
         else:
-            if stats.unchanged:
+            if stats.unchanged and is_repo_location(args.dst):
+                what = (f"unchanged: generation {stats.generation} is still current (no new "
+                        f"generation)")
+            elif stats.unchanged:
                 what = (f"unchanged: generation {stats.generation} is still current (this run "
                         f"is recorded in it, no new generation)")
             elif stats.generation:

@@ -14,6 +14,7 @@ from diskrsync.base.retention import Retention
 from diskrsync.cli.keys import kdf_params, keyring
 from diskrsync.compression.format import DEFAULT_CHUNK
 from diskrsync.compression.image import DEFAULT_KEEP
+from diskrsync.compression.objstore import S3Options
 from diskrsync.synccore.protocol import DEFAULT_MAX_SIZE
 from diskrsync.synccore.push import PushRequest
 from diskrsync.synccore.source import SourceOptions
@@ -84,7 +85,15 @@ def push_request(args: argparse.Namespace) -> PushRequest:
         dirty_bitmap=getattr(args, "dirty_bitmap", None),
         qmp=getattr(args, "qmp", None),
         bwlimit=getattr(args, "bwlimit", 0.0) or 0.0,
+        s3=s3_options(args),
     )
+
+
+def s3_options(args: argparse.Namespace) -> S3Options:
+    """--s3-endpoint and --s3-profile; what is not given, boto3 takes from the environment
+    (AWS_ENDPOINT_URL, AWS_PROFILE, AWS_ACCESS_KEY_ID...) as every AWS tool does."""
+    return S3Options(endpoint=getattr(args, "s3_endpoint", None),
+                     profile=getattr(args, "s3_profile", None))
 
 
 # -- SSH options -------------------------------------------------------------------------------

@@ -7,12 +7,14 @@ from __future__ import annotations
 import random
 import subprocess
 import sys
+from collections.abc import Callable
 
 from diskrsync.base.errors import DataError
 from diskrsync.compression.format import (
     FLAG_MIRRORED,
     SLOT_SIZE,
     SUPERBLOCK_SLOTS,
+    GenTable,
     Superblock,
 )
 from diskrsync.compression.image import Image
@@ -118,3 +120,14 @@ def one_slot_image(path: str, count: int = 3) -> list[bytes]:
             sb.chunk_size, sb.fanout, sb.counter, sb.table_offset, sb.table_length,
             sb.table_checksum, sb.flags & ~FLAG_MIRRORED))
     return gens
+
+
+def publish_forged(image: str, forge: Callable[[GenTable], GenTable]) -> None:
+    """What a host with write access to an image can do without its key: rewrite the
+    generation table (valid checksums) through the image code."""
+    with Image.open(image) as opened:
+        tx = opened.begin(what="attack")
+        try:
+            tx.publish(forge(tx.table))
+        finally:
+            tx.close()
