@@ -11,13 +11,14 @@ import signal
 import subprocess
 import sys
 from collections.abc import Iterator
+from contextlib import closing
 from pathlib import Path
 
 import pytest
 from support.mounts import MountCleanup
 from support.swift import ACCESS_KEY, REGION, SECRET_KEY, SwiftServer
 
-from diskrsync.base.errors import UsageError
+from diskrsync.base.errors import CorruptChunkError, UsageError
 from diskrsync.cli import jsonout
 from diskrsync.cli.main import main
 from diskrsync.compression.crypto import Envelope, KdfParams, Keyring, MasterKey
@@ -25,7 +26,7 @@ from diskrsync.compression.image import Image
 from diskrsync.compression.objstore import DirStore
 from diskrsync.compression.repoimport import write_disk
 from diskrsync.compression.repolocation import parse_repo_location
-from diskrsync.compression.repository import Repository, pack_key
+from diskrsync.compression.repository import RepoDisk, Repository, pack_key
 from diskrsync.synccore.channel import channel_pair
 from diskrsync.synccore.location import LocalPath, RemotePath, parse_location
 from diskrsync.synccore.push import PushRequest, run_target_end
@@ -514,3 +515,34 @@ def test_copy_killed_then_run_again_completes(tmp_path: Path, delay: float) -> N
     restored = tmp_path / "out.raw"
     assert cli(_env(), "restore", "-q", f"{repo}#vm", restored).returncode == 0
     assert restored.read_bytes() == (tmp_path / "2.raw").read_bytes()
+
+
+@pytest.mark.inproc
+def test_a_damaged_pack_fails_only_its_chunks_as_a_mount_reads_them(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """What the mount reads through (RepoDisk, as `diskrsync mount REPO#DISK` opens it):
+    a chunk whose stored bytes were damaged in its pack is a CorruptChunkError, which the
+    FUSE adapter answers with EIO (fsmount/fuse.py), and every other chunk reads right."""
+    a = tmp_path / "a.raw"
+    data = disk(a, 8)
+    repo = f"repo:{tmp_path / 'repo'}"
+    assert run(capsys, "push", "-q", str(a), f"{repo}#vm")[0] == 0
+    r = Repository.open(DirStore(str(tmp_path / "repo")))
+    pack = next(iter({loc.pack for loc in r.index().values()}))
+    path = tmp_path / "repo" / pack_key(pack)
+    raw = bytearray(path.read_bytes())
+    raw[100] ^= 0xFF
+    path.write_bytes(raw)
+    failed = []
+    with closing(RepoDisk(Repository.open(DirStore(str(tmp_path / "repo"))), "vm")) as view, \
+            closing(view.snapshot()) as snap:
+        cs = snap.chunk_size
+        for c in range(snap.chunk_count):
+            try:
+                got = snap.read_chunk(c)
+            except CorruptChunkError as e:
+                assert e.chunk == c and e.offset == c * cs
+                failed.append(c)
+                continue
+            assert got == data[c * cs : (c + 1) * cs]
+    assert len(failed) == 1
