@@ -26,6 +26,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from diskrsync.compression import crypto
+from diskrsync.compression.crypto import Envelope, MasterKey
+from diskrsync.compression.image import Image
+from diskrsync.synccore.push import PushRequest, local_push
+from diskrsync.synccore.source import SourceOptions
+
 REPO = Path(__file__).resolve().parents[2]
 FAST = "1024,1,1"
 PASS = "bench passphrase"
@@ -36,11 +42,6 @@ def _setup_env(data: Path) -> None:
 
 
 def _push(data: Path, dst: str, cipher: str | None, *, fresh: bool) -> dict:
-    from diskrsync.compression import crypto
-    from diskrsync.compression.image import Image
-    from diskrsync.synccore.push import PushRequest, local_push
-    from diskrsync.synccore.source import SourceOptions
-
     if cipher:
         crypto.default_cipher = lambda: cipher
     target = data / dst
@@ -70,8 +71,6 @@ def case(name: str, data: Path) -> dict:
     if kind == "same":
         return _push(data, f"enc-base-{cipher or 'plain'}.spgz", c, fresh=False)
     if kind == "kdf":
-        from diskrsync.compression.crypto import Envelope, MasterKey
-
         env = Envelope.wrap(MasterKey.generate(), PASS.encode())
         t = time.perf_counter()
         env.unwrap(PASS.encode())

@@ -35,6 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from support.swift import ACCESS_KEY, REGION, SECRET_KEY, SwiftServer
 
+from diskrsync.compression.objstore import S3Options, S3Store
+
 OBJ = 16 << 20
 RANGE = 128 << 10
 
@@ -59,8 +61,6 @@ class Boto:
     name = "boto3"
 
     def __init__(self, endpoint: str, bucket: str) -> None:
-        from diskrsync.compression.objstore import S3Options, S3Store
-
         os.environ["AWS_ACCESS_KEY_ID"], os.environ["AWS_SECRET_ACCESS_KEY"] = (ACCESS_KEY,
                                                                                 SECRET_KEY)
         self.s = S3Store(bucket, "", S3Options(endpoint=endpoint, region=REGION))

@@ -34,6 +34,10 @@ sys.path.insert(0, str(REPO / "tests"))
 
 from support.sshd import SshServer  # noqa: E402
 
+from diskrsync.synccore.location import parse_location  # noqa: E402
+from diskrsync.synccore.ssh.config import SshOptions  # noqa: E402
+from diskrsync.synccore.ssh.connection import connect  # noqa: E402
+
 CIPHER = "aes128-gcm@openssh.com"
 
 
@@ -131,10 +135,6 @@ def main() -> None:
 
 def _negotiated(cfg: Path, env: dict[str, str]) -> str:
     """The cipher our paramiko client negotiates with this sshd (it should be gcm too)."""
-    from diskrsync.synccore.location import parse_location
-    from diskrsync.synccore.ssh.config import SshOptions
-    from diskrsync.synccore.ssh.connection import connect
-
     loc = parse_location("testhost:/x")
     assert not isinstance(loc, str)
     with connect(loc, SshOptions(ssh_config=cfg)) as c:

@@ -39,6 +39,8 @@ from typing import Any
 
 import pytest
 
+from diskrsync.compression.objstore import Retry, S3Options
+
 SYSTEM_PYTHON = "/usr/bin/python3"
 ACCESS_KEY = "test:tester"
 SECRET_KEY = "testing"
@@ -239,8 +241,6 @@ class SwiftServer:
     def options(self, endpoint: str | None = None, **kw: Any) -> Any:
         """S3Options reaching this server (or ``endpoint``: a FaultProxy in front of it),
         with quick retries; set the credentials with ``credentials()``."""
-        from diskrsync.compression.objstore import Retry, S3Options
-
         kw.setdefault("retry", Retry(attempts=4, first=0.01, longest=0.05))
         return S3Options(endpoint=endpoint or self.endpoint, region=REGION, **kw)
 
