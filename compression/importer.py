@@ -4,10 +4,11 @@ stored in order into one transaction."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from diskrsync.base.errors import DataError
+from diskrsync.base.merkle import Shape
 from diskrsync.base.parallel import ordered_map
 from diskrsync.compression.api import GenerationInfo
 from diskrsync.compression.codec import STANDARD, ChunkAt, ChunkCodec, Kind, zeros
@@ -15,6 +16,24 @@ from diskrsync.compression.format import DEFAULT_CHUNK
 from diskrsync.compression.image import Image
 
 BATCH_CHUNKS = 32  # chunks per worker task: amortises the hand-off, bounds memory
+
+
+def batch_pieces(read: Callable[[int, int], bytes], shape: Shape, first: int,
+                 what: str) -> Iterator[tuple[int, memoryview | None, int]]:
+    """Chunks ``first ..`` (one batch) of a disk ``read(offset, length)`` returns, read at
+    once: ``(index, bytes or None for zeros, length)``. A short read is a DataError naming
+    ``what``. (Both one-pass writers, into an image and into a repository, read this way.)"""
+    cs = shape.chunk_size
+    last = min(first + BATCH_CHUNKS, shape.chunks)
+    start, stop = first * cs, min(last * cs, shape.size)
+    data = read(start, stop - start)
+    if len(data) != stop - start:
+        raise DataError(f"short read at offset {start} while writing {what}")
+    view = memoryview(data)
+    for c in range(first, last):
+        at, n = (c - first) * cs, shape.chunk_length(c)
+        zero = data.startswith(zeros(n), at)  # memcmp in place, no copy
+        yield c, None if zero else view[at : at + n], n
 
 
 def write_new_image(
@@ -40,19 +59,11 @@ def write_new_image(
             shape = tx.shape
 
             def encode(first: int) -> list[tuple[int, Kind, bytes, bytes, int]]:
-                last = min(first + BATCH_CHUNKS, shape.chunks)
-                start, stop = first * chunk_size, min(last * chunk_size, size)
-                data = read(start, stop - start)
-                if len(data) != stop - start:
-                    raise DataError(f"short read at offset {start} while writing {path}")
-                view = memoryview(data)
                 out = []
-                for c in range(first, last):
-                    at, n = (c - first) * chunk_size, shape.chunk_length(c)
-                    if data.startswith(zeros(n), at):  # memcmp in place, no copy
+                for c, piece, n in batch_pieces(read, shape, first, path):
+                    if piece is None:
                         out.append((c, Kind.ZERO, b"", codec.zero_hash(n), n))
                     else:
-                        piece = view[at : at + n]
                         digest = codec.leaf_hash(piece, c)
                         kind, stored = codec.encode(piece, ChunkAt(c, digest))
                         out.append((c, kind, stored, digest, n))

@@ -9,12 +9,10 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from diskrsync.base.errors import DataError
 from diskrsync.base.parallel import ordered_map
-from diskrsync.compression.codec import ChunkAt, zeros
+from diskrsync.compression.codec import ChunkAt
+from diskrsync.compression.importer import BATCH_CHUNKS, batch_pieces
 from diskrsync.compression.repository import Manifest, Repository
-
-BATCH_CHUNKS = 32  # chunks per worker task: amortises the hand-off, bounds memory
 
 
 def write_disk(repo: Repository, disk: str, read: Callable[[int, int], bytes], size: int, *,
@@ -31,22 +29,13 @@ def write_disk(repo: Repository, disk: str, read: Callable[[int, int], bytes], s
         w.begin(size, base)
         shape = w.shape
         assert shape is not None
-        chunk = shape.chunk_size
 
         def work(first: int) -> list[tuple[int, bytes, int, bytes, int]]:
-            last = min(first + BATCH_CHUNKS, shape.chunks)
-            start, stop = first * chunk, min(last * chunk, size)
-            data = read(start, stop - start)
-            if len(data) != stop - start:
-                raise DataError(f"short read at offset {start} of {source or disk}")
-            view = memoryview(data)
             out = []
-            for c in range(first, last):
-                at, n = (c - first) * chunk, shape.chunk_length(c)
-                if data.startswith(zeros(n), at):
+            for c, piece, n in batch_pieces(read, shape, first, source or disk):
+                if piece is None:
                     out.append((c, codec.zero_hash(n), -1, b"", n))
                     continue
-                piece = view[at : at + n]
                 bid = codec.leaf_hash(piece, c)
                 if bid == w.leaf(c) or w.knows(bid):
                     out.append((c, bid, -1, b"", n))
