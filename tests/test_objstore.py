@@ -8,11 +8,18 @@ from __future__ import annotations
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support.swift import ACCESS_KEY, Fault, FaultProxy, SwiftServer, credentials
+from support.swift import (
+    ACCESS_KEY,
+    BACKENDS,
+    Fault,
+    FaultProxy,
+    SwiftServer,
+    backend_store,
+    credentials,
+)
 
 from diskrsync.base.errors import DataError, ObjectMissing, PeerError, UsageError
 from diskrsync.compression.objstore import (
@@ -23,19 +30,11 @@ from diskrsync.compression.objstore import (
     open_store,
 )
 
-BACKENDS = [pytest.param("dir", marks=pytest.mark.inproc),
-            pytest.param("s3", marks=[pytest.mark.process, pytest.mark.s3])]
-
 
 @pytest.fixture(params=BACKENDS)
 def store(request: pytest.FixtureRequest, tmp_path: Path,
-          monkeypatch: pytest.MonkeyPatch) -> Iterator[ObjectStore]:
-    if request.param == "dir":
-        yield DirStore(str(tmp_path))
-        return
-    srv: SwiftServer = request.getfixturevalue("swift")
-    credentials(monkeypatch)
-    yield S3Store(srv.new_bucket(), "some/prefix", srv.options())
+          monkeypatch: pytest.MonkeyPatch) -> ObjectStore:
+    return backend_store(request, tmp_path, monkeypatch, "some/prefix")
 
 
 def test_put_get_range_head_delete(store: ObjectStore) -> None:

@@ -5,33 +5,23 @@ later, deletes, never under a reader; usage figures show the deduplication."""
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support.swift import SwiftServer, credentials
+from support.swift import BACKENDS, backend_store
 
 from diskrsync.base.errors import BusyError
-from diskrsync.compression.objstore import DirStore, ObjectStore, S3Store
+from diskrsync.compression.objstore import DirStore, ObjectStore
 from diskrsync.compression.repomaint import prune, usage, verify
 from diskrsync.compression.repository import GenerationInfo, Lease, Repository
 
 CHUNK = 16 * 1024
 PACK = 64 * 1024
 
-BACKENDS = [pytest.param("dir", marks=pytest.mark.inproc),
-            pytest.param("s3", marks=[pytest.mark.process, pytest.mark.s3])]
-
-
 @pytest.fixture(params=BACKENDS)
 def store(request: pytest.FixtureRequest, tmp_path: Path,
-          monkeypatch: pytest.MonkeyPatch) -> Iterator[ObjectStore]:
-    if request.param == "dir":
-        yield DirStore(str(tmp_path))
-        return
-    srv: SwiftServer = request.getfixturevalue("swift")
-    credentials(monkeypatch)
-    yield S3Store(srv.new_bucket(), "repo", srv.options())
+          monkeypatch: pytest.MonkeyPatch) -> ObjectStore:
+    return backend_store(request, tmp_path, monkeypatch)
 
 
 @pytest.fixture

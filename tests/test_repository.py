@@ -10,11 +10,10 @@ import random
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support.swift import Fault, FaultProxy, SwiftServer, credentials
+from support.swift import BACKENDS, Fault, FaultProxy, SwiftServer, backend_store, credentials
 
 from diskrsync.base import merkle
 from diskrsync.base.errors import BusyError, CorruptChunkError, DataError, UsageError
@@ -40,19 +39,10 @@ FANOUT = 4  # small, so that a small disk has three levels of pages
 PACK = 64 * 1024
 PASS = b"repository test passphrase"
 
-BACKENDS = [pytest.param("dir", marks=pytest.mark.inproc),
-            pytest.param("s3", marks=[pytest.mark.process, pytest.mark.s3])]
-
-
 @pytest.fixture(params=BACKENDS)
 def store(request: pytest.FixtureRequest, tmp_path: Path,
-          monkeypatch: pytest.MonkeyPatch) -> Iterator[ObjectStore]:
-    if request.param == "dir":
-        yield DirStore(str(tmp_path))
-        return
-    srv: SwiftServer = request.getfixturevalue("swift")
-    credentials(monkeypatch)
-    yield S3Store(srv.new_bucket(), "repo", srv.options())
+          monkeypatch: pytest.MonkeyPatch) -> ObjectStore:
+    return backend_store(request, tmp_path, monkeypatch)
 
 
 def disk(n: int, seed: int = 1, size: int | None = None) -> bytes:

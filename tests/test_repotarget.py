@@ -8,17 +8,16 @@ from __future__ import annotations
 
 import random
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, cast
 
 import pytest
-from support.swift import SwiftServer, credentials
+from support.swift import BACKENDS, backend_store
 
 from diskrsync.base import merkle
 from diskrsync.base.errors import UsageError
 from diskrsync.compression.crypto import Envelope, KdfParams, MasterKey
-from diskrsync.compression.objstore import DirStore, ObjectStore, S3Store
+from diskrsync.compression.objstore import DirStore, ObjectStore
 from diskrsync.compression.repomaint import usage, verify
 from diskrsync.compression.repository import Repository
 from diskrsync.compression.repotarget import RepoStore
@@ -31,20 +30,10 @@ from diskrsync.synccore.target import WireStore, serve_target
 
 CHUNK = 128 * 1024
 
-BACKENDS = [pytest.param("dir", marks=pytest.mark.inproc),
-            pytest.param("s3", marks=[pytest.mark.process, pytest.mark.s3])]
-
-
 @pytest.fixture(params=BACKENDS)
 def store(request: pytest.FixtureRequest, tmp_path: Path,
-          monkeypatch: pytest.MonkeyPatch) -> Iterator[ObjectStore]:
-    if request.param == "dir":
-        (tmp_path / "repo").mkdir()
-        yield DirStore(str(tmp_path / "repo"))
-        return
-    srv: SwiftServer = request.getfixturevalue("swift")
-    credentials(monkeypatch)
-    yield S3Store(srv.new_bucket(), "repo", srv.options())
+          monkeypatch: pytest.MonkeyPatch) -> ObjectStore:
+    return backend_store(request, tmp_path / "repo", monkeypatch)
 
 
 def push(repo: Repository, disk: str, src: Path) -> tuple[p.Committed, PushStats]:

@@ -39,7 +39,7 @@ from typing import Any
 
 import pytest
 
-from diskrsync.compression.objstore import Retry, S3Options
+from diskrsync.compression.objstore import DirStore, ObjectStore, Retry, S3Options, S3Store
 
 SYSTEM_PYTHON = "/usr/bin/python3"
 ACCESS_KEY = "test:tester"
@@ -380,3 +380,21 @@ class FaultProxy:
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(timeout=10)
+
+
+#: the two object-store backends a repository test runs on: a directory (in-process) and the
+#: real Swift (a process; its session fixture ``swift`` starts it once)
+BACKENDS = [pytest.param("dir", marks=pytest.mark.inproc),
+            pytest.param("s3", marks=[pytest.mark.process, pytest.mark.s3])]
+
+
+def backend_store(request: pytest.FixtureRequest, directory: Path,
+                  monkeypatch: pytest.MonkeyPatch, prefix: str = "repo") -> ObjectStore:
+    """The store of a ``BACKENDS``-parametrised test: ``directory`` (made if missing), or a
+    new bucket of the test Swift with objects under ``prefix``."""
+    if request.param == "dir":
+        directory.mkdir(parents=True, exist_ok=True)
+        return DirStore(str(directory))
+    srv: SwiftServer = request.getfixturevalue("swift")
+    credentials(monkeypatch)
+    return S3Store(srv.new_bucket(), prefix, srv.options())
