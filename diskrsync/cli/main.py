@@ -147,6 +147,11 @@ def _push_options(sp: argparse.ArgumentParser, *, serve: bool = False) -> None:
                          "64T): bounds what a peer can make it allocate")
 
 
+def _json_option(sp: argparse.ArgumentParser, note: str = "") -> None:
+    sp.add_argument("--json", action="store_true",
+                    help=f"print a machine-readable object (docs/json.md{note})")
+
+
 def _key_options(sp: argparse.ArgumentParser) -> None:
     g = sp.add_argument_group("encrypted images and repositories")
     g.add_argument("--passphrase-file", metavar="FILE",
@@ -220,8 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("info", "images:cmd_info",
              "Show an image's (or a repository's) size, generations and space use.")
     sp.add_argument("image", metavar="IMAGE", help="an image, or a repository (REPO[#DISK])")
-    sp.add_argument("--json", action="store_true",
-                    help="print a machine-readable object (docs/json.md)")
+    _json_option(sp)
     sp.add_argument("--no-key", action="store_true",
                     help="an encrypted image: show what can be shown without its key (no "
                          "passphrase asked for)")
@@ -233,8 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("image", metavar="IMAGE", help="an image, or a repository (REPO[#DISK])")
     sp.add_argument("--generation", "-g", type=int, metavar="G",
                     help="check only generation G (default: every retained one)")
-    sp.add_argument("--json", action="store_true",
-                    help="print a machine-readable object (docs/json.md)")
+    _json_option(sp)
     sp.add_argument("--repair", action="store_true",
                     help="first rewrite both superblock copies and generation tables from the "
                          "newest readable commit, accepting as lost what verify reports lost")
@@ -255,8 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "when it is a terminal")
     sp.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     _key_options(sp)
-    sp.add_argument("--json", action="store_true",
-                    help="print a machine-readable object (docs/json.md; not with DEST -)")
+    _json_option(sp, "; not with DEST -")
     _workers_option(sp)
     _s3_options(sp)
 
@@ -269,8 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="list what would go and which rule keeps each one; change nothing")
     _retention_options(sp, prune=True)
     _key_options(sp)  # an encrypted repository's prune reads its manifests
-    sp.add_argument("--json", action="store_true",
-                    help="print a machine-readable object (docs/json.md)")
+    _json_option(sp)
     _s3_options(sp)
 
     sp = add("push", "push:cmd_push",
@@ -287,8 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "(as rsync: a plain number is KiB/s; 500K, 10M, 1.5MiB/s; 0: no "
                          "limit)")
     _workers_option(sp)
-    sp.add_argument("--json", action="store_true",
-                    help="print a machine-readable object (docs/json.md)")
+    _json_option(sp)
     sp.add_argument("--quiet", "-q", action="store_true", help="no progress, no summary")
     sp.add_argument("--verbose", "-v", action="store_true", help="say more")
     sp.add_argument("--encrypt", action="store_true",
@@ -362,8 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--encrypt", action="store_true",
                     help="make NEW an encrypted image (OLD may also be a diskrsync image: "
                          "every retained generation is copied)")
-    sp.add_argument("--json", action="store_true",
-                    help="print a machine-readable object (docs/json.md)")
+    _json_option(sp)
     _key_options(sp)
 
     sp = add("copy", "repos:cmd_copy",
@@ -374,8 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="a repository disk (REPO#DISK; a new local repository directory is "
                          "created), or an image (created if missing); generations it has "
                          "already are skipped")
-    sp.add_argument("--json", action="store_true",
-                    help="print a machine-readable object (docs/json.md)")
+    _json_option(sp)
     sp.add_argument("--quiet", "-q", action="store_true", help="no progress, no summary")
     sp.add_argument("--encrypt", action="store_true",
                     help="a new destination repository is encrypted with a new key wrapped by "
