@@ -463,9 +463,16 @@ def test_cli_key_export_import_and_change_passphrase(cli_image: CliImage,
                                                     tmp_path: Path) -> None:
     _src, img, pw, _data = cli_image
     key = tmp_path / "key.json"
-    assert cli("key", "export", img, key).returncode == 0
+    # the passphrase is checked before anything is written: an export that would never open
+    # is found now, not on the day it is needed
+    wrong = tmp_path / "wrong"
+    wrong.write_text("not the passphrase\n")
+    refused = cli("key", "export", "--passphrase-file", wrong, img, key)
+    assert refused.returncode == 2 and not key.exists(), refused.stderr
+    assert cli("key", "export", "--passphrase-file", pw, img, key).returncode == 0
     assert oct(key.stat().st_mode & 0o777) == "0o600"
-    assert cli("key", "export", img, key).returncode == 2  # never overwritten
+    # never overwritten
+    assert cli("key", "export", "--passphrase-file", pw, img, key).returncode == 2
     new = tmp_path / "pw2"
     new.write_text("another passphrase\n")
     res = cli("key", "change-passphrase", "--passphrase-file", pw, "--new-passphrase-file", new,

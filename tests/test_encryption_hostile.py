@@ -581,7 +581,7 @@ def test_convert_encrypt_with_a_key_file_copies_every_generation(tmp_path: Path)
                               capture_output=True, text=True, timeout=120,
                               stdin=subprocess.DEVNULL, env=env)
 
-    assert cli("key", "export", img, key).returncode == 0
+    assert cli("key", "export", "--passphrase-file", pw, img, key).returncode == 0
     res = cli("convert", "--encrypt", "--key-file", key, "--passphrase-file", pw, img, new)
     assert res.returncode == 0, res.stderr
     with Image.open(str(new), keyring=ring()) as opened:

@@ -145,7 +145,9 @@ def _open_encrypted(path: str, ring: Keyring | None) -> Image:
 
 
 def cmd_key_export(args: argparse.Namespace) -> int:
-    """Write the image's wrapped key (still protected by its passphrase) to FILE."""
+    """Write the image's wrapped key (still protected by its passphrase) to FILE, once the
+    passphrase has opened it and the key has opened the newest seal: an export is kept for
+    the day the image's own copy is lost, too late to find that it never opened."""
     img = _open_encrypted(args.image, None)
     try:
         enc = img.table.encryption
@@ -153,6 +155,8 @@ def cmd_key_export(args: argparse.Namespace) -> int:
         if not enc.get("envelope"):
             raise UsageError(f"{args.image} holds no copy of its key (it was kept in a key file)")
         envelope = Envelope.from_json(enc["envelope"])
+        ring = Keyring(passphrase_source(args.passphrase_file), None)
+        _prove(img, SealedCodec(ring.unlock(envelope.key_id, envelope, args.image)))
     finally:
         img.close()
     data = envelope.encode()

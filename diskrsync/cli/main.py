@@ -395,6 +395,9 @@ def build_parser() -> argparse.ArgumentParser:
     kp.set_defaults(func="keys:cmd_key_export")
     kp.add_argument("image", metavar="IMAGE")
     kp.add_argument("file", metavar="FILE")
+    kp.add_argument("--passphrase-file", metavar="FILE",
+                    help="the image's passphrase, checked before the key is written (else "
+                         "$DISKRSYNC_PASSPHRASE or a prompt)")
     kp = ksub.add_parser("import", help="put an exported key back into the image",
                          description="Put an exported key back into the image (its "
                                      "passphrase proves it is the image's key).")
