@@ -47,8 +47,10 @@ docs/format.md, "Security".
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import itertools
 import json
+import logging
 import os
 import re
 import struct
@@ -492,6 +494,10 @@ class Keyring:
 # -- rollback detection ------------------------------------------------------------------
 
 
+log = logging.getLogger("diskrsync.state")
+_UNWRITABLE: set[str] = set()  # state directories already warned about, once per process
+
+
 class SeenGenerations:
     """The newest generation this client has seen of each encrypted image (by key id and
     place: ``host:path``, host empty here), so that an older copy served later is noticed.
@@ -570,28 +576,55 @@ class SeenGenerations:
                 f"{self.places_file}")
 
     def remember_place(self, place: str, key_id: bytes) -> None:
-        places = self._read_places()
-        if places.get(place) == key_id.hex():
+        if self._read_places().get(place) == key_id.hex():
             return
-        places[place] = key_id.hex()
-        self._write(self.places_file, places)
 
-    def _write(self, path: str, doc: Any) -> None:
-        with contextlib.suppress(OSError):
-            os.makedirs(self.directory, mode=0o700, exist_ok=True)
-            tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
-            # where this client backs up to is its own business, whatever the directory's mode
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-            with os.fdopen(fd, "w") as f:
-                json.dump(doc, f)
-            os.replace(tmp, path)
+        def change() -> dict[str, str] | None:
+            places = self._read_places()  # again, under the lock: another push's entry stays
+            places[place] = key_id.hex()
+            return places
+
+        self._update(self.places_file, change)
 
     def record(self, key_id: bytes, place: str, number: int, root: bytes) -> None:
-        """Remember generation ``number`` if it is newer than what was seen (best effort)."""
-        seen = self.get(key_id, place)
-        if seen is not None and seen[0] >= number:
-            return
-        self._write(self._path(key_id, place), {"newest": number, "root": root.hex()})
+        """Remember generation ``number`` if it is newer than what was seen."""
+        def change() -> dict[str, Any] | None:
+            seen = self.get(key_id, place)
+            if seen is not None and seen[0] >= number:
+                return None
+            return {"newest": number, "root": root.hex()}
+
+        self._update(self._path(key_id, place), change)
+
+    def _update(self, path: str, change: Callable[[], Any]) -> None:
+        """Write ``change()`` (None: nothing) to ``path`` under the directory's lock, so two
+        commands at once cannot each write back a file without the other's entry. The state
+        is a safeguard, not a backup's condition: a directory that cannot be written is
+        logged as a warning and the command goes on."""
+        try:
+            os.makedirs(self.directory, mode=0o700, exist_ok=True)
+            lock = os.open(os.path.join(self.directory, ".lock"),
+                           os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                doc = change()
+                if doc is not None:
+                    tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
+                    # where this client backs up to is its own business, whatever the mode
+                    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC,
+                                 0o600)
+                    with os.fdopen(fd, "w") as f:
+                        json.dump(doc, f)
+                    os.replace(tmp, path)
+            finally:
+                os.close(lock)
+        except OSError as e:
+            if self.directory not in _UNWRITABLE:
+                _UNWRITABLE.add(self.directory)
+                log.warning("cannot keep what this client has seen of encrypted images in %s "
+                            "(%s): a host rolling them back or swapping them will not be "
+                            "noticed until it can (set $DISKRSYNC_STATE_DIR)", self.directory,
+                            e.strerror or e)
 
 
 def encryption_entry(key: MasterKey, envelope: Envelope | None) -> dict[str, Any]:

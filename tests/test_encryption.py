@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import random
 import shutil
@@ -190,6 +191,42 @@ def test_seen_generations_catch_a_rollback_and_a_fork(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="forked or forged"):
         seen.check(kid, here, (6, r5), {6: r5}, "img")
     seen.check(kid, "host:/srv/copy.spgz", (1, r5), {1: r5}, "img")  # another place
+
+
+@pytest.mark.inproc
+def test_seen_state_written_by_many_processes_at_once_keeps_every_entry(
+        tmp_path: Path) -> None:
+    """Pushes to different places running at once each add their place to the one file of
+    encrypted destinations: every entry survives. (Each read the file, added its own and
+    replaced it: the last writer dropped the others' entries.)"""
+    code = ("import sys\n"
+            "from diskrsync.compression.crypto import SeenGenerations\n"
+            "seen = SeenGenerations(sys.argv[1])\n"
+            "for i in range(40):\n"
+            "    seen.remember_place(f'host:/{sys.argv[2]}/{i}', bytes(16))\n")
+    env = dict(os.environ, PYTHONSAFEPATH="1")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path), f"w{n}"], env=env)
+             for n in range(4)]
+    assert [p.wait(timeout=120) for p in procs] == [0] * 4
+    seen = SeenGenerations(str(tmp_path))
+    missing = [f"host:/w{n}/{i}" for n in range(4) for i in range(40)
+               if seen.encrypted_at(f"host:/w{n}/{i}") is None]
+    assert missing == []
+
+
+@pytest.mark.inproc
+def test_a_state_directory_that_cannot_be_written_is_a_warning(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Rollback memory that cannot be kept is said (once), not silently dropped."""
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    seen = SeenGenerations(str(blocker / "state"))  # a directory under a file: ENOTDIR
+    with caplog.at_level(logging.WARNING, logger="diskrsync.state"):
+        seen.record(bytes(16), "host:/a", 3, bytes(32))
+        seen.remember_place("host:/a", bytes(16))
+    warned = [r.getMessage() for r in caplog.records if r.name == "diskrsync.state"]
+    assert len(warned) == 1 and "rolling them back" in warned[0]
+    assert seen.get(bytes(16), "host:/a") is None
 
 
 # -- in-process: pushes and the attacks on the file ---------------------------------------
@@ -423,6 +460,19 @@ def cli_image(tmp_path: Path) -> Iterator[CliImage]:
     res = cli("push", "--encrypt", "--passphrase-file", pw, "--chunk-size", CS, "-q", src, img)
     assert res.returncode == 0, res.stderr
     yield src, img, pw, data
+
+
+@pytest.mark.process
+def test_a_push_whose_state_directory_cannot_be_written_warns_and_succeeds(
+        tmp_path: Path) -> None:
+    src, img, pw = tmp_path / "disk.img", tmp_path / "b.spgz", tmp_path / "pw"
+    disk(src)
+    pw.write_text("correct horse battery\n")
+    (tmp_path / "file").write_text("")
+    res = cli("push", "--encrypt", "--passphrase-file", pw, "-q", src, img,
+              env={"DISKRSYNC_STATE_DIR": str(tmp_path / "file" / "state")})
+    assert res.returncode == 0, res.stderr
+    assert res.stderr.count("diskrsync: warning: cannot keep what this client has seen") == 1
 
 
 @pytest.mark.process

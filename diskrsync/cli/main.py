@@ -13,6 +13,7 @@ import contextlib
 import difflib
 import importlib
 import io
+import logging
 import os
 import signal
 import sys
@@ -425,6 +426,7 @@ def looks_like_go_remote(argv: list[str]) -> bool:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    _warnings_to_stderr()
     if looks_like_go_remote(argv):
         # started by an original Go diskrsync client as `CMD --target|--source ... PATH`
         go = importlib.import_module("diskrsync.cli.go_remote")
@@ -437,6 +439,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = next((w for w in argv if w in _commands(parser)), None)
     return _run(lambda: _dispatch(_parse_or_raise(parser, argv)), as_json=True,
                 json_command=command)
+
+
+def _warnings_to_stderr() -> None:
+    """What the layers below log as warnings (a state directory that cannot be written)
+    reaches the user as the commands' own warnings do; the mount sets its own logging."""
+    logger = logging.getLogger("diskrsync")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("diskrsync: warning: %(message)s"))
+        handler.setLevel(logging.WARNING)
+        logger.addHandler(handler)
 
 
 def wants_json(argv: Sequence[str]) -> bool:
