@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import blake3
 
@@ -165,15 +166,33 @@ def _pack_sizes(repo: Repository) -> dict[bytes, int]:
     return out
 
 
+class StageProgress(Protocol):
+    """Where a command of several long steps reports them (base.progress.Progress)."""
+
+    def stage(self, desc: str, total: int, unit: str = "B") -> None: ...
+    def update(self, n: int, sent: int | None = None) -> None: ...
+
+
+class _Silent:
+    def stage(self, desc: str, total: int, unit: str = "B") -> None:
+        pass
+
+    def update(self, n: int, sent: int | None = None) -> None:
+        pass
+
+
 def prune(repo: Repository, remove: list[GenerationInfo], *, dry_run: bool = False,
           grace: float = GRACE, repack_below: float = REPACK_BELOW, lease: float = LEASE,
-          now: Callable[[], float] = time.time) -> PruneReport:
+          now: Callable[[], float] = time.time,
+          progress: StageProgress | None = None) -> PruneReport:
     """Remove the generations ``remove`` and collect garbage (docs/repository.md, Garbage
-    collection). ``dry_run``: change nothing, say what would be freed."""
+    collection). ``dry_run``: change nothing, say what would be freed. ``progress`` hears
+    the three steps that grow with the repository: marking (generations), repacking
+    (bytes read and written again), deleting (packs)."""
     report = PruneReport(dry_run, [(g.disk, g.number) for g in remove])
     held = None if dry_run else Lease(repo.store, "prune", None, lease=lease).acquire()
     try:
-        _prune(repo, remove, report, grace, repack_below, now)
+        _prune(repo, remove, report, grace, repack_below, now, progress or _Silent())
     finally:
         if held is not None:
             held.release()
@@ -181,7 +200,7 @@ def prune(repo: Repository, remove: list[GenerationInfo], *, dry_run: bool = Fal
 
 
 def _prune(repo: Repository, remove: list[GenerationInfo], report: PruneReport, grace: float,
-           repack_below: float, now: Callable[[], float]) -> None:
+           repack_below: float, now: Callable[[], float], progress: StageProgress) -> None:
     dry = report.dry_run
     gone = {g.key for g in remove}
     if not dry:
@@ -189,10 +208,12 @@ def _prune(repo: Repository, remove: list[GenerationInfo], report: PruneReport, 
             repo.store.delete(g.key)  # a crash after this: the next prune collects
     # 1. mark; an unreadable generation stops the prune: a partial mark would delete data
     live: set[bytes] = set()
-    for disk in repo.disks():
-        for info in repo.generations(disk):
-            if info.key not in gone:
-                live |= RepoSnapshot(repo, repo.manifest(info)).blob_ids()
+    marking = [info for disk in repo.disks() for info in repo.generations(disk)
+               if info.key not in gone]
+    progress.stage("prune: marking", len(marking), "generations")
+    for info in marking:
+        live |= RepoSnapshot(repo, repo.manifest(info)).blob_ids()
+        progress.update(1)
     index = repo.index()
     missing = [bid for bid in live if bid not in index]
     if missing:
@@ -216,6 +237,7 @@ def _prune(repo: Repository, remove: list[GenerationInfo], report: PruneReport, 
     old_index_keys = [o.key for o in repo.store.list("index/")]
     if not dry and sparse:
         moving = [bid for bid in live if index[bid].pack in set(sparse)]
+        progress.stage("prune: repacking", report.repacked_bytes)
         packer = Packer(repo)
         try:
             for start in range(0, len(moving), 256):
@@ -224,6 +246,7 @@ def _prune(repo: Repository, remove: list[GenerationInfo], report: PruneReport, 
                 for bid in batch:
                     loc = index[bid]
                     packer.append(bid, loc.type, loc.kind, loc.length, stored[bid])
+                    progress.update(loc.stored)
             packer.finish()
         finally:
             packer.close()
@@ -253,9 +276,11 @@ def _prune(repo: Repository, remove: list[GenerationInfo], report: PruneReport, 
     locks = [lock for lock in list_locks(repo.store) if not lock.stale(t)
              and lock.kind == "read"]
     still_live = set(live_bytes) - set(sparse)
+    progress.stage("prune: deleting", sum(len(packs_) for _k, _w, packs_ in earlier), "packs")
     for key, when, packs_ in earlier:
         keep = []
         for p in packs_:
+            progress.update(1)
             if p in still_live or p not in sizes:
                 continue  # alive again (a push reused it), or already gone
             if when > t - grace or any(lock.created < when for lock in locks):

@@ -99,6 +99,17 @@ def test_unknown_total_and_counted_units() -> None:
     assert line.startswith("verify:  25% 50 chunks of 200") and len(line) == 29
 
 
+@pytest.mark.pure
+def test_a_new_stage_starts_over_with_its_own_total_and_unit() -> None:
+    bar = Progress(0, "prune", stream=FakeTerminal())
+    bar.stage("prune: marking", 4, "generations")
+    bar.update(4)
+    bar.stage("prune: repacking", 8 * MiB)
+    bar.update(2 * MiB)
+    line = bar.line(bar.started + 1, 120)
+    assert line.startswith("prune: repacking:  25% [") and "2.0 MiB of 8.0 MiB" in line
+
+
 @pytest.fixture
 def _keep_sigterm() -> Iterator[None]:
     before = signal.getsignal(signal.SIGTERM)

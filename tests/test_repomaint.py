@@ -154,6 +154,43 @@ def test_partly_used_packs_are_repacked(dirstore: ObjectStore) -> None:
     assert u.stored_bytes < 1.5 * 32 * CHUNK  # the dead halves are gone
 
 
+class StageRecorder:
+    def __init__(self) -> None:
+        self.stages: list[tuple[str, int, str, int]] = []  # desc, total, unit, done
+
+    def stage(self, desc: str, total: int, unit: str = "B") -> None:
+        self.stages.append((desc, total, unit, 0))
+
+    def update(self, n: int, sent: int | None = None) -> None:
+        desc, total, unit, done = self.stages[-1]
+        self.stages[-1] = (desc, total, unit, done + n)
+
+
+@pytest.mark.inproc
+def test_prune_reports_each_step_up_to_its_total(dirstore: ObjectStore) -> None:
+    """Marking, repacking and deleting each report progress that reaches their totals (a
+    prune of a large repository ran without a word until its table)."""
+    repo = new_repo(dirstore)
+    one = bytearray(data(32, 9))
+    push(repo, "vm", bytes(one))
+    two = bytearray(one)
+    for i in range(0, 32, 2):
+        two[i * CHUNK : i * CHUNK + 8] = b"CHANGED!"
+    push(repo, "vm", bytes(two))
+    push(repo, "vm", bytes(two[::-1]))
+    first = StageRecorder()
+    report = prune(repo, [gen(repo, "vm", 1)], grace=0, progress=first)
+    steps = {desc: (total, unit, done) for desc, total, unit, done in first.stages}
+    assert steps["prune: marking"] == (2, "generations", 2)
+    assert steps["prune: repacking"] == (report.repacked_bytes, "B", report.repacked_bytes) \
+        and report.repacked_bytes > 0
+    second = StageRecorder()
+    again = prune(Repository.open(dirstore), [], grace=0, progress=second)
+    assert again.deleted > 0
+    deleting = [s for s in second.stages if s[0] == "prune: deleting"]
+    assert deleting == [("prune: deleting", again.deleted, "packs", again.deleted)]
+
+
 @pytest.mark.inproc
 def test_prune_and_writers_exclude_each_other(dirstore: ObjectStore) -> None:
     repo = new_repo(dirstore)

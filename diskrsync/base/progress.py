@@ -67,6 +67,15 @@ class Progress:
             if now - self._drawn_at >= INTERVAL:
                 self._draw(now)
 
+    def stage(self, desc: str, total: int, unit: str = "B") -> None:
+        """Start over for the next step of a command of several (prune: marking, then
+        repacking, then deleting), each with its own total and unit."""
+        with self._lock:
+            self.desc, self.total, self.unit = desc, total, unit
+            self.done, self.sent = 0, None
+            self.started = time.monotonic()
+            self._drawn_at = 0.0
+
     def set_total(self, total: int) -> None:
         """The total, once known (a pull learns it from the other end)."""
         with self._lock:

@@ -164,7 +164,11 @@ def repo_prune(loc: RepoLocation, args: argparse.Namespace) -> int:
         verdicts[disk] = select([(g.number, times[g.key]) for g in gens], policy)
         gone = {v.number for v in verdicts[disk] if not v.kept}
         remove += [g for g in gens if g.number in gone]
-    report = repomaint.prune(repo, remove, dry_run=args.dry_run)
+    bar = Progress(0, "prune", not args.json)
+    try:
+        report = repomaint.prune(repo, remove, dry_run=args.dry_run, progress=bar)
+    finally:
+        bar.close()
     pruned = {d: [v.number for v in vs if not v.kept] for d, vs in verdicts.items()}
     kept = {d: [v.number for v in vs if v.kept] for d, vs in verdicts.items()}
     if args.json:
