@@ -41,8 +41,6 @@ class RepoStore:
         if isinstance(repo.codec, ContentSealedCodec) or repo.codec.name != STANDARD.name:
             raise UsageError(f"{repo.store.url} is encrypted: pushing into it over the sync "
                              f"protocol is not supported yet")
-        if opts.dry_run:
-            raise UsageError("a dry run into a repository is not supported yet")
         self.repo = repo
         self.disk = disk
         self.source = source
@@ -50,14 +48,17 @@ class RepoStore:
         self.opts = opts
         cfg = repo.config
         self.chunk_size, self.fanout = cfg.chunk_size, cfg.fanout
-        self.writer = repo.writer(disk, lease=lease).__enter__()
+        # a dry run compares with the newest generation and writes nothing: no writer's
+        # lease, no packs (its source sends no chunks)
+        self.writer = None if opts.dry_run else repo.writer(disk, lease=lease).__enter__()
         self._open = True
         try:
             base = repo.snapshot(disk) if repo.generations(disk) else None
             self.leaves = base.leaves() if base is not None else b""
             self.base_shape = base.shape if base is not None else Shape(0, self.chunk_size,
                                                                          self.fanout)
-            self.writer.begin(size, base)
+            if self.writer is not None:
+                self.writer.begin(size, base)
         except BaseException:
             self.close()
             raise
@@ -87,6 +88,8 @@ class RepoStore:
         return self._leaf_page(page)
 
     def put(self, index: int, kind: int, digest: bytes, payload: bytes) -> None:
+        if self.writer is None:
+            raise PeerError("the source sent a chunk in a dry run")
         shape = self.writer.shape
         assert shape is not None
         if not 0 <= index < shape.chunks:
@@ -107,6 +110,10 @@ class RepoStore:
         said = str(info.get("source") or self.source)
         source = self.label or (f"{self.source_host}:{said}" if self.source_host else said)
         where = {"url": self.repo.store.url, "disk": self.disk}
+        if self.writer is None:  # a dry run: the newest generation's root, nothing made
+            self.close()
+            return StoreResult(0, bytes.fromhex(self.info["root"]), {**where, "dry_run": True},
+                               self.stored)
         # as an image: equal content is no new generation, unless asked for or the run read
         # zeros for unreadable sectors or saw the source change (manifests are immutable, so
         # the run is not recorded in the old one: `unchanged` says so to the source)
@@ -122,7 +129,8 @@ class RepoStore:
         return StoreResult(m.number, m.root, where, self.stored)
 
     def abort(self, save: bool) -> None:
-        if save and self._open:  # index what was uploaded: the next push reuses it
+        if save and self._open and self.writer is not None:
+            # index what was uploaded: the next push reuses it
             with contextlib.suppress(DiskrsyncError, OSError):
                 self.writer.packer.finish()
         self.close()
@@ -130,4 +138,5 @@ class RepoStore:
     def close(self) -> None:
         if self._open:
             self._open = False
-            self.writer.__exit__(None, None, None)
+            if self.writer is not None:
+                self.writer.__exit__(None, None, None)

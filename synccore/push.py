@@ -21,6 +21,7 @@ from diskrsync.base.merkle import Shape
 from diskrsync.compression.objstore import S3Options
 from diskrsync.compression.repoimport import write_disk
 from diskrsync.compression.repolocation import open_repository, parse_repo_location
+from diskrsync.compression.repolocation import open_store as open_object_store
 from diskrsync.compression.repository import Repository, RepoSource
 from diskrsync.compression.repotarget import RepoStore
 from diskrsync.compression.sources import SourceReader, open_source, source_name
@@ -131,10 +132,22 @@ def repository_target(dst: str, req: PushRequest) -> tuple[Repository, str] | No
     disk = into.need_disk("a push into a repository")
     if req.raw_target:
         raise UsageError("--raw-target does not apply to a repository")
-    if req.target.dry_run:
-        raise UsageError("--dry-run into a repository is not supported yet")
-    return open_repository(into, keyring=req.source.keyring, s3=req.s3, create=True,
-                           encrypt=req.source.encrypt, kdf=req.source.kdf), disk
+    if not req.target.dry_run:
+        return open_repository(into, keyring=req.source.keyring, s3=req.s3, create=True,
+                               encrypt=req.source.encrypt, kdf=req.source.kdf), disk
+    # a dry run compares with what is there: it creates nothing
+    if req.source.encrypt:
+        raise UsageError("--dry-run with --encrypt: a new repository has nothing to compare "
+                         "with (every chunk would be sent)")
+    if open_object_store(into, req.s3).head("config") is None:
+        raise UsageError(f"{into.store} holds no repository yet: a dry run has nothing to "
+                         f"compare with (the first push creates it and sends every chunk)")
+    repo = open_repository(into, keyring=req.source.keyring, s3=req.s3)
+    if repo.config.encryption is not None:
+        raise UsageError(f"{into.store} is encrypted: a dry run into an encrypted repository "
+                         f"is not supported (its push reads the whole source and uploads "
+                         f"only the chunks it lacks)")
+    return repo, disk
 
 
 def _push_sealed(reader: SourceReader, repo: Repository, disk: str, req: PushRequest,

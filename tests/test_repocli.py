@@ -360,8 +360,7 @@ def test_over_ssh_and_dry_run_are_refused_before_anything_starts(
     disk(a, 2)
     repo = tmp_path / "repo"
     for argv in (["push", str(a), f"somehost:repo:{repo}#vm"],  # no SSH is started
-                 ["push", f"somehost:repo:{repo}#vm", str(tmp_path / "x.spgz")],
-                 ["push", "--dry-run", str(a), f"repo:{repo}#vm"]):
+                 ["push", f"somehost:repo:{repo}#vm", str(tmp_path / "x.spgz")]):
         capsys.readouterr()
         assert main(argv) == 2, argv
         err = capsys.readouterr().err
@@ -371,6 +370,38 @@ def test_over_ssh_and_dry_run_are_refused_before_anything_starts(
     # are not the client's to choose
     with pytest.raises(UsageError, match="not a target over SSH"):
         run_target_end(channel_pair()[1], f"repo:{repo}#vm", PushRequest())
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {str(f.relative_to(root)): f.read_bytes() for f in sorted(root.rglob("*"))
+            if f.is_file()}
+
+
+@pytest.mark.inproc
+def test_a_dry_run_into_a_repository_compares_and_writes_nothing(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`push --dry-run SRC REPO#DISK` says what a push would send and leaves the store as it
+    was: no pack, no index, no manifest, no lock. (It was refused as not supported.)"""
+    a = tmp_path / "a.raw"
+    data = bytearray(disk(a, 8))
+    repo = tmp_path / "repo"
+    # nothing to compare with: nothing made
+    assert run(capsys, "push", "--dry-run", str(a), f"repo:{repo}#vm")[0] == 2
+    assert not repo.exists()
+    assert run(capsys, "push", "-q", str(a), f"repo:{repo}#vm")[0] == 0
+    data[3 * 128 * 1024 + 5] ^= 1
+    a.write_bytes(data)
+    before = _tree(repo)
+    code, dry = run_json(capsys, "push", "--dry-run", str(a), f"repo:{repo}#vm")
+    assert code == 0 and dry["dry_run"] is True and dry["chunks_differing"] == 1, dry
+    code, other = run_json(capsys, "push", "--dry-run", str(a), f"repo:{repo}#other")
+    # the random half and the changed chunk (zeros cost nothing); compared with that disk only
+    assert code == 0 and other["chunks_differing"] == 5
+    assert _tree(repo) == before
+    assert [g.number for g in Repository.open(DirStore(str(repo))).generations("vm")] == [1]
+    # the real push then sends what the dry run said
+    code, real = run_json(capsys, "push", str(a), f"repo:{repo}#vm")
+    assert code == 0 and real["chunks_differing"] == 1 and real["generation"] == 2
 
 
 @pytest.mark.inproc
