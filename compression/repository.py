@@ -420,14 +420,19 @@ class Repository:
         store.put("config", config.encode())
         return cls(store, config, ContentSealedCodec(key) if key is not None else STANDARD)
 
-    @classmethod
-    def open(cls, store: ObjectStore, keyring: Keyring | None = None) -> Repository:
+    @staticmethod
+    def read_config(store: ObjectStore) -> RepoConfig:
+        """The repository's parameters, and its key's public facts, without the key."""
         store.check()
         try:
             raw = store.get("config")
         except ObjectMissing:
             raise UsageError(f"{store.url} is not a diskrsync repository (no config)") from None
-        config = RepoConfig.decode(raw, f"{store.url}/config")
+        return RepoConfig.decode(raw, f"{store.url}/config")
+
+    @classmethod
+    def open(cls, store: ObjectStore, keyring: Keyring | None = None) -> Repository:
+        config = cls.read_config(store)
         codec: ChunkCodec = STANDARD
         enc = config.encryption
         if enc is not None:

@@ -405,6 +405,47 @@ def test_a_dry_run_into_a_repository_compares_and_writes_nothing(
 
 
 @pytest.mark.inproc
+def test_an_encrypted_repository_key_is_shown_and_exported(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """`key show` and `key export` take a repository (its key could not be exported: the
+    passphrase was its only copy outside the store); the export is checked first and
+    opens the repository in place of its own copy."""
+    a = tmp_path / "a.raw"
+    data = disk(a, 4)
+    (tmp_path / "repo").mkdir()
+    key = MasterKey.generate()
+    r = Repository.init(DirStore(str(tmp_path / "repo")), key=key,
+                        envelope=Envelope.wrap(key, b"a long passphrase", KdfParams(1024, 1, 1)))
+    write_disk(r, "vm", lambda o, n: data[o : o + n], len(data))
+    repo = f"repo:{tmp_path / 'repo'}"
+    monkeypatch.delenv("DISKRSYNC_PASSPHRASE", raising=False)
+    code, shown = run(capsys, "key", "show", repo)
+    doc = json.loads(shown)
+    assert code == 0 and doc["key_id"] == key.key_id.hex() and doc["key_in_repository"]
+    wrong, pw = tmp_path / "wrong", tmp_path / "pw"
+    wrong.write_text("not the passphrase\n")
+    pw.write_text("a long passphrase\n")
+    exported = tmp_path / "key.json"
+    assert run(capsys, "key", "export", "--passphrase-file", str(wrong), repo,
+               str(exported))[0] == 2
+    assert not exported.exists()
+    assert run(capsys, "key", "export", "--passphrase-file", str(pw), repo,
+               str(exported))[0] == 0
+    assert Envelope.decode(exported.read_bytes()).key_id == key.key_id
+    out = tmp_path / "out.raw"
+    assert run(capsys, "restore", "-q", "--key-file", str(exported), "--passphrase-file",
+               str(pw), f"{repo}#vm", str(out))[0] == 0
+    assert out.read_bytes() == data
+    # import and change-passphrase are for images: a repository's config is written once
+    for argv in (["key", "import", "--passphrase-file", str(pw), repo, str(exported)],
+                 ["key", "change-passphrase", "--passphrase-file", str(pw), repo]):
+        capsys.readouterr()
+        assert main(argv) == 2
+        assert "written once" in capsys.readouterr().err
+
+
+@pytest.mark.inproc
 def test_an_encrypted_repository_is_read_with_the_key_options(
         tmp_path: Path, capsys: pytest.CaptureFixture[str],
         monkeypatch: pytest.MonkeyPatch) -> None:

@@ -3,22 +3,20 @@
 A passphrase is taken, in this order, from ``--passphrase-file``, from the
 ``DISKRSYNC_PASSPHRASE`` environment variable, or from a prompt on the terminal; it is asked
 for only when an encrypted image is actually opened, and once per command. ``--key-file``
-names an exported key to use instead of the copy inside the image.
+names an exported key to use instead of the copy inside the image. The `diskrsync key`
+commands are in ``keycmds``.
 """
 
 from __future__ import annotations
 
 import argparse
 import getpass
-import json
 import os
 import sys
 from collections.abc import Callable
-from dataclasses import replace
 
 from diskrsync.base.errors import DataError, UsageError, from_oserror
-from diskrsync.compression.crypto import Envelope, KdfParams, Keyring, SealedCodec
-from diskrsync.compression.image import Image
+from diskrsync.compression.crypto import Envelope, KdfParams, Keyring
 
 PASSPHRASE_ENV = "DISKRSYNC_PASSPHRASE"
 NEW_PASSPHRASE_ENV = "DISKRSYNC_NEW_PASSPHRASE"
@@ -28,8 +26,9 @@ MIN_NEW_PASSPHRASE = 8  # characters (bytes) of a passphrase a new key is wrappe
 LOSS_WARNING = ("without the key the backup is unreadable: keep the passphrase, and export "
                 "the key now (`diskrsync key export IMAGE FILE`) to a place other than the "
                 "backup host")
-REPO_LOSS_WARNING = ("without the key the repository is unreadable: its key is kept only in "
-                     "the repository, wrapped by the passphrase; keep the passphrase")
+REPO_LOSS_WARNING = ("without the key the repository is unreadable: keep the passphrase, and "
+                     "export the key now (`diskrsync key export REPOSITORY FILE`) to a place "
+                     "other than the repository's store")
 
 
 def _read_first_line(path: str) -> bytes:
@@ -131,116 +130,3 @@ def kdf_params() -> KdfParams | None:
         raise UsageError(f"{KDF_ENV} must be MEMORY_KIB,ITERATIONS,LANES, not {text!r}") \
             from None
     return params
-
-
-# -- diskrsync key ... -----------------------------------------------------------------
-
-
-def _open_encrypted(path: str, ring: Keyring | None) -> Image:
-    img = Image.open(path, keyring=ring)
-    if not img.encrypted:
-        img.close()
-        raise UsageError(f"{path} is not encrypted")
-    return img
-
-
-def cmd_key_export(args: argparse.Namespace) -> int:
-    """Write the image's wrapped key (still protected by its passphrase) to FILE, once the
-    passphrase has opened it and the key has opened the newest seal: an export is kept for
-    the day the image's own copy is lost, too late to find that it never opened."""
-    img = _open_encrypted(args.image, None)
-    try:
-        enc = img.table.encryption
-        assert enc is not None
-        if not enc.get("envelope"):
-            raise UsageError(f"{args.image} holds no copy of its key (it was kept in a key file)")
-        envelope = Envelope.from_json(enc["envelope"])
-        ring = Keyring(passphrase_source(args.passphrase_file), None)
-        _prove(img, SealedCodec(ring.unlock(envelope.key_id, envelope, args.image)))
-    finally:
-        img.close()
-    data = envelope.encode()
-    if args.file == "-":
-        sys.stdout.write(data.decode())
-        return 0
-    try:
-        fd = os.open(args.file, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    except FileExistsError:
-        raise UsageError(f"{args.file} already exists") from None
-    except OSError as e:
-        raise from_oserror(e, f"cannot create {args.file}") from None
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    print(f"exported key {envelope.key_id.hex()} of {args.image} to {args.file} (protected by "
-          f"the image's passphrase)")
-    return 0
-
-
-def cmd_key_import(args: argparse.Namespace) -> int:
-    """Put an exported key back into the image (after its copy was damaged or removed)."""
-    envelope = read_key_file(args.file)
-    ring = Keyring(passphrase_source(args.passphrase_file), envelope)
-    img = _open_encrypted(args.image, None)
-    try:
-        if img.key_id != envelope.key_id:
-            raise UsageError(f"{args.file} holds key {envelope.key_id.hex()[:12]}…, but "
-                             f"{args.image} is encrypted with key "
-                             f"{(img.key_id or b'').hex()[:12]}…")
-        key = ring.unlock(envelope.key_id, envelope, args.file)
-        _prove(img, SealedCodec(key))
-        _replace_envelope(img, envelope)
-    finally:
-        img.close()
-    print(f"imported key {envelope.key_id.hex()} into {args.image}")
-    return 0
-
-
-def cmd_key_change_passphrase(args: argparse.Namespace) -> int:
-    """Wrap the same key with a new passphrase (the data is not re-encrypted)."""
-    ring = keyring(args)
-    img = _open_encrypted(args.image, ring)
-    try:
-        assert img.key is not None
-        new = passphrase_source(args.new_passphrase_file, NEW_PASSPHRASE_ENV)(
-            "the new passphrase", True)
-        _replace_envelope(img, Envelope.wrap(img.key, new, kdf_params()))
-    finally:
-        img.close()
-    print(f"{args.image}: passphrase changed (export the key again: old exports still open "
-          f"with the old passphrase)")
-    return 0
-
-
-def _prove(img: Image, codec: SealedCodec) -> None:
-    """The key opens the image's newest seal: it is really this image's key."""
-    gens = img.table.generations
-    if gens:
-        codec.open_seal(gens[-1].number, gens[-1].root_hash, gens[-1].seal)
-
-
-def _replace_envelope(img: Image, envelope: Envelope) -> None:
-    tx = img.begin(what="key change")
-    try:
-        table = tx.table
-        assert table.encryption is not None
-        tx.publish(replace(table, encryption={**table.encryption,
-                                              "envelope": envelope.to_json()}))
-    finally:
-        tx.close()
-
-
-def cmd_key_show(args: argparse.Namespace) -> int:
-    """The public facts of an image's key (no passphrase needed)."""
-    img = _open_encrypted(args.image, None)
-    try:
-        enc = img.table.encryption
-        assert enc is not None
-        env = enc.get("envelope")
-        doc = {"key_id": enc["key_id"], "cipher": enc["cipher"],
-               "key_in_image": bool(env), "kdf": env["kdf"] if env else None}
-    finally:
-        img.close()
-    print(json.dumps(doc, indent=2))
-    return 0

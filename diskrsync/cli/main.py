@@ -382,27 +382,31 @@ def build_parser() -> argparse.ArgumentParser:
     _key_options(sp)
     _s3_options(sp)
 
-    sp = add("key", "keys:cmd_key_show",
-             "Manage the key of an encrypted image: show, export, import, change-passphrase.")
+    sp = add("key", "keycmds:cmd_key_show",
+             "Manage the key of an encrypted image (show, export, import, "
+             "change-passphrase) or repository (show, export).")
     ksub = sp.add_subparsers(dest="key_command", metavar="ACTION")
     ksub.required = True
     kp = ksub.add_parser("show", help="the key's public facts (no passphrase needed)",
                          description="Show the key id, cipher and where the key is kept.")
-    kp.set_defaults(func="keys:cmd_key_show")
+    kp.set_defaults(func="keycmds:cmd_key_show")
     kp.add_argument("image", metavar="IMAGE")
+    _s3_options(kp)
     kp = ksub.add_parser("export", help="write the wrapped key to FILE (or - for stdout)",
-                         description="Write the image's key, still protected by its "
-                                     "passphrase, to FILE: keep it away from the backup host.")
-    kp.set_defaults(func="keys:cmd_key_export")
+                         description="Write the key of an image or a repository, still "
+                                     "protected by its passphrase, to FILE: keep it away from "
+                                     "the backup host.")
+    kp.set_defaults(func="keycmds:cmd_key_export")
     kp.add_argument("image", metavar="IMAGE")
     kp.add_argument("file", metavar="FILE")
     kp.add_argument("--passphrase-file", metavar="FILE",
                     help="the image's passphrase, checked before the key is written (else "
                          "$DISKRSYNC_PASSPHRASE or a prompt)")
+    _s3_options(kp)
     kp = ksub.add_parser("import", help="put an exported key back into the image",
                          description="Put an exported key back into the image (its "
                                      "passphrase proves it is the image's key).")
-    kp.set_defaults(func="keys:cmd_key_import")
+    kp.set_defaults(func="keycmds:cmd_key_import")
     kp.add_argument("image", metavar="IMAGE")
     kp.add_argument("file", metavar="FILE")
     kp.add_argument("--passphrase-file", metavar="FILE",
@@ -410,7 +414,7 @@ def build_parser() -> argparse.ArgumentParser:
     kp = ksub.add_parser("change-passphrase", help="wrap the key with a new passphrase",
                          description="Wrap the image's key with a new passphrase (the data "
                                      "is not re-encrypted).")
-    kp.set_defaults(func="keys:cmd_key_change_passphrase")
+    kp.set_defaults(func="keycmds:cmd_key_change_passphrase")
     kp.add_argument("image", metavar="IMAGE")
     _key_options(kp)
     kp.add_argument("--new-passphrase-file", metavar="FILE",
