@@ -23,8 +23,14 @@ def batch_pieces(read: Callable[[int, int], bytes], shape: Shape, first: int,
     """Chunks ``first ..`` (one batch) of a disk ``read(offset, length)`` returns, read at
     once: ``(index, bytes or None for zeros, length)``. A short read is a DataError naming
     ``what``. (Both one-pass writers, into an image and into a repository, read this way.)"""
+    return read_pieces(read, shape, first, min(first + BATCH_CHUNKS, shape.chunks), what)
+
+
+def read_pieces(read: Callable[[int, int], bytes], shape: Shape, first: int, last: int,
+                what: str) -> Iterator[tuple[int, memoryview | None, int]]:
+    """Chunks ``first`` to ``last`` (exclusive), read at once, as ``batch_pieces`` gives
+    them."""
     cs = shape.chunk_size
-    last = min(first + BATCH_CHUNKS, shape.chunks)
     start, stop = first * cs, min(last * cs, shape.size)
     data = read(start, stop - start)
     if len(data) != stop - start:

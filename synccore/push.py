@@ -19,7 +19,7 @@ from typing import Any, cast
 from diskrsync.base.errors import DiskrsyncError, UsageError
 from diskrsync.base.merkle import Shape
 from diskrsync.compression.objstore import S3Options
-from diskrsync.compression.repoimport import write_disk
+from diskrsync.compression.repoimport import ChunkPlan, write_disk
 from diskrsync.compression.repolocation import open_repository, parse_repo_location
 from diskrsync.compression.repolocation import open_store as open_object_store
 from diskrsync.compression.repository import Repository, RepoSource
@@ -33,6 +33,7 @@ from diskrsync.synccore.source import (
     SourceSession,
     commit_outcome,
     note_shrink,
+    plan_scan,
     target_report,
 )
 from diskrsync.synccore.target import (
@@ -78,7 +79,7 @@ def local_push(src: str, dst: str, req: PushRequest,
     reader = open_push_source(src, req)
     if into is not None and into[0].config.encryption is not None:
         try:
-            return _push_sealed(reader, *into, req, progress)
+            return push_sealed(reader, *into, req, progress)
         finally:
             reader.close()
     a, b = channels or channel_pair(limit=req.limit())
@@ -150,13 +151,16 @@ def repository_target(dst: str, req: PushRequest) -> tuple[Repository, str] | No
     return repo, disk
 
 
-def _push_sealed(reader: SourceReader, repo: Repository, disk: str, req: PushRequest,
+def push_sealed(reader: SourceReader, repo: Repository, disk: str, req: PushRequest,
                  progress: Callable[[int, int], None] | None) -> PushStats:
     """A local push into an encrypted repository. Its chunk ids are keyed content hashes
     that only this end can compute (``ContentSealedCodec``), which the sync protocol's
-    source does not speak; so the source is read whole here and sealed into the repository
+    source does not speak; so the source is read here and sealed into the repository
     directly (``repoimport.write_disk``): chunks whose id the newest generation or any other
-    disk holds cost no upload, and equal content makes no new generation."""
+    disk holds cost no upload, and equal content makes no new generation. What is read is
+    planned as for the sync protocol's scan (``plan_scan``): holes, free blocks with
+    ``--skip-free-blocks``, and the chunks a map of changed ranges says are unchanged since
+    the newest generation (whose sealed manifest records what the map is relative to)."""
     t0 = time.monotonic()
     gens = repo.generations(disk)
     before = repo.manifest(gens[-1]) if gens else None
@@ -166,18 +170,35 @@ def _push_sealed(reader: SourceReader, repo: Repository, disk: str, req: PushReq
             progress(n, 0)
 
     label = req.source.label or reader.description
+    # the manifest is sealed: its change_base is the client's own record
+    newest = {"kind": "repository", "generation": before.number if before else 0,
+              "change_base": before.meta.get("change_base") if before else None}
+    plan = plan_scan(reader, newest, skip_free_blocks=req.source.skip_free_blocks)
+    if plan.changed is not None and before is not None and before.size != reader.size:
+        why = f"the disk's size changed ({before.size} to {reader.size} bytes)"
+        plan = replace(plan, changed=None, map_fallback=why,
+                       warnings=[*plan.warnings, f"full scan: changed ranges not used because "
+                                                 f"{why}"])
+    chunk_plan = ChunkPlan(plan.data, plan.changed)
+    meta = {"map": plan.map, "map_fallback": plan.map_fallback,
+            "change_base": plan.change_base}
     m, counts = write_disk(repo, disk, reader.read, reader.size, source=label,
-                           progress=step, new_generation=req.target.always_new_generation)
+                           meta={k: v for k, v in meta.items() if v},
+                           progress=step, new_generation=req.target.always_new_generation,
+                           plan=chunk_plan)
     shape = Shape(reader.size, repo.config.chunk_size, repo.config.fanout)
     unchanged = before is not None and m.number == before.number
-    return PushStats(
+    stats = PushStats(
         size=reader.size, chunk_size=shape.chunk_size, chunks=shape.chunks,
-        bytes_read=reader.size, bytes_hashed=reader.size,
+        bytes_read=chunk_plan.bytes_read, bytes_hashed=chunk_plan.bytes_read,
         bytes_sent=counts["bytes_stored"], chunks_differing=counts["chunks_stored"],
         duration=time.monotonic() - t0, root_hash=m.root.hex(),
         target_root_hash=before.root.hex() if before is not None else "",
         generation=m.number, created=before is None, unchanged=unchanged,
-        target=target_report({"chunks_written": counts["chunks_stored"]}))
+        target=target_report({"chunks_written": counts["chunks_stored"]}),
+        map=plan.map, map_fallback=plan.map_fallback, warnings=list(plan.warnings))
+    source_committed(reader, stats)
+    return stats
 
 
 def _open_target(dst: str, into: tuple[Repository, str] | None, hello: p.Hello,

@@ -35,7 +35,6 @@ the first one stops the push. The scan and the re-read for sending share that lo
 
 from __future__ import annotations
 
-import bisect
 import contextlib
 import errno
 import functools
@@ -65,6 +64,7 @@ from diskrsync.base.merkle import (
     zero_hash,
 )
 from diskrsync.base.parallel import ordered_map, worker_count
+from diskrsync.base.ranges import Ranges, merge_ranges
 from diskrsync.compression import codec
 from diskrsync.compression.codec import STANDARD, ChunkAt, ChunkCodec, Kind
 from diskrsync.compression.crypto import (
@@ -255,8 +255,8 @@ class SourceSession:
         self._slots = threading.BoundedSemaphore(MAX_PENDING_PAGES)
         self._page_left: dict[int, int] = {}  # page -> chunk sends not yet done
         self._stats_lock = threading.Lock()
-        self.data = _Ranges([(0, reader.size)], reader.size)  # what is read; the rest: zeros
-        self.changed: _Ranges | None = None  # a trusted map of changed ranges
+        self.data = Ranges([(0, reader.size)], reader.size)  # what is read; the rest: zeros
+        self.changed: Ranges | None = None  # a trusted map of changed ranges
         self.change_base: Any = None  # what that map is relative to, as JSON
         self._held: dict[int, tuple[int, bytes]] = {}  # chunk -> encoded at the scan
         self._held_bytes = 0
@@ -690,36 +690,11 @@ class SourceSession:
     # .. scanning ..
 
     def _plan(self, target_info: dict[str, Any]) -> None:
-        """What the scan reads: the reader's extents (bytes outside them are zeros), less the
-        chunks its map of changed ranges says are unchanged since the target's newest
-        generation, when that generation is the one the map is relative to."""
-        reader, size = self.reader, self.reader.size
-        self.data = _Ranges(reader.extents(), size)
-        names = [reader.extents_map] if self.data.total < size else []
-        if self.opts.skip_free_blocks:
-            free = free_blocks(self._read_metadata, size)
-            self.stats.warnings += [f"--skip-free-blocks: {w}" for w in free.problems]
-            if free.free:
-                self.data = _Ranges(subtract_ranges(self.data.ranges(), free.free), size)
-                names.append("free-blocks")
-        base = reader.change_base()
-        # compared and recorded as JSON, the form the target's metadata gives back
-        self.change_base = json.loads(json.dumps(base)) if base is not None else None
-        ranges = reader.changed_ranges()
-        name = str((self.change_base or {}).get("map", "changed ranges"))
-        if ranges is None and self.change_base is not None:
-            self.stats.map_fallback = "the source knows no changed ranges"
-        elif ranges is not None:
-            refused = _map_refused(target_info, self.change_base)
-            if refused:
-                self.stats.map_fallback = refused
-            else:
-                self.changed = _Ranges(ranges, size)
-                names.insert(0, name)
-        if self.stats.map_fallback:
-            self.stats.warnings.append(f"full scan: {name} not used because "
-                                       f"{self.stats.map_fallback}")
-        self.stats.map = "+".join(names) or "full"
+        plan = plan_scan(self.reader, target_info, skip_free_blocks=self.opts.skip_free_blocks,
+                         read_metadata=self._read_metadata)
+        self.data, self.changed, self.change_base = plan.data, plan.changed, plan.change_base
+        self.stats.map, self.stats.map_fallback = plan.map, plan.map_fallback
+        self.stats.warnings += plan.warnings
 
     def _read_metadata(self, offset: int, length: int) -> bytes:
         """A file system's allocation maps, for --skip-free-blocks (counted as read)."""
@@ -941,16 +916,53 @@ def commit_outcome(info: dict[str, Any]) -> tuple[bool, list[int]]:
     return info.get("unchanged") is True, numbers
 
 
-def merge_ranges(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    """(offset, length) ranges sorted, with overlapping and adjacent ones joined."""
-    out: list[tuple[int, int]] = []
-    for off, n in sorted(ranges):
-        if out and off <= out[-1][0] + out[-1][1]:
-            last = out[-1]
-            out[-1] = (last[0], max(last[0] + last[1], off + n) - last[0])
-        else:
-            out.append((off, n))
-    return out
+@dataclass(frozen=True)
+class ScanPlan:
+    """What a push reads of its source (``plan_scan``)."""
+
+    data: Ranges  # what may hold data; the rest reads as zeros
+    changed: Ranges | None  # a trusted map of changed ranges; None: compare everything
+    change_base: Any  # what the reader's map is relative to (JSON), recorded with the push
+    map: str  # what narrowed the reading ("full", "sparse", "dirty-bitmap+free-blocks"...)
+    map_fallback: str  # why the map of changed ranges was not used ("" when it was)
+    warnings: list[str]
+
+
+def plan_scan(reader: SourceReader, target_info: dict[str, Any], *,
+              skip_free_blocks: bool = False,
+              read_metadata: Callable[[int, int], bytes] | None = None) -> ScanPlan:
+    """What a push reads: the reader's extents (bytes outside them are zeros), less free
+    blocks with ``skip_free_blocks`` (their maps read through ``read_metadata``), and only
+    the chunks its map of changed ranges says may differ from the target's newest
+    generation, when ``target_info`` (the target's Hello) shows that generation is the one
+    the map is relative to. The sync protocol's scan and a push into an encrypted
+    repository (which reads its source directly) plan alike."""
+    size = reader.size
+    data = Ranges(reader.extents(), size)
+    names = [reader.extents_map] if data.total < size else []
+    warnings: list[str] = []
+    if skip_free_blocks:
+        free = free_blocks(read_metadata or reader.read, size)
+        warnings += [f"--skip-free-blocks: {w}" for w in free.problems]
+        if free.free:
+            data = Ranges(subtract_ranges(data.ranges(), free.free), size)
+            names.append("free-blocks")
+    raw_base = reader.change_base()
+    # compared and recorded as JSON, the form the target's metadata gives back
+    base = json.loads(json.dumps(raw_base)) if raw_base is not None else None
+    ranges = reader.changed_ranges()
+    name = str((base or {}).get("map", "changed ranges"))
+    fallback, changed = "", None
+    if ranges is None and base is not None:
+        fallback = "the source knows no changed ranges"
+    elif ranges is not None:
+        fallback = _map_refused(target_info, base)
+        if not fallback:
+            changed = Ranges(ranges, size)
+            names.insert(0, name)
+    if fallback:
+        warnings.append(f"full scan: {name} not used because {fallback}")
+    return ScanPlan(data, changed, base, "+".join(names) or "full", fallback, warnings)
 
 
 def _map_refused(target: dict[str, Any], base: Any) -> str:
@@ -979,36 +991,3 @@ def _map_refused(target: dict[str, Any], base: Any) -> str:
 def _short(value: Any) -> str:
     text = json.dumps(value, sort_keys=True)
     return text if len(text) <= 120 else text[:119] + "…"
-
-
-class _Ranges:
-    """Disjoint [start, end) byte ranges within a disk, answering overlap queries by bisection
-    (a source's extents or changed ranges: validated here, since a reader may be sloppy)."""
-
-    def __init__(self, ranges: Iterable[tuple[int, int]], size: int) -> None:
-        clipped = []
-        for off, n in ranges:
-            a, b = max(int(off), 0), min(int(off) + int(n), size)
-            if a < b:
-                clipped.append((a, b - a))
-        merged = merge_ranges(clipped)
-        self.starts = [o for o, _n in merged]
-        self.ends = [o + n for o, n in merged]
-        self.total = sum(n for _o, n in merged)
-
-    def pieces(self, a: int, b: int) -> list[tuple[int, int]]:
-        """The parts of [a, b) inside the ranges, as (start, end)."""
-        out = []
-        i = bisect.bisect_right(self.ends, a)
-        while i < len(self.starts) and self.starts[i] < b:
-            out.append((max(self.starts[i], a), min(self.ends[i], b)))
-            i += 1
-        return out
-
-    def ranges(self) -> list[tuple[int, int]]:
-        """As (offset, length)."""
-        return [(a, b - a) for a, b in zip(self.starts, self.ends, strict=True)]
-
-    def overlaps(self, a: int, b: int) -> bool:
-        i = bisect.bisect_right(self.ends, a)
-        return i < len(self.starts) and self.starts[i] < b

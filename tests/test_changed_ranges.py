@@ -17,7 +17,10 @@ import pytest
 
 from diskrsync.base.errors import PeerError
 from diskrsync.cli.main import main
+from diskrsync.compression.crypto import MasterKey
 from diskrsync.compression.image import Image
+from diskrsync.compression.objstore import DirStore
+from diskrsync.compression.repository import Repository
 from diskrsync.compression.sources import RawSource, space_estimate
 from diskrsync.synccore import protocol as p
 from diskrsync.synccore.channel import FdStream, FramedChannel, channel_pair
@@ -25,6 +28,7 @@ from diskrsync.synccore.push import (
     PushRequest,
     local_push,
     open_store,
+    push_sealed,
     run_target_end,
     serve_target,
 )
@@ -413,3 +417,78 @@ def test_a_pull_reports_the_remote_sources_map_and_its_warnings(first):
     assert stats.map == "full" and "another map" in stats.map_fallback
     assert any(w.startswith("web1: full scan: test-map not used") for w in stats.warnings)
     assert "another map" in newest_meta(dst)["map_warnings"][0]
+
+
+# -- an encrypted repository: the client reads its source itself ---------------------------
+
+
+@pytest.mark.inproc
+def test_encrypted_repository_pushes_read_only_what_the_map_names(tmp_path) -> None:
+    """A push into an encrypted repository reads its source on this end (the sync
+    protocol's source cannot make its keyed ids) and plans that reading as the protocol's
+    scan does: with a map relative to the newest generation (recorded in its sealed
+    manifest) only the changed chunks are read; another map, a changed size or a first push
+    is a full read, said why. (It read the whole source every time.)"""
+    (tmp_path / "repo").mkdir()
+    key = MasterKey.generate()
+    repo = Repository.init(DirStore(str(tmp_path / "repo")), chunk_size=CS, key=key)
+    src = tmp_path / "src"
+    data = disk(3)
+    src.write_bytes(data)
+    req = PushRequest()
+
+    def sealed(reader: MapSource) -> PushStats:
+        try:
+            return push_sealed(reader, repo, "vm", req, None)
+        finally:
+            reader.close()
+
+    def stored() -> bytes:
+        snap = repo.snapshot("vm")
+        return snap.read(0, snap.size)
+
+    first = sealed(MapSource(str(src), [(0, 5)]))
+    assert first.map == "full" and "first push" in first.map_fallback
+    assert first.bytes_read == len(data)
+    changes = write_chunks(data, [3, 250, 599], seed=4)
+    src.write_bytes(data)
+    second = sealed(MapSource(str(src), changes))
+    assert second.map == "test-map" and second.map_fallback == ""
+    assert second.bytes_read == 3 * CS and second.generation == 2
+    assert stored() == bytes(data)
+    assert repo.manifest(repo.generations("vm")[-1]).meta["change_base"] == BASE
+    # a map relative to something else: everything is read, and the result is still right
+    write_chunks(data, [7], seed=5)
+    src.write_bytes(data)
+    other = sealed(MapSource(str(src), [], base={"map": "test-map", "bitmap": "b2"}))
+    assert other.bytes_read == len(data) and "another map" in other.map_fallback
+    assert any("full scan" in w for w in other.warnings)
+    assert stored() == bytes(data)
+    # the disk grew: its map cannot say what the new end holds
+    grown = data + bytearray(os.urandom(CS))
+    src.write_bytes(grown)
+    resized = sealed(MapSource(str(src), [], base={"map": "test-map", "bitmap": "b2"}))
+    assert resized.bytes_read == len(grown) and "size changed" in resized.map_fallback
+    assert stored() == bytes(grown)
+
+
+@pytest.mark.inproc
+def test_encrypted_repository_pushes_skip_the_holes_of_sparse_files(tmp_path) -> None:
+    (tmp_path / "repo").mkdir()
+    repo = Repository.init(DirStore(str(tmp_path / "repo")), chunk_size=CS,
+                           key=MasterKey.generate())
+    src = tmp_path / "sparse"
+    payload = os.urandom(3 * CS)
+    with open(src, "wb") as f:
+        f.truncate(64 * MiB)
+        f.seek(40 * MiB)
+        f.write(payload)
+    reader = MapSource(str(src), None, base=None)
+    try:
+        stats = push_sealed(reader, repo, "vm", PushRequest(), None)
+    finally:
+        reader.close()
+    assert stats.map == "sparse" and stats.bytes_read < 4 * MiB, stats.bytes_read
+    snap = repo.snapshot("vm")
+    assert snap.read(40 * MiB, len(payload)) == payload
+    assert snap.read(0, MiB) == bytes(MiB)
