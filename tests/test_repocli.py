@@ -404,6 +404,20 @@ def test_a_dry_run_into_a_repository_compares_and_writes_nothing(
     assert code == 0 and real["chunks_differing"] == 1 and real["generation"] == 2
 
 
+def _encrypted_repo(tmp_path: Path, a: Path, chunks: int,
+                    monkeypatch: pytest.MonkeyPatch) -> tuple[str, MasterKey, bytes]:
+    """repo:DIR of an encrypted repository (passphrase "a long passphrase") whose disk vm
+    holds ``a``, a disk of ``chunks`` chunks; no passphrase in the environment."""
+    data = disk(a, chunks)
+    (tmp_path / "repo").mkdir()
+    key = MasterKey.generate()
+    r = Repository.init(DirStore(str(tmp_path / "repo")), key=key,
+                        envelope=Envelope.wrap(key, b"a long passphrase", KdfParams(1024, 1, 1)))
+    write_disk(r, "vm", lambda o, n: data[o : o + n], len(data))
+    monkeypatch.delenv("DISKRSYNC_PASSPHRASE", raising=False)
+    return f"repo:{tmp_path / 'repo'}", key, data
+
+
 @pytest.mark.inproc
 def test_an_encrypted_repository_key_is_shown_and_exported(
         tmp_path: Path, capsys: pytest.CaptureFixture[str],
@@ -412,14 +426,7 @@ def test_an_encrypted_repository_key_is_shown_and_exported(
     passphrase was its only copy outside the store); the export is checked first and
     opens the repository in place of its own copy."""
     a = tmp_path / "a.raw"
-    data = disk(a, 4)
-    (tmp_path / "repo").mkdir()
-    key = MasterKey.generate()
-    r = Repository.init(DirStore(str(tmp_path / "repo")), key=key,
-                        envelope=Envelope.wrap(key, b"a long passphrase", KdfParams(1024, 1, 1)))
-    write_disk(r, "vm", lambda o, n: data[o : o + n], len(data))
-    repo = f"repo:{tmp_path / 'repo'}"
-    monkeypatch.delenv("DISKRSYNC_PASSPHRASE", raising=False)
+    repo, key, data = _encrypted_repo(tmp_path, a, 4, monkeypatch)
     code, shown = run(capsys, "key", "show", repo)
     doc = json.loads(shown)
     assert code == 0 and doc["key_id"] == key.key_id.hex() and doc["key_in_repository"]
@@ -450,14 +457,7 @@ def test_an_encrypted_repository_is_read_with_the_key_options(
         tmp_path: Path, capsys: pytest.CaptureFixture[str],
         monkeypatch: pytest.MonkeyPatch) -> None:
     a = tmp_path / "a.raw"
-    data = disk(a, 8)
-    (tmp_path / "repo").mkdir()
-    key = MasterKey.generate()
-    r = Repository.init(DirStore(str(tmp_path / "repo")), key=key,
-                        envelope=Envelope.wrap(key, b"a long passphrase", KdfParams(1024, 1, 1)))
-    write_disk(r, "vm", lambda o, n: data[o : o + n], len(data))
-    repo = f"repo:{tmp_path / 'repo'}"
-    monkeypatch.delenv("DISKRSYNC_PASSPHRASE", raising=False)
+    repo, _key, data = _encrypted_repo(tmp_path, a, 8, monkeypatch)
     pw = tmp_path / "pw"
     pw.write_text("a long passphrase\n")
     out = tmp_path / "out.raw"
