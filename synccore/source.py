@@ -928,15 +928,12 @@ class ScanPlan:
     warnings: list[str]
 
 
-def plan_scan(reader: SourceReader, target_info: dict[str, Any], *,
-              skip_free_blocks: bool = False,
-              read_metadata: Callable[[int, int], bytes] | None = None) -> ScanPlan:
-    """What a push reads: the reader's extents (bytes outside them are zeros), less free
-    blocks with ``skip_free_blocks`` (their maps read through ``read_metadata``), and only
-    the chunks its map of changed ranges says may differ from the target's newest
-    generation, when ``target_info`` (the target's Hello) shows that generation is the one
-    the map is relative to. The sync protocol's scan and a push into an encrypted
-    repository (which reads its source directly) plan alike."""
+def plan_reads(reader: SourceReader, *, skip_free_blocks: bool = False,
+               read_metadata: Callable[[int, int], bytes] | None = None,
+               ) -> tuple[Ranges, list[str], list[str]]:
+    """What may hold data (the reader's extents, less free blocks with ``skip_free_blocks``,
+    their maps read through ``read_metadata``), the names of what narrowed it, and
+    warnings: the part of a scan's plan that does not depend on the target."""
     size = reader.size
     data = Ranges(reader.extents(), size)
     names = [reader.extents_map] if data.total < size else []
@@ -947,6 +944,24 @@ def plan_scan(reader: SourceReader, target_info: dict[str, Any], *,
         if free.free:
             data = Ranges(subtract_ranges(data.ranges(), free.free), size)
             names.append("free-blocks")
+    return data, names, warnings
+
+
+def plan_scan(reader: SourceReader, target_info: dict[str, Any], *,
+              skip_free_blocks: bool = False,
+              read_metadata: Callable[[int, int], bytes] | None = None,
+              reads: tuple[Ranges, list[str], list[str]] | None = None) -> ScanPlan:
+    """What a push reads: the reader's extents (bytes outside them are zeros), less free
+    blocks with ``skip_free_blocks`` (their maps read through ``read_metadata``), and only
+    the chunks its map of changed ranges says may differ from the target's newest
+    generation, when ``target_info`` (the target's Hello) shows that generation is the one
+    the map is relative to (``reads``: ``plan_reads``'s answer, when already known). The
+    sync protocol's scan and a push into an encrypted repository (which reads its source
+    directly) plan alike."""
+    data, names, warnings = reads or plan_reads(reader, skip_free_blocks=skip_free_blocks,
+                                                read_metadata=read_metadata)
+    names, warnings = list(names), list(warnings)
+    size = reader.size
     raw_base = reader.change_base()
     # compared and recorded as JSON, the form the target's metadata gives back
     base = json.loads(json.dumps(raw_base)) if raw_base is not None else None
