@@ -179,7 +179,7 @@ def push_sealed(reader: SourceReader, repo: Repository, disk: str, req: PushRequ
         plan = replace(plan, changed=None, map_fallback=why,
                        warnings=[*plan.warnings, f"full scan: changed ranges not used because "
                                                  f"{why}"])
-    chunk_plan = ChunkPlan(plan.data, plan.changed)
+    chunk_plan = ChunkPlan(plan.data, plan.changed, before.root if before else None)
     meta = {"map": plan.map, "map_fallback": plan.map_fallback,
             "change_base": plan.change_base}
     m, counts = write_disk(repo, disk, reader.read, reader.size, source=label,
