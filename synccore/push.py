@@ -177,9 +177,11 @@ def push_sealed(reader: SourceReader, repo: Repository, disk: str, req: PushRequ
     plan = plan_scan(reader, newest, skip_free_blocks=req.source.skip_free_blocks)
     if plan.changed is not None and before is not None and before.size != reader.size:
         why = f"the disk's size changed ({before.size} to {reader.size} bytes)"
-        plan = replace(plan, changed=None, map_fallback=why,
-                       warnings=[*plan.warnings, f"full scan: changed ranges not used because "
-                                                 f"{why}"])
+        # the map's name leads plan.map ("dirty-bitmap+allocation"): the rest narrowed it
+        name = str((plan.change_base or {}).get("map", "changed ranges"))
+        plan = replace(plan, changed=None, map=plan.map[len(name) + 1:] or "full",
+                       map_fallback=why,
+                       warnings=[*plan.warnings, f"full scan: {name} not used because {why}"])
     chunk_plan = ChunkPlan(plan.data, plan.changed, before.root if before else None)
     meta = {"map": plan.map, "map_fallback": plan.map_fallback,
             "change_base": plan.change_base}

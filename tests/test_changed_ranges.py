@@ -540,3 +540,29 @@ def test_an_encrypted_repository_push_keeps_no_chunk_of_a_generation_it_did_not_
     assert "not pushed with this map" in stats.map_fallback
     snap = repo.snapshot("vm")
     assert snap.read(0, snap.size) == bytes(data)
+
+
+@pytest.mark.inproc
+def test_an_encrypted_repository_push_whose_disk_resized_says_its_map_was_not_used(
+        tmp_path) -> None:
+    """A map refused because the disk's size changed is not named as what narrowed the
+    reading, in the push's report nor in the generation's record. (Both said "test-map"
+    for a full read.)"""
+    (tmp_path / "repo").mkdir()
+    repo = Repository.init(DirStore(str(tmp_path / "repo")), chunk_size=CS,
+                           key=MasterKey.generate())
+    src = tmp_path / "src"
+    data = disk(11, 40)
+    for tail in (b"", os.urandom(CS + 1)):  # then the disk grows by a chunk and a byte
+        src.write_bytes(bytes(data) + tail)
+        reader = MapSource(str(src), [(0, 1)])
+        try:
+            stats = push_sealed(reader, repo, "vm", PushRequest(), None)
+        finally:
+            reader.close()
+    assert "size changed" in stats.map_fallback and stats.map == "full", stats.map
+    assert any(w.startswith("full scan: test-map not used") for w in stats.warnings)
+    newest = repo.manifest(repo.generations("vm")[-1])
+    assert newest.meta["map"] == "full" and newest.size == len(data) + CS + 1
+    snap = repo.snapshot("vm")
+    assert snap.read(0, snap.size) == src.read_bytes()
