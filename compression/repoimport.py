@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from diskrsync.base.errors import BusyError
 from diskrsync.base.merkle import Shape
 from diskrsync.base.parallel import ordered_map
 from diskrsync.base.ranges import Ranges
@@ -22,10 +23,12 @@ class ChunkPlan:
     """Which chunks a one-pass write reads. ``data``: byte ranges that may hold non-zero
     bytes (a sparse file's extents): a chunk outside them is zeros, never read. ``changed``
     (a map of changed ranges relative to the base generation, or None): a chunk outside it
-    keeps the base's content id, never read. Counts the bytes it reads."""
+    keeps the base's content id, never read; ``base_root``: the root of the generation that
+    map is relative to (the writer's base must still be it). Counts the bytes it reads."""
 
-    def __init__(self, data: Ranges, changed: Ranges | None = None) -> None:
-        self.data, self.changed = data, changed
+    def __init__(self, data: Ranges, changed: Ranges | None = None,
+                 base_root: bytes | None = None) -> None:
+        self.data, self.changed, self.base_root = data, changed, base_root
         self.bytes_read = 0
         self._lock = threading.Lock()
 
@@ -77,14 +80,20 @@ def write_disk(repo: Repository, disk: str, read: Callable[[int, int], bytes], s
     """Store ``size`` bytes that ``read(offset, length)`` returns (thread-safe) as a new
     generation of ``disk``; with ``incremental``, chunks whose content id equals the newest
     generation's at the same place are not even encoded. ``plan``: read only the chunks it
-    names (its ``changed`` map needs ``incremental`` and a newest generation of ``size``
-    bytes, else it is a ValueError). Returns the manifest and counts."""
+    names (its ``changed`` map needs ``incremental`` and, under the writer's lock, a newest
+    generation whose root is the plan's ``base_root``: else a BusyError, nothing written).
+    Returns the manifest and counts."""
     codec = repo.codec
     with repo.writer(disk) as w:
         base = repo.snapshot(disk) if incremental and repo.generations(disk) else None
         if plan is not None and plan.changed is not None and (
-                base is None or base.shape.size != size):
-            raise ValueError("a map of changed ranges needs a base generation of the same size")
+                base is None or base.shape.size != size
+                or base.manifest.root != plan.base_root):
+            # planned against another generation (another push committed before this one
+            # took the lock): the chunks it would keep are not this source's
+            raise BusyError(f"disk {disk}'s newest generation changed while this push planned "
+                            f"its reads (another push committed meanwhile): nothing was "
+                            f"written; run it again")
         w.begin(size, base)
         shape = w.shape
         assert shape is not None

@@ -140,15 +140,16 @@ def repository_target(dst: str, req: PushRequest) -> tuple[Repository, str] | No
     if req.source.encrypt:
         raise UsageError("--dry-run with --encrypt: a new repository has nothing to compare "
                          "with (every chunk would be sent)")
-    if open_object_store(into, req.s3).head("config") is None:
+    store = open_object_store(into, req.s3)
+    if store.head("config") is None:
         raise UsageError(f"{into.store} holds no repository yet: a dry run has nothing to "
                          f"compare with (the first push creates it and sends every chunk)")
-    repo = open_repository(into, keyring=req.source.keyring, s3=req.s3)
-    if repo.config.encryption is not None:
+    # from the config alone: no passphrase is asked for only to refuse
+    if Repository.read_config(store).encryption is not None:
         raise UsageError(f"{into.store} is encrypted: a dry run into an encrypted repository "
-                         f"is not supported (its push reads the whole source and uploads "
+                         f"is not supported (its push seals the chunks on this end and uploads "
                          f"only the chunks it lacks)")
-    return repo, disk
+    return open_repository(into, keyring=req.source.keyring, s3=req.s3), disk
 
 
 def push_sealed(reader: SourceReader, repo: Repository, disk: str, req: PushRequest,
@@ -176,10 +177,12 @@ def push_sealed(reader: SourceReader, repo: Repository, disk: str, req: PushRequ
     plan = plan_scan(reader, newest, skip_free_blocks=req.source.skip_free_blocks)
     if plan.changed is not None and before is not None and before.size != reader.size:
         why = f"the disk's size changed ({before.size} to {reader.size} bytes)"
-        plan = replace(plan, changed=None, map_fallback=why,
-                       warnings=[*plan.warnings, f"full scan: changed ranges not used because "
-                                                 f"{why}"])
-    chunk_plan = ChunkPlan(plan.data, plan.changed)
+        # the map's name leads plan.map ("dirty-bitmap+allocation"): the rest narrowed it
+        name = str((plan.change_base or {}).get("map", "changed ranges"))
+        plan = replace(plan, changed=None, map=plan.map[len(name) + 1:] or "full",
+                       map_fallback=why,
+                       warnings=[*plan.warnings, f"full scan: {name} not used because {why}"])
+    chunk_plan = ChunkPlan(plan.data, plan.changed, before.root if before else None)
     meta = {"map": plan.map, "map_fallback": plan.map_fallback,
             "change_base": plan.change_base}
     m, counts = write_disk(repo, disk, reader.read, reader.size, source=label,

@@ -15,11 +15,12 @@ from typing import Any
 
 import pytest
 
-from diskrsync.base.errors import PeerError
+from diskrsync.base.errors import BusyError, PeerError
 from diskrsync.cli.main import main
 from diskrsync.compression.crypto import MasterKey
 from diskrsync.compression.image import Image
 from diskrsync.compression.objstore import DirStore
+from diskrsync.compression.repoimport import write_disk
 from diskrsync.compression.repository import Repository
 from diskrsync.compression.sources import RawSource, space_estimate
 from diskrsync.synccore import protocol as p
@@ -492,3 +493,76 @@ def test_encrypted_repository_pushes_skip_the_holes_of_sparse_files(tmp_path) ->
     snap = repo.snapshot("vm")
     assert snap.read(40 * MiB, len(payload)) == payload
     assert snap.read(0, MiB) == bytes(MiB)
+
+
+@pytest.mark.inproc
+def test_an_encrypted_repository_push_keeps_no_chunk_of_a_generation_it_did_not_plan_with(
+        tmp_path) -> None:
+    """The push plans its reads against the newest generation it saw, then takes the
+    writer's lock: a generation another client commits in between is not what the map is
+    relative to, so keeping its chunks would mix two disks. The push stops, writing
+    nothing, and the next one is right. (It committed the other client's chunks as this
+    disk's unchanged ones.)"""
+    (tmp_path / "repo").mkdir()
+    repo = Repository.init(DirStore(str(tmp_path / "repo")), chunk_size=CS,
+                           key=MasterKey.generate())
+    src = tmp_path / "src"
+    data = disk(8, 64)
+    src.write_bytes(data)
+    reader = MapSource(str(src), None)
+    try:
+        push_sealed(reader, repo, "vm", PushRequest(), None)
+    finally:
+        reader.close()
+    other = bytes(disk(9, 64))
+    changes = write_chunks(data, [3], seed=10)
+    src.write_bytes(data)
+
+    class Raced(MapSource):
+        def changed_ranges(self) -> list[tuple[int, int]] | None:
+            # another client's push of this disk commits while this one plans
+            write_disk(repo, "vm", lambda o, n: other[o : o + n], len(other))
+            return super().changed_ranges()
+
+    raced = Raced(str(src), changes)
+    try:
+        with pytest.raises(BusyError, match="another push"):
+            push_sealed(raced, repo, "vm", PushRequest(), None)
+    finally:
+        raced.close()
+    snap = repo.snapshot("vm")
+    assert repo.generations("vm")[-1].number == 2 and snap.read(0, snap.size) == other
+    again = MapSource(str(src), changes)
+    try:
+        stats = push_sealed(again, repo, "vm", PushRequest(), None)
+    finally:
+        again.close()
+    assert "not pushed with this map" in stats.map_fallback
+    snap = repo.snapshot("vm")
+    assert snap.read(0, snap.size) == bytes(data)
+
+
+@pytest.mark.inproc
+def test_an_encrypted_repository_push_whose_disk_resized_says_its_map_was_not_used(
+        tmp_path) -> None:
+    """A map refused because the disk's size changed is not named as what narrowed the
+    reading, in the push's report nor in the generation's record. (Both said "test-map"
+    for a full read.)"""
+    (tmp_path / "repo").mkdir()
+    repo = Repository.init(DirStore(str(tmp_path / "repo")), chunk_size=CS,
+                           key=MasterKey.generate())
+    src = tmp_path / "src"
+    data = disk(11, 40)
+    for tail in (b"", os.urandom(CS + 1)):  # then the disk grows by a chunk and a byte
+        src.write_bytes(bytes(data) + tail)
+        reader = MapSource(str(src), [(0, 1)])
+        try:
+            stats = push_sealed(reader, repo, "vm", PushRequest(), None)
+        finally:
+            reader.close()
+    assert "size changed" in stats.map_fallback and stats.map == "full", stats.map
+    assert any(w.startswith("full scan: test-map not used") for w in stats.warnings)
+    newest = repo.manifest(repo.generations("vm")[-1])
+    assert newest.meta["map"] == "full" and newest.size == len(data) + CS + 1
+    snap = repo.snapshot("vm")
+    assert snap.read(0, snap.size) == src.read_bytes()

@@ -193,7 +193,7 @@ def test_seen_generations_catch_a_rollback_and_a_fork(tmp_path: Path) -> None:
     seen.check(kid, "host:/srv/copy.spgz", (1, r5), {1: r5}, "img")  # another place
 
 
-@pytest.mark.inproc
+@pytest.mark.process
 def test_seen_state_written_by_many_processes_at_once_keeps_every_entry(
         tmp_path: Path) -> None:
     """Pushes to different places running at once each add their place to the one file of

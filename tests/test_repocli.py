@@ -453,6 +453,23 @@ def test_an_encrypted_repository_key_is_shown_and_exported(
 
 
 @pytest.mark.inproc
+def test_a_dry_run_into_an_encrypted_repository_is_refused_before_its_passphrase(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The refusal is what the config says: no passphrase is asked for (or demanded, without
+    a terminal) only to be told a dry run is not supported. (Without a passphrase source
+    it failed on the passphrase instead.)"""
+    a = tmp_path / "a.raw"
+    repo, _key, _data = _encrypted_repo(tmp_path, a, 2, monkeypatch)
+    before = _tree(tmp_path / "repo")
+    capsys.readouterr()
+    assert main(["push", "--dry-run", str(a), f"{repo}#vm"]) == 2
+    err = capsys.readouterr().err
+    assert "dry run into an encrypted repository is not supported" in err, err
+    assert _tree(tmp_path / "repo") == before
+
+
+@pytest.mark.inproc
 def test_an_encrypted_repository_is_read_with_the_key_options(
         tmp_path: Path, capsys: pytest.CaptureFixture[str],
         monkeypatch: pytest.MonkeyPatch) -> None:
