@@ -14,7 +14,7 @@ from support.fakeimage import FakeImage
 
 from diskrsync.base.errors import CorruptChunkError
 from diskrsync.fsmount.cache import ChunkCache
-from diskrsync.fsmount.reader import SPAN_BYTES, ChunkReader, SpanBuffer
+from diskrsync.fsmount.reader import LONG_SPAN_BYTES, SPAN_BYTES, ChunkReader, SpanBuffer
 from diskrsync.fsmount.vfs import (
     ROOT_INODE,
     Changes,
@@ -428,6 +428,36 @@ def test_sequential_requests_are_views_of_read_ahead_spans() -> None:
         assert isinstance(data, memoryview) and isinstance(data.obj, SpanBuffer), index
     assert isinstance(got[2], memoryview)  # zeros: of the span, or of the shared block
     assert image.chunk_reads - before == NONZERO_SPAN_CHUNKS  # each once
+
+
+@pytest.mark.process
+def test_a_streaming_reader_gets_long_spans() -> None:
+    """After eight sequential requests read-ahead decodes LONG_SPAN_BYTES per worker call (one
+    thread hand-off per 4 MiB); requests stay views, each chunk is decoded once."""
+    disk = random.Random(6).randbytes(16 * SPAN_BYTES)
+    image = FakeImage(CHUNK)
+    image.add_generation(disk, commit_time=T0)
+    vfs = MountVFS(uid=0, gid=0)
+    sync(vfs, image)
+    before = image.chunk_reads
+    reader = ChunkReader(ChunkCache(32 << 20))
+    got: list[bytes | memoryview] = []
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            reader.start_readahead(nursery)
+            handle = vfs.open(vfs.resolve("/disk.raw").inode)
+            for off in range(0, len(disk), SPAN_BYTES):
+                got.append(await reader.read(handle, off, SPAN_BYTES))
+            vfs.release(handle.fh)
+
+    trio.run(main)
+    assert b"".join(got) == disk
+    spans = [g.obj for g in got[1:] if isinstance(g, memoryview)]
+    assert len(spans) == len(got) - 1 and all(isinstance(b, SpanBuffer) for b in spans)
+    lengths = [len(b) for b in spans]  # type: ignore[arg-type]
+    assert lengths[:3] == [SPAN_BYTES] * 3 and lengths[-1] == LONG_SPAN_BYTES
+    assert image.chunk_reads - before == len(disk) // CHUNK
 
 
 @pytest.mark.process
