@@ -194,7 +194,8 @@ class ChunkReader:
         self, view: GenerationView, ranges: list[tuple[int, int, int]],
         chunks: list[memoryview | None], missing: list[int],
     ) -> None:
-        """Fill ``chunks[pos]`` for each ``pos`` in ``missing`` (decoded, never zero chunks)."""
+        """Fill ``chunks[pos]`` for each ``pos`` in ``missing``: chunks being decoded by
+        read-ahead (zero chunks among them) from their span, the others fetched."""
         number = view.number
         # Chunks that a read-ahead span is decoding: wait once per span, not once per chunk.
         flights = {
@@ -299,7 +300,7 @@ class ChunkReader:
         number = view.number
         lo = begin - begin % span
         while lo < stop:
-            hi = min(lo + (long_span if lo % long_span == 0 else span), chunks)
+            hi = min(lo + (long_span if lo % long_span == 0 else span), end_of_file, chunks)
             handle.readahead_until = hi
             start, lo = lo, hi
             # Chunks cached or being fetched are left out (their own views serve them).

@@ -461,6 +461,39 @@ def test_a_streaming_reader_gets_long_spans() -> None:
 
 
 @pytest.mark.process
+def test_read_ahead_stops_at_the_end_of_a_partition(disk: bytes) -> None:
+    """Spans are cut at the end of the file read: reading a partition to its end decodes no
+    chunk after it."""
+    _, vfs = make(disk)
+    node = vfs.resolve("/partitions/p2")  # ends inside a 1 MiB span, data after it
+    assert isinstance(node, FileNode) and node.view is not None
+    last = (node.start + node.size - 1) // CHUNK
+    decoded: list[int] = []
+    snapshot = node.view.snapshot
+    read_chunk = snapshot.read_chunk
+
+    def recording(index: int) -> bytes:
+        decoded.append(index)
+        return read_chunk(index)
+
+    snapshot.read_chunk = recording
+    reader = ChunkReader(ChunkCache(32 << 20))
+    out = bytearray()
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            reader.start_readahead(nursery)
+            handle = vfs.open(node.inode)
+            for off in range(0, node.size, 64 * 1024):
+                out.extend(await reader.read(handle, off, 64 * 1024))
+            vfs.release(handle.fh)
+
+    trio.run(main)
+    assert bytes(out) == disk[node.start : node.start + node.size]
+    assert decoded and max(decoded) == last and len(decoded) == len(set(decoded))
+
+
+@pytest.mark.process
 def test_span_claimed_after_a_chunk_was_cached_serves_only_what_it_decoded() -> None:
     """A span whose first chunk a random read decoded before leaves that chunk out (decoded
     once) and is not complete: requests over both are joined, byte for byte right."""
