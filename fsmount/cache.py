@@ -2,6 +2,9 @@
 
 Keys are ``(generation, chunk index)``: a pinned generation never changes, so an entry never goes
 stale; entries of a generation that leaves the mount are dropped with ``discard_generation``.
+Values are read-only views: of a chunk decoded alone, or of its place in a read-ahead span's
+buffer (which lives as long as any of its chunks is cached; its chunks are stored, and so
+evicted, together).
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ class ChunkCache:
         if max_bytes < 0:
             raise ValueError("cache size must not be negative")
         self._max = max_bytes
-        self._items: OrderedDict[ChunkKey, bytes] = OrderedDict()
+        self._items: OrderedDict[ChunkKey, memoryview] = OrderedDict()
         self._nbytes = 0
         self._lock = threading.Lock()
         self._hits = 0
@@ -57,7 +60,7 @@ class ChunkCache:
         with self._lock:
             return key in self._items
 
-    def get(self, key: ChunkKey) -> bytes | None:
+    def get(self, key: ChunkKey) -> memoryview | None:
         with self._lock:
             data = self._items.get(key)
             if data is None:
@@ -67,19 +70,20 @@ class ChunkCache:
             self._hits += 1
             return data
 
-    def put(self, key: ChunkKey, data: bytes) -> None:
-        size = len(data)
+    def put(self, key: ChunkKey, data: bytes | memoryview) -> None:
+        data = memoryview(data)
+        size = data.nbytes
         with self._lock:
             old = self._items.pop(key, None)
             if old is not None:
-                self._nbytes -= len(old)
+                self._nbytes -= old.nbytes
             if size > self._max:
                 return
             self._items[key] = data
             self._nbytes += size
             while self._nbytes > self._max:
                 _, evicted = self._items.popitem(last=False)
-                self._nbytes -= len(evicted)
+                self._nbytes -= evicted.nbytes
                 self._evictions += 1
 
     def discard_generation(self, generation: int) -> int:
@@ -87,7 +91,7 @@ class ChunkCache:
         with self._lock:
             keys = [k for k in self._items if k[0] == generation]
             for key in keys:
-                self._nbytes -= len(self._items.pop(key))
+                self._nbytes -= self._items.pop(key).nbytes
             return len(keys)
 
     def clear(self) -> None:

@@ -217,7 +217,11 @@ class DiskOperations(pyfuse3.Operations):
         # A pinned generation never changes: the kernel may keep its pages across opens.
         return pyfuse3.FileInfo(fh=handle.fh, keep_cache=True, direct_io=False)
 
-    async def read(self, fh: int, off: int, size: int) -> bytes:
+    # pyfuse3 replies with any buffer (PyObject_GetBuffer), though its stub says bytes: a view
+    # of a cached span saves a copy of every sequential request.
+    async def read(  # type: ignore[override]
+        self, fh: int, off: int, size: int
+    ) -> bytes | memoryview:
         with self._errors("read"):
             handle = self.vfs.handle(fh)
         with self._errors(f"read {handle.node.path} (generation {handle.view.number})"):

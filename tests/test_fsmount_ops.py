@@ -5,6 +5,8 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import subprocess
+import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -215,3 +217,19 @@ def test_refresh_adds_and_removes_generations(disk: bytes) -> None:
         assert image.pins(2) == 0
 
     run(image, body)
+
+
+def test_the_mount_process_allocates_from_one_malloc_arena() -> None:
+    """``serve`` asks glibc for one arena: span buffers freed on the loop's thread are then
+    reused by the read-ahead threads instead of piling up in their own arenas (the mount's peak
+    memory was 1.3-2x its cache). In a child process, so this one's allocator is untouched."""
+    code = (
+        "import ctypes\n"
+        "from diskrsync.fsmount.mount import M_ARENA_MAX, one_malloc_arena\n"
+        "print(one_malloc_arena(), ctypes.CDLL(None).mallopt(M_ARENA_MAX, 1))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True,
+        env=dict(os.environ, PYTHONSAFEPATH="1"),
+    ).stdout
+    assert out.split() == ["True", "1"]

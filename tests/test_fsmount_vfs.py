@@ -14,7 +14,7 @@ from support.fakeimage import FakeImage
 
 from diskrsync.base.errors import CorruptChunkError
 from diskrsync.fsmount.cache import ChunkCache
-from diskrsync.fsmount.reader import ChunkReader
+from diskrsync.fsmount.reader import LONG_SPAN_BYTES, SPAN_BYTES, ChunkReader, SpanBuffer
 from diskrsync.fsmount.vfs import (
     ROOT_INODE,
     Changes,
@@ -296,7 +296,9 @@ def test_unused_loaded_views_are_closed(disk: bytes) -> None:
 # --- reads -------------------------------------------------------------------------------------
 
 
-async def _read(reader: ChunkReader, vfs: MountVFS, path: str, off: int, size: int) -> bytes:
+async def _read(
+    reader: ChunkReader, vfs: MountVFS, path: str, off: int, size: int
+) -> bytes | memoryview:
     handle = vfs.open(vfs.resolve(path).inode)
     try:
         return await reader.read(handle, off, size)
@@ -345,7 +347,7 @@ def test_concurrent_misses_of_one_chunk_fetch_once(disk: bytes) -> None:
 
     async def main() -> None:
         async def one(off: int) -> None:
-            results.append(await _read(reader, vfs, "/partitions/p1", off, 4096))
+            results.append(bytes(await _read(reader, vfs, "/partitions/p1", off, 4096)))
 
         async with trio.open_nursery() as nursery:
             for i in range(10):
@@ -377,6 +379,148 @@ def test_sequential_reader_gets_read_ahead(disk: bytes) -> None:
     assert reader.stats.readahead_started >= 10
     assert image.chunk_reads - before == 16  # each chunk once, mostly by read-ahead
     assert reader.cache.stats().hits >= 16
+
+
+NONZERO_SPAN_CHUNKS = 4 * SPAN_BYTES // CHUNK - 1
+
+
+def _span_disk() -> bytes:
+    """Five read-ahead spans: data, data, zeros, data with one zero chunk, data."""
+    rng = random.Random(5)
+    spans = [rng.randbytes(SPAN_BYTES) for _ in range(5)]
+    spans[2] = bytes(SPAN_BYTES)
+    spans[3] = spans[3][:CHUNK] + bytes(CHUNK) + spans[3][2 * CHUNK :]
+    return b"".join(spans)
+
+
+@pytest.mark.process
+def test_sequential_requests_are_views_of_read_ahead_spans() -> None:
+    """Read-ahead decodes a span of chunks into one buffer, and a request inside it is answered
+    with a view of that buffer: no copy on the loop (a join of the request's chunks cost a
+    1 MiB copy per request, issue 16). Zeros are a view of one shared block."""
+    disk = _span_disk()
+    image = FakeImage(CHUNK)
+    image.add_generation(disk, commit_time=T0)
+    vfs = MountVFS(uid=0, gid=0)
+    sync(vfs, image)
+    before = image.chunk_reads  # the partition table was looked for
+    reader = ChunkReader(ChunkCache(16 << 20))
+    got: list[bytes | memoryview] = []
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            reader.start_readahead(nursery)
+            handle = vfs.open(vfs.resolve("/disk.raw").inode)
+            for off in range(0, len(disk), SPAN_BYTES):
+                got.append(await reader.read(handle, off, SPAN_BYTES))
+            # again, from the cache: the second half of span 3 and the start of span 4
+            got.append(await reader.read(handle, 3 * SPAN_BYTES + 4 * CHUNK, 4 * CHUNK))
+            got.append(await reader.read(handle, 4 * SPAN_BYTES + CHUNK + 5, 3 * CHUNK))
+            vfs.release(handle.fh)
+
+    trio.run(main)
+    assert b"".join(got[:5]) == disk
+    assert got[5] == disk[3 * SPAN_BYTES + 4 * CHUNK :][: 4 * CHUNK]
+    assert got[6] == disk[4 * SPAN_BYTES + CHUNK + 5 :][: 3 * CHUNK]
+    # the first request had no read-ahead yet; every later one is a view of a span buffer
+    for index in (1, 3, 4, 5, 6):
+        data = got[index]
+        assert isinstance(data, memoryview) and isinstance(data.obj, SpanBuffer), index
+    assert isinstance(got[2], memoryview)  # zeros: of the span, or of the shared block
+    assert image.chunk_reads - before == NONZERO_SPAN_CHUNKS  # each once
+
+
+@pytest.mark.process
+def test_a_streaming_reader_gets_long_spans() -> None:
+    """After eight sequential requests read-ahead decodes LONG_SPAN_BYTES per worker call (one
+    thread hand-off per 4 MiB); requests stay views, each chunk is decoded once."""
+    disk = random.Random(6).randbytes(16 * SPAN_BYTES)
+    image = FakeImage(CHUNK)
+    image.add_generation(disk, commit_time=T0)
+    vfs = MountVFS(uid=0, gid=0)
+    sync(vfs, image)
+    before = image.chunk_reads
+    reader = ChunkReader(ChunkCache(32 << 20))
+    got: list[bytes | memoryview] = []
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            reader.start_readahead(nursery)
+            handle = vfs.open(vfs.resolve("/disk.raw").inode)
+            for off in range(0, len(disk), SPAN_BYTES):
+                got.append(await reader.read(handle, off, SPAN_BYTES))
+            vfs.release(handle.fh)
+
+    trio.run(main)
+    assert b"".join(got) == disk
+    spans = [g.obj for g in got[1:] if isinstance(g, memoryview)]
+    assert len(spans) == len(got) - 1 and all(isinstance(b, SpanBuffer) for b in spans)
+    lengths = [len(b) for b in spans]  # type: ignore[arg-type]
+    assert lengths[:3] == [SPAN_BYTES] * 3 and lengths[-1] == LONG_SPAN_BYTES
+    assert image.chunk_reads - before == len(disk) // CHUNK
+
+
+@pytest.mark.process
+def test_read_ahead_stops_at_the_end_of_a_partition(disk: bytes) -> None:
+    """Spans are cut at the end of the file read: reading a partition to its end decodes no
+    chunk after it."""
+    _, vfs = make(disk)
+    node = vfs.resolve("/partitions/p2")  # ends inside a 1 MiB span, data after it
+    assert isinstance(node, FileNode) and node.view is not None
+    last = (node.start + node.size - 1) // CHUNK
+    decoded: list[int] = []
+    snapshot = node.view.snapshot
+    read_chunk = snapshot.read_chunk
+
+    def recording(index: int) -> bytes:
+        decoded.append(index)
+        return read_chunk(index)
+
+    snapshot.read_chunk = recording
+    reader = ChunkReader(ChunkCache(32 << 20))
+    out = bytearray()
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            reader.start_readahead(nursery)
+            handle = vfs.open(node.inode)
+            for off in range(0, node.size, 64 * 1024):
+                out.extend(await reader.read(handle, off, 64 * 1024))
+            vfs.release(handle.fh)
+
+    trio.run(main)
+    assert bytes(out) == disk[node.start : node.start + node.size]
+    assert decoded and max(decoded) == last and len(decoded) == len(set(decoded))
+
+
+@pytest.mark.process
+def test_span_claimed_after_a_chunk_was_cached_serves_only_what_it_decoded() -> None:
+    """A span whose first chunk a random read decoded before leaves that chunk out (decoded
+    once) and is not complete: requests over both are joined, byte for byte right."""
+    disk = _span_disk()
+    image = FakeImage(CHUNK)
+    image.add_generation(disk, commit_time=T0)
+    vfs = MountVFS(uid=0, gid=0)
+    sync(vfs, image)
+    before = image.chunk_reads  # the partition table was looked for
+    reader = ChunkReader(ChunkCache(16 << 20))
+    got: list[bytes | memoryview] = []
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            reader.start_readahead(nursery)
+            handle = vfs.open(vfs.resolve("/disk.raw").inode)
+            base = SPAN_BYTES
+            for off in range(base, base + SPAN_BYTES, 32 * 1024):  # 32 KiB requests
+                got.append(await reader.read(handle, off, 32 * 1024))
+            got.append(await reader.read(handle, base, SPAN_BYTES))
+            vfs.release(handle.fh)
+
+    trio.run(main)
+    assert b"".join(bytes(g) for g in got[:-1]) == disk[SPAN_BYTES : 2 * SPAN_BYTES]
+    assert got[-1] == disk[SPAN_BYTES : 2 * SPAN_BYTES] and isinstance(got[-1], bytes)
+    # read-ahead went on to the end; the first chunk was not decoded again
+    assert image.chunk_reads - before == NONZERO_SPAN_CHUNKS - SPAN_BYTES // CHUNK
 
 
 @pytest.mark.process

@@ -8,6 +8,7 @@ generations (``--keep 1``) while a partition of the old one is loop-mounted and 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import os
@@ -27,7 +28,7 @@ from support.paths import VECTORS
 
 from diskrsync.compression.codec import Kind
 from diskrsync.compression.image import Image
-from diskrsync.fsmount.mount import is_stale_mount
+from diskrsync.fsmount.mount import READ_AHEAD_KB, is_stale_mount
 from diskrsync.fsmount.vfs import generation_dir_name
 
 pytestmark = [pytest.mark.process, pytest.mark.fuse, pytest.mark.root, pytest.mark.slow]
@@ -504,6 +505,44 @@ def test_signals_unmount_a_foreground_mount(
     assert proc.wait(10) == 0, log.read_text()
     assert not os.path.ismount(mp) and not is_stale_mount(str(mp))
     assert f"{signal.Signals(signum).name}: unmounting" in log.read_text()
+
+
+def _read_ahead_kb() -> dict[str, str]:
+    """read_ahead_kb of every backing device (bdi) on the machine."""
+    out = {}
+    for bdi in os.listdir("/sys/class/bdi"):
+        with contextlib.suppress(OSError):  # a bdi that went away while listing
+            out[bdi] = Path(f"/sys/class/bdi/{bdi}/read_ahead_kb").read_text().strip()
+    return out
+
+
+def test_mount_raises_read_ahead_of_its_own_bdi_only(
+    tmp_path: Path, disks: dict[str, BuiltDisk], mounts: Mounts
+) -> None:
+    """The mount sets read_ahead_kb of its own backing device (created with the mount, gone
+    with it: nothing to restore) so that the kernel reads in 1 MiB requests; no other device's
+    setting changes."""
+    image = tmp_path / "ra.dimg"
+    push(disks["gpt"].path, image)
+    mp = tmp_path / "mnt"
+    before = _read_ahead_kb()
+    proc, log = mounts.foreground(image, mp)
+    st = os.stat(mp)
+    ours = f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}"
+    during = _read_ahead_kb()
+    assert during.pop(ours) == str(READ_AHEAD_KB)
+    # block devices keep theirs (FUSE mounts, 0:N, and loop devices of other processes come
+    # and go meanwhile)
+    common = {k for k in before.keys() & during.keys() if not k.startswith("0:")}
+    assert common and {k: during[k] for k in common} == {k: before[k] for k in common}
+    assert sha_file(mp / "disk.raw") == sha_file(disks["gpt"].path)  # 1 MiB reads
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(10) == 0, log.read_text()
+    assert not os.path.exists(f"/sys/class/bdi/{ours}")
+    # "served N reads (M MiB, K KiB average)": the requests were about 1 MiB
+    served = log.read_text().split("served ", 1)[1]
+    average_kib = int(served.split(" KiB average")[0].rsplit(" ", 1)[1])
+    assert average_kib >= READ_AHEAD_KB // 2, served
 
 
 def test_killed_mount_is_explained_and_cleared(
