@@ -3,10 +3,7 @@
 Design note
 -----------
 The source reads its disk once, sequentially, in batches of chunks hashed (and, where the target
-has nothing to compare, compressed) on the worker threads. A cold disk is read at the device's
-speed: the scan asks the reader for what it will read ``PREFETCH_BYTES`` ahead of the batch it
-hands out (``prefetch``: ``POSIX_FADV_WILLNEED`` on a file or block device), so the device
-always has reads queued while the workers hash, whatever the kernel's own read-ahead is. As each level-1 node ("page", fanout
+has nothing to compare, compressed) on two worker threads. As each level-1 node ("page", fanout
 chunks) completes, its digest is compared with the one the target streamed at the start. Equal
 pages cost nothing more. A differing page sends ``NeedLeaves`` and the scan goes on; when the
 target's leaf digests arrive, a small pool re-reads just the differing chunks, checks each
@@ -29,6 +26,13 @@ the target's digests: a page of them takes the target's page digest, a page with
 for its leaves. Any mismatch (first push, another map, a resumed checkpoint, a raw target)
 scans in full and says so. The chunks such a scan reads mostly differ, so they are kept as
 encoded (up to ``HELD_BYTES``) and sent without a second read.
+
+A cold disk is read at the device's speed: the scan asks the reader for what it will read
+``PREFETCH_BYTES`` ahead of the batch it hands out (``prefetch``: ``POSIX_FADV_WILLNEED`` on
+a file or block device), so the device always has reads queued while the workers hash,
+whatever the kernel's own read-ahead is. A differing chunk's re-read is answered by the page
+cache (it was read moments before); nothing asks the kernel to drop what was read
+(docs/benchmarks.md, "Cold source").
 
 A read that fails (or comes back short: a disk returns the bytes before a bad sector and fails
 the next read) is split in halves down to the reader's sector, so exactly the unreadable

@@ -153,6 +153,12 @@ def main() -> None:
         print(f"{case:15s} {med['seconds']:6.2f} s{ratio}  {size / med['seconds'] / 1e6:6.0f} "
               f"MB/s  read_bytes {med['read_bytes'] / MiB:7.1f} MiB  rchar "
               f"{med['rchar'] / MiB:7.1f} MiB  cpu {med['cpu']:.2f} s{extra}")
+    if args.before and "nochange" in results:
+        pairs = [a["seconds"] / b["seconds"] for a, b in zip(results["nochange"],
+                                                             results["nochange-before"],
+                                                             strict=True)]
+        print(f"nochange / nochange-before, median of the runs' ratios: "
+              f"{statistics.median(pairs):.2f}")
     if args.json:
         args.json.write_text(json.dumps({"runs": results, "medians": summary}, indent=1))
 
