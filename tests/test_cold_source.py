@@ -241,6 +241,8 @@ def test_a_push_asks_for_its_source_before_it_starts_up(disk, tmp_path, monkeypa
     monkeypatch.setattr(cli_main.importlib, "import_module", stop)
     with pytest.raises(SystemExit):
         cli_main.main(["push", path, str(tmp_path / "dst.img")])
+    with pytest.raises(SystemExit):  # free blocks are not read: neither asked for early
+        cli_main.main(["push", "--skip-free-blocks", path, str(tmp_path / "dst.img")])
     assert len(threads) == 1
     threads[0].join(10)
     assert hints == [(0, len(data), os.POSIX_FADV_WILLNEED)]  # up to its end

@@ -507,7 +507,8 @@ def read_ahead_early(path: str, length: int = EARLY_READ_AHEAD) -> threading.Thr
 def _dispatch(args: argparse.Namespace) -> int:
     """Import the chosen command's module (see the module docstring) and run the command."""
     set_workers(getattr(args, "workers", None))  # every command: none keeps another's
-    if args.func == "push:cmd_push" and isinstance(args.src, str):
+    if args.func == "push:cmd_push" and isinstance(args.src, str) \
+            and not getattr(args, "skip_free_blocks", False):  # (it reads less than all)
         read_ahead_early(args.src)  # while the imports below read from a cold disk too
     module, name = args.func.split(":")
     command: Callable[[argparse.Namespace], int] = getattr(
