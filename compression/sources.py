@@ -83,8 +83,10 @@ class SourceReader:
         return None
 
     def prefetch(self, offset: int, length: int) -> None:
-        """A hint: these bytes will be read soon (a scan that skips parts of the disk reads
-        the rest in pieces, which defeats the kernel's read-ahead)."""
+        """A hint: these bytes will be read soon. The scan gives it a window ahead of its
+        reads, in ascending order, each byte once, so that a cold disk keeps reading while
+        the workers hash (the kernel's own read-ahead is 128 KiB on a block device, and a
+        scan that skips parts of the disk reads the rest in pieces, which defeats it)."""
 
     def index_for(self, chunk_size: int, fanout: int) -> Any:
         """An object with ``node_hashes(level)`` and ``leaf_hashes(page)`` when this source
@@ -182,6 +184,9 @@ class RawSource(SourceReader):
         return b"".join(parts)
 
     def prefetch(self, offset: int, length: int) -> None:
+        # the kernel starts reading these pages and returns; no POSIX_FADV_DONTNEED after
+        # reading: it would also drop pages others use (a VM's image file) and make every
+        # later push cold (docs/benchmarks.md, "Cold source")
         with contextlib.suppress(OSError, AttributeError):
             os.posix_fadvise(self.fd, offset, length, os.POSIX_FADV_WILLNEED)
 
