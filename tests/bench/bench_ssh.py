@@ -14,6 +14,15 @@ Each is timed as a whole ``diskrsync push`` command (interpreter start-up and th
 handshake included), next to ``ssh -c aes128-gcm@openssh.com host 'cat > /dev/null' <
 synth.img`` (OpenSSH's own throughput with our cipher: the link's limit) and to the same
 push between two local paths. Page cache warm; not a test.
+
+Also measured: one SSH connection set-up of our client (TCP, key exchange, authentication,
+a session running ``true`` to its exit status, in this process: paramiko already imported),
+and ``ssh host true`` for reference. The issue 16 targets are then checked: a first push at
+most 1.3x the larger of the local push and ``ssh cat``; a no-change push at most 1.3x the
+local no-change push plus one connection set-up.
+
+``--baseline DIR`` times the pushes of another checkout (with its own .venv, e.g. the commit
+before a change) in the same runs, interleaved with this one's.
 """
 
 from __future__ import annotations
@@ -75,6 +84,7 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=REPO / "bench-data")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--work", type=Path, help="scratch dir (default: DATA/ssh-bench)")
+    ap.add_argument("--baseline", type=Path, help="another checkout to time alongside")
     a = ap.parse_args()
     a.data = a.data.resolve()
     synth, synth2 = a.data / "synth.img", a.data / "synth2.img"
@@ -85,7 +95,13 @@ def main() -> None:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     py = [sys.executable, "-m", "diskrsync.cli"]
+    trees = {"": (py, remote_cmd())}
+    if a.baseline is not None:
+        base_py = str(a.baseline.resolve() / ".venv" / "bin" / "python")
+        trees[" (baseline)"] = ([base_py, "-m", "diskrsync.cli"],
+                                str(a.baseline.resolve() / ".venv" / "bin" / "diskrsync"))
     results: dict[str, dict[str, list[float]]] = {}
+    setups: dict[str, list[float]] = {"diskrsync's client": [], "ssh host true": []}
     sent: dict[str, int] = {}
     try:
         warm(synth)
@@ -97,26 +113,29 @@ def main() -> None:
             cfg = srv.write_ssh_config(work / "ssh_config",
                                        UserKnownHostsFile=str(srv.known_hosts))
             env = {k: v for k, v in os.environ.items() if k != "SSH_AUTH_SOCK"}
-            ssh_cat = ["ssh", "-F", str(cfg), "-c", CIPHER, "-o", "BatchMode=yes",
-                       "testhost", "cat > /dev/null"]
-            push = [*py, "push", "--json", "-F", str(cfg), "--remote-cmd", remote_cmd()]
+            ssh = ["ssh", "-F", str(cfg), "-c", CIPHER, "-o", "BatchMode=yes", "testhost"]
             cases = {"first": (synth, None), "1%": (synth2, base), "same": (synth, base)}
             for run in range(a.runs):
                 for name, (src, start) in cases.items():
-                    r = results.setdefault(name, {"remote": [], "local": [], "ssh cat": []})
-                    for kind in ("remote", "local"):
-                        img = work / f"{kind}.spgz"
-                        img.unlink(missing_ok=True)
-                        if start is not None:
-                            synced_copy(start, img)
-                        dst = f"testhost:{img}" if kind == "remote" else str(img)
-                        cmd = push if kind == "remote" else [*py, "push", "--json"]
-                        secs, stats = timed([*cmd, str(src), dst], env=env)
-                        r[kind].append(secs)
-                        sent[f"{name} {kind}"] = int(stats.get("bytes_sent", 0))  # type: ignore[call-overload]
+                    r = results.setdefault(name, {"ssh cat": []})
+                    for tree, (tpy, tremote) in trees.items():
+                        for kind in ("remote", "local"):
+                            img = work / f"{kind}.spgz"
+                            img.unlink(missing_ok=True)
+                            if start is not None:
+                                synced_copy(start, img)
+                            dst = f"testhost:{img}" if kind == "remote" else str(img)
+                            cmd = [*tpy, "push", "--json"]
+                            if kind == "remote":
+                                cmd += ["-F", str(cfg), "--remote-cmd", tremote]
+                            secs, stats = timed([*cmd, str(src), dst], env=env)
+                            r.setdefault(kind + tree, []).append(secs)
+                            sent[f"{name} {kind}{tree}"] = int(stats.get("bytes_sent", 0))  # type: ignore[call-overload]
                     with open(synth, "rb") as f:
-                        secs, _ = timed(ssh_cat, stdin=f, env=env)
+                        secs, _ = timed([*ssh, "cat > /dev/null"], stdin=f, env=env)
                     r["ssh cat"].append(secs)
+                setups["diskrsync's client"].append(_setup_time(cfg))
+                setups["ssh host true"].append(timed([*ssh, "true"], env=env)[0])
                 print(f"run {run + 1}/{a.runs} done", file=sys.stderr)
             cipher = _negotiated(cfg, env)
     finally:
@@ -124,13 +143,44 @@ def main() -> None:
     size = synth.stat().st_size
     print(f"\n2 GiB synth images, loopback sshd, {cipher}, median of {a.runs} "
           f"(whole commands, warm page cache, {os.cpu_count()} CPUs)\n")
+    setup = {k: statistics.median(v) for k, v in setups.items()}
+    print("SSH connection set-up: " + ", ".join(f"{k} {v:.3f} s" for k, v in setup.items()))
+    print()
     print("| case | remote push | local push | ssh cat of synth.img | remote/local "
-          "| remote/ssh cat | bytes sent (remote) |")
-    print("|---|---|---|---|---|---|---|")
+          "| remote/ssh cat | bytes sent (remote) | issue 16 target | ratio to it |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for name, r in results.items():
-        rem, loc, cat = (statistics.median(r[k]) for k in ("remote", "local", "ssh cat"))
-        print(f"| {name} | {rem:.2f} s | {loc:.2f} s | {cat:.2f} s ({size / cat / 1e6:.0f} MB/s)"
-              f" | {rem / loc:.2f} | {rem / cat:.2f} | {sent[f'{name} remote']:,} |")
+        cat = statistics.median(r["ssh cat"])
+        for tree in trees:
+            rem, loc = (statistics.median(r[k + tree]) for k in ("remote", "local"))
+            goal, limit = _target(name, loc, cat, setup["diskrsync's client"])
+            ratio = f"{rem / limit:.2f} ({'met' if rem <= limit else 'missed'})" if limit else ""
+            print(f"| {name}{tree} | {rem:.2f} s | {loc:.2f} s | {cat:.2f} s "
+                  f"({size / cat / 1e6:.0f} MB/s) | {rem / loc:.2f} | {rem / cat:.2f} "
+                  f"| {sent[f'{name} remote{tree}']:,} | {goal} | {ratio} |")
+
+
+def _target(case: str, local: float, cat: float, setup: float) -> tuple[str, float]:
+    """Issue 16's limit for a case: its words and the seconds (0: none)."""
+    if case == "first":
+        return f"1.3 x max(local, ssh cat) = {1.3 * max(local, cat):.2f} s", 1.3 * max(local, cat)
+    if case == "same":
+        return f"1.3 x local + set-up = {1.3 * local + setup:.2f} s", 1.3 * local + setup
+    return "", 0.0
+
+
+def _setup_time(cfg: Path) -> float:
+    """One SSH connection set-up of our client: connect, authenticate, run ``true``."""
+    loc = parse_location("testhost:/x")
+    assert not isinstance(loc, str)
+    t = time.perf_counter()
+    with connect(loc, SshOptions(ssh_config=cfg, remote_cmd="true")) as c:
+        proc = c.run([])
+        status = proc.wait(30)
+        proc.close()
+    if status:
+        sys.exit(f"true exited with {status} over ssh")
+    return time.perf_counter() - t
 
 
 def _negotiated(cfg: Path, env: dict[str, str]) -> str:
