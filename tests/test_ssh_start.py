@@ -9,6 +9,7 @@ source's reads shows whether the head start was used or scanned again.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import threading
 from collections.abc import Callable, Iterator
@@ -22,7 +23,7 @@ from diskrsync.compression.image import Image
 from diskrsync.compression.sources import RawSource
 from diskrsync.synccore import remote
 from diskrsync.synccore import source as source_mod
-from diskrsync.synccore.channel import channel_pair
+from diskrsync.synccore.channel import PIPE_SIZE, FdStream, channel_pair
 from diskrsync.synccore.location import LocalPath, RemotePath
 from diskrsync.synccore.push import PushRequest, local_push, run_target_end
 from diskrsync.synccore.source import SourceOptions
@@ -241,3 +242,18 @@ def test_read_error_met_early_is_reported_as_before(h: Harness,
         h.push(image)
     assert f"offset {bad}" in got.value.message and got.value.exit_code == 3
     assert _early_threads() == []
+
+
+@pytest.mark.inproc
+def test_fdstream_widens_its_pipes() -> None:
+    """serve's stdin and stdout (pipes from and to sshd) take a MiB at a time, so a first
+    push's data does not wake serve for every 64 KiB."""
+    r, w = os.pipe()
+    try:
+        before = fcntl.fcntl(r, fcntl.F_GETPIPE_SZ)
+        FdStream(r, w)
+        after = fcntl.fcntl(r, fcntl.F_GETPIPE_SZ)
+        assert before < PIPE_SIZE and after == PIPE_SIZE
+    finally:
+        os.close(r)
+        os.close(w)
