@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -61,14 +62,52 @@ def warm(path: Path) -> None:
             pass
 
 
+#: sshd's listener pid, once started: its reaped sessions' CPU is the server side's
+SERVER: list[int] = []
+
+
+def _server_cpu() -> float:
+    """CPU seconds of sshd's listener and of every session it has reaped (with their
+    children: sshd waits for each), 0 before it runs."""
+    if not SERVER:
+        return 0.0
+    pid = SERVER[0]
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and any(  # a session just ended: wait for its reaping
+            Path(f"/proc/{e}/stat").exists() and _ppid(e) == pid
+            for e in os.listdir("/proc") if e.isdigit()):
+        time.sleep(0.01)
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+
+
+def _ppid(pid: str) -> int:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return -1
+
+
+def _own_cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
 def timed(cmd: list[str], **kw: object) -> tuple[float, dict[str, object]]:
+    """Seconds of a whole command and its --json; its CPU seconds, both ends (the client and
+    what sshd ran for it), go to CPU[-1]."""
+    c0 = _own_cpu() + _server_cpu()
     t = time.perf_counter()
     res = subprocess.run(cmd, capture_output=True, text=True, **kw)  # type: ignore[call-overload]
     elapsed = time.perf_counter() - t
     if res.returncode:
         sys.exit(f"failed ({res.returncode}): {' '.join(cmd)}\n{res.stderr}")
+    CPU.append(_own_cpu() + _server_cpu() - c0)
     stats = json.loads(res.stdout) if res.stdout.strip().startswith("{") else {}
     return elapsed, stats
+
+
+CPU: list[float] = []
 
 
 def synced_copy(src: Path, dst: Path) -> None:
@@ -109,6 +148,8 @@ def main() -> None:
         base = work / "base.spgz"
         timed([*py, "push", str(synth), str(base), "-q"])
         with SshServer(Path(tempfile.mkdtemp(prefix="bench-sshd-"))) as srv:
+            assert srv.proc is not None
+            SERVER.append(srv.proc.pid)
             srv.write_known_hosts()
             cfg = srv.write_ssh_config(work / "ssh_config",
                                        UserKnownHostsFile=str(srv.known_hosts))
@@ -130,10 +171,12 @@ def main() -> None:
                                 cmd += ["-F", str(cfg), "--remote-cmd", tremote]
                             secs, stats = timed([*cmd, str(src), dst], env=env)
                             r.setdefault(kind + tree, []).append(secs)
+                            r.setdefault(f"{kind}{tree} cpu", []).append(CPU[-1])
                             sent[f"{name} {kind}{tree}"] = int(stats.get("bytes_sent", 0))  # type: ignore[call-overload]
                     with open(synth, "rb") as f:
                         secs, _ = timed([*ssh, "cat > /dev/null"], stdin=f, env=env)
                     r["ssh cat"].append(secs)
+                    r.setdefault("ssh cat cpu", []).append(CPU[-1])
                 setups["diskrsync's client"].append(_setup_time(cfg))
                 setups["ssh host true"].append(timed([*ssh, "true"], env=env)[0])
                 print(f"run {run + 1}/{a.runs} done", file=sys.stderr)
@@ -142,7 +185,8 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
     size = synth.stat().st_size
     print(f"\n2 GiB synth images, loopback sshd, {cipher}, median of {a.runs} "
-          f"(whole commands, warm page cache, {os.cpu_count()} CPUs)\n")
+          f"(whole commands, warm page cache, {os.cpu_count()} CPUs, load average "
+          f"{os.getloadavg()[0]:.1f} at the end)\n")
     setup = {k: statistics.median(v) for k, v in setups.items()}
     print("SSH connection set-up: " + ", ".join(f"{k} {v:.3f} s" for k, v in setup.items()))
     print()
@@ -158,6 +202,14 @@ def main() -> None:
             print(f"| {name}{tree} | {rem:.2f} s | {loc:.2f} s | {cat:.2f} s "
                   f"({size / cat / 1e6:.0f} MB/s) | {rem / loc:.2f} | {rem / cat:.2f} "
                   f"| {sent[f'{name} remote{tree}']:,} | {goal} | {ratio} |")
+    print("\nCPU seconds per command (both ends: the client, sshd and what it ran), medians:\n")
+    print("| case | remote push | local push | ssh cat |")
+    print("|---|---|---|---|")
+    for name, r in results.items():
+        for tree in trees:
+            rem, loc, cat = (statistics.median(r[k]) for k in
+                             (f"remote{tree} cpu", f"local{tree} cpu", "ssh cat cpu"))
+            print(f"| {name}{tree} | {rem:.2f} | {loc:.2f} | {cat:.2f} |")
 
 
 def _target(case: str, local: float, cat: float, setup: float) -> tuple[str, float]:
