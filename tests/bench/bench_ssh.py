@@ -166,6 +166,7 @@ def main() -> None:
                             if start is not None:
                                 synced_copy(start, img)
                             dst = f"testhost:{img}" if kind == "remote" else str(img)
+                            warm(src)  # other users of the machine may drop caches
                             cmd = [*tpy, "push", "--json"]
                             if kind == "remote":
                                 cmd += ["-F", str(cfg), "--remote-cmd", tremote]
@@ -173,6 +174,7 @@ def main() -> None:
                             r.setdefault(kind + tree, []).append(secs)
                             r.setdefault(f"{kind}{tree} cpu", []).append(CPU[-1])
                             sent[f"{name} {kind}{tree}"] = int(stats.get("bytes_sent", 0))  # type: ignore[call-overload]
+                    warm(synth)
                     with open(synth, "rb") as f:
                         secs, _ = timed([*ssh, "cat > /dev/null"], stdin=f, env=env)
                     r["ssh cat"].append(secs)
