@@ -12,10 +12,13 @@ All channels are safe to ``send`` from several threads and ``recv`` from one oth
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import heapq
 import os
 import queue
 import select
+import stat
 import threading
 import time
 from collections.abc import Callable
@@ -98,6 +101,22 @@ def _wait(fd: int, event: int, timeout: float) -> bool:
     return bool(poller.poll(timeout * 1000))
 
 
+#: What ``FdStream`` raises a pipe's buffer to (Linux's default ``pipe-max-size``).
+PIPE_SIZE = 1 << 20
+
+
+def _widen_pipe(fd: int) -> None:
+    """Raise a pipe's buffer from 64 KiB to ``PIPE_SIZE`` where the system allows. Under
+    ``serve``, sshd writes the client's data into our stdin: with the default buffer it
+    wakes this process for every 64 KiB (~16,000 times per GB, both processes switching on
+    the same cores); a larger one lets each side move a MiB per turn. Not a pipe, or not
+    allowed: left as it is."""
+    with contextlib.suppress(OSError, AttributeError):  # AttributeError: not Linux
+        if stat.S_ISFIFO(os.fstat(fd).st_mode) \
+                and fcntl.fcntl(fd, fcntl.F_GETPIPE_SZ) < PIPE_SIZE:
+            fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+
+
 class FdStream:
     """A Stream over two file descriptors (our stdin/stdout, or a child's pipes).
 
@@ -111,6 +130,8 @@ class FdStream:
         self.timeout = timeout or None
         if self.timeout:
             os.set_blocking(wfd, False)
+        for fd in (rfd, wfd):
+            _widen_pipe(fd)
 
     def send(self, data: bytes) -> None:
         view = memoryview(data)

@@ -154,9 +154,10 @@ _TYPES: dict[type, int] = {
 def encode(msg: Message) -> bytes:
     """One frame for ``msg``."""
     t = _TYPES[type(msg)]
-    if isinstance(msg, Chunk):
-        payload = _CHUNK.pack(msg.index, msg.kind, msg.digest) + msg.payload
-    elif isinstance(msg, (PageHashes, Leaves)):
+    if isinstance(msg, Chunk):  # the bulk of a push: its payload is copied once
+        head = _FRAME.pack(_CHUNK.size + len(msg.payload) + 1, t)
+        return b"".join((head, _CHUNK.pack(msg.index, msg.kind, msg.digest), msg.payload))
+    if isinstance(msg, (PageHashes, Leaves)):
         first = msg.start if isinstance(msg, PageHashes) else msg.page
         payload = _PAGE.pack(first) + msg.hashes
     elif isinstance(msg, NeedLeaves):
@@ -375,8 +376,14 @@ class Decoder:
         end = pos + 4 + length
         if len(buf) < end:
             return None
-        payload = bytes(buf[pos + _FRAME.size : end])
         self._pos = end
+        with memoryview(buf) as view:  # released at once: feed() resizes the buffer
+            if t == _CHUNK_TYPE and length - 1 >= _CHUNK.size:
+                # the bulk of a push: its header read in place, its payload copied once
+                index, kind, digest = _CHUNK.unpack_from(buf, pos + _FRAME.size)
+                return _chunk(index, kind, digest, bytes(view[pos + _FRAME.size
+                                                             + _CHUNK.size : end]))
+            payload = bytes(view[pos + _FRAME.size : end])
         return _decode(t, payload)
 
     @property
@@ -422,6 +429,15 @@ def check_preamble(head: bytes) -> None:
 
 
 _TYPE_BY_ID = {v: k for k, v in _TYPES.items()}
+_CHUNK_TYPE = _TYPES[Chunk]
+
+
+def _chunk(index: int, kind: int, digest: bytes, data: bytes) -> Chunk:
+    if kind not in (Kind.ZERO, Kind.RAW, Kind.ZSTD) or (kind == Kind.ZERO and data) \
+            or (kind == Kind.RAW and len(data) > MAX_CHUNK):
+        raise PeerError(f"peer sent a malformed chunk frame (chunk {index}, kind {kind}, "
+                        f"{len(data)} bytes)")
+    return Chunk(index, kind, digest, data)
 
 
 def _decode(t: int, payload: bytes) -> Message:
@@ -434,12 +450,7 @@ def _decode(t: int, payload: bytes) -> Message:
         if len(payload) < _CHUNK.size:
             raise PeerError("peer sent a truncated chunk frame")
         index, kind, digest = _CHUNK.unpack_from(payload)
-        data = payload[_CHUNK.size :]
-        if kind not in (Kind.ZERO, Kind.RAW, Kind.ZSTD) or (kind == Kind.ZERO and data) \
-                or (kind == Kind.RAW and len(data) > MAX_CHUNK):
-            raise PeerError(f"peer sent a malformed chunk frame (chunk {index}, kind {kind}, "
-                            f"{len(data)} bytes)")
-        return Chunk(index, kind, digest, data)
+        return _chunk(index, kind, digest, payload[_CHUNK.size :])
     if cls in (PageHashes, Leaves, NeedLeaves):
         if len(payload) < _PAGE.size or (cls is not NeedLeaves
                                           and (len(payload) - _PAGE.size) % HASH_SIZE):

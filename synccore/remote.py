@@ -393,13 +393,17 @@ def _push(local: str, remote: RemotePath, req: PushRequest, opts: RemoteOptions)
         info = {"name": source_name(local), **req.source.info}
         host = f"{remote.user}@{remote.host}" if remote.user else remote.host
         src_opts = replace(req.source, info=info, host=host, target=remote.path)
-        r = start_remote(remote, opts, _target_argv(remote.path, req))
-        channel = r.framed(req.limit())
         bar = Progress(reader.size, "push", opts.progress)
+        session = SourceSession(None, reader, src_opts, bar.update)
+        # the scan starts while SSH connects and the remote end starts (it stops, and its
+        # threads are joined, before the reader closes, whatever happens)
+        session.start_early()
         try:
-            stats: PushStats = r.converse(
-                lambda: SourceSession(channel, reader, src_opts, bar.update).run())
+            r = start_remote(remote, opts, _target_argv(remote.path, req))
+            channel = r.framed(req.limit())
+            stats: PushStats = r.converse(lambda: session.run(channel))
         finally:
+            session.stop_early()
             bar.close()
         source_committed(reader, stats)
         return stats

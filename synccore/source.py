@@ -68,6 +68,7 @@ from diskrsync.base.errors import (
 )
 from diskrsync.base.merkle import (
     HASH_SIZE,
+    Shape,
     zero_hash,
 )
 from diskrsync.base.parallel import ordered_map, worker_count
@@ -108,6 +109,9 @@ READ_GAP = 32 << 10
 #: (at least one batch): the device keeps reading while the workers hash, whatever the
 #: kernel's own read-ahead is (128 KiB by default on a block device)
 PREFETCH_BYTES = 64 << 20
+#: a scan begun before the target is reached (``start_early``) keeps at most this many chunk
+#: digests (2 MiB) until the target's Hello says whether they are of use
+EARLY_CHUNKS = 1 << 16
 
 
 # -- options and results ----------------------------------------------------------------
@@ -224,12 +228,14 @@ class SourceSession:
 
     The protocol is ``SourceConversation``'s; this driver scans (worker threads), receives
     (one thread), re-reads and sends differing chunks (a small pool), and calls the
-    conversation under ``_cv``'s lock.
+    conversation under ``_cv``'s lock. A remote push makes the session before it connects
+    (``channel`` None), calls ``start_early`` so the scan overlaps the connection, then
+    ``run(channel)``; ``stop_early`` (idempotent) must follow in any case.
     """
 
-    def __init__(self, channel: Channel, reader: SourceReader, options: SourceOptions,
+    def __init__(self, channel: Channel | None, reader: SourceReader, options: SourceOptions,
                  progress: Callable[[int, int], None] | None = None) -> None:
-        self.ch = channel
+        self._ch = channel
         self.reader = reader
         self.opts = options
         # progress(bytes scanned since the last call, bytes sent so far)
@@ -270,13 +276,94 @@ class SourceSession:
         self.change_base: Any = None  # what that map is relative to, as JSON
         self._held: dict[int, tuple[int, bytes]] = {}  # chunk -> encoded at the scan
         self._held_bytes = 0
+        # the reads the plan allows (extents less free blocks), once computed: they do not
+        # depend on the target, so a scan begun early computes them for the whole push
+        self._reads: tuple[Ranges, list[str], list[str]] | None = None
+        self._t0: float | None = None  # when the push began (start_early, else run)
+        self._early: threading.Thread | None = None
+        self._early_stop = threading.Event()
+        self._early_shape: Shape | None = None
+        self._early_batches: list[_Batch] = []  # in order, from batch 0, hashed only
+
+    @property
+    def ch(self) -> Channel:
+        assert self._ch is not None, "run(channel) first"
+        return self._ch
 
     def _handshake(self) -> TargetReady:
         self.ch.send(self.conv.hello())
         ready = self.conv.receive(self.ch.recv())
         assert isinstance(ready, TargetReady)
+        # the target's tree is known: the scan goes on in its geometry (see _scan)
+        self.stop_early()
         self._choose_codec(ready.hello.info)
         return ready
+
+    # .. a head start ..
+
+    def start_early(self) -> None:
+        """Begin scanning before the target is reached: a remote push calls this before it
+        connects, so the scan overlaps the SSH handshake and the remote end's start-up.
+
+        The target's geometry is not known yet. The head start assumes the chunk size this
+        push asks for (what a new image takes) and the default fanout, only hashes (what
+        the target lacks is compressed once its Hello says so) and keeps at most
+        ``EARLY_CHUNKS`` digests. ``_scan`` takes the batches when the target's Hello agrees,
+        and scans again from where they end (or from the start when it does not). It does
+        not start where reading ahead would cost more than it can save: an image source
+        whose index answers the digests, a source with a map of changed ranges (whether it
+        is used depends on the target's newest generation), and a push that creates an
+        encrypted image (its digests are keyed)."""
+        self._t0 = time.monotonic()
+        cs = self.opts.chunk_size
+        if self._early is not None or self._new_key is not None \
+                or self.reader.change_base() is not None \
+                or self.reader.index_for(cs, DEFAULT_FANOUT) is not None:
+            return
+        self.cs, self.fanout = cs, DEFAULT_FANOUT
+        self.src = self._early_shape = Shape(self.reader.size, cs, DEFAULT_FANOUT)
+        self.batch = math.gcd(self.fanout, BATCH_CHUNKS)
+        self.send_from = self.src.chunks  # nothing is compressed before the target is known
+        self._early = threading.Thread(target=self._scan_early, name="push-early",
+                                       daemon=True)
+        self._early.start()
+
+    def _scan_early(self) -> None:
+        """The head start's thread: the plan's reads, then batches until stopped or full.
+        It stops at its first error, which the scan meets again where it reads on."""
+        try:
+            self._reads = plan_reads(self.reader, skip_free_blocks=self.opts.skip_free_blocks,
+                                     read_metadata=self._read_metadata)
+            self.data = self._reads[0]
+            # no batch past the limit is started, nor any once stopped; those started are
+            # kept (the stop waits for them rather than read them twice)
+            limit = max(1, EARLY_CHUNKS // self.batch) * self.batch
+            batches = self._prefetching(itertools.takewhile(
+                lambda _: not self._early_stop.is_set(),
+                range(0, min(limit, self.src.chunks), self.batch)))
+            with contextlib.closing(ordered_map(self._scan_batch, batches,
+                                                window=SCAN_WINDOW)) as scanned:
+                for batch in scanned:
+                    self._early_batches.append(batch)
+        except BaseException:  # the scan reads it again and reports it there
+            return
+
+    def stop_early(self) -> None:
+        """Stop the head start and wait for its threads (idempotent): before the session
+        takes the target's geometry, and when the connection failed."""
+        self._early_stop.set()
+        if self._early is not None:
+            self._early.join()
+
+    def _take_early(self) -> list[_Batch]:
+        """The head start's batches the scan can use: all of them up to the first batch the
+        target has nothing to compare with (those are read again, to be compressed and
+        sent), provided the target's geometry, hash and plan are those it assumed."""
+        early, self._early_batches = self._early_batches, []
+        if self._early_shape != self.src or self.codec is not STANDARD \
+                or self.changed is not None:
+            return []
+        return list(itertools.takewhile(lambda b: b.first < self.send_from, early))
 
     def _places(self, info: dict[str, Any]) -> list[str]:
         """Where this push goes, as the client remembers it: the path the target names
@@ -367,8 +454,12 @@ class SourceSession:
                 seen.remember_place(place, key_id)
         self.codec = codec
 
-    def run(self) -> PushStats:
-        t0 = time.monotonic()
+    def run(self, channel: Channel | None = None) -> PushStats:
+        """Converse over ``channel`` (or the one the session was made with) until the target
+        commits."""
+        if channel is not None:
+            self._ch = channel
+        t0 = self._t0 if self._t0 is not None else time.monotonic()
         self.sender = ThreadPoolExecutor(worker_count(), thread_name_prefix="push-send")
         conv = self.conv
         try:
@@ -454,6 +545,7 @@ class SourceSession:
                 self.ch.send(self._error_for_peer(e))
             raise
         finally:
+            self.stop_early()
             self.sender.shutdown(wait=True, cancel_futures=True)
             with contextlib.suppress(Exception):
                 self.ch.close()
@@ -701,7 +793,7 @@ class SourceSession:
 
     def _plan(self, target_info: dict[str, Any]) -> None:
         plan = plan_scan(self.reader, target_info, skip_free_blocks=self.opts.skip_free_blocks,
-                         read_metadata=self._read_metadata)
+                         read_metadata=self._read_metadata, reads=self._reads)
         self.data, self.changed, self.change_base = plan.data, plan.changed, plan.change_base
         self.stats.map, self.stats.map_fallback = plan.map, plan.map_fallback
         self.stats.warnings += plan.warnings
@@ -747,11 +839,13 @@ class SourceSession:
         self.batch = math.gcd(self.fanout, BATCH_CHUNKS)
         # pages wholly past the target's end have nothing to compare: sent as they are read
         self.send_from = -(-self.dst.chunks // self.fanout) * self.fanout
-        batches = self._prefetching(range(0, self.src.chunks, self.batch))
+        early = self._take_early()
+        start = early[-1].first + len(early[-1].hashes) if early else 0
+        batches = self._prefetching(range(start, self.src.chunks, self.batch))
         page = 0
         page_unread: list[int] = []
         try:
-            for batch in self._batches(batches):
+            for batch in itertools.chain(early, self._batches(batches)):
                 self.fail.check()
                 first, end = batch.first, batch.first + len(batch.hashes)
                 with self._cv:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TypeVar
 
@@ -46,9 +46,10 @@ def set_workers(n: int | None) -> None:
 def ordered_map(
     fn: Callable[[T], R], items: Iterable[T], *, workers: int | None = None,
     window: int = 8,
-) -> Iterator[R]:
+) -> Generator[R, None, None]:
     """``map(fn, items)`` on ``workers`` threads (default: ``worker_count()``), in order, at
-    most ``window`` pending (at least ``workers + 2``, so that every worker stays busy)."""
+    most ``window`` pending (at least ``workers + 2``, so that every worker stays busy).
+    Closing the generator early cancels what is pending and waits for what runs."""
     n = workers or worker_count()
     window = max(window, n + 2)
     with ThreadPoolExecutor(max_workers=n, thread_name_prefix="diskrsync") as pool:

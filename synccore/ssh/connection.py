@@ -55,6 +55,10 @@ class _WatchedSocket:
             self.last_rx = time.monotonic()
         return data
 
+    def send(self, data: bytes) -> int:  # once per SSH packet: not through __getattr__
+        n: int = self._sock.send(data)
+        return n
+
     def __getattr__(self, name: str) -> Any:
         return getattr(self._sock, name)
 

@@ -102,9 +102,8 @@ class RemoteProcess:
         with self._send_lock:
             off = 0
             while off < len(view):
-                piece = bytes(view[off : off + step])
-                try:
-                    n = self._chan.send(piece)
+                try:  # paramiko copies the piece into its packet: a view is enough
+                    n = self._chan.send(view[off : off + step])
                 except TimeoutError:
                     raise TimeoutError(f"the peer took no data for {self._chan.gettimeout():g} "
                                        f"s") from None
