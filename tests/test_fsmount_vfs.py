@@ -393,18 +393,24 @@ def _span_disk() -> bytes:
     return b"".join(spans)
 
 
-@pytest.mark.process
-def test_sequential_requests_are_views_of_read_ahead_spans() -> None:
-    """Read-ahead decodes a span of chunks into one buffer, and a request inside it is answered
-    with a view of that buffer: no copy on the loop (a join of the request's chunks cost a
-    1 MiB copy per request, issue 16). Zeros are a view of one shared block."""
+def _span_mount() -> tuple[bytes, FakeImage, MountVFS, ChunkReader]:
+    """``_span_disk`` as the only generation of a mounted image, and a reader with a 16 MiB
+    cache."""
     disk = _span_disk()
     image = FakeImage(CHUNK)
     image.add_generation(disk, commit_time=T0)
     vfs = MountVFS(uid=0, gid=0)
     sync(vfs, image)
+    return disk, image, vfs, ChunkReader(ChunkCache(16 << 20))
+
+
+@pytest.mark.process
+def test_sequential_requests_are_views_of_read_ahead_spans() -> None:
+    """Read-ahead decodes a span of chunks into one buffer, and a request inside it is answered
+    with a view of that buffer: no copy on the loop (a join of the request's chunks cost a
+    1 MiB copy per request, issue 16). Zeros are a view of one shared block."""
+    disk, image, vfs, reader = _span_mount()
     before = image.chunk_reads  # the partition table was looked for
-    reader = ChunkReader(ChunkCache(16 << 20))
     got: list[bytes | memoryview] = []
 
     async def main() -> None:
@@ -497,13 +503,8 @@ def test_read_ahead_stops_at_the_end_of_a_partition(disk: bytes) -> None:
 def test_span_claimed_after_a_chunk_was_cached_serves_only_what_it_decoded() -> None:
     """A span whose first chunk a random read decoded before leaves that chunk out (decoded
     once) and is not complete: requests over both are joined, byte for byte right."""
-    disk = _span_disk()
-    image = FakeImage(CHUNK)
-    image.add_generation(disk, commit_time=T0)
-    vfs = MountVFS(uid=0, gid=0)
-    sync(vfs, image)
+    disk, image, vfs, reader = _span_mount()
     before = image.chunk_reads  # the partition table was looked for
-    reader = ChunkReader(ChunkCache(16 << 20))
     got: list[bytes | memoryview] = []
 
     async def main() -> None:
