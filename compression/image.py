@@ -63,7 +63,7 @@ from diskrsync.base.errors import (
 )
 from diskrsync.base.merkle import Shape, node_hash_packed, root_hash
 from diskrsync.base.retention import Retention, Verdict, select
-from diskrsync.compression.alloc import FreeSpace
+from diskrsync.compression.alloc import FreeSpace, UsedSpace
 from diskrsync.compression.api import GenerationInfo, read_span
 from diskrsync.compression.codec import STANDARD, ChunkAt, ChunkCodec, Kind, is_zero, zeros
 from diskrsync.compression.crypto import (
@@ -560,27 +560,60 @@ class TreeView:
         entries = self.page(1, page)
         return [entry_hash(entries, k) for k in range(len(entries) // ENTRY_SIZE)]
 
-    def extents(self, seen: set[int]) -> Iterator[tuple[int, int]]:
-        """Every stored extent this tree references; subtrees whose page offset is already in
-        ``seen`` are skipped (copy-on-write: a page is immutable, so is what it points to)."""
+    def pointer(self, level: int, index: int) -> bytes | None:
+        """The packed entry naming node (level, index), level >= 1: digest, offset, length
+        (the top's from the tree's ref); None where the tree has no such node or the page
+        naming it cannot be read."""
+        shape = self.shape
+        if shape.chunks == 0 or not 1 <= level <= shape.top_level \
+                or not 0 <= index < shape.count(level):
+            return None
+        if level == shape.top_level:
+            r = self.ref
+            return pack_entry(r.hash, r.offset, r.length, Kind.PAGE)
+        f = shape.fanout
+        try:
+            page = self.page(level + 1, index // f)
+        except DataError:
+            return None
+        k = index % f
+        return bytes(page[k * ENTRY_SIZE : (k + 1) * ENTRY_SIZE])
+
+    def extents_beside(self, prev: TreeView | None) -> Iterator[tuple[int, int]]:
+        """Every stored extent this tree references but the subtrees it shares with ``prev``
+        at the same place (a node whose pointer, digest and offset and length, equals
+        ``prev``'s node of that level and index: a page is immutable, so is all it points
+        to). The caller has counted all of ``prev``'s extents already.
+
+        Copy-on-write keeps an unchanged page where it was, so walking the trees of
+        successive generations side by side finds what one shares with the one before
+        without remembering every page seen (a set of offsets grew with the disk, issue
+        16): memory is a path of the walk. A page shared some other way is only walked
+        again, never skipped wrongly. Extents come in ascending node order, so a push's
+        chunks, written one after another, arrive one after another."""
         shape = self.shape
         if shape.chunks == 0:
             return
-        stack = [(shape.top_level, 0, self.ref.offset, self.ref.length)]
+        top = shape.top_level
+        r = self.ref
+        stack = [(top, 0, pack_entry(r.hash, r.offset, r.length, Kind.PAGE))]
         while stack:
-            level, index, off, length = stack.pop()
-            if off in seen:
+            level, index, ptr = stack.pop()
+            if prev is not None and prev.pointer(level, index) == ptr:
                 continue
-            seen.add(off)
-            yield off, length
+            e = unpack_entry(ptr, 0)
+            yield e.offset, e.length
             entries = self.page(level, index)
             if level == 1:
                 for _h, offset, length, kind in iter_entries(entries):
                     if kind != Kind.ZERO:
                         yield offset, length
             else:
-                for k, (_h, offset, length, _kind) in enumerate(iter_entries(entries)):
-                    stack.append((level - 1, index * shape.fanout + k, offset, length))
+                n = len(entries) // ENTRY_SIZE
+                first = index * shape.fanout
+                for k in range(n - 1, -1, -1):  # popped in ascending order
+                    stack.append((level - 1, first + k,
+                                  bytes(entries[k * ENTRY_SIZE : (k + 1) * ENTRY_SIZE])))
 
 
 class _NoStore:
@@ -957,12 +990,14 @@ class Image:
 
     def usage(self) -> dict[str, int]:
         """Stored bytes (data and index reachable from retained generations) and allocation."""
-        seen: set[int] = set()
-        extents: set[tuple[int, int]] = set()
+        used = UsedSpace()
+        prev: TreeView | None = None
         for rec in self._state.table.generations:
-            extents.update(TreeView(self.store, rec.tree, self.chunk_size, self.fanout)
-                           .extents(seen))
-        stored = sum(length for _o, length in extents)
+            tree = TreeView(self.store, rec.tree, self.chunk_size, self.fanout)
+            for off, length in tree.extents_beside(prev):
+                used.add(off, length)
+            prev = tree if tree.shape.chunks else prev
+        stored = sum(length for _o, length in used.runs())
         allocated, file_size = self.store.space()
         return {"stored": stored, "allocated": allocated, "file_size": file_size}
 
@@ -1167,11 +1202,11 @@ class Transaction:
 
     # -- free space ----------------------------------------------------------------------
 
-    def _used(self, state: _State) -> list[tuple[int, int]]:
-        """Every extent a writer must not reuse: what both slots and pinned zombies reach."""
-        store = self._store
-        fd = store.fd
-        cs, fo = self.chunk_size, self.fanout
+    def _live(self, state: _State) -> tuple[list[tuple[int, int]], list[GenRecord]]:
+        """What a writer must keep: both slots' tables (extents) and the generations whose
+        trees stay (both slots' generations and checkpoints, and their pinned zombies).
+        Zombies no reader pins any more leave this transaction's table."""
+        fd = self._store.fd
         live: list[GenRecord] = list(state.table.generations)
         if state.table.checkpoint:
             live.append(state.table.checkpoint)
@@ -1182,7 +1217,7 @@ class Transaction:
                 zombies.append(z)
         self._table = replace(self._table, zombies=tuple(zombies))
         # every slot's table and trees stay: falling back to either copy finds intact data
-        used = [(s.sb.table_offset, s.sb.table_length) for s in state.slots if s.sb is not None]
+        tables = [(s.sb.table_offset, s.sb.table_length) for s in state.slots if s.sb is not None]
         for s in state.slots:
             if s.table is None or s.table == state.table:
                 continue
@@ -1192,23 +1227,38 @@ class Transaction:
             numbers = {r.number for r in live}  # a set: a list's `in` made this quadratic
             live += [z for z in s.table.zombies
                      if z.number not in numbers and _is_pinned(fd, z.number)]
-        seen: set[int] = set()
-        for rec in live:
+        return tables, live
+
+    def _used(self, state: _State) -> list[tuple[int, int]]:
+        """Every extent a writer must not reuse: what both slots and pinned zombies reach."""
+        store = self._store
+        cs, fo = self.chunk_size, self.fanout
+        tables, live = self._live(state)
+        used = UsedSpace()
+        for off, length in tables:
+            used.add(off, length)
+        # successive generations share most of their trees: walked side by side, in order
+        # (a checkpoint, number 0, after the newest generation it was begun from)
+        prev: TreeView | None = None
+        walked: set[TreeRef] = set()  # a tree both slots' tables name is walked once
+        for rec in sorted(live, key=lambda r: r.number or 1 << 64):
+            if rec.tree in walked:
+                continue
+            tree = TreeView(store, rec.tree, cs, fo)
             try:
-                # extents written one after another (a push's chunks) merge as they come,
-                # so the list grows with the image's fragments rather than its chunks
-                for off, length in TreeView(store, rec.tree, cs, fo).extents(seen):
-                    last_off, last_len = used[-1] if used else (-1, 0)
-                    if last_off + last_len == off:
-                        used[-1] = (last_off, last_len + length)
-                    else:
-                        used.append((off, length))
+                for off, length in tree.extents_beside(prev):
+                    used.add(off, length)
             except DataError:
                 if rec in state.table.generations or rec is state.table.checkpoint:
                     raise
                 # an unreadable tree of the older slot: keep its top, the rest is unknowable
-                used.append((rec.tree.offset, rec.tree.length))
-        return used
+                # (and it is no tree to skip against: not all it reaches was counted)
+                used.add(rec.tree.offset, rec.tree.length)
+                continue
+            walked.add(rec.tree)
+            if tree.shape.chunks:
+                prev = tree
+        return used.runs()
 
     # -- the tree being built ----------------------------------------------------------
 

@@ -196,7 +196,7 @@ def test_tree_walk_holds_a_bounded_number_of_index_pages(tmp_path):
             assert len(s.tree.leaf_hashes(p)) == 4
         upper = s.tree.shape.count(2) + s.tree.shape.count(3) + s.tree.shape.count(4) + 1
         assert s.tree.cached_pages() <= TreeView.LEAF_PAGES + upper
-        extents = list(s.tree.extents(set()))
+        extents = list(s.tree.extents_beside(None))
         assert len(extents) >= pages * 5  # a page and its 4 chunks each
         assert s.tree.cached_pages() <= TreeView.LEAF_PAGES + upper
         # an evicted page reads again, checked as the first time
