@@ -150,6 +150,23 @@ class UsedSpace:
             del runs[s]
         runs[start] = end
 
+    def remove(self, off: int, length: int) -> None:
+        """Take ``[off, off + length)`` out of the union, which holds all of it."""
+        if length <= 0:
+            return
+        self._merge(*self._cur)
+        self._cur = (0, 0)
+        runs = self._runs
+        i = runs.bisect_right(off) - 1
+        start, end = runs.peekitem(i) if i >= 0 else (off, off)
+        if not start <= off < off + length <= end:
+            raise ValueError(f"extent ({off}, {length}) is not held")
+        del runs[start]
+        if start < off:
+            runs[start] = off
+        if off + length < end:
+            runs[off + length] = end
+
     def runs(self) -> list[tuple[int, int]]:
         """The union as (offset, length), sorted, disjoint and not touching."""
         self._merge(*self._cur)

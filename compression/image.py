@@ -38,6 +38,8 @@ import ctypes.util
 import errno
 import fcntl
 import glob
+import heapq
+import itertools
 import json
 import os
 import queue
@@ -266,7 +268,9 @@ class FileStore:
         self._free = FreeSpace.from_used(DATA_START, DATA_START, [])
         # extents written since the last ``settle``: referenced by nothing on disk, given
         # back (punched, the file's free tail cut off) when the writer ends without commit
-        self._pending: dict[int, int] = {}
+        # (runs: a commit of a first push writes an index page per 128 chunks, 16 M pages
+        # for 4 TiB, one after another, issue 16)
+        self._pending = UsedSpace()
         self._writeback: _Writeback | None = None
 
     # .. reading ..
@@ -302,19 +306,21 @@ class FileStore:
         returns its extent. Not durable before ``sync``."""
         n = len(data)
         off = self._free.allocate_aligned(n, align) if align else self._free.allocate(n)
-        self._pending[off] = -(-n // align) * align if align else n
+        span = -(-n // align) * align if align else n
+        self._pending.add(off, span)
         try:
             pwrite_all(self.fd, data, off)
         except OSError as e:
-            self.release(off)
+            self.release(off, span)
             raise from_oserror(e, f"writing {what} to {self.path}") from None
         if self._writeback is not None:
             self._writeback.wrote(off, n)
         return off, n
 
-    def release(self, offset: int) -> None:
+    def release(self, offset: int, length: int) -> None:
         """Give back an extent written since the last ``settle`` and no longer needed."""
-        self._free.release(offset, self._pending.pop(offset))
+        self._pending.remove(offset, length)
+        self._free.release(offset, length)
 
     def write_head(self, offset: int, data: bytes) -> None:
         """Overwrite part of the head in place (a superblock slot, the writer slot)."""
@@ -326,18 +332,17 @@ class FileStore:
 
     def settle(self) -> None:
         """Everything written so far is referenced now (a table naming it was published)."""
-        self._pending.clear()
+        self._pending = UsedSpace()
 
     def give_back(self) -> None:
         """Return what was written since the last ``settle`` to the filesystem: a failed
         push (a full disk above all) must not keep the space until the next push."""
         self._stop_writeback()
-        if not self._pending:
+        if not len(self._pending):
             return
         with contextlib.suppress(OSError):
-            for off in list(self._pending):
-                length = self._pending[off]
-                self.release(off)
+            for off, length in self._pending.runs():
+                self.release(off, length)
                 punch_hole(self.fd, off, length)
             end = self._free.trim_end()
             if end < os.fstat(self.fd).st_size:
@@ -1355,7 +1360,7 @@ class Transaction:
                 self._dirty[p] += z
         for c in list(self._fresh):
             if c >= self.shape.chunks:
-                self._store.release(self._fresh.pop(c)[0])
+                self._store.release(*self._fresh.pop(c))
         for c, data in keep.items():
             self.write_chunk(c, data)
 
@@ -1378,7 +1383,7 @@ class Transaction:
             raise UsageError(f"chunk {chunk} must hold {want} bytes, not {length}")
         old = self._fresh.pop(chunk, None)
         if old is not None:
-            self._store.release(old[0])
+            self._store.release(*old)
         if kind == Kind.ZERO:
             self._set_entry(chunk, pack_entry(digest, 0, 0, Kind.ZERO))
             return
@@ -1389,46 +1394,71 @@ class Transaction:
     # -- committing ----------------------------------------------------------------------
 
     def _write_tree(self) -> TreeRef:
-        """Write dirty level-1 pages and every page above them; returns the new top."""
+        """Write dirty level-1 pages and every page above them; returns the new top.
+
+        Bottom-up as a stream: each level's rewritten nodes come in ascending order, so a
+        parent is written as soon as its last rewritten child is, and memory holds one
+        parent per level, not a pointer per rewritten page (a first push rewrites every
+        page: 25 MiB per TiB, issue 16)."""
         shape, base = self.shape, self.base.shape
         if shape.chunks == 0:
             return TreeRef(0)
         if not self._dirty and shape == base:
             return self._base_ref
-        f = self.fanout
-        # pages whose covered range differs from the base tree must be rewritten too
-        lo = max(min(base.count(1), shape.count(1)) - 1, 0)
-        pages = set(self._dirty)
-        for j in range(lo, shape.count(1)):
-            if j >= base.count(1) or base.chunk_range(1, j) != shape.chunk_range(1, j):
-                pages.add(j)
-        rebuilt: dict[int, bytes] = {}  # index -> packed pointer entry, for the current level
-        for j in sorted(pages):
+        nodes: Iterator[tuple[int, bytes]] = self._write_pages()
+        for level in range(2, shape.top_level + 1):
+            nodes = self._write_parents(level, nodes)
+        top = dict(nodes)  # the top, when it was rewritten
+        # an unchanged top is still the base's node of that level (which may not be its top)
+        e = unpack_entry(top.get(0) or self._base_pointer(shape.top_level, 0), 0)
+        return TreeRef(shape.size, e.offset, e.length, e.hash)
+
+    def _reshaped(self, level: int) -> range:
+        """Nodes of ``level`` whose covered range differs from the base tree's (its last
+        one, and those of grown space): rewritten even with no changed child."""
+        shape, base = self.shape, self.base.shape
+        lo = max(min(base.count(level), shape.count(level)) - 1, 0)
+        for j in range(lo, shape.count(level)):
+            if j >= base.count(level) or base.chunk_range(level, j) != shape.chunk_range(
+                    level, j):
+                return range(j, shape.count(level))
+        return range(0)
+
+    def _write_pages(self) -> Iterator[tuple[int, bytes]]:
+        """Write the changed level-1 pages in ascending order; yields (index, pointer)."""
+        reshaped = self._reshaped(1)
+        dirty = sorted(j for j in self._dirty if j not in reshaped)
+        for j in heapq.merge(dirty, reshaped):
             entries = self._page_entries(j)
             off, n = self._store.write(encode_page(1, entries), "index page")
-            rebuilt[j] = pack_entry(node_hash_packed(entry_digests(entries)), off, n, Kind.PAGE)
-        for level in range(2, shape.top_level + 1):
-            parents = {j // f for j in rebuilt}
-            lo = max(min(base.count(level), shape.count(level)) - 1, 0)
-            for j in range(lo, shape.count(level)):
-                if j >= base.count(level) or base.chunk_range(level, j) != shape.chunk_range(
-                    level, j
-                ):
-                    parents.add(j)
-            above: dict[int, bytes] = {}
-            for j in sorted(parents):
-                entries = bytearray()
-                for k in shape.children(level, j):
-                    e = rebuilt.get(k)
-                    if e is None:
-                        e = self._base_pointer(level - 1, k)
-                    entries += e
-                off, n = self._store.write(encode_page(level, entries), "index page")
-                above[j] = pack_entry(node_hash_packed(entry_digests(entries)), off, n, Kind.PAGE)
-            rebuilt = above
-        # an unchanged top is still the base's node of that level (which may not be its top)
-        top = unpack_entry(rebuilt.get(0) or self._base_pointer(shape.top_level, 0), 0)
-        return TreeRef(shape.size, top.offset, top.length, top.hash)
+            yield j, pack_entry(node_hash_packed(entry_digests(entries)), off, n, Kind.PAGE)
+
+    def _write_parents(self, level: int,
+                       children: Iterator[tuple[int, bytes]]) -> Iterator[tuple[int, bytes]]:
+        """Write the ``level`` pages above the rewritten ``children`` (ascending) and the
+        reshaped ones; yields (index, pointer) in ascending order."""
+        shape, f = self.shape, self.fanout
+        reshaped = self._reshaped(level)
+
+        def parent_of(child: tuple[int, bytes]) -> int:
+            return child[0] // f
+
+        groups = ((j, list(g)) for j, g in itertools.groupby(children, key=parent_of))
+        # a reshaped parent without rewritten children is a group of none
+        extra: Iterator[tuple[int, list[tuple[int, bytes]]]] = ((j, []) for j in reshaped)
+        last = -1
+        for j, group in heapq.merge(groups, extra, key=lambda g: g[0]):
+            rebuilt = dict(group)
+            if j == last:  # a reshaped parent that had rewritten children: written already
+                assert not rebuilt
+                continue
+            last = j
+            entries = bytearray()
+            for k in shape.children(level, j):
+                e = rebuilt.get(k)
+                entries += e if e is not None else self._base_pointer(level - 1, k)
+            off, n = self._store.write(encode_page(level, entries), "index page")
+            yield j, pack_entry(node_hash_packed(entry_digests(entries)), off, n, Kind.PAGE)
 
     def _base_pointer(self, level: int, index: int) -> bytes:
         """Packed pointer to an unchanged base node, from its parent page or the base top."""

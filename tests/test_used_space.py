@@ -105,6 +105,30 @@ def test_used_space_is_the_union(extents: list[tuple[int, int]]) -> None:
     assert len(used) == len(runs)
 
 
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 60), st.integers(1, 9), st.booleans()), max_size=40))
+def test_used_space_gives_back_what_it_holds(ops: list[tuple[int, int, bool]]) -> None:
+    """Extents added apart (what a writer's pending space is) and some taken out again:
+    the union of what is left, byte for byte."""
+    used, model = UsedSpace(), set[int]()
+    for pos, length, take in ops:
+        off = pos * 10
+        if take and model:
+            held = sorted(model)
+            start = held[pos % len(held)]
+            n = 1
+            while start + n in model and n < length:
+                n += 1
+            used.remove(start, n)
+            model -= set(range(start, start + n))
+        elif not model & set(range(off, off + length)):
+            used.add(off, length)
+            model |= set(range(off, off + length))
+    assert used.runs() == merged([(b, 1) for b in model])
+    with pytest.raises(ValueError):
+        used.remove(10_000, 1)
+
+
 def test_used_space_follows_runs_not_extents() -> None:
     """A million adjacent chunk extents in any of a few orders are one run (memory)."""
     used = UsedSpace()
@@ -188,7 +212,7 @@ class History:
                 slots.append(offset)
                 real(offset, blob)
 
-            store.write_head = write_head  # type: ignore[method-assign]
+            store.write_head = write_head
             number = img.table.next_number
             with pytest.raises(Exception, match="Input/output error"):
                 tx.commit(keep=keep)
