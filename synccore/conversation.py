@@ -197,7 +197,6 @@ class SourceConversation(_Conversation):
     FORGET_PAGES = 4096  # the target's digests of decided pages are dropped this many at once
     PAGE_WINDOW = 16384  # page digests asked for ahead of the decided ones ("page-window")
 
-
     def __init__(self, size: int, chunk_size: int, fanout: int, software: str,
                  info: dict[str, Any], *, dry_run: bool) -> None:
         super().__init__()
