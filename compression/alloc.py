@@ -103,3 +103,76 @@ class FreeSpace:
     @property
     def free_bytes(self) -> int:
         return sum(self._by_off.values())
+
+
+class UsedSpace:
+    """The union of extents added in any order, kept as disjoint sorted runs.
+
+    What the writer's walk of the live trees finds: the same extent may come more than once
+    (pages or chunks shared between generations) and in no order. Memory follows the runs
+    the union has, the image's fragments, not the extents added (a chunk each: 8 M per TiB
+    of data), so the free-space map is built in memory flat in the disk size (issue 16). A
+    run being extended (a push writes its chunks one after another) is kept aside and
+    merged only when an extent does not continue it, which keeps adding cheap.
+    """
+
+    def __init__(self) -> None:
+        self._runs: SortedDict = SortedDict()  # start -> end, disjoint, not touching
+        self._cur = (0, 0)  # start, end of the run being extended (empty: start == end)
+
+    def add(self, off: int, length: int) -> None:
+        if length <= 0:
+            return
+        start, end = self._cur
+        if off == end and start < end:
+            self._cur = (start, off + length)
+            return
+        self._merge(start, end)
+        self._cur = (off, off + length)
+
+    def _merge(self, start: int, end: int) -> None:
+        if start >= end:
+            return
+        runs = self._runs
+        i = runs.bisect_right(start)
+        if i > 0:  # a run starting at or before ``start`` that reaches it absorbs it
+            s, e = runs.peekitem(i - 1)
+            if e >= start:
+                if e >= end:
+                    return
+                start = s
+                i -= 1
+        while i < len(runs):  # runs starting inside [start, end] are absorbed
+            s, e = runs.peekitem(i)
+            if s > end:
+                break
+            end = max(end, e)
+            del runs[s]
+        runs[start] = end
+
+    def remove(self, off: int, length: int) -> None:
+        """Take ``[off, off + length)`` out of the union, which holds all of it."""
+        if length <= 0:
+            return
+        self._merge(*self._cur)
+        self._cur = (0, 0)
+        runs = self._runs
+        i = runs.bisect_right(off) - 1
+        start, end = runs.peekitem(i) if i >= 0 else (off, off)
+        if not start <= off < off + length <= end:
+            raise ValueError(f"extent ({off}, {length}) is not held")
+        del runs[start]
+        if start < off:
+            runs[start] = off
+        if off + length < end:
+            runs[off + length] = end
+
+    def runs(self) -> list[tuple[int, int]]:
+        """The union as (offset, length), sorted, disjoint and not touching."""
+        self._merge(*self._cur)
+        self._cur = (0, 0)
+        return [(s, e - s) for s, e in self._runs.items()]
+
+    def __len__(self) -> int:
+        """Runs held (what the memory is)."""
+        return len(self._runs) + (self._cur[0] < self._cur[1])

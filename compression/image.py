@@ -38,6 +38,8 @@ import ctypes.util
 import errno
 import fcntl
 import glob
+import heapq
+import itertools
 import json
 import os
 import queue
@@ -63,7 +65,7 @@ from diskrsync.base.errors import (
 )
 from diskrsync.base.merkle import Shape, node_hash_packed, root_hash
 from diskrsync.base.retention import Retention, Verdict, select
-from diskrsync.compression.alloc import FreeSpace
+from diskrsync.compression.alloc import FreeSpace, UsedSpace
 from diskrsync.compression.api import GenerationInfo, read_span
 from diskrsync.compression.codec import STANDARD, ChunkAt, ChunkCodec, Kind, is_zero, zeros
 from diskrsync.compression.crypto import (
@@ -266,7 +268,9 @@ class FileStore:
         self._free = FreeSpace.from_used(DATA_START, DATA_START, [])
         # extents written since the last ``settle``: referenced by nothing on disk, given
         # back (punched, the file's free tail cut off) when the writer ends without commit
-        self._pending: dict[int, int] = {}
+        # (runs: a commit of a first push writes an index page per 128 chunks, 16 M pages
+        # for 4 TiB, one after another, issue 16)
+        self._pending = UsedSpace()
         self._writeback: _Writeback | None = None
 
     # .. reading ..
@@ -302,19 +306,21 @@ class FileStore:
         returns its extent. Not durable before ``sync``."""
         n = len(data)
         off = self._free.allocate_aligned(n, align) if align else self._free.allocate(n)
-        self._pending[off] = -(-n // align) * align if align else n
+        span = -(-n // align) * align if align else n
+        self._pending.add(off, span)
         try:
             pwrite_all(self.fd, data, off)
         except OSError as e:
-            self.release(off)
+            self.release(off, span)
             raise from_oserror(e, f"writing {what} to {self.path}") from None
         if self._writeback is not None:
             self._writeback.wrote(off, n)
         return off, n
 
-    def release(self, offset: int) -> None:
+    def release(self, offset: int, length: int) -> None:
         """Give back an extent written since the last ``settle`` and no longer needed."""
-        self._free.release(offset, self._pending.pop(offset))
+        self._pending.remove(offset, length)
+        self._free.release(offset, length)
 
     def write_head(self, offset: int, data: bytes) -> None:
         """Overwrite part of the head in place (a superblock slot, the writer slot)."""
@@ -326,18 +332,17 @@ class FileStore:
 
     def settle(self) -> None:
         """Everything written so far is referenced now (a table naming it was published)."""
-        self._pending.clear()
+        self._pending = UsedSpace()
 
     def give_back(self) -> None:
         """Return what was written since the last ``settle`` to the filesystem: a failed
         push (a full disk above all) must not keep the space until the next push."""
         self._stop_writeback()
-        if not self._pending:
+        if not len(self._pending):
             return
         with contextlib.suppress(OSError):
-            for off in list(self._pending):
-                length = self._pending[off]
-                self.release(off)
+            for off, length in self._pending.runs():
+                self.release(off, length)
                 punch_hole(self.fd, off, length)
             end = self._free.trim_end()
             if end < os.fstat(self.fd).st_size:
@@ -560,27 +565,60 @@ class TreeView:
         entries = self.page(1, page)
         return [entry_hash(entries, k) for k in range(len(entries) // ENTRY_SIZE)]
 
-    def extents(self, seen: set[int]) -> Iterator[tuple[int, int]]:
-        """Every stored extent this tree references; subtrees whose page offset is already in
-        ``seen`` are skipped (copy-on-write: a page is immutable, so is what it points to)."""
+    def pointer(self, level: int, index: int) -> bytes | None:
+        """The packed entry naming node (level, index), level >= 1: digest, offset, length
+        (the top's from the tree's ref); None where the tree has no such node or the page
+        naming it cannot be read."""
+        shape = self.shape
+        if shape.chunks == 0 or not 1 <= level <= shape.top_level \
+                or not 0 <= index < shape.count(level):
+            return None
+        if level == shape.top_level:
+            r = self.ref
+            return pack_entry(r.hash, r.offset, r.length, Kind.PAGE)
+        f = shape.fanout
+        try:
+            page = self.page(level + 1, index // f)
+        except DataError:
+            return None
+        k = index % f
+        return bytes(page[k * ENTRY_SIZE : (k + 1) * ENTRY_SIZE])
+
+    def extents_beside(self, prev: TreeView | None) -> Iterator[tuple[int, int]]:
+        """Every stored extent this tree references but the subtrees it shares with ``prev``
+        at the same place (a node whose pointer, digest and offset and length, equals
+        ``prev``'s node of that level and index: a page is immutable, so is all it points
+        to). The caller has counted all of ``prev``'s extents already.
+
+        Copy-on-write keeps an unchanged page where it was, so walking the trees of
+        successive generations side by side finds what one shares with the one before
+        without remembering every page seen (a set of offsets grew with the disk, issue
+        16): memory is a path of the walk. A page shared some other way is only walked
+        again, never skipped wrongly. Extents come in ascending node order, so a push's
+        chunks, written one after another, arrive one after another."""
         shape = self.shape
         if shape.chunks == 0:
             return
-        stack = [(shape.top_level, 0, self.ref.offset, self.ref.length)]
+        top = shape.top_level
+        r = self.ref
+        stack = [(top, 0, pack_entry(r.hash, r.offset, r.length, Kind.PAGE))]
         while stack:
-            level, index, off, length = stack.pop()
-            if off in seen:
+            level, index, ptr = stack.pop()
+            if prev is not None and prev.pointer(level, index) == ptr:
                 continue
-            seen.add(off)
-            yield off, length
+            e = unpack_entry(ptr, 0)
+            yield e.offset, e.length
             entries = self.page(level, index)
             if level == 1:
                 for _h, offset, length, kind in iter_entries(entries):
                     if kind != Kind.ZERO:
                         yield offset, length
             else:
-                for k, (_h, offset, length, _kind) in enumerate(iter_entries(entries)):
-                    stack.append((level - 1, index * shape.fanout + k, offset, length))
+                n = len(entries) // ENTRY_SIZE
+                first = index * shape.fanout
+                for k in range(n - 1, -1, -1):  # popped in ascending order
+                    stack.append((level - 1, first + k,
+                                  bytes(entries[k * ENTRY_SIZE : (k + 1) * ENTRY_SIZE])))
 
 
 class _NoStore:
@@ -957,12 +995,14 @@ class Image:
 
     def usage(self) -> dict[str, int]:
         """Stored bytes (data and index reachable from retained generations) and allocation."""
-        seen: set[int] = set()
-        extents: set[tuple[int, int]] = set()
+        used = UsedSpace()
+        prev: TreeView | None = None
         for rec in self._state.table.generations:
-            extents.update(TreeView(self.store, rec.tree, self.chunk_size, self.fanout)
-                           .extents(seen))
-        stored = sum(length for _o, length in extents)
+            tree = TreeView(self.store, rec.tree, self.chunk_size, self.fanout)
+            for off, length in tree.extents_beside(prev):
+                used.add(off, length)
+            prev = tree if tree.shape.chunks else prev
+        stored = sum(length for _o, length in used.runs())
         allocated, file_size = self.store.space()
         return {"stored": stored, "allocated": allocated, "file_size": file_size}
 
@@ -1167,11 +1207,11 @@ class Transaction:
 
     # -- free space ----------------------------------------------------------------------
 
-    def _used(self, state: _State) -> list[tuple[int, int]]:
-        """Every extent a writer must not reuse: what both slots and pinned zombies reach."""
-        store = self._store
-        fd = store.fd
-        cs, fo = self.chunk_size, self.fanout
+    def _live(self, state: _State) -> tuple[list[tuple[int, int]], list[GenRecord]]:
+        """What a writer must keep: both slots' tables (extents) and the generations whose
+        trees stay (both slots' generations and checkpoints, and their pinned zombies).
+        Zombies no reader pins any more leave this transaction's table."""
+        fd = self._store.fd
         live: list[GenRecord] = list(state.table.generations)
         if state.table.checkpoint:
             live.append(state.table.checkpoint)
@@ -1182,7 +1222,7 @@ class Transaction:
                 zombies.append(z)
         self._table = replace(self._table, zombies=tuple(zombies))
         # every slot's table and trees stay: falling back to either copy finds intact data
-        used = [(s.sb.table_offset, s.sb.table_length) for s in state.slots if s.sb is not None]
+        tables = [(s.sb.table_offset, s.sb.table_length) for s in state.slots if s.sb is not None]
         for s in state.slots:
             if s.table is None or s.table == state.table:
                 continue
@@ -1192,23 +1232,38 @@ class Transaction:
             numbers = {r.number for r in live}  # a set: a list's `in` made this quadratic
             live += [z for z in s.table.zombies
                      if z.number not in numbers and _is_pinned(fd, z.number)]
-        seen: set[int] = set()
-        for rec in live:
+        return tables, live
+
+    def _used(self, state: _State) -> list[tuple[int, int]]:
+        """Every extent a writer must not reuse: what both slots and pinned zombies reach."""
+        store = self._store
+        cs, fo = self.chunk_size, self.fanout
+        tables, live = self._live(state)
+        used = UsedSpace()
+        for off, length in tables:
+            used.add(off, length)
+        # successive generations share most of their trees: walked side by side, in order
+        # (a checkpoint, number 0, after the newest generation it was begun from)
+        prev: TreeView | None = None
+        walked: set[TreeRef] = set()  # a tree both slots' tables name is walked once
+        for rec in sorted(live, key=lambda r: r.number or 1 << 64):
+            if rec.tree in walked:
+                continue
+            tree = TreeView(store, rec.tree, cs, fo)
             try:
-                # extents written one after another (a push's chunks) merge as they come,
-                # so the list grows with the image's fragments rather than its chunks
-                for off, length in TreeView(store, rec.tree, cs, fo).extents(seen):
-                    last_off, last_len = used[-1] if used else (-1, 0)
-                    if last_off + last_len == off:
-                        used[-1] = (last_off, last_len + length)
-                    else:
-                        used.append((off, length))
+                for off, length in tree.extents_beside(prev):
+                    used.add(off, length)
             except DataError:
                 if rec in state.table.generations or rec is state.table.checkpoint:
                     raise
                 # an unreadable tree of the older slot: keep its top, the rest is unknowable
-                used.append((rec.tree.offset, rec.tree.length))
-        return used
+                # (and it is no tree to skip against: not all it reaches was counted)
+                used.add(rec.tree.offset, rec.tree.length)
+                continue
+            walked.add(rec.tree)
+            if tree.shape.chunks:
+                prev = tree
+        return used.runs()
 
     # -- the tree being built ----------------------------------------------------------
 
@@ -1305,7 +1360,7 @@ class Transaction:
                 self._dirty[p] += z
         for c in list(self._fresh):
             if c >= self.shape.chunks:
-                self._store.release(self._fresh.pop(c)[0])
+                self._store.release(*self._fresh.pop(c))
         for c, data in keep.items():
             self.write_chunk(c, data)
 
@@ -1328,7 +1383,7 @@ class Transaction:
             raise UsageError(f"chunk {chunk} must hold {want} bytes, not {length}")
         old = self._fresh.pop(chunk, None)
         if old is not None:
-            self._store.release(old[0])
+            self._store.release(*old)
         if kind == Kind.ZERO:
             self._set_entry(chunk, pack_entry(digest, 0, 0, Kind.ZERO))
             return
@@ -1339,46 +1394,71 @@ class Transaction:
     # -- committing ----------------------------------------------------------------------
 
     def _write_tree(self) -> TreeRef:
-        """Write dirty level-1 pages and every page above them; returns the new top."""
+        """Write dirty level-1 pages and every page above them; returns the new top.
+
+        Bottom-up as a stream: each level's rewritten nodes come in ascending order, so a
+        parent is written as soon as its last rewritten child is, and memory holds one
+        parent per level, not a pointer per rewritten page (a first push rewrites every
+        page: 25 MiB per TiB, issue 16)."""
         shape, base = self.shape, self.base.shape
         if shape.chunks == 0:
             return TreeRef(0)
         if not self._dirty and shape == base:
             return self._base_ref
-        f = self.fanout
-        # pages whose covered range differs from the base tree must be rewritten too
-        lo = max(min(base.count(1), shape.count(1)) - 1, 0)
-        pages = set(self._dirty)
-        for j in range(lo, shape.count(1)):
-            if j >= base.count(1) or base.chunk_range(1, j) != shape.chunk_range(1, j):
-                pages.add(j)
-        rebuilt: dict[int, bytes] = {}  # index -> packed pointer entry, for the current level
-        for j in sorted(pages):
+        nodes: Iterator[tuple[int, bytes]] = self._write_pages()
+        for level in range(2, shape.top_level + 1):
+            nodes = self._write_parents(level, nodes)
+        top = dict(nodes)  # the top, when it was rewritten
+        # an unchanged top is still the base's node of that level (which may not be its top)
+        e = unpack_entry(top.get(0) or self._base_pointer(shape.top_level, 0), 0)
+        return TreeRef(shape.size, e.offset, e.length, e.hash)
+
+    def _reshaped(self, level: int) -> range:
+        """Nodes of ``level`` whose covered range differs from the base tree's (its last
+        one, and those of grown space): rewritten even with no changed child."""
+        shape, base = self.shape, self.base.shape
+        lo = max(min(base.count(level), shape.count(level)) - 1, 0)
+        for j in range(lo, shape.count(level)):
+            if j >= base.count(level) or base.chunk_range(level, j) != shape.chunk_range(
+                    level, j):
+                return range(j, shape.count(level))
+        return range(0)
+
+    def _write_pages(self) -> Iterator[tuple[int, bytes]]:
+        """Write the changed level-1 pages in ascending order; yields (index, pointer)."""
+        reshaped = self._reshaped(1)
+        dirty = sorted(j for j in self._dirty if j not in reshaped)
+        for j in heapq.merge(dirty, reshaped):
             entries = self._page_entries(j)
             off, n = self._store.write(encode_page(1, entries), "index page")
-            rebuilt[j] = pack_entry(node_hash_packed(entry_digests(entries)), off, n, Kind.PAGE)
-        for level in range(2, shape.top_level + 1):
-            parents = {j // f for j in rebuilt}
-            lo = max(min(base.count(level), shape.count(level)) - 1, 0)
-            for j in range(lo, shape.count(level)):
-                if j >= base.count(level) or base.chunk_range(level, j) != shape.chunk_range(
-                    level, j
-                ):
-                    parents.add(j)
-            above: dict[int, bytes] = {}
-            for j in sorted(parents):
-                entries = bytearray()
-                for k in shape.children(level, j):
-                    e = rebuilt.get(k)
-                    if e is None:
-                        e = self._base_pointer(level - 1, k)
-                    entries += e
-                off, n = self._store.write(encode_page(level, entries), "index page")
-                above[j] = pack_entry(node_hash_packed(entry_digests(entries)), off, n, Kind.PAGE)
-            rebuilt = above
-        # an unchanged top is still the base's node of that level (which may not be its top)
-        top = unpack_entry(rebuilt.get(0) or self._base_pointer(shape.top_level, 0), 0)
-        return TreeRef(shape.size, top.offset, top.length, top.hash)
+            yield j, pack_entry(node_hash_packed(entry_digests(entries)), off, n, Kind.PAGE)
+
+    def _write_parents(self, level: int,
+                       children: Iterator[tuple[int, bytes]]) -> Iterator[tuple[int, bytes]]:
+        """Write the ``level`` pages above the rewritten ``children`` (ascending) and the
+        reshaped ones; yields (index, pointer) in ascending order."""
+        shape, f = self.shape, self.fanout
+        reshaped = self._reshaped(level)
+
+        def parent_of(child: tuple[int, bytes]) -> int:
+            return child[0] // f
+
+        groups = ((j, list(g)) for j, g in itertools.groupby(children, key=parent_of))
+        # a reshaped parent without rewritten children is a group of none
+        extra: Iterator[tuple[int, list[tuple[int, bytes]]]] = ((j, []) for j in reshaped)
+        last = -1
+        for j, group in heapq.merge(groups, extra, key=lambda g: g[0]):
+            rebuilt = dict(group)
+            if j == last:  # a reshaped parent that had rewritten children: written already
+                assert not rebuilt
+                continue
+            last = j
+            entries = bytearray()
+            for k in shape.children(level, j):
+                e = rebuilt.get(k)
+                entries += e if e is not None else self._base_pointer(level - 1, k)
+            off, n = self._store.write(encode_page(level, entries), "index page")
+            yield j, pack_entry(node_hash_packed(entry_digests(entries)), off, n, Kind.PAGE)
 
     def _base_pointer(self, level: int, index: int) -> bytes:
         """Packed pointer to an unchanged base node, from its parent page or the base top."""

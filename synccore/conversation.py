@@ -21,6 +21,7 @@ A push, as the source sees it::
     hello() -> Hello           receive(Hello)       -> TargetReady (shapes of both ends)
                                receive(PageHashes)  -> PagesKnown  (page digests so far)
     page_equal(j, digest)?  else  page_differs(j) -> NeedLeaves | SendChunks
+    want_pages() -> WantPages (a window of the target's page digests at a time)
     (adopt_page(j): unchanged by a map of changed ranges, the target's digest is ours)
                                receive(Leaves)      -> SendChunks  (chunks that differ)
     done(info) -> Done         receive(Committed)   -> Finished
@@ -28,6 +29,7 @@ A push, as the source sees it::
 and the target::
 
     receive(Hello)      -> SourceHello   then accept(...) -> Hello, then its page digests
+    receive(WantPages)  -> PagesWanted   then its page digests up to that page
     receive(NeedLeaves) -> LeavesWanted  then leaves(page, digests) -> Leaves
     receive(Chunk)      -> ChunkArrived  (check_chunk verifies it; thread-safe)
     receive(Done)       -> DoneArrived   then committed(result) -> Committed
@@ -41,10 +43,10 @@ from typing import Any
 from diskrsync.base.errors import ConnectionClosed, DiskrsyncError, PeerError, error_from_wire
 from diskrsync.base.merkle import (
     HASH_SIZE,
+    PageFolder,
     Shape,
     leaf_hash,
     node_hash_packed,
-    root_from_pages,
     zero_hash,
 )
 from diskrsync.compression import codec
@@ -116,6 +118,13 @@ class DoneArrived:
 
 
 @dataclass(frozen=True)
+class PagesWanted:
+    """Send page digests up to page ``upto`` (exclusive; the store's count at most)."""
+
+    upto: int
+
+
+@dataclass(frozen=True)
 class EstimateArrived:
     """A first push's estimate: check it fits (``store.check_space``) before any chunk."""
 
@@ -123,7 +132,8 @@ class EstimateArrived:
 
 
 SourceEvent = TargetReady | PagesKnown | SendChunks | Finished
-TargetEvent = SourceHello | LeavesWanted | ChunkArrived | DoneArrived | EstimateArrived
+TargetEvent = (SourceHello | LeavesWanted | ChunkArrived | DoneArrived | EstimateArrived
+               | PagesWanted)
 
 
 def peer_error(msg: p.Error, who: str) -> DiskrsyncError:
@@ -177,10 +187,15 @@ class SourceConversation(_Conversation):
     The driver gives its chunk digests to ``set_leaves`` as it scans; a page is decided with
     ``page_equal``/``page_differs`` once the target's digest of it is known
     (``needs_target_page``, ``pages_known``). Leaf digests are kept only for the pages not
-    settled yet (equal, adopted, or their chunks sent: ``page_sent``); a settled page keeps
-    its digest alone, 32 bytes per ``fanout`` chunks, so memory follows the pages in flight
-    and not the disk (issue 16: 32 bytes per chunk were 256 MiB for 1 TiB).
+    settled yet (equal, adopted, or their chunks sent: ``page_sent``); a settled page's
+    digest goes into a ``PageFolder``, which keeps only the tree's incomplete nodes, and the
+    target's digest of a page is dropped once the page is decided (pages are decided in
+    order), so memory follows the pages in flight and not the disk (issue 16: 32 bytes per
+    chunk were 256 MiB for 1 TiB, then 64 bytes per page were 8 MiB per TiB).
     """
+
+    FORGET_PAGES = 4096  # the target's digests of decided pages are dropped this many at once
+    PAGE_WINDOW = 16384  # page digests asked for ahead of the decided ones ("page-window")
 
     def __init__(self, size: int, chunk_size: int, fanout: int, software: str,
                  info: dict[str, Any], *, dry_run: bool) -> None:
@@ -189,16 +204,21 @@ class SourceConversation(_Conversation):
         self.dry_run = dry_run
         self._hello = p.Hello("source", size, chunk_size, fanout, software,
                               {"dry_run": dry_run, "hash": p.HASH,
-                               "caps": list(p.CAPABILITIES), **info})
+                               "caps": list(p.CAPABILITIES),
+                               "page_window": self.PAGE_WINDOW, **info})
         self.target: p.Hello | None = None
         self.src = self.dst = Shape(0, p.MAX_CHUNK, 2)
         self._leaves: dict[int, bytearray] = {}  # page -> leaf digests, until settled
-        self._mine = bytearray()  # digests of the settled pages
-        self._settled = bytearray()  # 1 for each page settled
-        self._page_hashes = bytearray()
+        self._mine = PageFolder(self.src)  # digests of the settled pages, folded
+        self._theirs = bytearray()  # the target's page digests from page _theirs_from on
+        self._theirs_from = 0
+        self._pages_known = 0
+        self._decided_to = 0  # pages before this are decided: their target digest is unused
+        self._decided: set[int] = set()  # pages decided out of order, past _decided_to
+        self._windowed = False  # the target sends page digests only as asked (WantPages)
+        self._granted = 0  # pages asked for so far
         self._asked: set[int] = set()  # pages whose Leaves we wait for
         self._unread: dict[int, tuple[int, ...]] = {}  # page -> chunks whose digest is theirs
-        self._adopted: set[int] = set()  # pages whose digest is the target's
         self._done: p.Done | None = None  # a Committed before our Done is the target's lie
         self.result: p.Committed | None = None
 
@@ -207,7 +227,30 @@ class SourceConversation(_Conversation):
 
     @property
     def pages_known(self) -> int:
-        return len(self._page_hashes) // HASH_SIZE
+        return self._pages_known
+
+    @property
+    def target_pages_held(self) -> int:
+        """The target's page digests held (what the memory is)."""
+        return len(self._theirs) // HASH_SIZE
+
+    def _their_page(self, j: int) -> bytes:
+        assert self._theirs_from <= j < self._pages_known, f"target digest of page {j} dropped"
+        at = (j - self._theirs_from) * HASH_SIZE
+        return bytes(self._theirs[at : at + HASH_SIZE])
+
+    def _decide(self, j: int) -> None:
+        """Page j is decided: the target's digest of it is not needed any more."""
+        if j < self._decided_to:
+            return
+        self._decided.add(j)
+        while self._decided_to in self._decided:
+            self._decided.discard(self._decided_to)
+            self._decided_to += 1
+        drop = min(self._decided_to, self._pages_known) - self._theirs_from
+        if drop >= self.FORGET_PAGES:
+            del self._theirs[: drop * HASH_SIZE]
+            self._theirs_from += drop
 
     @property
     def waiting(self) -> int:
@@ -238,7 +281,17 @@ class SourceConversation(_Conversation):
             if msg.start + len(msg.hashes) // HASH_SIZE > self.dst.count(1):
                 raise PeerError(f"target sent more page digests than its "
                                 f"{self.dst.count(1)} pages")
-            self._page_hashes += msg.hashes
+            if self._windowed and msg.start + len(msg.hashes) // HASH_SIZE > self._granted:
+                raise PeerError("target sent page digests it was not asked for")
+            # the digests of pages the source does not have, or has decided, are not kept
+            n = len(msg.hashes) // HASH_SIZE
+            keep_from = max(self._decided_to, msg.start) - msg.start
+            keep_to = max(min(self.src.count(1), msg.start + n) - msg.start, keep_from)
+            if keep_from or not self._theirs:  # (then every page held is decided)
+                self._theirs = bytearray()
+                self._theirs_from = msg.start + keep_from
+            self._theirs += msg.hashes[keep_from * HASH_SIZE : keep_to * HASH_SIZE]
+            self._pages_known += n
             return PagesKnown(self.pages_known)
         if isinstance(msg, p.Leaves):
             return self._on_leaves(msg)
@@ -251,9 +304,23 @@ class SourceConversation(_Conversation):
         self.target = hello
         self.src = Shape(self.size, hello.chunk_size, hello.fanout)
         self.dst = Shape(hello.size, hello.chunk_size, hello.fanout)
-        self._mine = bytearray(HASH_SIZE * self.src.count(1))
-        self._settled = bytearray(self.src.count(1))
+        self._mine = PageFolder(self.src)
+        self._windowed = "page-window" in hello.info.get("caps", ())
+        self._granted = self._hello.info["page_window"]  # what the target sends unasked
         return TargetReady(hello, self.src, self.dst)
+
+    def want_pages(self) -> p.WantPages | None:
+        """What to send the target now so its page digests keep coming ``PAGE_WINDOW``
+        ahead of the pages decided (None: nothing, or it sends them all unasked). The first
+        window comes unasked (our Hello's ``page_window``). Call it after deciding pages."""
+        if not self._windowed:
+            return None
+        upto = min(self._decided_to + self.PAGE_WINDOW, self.dst.count(1))
+        if upto <= self._granted or (upto - self._granted < self.PAGE_WINDOW // 2
+                                     and upto < self.dst.count(1)):
+            return None
+        self._granted = upto
+        return p.WantPages(upto)
 
     # .. deciding ..
 
@@ -291,13 +358,11 @@ class SourceConversation(_Conversation):
         self._leaves[j][k * HASH_SIZE : (k + 1) * HASH_SIZE] = digest
 
     def _settle(self, j: int, digest: bytes | None = None) -> None:
-        assert not self._settled[j], f"page {j} settled twice"
         leaves = self._leaves.pop(j, None)
         if digest is None:
             digest = node_hash_packed(leaves if leaves is not None else self._page_leaves(j))
             self._leaves.pop(j, None)
-        self._mine[j * HASH_SIZE : (j + 1) * HASH_SIZE] = digest
-        self._settled[j] = 1
+        self._mine.add(j, digest)  # (asserts it was not settled before)
 
     def page_sent(self, j: int) -> None:
         """Page j's differing chunks are sent (their digests final): only its digest stays."""
@@ -320,7 +385,8 @@ class SourceConversation(_Conversation):
         if mine is None:
             mine = node_hash_packed(self._page_leaves(j))
         assert j < self.pages_known, "page decided before the target's digest of it"
-        equal = mine == self._page_hashes[j * HASH_SIZE : (j + 1) * HASH_SIZE]
+        equal = mine == self._their_page(j)
+        self._decide(j)
         if equal:
             self._settle(j, mine)
         return equal
@@ -329,14 +395,15 @@ class SourceConversation(_Conversation):
         """Page j is known not to have changed since the target's generation (a map of
         changed ranges says so): its digest is the target's, and its leaves are never known."""
         assert self.needs_target_page(j) and j < self.pages_known
-        self._adopted.add(j)
-        self._settle(j, bytes(self._page_hashes[j * HASH_SIZE : (j + 1) * HASH_SIZE]))
+        self._settle(j, self._their_page(j))
+        self._decide(j)
 
     def page_differs(self, j: int, unread: tuple[int, ...] = ()) -> p.NeedLeaves | SendChunks:
         """Page j differs: ask for its leaf digests, or, where the target has none of it,
         send its chunks that are not zeros (new space starts out as zeros). ``unread``
         chunks (comparable ones a map of changed ranges says are unchanged) take the
         target's digests when they arrive."""
+        self._decide(j)
         a, b = self.src.chunk_range(1, j)
         if unread:
             assert all(a <= c < b and self.comparable(c) for c in unread)
@@ -375,11 +442,13 @@ class SourceConversation(_Conversation):
     def root(self) -> bytes:
         """The root of the source's disk from its page digests (the target's for each adopted
         page, whose leaves are never known); pages not settled yet are settled now."""
-        for j in range(self.src.count(1)):
-            if not self._settled[j]:
-                self._settle(j)
-        return root_from_pages(self.src, [bytes(self._mine[j * HASH_SIZE : (j + 1) * HASH_SIZE])
-                                          for j in range(self.src.count(1))])
+        for j in sorted(self._leaves):
+            self._settle(j)
+        if self.src.chunks and not self._mine.known(0, self.src.top_level):
+            for j in range(self.src.count(1)):  # (pages never scanned: not in a push)
+                if not self._mine.known(j):
+                    self._settle(j)
+        return self._mine.root()
 
     def done(self, info: dict[str, Any]) -> p.Done:
         """Everything is decided and sent: the root of what the target should now hold."""
@@ -412,6 +481,8 @@ class TargetConversation(_Conversation):
         self._state = "hello"  # -> "opening" -> "transfer" -> "finishing" -> "committed"
         self.encrypted = False
         self._estimated = self._chunks = False  # an Estimate comes once, before any Chunk
+        self.windowed = False  # the source asks for page digests (WantPages) as it goes
+        self.first_pages = 0  # page digests a windowed source takes unasked
 
     def receive(self, msg: p.Message | None) -> TargetEvent | None:
         if isinstance(msg, p.Alive):
@@ -448,6 +519,10 @@ class TargetConversation(_Conversation):
             if self.source is not None and self.source.info.get("dry_run") is True:
                 raise PeerError("the source sent data in a dry run")
             return ChunkArrived(msg)
+        if isinstance(msg, p.WantPages):
+            if not self.windowed:
+                raise PeerError("the source asked for page digests, which it gets unasked")
+            return PagesWanted(min(msg.upto, self._pages))
         if isinstance(msg, p.NeedLeaves):
             if msg.page >= self._pages:
                 raise PeerError(f"the source asked for the leaf digests of page {msg.page}; "
@@ -464,6 +539,13 @@ class TargetConversation(_Conversation):
             raise PeerError(f"the source has {hello.size} bytes, more than the "
                             f"{self.max_size} this end accepts (--max-size)")
         self.source = hello
+        first = hello.info.get("page_window")  # absent: all page digests at once
+        self.windowed = "page-window" in hello.info.get("caps", ()) and first is not None
+        if self.windowed:
+            if type(first) is not int or not 1 <= first <= 1 << 32:
+                raise PeerError(f"the source's page window {first!r} is not a number of "
+                                f"pages from 1 to {1 << 32}")
+            self.first_pages = first
         self._state = "opening"
         return SourceHello(hello)
 

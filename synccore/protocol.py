@@ -35,7 +35,7 @@ MAX_DISK_SIZE = (1 << 63) - 1  # what an off_t and the formats' u64 fields hold
 HASH_SIZE = 32
 HASH = "blake3"
 # What this release can do; each side lists them in its Hello and checks the other's.
-CAPABILITIES = ("zstd", "dry-run", "resume", "alive", "encryption")
+CAPABILITIES = ("zstd", "dry-run", "resume", "alive", "encryption", "page-window")
 MAX_SEAL_HEX = 2 * 64 * 1024  # a sealed generation record (crypto.MAX_SEAL bytes, in hex)
 
 
@@ -84,6 +84,15 @@ class NeedLeaves:
     """Source → target: send the chunk digests under level-1 node ``page``."""
 
     page: int
+
+
+@dataclass(frozen=True)
+class WantPages:
+    """Source → target, to a target whose Hello lists "page-window": send your page digests
+    up to page ``upto`` (exclusive). Such a target sends none before the first, so the
+    source holds a window of them at a time, not one per page of the disk (issue 16)."""
+
+    upto: int
 
 
 @dataclass(frozen=True)
@@ -143,11 +152,11 @@ class Alive:
 
 
 Message = (Hello | PageHashes | NeedLeaves | Leaves | Chunk | Done | Committed | Error | Alive
-           | Estimate)
+           | Estimate | WantPages)
 
 _TYPES: dict[type, int] = {
     Hello: 1, PageHashes: 2, NeedLeaves: 3, Leaves: 4, Chunk: 5, Done: 6, Committed: 7, Error: 8,
-    Alive: 9, Estimate: 10,
+    Alive: 9, Estimate: 10, WantPages: 11,
 }
 
 
@@ -162,6 +171,8 @@ def encode(msg: Message) -> bytes:
         payload = _PAGE.pack(first) + msg.hashes
     elif isinstance(msg, NeedLeaves):
         payload = _PAGE.pack(msg.page)
+    elif isinstance(msg, WantPages):
+        payload = _PAGE.pack(msg.upto)
     elif isinstance(msg, Alive):
         payload = b""
     else:
@@ -451,13 +462,16 @@ def _decode(t: int, payload: bytes) -> Message:
             raise PeerError("peer sent a truncated chunk frame")
         index, kind, digest = _CHUNK.unpack_from(payload)
         return _chunk(index, kind, digest, payload[_CHUNK.size :])
-    if cls in (PageHashes, Leaves, NeedLeaves):
-        if len(payload) < _PAGE.size or (cls is not NeedLeaves
-                                          and (len(payload) - _PAGE.size) % HASH_SIZE):
+    if cls in (PageHashes, Leaves, NeedLeaves, WantPages):
+        if len(payload) < _PAGE.size or (cls in (NeedLeaves, WantPages)
+                                          and len(payload) != _PAGE.size) \
+                or (len(payload) - _PAGE.size) % HASH_SIZE:
             raise PeerError("peer sent a malformed hash frame")
         (first,) = _PAGE.unpack_from(payload)
         if cls is NeedLeaves:
             return NeedLeaves(first)
+        if cls is WantPages:
+            return WantPages(first)
         rest = payload[_PAGE.size :]
         return PageHashes(first, rest) if cls is PageHashes else Leaves(first, rest)
     return _from_json(t, payload)

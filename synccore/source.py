@@ -365,6 +365,13 @@ class SourceSession:
             return []
         return list(itertools.takewhile(lambda b: b.first < self.send_from, early))
 
+    def _want_pages(self) -> None:
+        """Ask for the target's page digests a window ahead of the pages decided."""
+        with self._cv:
+            want = self.conv.want_pages()
+        if want is not None:
+            self.ch.send(want)
+
     def _places(self, info: dict[str, Any]) -> list[str]:
         """Where this push goes, as the client remembers it: the path the target names
         (its image, resolved) and, for a remote target, the path this client asked for
@@ -612,6 +619,7 @@ class SourceSession:
         map of changed ranges) take the target's digests: a page of nothing else takes the
         target's page digest, any other asks for its leaves."""
         conv = self.conv
+        self._want_pages()
         self.stats.pages_compared += 1
         a, b = self.src.chunk_range(1, j)
         adopt = len(unread) == b - a and conv.needs_target_page(j)

@@ -10,6 +10,7 @@ over any channel.
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -33,6 +34,7 @@ from diskrsync.synccore.conversation import (
     DoneArrived,
     EstimateArrived,
     LeavesWanted,
+    PagesWanted,
     SourceHello,
     TargetConversation,
     error_message,
@@ -186,6 +188,67 @@ class _Verifier:
             self.pool.shutdown(wait=True, cancel_futures=True)
 
 
+class _Stopped(Exception):
+    """The page feed was stopped while it waited for the source to ask for more."""
+
+
+class _PageFeed:
+    """The store's page digests for a source that asks for them a window at a time
+    (``WantPages``, capability "page-window"): a thread walks the store's index and sends
+    what the source asked for, waiting for it to ask for more, while the conversation goes
+    on (Leaves, Chunks). So the source holds a window of the target's digests, not one per
+    page of the disk (issue 16). A failure is told to the source at once (it then stops
+    the push) and kept in ``error`` for ``serve_target`` to raise as this end's own."""
+
+    def __init__(self, store: TargetStore, send: Callable[[p.Message], None],
+                 first: int) -> None:
+        self._send = send
+        self._cv = threading.Condition()
+        self._upto = first  # the first window is sent unasked
+        self._stopped = False
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(store,), daemon=True,
+                                        name="page-digests")
+        self._thread.start()
+
+    def grant(self, upto: int) -> None:
+        with self._cv:
+            self._upto = max(self._upto, upto)
+            self._cv.notify_all()
+
+    def _emit(self, msg: p.Message) -> None:
+        assert isinstance(msg, p.PageHashes)
+        start, hashes = msg.start, msg.hashes
+        while hashes:
+            with self._cv:
+                while not self._stopped and self._upto <= start:
+                    self._cv.wait()
+                if self._stopped:
+                    raise _Stopped()
+                n = min(len(hashes) // p.HASH_SIZE, self._upto - start)
+            self._send(p.PageHashes(start, hashes[: n * p.HASH_SIZE]))
+            start, hashes = start + n, hashes[n * p.HASH_SIZE :]
+
+    def _run(self, store: TargetStore) -> None:
+        try:
+            store.send_page_hashes(self._emit)
+        except _Stopped:
+            pass
+        except BaseException as e:
+            self.error = e
+            with contextlib.suppress(Exception):
+                self._send(error_message(e))
+
+    def stop(self, *, wait: bool = True) -> None:
+        """Send nothing more; ``wait`` for the thread (not when the source may be gone: a
+        send to it may never return)."""
+        with self._cv:
+            self._stopped = True
+            self._cv.notify_all()
+        if wait:
+            self._thread.join()
+
+
 def serve_target(channel: Channel, opener: Callable[[p.Hello], TargetStore], *,
                  verify: bool = True, max_size: int = p.DEFAULT_MAX_SIZE) -> p.Committed | None:
     """Run the target's side until the source's Done is committed (returns Committed), the
@@ -196,6 +259,7 @@ def serve_target(channel: Channel, opener: Callable[[p.Hello], TargetStore], *,
     conv = TargetConversation(max_size=max_size)
     store: TargetStore | None = None
     verifier: _Verifier | None = None
+    feed: _PageFeed | None = None
     committed = False
     try:
         first = conv.receive(channel.recv())
@@ -203,7 +267,10 @@ def serve_target(channel: Channel, opener: Callable[[p.Hello], TargetStore], *,
         store = opener(first.hello)
         channel.send(conv.accept(store.base_size, store.chunk_size, store.fanout,
                                  f"diskrsync {__version__}", store.info))
-        store.send_page_hashes(channel.send)
+        if conv.windowed:
+            feed = _PageFeed(store, channel.send, conv.first_pages)
+        else:  # a source of an older release takes them all at once
+            store.send_page_hashes(channel.send)
         verifier = _Verifier(store, conv.check_chunk, verify)
         while True:
             event = conv.receive(channel.recv())
@@ -211,19 +278,29 @@ def serve_target(channel: Channel, opener: Callable[[p.Hello], TargetStore], *,
                 verifier.add(event.chunk)
             elif isinstance(event, EstimateArrived):
                 store.check_space(event.info)
+            elif isinstance(event, PagesWanted):
+                assert feed is not None
+                feed.grant(event.upto)
             elif isinstance(event, LeavesWanted):
                 channel.send(conv.leaves(event.page, store.leaf_hashes(event.page)))
             elif isinstance(event, DoneArrived):
+                if feed is not None:  # no page digest may follow Committed
+                    feed.stop()
                 verifier.drain()
                 result = store.finish(event.root, event.info)
                 committed = True
                 channel.send(conv.committed(result))
                 return result
-    except BaseException as e:
-        error = e
+    except BaseException as exc:
+        error: BaseException = exc
+        if feed is not None:
+            feed.stop(wait=False)
+            if feed.error is not None:  # what the source stopped for (and echoed)
+                error = feed.error
         # keep what arrived when the link broke or the source gave up, so the next push
         # resumes from it
-        peer = isinstance(e, PeerError) or (isinstance(e, DiskrsyncError) and e.relayed)
+        peer = isinstance(error, PeerError) or (isinstance(error, DiskrsyncError)
+                                                and error.relayed)
         if store is not None and not committed and verifier is not None and peer:
             try:
                 verifier.drain()
@@ -236,10 +313,12 @@ def serve_target(channel: Channel, opener: Callable[[p.Hello], TargetStore], *,
                 channel.send(error_message(error))
         if store is not None and not committed:
             store.abort(save=peer)
-        if error is not e:
+        if error is not exc:
             raise error from None
         raise
     finally:
+        if feed is not None:
+            feed.stop(wait=False)
         if verifier is not None:
             verifier.close()
         if store is not None:

@@ -41,6 +41,7 @@ from diskrsync.synccore.conversation import (
     Finished,
     LeavesWanted,
     PagesKnown,
+    PagesWanted,
     SendChunks,
     SourceConversation,
     SourceHello,
@@ -97,8 +98,9 @@ class MemTarget(_End):
 
     def __init__(self, disk: bytes, *, dry_run: bool = False, resumed: bool = False,
                  max_size: int = p.DEFAULT_MAX_SIZE, fail_finish: Exception | None = None,
-                 page_batch: int = 2) -> None:
+                 page_batch: int = 2, caps: tuple[str, ...] = p.CAPABILITIES) -> None:
         super().__init__()
+        self.caps = caps
         self.conv = TargetConversation(max_size=max_size)
         self.disk = bytearray(disk)
         self.dry_run, self.resumed = dry_run, resumed
@@ -112,6 +114,14 @@ class MemTarget(_End):
         while (event := self.conv.next_event()) is not None:
             self.handle(event)
 
+    def send_pages(self, upto: int) -> None:
+        """Page digests up to ``upto``, ``page_batch`` at a time."""
+        while self.pages_sent < upto:
+            i = self.pages_sent
+            n = min(self.page_batch, upto - i)
+            self.send(p.PageHashes(i, b"".join(self.pages[i : i + n])))
+            self.pages_sent += n
+
     def handle(self, event: Any) -> None:
         if isinstance(event, SourceHello):
             base = Shape(len(self.disk), CS, FANOUT)
@@ -120,12 +130,18 @@ class MemTarget(_End):
                 del self.disk[event.hello.size :]
                 self.disk += bytes(event.hello.size - len(self.disk))
             self.send(self.conv.accept(base.size, CS, FANOUT, "test target",
-                                       {"hash": p.HASH, "caps": list(p.CAPABILITIES),
+                                       {"hash": p.HASH, "caps": list(self.caps),
                                         "resumed": self.resumed}))
-            pages = [node_hash_packed(self.base_leaves[a * HASH_SIZE : b * HASH_SIZE])
-                     for a, b in (base.chunk_range(1, j) for j in range(base.count(1)))]
-            for i in range(0, len(pages), self.page_batch):
-                self.send(p.PageHashes(i, b"".join(pages[i : i + self.page_batch])))
+            self.pages = [node_hash_packed(self.base_leaves[a * HASH_SIZE : b * HASH_SIZE])
+                          for a, b in (base.chunk_range(1, j) for j in range(base.count(1)))]
+            self.pages_sent = 0
+            if not self.conv.windowed or "page-window" not in self.caps:
+                self.send_pages(len(self.pages))
+            else:
+                self.send_pages(min(self.conv.first_pages, len(self.pages)))
+        elif isinstance(event, PagesWanted):
+            assert "page-window" in self.caps
+            self.send_pages(event.upto)
         elif isinstance(event, LeavesWanted):
             a, b = Shape(len(self.base_leaves) // HASH_SIZE * CS, CS, FANOUT).chunk_range(
                 1, event.page)
@@ -180,6 +196,11 @@ class MemSource(_End):
             else:
                 assert isinstance(event, PagesKnown)
 
+    def want_pages(self) -> None:
+        want = self.conv.want_pages()
+        if want is not None:
+            self.send(want)
+
     def send_chunks(self, chunks: tuple[int, ...]) -> None:
         assert self.ready is not None
         for c in chunks:
@@ -217,6 +238,7 @@ class MemSource(_End):
                     self.send_chunks(action.chunks)
                 else:
                     self.send(action)
+            self.want_pages()
             return True
         self.send(conv.done({"dry_run": self.dry_run}))
         self.closed = True
@@ -390,10 +412,13 @@ def test_errors_from_either_side_keep_their_category(kind: str,
 def _started(before: bytes, after: bytes, **kw: Any) -> tuple[MemSource, MemTarget]:
     """Both ends past the hellos and page digests."""
     src, dst = MemSource(after), MemTarget(before, **kw)
-    dst.feed(bytes(src.out))
-    src.out.clear()
-    src.feed(bytes(dst.out))
-    dst.out.clear()
+    while src.out or dst.out:  # (hellos, then WantPages and the page digests it asks for)
+        out = bytes(src.out)
+        src.out.clear()
+        dst.feed(out)
+        out = bytes(dst.out)
+        dst.out.clear()
+        src.feed(out)
     return src, dst
 
 
@@ -642,6 +667,7 @@ def test_source_holds_leaf_digests_only_of_pages_in_flight():
     conv.hello()
     conv.receive(p.Hello("target", shape.size, CS, FANOUT, "test",
                          {"hash": p.HASH, "caps": list(p.CAPABILITIES)}))
+    assert conv.want_pages() is None  # (fewer pages than the first window)
     page_digests = b"".join(node_hash_packed(b"".join(theirs[j * FANOUT : (j + 1) * FANOUT]))
                             for j in range(pages))
     conv.receive(p.PageHashes(0, page_digests))
@@ -659,3 +685,127 @@ def test_source_holds_leaf_digests_only_of_pages_in_flight():
     assert most == 1
     done = conv.done({})
     assert done.root == root_from_leaves(shape, b"".join(mine))
+
+
+def test_source_drops_the_targets_digests_of_decided_pages(monkeypatch):
+    """The target's digest of a page is dropped once the page is decided, and a settled
+    page's own digest is folded into its parent node when its siblings are in: the source
+    holds neither per page of the disk (issue 16: 64 bytes per page, 8 MiB per TiB)."""
+    monkeypatch.setattr(SourceConversation, "FORGET_PAGES", 3)
+    pages = 200
+    shape = Shape(pages * FANOUT * CS, CS, FANOUT)
+    rnd = random.Random(4)
+    leaves = [rnd.randbytes(HASH_SIZE) for _ in range(shape.chunks)]
+    digests = [node_hash_packed(b"".join(leaves[j * FANOUT : (j + 1) * FANOUT]))
+               for j in range(pages)]
+    conv = SourceConversation(shape.size, CS, FANOUT, "test", {}, dry_run=False)
+    conv.hello()
+    conv.receive(p.Hello("target", shape.size, CS, FANOUT, "test",
+                         {"hash": p.HASH, "caps": list(p.CAPABILITIES)}))
+    assert conv.want_pages() is None  # (fewer pages than the first window)
+    window = 10  # the target's digests arrive a few pages ahead of the decisions
+    conv.receive(p.PageHashes(0, b"".join(digests[:window])))
+    most_theirs = most_mine = 0
+    for j in range(pages):
+        if j + window < pages:
+            conv.receive(p.PageHashes(j + window, digests[j + window]))
+        a, b = shape.chunk_range(1, j)
+        conv.set_leaves(a, b"".join(leaves[a:b]))
+        assert conv.page_equal(j)
+        most_theirs = max(most_theirs, conv.target_pages_held)
+        most_mine = max(most_mine, conv._mine.held)
+    assert most_theirs <= window + 3
+    assert most_mine <= shape.top_level
+    assert conv.done({}).root == root_from_leaves(shape, b"".join(leaves))
+
+
+@SETTINGS
+@given(seed=st.integers(0, 2**32), old=st.integers(0, 30), grow=st.integers(-8, 8),
+       changes=st.integers(0, 6), batch=st.integers(1, 5))
+def test_a_push_that_drops_decided_digests_at_once_is_the_same_push(
+        seed: int, old: int, grow: int, changes: int, batch: int) -> None:
+    """With the target's digests dropped after every decided page, any split and
+    interleaving still makes the target equal, sending only what differs."""
+    saved, SourceConversation.FORGET_PAGES = SourceConversation.FORGET_PAGES, 1
+    try:
+        rng = random.Random(seed)
+        before = _disk(rng, old, 700 if old else 0)
+        after = _mutate(rng, before, changes)
+        new_chunks = max(old + grow, 0)
+        after = after + _disk(rng, new_chunks - old, 0) if new_chunks > old \
+            else after[: new_chunks * CS]
+        src, dst = MemSource(after), MemTarget(before, page_batch=batch)
+        converse(src, dst, rng)
+        assert dst.result is not None and src.finished == dst.result
+        assert bytes(dst.disk) == after
+        assert sorted(src.sent) == _expected_sent(before, after)
+    finally:
+        SourceConversation.FORGET_PAGES = saved
+
+
+@SETTINGS
+@given(seed=st.integers(0, 2**32), old=st.integers(0, 40), changes=st.integers(0, 6),
+       batch=st.integers(1, 5), window=st.integers(1, 6),
+       target_caps=st.sampled_from(["all", "older"]))
+def test_page_digests_come_a_window_at_a_time(
+        seed: int, old: int, changes: int, batch: int, window: int, target_caps: str) -> None:
+    """A target that lists "page-window" sends its page digests only as the source asks
+    (WantPages, ``PAGE_WINDOW`` ahead of the pages decided), so the source never holds more
+    than a window of them; an older target sends them all at once, as before. Either way
+    the push is the same."""
+    saved, SourceConversation.PAGE_WINDOW = SourceConversation.PAGE_WINDOW, window
+    saved_forget, SourceConversation.FORGET_PAGES = SourceConversation.FORGET_PAGES, 1
+    try:
+        rng = random.Random(seed)
+        before = _disk(rng, old, 0)
+        after = _mutate(rng, before, changes)
+        caps = p.CAPABILITIES if target_caps == "all" else tuple(
+            c for c in p.CAPABILITIES if c != "page-window")
+        src, dst = MemSource(after), MemTarget(before, page_batch=batch, caps=caps)
+        most = 0
+        real = src.conv.receive
+
+        def receive(msg: Any) -> Any:
+            nonlocal most
+            event = real(msg)
+            most = max(most, src.conv.target_pages_held)
+            return event
+
+        src.conv.receive = receive
+        converse(src, dst, rng)
+        assert dst.result is not None and src.finished == dst.result
+        assert bytes(dst.disk) == after
+        assert sorted(src.sent) == _expected_sent(before, after)
+        if target_caps == "all":
+            assert most <= window + 1
+    finally:
+        SourceConversation.PAGE_WINDOW = saved
+        SourceConversation.FORGET_PAGES = saved_forget
+
+
+def test_a_target_sending_page_digests_not_asked_for_is_refused(monkeypatch) -> None:
+    monkeypatch.setattr(SourceConversation, "PAGE_WINDOW", 2)
+    rng = random.Random(5)
+    before = _disk(rng, 8 * FANOUT, 0)
+    src, _dst = _started(before, before)
+    assert src.conv.pages_known == 2
+    with pytest.raises(PeerError, match="not asked for"):
+        src.feed(_frames(p.PageHashes(2, H)))
+
+
+def test_a_source_asking_for_page_digests_it_gets_unasked_is_refused() -> None:
+    dst = TargetConversation()
+    info = {"hash": p.HASH, "caps": [c for c in p.CAPABILITIES if c != "page-window"]}
+    assert isinstance(dst.receive(p.Hello("source", 4 * CS, 0, FANOUT, "x", info)),
+                      SourceHello)
+    dst.accept(4 * CS, CS, FANOUT, "t", {})
+    with pytest.raises(PeerError, match="gets unasked"):
+        dst.receive(p.WantPages(1))
+    windowed = TargetConversation()
+    windowed.receive(_source_hello(info={"page_window": SourceConversation.PAGE_WINDOW}))
+    windowed.accept(4 * CS, CS, FANOUT, "t", {})
+    assert windowed.first_pages == SourceConversation.PAGE_WINDOW
+    assert windowed.receive(p.WantPages(10)) == PagesWanted(1)  # as many as it has
+    for bad in (0, "5", 1 << 40, True):
+        with pytest.raises(PeerError, match="page window"):
+            TargetConversation().receive(_source_hello(info={"page_window": bad}))

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import itertools
+import random
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from diskrsync.base.merkle import (
+    PageFolder,
     Shape,
     leaf_hash,
     root_from_leaves,
+    root_from_pages,
     root_hash,
     tree_root,
     zero_hash,
@@ -60,3 +63,40 @@ def test_shape_rejects_impossible_geometry():
         Shape(10, 1000, 128)
     with pytest.raises(ValueError):
         Shape(10, CS, 1)
+
+
+@given(pages=st.integers(1, 300), fanout=st.sampled_from([2, 3, 4, 64]),
+       seed=st.integers(0, 2**32), spread=st.integers(0, 20))
+def test_page_folder_gives_the_root_of_its_pages_in_any_order(pages, fanout, seed, spread):
+    """Pages added in a shuffled order (each at most ``spread`` places from its own) fold
+    into the root of the whole list; the folder holds a few groups per level when they come
+    nearly in order (memory flat in the disk size, issue 16)."""
+    rnd = random.Random(seed)
+    shape = Shape(pages * fanout * CS - 5, CS, fanout)
+    digests = [rnd.randbytes(32) for _ in range(shape.count(1))]
+    order = sorted(range(len(digests)), key=lambda j: j + rnd.uniform(0, spread))
+    folder = PageFolder(shape)
+    most = 0
+    for n, j in enumerate(order):
+        assert not folder.known(j)
+        folder.add(j, digests[j])
+        assert folder.known(j)
+        most = max(most, folder.held)
+        if n + 1 < len(order):
+            with pytest.raises(ValueError):
+                folder.root()
+    assert folder.root() == root_from_pages(shape, digests)
+    assert folder.held == 0
+    assert most <= shape.top_level * (spread + 2)
+    with pytest.raises(AssertionError):
+        folder.add(order[0], digests[order[0]])  # once only
+
+
+def test_page_folder_of_one_page_and_of_none():
+    one = Shape(CS, CS, 4)
+    folder = PageFolder(one)
+    folder.add(0, b"x" * 32)
+    assert folder.root() == root_from_pages(one, [b"x" * 32])
+    assert PageFolder(Shape(0, CS, 4)).root() == root_from_pages(Shape(0, CS, 4), [])
+    with pytest.raises(IndexError):
+        folder.add(1, b"y" * 32)

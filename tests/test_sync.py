@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 from dataclasses import replace
+from typing import Any
 
 import pytest
 from hypothesis import assume, given, settings
@@ -38,6 +39,7 @@ from diskrsync.compression.image import Image, writer_active
 from diskrsync.compression.sources import RawSource
 from diskrsync.synccore import protocol as p
 from diskrsync.synccore.channel import FdStream, FramedChannel, channel_pair, delayed_pair
+from diskrsync.synccore.conversation import SourceConversation
 from diskrsync.synccore.push import PushRequest, local_push, open_store, serve_target
 from diskrsync.synccore.source import SourceOptions, SourceSession
 from diskrsync.synccore.target import TargetOptions
@@ -758,3 +760,103 @@ def test_label_names_the_generations_source(tmp_path, capsys):
         img.close()
     assert cli_main(["push", "-q", str(src), str(image), "--label", "a\nb"]) == 2
     assert "--label must be" in capsys.readouterr().err
+
+
+def _windowed(monkeypatch: pytest.MonkeyPatch, window: int) -> list[int]:
+    """Small page windows (the first one unasked, then WantPages) for the threaded ends;
+    returns the WantPages seen by the target."""
+    monkeypatch.setattr(SourceConversation, "PAGE_WINDOW", window)
+    monkeypatch.setattr(SourceConversation, "FORGET_PAGES", 1)
+    asked: list[int] = []
+    real = SourceConversation.want_pages
+
+    def want_pages(self: SourceConversation) -> p.WantPages | None:
+        want = real(self)
+        if want is not None:
+            asked.append(want.upto)
+        return want
+
+    monkeypatch.setattr(SourceConversation, "want_pages", want_pages)
+    return asked
+
+
+def _push_in_time(src: str, dst: str, req: PushRequest) -> Any:
+    """local_push, failing (not hanging) when the ends wait for each other for good (a
+    generous guard: these pushes take about a second)."""
+    out: list[Any] = []
+
+    def run() -> None:
+        try:
+            out.append(local_push(src, dst, req))
+        except BaseException as e:
+            out.append(e)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(300)
+    assert not t.is_alive(), "the push hung"
+    if isinstance(out[0], BaseException):
+        raise out[0]
+    return out[0]
+
+
+@pytest.mark.inproc
+@pytest.mark.parametrize("raw", [False, True])
+def test_page_digests_a_window_at_a_time_through_the_threaded_ends(tmp_path, monkeypatch, raw):
+    """The target's page digests come a window at a time (issue 16) through the real
+    drivers, image and raw targets: a first push, a push of scattered changes and an
+    unchanged one end equal, the source asking for more as it decides pages."""
+    asked = _windowed(monkeypatch, 2)
+    pages = 24
+    size = pages * 128 * CS - 5000
+    data = bytearray(size)
+    r = random.Random(8)
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    for j in range(0, pages, 3):
+        data[j * 128 * CS + 77 : j * 128 * CS + 77 + 3 * CS] = r.randbytes(3 * CS)
+    src.write_bytes(bytes(data))
+    req = replace(REQ, raw_target=raw)
+    _push_in_time(str(src), str(dst), req)
+    for j in range(1, pages, 5):
+        data[j * 128 * CS + 9 * CS : j * 128 * CS + 9 * CS + 100] = r.randbytes(100)
+    src.write_bytes(bytes(data))
+    asked.clear()
+    stats = _push_in_time(str(src), str(dst), req)
+    assert (dst.read_bytes() if raw else current(dst)) == bytes(data)
+    assert stats.root_hash == root_of(bytes(data))
+    assert stats.chunks_differing == len(range(1, pages, 5))
+    assert asked and asked[-1] == pages and len(asked) >= pages // 2 - 2
+    stats = _push_in_time(str(src), str(dst), req)
+    assert stats.chunks_differing == 0
+
+
+@pytest.mark.inproc
+def test_a_target_failing_to_walk_its_page_digests_stops_the_push(tmp_path, monkeypatch):
+    """The thread that sends the target's page digests fails after the first window: the
+    source hears it in its category and stops, the target raises it as its own, and the
+    image keeps its generation."""
+    _windowed(monkeypatch, 2)
+    pages = 8
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    first = random.Random(3).randbytes(pages * 128 * CS)
+    src.write_bytes(first)
+    _push_in_time(str(src), str(dst), REQ)
+    real = targets.ImageStore.send_page_hashes
+
+    def send_page_hashes(self: targets.ImageStore, emit: targets.PageSink) -> None:
+        def failing(start: int, packed: bytes) -> None:
+            if start >= 2:
+                raise DataError("index page (2,0) fails its Merkle hash")
+            emit(start, packed)
+
+        real(self, failing)
+
+    monkeypatch.setattr(targets, "PAGE_BATCH", 1)
+    monkeypatch.setattr(targets.ImageStore, "send_page_hashes", send_page_hashes)
+    src.write_bytes(bytes(len(first)))
+    with pytest.raises(DataError, match="fails its Merkle hash"):
+        _push_in_time(str(src), str(dst), REQ)
+    assert current(dst) == first
+    img = Image.open(str(dst))
+    assert len(img.generations()) == 1 and not img.table.checkpoint
+    img.close()

@@ -163,3 +163,65 @@ def tree_root(size: int, chunk_size: int, fanout: int, leaves: list[bytes]) -> b
     """Root hash from all leaf hashes (reference implementation)."""
     levels = tree_hashes(leaves, fanout)
     return root_hash(size, chunk_size, fanout, levels[-1][0] if levels else b"")
+
+
+class PageFolder:
+    """A tree's level-1 digests in (in any order, each once), its root out, holding only the
+    groups not complete yet: a node's children are folded into it as soon as the last one
+    arrives. A source settles its pages nearly in order, so this holds a few groups per level
+    (issue 16: every page digest was 32 bytes per page, 4 MiB per TiB of 128 KiB chunks)."""
+
+    def __init__(self, shape: Shape) -> None:
+        self.shape = shape
+        # per level >= 1: parent index -> (children's digests, which of them are set)
+        self._open: list[dict[int, tuple[bytearray, bytearray]]] = [
+            {} for _ in range(shape.top_level + 1)]
+        self._top: bytes | None = None
+
+    def add(self, index: int, digest: bytes, level: int = 1) -> None:
+        """Node ``index`` of ``level`` has ``digest``; folds upwards what this completes."""
+        shape = self.shape
+        while True:
+            if not 1 <= level <= shape.top_level or not 0 <= index < shape.count(level):
+                raise IndexError(f"node ({level},{index}) outside the tree")
+            if level == shape.top_level:
+                assert self._top is None, "the top set twice"
+                self._top = digest
+                return
+            f = shape.fanout
+            parent, k = divmod(index, f)
+            group = self._open[level].get(parent)
+            if group is None:
+                assert not self.known(parent, level + 1), f"node ({level},{index}) set twice"
+                n = len(shape.children(level + 1, parent))
+                group = self._open[level][parent] = (bytearray(n * HASH_SIZE), bytearray(n))
+            digests, have = group
+            assert not have[k], f"node ({level},{index}) set twice"
+            digests[k * HASH_SIZE : (k + 1) * HASH_SIZE] = digest
+            have[k] = 1
+            if 0 in have:
+                return
+            del self._open[level][parent]
+            index, digest, level = parent, node_hash_packed(digests), level + 1
+
+    def known(self, index: int, level: int = 1) -> bool:
+        """Whether node ``index`` of ``level`` was added (or folded into one that was)."""
+        shape = self.shape
+        while level < shape.top_level:
+            group = self._open[level].get(index // shape.fanout)
+            if group is not None:
+                return bool(group[1][index % shape.fanout])
+            index, level = index // shape.fanout, level + 1
+        return level == shape.top_level and self._top is not None
+
+    @property
+    def held(self) -> int:
+        """Groups not complete (what the memory is)."""
+        return sum(len(d) for d in self._open)
+
+    def root(self) -> bytes:
+        """The root hash; every page must have been added."""
+        if self.shape.chunks and self._top is None:
+            raise ValueError("not every page digest is known")
+        return root_hash(self.shape.size, self.shape.chunk_size, self.shape.fanout,
+                         self._top or b"")

@@ -80,9 +80,18 @@ def peak_of(cmd: list[str], **kw: object) -> tuple[float, int, str]:
     return time.perf_counter() - t, peak, out
 
 
-def make_sparse(path: Path, size: int) -> None:
+def make_sparse(path: Path, size: int, layout: str = "three") -> None:
+    """``three``: 12 MiB of data at the start, middle and end; ``scattered``: 4 KiB every
+    16 MiB, one chunk in each index page (of 128 KiB chunks, 128 a page), so a first push
+    dirties every page of the index (what ``DIRTY_INDEX_BYTES`` bounds)."""
     with open(path, "wb") as f:
         f.truncate(size)
+        if layout == "scattered":
+            block = os.urandom(4096)
+            for off in range(0, size, 16 << 20):
+                f.seek(off)
+                f.write(block[:8] + off.to_bytes(8, "little") + block[16:])
+            return
         for off in (0, size // 2, size - (4 << 20)):
             f.seek(off)
             f.write(os.urandom(1 << 20) * 4)
@@ -127,6 +136,8 @@ def main() -> None:
     ap.add_argument("--sizes", default="8G,1T")
     ap.add_argument("--work", default=None, help="a directory for the sparse files and images")
     ap.add_argument("--no-mount", action="store_true")
+    ap.add_argument("--layout", choices=("three", "scattered"), default="three",
+                    help="where the sparse file's data is (see make_sparse)")
     ap.add_argument("--exe", default=EXE, help="the diskrsync to measure (another build)")
     args = ap.parse_args()
     EXE = args.exe
@@ -137,7 +148,7 @@ def main() -> None:
         for label in args.sizes.split(","):
             size = parse_size(label)
             src, img = work / f"src-{label}.raw", work / f"img-{label}.spgz"
-            make_sparse(src, size)
+            make_sparse(src, size, args.layout)
             first, first_peak, _ = peak_of([EXE, "push", "--json", str(src), str(img)])
             local, local_peak, _ = peak_of([EXE, "push", "--json", str(src), str(img)])
             out = work / "serve-peak"
