@@ -6,7 +6,6 @@ their data (``SEEK_DATA``)."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import random
@@ -14,6 +13,7 @@ import threading
 from typing import Any
 
 import pytest
+from support.pushes import framed_pair, threaded_push
 
 from diskrsync.base.errors import BusyError, PeerError
 from diskrsync.cli.main import main
@@ -24,17 +24,13 @@ from diskrsync.compression.repoimport import write_disk
 from diskrsync.compression.repository import Repository
 from diskrsync.compression.sources import RawSource, space_estimate
 from diskrsync.synccore import protocol as p
-from diskrsync.synccore.channel import FdStream, FramedChannel, channel_pair
 from diskrsync.synccore.push import (
     PushRequest,
     local_push,
-    open_store,
     push_sealed,
     run_target_end,
-    serve_target,
 )
 from diskrsync.synccore.source import PushStats, SourceOptions, SourceSession, _map_refused
-from diskrsync.synccore.target import TargetOptions
 
 CS = 16384
 CHUNKS = 600  # 5 pages of 128 chunks, the last one short
@@ -65,42 +61,8 @@ class MapSource(RawSource):
         return self.base
 
 
-def _framed_pair() -> tuple[FramedChannel, FramedChannel, list[int]]:
-    """Both ends of the wire protocol over pipes in this process (encoded, decoded and
-    checked the way ``diskrsync serve`` sees a remote source)."""
-    to_target, to_source = os.pipe(), os.pipe()
-    a = FramedChannel(FdStream(to_source[0], to_target[1]))
-    b = FramedChannel(FdStream(to_target[0], to_source[1]))
-    return a, b, [*to_target, *to_source]
-
-
 def push(reader: RawSource, dst: str, *, framed: bool = False, raw: bool = False) -> PushStats:
-    fds: list[int] = []
-    if framed:
-        a, b, fds = _framed_pair()
-    else:
-        a, b = channel_pair()
-    err: list[BaseException] = []
-
-    def target() -> None:
-        try:
-            serve_target(b, lambda h: open_store(dst, h, TargetOptions(), raw=raw),
-                         verify=framed)
-        except BaseException as e:
-            err.append(e)
-
-    t = threading.Thread(target=target)
-    t.start()
-    try:
-        return SourceSession(a, reader, SourceOptions(chunk_size=CS)).run()
-    finally:
-        t.join(60)
-        reader.close()
-        for fd in fds:
-            with contextlib.suppress(OSError):
-                os.close(fd)
-        if err and not isinstance(err[0], Exception):
-            raise err[0]
+    return threaded_push(reader, dst, chunk_size=CS, framed=framed, raw=raw)
 
 
 def current(path: str) -> bytes:
@@ -402,19 +364,16 @@ def test_a_pull_reports_the_remote_sources_map_and_its_warnings(first):
     """Where this machine is the target (a pull), what the far source said of its map comes
     in its Done: the summary and --json show it, named by the host."""
     src, dst, _data = first
-    a, b, fds = _framed_pair()
     reader = MapSource(str(src), [], base={"map": "test-map", "bitmap": "other"})
-    t = threading.Thread(target=lambda: SourceSession(a, reader,
-                                                      SourceOptions(chunk_size=CS)).run())
-    t.start()
-    try:
-        stats = run_target_end(b, dst, PushRequest(), pulled_from="web1")
-    finally:
-        t.join(60)
-        reader.close()
-        for fd in fds:
-            with contextlib.suppress(OSError):
-                os.close(fd)
+    with framed_pair() as (a, b):
+        t = threading.Thread(target=lambda: SourceSession(a, reader,
+                                                          SourceOptions(chunk_size=CS)).run())
+        t.start()
+        try:
+            stats = run_target_end(b, dst, PushRequest(), pulled_from="web1")
+        finally:
+            t.join(60)
+            reader.close()
     assert stats.map == "full" and "another map" in stats.map_fallback
     assert any(w.startswith("web1: full scan: test-map not used") for w in stats.warnings)
     assert "another map" in newest_meta(dst)["map_warnings"][0]

@@ -12,15 +12,13 @@ import threading
 from collections.abc import Iterator
 
 import pytest
+from support.pushes import threaded_push
 
 from diskrsync.compression import format as fmt
 from diskrsync.compression import spgz
 from diskrsync.compression.sources import RawSource
 from diskrsync.synccore import source as source_mod
-from diskrsync.synccore.channel import channel_pair
-from diskrsync.synccore.push import open_store, serve_target
-from diskrsync.synccore.source import PushStats, SourceOptions, SourceSession
-from diskrsync.synccore.target import TargetOptions
+from diskrsync.synccore.source import PushStats
 
 pytestmark = pytest.mark.inproc
 cli_main = importlib.import_module("diskrsync.cli.main")  # (the package's is the function)
@@ -64,24 +62,7 @@ class RecordingSource(RawSource):
 
 
 def push(reader: RawSource, dst: str) -> PushStats:
-    a, b = channel_pair()
-    err: list[BaseException] = []
-
-    def target() -> None:
-        try:
-            serve_target(b, lambda h: open_store(dst, h, TargetOptions(), raw=False),
-                         verify=False)
-        except BaseException as e:
-            err.append(e)
-
-    t = threading.Thread(target=target)
-    t.start()
-    try:
-        return SourceSession(a, reader, SourceOptions(chunk_size=CS)).run()
-    finally:
-        t.join(60)
-        reader.close()
-        assert not err, err
+    return threaded_push(reader, dst, chunk_size=CS)
 
 
 def covered(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:

@@ -128,7 +128,7 @@ def test_file_store_writes_into_free_space_and_gives_back_what_nothing_reference
         b = store.write(b"B" * 300, "table", align=4096)
         assert a == (DATA_START, 5000) and b[0] % 4096 == 0 and b[1] == 300
         assert store.read(*a, "chunk 0") == b"A" * 5000
-        store.release(a[0])
+        store.release(*a)
         assert store.write(b"C" * 5000, "chunk 1") == a  # released space is reused
         store.sync()
         store.settle()  # all referenced: nothing to give back
