@@ -118,12 +118,17 @@ def synced_copy(src: Path, dst: Path) -> None:
     os.close(fd)
 
 
+RSH = " (--rsh ssh)"  # the remote pushes through OpenSSH's client instead of paramiko
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", type=Path, default=REPO / "bench-data")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--work", type=Path, help="scratch dir (default: DATA/ssh-bench)")
     ap.add_argument("--baseline", type=Path, help="another checkout to time alongside")
+    ap.add_argument("--rsh", action="store_true",
+                    help="also time the remote pushes through the system ssh (--rsh)")
     a = ap.parse_args()
     a.data = a.data.resolve()
     synth, synth2 = a.data / "synth.img", a.data / "synth2.img"
@@ -139,6 +144,8 @@ def main() -> None:
         base_py = str(a.baseline.resolve() / ".venv" / "bin" / "python")
         trees[" (baseline)"] = ([base_py, "-m", "diskrsync.cli"],
                                 str(a.baseline.resolve() / ".venv" / "bin" / "diskrsync"))
+    if a.rsh:
+        trees[RSH] = trees[""]
     results: dict[str, dict[str, list[float]]] = {}
     setups: dict[str, list[float]] = {"diskrsync's client": [], "ssh host true": []}
     sent: dict[str, int] = {}
@@ -170,6 +177,8 @@ def main() -> None:
                             cmd = [*tpy, "push", "--json"]
                             if kind == "remote":
                                 cmd += ["-F", str(cfg), "--remote-cmd", tremote]
+                                if tree == RSH:
+                                    cmd += ["--rsh", f"ssh -F {cfg} -c {CIPHER}"]
                             secs, stats = timed([*cmd, str(src), dst], env=env)
                             r.setdefault(kind + tree, []).append(secs)
                             r.setdefault(f"{kind}{tree} cpu", []).append(CPU[-1])
