@@ -12,7 +12,9 @@ import json
 import os
 import shutil
 import struct
+import threading
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -39,6 +41,7 @@ from diskrsync.synccore import protocol as p
 from diskrsync.synccore.legacy import MAGIC
 from diskrsync.synccore.push import PushRequest, local_push
 from diskrsync.synccore.source import SourceOptions
+from diskrsync.synccore.ssh.errors import LinkError, RemoteCommandError
 from diskrsync.synccore.ssh.process import MAX_STDERR_LINE, RemoteProcess
 
 CS = 16384
@@ -337,8 +340,6 @@ def test_a_zero_run_past_the_end_costs_nothing(tmp_path):
 def test_a_remote_stderr_line_without_an_end_is_not_held_in_memory():
     """A hostile remote (a pull connects to the machine being backed up) could send an
     endless stderr line; the relay held all of it until the end."""
-    from types import SimpleNamespace
-
     pieces = [b"x" * 65536] * 100 + [b"\nlast\n", b""]
     chan = SimpleNamespace(recv_stderr=lambda n: pieces.pop(0))
     lines: list[str] = []
@@ -347,6 +348,28 @@ def test_a_remote_stderr_line_without_an_end_is_not_held_in_memory():
     assert lines[-1] == "last"
     assert sum(map(len, lines[:-1])) == 100 * 65536
     assert max(map(len, lines)) <= MAX_STDERR_LINE + 65536
+
+
+@pytest.mark.inproc
+def test_a_command_killed_by_a_signal_is_not_a_lost_link_when_sshd_then_hangs_up():
+    """sshd sends EOF and closes the channel of a command a signal killed (exit-signal, no
+    exit-status), then closes the connection, its last channel gone. A status looked at
+    after that was reported as a lost connection (tests/test_remote.py::
+    test_link_drop_keeps_checkpoint_and_resumes failed now and then on that race)."""
+    def chan(eof: bool) -> SimpleNamespace:
+        done = threading.Event()
+        done.set()
+        return SimpleNamespace(recv_stderr=lambda n: b"", exit_status=-1, status_event=done,
+                               eof_received=eof)
+
+    gone = SimpleNamespace(host="h", opts=SimpleNamespace(remote_cmd="diskrsync"),
+                           link_lost=True, link_error=lambda doing: LinkError(f"lost {doing}"))
+    killed = RemoteProcess(gone, chan(eof=True), lambda line: None)
+    with pytest.raises(RemoteCommandError, match="killed by a signal"):
+        killed.wait(1)
+    dropped = RemoteProcess(gone, chan(eof=False), lambda line: None)
+    with pytest.raises(LinkError, match="lost running diskrsync"):
+        dropped.wait(1)
 
 
 @pytest.mark.pure

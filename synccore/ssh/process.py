@@ -151,7 +151,11 @@ class RemoteProcess:
         self._stderr_thread.join(1.0)  # relay its last words before our error
         status = int(self._chan.exit_status)
         if status < 0:  # channel closed without exit-status: signal (exit-signal) or link
-            if self._conn.link_lost:
+            # sshd ends a command's channel with EOF and a close, and then, that being its
+            # last channel, may close the whole connection: a transport gone by the time we
+            # look says nothing about the link once the remote's EOF arrived (a link that
+            # breaks sends no EOF)
+            if self._conn.link_lost and not self._chan.eof_received:
                 raise self._conn.link_error(f"running {self._name}")
             raise RemoteCommandError(
                 f"{self._name} on {self._conn.host} ended without an exit status "
@@ -166,7 +170,7 @@ class RemoteProcess:
 
     def _failure(self, doing: str) -> PeerError:
         """Why the pipe broke: the link, or the remote command ending (with its status)."""
-        if self._conn.link_lost:
+        if self._conn.link_lost and not self._chan.eof_received:  # see _check_status
             return self._conn.link_error(doing)
         if self._chan.status_event.wait(self.EOF_STATUS_WAIT):
             try:
