@@ -486,7 +486,7 @@ def test_serve_over_pipes_verifies_and_commits(tmp_path):
     reader = RawSource(str(src))
     stats = SourceSession(ch, reader, SourceOptions(chunk_size=CS)).run()
     reader.close()
-    assert proc.wait(10) == 0
+    assert proc.wait(60) == 0
     assert stats.generation == 1
     assert current(dst) == data
 
@@ -507,7 +507,7 @@ def test_serve_rejects_a_chunk_that_lies_about_its_digest(tmp_path):
     while (m := ch.recv()) is not None:
         msgs.append(m)
     errors = [m for m in msgs if isinstance(m, p.Error)]
-    assert proc.wait(10) != 0
+    assert proc.wait(60) != 0
     assert errors == [] or "does not match its digest" in errors[0].message
     assert b"does not match its digest" in proc.stderr.read()
     assert current(dst) == b"a" * CS * 4
@@ -521,7 +521,7 @@ def test_serve_survives_garbage_and_early_close(tmp_path):
     for junk in (b"GET / HTTP/1.1\r\n\r\n", p.preamble() + p.encode(
             p.Hello("source", CS * 4, CS, 128, "x", SRC_INFO))[:-3]):
         proc = _serve(dst)
-        _out, err = proc.communicate(junk, timeout=10)
+        _out, err = proc.communicate(junk, timeout=60)
         assert proc.returncode != 0
         assert b"Traceback" not in err
         assert err.decode().strip().count("\n") == 0  # one line
@@ -540,7 +540,7 @@ def test_serve_refuses_an_incompatible_source_and_says_why(tmp_path):
         reply = ch.recv()
         assert isinstance(reply, p.Error) and why in reply.message
         assert "other 9.9" in reply.message
-        assert proc.wait(10) != 0
+        assert proc.wait(60) != 0
     assert not dst.exists()
 
 
