@@ -47,6 +47,7 @@ docs/format.md, "Security".
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import itertools
 import json
@@ -606,16 +607,28 @@ class SeenGenerations:
             lock = os.open(os.path.join(self.directory, ".lock"),
                            os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
             try:
-                fcntl.flock(lock, fcntl.LOCK_EX)
+                try:
+                    fcntl.flock(lock, fcntl.LOCK_EX)
+                except OSError as e:
+                    # a file system without locks (NFS without its lock daemon): the update
+                    # is still made, only not guarded against a second command at once
+                    if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP):
+                        raise
                 doc = change()
                 if doc is not None:
                     tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
-                    # where this client backs up to is its own business, whatever the mode
-                    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC,
-                                 0o600)
-                    with os.fdopen(fd, "w") as f:
-                        json.dump(doc, f)
-                    os.replace(tmp, path)
+                    try:
+                        # where this client backs up to is its own business, whatever the
+                        # mode
+                        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC,
+                                     0o600)
+                        with os.fdopen(fd, "w") as f:
+                            json.dump(doc, f)
+                        os.replace(tmp, path)
+                    except BaseException:
+                        with contextlib.suppress(OSError):
+                            os.unlink(tmp)  # a full disk leaves no half-written file
+                        raise
             finally:
                 os.close(lock)
         except OSError as e:

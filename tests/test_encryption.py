@@ -27,6 +27,7 @@ from support.mounts import MountCleanup
 from diskrsync.base.errors import CorruptChunkError, DataError, PeerError, UsageError
 from diskrsync.base.merkle import zero_hash
 from diskrsync.cli import jsonout
+from diskrsync.compression import crypto as crypto_module
 from diskrsync.compression import maintenance
 from diskrsync.compression.codec import STANDARD, ChunkAt, Kind
 from diskrsync.compression.crypto import (
@@ -460,6 +461,21 @@ def cli_image(tmp_path: Path) -> Iterator[CliImage]:
     res = cli("push", "--encrypt", "--passphrase-file", pw, "--chunk-size", CS, "-q", src, img)
     assert res.returncode == 0, res.stderr
     yield src, img, pw, data
+
+
+@pytest.mark.inproc
+def test_state_is_kept_where_the_file_system_has_no_locks(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """NFS without its lock daemon answers flock with ENOLCK: the state is still written
+    (unguarded), not dropped. (It was dropped, with a warning.)"""
+    def no_locks(fd: int, op: int) -> None:
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(crypto_module.fcntl, "flock", no_locks)
+    seen = SeenGenerations(str(tmp_path / "state"))
+    seen.record(bytes(16), "host:/a", 3, bytes(32))
+    assert seen.get(bytes(16), "host:/a") == (3, bytes(32))
+    assert not list((tmp_path / "state").glob("*.tmp"))
 
 
 @pytest.mark.process
