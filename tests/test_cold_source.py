@@ -14,8 +14,6 @@ from collections.abc import Iterator
 import pytest
 from support.pushes import threaded_push
 
-from diskrsync.compression import format as fmt
-from diskrsync.compression import spgz
 from diskrsync.compression.sources import RawSource
 from diskrsync.synccore import source as source_mod
 from diskrsync.synccore.source import PushStats
@@ -189,64 +187,3 @@ def test_with_a_map_only_the_changed_ranges_are_hinted(disk, tmp_path, small_win
     assert covered(reader.hints()) == [(a, a + n) for a, n in changed]
     # chunks are read whole: each read holds a hinted range
     assert covered(reader.reads()) == [(100 * CS, 101 * CS), (600 * CS, 603 * CS)]
-
-
-# -- the push's first window, asked for while it starts up ---------------------------------
-
-
-@pytest.fixture
-def hints(monkeypatch) -> list[tuple[int, int, int]]:
-    """The ``posix_fadvise`` calls made (offset, length, advice), none passed on."""
-    calls: list[tuple[int, int, int]] = []
-    monkeypatch.setattr(os, "posix_fadvise",
-                        lambda fd, offset, length, advice: calls.append((offset, length, advice)))
-    return calls
-
-
-def test_a_push_asks_for_its_source_before_it_starts_up(disk, tmp_path, monkeypatch, hints):
-    """`push SRC DST` asks for SRC's first bytes before importing the push's modules (the
-    command here is stopped just after: only the hint is looked at)."""
-    path, data = disk
-    threads: list[threading.Thread] = []
-    real = cli_main.read_ahead_early
-
-    def recorded(src: str) -> threading.Thread:
-        threads.append(real(src))
-        return threads[-1]
-
-    monkeypatch.setattr(cli_main, "read_ahead_early", recorded)
-
-    def stop(name: str) -> None:
-        raise SystemExit(0)
-
-    monkeypatch.setattr(cli_main.importlib, "import_module", stop)
-    with pytest.raises(SystemExit):
-        cli_main.main(["push", path, str(tmp_path / "dst.img")])
-    with pytest.raises(SystemExit):  # free blocks are not read: neither asked for early
-        cli_main.main(["push", "--skip-free-blocks", path, str(tmp_path / "dst.img")])
-    assert len(threads) == 1
-    threads[0].join(10)
-    assert hints == [(0, len(data), os.POSIX_FADV_WILLNEED)]  # up to its end
-
-
-def test_the_early_hint_stops_at_a_hole_and_skips_images_and_others(tmp_path, hints):
-    sparse = tmp_path / "sparse"
-    with open(sparse, "wb") as f:
-        f.write(b"x" * MiB)
-        f.truncate(64 * MiB)
-    with open(sparse, "rb") as f:
-        try:
-            hole = os.lseek(f.fileno(), 0, os.SEEK_HOLE)
-        except OSError:
-            hole = 64 * MiB
-    image = tmp_path / "img.spgz"
-    push(RawSource(str(sparse)), str(image))
-    hints.clear()  # (that push's own)
-    for path in (sparse, image, tmp_path, tmp_path / "missing", "nbd://localhost/x"):
-        cli_main.read_ahead_early(str(path), 16 * MiB).join(10)
-    assert hints == [(0, min(hole, 16 * MiB), os.POSIX_FADV_WILLNEED)]
-
-
-@pytest.mark.parametrize("module, magic", [(fmt, fmt.MAGIC), (spgz, spgz.MAGIC)])
-def test_the_early_hint_knows_the_image_magics(module, magic):
-    assert magic in cli_main.IMAGE_MAGICS

@@ -16,10 +16,8 @@ import io
 import logging
 import os
 import signal
-import stat
 import sys
 import textwrap
-import threading
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
@@ -488,48 +486,9 @@ def _workers_option(sp: argparse.ArgumentParser) -> None:
                          f"core, at most {MAX_AUTO_WORKERS})")
 
 
-#: a push scans its source from the start: this much of a raw source is asked of the kernel
-#: before the command's modules are imported, which from a cold page cache takes 0.2-0.5 s
-#: (docs/benchmarks.md, "Cold source"): at a disk's speed, hundreds of MiB
-EARLY_READ_AHEAD = 256 << 20
-#: the two image formats' first bytes (compression/format.py, compression/spgz.py; checked
-#: by tests/test_cold_source.py): an image source is compared by its index, not scanned
-IMAGE_MAGICS = (b"DSKRSYNC", b"SPGZ0001")
-
-
-def read_ahead_early(path: str, length: int = EARLY_READ_AHEAD) -> threading.Thread:
-    """Ask the kernel for the first ``length`` bytes of ``path`` (``POSIX_FADV_WILLNEED``,
-    only up to its first hole) on a thread, while the push starts up, if it is a regular
-    file or block device and not an image. A hint: every failure is left to the push."""
-
-    def hint() -> None:
-        with contextlib.suppress(OSError, AttributeError):
-            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
-            try:
-                mode = os.fstat(fd).st_mode
-                if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)) \
-                        or os.pread(fd, 8, 0) in IMAGE_MAGICS:
-                    return
-                end = length
-                if stat.S_ISREG(mode):
-                    with contextlib.suppress(OSError):
-                        end = min(end, os.lseek(fd, 0, os.SEEK_HOLE))
-                if end > 0:
-                    os.posix_fadvise(fd, 0, end, os.POSIX_FADV_WILLNEED)
-            finally:
-                os.close(fd)
-
-    thread = threading.Thread(target=hint, name="read-ahead", daemon=True)
-    thread.start()
-    return thread
-
-
 def _dispatch(args: argparse.Namespace) -> int:
     """Import the chosen command's module (see the module docstring) and run the command."""
     set_workers(getattr(args, "workers", None))  # every command: none keeps another's
-    if args.func == "push:cmd_push" and isinstance(args.src, str) \
-            and not getattr(args, "skip_free_blocks", False):  # (it reads less than all)
-        read_ahead_early(args.src)  # while the imports below read from a cold disk too
     module, name = args.func.split(":")
     command: Callable[[argparse.Namespace], int] = getattr(
         importlib.import_module(f"diskrsync.cli.{module}"), name)
